@@ -1,0 +1,74 @@
+"""``python -m pyvt caps``: what virtualization this host can do.
+
+Exit status: 0 when KVM is usable (with ``--require``: when every required
+feature holds), 1 when it is not (or a requirement is missing), 2 for a
+usage error, 3 if pyvt itself failed (reported in one line, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence, TextIO
+
+EXIT_OK = 0
+EXIT_MISSING = 1
+EXIT_USAGE = 2
+EXIT_INTERNAL = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pyvt caps",
+        description="Report what hardware virtualization this host offers, from CPUID, MSRs and KVM, "
+                    "and optionally prove it by running tiny guests.")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (schema: pyvt/caps/SCHEMA.md)")
+    p.add_argument("--probe", action="store_true", help="run tiny guests to show what really works")
+    p.add_argument("--require", nargs="+", action="extend", metavar="FEATURE", default=None,
+                   help="exit 0 only if every FEATURE holds (e.g. ept unrestricted_guest irqchip smp "
+                        "long_mode, or any KVM_CAP_* name); 1 with the missing list otherwise")
+    p.add_argument("--device", default="/dev/kvm", metavar="PATH",
+                   help="KVM-API device to inspect: /dev/kvm (default) or /dev/pyvt")
+    p.add_argument("-v", "--verbose", action="store_true", help="also list unsupported capabilities and CPUID flags")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None, stdout: Optional[TextIO] = None) -> int:
+    """Run ``pyvt caps`` with *argv* (default: ``sys.argv[1:]``); return the exit status."""
+    out = stdout or sys.stdout
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed by argparse
+        return int(exc.code or 0)
+    try:
+        return _run(args, out)
+    except KeyboardInterrupt:
+        print("pyvt caps: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # never a traceback: say what broke, in one line
+        print(f"pyvt caps: internal error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _run(args: argparse.Namespace, out: TextIO) -> int:
+    from .collect import collect
+    from .report import PROBE_ONLY_FEATURES, build_report, exit_status, render_text
+
+    raw = collect(device=args.device)
+    wants_probe = args.probe or any(
+        name.lower().replace("-", "_") in PROBE_ONLY_FEATURES for name in (args.require or []))
+    if wants_probe:
+        if raw.kvm.status == "ok":
+            from .probe import run_probe
+            raw.probe = run_probe(args.device)
+        else:
+            raw.probe = [{"name": "probe", "status": "skipped",
+                          "detail": f"{args.device} is not usable: {raw.kvm.error}"}]
+    report = build_report(raw, require=args.require)
+    if args.json:
+        json.dump(report, out, indent=2, sort_keys=False)
+        out.write("\n")
+    else:
+        out.write(render_text(report, verbose=args.verbose))
+    return exit_status(report)
