@@ -1,0 +1,188 @@
+// SPDX-License-Identifier: MIT
+#include "vcpu_loop.h"
+
+#include <errno.h>
+#include <string.h>
+#include <sys/ioctl.h>
+
+enum claim {
+	CLAIM_NONE,   /* no range holds the access */
+	CLAIM_DONE,   /* a native device handled it */
+	CLAIM_USER,   /* a Python handler's range */
+	CLAIM_STOP,   /* a native device asked to stop the run */
+};
+
+void pvt_vcpu_init(struct pvt_vcpu *vcpu, int fd, struct kvm_run *run,
+		   struct pvt_machine *machine, void *ring_page,
+		   long page_size)
+{
+	memset(vcpu, 0, sizeof(*vcpu));
+	vcpu->fd = fd;
+	vcpu->run = run;
+	vcpu->machine = machine;
+	if (ring_page) {
+		vcpu->ring = ring_page;
+		vcpu->ring_entries =
+			(uint32_t)(((size_t)page_size -
+				    sizeof(struct kvm_coalesced_mmio_ring)) /
+				   sizeof(struct kvm_coalesced_mmio));
+	}
+}
+
+void pvt_vcpu_destroy(struct pvt_vcpu *vcpu)
+{
+	pvt_kicker_destroy(&vcpu->kicker);
+}
+
+static enum claim dispatch(struct pvt_machine *machine, struct pvt_bus *bus,
+			   uint64_t addr, uint8_t *data, uint32_t len,
+			   bool is_write, struct pvt_stop_info *info)
+{
+	struct pvt_bus_range range;
+	int ret;
+
+	if (!pvt_bus_find(bus, addr, len, &range)) {
+		if (!machine->unclaimed_as_pc)
+			return CLAIM_NONE;
+		if (!is_write)
+			memset(data, 0xff, len);
+		return CLAIM_DONE;
+	}
+	if (!range.fn) {
+		info->user_id = range.user_id;
+		info->range_base = range.base;
+		return CLAIM_USER;
+	}
+	ret = range.fn(range.opaque, addr - range.base, data, len, is_write,
+		       &info->stop_code);
+	if (ret == PVT_DEV_STOP) {
+		info->device_port = addr;
+		return CLAIM_STOP;
+	}
+	return CLAIM_DONE;
+}
+
+void pvt_vcpu_drain_coalesced(struct pvt_vcpu *vcpu)
+{
+	struct kvm_coalesced_mmio_ring *ring = vcpu->ring;
+	struct pvt_machine *machine = vcpu->machine;
+	struct pvt_stop_info ignored;
+
+	if (!ring ||
+	    __atomic_load_n(&ring->first, __ATOMIC_RELAXED) ==
+		    __atomic_load_n(&ring->last, __ATOMIC_ACQUIRE))
+		return;
+
+	pthread_mutex_lock(&machine->ring_lock);
+	for (;;) {
+		uint32_t first = ring->first;
+		struct kvm_coalesced_mmio *entry;
+
+		if (first == __atomic_load_n(&ring->last, __ATOMIC_ACQUIRE))
+			break;
+		entry = &ring->coalesced_mmio[first];
+		/* Only native write-only registers are coalesced. */
+		dispatch(machine, entry->pio ? &machine->pio : &machine->mmio,
+			 entry->phys_addr, entry->data,
+			 entry->len <= sizeof(entry->data) ? entry->len :
+							     sizeof(entry->data),
+			 true, &ignored);
+		vcpu->coalesced++;
+		__atomic_store_n(&ring->first, (first + 1) % vcpu->ring_entries,
+				 __ATOMIC_RELEASE);
+	}
+	pthread_mutex_unlock(&machine->ring_lock);
+}
+
+static enum claim handle_io(struct pvt_vcpu *vcpu, struct pvt_stop_info *info)
+{
+	struct kvm_run *run = vcpu->run;
+	uint8_t *data = (uint8_t *)run + run->io.data_offset;
+	bool is_write = run->io.direction == KVM_EXIT_IO_OUT;
+	uint32_t i;
+
+	/* String I/O: the device sees each element in turn, like the bus. */
+	for (i = 0; i < run->io.count; i++) {
+		enum claim claim = dispatch(vcpu->machine, &vcpu->machine->pio,
+					    run->io.port,
+					    data + (size_t)i * run->io.size,
+					    run->io.size, is_write, info);
+
+		if (claim != CLAIM_DONE)
+			return claim;
+	}
+	return CLAIM_DONE;
+}
+
+static enum claim handle_mmio(struct pvt_vcpu *vcpu,
+			      struct pvt_stop_info *info)
+{
+	struct kvm_run *run = vcpu->run;
+
+	if (run->mmio.len > sizeof(run->mmio.data))
+		return CLAIM_NONE;
+	return dispatch(vcpu->machine, &vcpu->machine->mmio,
+			run->mmio.phys_addr, run->mmio.data, run->mmio.len,
+			run->mmio.is_write, info);
+}
+
+static int stop_for(enum claim claim, int user_stop)
+{
+	switch (claim) {
+	case CLAIM_USER:
+		return user_stop;
+	case CLAIM_STOP:
+		return PVT_STOP_DEVICE;
+	default:
+		return PVT_STOP_EXIT;
+	}
+}
+
+int pvt_vcpu_run(struct pvt_vcpu *vcpu, struct pvt_stop_info *info)
+{
+	struct kvm_run *run = vcpu->run;
+
+	for (;;) {
+		enum claim claim;
+		int ret = ioctl(vcpu->fd, KVM_RUN, 0);
+		int err = errno;
+
+		vcpu->kvm_exits++;
+		/* Coalesced writes happened before this exit: replay them first. */
+		pvt_vcpu_drain_coalesced(vcpu);
+		if (ret < 0) {
+			if (err == EAGAIN)
+				continue;
+			pvt_machine_flush(vcpu->machine);
+			if (err == EINTR) {
+				run->immediate_exit = 0;
+				return PVT_STOP_INTERRUPTED;
+			}
+			return -err;
+		}
+
+		switch (run->exit_reason) {
+		case KVM_EXIT_IO:
+			claim = handle_io(vcpu, info);
+			if (claim == CLAIM_DONE)
+				break;
+			pvt_machine_flush(vcpu->machine);
+			return stop_for(claim, PVT_STOP_USER_IO);
+		case KVM_EXIT_MMIO:
+			claim = handle_mmio(vcpu, info);
+			if (claim == CLAIM_DONE)
+				break;
+			pvt_machine_flush(vcpu->machine);
+			return stop_for(claim, PVT_STOP_USER_MMIO);
+		case KVM_EXIT_INTR:
+			run->immediate_exit = 0;
+			pvt_machine_flush(vcpu->machine);
+			return PVT_STOP_INTERRUPTED;
+		default:
+			pvt_machine_flush(vcpu->machine);
+			return PVT_STOP_EXIT;
+		}
+		vcpu->native_exits++;
+		pvt_machine_flush(vcpu->machine);
+	}
+}

@@ -1,0 +1,59 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The vCPU run loop: KVM_RUN, drain coalesced writes, dispatch port I/O and
+ * MMIO to native devices, and return to the caller only for what it must
+ * see (an exit nobody claimed, a Python handler's range, a device that
+ * stops the run, or a kick).
+ */
+#ifndef PVT_VCPU_LOOP_H
+#define PVT_VCPU_LOOP_H
+
+#include <linux/kvm.h>
+#include <stdint.h>
+
+#include "kick.h"
+#include "machine.h"
+
+enum pvt_stop {
+	PVT_STOP_EXIT = 0,        /* a KVM exit nobody claimed: see kvm_run */
+	PVT_STOP_USER_IO = 1,     /* port I/O for Python handler user_id */
+	PVT_STOP_USER_MMIO = 2,   /* MMIO for Python handler user_id */
+	PVT_STOP_DEVICE = 3,      /* a native device stopped: see stop_code */
+	PVT_STOP_INTERRUPTED = 4, /* a signal or kick ended KVM_RUN */
+};
+
+struct pvt_stop_info {
+	int user_id;
+	uint64_t range_base; /* start of the claimed range */
+	uint64_t stop_code;  /* from the device (debug-exit: the value) */
+	uint64_t device_port;
+};
+
+struct pvt_vcpu {
+	int fd;
+	struct kvm_run *run;
+	struct pvt_machine *machine;
+	struct kvm_coalesced_mmio_ring *ring; /* NULL: no coalescing */
+	uint32_t ring_entries;
+	struct pvt_kicker kicker;
+	uint64_t kvm_exits;    /* every return from KVM_RUN */
+	uint64_t native_exits; /* exits handled without leaving C */
+	uint64_t coalesced;    /* writes drained from the coalesced ring */
+};
+
+/*
+ * ring_page: the vCPU mmap's coalesced page, or NULL; page_size sets the
+ * ring's capacity exactly as the kernel computes KVM_COALESCED_MMIO_MAX.
+ */
+void pvt_vcpu_init(struct pvt_vcpu *vcpu, int fd, struct kvm_run *run,
+		   struct pvt_machine *machine, void *ring_page,
+		   long page_size);
+void pvt_vcpu_destroy(struct pvt_vcpu *vcpu);
+
+/* Returns an enum pvt_stop, or -errno when KVM_RUN itself fails. */
+int pvt_vcpu_run(struct pvt_vcpu *vcpu, struct pvt_stop_info *info);
+
+/* Writes what is waiting in the coalesced ring to its devices, in order. */
+void pvt_vcpu_drain_coalesced(struct pvt_vcpu *vcpu);
+
+#endif

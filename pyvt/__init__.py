@@ -1,0 +1,53 @@
+"""pyvt: hardware virtualization from Python.
+
+Spawn minimal VMs in a few lines, write a VMM in Python, test what the host's
+VT-x / AMD-V really does.  ``/dev/kvm`` is the default backend; the project's
+own kernel module (``/dev/pyvt``) speaks the same ABI.
+
+    import pyvt
+    with pyvt.Vm(memory="64M") as vm:
+        vm.memory.write(0x1000, code)
+        cpu = vm.vcpu(0, mode="long")
+        cpu.regs.rip = 0x1000
+        print(cpu.run(timeout=1.0), vm.console.output)
+"""
+
+from . import exits, kvm, modes
+from .errors import (
+    ApiVersionMismatch,
+    ArgumentError,
+    BackendError,
+    BackendNotFound,
+    BackendPermissionError,
+    ClosedError,
+    EntryFailed,
+    Error,
+    GuestError,
+    InternalError,
+    InvalidModeError,
+    KvmError,
+    MemoryConfigError,
+    OutOfRangeError,
+    RegionOverlapError,
+    TripleFault,
+    VcpuIndexError,
+)
+from .memory import GuestMemory, parse_size
+from .registers import Registers
+from .runner import LOAD_ADDRESS, Result, run
+from .vcpu import Vcpu
+from .vm import Vm, select_backend
+
+try:
+    from ._version import version as __version__
+except ImportError:  # running from a source tree that was never built
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "Vm", "Vcpu", "run", "Result", "LOAD_ADDRESS", "Registers", "GuestMemory",
+    "parse_size", "select_backend", "exits", "kvm", "modes", "__version__",
+    "Error", "BackendError", "BackendNotFound", "BackendPermissionError",
+    "ApiVersionMismatch", "KvmError", "MemoryConfigError", "RegionOverlapError",
+    "OutOfRangeError", "InvalidModeError", "VcpuIndexError", "ClosedError",
+    "ArgumentError", "GuestError", "TripleFault", "EntryFailed", "InternalError",
+]

@@ -1,0 +1,394 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""The Cython bridge between pyvt's Python API and its native core (csrc/).
+
+The vCPU run loop lives in C (``pvt_vcpu_run``); this module calls it with the
+GIL released and comes back to Python only at safe points: a Python handler's
+range, an exit nobody claimed, a native device that stops the run, or a kick
+(timeout, Ctrl-C).  A handler that raises is never unwound through C: the C
+loop has already returned when the handler runs.
+"""
+
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free
+from libc.string cimport memcpy, memset
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.exc cimport PyErr_CheckSignals
+
+from pyvt.includes.core cimport *
+
+# What VcpuLoop.run() reports, besides the enum pvt_stop values.
+STOP_EXIT = PVT_STOP_EXIT
+STOP_DEVICE = PVT_STOP_DEVICE
+STOP_TIMEOUT = 100
+STOP_ERROR = 101
+STOP_REQUESTED = 102
+
+#: The real-time signal that kicks a vCPU thread out of KVM_RUN.
+KICK_SIGNAL = pvt_kick_signal()
+
+SPACE_PIO = 0
+SPACE_MMIO = 1
+
+UART_PORT_COUNT = PVT_UART_PORT_COUNT
+DEBUG_EXIT_PORT_COUNT = PVT_DEBUG_EXIT_PORT_COUNT
+
+
+cdef class Machine:
+    """The native VM: I/O buses, registered handlers and devices."""
+
+    cdef pvt_machine *m
+    cdef readonly list handlers
+    cdef list devices
+
+    def __cinit__(self):
+        self.m = <pvt_machine *>calloc(1, sizeof(pvt_machine))
+        if self.m == NULL:
+            raise MemoryError()
+        rc = pvt_machine_init(self.m)
+        if rc:
+            free(self.m)
+            self.m = NULL
+            raise OSError(-rc, "cannot set up the native machine")
+        self.handlers = []
+        self.devices = []
+
+    def __dealloc__(self):
+        if self.m != NULL:
+            pvt_machine_destroy(self.m)
+            free(self.m)
+
+    def __init__(self):
+        pass
+
+    cdef pvt_bus *bus(self, int space):
+        return &self.m.pio if space == SPACE_PIO else &self.m.mmio
+
+    def add_handler(self, int space, uint64_t base, uint64_t length, handler):
+        """Claims a range for a Python handler; returns 0 or -errno."""
+        user_id = len(self.handlers)
+        self.handlers.append(handler)
+        rc = pvt_bus_register(self.bus(space), base, length, NULL, NULL, user_id)
+        if rc:
+            self.handlers.pop()
+        return rc
+
+    def remove(self, int space, uint64_t base):
+        """Releases the range starting at base; returns 0 or -errno."""
+        return pvt_bus_unregister(self.bus(space), base)
+
+    @property
+    def unclaimed_as_pc(self):
+        return bool(self.m.unclaimed_as_pc)
+
+    @unclaimed_as_pc.setter
+    def unclaimed_as_pc(self, value):
+        self.m.unclaimed_as_pc = bool(value)
+
+    def close(self):
+        """Drops the references to handlers and devices (cycles)."""
+        self.handlers = []
+        self.devices = []
+
+
+cdef bytes sink_bytes(pvt_sink *sink):
+    cdef size_t total = pvt_sink_copy(sink, 0, NULL, 0)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, total)
+    pvt_sink_copy(sink, 0, <uint8_t *>PyBytes_AS_STRING(out), total)
+    return out
+
+
+cdef class _Device:
+    """A native device registered on one bus range."""
+
+    cdef Machine machine
+    cdef readonly uint64_t base
+    cdef readonly uint64_t length
+    cdef readonly bint attached
+
+    cdef int attach(self, pvt_io_fn fn, void *opaque) except? -1:
+        rc = pvt_bus_register(&self.machine.m.pio, self.base, self.length, fn, opaque, -1)
+        if rc == 0:
+            self.attached = True
+            self.machine.devices.append(self)
+        return rc
+
+    def detach(self):
+        """Removes the device from its port range; returns 0 or -errno."""
+        if not self.attached:
+            return 0
+        rc = pvt_bus_unregister(&self.machine.m.pio, self.base)
+        if rc == 0:
+            self.attached = False
+        return rc
+
+
+cdef class Uart(_Device):
+    """A native 16550A UART."""
+
+    cdef pvt_uart *uart
+
+    def __cinit__(self):
+        self.uart = <pvt_uart *>calloc(1, sizeof(pvt_uart))
+        if self.uart == NULL:
+            raise MemoryError()
+        if pvt_uart_init(self.uart):
+            free(self.uart)
+            self.uart = NULL
+            raise MemoryError()
+
+    def __dealloc__(self):
+        if self.uart != NULL:
+            pvt_uart_destroy(self.uart)
+            free(self.uart)
+
+    def __init__(self, Machine machine, uint64_t base):
+        self.machine = machine
+        self.base = base
+        self.length = PVT_UART_PORT_COUNT
+
+    def attach_to_bus(self):
+        rc = self.attach(pvt_uart_io, self.uart)
+        if rc == 0:
+            rc = pvt_machine_add_sink(self.machine.m, &self.uart.output)
+        return rc
+
+    def output(self):
+        return sink_bytes(&self.uart.output)
+
+    def clear(self):
+        pvt_sink_clear(&self.uart.output)
+
+    def stream(self, int fd):
+        pvt_sink_set_stream(&self.uart.output, fd)
+
+    def feed(self, const uint8_t[:] data):
+        if data.shape[0] == 0:
+            return 0
+        return pvt_uart_feed(self.uart, &data[0], <uint32_t>data.shape[0])
+
+
+cdef class DebugCon(_Device):
+    """QEMU's debug console port: bytes written are output."""
+
+    cdef pvt_sink *sink
+
+    def __cinit__(self):
+        self.sink = <pvt_sink *>calloc(1, sizeof(pvt_sink))
+        if self.sink == NULL:
+            raise MemoryError()
+        if pvt_sink_init(self.sink):
+            free(self.sink)
+            self.sink = NULL
+            raise MemoryError()
+
+    def __dealloc__(self):
+        if self.sink != NULL:
+            pvt_sink_destroy(self.sink)
+            free(self.sink)
+
+    def __init__(self, Machine machine, uint64_t base):
+        self.machine = machine
+        self.base = base
+        self.length = 1
+
+    def attach_to_bus(self):
+        rc = self.attach(pvt_debugcon_io, self.sink)
+        if rc == 0:
+            rc = pvt_machine_add_sink(self.machine.m, self.sink)
+        return rc
+
+    def output(self):
+        return sink_bytes(self.sink)
+
+    def clear(self):
+        pvt_sink_clear(self.sink)
+
+    def stream(self, int fd):
+        pvt_sink_set_stream(self.sink, fd)
+
+    def feed(self, data):
+        raise TypeError("the debug console has no input")
+
+
+cdef class DebugExit(_Device):
+    """QEMU's isa-debug-exit: a write stops the run with the value."""
+
+    def __init__(self, Machine machine, uint64_t base):
+        self.machine = machine
+        self.base = base
+        self.length = PVT_DEBUG_EXIT_PORT_COUNT
+
+    def attach_to_bus(self):
+        return self.attach(pvt_debug_exit_io, NULL)
+
+
+cdef int store_value(uint8_t *dest, uint32_t size, object value, str what) except -1:
+    """Writes a handler's answer for a read into the guest's data buffer."""
+    cdef bytes raw
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            value &= (1 << (8 * size)) - 1
+        try:
+            raw = value.to_bytes(size, "little")
+        except OverflowError:
+            raise ValueError(f"{what} handler returned {value:#x}, which does not "
+                             f"fit in a {size}-byte read") from None
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        raw = bytes(value)
+        if len(raw) != size:
+            raise ValueError(f"{what} handler returned {len(raw)} bytes for a "
+                             f"{size}-byte read")
+    else:
+        raise TypeError(f"{what} handler must return an int (or {size} bytes) "
+                        f"for a read, not {value!r}")
+    memcpy(dest, PyBytes_AS_STRING(raw), size)
+    return 0
+
+
+cdef class VcpuLoop:
+    """Runs one vCPU through the native run loop."""
+
+    cdef pvt_vcpu v
+    cdef Machine machine
+    cdef object make_io
+    cdef object make_mmio
+    cdef volatile bint stop_requested
+
+    def __init__(self, Machine machine, int fd, size_t run_address,
+                 size_t ring_address, long page_size, make_io, make_mmio):
+        self.machine = machine
+        self.make_io = make_io
+        self.make_mmio = make_mmio
+        pvt_vcpu_init(&self.v, fd, <kvm_run *>run_address, machine.m,
+                      <void *>ring_address, page_size)
+
+    def __dealloc__(self):
+        pvt_vcpu_destroy(&self.v)
+
+    def close(self):
+        pvt_vcpu_destroy(&self.v)
+        self.v.run = NULL
+
+    def request_stop(self):
+        """Asks a running loop to return STOP_REQUESTED at its next safe
+        point.  The caller must also kick the running thread (KICK_SIGNAL)."""
+        self.stop_requested = True
+        if self.v.run != NULL:
+            self.v.run.immediate_exit = 1
+
+    @property
+    def stats(self):
+        """Counters: KVM_RUN returns, exits handled natively, coalesced writes."""
+        return {"kvm_exits": self.v.kvm_exits,
+                "native_exits": self.v.native_exits,
+                "coalesced_writes": self.v.coalesced}
+
+    def drain(self):
+        """Replays pending coalesced writes to their devices."""
+        if self.v.run != NULL:
+            pvt_vcpu_drain_coalesced(&self.v)
+
+    cdef object rip(self):
+        if self.v.run.kvm_valid_regs & KVM_SYNC_X86_REGS:
+            return self.v.run.s.regs.regs.rip
+        return None
+
+    cdef int call_io(self, int user_id) except -1:
+        cdef kvm_run *run = self.v.run
+        cdef uint8_t *data = <uint8_t *>run + run.io.data_offset
+        cdef uint32_t size = run.io.size
+        cdef uint32_t count = run.io.count
+        cdef uint32_t i
+        cdef bint is_write = run.io.direction == KVM_EXIT_IO_OUT
+        cdef int port = run.io.port
+        handler = self.machine.handlers[user_id]
+        rip = self.rip()
+        if not is_write:
+            # Whatever the handler does, a read completes with defined data.
+            memset(data, 0xff, size * count)
+        for i in range(count):
+            element = data + i * size
+            if is_write:
+                handler(self.make_io(port, size, True, element[:size], rip))
+            else:
+                result = handler(self.make_io(port, size, False, b"", rip))
+                store_value(element, size, result, f"port {port:#x}")
+        return 0
+
+    cdef int call_mmio(self, int user_id) except -1:
+        cdef kvm_run *run = self.v.run
+        cdef uint32_t size = run.mmio.len
+        handler = self.machine.handlers[user_id]
+        if run.mmio.is_write:
+            handler(self.make_mmio(run.mmio.phys_addr, size, True,
+                                   run.mmio.data[:size], self.rip()))
+        else:
+            memset(run.mmio.data, 0xff, 8)
+            result = handler(self.make_mmio(run.mmio.phys_addr, size, False, b"",
+                                            self.rip()))
+            store_value(run.mmio.data, size, result, f"MMIO {run.mmio.phys_addr:#x}")
+        return 0
+
+    def run(self, double timeout=-1.0, double tick=0.0):
+        """Runs until the caller is needed.
+
+        Returns ``(stop, code, port)``: stop is STOP_EXIT (decode kvm_run),
+        STOP_DEVICE (a native device stopped: code is its value, port where),
+        STOP_TIMEOUT, or STOP_ERROR (code is the errno of KVM_RUN).
+        timeout < 0 means none; tick > 0 kicks every tick seconds so that
+        Ctrl-C is seen even while the guest spins.
+        """
+        cdef pvt_stop_info info
+        cdef int rc
+        cdef uint64_t deadline = 0
+        cdef uint64_t first = 0
+        cdef uint64_t interval = <uint64_t>(tick * 1e9) if tick > 0 else 0
+        cdef uint64_t timeout_ns
+        cdef bint armed = False
+
+        if self.v.run == NULL:
+            raise ValueError("the vCPU is closed")
+        rc = pvt_kick_setup()
+        if rc:
+            raise OSError(-rc, "cannot install the vCPU kick signal handler")
+        if timeout >= 0:
+            timeout_ns = <uint64_t>(timeout * 1e9)
+            deadline = pvt_now_ns() + timeout_ns
+            first = timeout_ns if interval == 0 or timeout_ns < interval else interval
+        elif interval:
+            first = interval
+
+        pvt_kick_set_current(self.v.run)
+        try:
+            if first:
+                rc = pvt_kicker_arm(&self.v.kicker, first, interval)
+                if rc:
+                    raise OSError(-rc, "cannot arm the vCPU kick timer")
+                armed = True
+            elif timeout >= 0:
+                # A zero timeout: run no guest code at all.
+                return (STOP_TIMEOUT, 0, 0)
+            while True:
+                memset(&info, 0, sizeof(info))
+                with nogil:
+                    rc = pvt_vcpu_run(&self.v, &info)
+                if rc == PVT_STOP_USER_IO:
+                    self.call_io(info.user_id)
+                elif rc == PVT_STOP_USER_MMIO:
+                    self.call_mmio(info.user_id)
+                elif rc == PVT_STOP_INTERRUPTED:
+                    PyErr_CheckSignals()
+                    if self.stop_requested:
+                        self.stop_requested = False
+                        return (STOP_REQUESTED, 0, 0)
+                    if deadline and pvt_now_ns() >= deadline:
+                        return (STOP_TIMEOUT, 0, 0)
+                elif rc < 0:
+                    return (STOP_ERROR, -rc, 0)
+                else:
+                    return (rc, info.stop_code, info.device_port)
+        finally:
+            if armed:
+                pvt_kicker_disarm(&self.v.kicker)
+            pvt_kick_set_current(NULL)
+            self.v.run.immediate_exit = 0

@@ -1,0 +1,101 @@
+"""pyvt's exceptions.  Every error pyvt raises is a :class:`Error`.
+
+Each message says what went wrong and, where there is one, what to do about
+it.  OS-level failures of an ioctl carry the errno and the ioctl's name.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class Error(Exception):
+    """Base class of every pyvt error."""
+
+
+class BackendError(Error):
+    """The virtualization device cannot be used."""
+
+
+class BackendNotFound(BackendError, FileNotFoundError):
+    """The device node (``/dev/kvm`` or ``/dev/pyvt``) does not exist."""
+
+
+class BackendPermissionError(BackendError, PermissionError):
+    """The device node exists but this process may not open it."""
+
+
+class ApiVersionMismatch(BackendError):
+    """The device speaks a KVM API version other than 12."""
+
+
+class KvmError(Error, OSError):
+    """An ioctl failed.  ``errno`` and ``ioctl`` say which and why."""
+
+    def __init__(self, ioctl: str, errno: int, hint: str = ""):
+        self.ioctl = ioctl
+        message = f"{ioctl} failed: {os.strerror(errno)} ({_errno.errorcode.get(errno, errno)})"
+        if hint:
+            message += f"; {hint}"
+        OSError.__init__(self, errno, message)
+
+    def __str__(self) -> str:
+        return self.strerror or ""
+
+
+class MemoryConfigError(Error, ValueError):
+    """A memory size or guest-physical range is not usable."""
+
+
+class RegionOverlapError(MemoryConfigError):
+    """A memory region or an I/O range overlaps one that exists."""
+
+
+class OutOfRangeError(Error, IndexError):
+    """An access to guest memory falls outside every memory region."""
+
+
+class InvalidModeError(Error, ValueError):
+    """A CPU mode name other than real, protected or long."""
+
+
+class VcpuIndexError(Error, IndexError):
+    """A vCPU index outside what the backend allows, or one already used."""
+
+
+class ClosedError(Error):
+    """The VM (or vCPU) was closed and cannot be used any more."""
+
+
+class ArgumentError(Error, ValueError):
+    """A call got an argument of the wrong type or value."""
+
+
+class GuestError(Error):
+    """The guest stopped in a way that needs attention (see ``exit``)."""
+
+    def __init__(self, exit):
+        self.exit = exit
+        super().__init__(exit.describe())
+
+
+class TripleFault(GuestError):
+    """The guest triple-faulted (``KVM_EXIT_SHUTDOWN``)."""
+
+
+class EntryFailed(GuestError):
+    """VM entry failed (``KVM_EXIT_FAIL_ENTRY``)."""
+
+
+class InternalError(GuestError):
+    """KVM could not handle what the guest did (``KVM_EXIT_INTERNAL_ERROR``)."""
+
+
+def check(ret: int, ioctl: str, hint: str = "") -> int:
+    """Turns a C-style return (-1 with errno set) into a KvmError."""
+    if ret < 0:
+        from ._kvm import ffi
+
+        raise KvmError(ioctl, ffi.errno, hint)
+    return ret

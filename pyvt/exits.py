@@ -1,0 +1,335 @@
+"""Why a vCPU stopped: one small immutable class per kind of exit.
+
+``Vcpu.run()`` returns one of these.  Each mirrors a ``KVM_EXIT_*`` reason
+(named in its docstring) or one of pyvt's own stops (``DebugExit``,
+``Timeout``).  An exit reason pyvt has no class for is an ``Unhandled`` value,
+never a crash.  The failure exits (``Shutdown``, ``FailEntry``,
+``InternalError``) have ``failed = True`` and can raise the matching
+:class:`pyvt.GuestError` with :meth:`Exit.raise_for_failure`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional, Tuple
+
+from . import errors
+
+
+def _hex(value: Optional[int]) -> str:
+    return "?" if value is None else f"{value:#x}"
+
+
+class Exit:
+    """Base class of every exit."""
+
+    __slots__ = ()
+    #: True for exits that mean the guest cannot go on as it is.
+    failed: ClassVar[bool] = False
+    #: The exception class :meth:`raise_for_failure` raises.
+    error_class: ClassVar[Optional[type]] = None
+
+    def describe(self) -> str:
+        """A one-line human description."""
+        return repr(self)
+
+    def raise_for_failure(self) -> "Exit":
+        """Raises the matching :class:`pyvt.GuestError` if this exit failed."""
+        if self.failed and self.error_class is not None:
+            raise self.error_class(self)
+        return self
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Hlt(Exit):
+    """``KVM_EXIT_HLT``: the guest executed ``hlt`` (rip is past it)."""
+
+    rip: Optional[int] = None
+
+    def __repr__(self) -> str:
+        return f"Hlt(rip={_hex(self.rip)})"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Io(Exit):
+    """``KVM_EXIT_IO``: port I/O.
+
+    ``data`` holds the bytes written (``direction == "out"``); for a read it is
+    empty.  ``count`` > 1 is a string instruction (``rep outsb``...); handlers
+    registered with ``vm.on_io`` see one element at a time.
+    """
+
+    port: int
+    size: int
+    direction: str
+    data: bytes = b""
+    count: int = 1
+    rip: Optional[int] = None
+
+    @property
+    def is_write(self) -> bool:
+        return self.direction == "out"
+
+    @property
+    def value(self) -> Optional[int]:
+        """The first element written, as an integer (None for a read)."""
+        if not self.data:
+            return None
+        return int.from_bytes(self.data[: self.size], "little")
+
+    def __repr__(self) -> str:
+        value = "" if self.value is None else f", value={self.value:#x}"
+        count = f", count={self.count}" if self.count != 1 else ""
+        return (f"Io({self.direction} port={self.port:#x}, size={self.size}"
+                f"{value}{count}, rip={_hex(self.rip)})")
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Mmio(Exit):
+    """``KVM_EXIT_MMIO``: an access to a guest-physical address with no RAM."""
+
+    address: int
+    size: int
+    is_write: bool
+    data: bytes = b""
+    rip: Optional[int] = None
+
+    @property
+    def value(self) -> Optional[int]:
+        """The value written, as an integer (None for a read)."""
+        if not self.data:
+            return None
+        return int.from_bytes(self.data[: self.size], "little")
+
+    def __repr__(self) -> str:
+        kind = "write" if self.is_write else "read"
+        value = "" if self.value is None else f", value={self.value:#x}"
+        return (f"Mmio({kind} address={self.address:#x}, size={self.size}"
+                f"{value}, rip={_hex(self.rip)})")
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class DebugExit(Exit):
+    """The native isa-debug-exit device was written: ``status`` is what QEMU
+    would exit with, ``(code << 1) | 1``."""
+
+    code: int
+    port: int = 0xF4
+    rip: Optional[int] = None
+
+    @property
+    def status(self) -> int:
+        return ((self.code << 1) | 1) & 0xFF
+
+    def __repr__(self) -> str:
+        return (f"DebugExit(code={self.code:#x}, status={self.status}, "
+                f"port={self.port:#x}, rip={_hex(self.rip)})")
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Timeout(Exit):
+    """``run(timeout=...)`` ran out of time; the vCPU can be run again."""
+
+    timeout: float
+    rip: Optional[int] = None
+
+    def __repr__(self) -> str:
+        return f"Timeout({self.timeout:g}s, rip={_hex(self.rip)})"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Shutdown(Exit):
+    """``KVM_EXIT_SHUTDOWN``: a triple fault (or a shutdown cycle); ``regs``
+    holds the registers at that point."""
+
+    regs: object = None
+    rip: Optional[int] = None
+    failed: ClassVar[bool] = True
+    error_class: ClassVar[type] = errors.TripleFault
+
+    def describe(self) -> str:
+        text = f"guest triple-faulted (KVM_EXIT_SHUTDOWN) at rip={_hex(self.rip)}"
+        if self.regs is not None:
+            text += "\n" + self.regs.dump()
+        return text
+
+    def __repr__(self) -> str:
+        return f"Shutdown(rip={_hex(self.rip)})"
+
+
+# Hardware reasons for a failed VM entry, from Intel SDM Vol. 3, appendix C
+# ("basic exit reasons" with bit 31 set) and AMD's VMEXIT_INVALID.
+_ENTRY_FAILURES = {
+    33: "invalid guest state (VM-entry failure due to guest state)",
+    34: "MSR loading failed on VM entry",
+    41: "machine-check event during VM entry",
+}
+
+
+def describe_entry_failure(reason: int) -> str:
+    """Names a ``hardware_entry_failure_reason`` as VMX or SVM reports it."""
+    if reason in (0xFFFFFFFFFFFFFFFF, 0xFFFFFFFF):
+        return "VMRUN failed: VMEXIT_INVALID (illegal guest state in the VMCB)"
+    basic = reason & 0xFFFF
+    if basic in _ENTRY_FAILURES:
+        return f"VMX: {_ENTRY_FAILURES[basic]}"
+    return f"unrecognised hardware reason {reason:#x}"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class FailEntry(Exit):
+    """``KVM_EXIT_FAIL_ENTRY``: the hardware refused to enter the guest."""
+
+    hardware_entry_failure_reason: int
+    cpu: int = 0
+    regs: object = None
+    rip: Optional[int] = None
+    failed: ClassVar[bool] = True
+    error_class: ClassVar[type] = errors.EntryFailed
+
+    @property
+    def reason(self) -> str:
+        return describe_entry_failure(self.hardware_entry_failure_reason)
+
+    def describe(self) -> str:
+        text = (f"VM entry failed on host CPU {self.cpu}: {self.reason} "
+                f"(hardware_entry_failure_reason={self.hardware_entry_failure_reason:#x})")
+        if self.regs is not None:
+            text += "\n" + self.regs.dump()
+        return text
+
+    def __repr__(self) -> str:
+        return (f"FailEntry(reason={self.hardware_entry_failure_reason:#x} "
+                f"{self.reason!r}, cpu={self.cpu})")
+
+
+INTERNAL_ERROR_NAMES = {
+    1: "emulation failure (KVM could not emulate an instruction)",
+    2: "simultaneous exceptions",
+    3: "unexpected exit while delivering an event",
+    4: "unexpected exit reason",
+}
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class InternalError(Exit):
+    """``KVM_EXIT_INTERNAL_ERROR``: KVM could not handle what the guest did.
+
+    ``instruction`` holds the bytes at RIP (from KVM when it reports them,
+    otherwise read from guest memory); ``disassembly`` is filled in when the
+    optional ``capstone`` package is installed.
+    """
+
+    suberror: int
+    data: Tuple[int, ...] = ()
+    instruction: bytes = b""
+    disassembly: str = ""
+    regs: object = None
+    rip: Optional[int] = None
+    failed: ClassVar[bool] = True
+    error_class: ClassVar[type] = errors.InternalError
+
+    @property
+    def reason(self) -> str:
+        return INTERNAL_ERROR_NAMES.get(self.suberror, f"suberror {self.suberror}")
+
+    def describe(self) -> str:
+        text = f"KVM internal error: {self.reason} at rip={_hex(self.rip)}"
+        if self.instruction:
+            text += f"; bytes at rip: {self.instruction.hex(' ')}"
+        if self.disassembly:
+            text += f" ({self.disassembly})"
+        if self.data:
+            text += "; data: " + " ".join(f"{d:#x}" for d in self.data)
+        if self.regs is not None:
+            text += "\n" + self.regs.dump()
+        return text
+
+    def __repr__(self) -> str:
+        insn = f", instruction={self.instruction.hex(' ')!r}" if self.instruction else ""
+        return f"InternalError({self.reason!r}, rip={_hex(self.rip)}{insn})"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Debug(Exit):
+    """``KVM_EXIT_DEBUG``: a single step, breakpoint or watchpoint (guest debug)."""
+
+    exception: int
+    pc: int
+    dr6: int = 0
+    dr7: int = 0
+    rip: Optional[int] = None
+
+    def __repr__(self) -> str:
+        return (f"Debug(exception={self.exception}, pc={self.pc:#x}, "
+                f"dr6={self.dr6:#x}, dr7={self.dr7:#x})")
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class GuestException(Exit):
+    """``KVM_EXIT_EXCEPTION``: an exception KVM reflected to user space."""
+
+    exception: int
+    error_code: int = 0
+    rip: Optional[int] = None
+
+    def __repr__(self) -> str:
+        return f"GuestException(vector={self.exception}, error_code={self.error_code:#x})"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class SystemEvent(Exit):
+    """``KVM_EXIT_SYSTEM_EVENT``: shutdown, reset or crash requested."""
+
+    type: int
+    rip: Optional[int] = None
+
+    NAMES: ClassVar[dict] = {1: "shutdown", 2: "reset", 3: "crash"}
+
+    def __repr__(self) -> str:
+        return f"SystemEvent({self.NAMES.get(self.type, self.type)})"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Hypercall(Exit):
+    """``KVM_EXIT_HYPERCALL``."""
+
+    nr: int
+    args: Tuple[int, ...] = field(default_factory=tuple)
+    rip: Optional[int] = None
+
+    def __repr__(self) -> str:
+        return f"Hypercall(nr={self.nr}, args={tuple(hex(a) for a in self.args)})"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Unhandled(Exit):
+    """Any exit reason pyvt has no class for; ``reason`` is the KVM_EXIT_* number."""
+
+    reason: int
+    hardware_exit_reason: int = 0
+    rip: Optional[int] = None
+
+    def __repr__(self) -> str:
+        return (f"Unhandled(reason={self.reason}, "
+                f"hardware_exit_reason={self.hardware_exit_reason:#x}, rip={_hex(self.rip)})")
+
+
+__all__ = [
+    "Exit", "Hlt", "Io", "Mmio", "DebugExit", "Timeout", "Shutdown", "FailEntry",
+    "InternalError", "Debug", "GuestException", "SystemEvent", "Hypercall", "Unhandled",
+    "describe_entry_failure",
+]
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Stopped(Exit):
+    """``cpu.stop()`` (or ``vm.close()``) from another thread ended the run."""
+
+    rip: Optional[int] = None
+
+    def __repr__(self) -> str:
+        return f"Stopped(rip={_hex(self.rip)})"
+
+
+__all__.append("Stopped")

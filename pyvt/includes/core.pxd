@@ -1,0 +1,140 @@
+# Declarations of the native core (csrc/) used by _native.pyx: only what the
+# Cython layer touches.  The C headers are the source of truth.
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+
+
+cdef extern from "<linux/kvm.h>" nogil:
+    # Members of kvm_run's anonymous exit union; Cython only reads fields.
+    cdef struct pvt_kvm_run_io "kvm_run_io_member":
+        uint8_t direction
+        uint8_t size
+        uint16_t port
+        uint32_t count
+        uint64_t data_offset
+
+    cdef struct pvt_kvm_run_mmio "kvm_run_mmio_member":
+        uint64_t phys_addr
+        uint8_t data[8]
+        uint32_t len
+        uint8_t is_write
+
+    cdef struct kvm_regs:
+        uint64_t rip
+
+    cdef struct kvm_sync_regs:
+        kvm_regs regs
+
+    cdef struct pvt_kvm_run_s "kvm_run_s_member":
+        kvm_sync_regs regs
+
+    cdef struct kvm_run:
+        uint8_t immediate_exit
+        uint32_t exit_reason
+        uint64_t kvm_valid_regs
+        pvt_kvm_run_io io
+        pvt_kvm_run_mmio mmio
+        pvt_kvm_run_s s
+
+    int KVM_EXIT_IO_OUT
+    int KVM_SYNC_X86_REGS
+
+
+cdef extern from "sink.h" nogil:
+    cdef struct pvt_sink:
+        int stream_fd
+        int stream_errno
+
+    int pvt_sink_init(pvt_sink *sink)
+    void pvt_sink_destroy(pvt_sink *sink)
+    void pvt_sink_flush(pvt_sink *sink)
+    void pvt_sink_set_stream(pvt_sink *sink, int fd)
+    size_t pvt_sink_copy(pvt_sink *sink, size_t offset, uint8_t *out, size_t cap)
+    void pvt_sink_clear(pvt_sink *sink)
+
+
+cdef extern from "iobus.h" nogil:
+    ctypedef int (*pvt_io_fn)(void *opaque, uint64_t offset, uint8_t *data,
+                              uint32_t len, bint is_write, uint64_t *stop_code)
+
+    cdef struct pvt_bus:
+        pass
+
+    int pvt_bus_register(pvt_bus *bus, uint64_t base, uint64_t len,
+                         pvt_io_fn fn, void *opaque, int user_id)
+    int pvt_bus_unregister(pvt_bus *bus, uint64_t base)
+
+
+cdef extern from "machine.h" nogil:
+    cdef struct pvt_machine:
+        pvt_bus pio
+        pvt_bus mmio
+        bint unclaimed_as_pc
+
+    int pvt_machine_init(pvt_machine *machine)
+    void pvt_machine_destroy(pvt_machine *machine)
+    int pvt_machine_add_sink(pvt_machine *machine, pvt_sink *sink)
+
+
+cdef extern from "uart16550.h" nogil:
+    int PVT_UART_PORT_COUNT
+
+    cdef struct pvt_uart:
+        pvt_sink output
+
+    int pvt_uart_init(pvt_uart *uart)
+    void pvt_uart_destroy(pvt_uart *uart)
+    int pvt_uart_io(void *opaque, uint64_t offset, uint8_t *data, uint32_t len,
+                    bint is_write, uint64_t *stop_code)
+    uint32_t pvt_uart_feed(pvt_uart *uart, const uint8_t *data, uint32_t n)
+
+
+cdef extern from "debug_exit.h" nogil:
+    int PVT_DEBUG_EXIT_PORT_COUNT
+    int pvt_debug_exit_io(void *opaque, uint64_t offset, uint8_t *data,
+                          uint32_t len, bint is_write, uint64_t *stop_code)
+
+
+cdef extern from "debugcon.h" nogil:
+    int pvt_debugcon_io(void *opaque, uint64_t offset, uint8_t *data,
+                        uint32_t len, bint is_write, uint64_t *stop_code)
+
+
+cdef extern from "kick.h" nogil:
+    cdef struct pvt_kicker:
+        pass
+
+    int pvt_kick_setup()
+    int pvt_kick_signal()
+    void pvt_kick_set_current(kvm_run *run)
+    int pvt_kicker_arm(pvt_kicker *kicker, uint64_t first_ns, uint64_t interval_ns)
+    void pvt_kicker_disarm(pvt_kicker *kicker)
+    uint64_t pvt_now_ns()
+
+
+cdef extern from "vcpu_loop.h" nogil:
+    enum pvt_stop:
+        PVT_STOP_EXIT
+        PVT_STOP_USER_IO
+        PVT_STOP_USER_MMIO
+        PVT_STOP_DEVICE
+        PVT_STOP_INTERRUPTED
+
+    cdef struct pvt_stop_info:
+        int user_id
+        uint64_t range_base
+        uint64_t stop_code
+        uint64_t device_port
+
+    cdef struct pvt_vcpu:
+        kvm_run *run
+        pvt_kicker kicker
+        uint64_t kvm_exits
+        uint64_t native_exits
+        uint64_t coalesced
+
+    void pvt_vcpu_init(pvt_vcpu *vcpu, int fd, kvm_run *run, pvt_machine *machine,
+                       void *ring_page, long page_size)
+    void pvt_vcpu_destroy(pvt_vcpu *vcpu)
+    int pvt_vcpu_run(pvt_vcpu *vcpu, pvt_stop_info *info)
+    void pvt_vcpu_drain_coalesced(pvt_vcpu *vcpu)

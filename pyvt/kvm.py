@@ -1,0 +1,591 @@
+"""The thin layer: one Python object per KVM file descriptor, one method per ioctl.
+
+``Kvm`` (the system fd) creates ``VmFd``, which creates ``VcpuFd``, the way
+the kernel's objects nest.  Each method wraps one ioctl, checks its result and
+raises :class:`pyvt.KvmError` with the errno and the ioctl's name.  Struct
+layouts and ioctl numbers come from ``<linux/kvm.h>`` through cffi
+(``pyvt._kvm``); nothing here computes an offset.  The high-level ``pyvt.Vm``
+is built on these objects; people writing their own VMM can use them directly.
+
+The same ABI is spoken by ``/dev/kvm`` and by the project's ``/dev/pyvt``.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+from ._kvm import ffi, lib
+from .errors import (
+    ApiVersionMismatch,
+    ArgumentError,
+    BackendNotFound,
+    BackendPermissionError,
+    ClosedError,
+    KvmError,
+    check,
+)
+
+#: Every ``KVM_CAP_*`` the build headers define: name -> number.
+caps: Dict[str, int] = {
+    name: getattr(lib, name) for name in dir(lib) if name.startswith("KVM_CAP_")
+}
+
+PAGE_SIZE = mmap.PAGESIZE
+KVM_API_VERSION = lib.KVM_API_VERSION
+DEFAULT_DEVICE = "/dev/kvm"
+PYVT_DEVICE = "/dev/pyvt"
+
+
+def host_cpuid(leaf: int, subleaf: int = 0) -> tuple:
+    """Executes CPUID on the host: returns ``(eax, ebx, ecx, edx)``."""
+    out = ffi.new("uint32_t[4]")
+    lib.pvt_host_cpuid(leaf & 0xFFFFFFFF, subleaf & 0xFFFFFFFF, out)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class CpuidEntry:
+    """One ``struct kvm_cpuid_entry2``."""
+
+    function: int
+    index: int = 0
+    flags: int = 0
+    eax: int = 0
+    ebx: int = 0
+    ecx: int = 0
+    edx: int = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"CpuidEntry(function={self.function:#x}, index={self.index}, "
+            f"flags={self.flags:#x}, eax={self.eax:#010x}, ebx={self.ebx:#010x}, "
+            f"ecx={self.ecx:#010x}, edx={self.edx:#010x})"
+        )
+
+
+_CPUID_FIELDS = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
+
+
+def _read_cpuid(fd: _Fd, name: str, request: int) -> List[CpuidEntry]:
+    """Runs a CPUID-table ioctl, growing the table until it fits (E2BIG)."""
+    nent = 128
+    while True:
+        buf = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2")
+                      + nent * ffi.sizeof("struct kvm_cpuid_entry2"))
+        cpuid = ffi.cast("struct kvm_cpuid2 *", buf)
+        cpuid.nent = nent
+        ret = lib.ioctl(fd.fileno(), request, cpuid)
+        if ret < 0 and ffi.errno == errno.E2BIG and nent < 4096:
+            nent *= 2
+            continue
+        check(ret, name)
+        return [CpuidEntry(*(getattr(cpuid.entries[i], f) for f in _CPUID_FIELDS))
+                for i in range(cpuid.nent)]
+
+
+def _cap_number(cap: Union[int, str]) -> int:
+    if isinstance(cap, str):
+        name = cap if cap.startswith("KVM_CAP_") else "KVM_CAP_" + cap.upper()
+        if name not in caps:
+            raise ArgumentError(f"unknown capability {cap!r}: see pyvt.kvm.caps")
+        return caps[name]
+    if isinstance(cap, bool) or not isinstance(cap, int):
+        raise ArgumentError(f"capability must be a number or a KVM_CAP_* name, not {cap!r}")
+    return cap
+
+
+def _arg(value: int):
+    return ffi.cast("unsigned long", value)
+
+
+class _Fd:
+    """A file descriptor that ioctls go to; closing is idempotent."""
+
+    _fd: int = -1
+
+    def fileno(self) -> int:
+        if self._fd < 0:
+            raise ClosedError(f"{type(self).__name__} is closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def _ioctl(self, name: str, request: int, arg=None, hint: str = "") -> int:
+        fd = self.fileno()
+        ret = lib.ioctl(fd, request, _arg(0) if arg is None else arg)
+        return check(ret, name, hint)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Kvm(_Fd):
+    """The system file descriptor of a KVM-ABI device (``/dev/kvm``, ``/dev/pyvt``).
+
+    Opening checks the API version (``KVM_GET_API_VERSION`` must be 12).
+    """
+
+    _shared: Dict[str, "Kvm"] = {}
+    _shared_lock = threading.Lock()
+
+    def __init__(self, path: str = DEFAULT_DEVICE):
+        if not isinstance(path, (str, os.PathLike)):
+            raise ArgumentError(f"backend must be a device path, not {path!r}")
+        self.path = os.fspath(path)
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise BackendNotFound(
+                errno.ENOENT,
+                f"{self.path} does not exist: this host has no KVM "
+                "(load kvm-intel/kvm-amd, enable virtualization in the "
+                "firmware, or pass backend= another device)",
+            ) from None
+        except PermissionError:
+            raise BackendPermissionError(
+                errno.EACCES,
+                f"no permission to open {self.path}: run as root or add "
+                "this user to the group that owns it (often 'kvm')",
+            ) from None
+        except OSError as e:
+            raise KvmError(f"open({self.path})", e.errno) from None
+        self._cpuid_cache: Dict[str, List[CpuidEntry]] = {}
+        self._mmap_size: Optional[int] = None
+        version = self.api_version()
+        if version != KVM_API_VERSION:
+            self.close()
+            raise ApiVersionMismatch(
+                f"{self.path} speaks KVM API version {version}; pyvt needs "
+                f"{KVM_API_VERSION}"
+            )
+
+    @classmethod
+    def shared(cls, path: str = DEFAULT_DEVICE) -> "Kvm":
+        """A per-process system fd for ``path``, opened once and reused."""
+        with cls._shared_lock:
+            kvm = cls._shared.get(path)
+            if kvm is None or kvm.closed:
+                kvm = cls._shared[path] = cls(path)
+            return kvm
+
+    def __repr__(self) -> str:
+        return f"<Kvm {self.path} fd={self._fd}>"
+
+    def api_version(self) -> int:
+        """``KVM_GET_API_VERSION``."""
+        return self._ioctl("KVM_GET_API_VERSION", lib.KVM_GET_API_VERSION)
+
+    def check_extension(self, cap: Union[int, str]) -> int:
+        """``KVM_CHECK_EXTENSION``: 0 if unsupported, else a positive value.
+
+        ``cap`` is a number or a name (``"KVM_CAP_IRQCHIP"`` or ``"irqchip"``).
+        """
+        return self._ioctl("KVM_CHECK_EXTENSION", lib.KVM_CHECK_EXTENSION,
+                           _arg(_cap_number(cap)))
+
+    def vcpu_mmap_size(self) -> int:
+        """``KVM_GET_VCPU_MMAP_SIZE``: bytes to mmap from a vCPU fd."""
+        if self._mmap_size is None:
+            self._mmap_size = self._ioctl("KVM_GET_VCPU_MMAP_SIZE",
+                                          lib.KVM_GET_VCPU_MMAP_SIZE)
+        return self._mmap_size
+
+    def _get_cpuid(self, name: str, request: int) -> List[CpuidEntry]:
+        cached = self._cpuid_cache.get(name)
+        if cached is None:
+            cached = self._cpuid_cache[name] = _read_cpuid(self, name, request)
+        return list(cached)
+
+    def get_supported_cpuid(self) -> List[CpuidEntry]:
+        """``KVM_GET_SUPPORTED_CPUID``: what a guest may be shown."""
+        return self._get_cpuid("KVM_GET_SUPPORTED_CPUID", lib.KVM_GET_SUPPORTED_CPUID)
+
+    def get_emulated_cpuid(self) -> List[CpuidEntry]:
+        """``KVM_GET_EMULATED_CPUID``: features KVM emulates in software."""
+        return self._get_cpuid("KVM_GET_EMULATED_CPUID", lib.KVM_GET_EMULATED_CPUID)
+
+    def _msr_list(self, name: str, request: int) -> List[int]:
+        head = ffi.new("struct kvm_msr_list *")
+        ret = lib.ioctl(self.fileno(), request, head)
+        if ret < 0 and ffi.errno != errno.E2BIG:
+            check(ret, name)
+        n = head.nmsrs
+        buf = ffi.new("char[]", ffi.sizeof("struct kvm_msr_list") + 4 * n)
+        msr_list = ffi.cast("struct kvm_msr_list *", buf)
+        msr_list.nmsrs = n
+        check(lib.ioctl(self.fileno(), request, msr_list), name)
+        return [msr_list.indices[i] for i in range(msr_list.nmsrs)]
+
+    def get_msr_index_list(self) -> List[int]:
+        """``KVM_GET_MSR_INDEX_LIST``: MSRs a vCPU's state includes."""
+        return self._msr_list("KVM_GET_MSR_INDEX_LIST", lib.KVM_GET_MSR_INDEX_LIST)
+
+    def get_msr_feature_index_list(self) -> List[int]:
+        """``KVM_GET_MSR_FEATURE_INDEX_LIST`` (needs KVM_CAP_GET_MSR_FEATURES)."""
+        return self._msr_list("KVM_GET_MSR_FEATURE_INDEX_LIST",
+                              lib.KVM_GET_MSR_FEATURE_INDEX_LIST)
+
+    def get_msrs(self, indices: Iterable[int]) -> Dict[int, int]:
+        """``KVM_GET_MSRS`` on the system fd: feature MSRs (e.g. VMX capabilities).
+
+        Returns the MSRs KVM could read; one it cannot ends the list early.
+        """
+        return _get_msrs(self, indices, "KVM_GET_MSRS (system)")
+
+    def create_vm(self, machine_type: int = 0) -> "VmFd":
+        """``KVM_CREATE_VM``."""
+        fd = self._ioctl("KVM_CREATE_VM", lib.KVM_CREATE_VM, _arg(machine_type),
+                         hint="the host may be out of memory or of VM slots")
+        return VmFd(self, fd)
+
+
+def _msrs_struct(indices: Sequence[int]):
+    buf = ffi.new("char[]", ffi.sizeof("struct kvm_msrs")
+                  + len(indices) * ffi.sizeof("struct kvm_msr_entry"))
+    msrs = ffi.cast("struct kvm_msrs *", buf)
+    msrs.nmsrs = len(indices)
+    for i, index in enumerate(indices):
+        msrs.entries[i].index = index
+    return buf, msrs
+
+
+def _get_msrs(fd: _Fd, indices: Iterable[int], name: str) -> Dict[int, int]:
+    indices = [_u32(i, "MSR index") for i in indices]
+    _buf, msrs = _msrs_struct(indices)
+    n = fd._ioctl(name, lib.KVM_GET_MSRS, msrs)
+    return {msrs.entries[i].index: msrs.entries[i].data for i in range(n)}
+
+
+def _u32(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 32:
+        raise ArgumentError(f"{what} must be an integer in [0, 2**32), not {value!r}")
+    return value
+
+
+def _u64(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 64:
+        raise ArgumentError(f"{what} must be an integer in [0, 2**64), not {value!r}")
+    return value
+
+
+class VmFd(_Fd):
+    """A VM file descriptor, made by :meth:`Kvm.create_vm`."""
+
+    def __init__(self, kvm: Kvm, fd: int):
+        self.kvm = kvm
+        self._fd = fd
+
+    def __repr__(self) -> str:
+        return f"<VmFd fd={self._fd} on {self.kvm.path}>"
+
+    def check_extension(self, cap: Union[int, str]) -> int:
+        """``KVM_CHECK_EXTENSION`` on the VM fd (per-VM answers)."""
+        return self._ioctl("KVM_CHECK_EXTENSION", lib.KVM_CHECK_EXTENSION,
+                           _arg(_cap_number(cap)))
+
+    def set_user_memory_region(self, slot: int, guest_phys_addr: int,
+                               memory_size: int, userspace_addr: int,
+                               flags: int = 0) -> None:
+        """``KVM_SET_USER_MEMORY_REGION``.
+
+        Safety: ``userspace_addr`` must stay mapped for ``memory_size`` bytes
+        as long as the slot exists; the guest reads and writes it.
+        """
+        region = ffi.new("struct kvm_userspace_memory_region *", {
+            "slot": _u32(slot, "slot"), "flags": _u32(flags, "flags"),
+            "guest_phys_addr": _u64(guest_phys_addr, "guest_phys_addr"),
+            "memory_size": _u64(memory_size, "memory_size"),
+            "userspace_addr": _u64(userspace_addr, "userspace_addr"),
+        })
+        self._ioctl("KVM_SET_USER_MEMORY_REGION", lib.KVM_SET_USER_MEMORY_REGION, region)
+
+    def create_vcpu(self, index: int) -> "VcpuFd":
+        """``KVM_CREATE_VCPU``, then mmap of its ``struct kvm_run``."""
+        fd = self._ioctl("KVM_CREATE_VCPU", lib.KVM_CREATE_VCPU,
+                         _arg(_u32(index, "vCPU index")))
+        return VcpuFd(self, fd, index)
+
+    def set_tss_addr(self, address: int) -> None:
+        """``KVM_SET_TSS_ADDR``: three pages KVM may use for real mode on VMX."""
+        self._ioctl("KVM_SET_TSS_ADDR", lib.KVM_SET_TSS_ADDR, _arg(_u32(address, "address")))
+
+    def set_identity_map_addr(self, address: int) -> None:
+        """``KVM_SET_IDENTITY_MAP_ADDR``."""
+        addr = ffi.new("__u64 *", _u64(address, "address"))
+        self._ioctl("KVM_SET_IDENTITY_MAP_ADDR", lib.KVM_SET_IDENTITY_MAP_ADDR, addr)
+
+    def create_irqchip(self) -> None:
+        """``KVM_CREATE_IRQCHIP``: in-kernel PIC, IOAPIC and LAPICs."""
+        self._ioctl("KVM_CREATE_IRQCHIP", lib.KVM_CREATE_IRQCHIP)
+
+    def create_pit2(self, flags: int = 0) -> None:
+        """``KVM_CREATE_PIT2``: the in-kernel i8254 timer."""
+        config = ffi.new("struct kvm_pit_config *", {"flags": _u32(flags, "flags")})
+        self._ioctl("KVM_CREATE_PIT2", lib.KVM_CREATE_PIT2, config)
+
+    def irq_line(self, irq: int, level: int) -> None:
+        """``KVM_IRQ_LINE``: drive an interrupt line of the in-kernel irqchip."""
+        line = ffi.new("struct kvm_irq_level *", {"irq": _u32(irq, "irq"),
+                                                  "level": 1 if level else 0})
+        self._ioctl("KVM_IRQ_LINE", lib.KVM_IRQ_LINE, line)
+
+    def ioeventfd(self, fd: int, addr: int, length: int = 0, *, pio: bool = False,
+                  datamatch: Optional[int] = None, deassign: bool = False) -> None:
+        """``KVM_IOEVENTFD``: a guest write to ``addr`` signals eventfd ``fd``."""
+        flags = 0
+        if pio:
+            flags |= lib.KVM_IOEVENTFD_FLAG_PIO
+        if datamatch is not None:
+            flags |= lib.KVM_IOEVENTFD_FLAG_DATAMATCH
+        if deassign:
+            flags |= lib.KVM_IOEVENTFD_FLAG_DEASSIGN
+        event = ffi.new("struct kvm_ioeventfd *", {
+            "datamatch": _u64(datamatch or 0, "datamatch"),
+            "addr": _u64(addr, "addr"), "len": _u32(length, "length"),
+            "fd": fd, "flags": flags,
+        })
+        self._ioctl("KVM_IOEVENTFD", lib.KVM_IOEVENTFD, event)
+
+    def irqfd(self, fd: int, gsi: int, *, deassign: bool = False) -> None:
+        """``KVM_IRQFD``: signalling eventfd ``fd`` raises interrupt ``gsi``."""
+        irqfd = ffi.new("struct kvm_irqfd *", {
+            "fd": _u32(fd, "fd"), "gsi": _u32(gsi, "gsi"),
+            "flags": lib.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0,
+        })
+        self._ioctl("KVM_IRQFD", lib.KVM_IRQFD, irqfd)
+
+    def get_dirty_log(self, slot: int, pages: int) -> bytes:
+        """``KVM_GET_DIRTY_LOG``: the slot's dirty bitmap (one bit per page)."""
+        bitmap = ffi.new("uint64_t[]", max(1, (pages + 63) // 64))
+        log = ffi.new("struct kvm_dirty_log *", {"slot": _u32(slot, "slot"),
+                                                 "dirty_bitmap": bitmap})
+        self._ioctl("KVM_GET_DIRTY_LOG", lib.KVM_GET_DIRTY_LOG, log)
+        return bytes(ffi.buffer(bitmap))
+
+    def enable_cap(self, cap: Union[int, str], *args: int, flags: int = 0) -> None:
+        """``KVM_ENABLE_CAP`` on the VM."""
+        if len(args) > 4:
+            raise ArgumentError("KVM_ENABLE_CAP takes at most 4 arguments")
+        enable = ffi.new("struct kvm_enable_cap *", {
+            "cap": _cap_number(cap), "flags": flags,
+            "args": [_u64(a, "argument") for a in args] + [0] * (4 - len(args)),
+        })
+        self._ioctl("KVM_ENABLE_CAP", lib.KVM_ENABLE_CAP, enable)
+
+    def register_coalesced_mmio(self, addr: int, size: int, pio: bool = False) -> None:
+        """``KVM_REGISTER_COALESCED_MMIO``: guest writes there are queued in a
+        ring instead of exiting (``pio=True`` needs KVM_CAP_COALESCED_PIO)."""
+        zone = ffi.new("struct kvm_coalesced_mmio_zone *", {
+            "addr": _u64(addr, "addr"), "size": _u32(size, "size"), "pio": int(pio)})
+        self._ioctl("KVM_REGISTER_COALESCED_MMIO", lib.KVM_REGISTER_COALESCED_MMIO, zone)
+
+    def unregister_coalesced_mmio(self, addr: int, size: int, pio: bool = False) -> None:
+        """``KVM_UNREGISTER_COALESCED_MMIO``."""
+        zone = ffi.new("struct kvm_coalesced_mmio_zone *", {
+            "addr": _u64(addr, "addr"), "size": _u32(size, "size"), "pio": int(pio)})
+        self._ioctl("KVM_UNREGISTER_COALESCED_MMIO", lib.KVM_UNREGISTER_COALESCED_MMIO, zone)
+
+
+class VcpuFd(_Fd):
+    """A vCPU file descriptor with its mmap'd ``struct kvm_run`` (``.run``)."""
+
+    def __init__(self, vm: VmFd, fd: int, index: int):
+        self.vm = vm
+        self.index = index
+        self._fd = fd
+        size = vm.kvm.vcpu_mmap_size()
+        try:
+            self._mmap = mmap.mmap(fd, size, mmap.MAP_SHARED,
+                                   mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as e:
+            self.close()
+            raise KvmError("mmap(kvm_run)", e.errno) from None
+        self._view = ffi.from_buffer(self._mmap)
+        #: Zero-copy view of the shared ``struct kvm_run`` page.
+        self.run_struct = ffi.cast("struct kvm_run *", self._view)
+        self.run_address = int(ffi.cast("uintptr_t", self._view))
+        ring_offset = lib.KVM_COALESCED_MMIO_PAGE_OFFSET * PAGE_SIZE
+        #: Address of the VM's coalesced-write ring in this mapping, or 0.
+        self.coalesced_ring_address = (
+            self.run_address + ring_offset
+            if vm.kvm.check_extension("KVM_CAP_COALESCED_MMIO") and ring_offset < size
+            else 0
+        )
+
+    def __repr__(self) -> str:
+        return f"<VcpuFd {self.index} fd={self._fd}>"
+
+    def close(self) -> None:
+        view, self._view = getattr(self, "_view", None), None
+        self.run_struct = None
+        if view is not None:
+            ffi.release(view)
+        mapping = getattr(self, "_mmap", None)
+        if mapping is not None:
+            mapping.close()
+            self._mmap = None
+        super().close()
+
+    def run(self) -> int:
+        """``KVM_RUN`` once, from Python (the GIL is released meanwhile).
+
+        Returns the exit reason; the details are in :attr:`run_struct`.
+        pyvt's own run loop is native (see :meth:`pyvt.Vcpu.run`).
+        """
+        self._ioctl("KVM_RUN", lib.KVM_RUN)
+        return self.run_struct.exit_reason
+
+    @property
+    def immediate_exit(self) -> bool:
+        """``kvm_run.immediate_exit``: KVM_RUN returns EINTR at once when set."""
+        return bool(self.run_struct.immediate_exit)
+
+    @immediate_exit.setter
+    def immediate_exit(self, value: bool) -> None:
+        self.run_struct.immediate_exit = 1 if value else 0
+
+    def _get(self, name: str, request: int, ctype: str):
+        value = ffi.new(ctype)
+        self._ioctl(name, request, value)
+        return value
+
+    def get_regs(self):
+        """``KVM_GET_REGS`` -> ``struct kvm_regs`` (cffi)."""
+        return self._get("KVM_GET_REGS", lib.KVM_GET_REGS, "struct kvm_regs *")
+
+    def set_regs(self, regs) -> None:
+        """``KVM_SET_REGS``."""
+        self._ioctl("KVM_SET_REGS", lib.KVM_SET_REGS, regs)
+
+    def get_sregs(self):
+        """``KVM_GET_SREGS`` -> ``struct kvm_sregs``."""
+        return self._get("KVM_GET_SREGS", lib.KVM_GET_SREGS, "struct kvm_sregs *")
+
+    def set_sregs(self, sregs) -> None:
+        """``KVM_SET_SREGS``."""
+        self._ioctl("KVM_SET_SREGS", lib.KVM_SET_SREGS, sregs)
+
+    def get_fpu(self):
+        """``KVM_GET_FPU`` -> ``struct kvm_fpu``."""
+        return self._get("KVM_GET_FPU", lib.KVM_GET_FPU, "struct kvm_fpu *")
+
+    def set_fpu(self, fpu) -> None:
+        """``KVM_SET_FPU``."""
+        self._ioctl("KVM_SET_FPU", lib.KVM_SET_FPU, fpu)
+
+    def get_msrs(self, indices: Iterable[int]) -> Dict[int, int]:
+        """``KVM_GET_MSRS``: {index: value}; raises if any MSR cannot be read."""
+        indices = list(indices)
+        values = _get_msrs(self, indices, "KVM_GET_MSRS")
+        if len(values) < len(indices):
+            bad = indices[len(values)]
+            raise KvmError("KVM_GET_MSRS", errno.EINVAL,
+                           f"MSR {bad:#x} cannot be read on this vCPU")
+        return values
+
+    def set_msrs(self, values: Mapping[int, int]) -> None:
+        """``KVM_SET_MSRS``; raises naming the first MSR KVM refused."""
+        items = [(_u32(i, "MSR index"), _u64(v, "MSR value")) for i, v in values.items()]
+        _buf, msrs = _msrs_struct([i for i, _ in items])
+        for n, (_, value) in enumerate(items):
+            msrs.entries[n].data = value
+        done = self._ioctl("KVM_SET_MSRS", lib.KVM_SET_MSRS, msrs)
+        if done < len(items):
+            raise KvmError("KVM_SET_MSRS", errno.EINVAL,
+                           f"MSR {items[done][0]:#x} refused the value {items[done][1]:#x}")
+
+    def get_cpuid2(self) -> List[CpuidEntry]:
+        """``KVM_GET_CPUID2``: the CPUID table this vCPU shows its guest."""
+        return _read_cpuid(self, "KVM_GET_CPUID2", lib.KVM_GET_CPUID2)
+
+    def set_cpuid2(self, entries: Sequence[CpuidEntry]) -> None:
+        """``KVM_SET_CPUID2``.  KVM refuses a different table after the first run."""
+        entries = list(entries)
+        buf = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2")
+                      + len(entries) * ffi.sizeof("struct kvm_cpuid_entry2"))
+        cpuid = ffi.cast("struct kvm_cpuid2 *", buf)
+        cpuid.nent = len(entries)
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, CpuidEntry):
+                raise ArgumentError(f"CPUID entries must be pyvt.kvm.CpuidEntry, not {entry!r}")
+            for field in _CPUID_FIELDS:
+                setattr(cpuid.entries[i], field, _u32(getattr(entry, field), field))
+        self._ioctl("KVM_SET_CPUID2", lib.KVM_SET_CPUID2, cpuid,
+                    hint="KVM refuses to change CPUID after the vCPU has run")
+
+    def set_guest_debug(self, control: int, debugreg: Sequence[int] = ()) -> None:
+        """``KVM_SET_GUEST_DEBUG`` (``KVM_GUESTDBG_*`` flags in ``control``)."""
+        dbg = ffi.new("struct kvm_guest_debug *")
+        dbg.control = _u32(control, "control")
+        for i, value in enumerate(debugreg[:8]):
+            dbg.arch.debugreg[i] = _u64(value, "debug register")
+        self._ioctl("KVM_SET_GUEST_DEBUG", lib.KVM_SET_GUEST_DEBUG, dbg)
+
+    def get_mp_state(self) -> int:
+        """``KVM_GET_MP_STATE`` -> a ``KVM_MP_STATE_*`` value."""
+        return self._get("KVM_GET_MP_STATE", lib.KVM_GET_MP_STATE,
+                         "struct kvm_mp_state *").mp_state
+
+    def set_mp_state(self, state: int) -> None:
+        """``KVM_SET_MP_STATE``."""
+        mp = ffi.new("struct kvm_mp_state *", {"mp_state": _u32(state, "state")})
+        self._ioctl("KVM_SET_MP_STATE", lib.KVM_SET_MP_STATE, mp)
+
+    def get_lapic(self) -> bytes:
+        """``KVM_GET_LAPIC``: the local APIC's register page."""
+        lapic = self._get("KVM_GET_LAPIC", lib.KVM_GET_LAPIC, "struct kvm_lapic_state *")
+        return bytes(ffi.buffer(lapic))
+
+    def set_lapic(self, state: bytes) -> None:
+        """``KVM_SET_LAPIC``."""
+        lapic = ffi.new("struct kvm_lapic_state *")
+        if len(state) != ffi.sizeof(lapic[0]):
+            raise ArgumentError(f"LAPIC state must be {ffi.sizeof(lapic[0])} bytes")
+        ffi.buffer(lapic)[:] = state
+        self._ioctl("KVM_SET_LAPIC", lib.KVM_SET_LAPIC, lapic)
+
+    def get_vcpu_events(self):
+        """``KVM_GET_VCPU_EVENTS`` -> ``struct kvm_vcpu_events``."""
+        return self._get("KVM_GET_VCPU_EVENTS", lib.KVM_GET_VCPU_EVENTS,
+                         "struct kvm_vcpu_events *")
+
+    def set_vcpu_events(self, events) -> None:
+        """``KVM_SET_VCPU_EVENTS``."""
+        self._ioctl("KVM_SET_VCPU_EVENTS", lib.KVM_SET_VCPU_EVENTS, events)
+
+    def get_debugregs(self):
+        """``KVM_GET_DEBUGREGS`` -> ``struct kvm_debugregs``."""
+        return self._get("KVM_GET_DEBUGREGS", lib.KVM_GET_DEBUGREGS, "struct kvm_debugregs *")
+
+    def set_debugregs(self, debugregs) -> None:
+        """``KVM_SET_DEBUGREGS``."""
+        self._ioctl("KVM_SET_DEBUGREGS", lib.KVM_SET_DEBUGREGS, debugregs)
+
+    def get_xcrs(self):
+        """``KVM_GET_XCRS`` -> ``struct kvm_xcrs``."""
+        return self._get("KVM_GET_XCRS", lib.KVM_GET_XCRS, "struct kvm_xcrs *")
+
+    def set_xcrs(self, xcrs) -> None:
+        """``KVM_SET_XCRS``."""
+        self._ioctl("KVM_SET_XCRS", lib.KVM_SET_XCRS, xcrs)

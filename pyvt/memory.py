@@ -1,0 +1,252 @@
+"""Guest memory: memfd-backed regions mapped into KVM memory slots.
+
+Each region is a ``memfd`` mapped shared into this process and registered
+with ``KVM_SET_USER_MEMORY_REGION``.  Keeping guest RAM in a memfd (not
+anonymous memory) is what lets a snapshot be mapped copy-on-write later.
+Every access from Python is checked against the regions: nothing outside
+guest memory is ever touched.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+from dataclasses import dataclass
+from typing import List, Optional, Tuple, Union
+
+from ._kvm import ffi, lib
+from .errors import (
+    ArgumentError,
+    ClosedError,
+    KvmError,
+    MemoryConfigError,
+    OutOfRangeError,
+    RegionOverlapError,
+)
+
+PAGE_SIZE = mmap.PAGESIZE
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(size: Union[int, str]) -> int:
+    """``"64M"`` -> 67108864.  Accepts ints and K/M/G/T (binary) suffixes,
+    optionally followed by ``iB`` or ``B`` (``"16MiB"``, ``"2GB"``)."""
+    if isinstance(size, bool):
+        raise MemoryConfigError(f"memory size must be a number of bytes or a string like '64M', not {size!r}")
+    if isinstance(size, int):
+        value = size
+    elif isinstance(size, str):
+        m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", size, re.IGNORECASE)
+        if not m:
+            raise MemoryConfigError(
+                f"cannot read memory size {size!r}: use bytes or a number with "
+                "K, M, G or T (e.g. '64M')")
+        value = int(m.group(1)) * _UNITS[m.group(2).upper()]
+    else:
+        raise MemoryConfigError(f"memory size must be an int or a string like '64M', not {size!r}")
+    if value <= 0:
+        raise MemoryConfigError(f"memory size must be positive, not {value}")
+    if value % PAGE_SIZE:
+        raise MemoryConfigError(
+            f"memory size {value:#x} is not a multiple of the page size ({PAGE_SIZE:#x}); "
+            f"round it up to {(value + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE:#x}")
+    return value
+
+
+def _host_memory_limit() -> int:
+    """RAM plus swap: guest memory beyond this could never be backed."""
+    total = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("MemTotal", "SwapTotal"):
+                    total += int(rest.split()[0]) * 1024
+    except OSError:
+        return 1 << 62
+    return total or 1 << 62
+
+
+@dataclass
+class Region:
+    """One memory slot: ``size`` bytes of guest RAM at guest-physical ``gpa``."""
+
+    slot: int
+    gpa: int
+    size: int
+    readonly: bool
+    memfd: int
+    mapping: Optional[mmap.mmap]
+    host_address: int
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+    def __repr__(self) -> str:
+        ro = ", readonly" if self.readonly else ""
+        return f"Region(slot={self.slot}, gpa={self.gpa:#x}, size={self.size:#x}{ro})"
+
+
+class GuestMemory:
+    """The guest's physical memory as seen from the host.
+
+    ``read(gpa, n)`` and ``write(gpa, data)`` work across adjacent regions;
+    ``view`` is a writable memoryview of the main RAM region (at gpa 0);
+    ``memory[a:b]`` reads and ``memory[a:b] = data`` writes.
+    """
+
+    def __init__(self, vm_fd, size: int, max_address: int):
+        self._vm_fd = vm_fd
+        self._max_address = max_address
+        self.regions: List[Region] = []
+        self._main = self.add_region(0, size)
+
+    @property
+    def size(self) -> int:
+        """Size of the main RAM region at guest-physical 0."""
+        return self._main.size
+
+    @property
+    def view(self) -> memoryview:
+        """Writable memoryview of the main RAM region."""
+        self._check_open()
+        return memoryview(self._main.mapping)
+
+    def _check_open(self) -> None:
+        if self._vm_fd is None:
+            raise ClosedError("guest memory is gone: the VM was closed")
+
+    def add_region(self, gpa: int, size: Union[int, str], readonly: bool = False) -> Region:
+        """Adds a memory slot of ``size`` bytes at guest-physical ``gpa``.
+
+        Wraps ``KVM_SET_USER_MEMORY_REGION``.  Guest writes to a read-only
+        region come back as MMIO exits (``KVM_MEM_READONLY``).
+        """
+        self._check_open()
+        size = parse_size(size)
+        if isinstance(gpa, bool) or not isinstance(gpa, int) or gpa < 0:
+            raise MemoryConfigError(f"region address must be a non-negative int, not {gpa!r}")
+        if gpa % PAGE_SIZE:
+            raise MemoryConfigError(f"region address {gpa:#x} is not page-aligned ({PAGE_SIZE:#x})")
+        if gpa + size > self._max_address:
+            raise MemoryConfigError(
+                f"region {gpa:#x}-{gpa + size - 1:#x} is beyond the guest's physical "
+                f"address space (up to {self._max_address - 1:#x})")
+        for region in self.regions:
+            if gpa < region.end and region.gpa < gpa + size:
+                raise RegionOverlapError(
+                    f"region {gpa:#x}-{gpa + size - 1:#x} overlaps {region!r}")
+        limit = _host_memory_limit()
+        if sum(r.size for r in self.regions) + size > limit:
+            raise MemoryConfigError(
+                f"{size:#x} bytes of guest memory cannot be allocated: this host has "
+                f"{limit >> 20} MiB of RAM and swap in all")
+        if readonly and not self._vm_fd.kvm.check_extension("KVM_CAP_READONLY_MEM"):
+            raise MemoryConfigError("this backend has no read-only memory (KVM_CAP_READONLY_MEM)")
+
+        memfd = os.memfd_create(f"pyvt-guest-{gpa:#x}", os.MFD_CLOEXEC)
+        mapping = None
+        try:
+            os.ftruncate(memfd, size)
+            mapping = mmap.mmap(memfd, size, mmap.MAP_SHARED,
+                                mmap.PROT_READ | mmap.PROT_WRITE)
+            buf = ffi.from_buffer(mapping)
+            host_address = int(ffi.cast("uintptr_t", buf))
+            ffi.release(buf)
+            slot = max((r.slot for r in self.regions), default=-1) + 1
+            self._vm_fd.set_user_memory_region(
+                slot, gpa, size, host_address,
+                lib.KVM_MEM_READONLY if readonly else 0)
+        except OSError as e:
+            if mapping is not None:
+                mapping.close()
+            os.close(memfd)
+            if isinstance(e, KvmError):
+                raise
+            raise MemoryConfigError(f"cannot allocate {size:#x} bytes of guest memory: {e.strerror}") from None
+        region = Region(slot, gpa, size, readonly, memfd, mapping, host_address)
+        self.regions.append(region)
+        self.regions.sort(key=lambda r: r.gpa)
+        return region
+
+    def _pieces(self, gpa: int, n: int) -> List[Tuple[Region, int, int]]:
+        """(region, offset, length) covering [gpa, gpa+n), or OutOfRangeError."""
+        self._check_open()
+        if isinstance(gpa, bool) or not isinstance(gpa, int) or isinstance(n, bool) or not isinstance(n, int):
+            raise ArgumentError(f"address and length must be ints, not {gpa!r}, {n!r}")
+        if gpa < 0 or n < 0:
+            raise OutOfRangeError(f"negative address or length: {gpa:#x}, {n}")
+        pieces = []
+        at, left = gpa, n
+        while left:
+            region = next((r for r in self.regions if r.gpa <= at < r.end), None)
+            if region is None:
+                raise OutOfRangeError(
+                    f"guest memory access {gpa:#x}-{gpa + n - 1:#x} touches {at:#x}, "
+                    f"which no memory region holds (regions: "
+                    f"{', '.join(f'{r.gpa:#x}-{r.end - 1:#x}' for r in self.regions)})")
+            length = min(left, region.end - at)
+            pieces.append((region, at - region.gpa, length))
+            at += length
+            left -= length
+        return pieces
+
+    def read(self, gpa: int, n: int) -> bytes:
+        """Reads ``n`` bytes of guest-physical memory at ``gpa``."""
+        return b"".join(bytes(r.mapping[o:o + length]) for r, o, length in self._pieces(gpa, n))
+
+    def write(self, gpa: int, data) -> None:
+        """Writes bytes-like ``data`` to guest-physical memory at ``gpa``."""
+        try:
+            data = memoryview(data).cast("B")
+        except TypeError:
+            raise ArgumentError(f"data must be bytes-like, not {type(data).__name__}") from None
+        done = 0
+        for region, offset, length in self._pieces(gpa, len(data)):
+            region.mapping[offset:offset + length] = data[done:done + length]
+            done += length
+
+    def read_int(self, gpa: int, size: int = 8) -> int:
+        """Reads a little-endian unsigned integer of ``size`` bytes."""
+        return int.from_bytes(self.read(gpa, size), "little")
+
+    def write_int(self, gpa: int, value: int, size: int = 8) -> None:
+        """Writes ``value`` as a little-endian integer of ``size`` bytes."""
+        self.write(gpa, int(value).to_bytes(size, "little"))
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            if key.step not in (None, 1) or key.start is None or key.stop is None:
+                raise ArgumentError("guest memory slices need a start and a stop and no step")
+            return self.read(key.start, max(0, key.stop - key.start))
+        return self.read(key, 1)[0]
+
+    def __setitem__(self, key, data) -> None:
+        if isinstance(key, slice):
+            if key.step not in (None, 1) or key.start is None:
+                raise ArgumentError("guest memory slices need a start and no step")
+            if key.stop is not None and key.stop - key.start != len(data):
+                raise ArgumentError("slice length and data length differ")
+            self.write(key.start, data)
+        else:
+            self.write(key, bytes([data]))
+
+    def close(self) -> None:
+        """Unmaps every region.  A region still exported through a memoryview
+        stays mapped until that view is released (never a dangling pointer)."""
+        self._vm_fd = None
+        for region in self.regions:
+            if region.mapping is not None:
+                try:
+                    region.mapping.close()
+                except BufferError:
+                    pass  # a user's memoryview keeps it alive; GC unmaps it
+                region.mapping = None
+            if region.memfd >= 0:
+                os.close(region.memfd)
+                region.memfd = -1
+
+    def __repr__(self) -> str:
+        return f"GuestMemory({', '.join(map(repr, self.regions))})"

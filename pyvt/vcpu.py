@@ -1,0 +1,378 @@
+"""A virtual CPU of a :class:`pyvt.Vm`: registers, CPUID, MSRs and the run loop."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Dict, Iterable, List, Mapping, Optional
+
+from . import _native, exits, modes
+from ._kvm import ffi, lib
+from .errors import ArgumentError, ClosedError, Error, KvmError, OutOfRangeError
+from .kvm import CpuidEntry, PAGE_SIZE
+from .registers import (
+    FPU_FIELDS,
+    GENERAL_FIELDS,
+    FpuView,
+    Registers,
+    RegisterView,
+    SpecialRegisterView,
+)
+
+#: While a guest runs on the main thread, it is kicked this often (seconds) so
+#: that Ctrl-C is noticed even if the guest never exits.
+MAIN_THREAD_TICK = 0.05
+
+_DIRECTIONS = {lib.KVM_EXIT_IO_IN: "in", lib.KVM_EXIT_IO_OUT: "out"}
+
+
+def _make_io(port, size, is_write, data, rip):
+    return exits.Io(port, size, "out" if is_write else "in", data, 1, rip)
+
+
+def _make_mmio(address, size, is_write, data, rip):
+    return exits.Mmio(address, size, bool(is_write), data, rip)
+
+
+class Vcpu:
+    """One vCPU.  Made by :meth:`pyvt.Vm.vcpu`, not directly.
+
+    ``regs``/``sregs``/``fpu`` read and write through to the vCPU;
+    ``run()`` runs it until something needs the caller.
+    """
+
+    def __init__(self, vm, index: int, mode: str):
+        self._vm = vm
+        self.index = index
+        self.mode = modes.check_mode(mode)
+        self.last_exit: Optional[exits.Exit] = None
+        self._run_lock = threading.Lock()
+        self._running_thread: Optional[int] = None
+        self._close_pending = False
+        self._loop = None
+        self.fd = vm.fd.create_vcpu(index)
+        try:
+            self._setup(vm, mode)
+        except BaseException:
+            self.fd.close()
+            raise
+
+    def _setup(self, vm, mode: str) -> None:
+        run = self.fd.run_struct
+        # With KVM_CAP_SYNC_REGS the general registers travel in the kvm_run
+        # page on every exit, so reading RIP costs no ioctl.
+        self._sync_regs = bool(vm.kvm.check_extension("KVM_CAP_SYNC_REGS")
+                               & lib.KVM_SYNC_X86_REGS)
+        self._regs = self.fd.get_regs()
+        self._regs_stale = False
+        self._sregs = None
+        if self._sync_regs:
+            run.kvm_valid_regs = lib.KVM_SYNC_X86_REGS
+            run.s.regs.regs = self._regs[0]
+        self._set_initial_cpuid(vm)
+
+        modes.write_setup_area(vm.memory, mode)
+        sregs = self.fd.get_sregs()
+        regs = self._load_regs()
+        modes.apply(mode, sregs, regs)
+        self.fd.set_sregs(sregs)
+        self._store_regs(regs)
+
+        self._loop = _native.VcpuLoop(
+            vm._machine, self.fd.fileno(), self.fd.run_address,
+            self.fd.coalesced_ring_address if vm._coalescing else 0, PAGE_SIZE,
+            _make_io, _make_mmio)
+        self._regs_view = RegisterView(self._load_regs, self._store_regs, GENERAL_FIELDS)
+        self._sregs_view = SpecialRegisterView(self._load_sregs, self._store_sregs)
+        self._fpu_view = FpuView(self._load_fpu, self._store_fpu, FPU_FIELDS)
+
+    def _set_initial_cpuid(self, vm) -> None:
+        """KVM_SET_CPUID2 from the supported CPUID, with this vCPU's APIC ID."""
+        try:
+            supported = vm.kvm.get_supported_cpuid()
+        except KvmError:
+            return  # a backend without a CPUID table answers CPUID itself
+        entries = []
+        for e in supported:
+            if e.function == 1:
+                e = CpuidEntry(e.function, e.index, e.flags, e.eax,
+                               (e.ebx & 0x00FFFFFF) | (self.index << 24), e.ecx, e.edx)
+            elif e.function in (0xB, 0x1F):
+                e = CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, self.index)
+            entries.append(e)
+        self.fd.set_cpuid2(entries)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else self.mode
+        return f"<Vcpu {self.index} ({state})>"
+
+    # -- registers ---------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self.fd.closed
+
+    def _check_open(self) -> None:
+        if self.fd.closed:
+            raise ClosedError(f"vCPU {self.index} is closed (its VM was closed)")
+
+    def _load_regs(self):
+        self._check_open()
+        if self._sync_regs:
+            return self.fd.run_struct.s.regs.regs
+        if self._regs_stale:
+            self._regs = self.fd.get_regs()
+            self._regs_stale = False
+        return self._regs[0]
+
+    def _store_regs(self, regs) -> None:
+        if self._sync_regs:
+            # KVM loads them from the run page on the next KVM_RUN.
+            self.fd.run_struct.kvm_dirty_regs |= lib.KVM_SYNC_X86_REGS
+        else:
+            self.fd.set_regs(ffi.addressof(regs))
+
+    def _load_sregs(self):
+        self._check_open()
+        if self._sregs is None:
+            self._sregs = self.fd.get_sregs()
+        return self._sregs[0]
+
+    def _store_sregs(self, sregs) -> None:
+        self.fd.set_sregs(ffi.addressof(sregs))
+
+    def _load_fpu(self):
+        self._check_open()
+        self._fpu = self.fd.get_fpu()
+        return self._fpu[0]
+
+    def _store_fpu(self, fpu) -> None:
+        self.fd.set_fpu(ffi.addressof(fpu))
+
+    @property
+    def regs(self) -> RegisterView:
+        """General registers: ``cpu.regs.rip = 0x1000``; ``cpu.regs.rax``."""
+        self._check_open()
+        return self._regs_view
+
+    @property
+    def sregs(self) -> SpecialRegisterView:
+        """Special registers: ``cpu.sregs.cr0``, ``cpu.sregs.cs.base``..."""
+        self._check_open()
+        return self._sregs_view
+
+    @property
+    def fpu(self) -> FpuView:
+        """FPU/SSE state (``KVM_GET_FPU``/``KVM_SET_FPU``)."""
+        self._check_open()
+        return self._fpu_view
+
+    def get_msrs(self, indices: Iterable[int]) -> Dict[int, int]:
+        """Reads MSRs (``KVM_GET_MSRS``): ``{index: value}``."""
+        self._check_open()
+        return self.fd.get_msrs(indices)
+
+    def set_msrs(self, values: Mapping[int, int]) -> None:
+        """Writes MSRs (``KVM_SET_MSRS``) from ``{index: value}``."""
+        self._check_open()
+        if not isinstance(values, Mapping):
+            raise ArgumentError("set_msrs takes a mapping {index: value}")
+        self.fd.set_msrs(values)
+
+    @property
+    def cpuid(self) -> List[CpuidEntry]:
+        """The CPUID table the guest sees (``KVM_GET_CPUID2``); assign a list
+        of :class:`pyvt.kvm.CpuidEntry` to change it before the first run."""
+        self._check_open()
+        return self.fd.get_cpuid2()
+
+    @cpuid.setter
+    def cpuid(self, entries: Iterable[CpuidEntry]) -> None:
+        self._check_open()
+        self.fd.set_cpuid2(list(entries))
+
+    # -- running -----------------------------------------------------------
+
+    def run(self, timeout: Optional[float] = None, check: bool = False) -> exits.Exit:
+        """Runs the vCPU until something needs the caller; returns the exit.
+
+        Port I/O and MMIO claimed by native devices or by handlers registered
+        with ``vm.on_io``/``vm.on_mmio`` are served without returning.
+        ``timeout`` (seconds) stops a guest that runs too long and returns
+        :class:`pyvt.exits.Timeout`; the vCPU can be run again.  A handler's
+        exception and Ctrl-C propagate out of here, and the VM stays usable.
+        ``check=True`` raises :class:`pyvt.GuestError` for failure exits.
+        """
+        self._check_open()
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+                raise ArgumentError(f"timeout must be a non-negative number of seconds, not {timeout!r}")
+        if not self._run_lock.acquire(blocking=False):
+            raise Error(f"vCPU {self.index} is already running in another thread")
+        try:
+            self._running_thread = threading.get_ident()
+            tick = MAIN_THREAD_TICK if threading.current_thread() is threading.main_thread() else 0.0
+            self._sregs = None
+            self._regs_stale = True
+            stop, code, port = self._loop.run(-1.0 if timeout is None else float(timeout), tick)
+        finally:
+            self._running_thread = None
+            self._run_lock.release()
+            if self._close_pending:  # the VM was closed from a handler
+                self._close()
+        if self.fd.closed:
+            return exits.Stopped(None)
+        exit = self._decode(stop, code, port, timeout)
+        self.last_exit = exit
+        if check:
+            exit.raise_for_failure()
+        return exit
+
+    def stop(self) -> None:
+        """Makes a ``run()`` in another thread return :class:`pyvt.exits.Stopped`
+        soon; does nothing if the vCPU is not running."""
+        if self._loop is None:
+            return
+        self._loop.request_stop()
+        thread = self._running_thread
+        if thread is not None:
+            try:
+                signal.pthread_kill(thread, _native.KICK_SIGNAL)
+            except (ProcessLookupError, OSError):
+                pass
+
+    def _rip(self) -> Optional[int]:
+        try:
+            return self._load_regs().rip
+        except Error:
+            return None
+
+    def _decode(self, stop: int, code: int, port: int, timeout) -> exits.Exit:
+        if stop == _native.STOP_TIMEOUT:
+            return exits.Timeout(float(timeout), self._rip())
+        if stop == _native.STOP_REQUESTED:
+            return exits.Stopped(self._rip())
+        if stop == _native.STOP_ERROR:
+            raise KvmError("KVM_RUN", code, f"vCPU {self.index} could not run")
+        if stop == _native.STOP_DEVICE:
+            return self._vm._device_exit(code, port, self._rip())
+        return self._decode_kvm_exit()
+
+    def _decode_kvm_exit(self) -> exits.Exit:
+        run = self.fd.run_struct
+        reason = run.exit_reason
+        rip = self._rip()
+        if reason == lib.KVM_EXIT_IO:
+            io = run.io
+            data = b""
+            if io.direction == lib.KVM_EXIT_IO_OUT:
+                data = bytes(ffi.buffer(ffi.cast("char *", run) + io.data_offset,
+                                        io.size * io.count))
+            return exits.Io(io.port, io.size, _DIRECTIONS.get(io.direction, "?"), data,
+                            io.count, rip)
+        if reason == lib.KVM_EXIT_MMIO:
+            mmio = run.mmio
+            size = min(mmio.len, 8)
+            data = bytes(mmio.data[0:size]) if mmio.is_write else b""
+            return exits.Mmio(mmio.phys_addr, mmio.len, bool(mmio.is_write), data, rip)
+        if reason == lib.KVM_EXIT_HLT:
+            return exits.Hlt(rip)
+        if reason == lib.KVM_EXIT_SHUTDOWN:
+            return exits.Shutdown(self._snapshot_regs(), rip)
+        if reason == lib.KVM_EXIT_FAIL_ENTRY:
+            return exits.FailEntry(run.fail_entry.hardware_entry_failure_reason,
+                                   run.fail_entry.cpu, self._snapshot_regs(), rip)
+        if reason == lib.KVM_EXIT_INTERNAL_ERROR:
+            return self._internal_error(run, rip)
+        if reason == lib.KVM_EXIT_DEBUG:
+            arch = run.debug.arch
+            return exits.Debug(arch.exception, arch.pc, arch.dr6, arch.dr7, rip)
+        if reason == lib.KVM_EXIT_EXCEPTION:
+            return exits.GuestException(run.ex.exception, run.ex.error_code, rip)
+        if reason == lib.KVM_EXIT_SYSTEM_EVENT:
+            return exits.SystemEvent(run.system_event.type, rip)
+        if reason == lib.KVM_EXIT_HYPERCALL:
+            return exits.Hypercall(run.hypercall.nr, tuple(run.hypercall.args), rip)
+        return exits.Unhandled(reason, run.hw.hardware_exit_reason, rip)
+
+    def _snapshot_regs(self) -> Optional[Registers]:
+        try:
+            return Registers.from_struct(self._load_regs())
+        except Error:
+            return None
+
+    def _internal_error(self, run, rip) -> exits.InternalError:
+        internal = run.internal
+        ndata = min(internal.ndata, 16)
+        data = tuple(internal.data[i] for i in range(ndata))
+        instruction = b""
+        failure = run.emulation_failure
+        if (internal.suberror == lib.KVM_INTERNAL_ERROR_EMULATION
+                and failure.flags & lib.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES):
+            instruction = bytes(failure.insn_bytes[0:min(failure.insn_size, 15)])
+        bits = 64
+        try:
+            sregs = self.fd.get_sregs()
+            bits = 64 if sregs.cs.l else 32 if sregs.cs.db else 16
+            if not instruction and rip is not None:
+                # pyvt's modes map memory 1:1, so the linear address is physical.
+                instruction = self._vm.memory.read(sregs.cs.base + rip, 15)
+        except (Error, OutOfRangeError):
+            pass
+        return exits.InternalError(internal.suberror, data, instruction,
+                                   disassemble(instruction, rip or 0, bits),
+                                   self._snapshot_regs(), rip)
+
+    def reply(self, value) -> None:
+        """Answers the read that the last exit (an unclaimed ``Io`` in, or
+        ``Mmio`` read) is waiting for; the next ``run()`` completes it."""
+        self._check_open()
+        exit = self.last_exit
+        run = self.fd.run_struct
+        if isinstance(exit, exits.Io) and exit.direction == "in":
+            size = exit.size * exit.count
+            target = ffi.buffer(ffi.cast("char *", run) + run.io.data_offset, size)
+        elif isinstance(exit, exits.Mmio) and not exit.is_write:
+            size = exit.size
+            target = ffi.buffer(run.mmio.data, size)
+        else:
+            raise Error(f"reply() answers a pending read, but the last exit was {exit!r}")
+        if isinstance(value, int) and not isinstance(value, bool):
+            try:
+                raw = (value & ((1 << (8 * size)) - 1) if value < 0 else value).to_bytes(size, "little")
+            except OverflowError:
+                raise ArgumentError(f"{value:#x} does not fit in a {size}-byte read") from None
+        elif isinstance(value, (bytes, bytearray)) and len(value) == size:
+            raw = bytes(value)
+        else:
+            raise ArgumentError(f"reply() takes an int or exactly {size} bytes, not {value!r}")
+        target[:] = raw
+
+    @property
+    def stats(self) -> dict:
+        """Run-loop counters: KVM exits, those handled natively, coalesced writes."""
+        return self._loop.stats if self._loop is not None else {}
+
+    def _drain(self) -> None:
+        if self._loop is not None and not self.fd.closed:
+            self._loop.drain()
+
+    def _close(self) -> None:
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
+        self.fd.close()
+
+
+def disassemble(code: bytes, address: int, bits: int) -> str:
+    """The first instruction of ``code``, if the optional capstone is installed."""
+    if not code:
+        return ""
+    try:
+        import capstone
+    except ImportError:
+        return ""
+    mode = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32}.get(bits, capstone.CS_MODE_64)
+    for insn in capstone.Cs(capstone.CS_ARCH_X86, mode).disasm(code, address):
+        return f"{insn.mnemonic} {insn.op_str}".strip()
+    return "(invalid instruction)"

@@ -1,0 +1,316 @@
+"""``pyvt.Vm``: a virtual machine with guest memory, native devices, Python
+I/O handlers and vCPUs, on any device speaking the KVM ABI."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+from . import _native, exits, modes
+from .devices import Console, DebugExitDevice
+from .errors import (
+    ArgumentError,
+    BackendNotFound,
+    ClosedError,
+    KvmError,
+    RegionOverlapError,
+    VcpuIndexError,
+)
+from .kvm import DEFAULT_DEVICE, PYVT_DEVICE, Kvm
+from .memory import GuestMemory, parse_size
+from .vcpu import Vcpu
+
+#: Where KVM may put the three pages it needs for real mode on VMX without
+#: unrestricted guest (the address QEMU uses), when guest RAM leaves it free.
+TSS_ADDRESS = 0xFFFBD000
+
+UART_PORT = 0x3F8
+DEBUGCON_PORT = 0xE9
+DEBUG_EXIT_PORT = 0xF4
+
+Handler = Callable[[exits.Exit], Optional[int]]
+PortRange = Union[int, range, Tuple[int, int]]
+
+
+def select_backend(backend=None) -> str:
+    """The device to use: ``backend`` if given, else ``$PYVT_BACKEND``, else
+    ``/dev/kvm``, else ``/dev/pyvt`` (the project's kernel module)."""
+    if backend is not None:
+        if not isinstance(backend, (str, os.PathLike)):
+            raise ArgumentError(f"backend must be a device path, not {backend!r}")
+        return os.fspath(backend)
+    env = os.environ.get("PYVT_BACKEND")
+    if env:
+        return env
+    for path in (DEFAULT_DEVICE, PYVT_DEVICE):
+        if os.path.exists(path):
+            return path
+    raise BackendNotFound(
+        2, f"neither {DEFAULT_DEVICE} nor {PYVT_DEVICE} exists: this host has no "
+        "KVM (load kvm-intel or kvm-amd, or pyvt.ko from kernel_module/)")
+
+
+def _as_range(spec: PortRange, what: str, limit: int) -> Tuple[int, int]:
+    """(start, length) from a port/address, a range, or a (start, length) pair."""
+    if isinstance(spec, bool):
+        raise ArgumentError(f"{what} must be an int, a range or (start, length), not {spec!r}")
+    if isinstance(spec, int):
+        start, length = spec, 1
+    elif isinstance(spec, range):
+        if spec.step != 1 or len(spec) == 0:
+            raise ArgumentError(f"{what} range must be non-empty with step 1, not {spec!r}")
+        start, length = spec.start, len(spec)
+    elif (isinstance(spec, tuple) and len(spec) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in spec)):
+        start, length = spec
+    else:
+        raise ArgumentError(f"{what} must be an int, a range or (start, length), not {spec!r}")
+    if start < 0 or length <= 0 or start + length > limit:
+        raise ArgumentError(f"{what} {start:#x}+{length:#x} is outside 0-{limit - 1:#x}")
+    return start, length
+
+
+class Vm:
+    """A virtual machine.
+
+    ``memory`` is the size of guest RAM at guest-physical 0 (``"64M"``,
+    ``1 << 20``...).  ``backend`` is the device path, or None to pick one
+    (:func:`select_backend`).  Use it as a context manager, or call
+    :meth:`close`; a forgotten VM is freed when it is garbage-collected.
+
+    Native devices (no Python on their path): ``console``, a 16550 UART at
+    0x3f8; ``debugcon``, QEMU's debug console at 0xe9; ``debug_exit``,
+    QEMU's isa-debug-exit at ``debug_exit_port`` (None: none).
+    """
+
+    def __init__(self, memory: Union[int, str] = "64M", backend=None, *,
+                 debug_exit_port: Optional[int] = DEBUG_EXIT_PORT):
+        self._released = True  # nothing to free yet
+        self._closed = True
+        self.vcpus: Dict[int, Vcpu] = {}
+        size = parse_size(memory)
+        self.backend = select_backend(backend)
+        self.kvm = Kvm.shared(self.backend)
+        self.fd = self.kvm.create_vm()
+        self._released = False
+        self._closed = False
+        self._lock = threading.Lock()
+        self._claims: Dict[Tuple[int, int], Tuple[int, str]] = {}  # (space, start) -> (length, owner)
+        self._devices: List = []
+        self._coalesced_zones: Dict[object, Tuple[int, int]] = {}
+        try:
+            if size <= TSS_ADDRESS and self.kvm.check_extension("KVM_CAP_SET_TSS_ADDR"):
+                self.fd.set_tss_addr(TSS_ADDRESS)
+            self.memory = GuestMemory(self.fd, size, self._max_physical_address())
+            self._machine = _native.Machine()
+            self._coalescing = bool(self.kvm.check_extension("KVM_CAP_COALESCED_PIO"))
+            self.console = self._add_console(_native.Uart, "uart", UART_PORT,
+                                             _native.UART_PORT_COUNT, coalesce_first=True)
+            self.debugcon = self._add_console(_native.DebugCon, "debugcon", DEBUGCON_PORT,
+                                              1, coalesce_first=True)
+            self.debug_exit = None
+            if debug_exit_port is not None:
+                port, _ = _as_range(debug_exit_port, "debug_exit_port", 0x10000)
+                native = _native.DebugExit(self._machine, port)
+                self._attach(native, _native.SPACE_PIO, port, _native.DEBUG_EXIT_PORT_COUNT,
+                             "debug-exit")
+                self.debug_exit = DebugExitDevice(self, native, port)
+        except BaseException:
+            self.close()
+            raise
+
+    def _max_physical_address(self) -> int:
+        """1 << MAXPHYADDR from the CPUID KVM supports (leaf 0x80000008)."""
+        try:
+            for entry in self.kvm.get_supported_cpuid():
+                if entry.function == 0x80000008:
+                    return 1 << (entry.eax & 0xFF)
+        except KvmError:
+            pass
+        return 1 << 36  # the architectural minimum with PAE
+
+    def _attach(self, native, space: int, port: int, length: int, owner: str) -> None:
+        self._check_range_free(space, port, length)
+        rc = native.attach_to_bus()
+        if rc:
+            raise KvmError(f"attach {owner}", -rc)
+        self._claims[(space, port)] = (length, owner)
+        self._devices.append(native)
+
+    def _add_console(self, kind, name: str, port: int, length: int,
+                     coalesce_first: bool) -> Console:
+        native = kind(self._machine, port)
+        self._attach(native, _native.SPACE_PIO, port, length, name)
+        coalesced = False
+        if self._coalescing and coalesce_first:
+            # Writes to the data register never need the vCPU to stop: KVM
+            # queues them and the run loop replays them in order.
+            self.fd.register_coalesced_mmio(port, 1, pio=True)
+            self._coalesced_zones[native] = (port, 1)
+            coalesced = True
+        return Console(self, native, name, port, coalesced)
+
+    def _detach_device(self, device) -> None:
+        self._check_open()
+        native = device._native
+        if not native.attached:
+            return
+        zone = self._coalesced_zones.pop(native, None)
+        if zone is not None:
+            self._sync_devices()
+            self.fd.unregister_coalesced_mmio(zone[0], zone[1], pio=True)
+        rc = native.detach()
+        if rc:
+            raise KvmError(f"detach {device.name}", -rc)
+        self._claims.pop((_native.SPACE_PIO, device.port), None)
+
+    def _device_exit(self, code: int, port: int, rip) -> exits.Exit:
+        """The exit for a native device that stopped the run."""
+        if self.debug_exit is not None and self.debug_exit.port <= port < self.debug_exit.port + 4:
+            return exits.DebugExit(code, self.debug_exit.port, rip)
+        return exits.Unhandled(-1, code, rip)
+
+    def _sync_devices(self) -> None:
+        """Replays coalesced writes still queued in KVM's ring."""
+        for vcpu in list(self.vcpus.values()):
+            vcpu._drain()
+            break  # the ring is per VM: any vCPU can drain it
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("this VM is closed")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Frees everything: vCPUs, memory, fds.  Idempotent.  vCPUs running
+        in other threads are stopped first and waited for; one whose run()
+        is on this thread's stack (close from a handler) is freed when that
+        run() returns."""
+        if getattr(self, "_released", True):
+            return
+        self._released = True
+        self._closed = True
+        me = threading.get_ident()
+        vcpus = list(self.vcpus.values())
+        for vcpu in vcpus:
+            vcpu.stop()
+        for vcpu in vcpus:
+            if vcpu._running_thread == me:
+                vcpu._close_pending = True
+                continue
+            with vcpu._run_lock:  # waits for a run in another thread to return
+                vcpu._close()
+        machine = getattr(self, "_machine", None)
+        if machine is not None:
+            machine.close()
+        self.fd.close()
+        memory = getattr(self, "memory", None)
+        if memory is not None:
+            memory.close()
+
+    def __enter__(self) -> "Vm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return "<Vm closed>"
+        return (f"<Vm {self.memory.size >> 20} MiB on {self.backend}, "
+                f"{len(self.vcpus)} vCPU(s)>")
+
+    # -- vCPUs ---------------------------------------------------------------
+
+    @property
+    def max_vcpus(self) -> int:
+        """How many vCPUs this backend allows (KVM_CAP_MAX_VCPUS)."""
+        return (self.fd.check_extension("KVM_CAP_MAX_VCPUS")
+                or self.fd.check_extension("KVM_CAP_NR_VCPUS") or 1)
+
+    def vcpu(self, index: int = 0, mode: str = "real") -> Vcpu:
+        """Creates vCPU ``index`` (``KVM_CREATE_VCPU``) in ``mode``: "real",
+        "protected" or "long", ready to run flat code (see :mod:`pyvt.modes`
+        for the reserved area the GDT and page tables use)."""
+        self._check_open()
+        modes.check_mode(mode)
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise VcpuIndexError(f"vCPU index must be an int, not {index!r}")
+        limit = self.max_vcpus
+        if not 0 <= index < limit:
+            raise VcpuIndexError(f"vCPU index {index} is out of range: this backend allows 0-{limit - 1}")
+        with self._lock:
+            if index in self.vcpus:
+                raise VcpuIndexError(f"vCPU {index} exists already: use vm.vcpus[{index}]")
+            vcpu = Vcpu(self, index, mode)
+            self.vcpus[index] = vcpu
+        return vcpu
+
+    # -- I/O handlers --------------------------------------------------------
+
+    def _check_range_free(self, space: int, start: int, length: int) -> None:
+        for (s, base), (size, owner) in self._claims.items():
+            if s == space and base < start + length and start < base + size:
+                raise RegionOverlapError(
+                    f"{start:#x}-{start + length - 1:#x} overlaps {base:#x}-{base + size - 1:#x}, "
+                    f"which {owner} holds" + ("; detach it first (e.g. vm.console.detach())"
+                                              if not owner.startswith("handler") else ""))
+
+    def _add_handler(self, space: int, start: int, length: int, handler: Handler,
+                     what: str) -> None:
+        self._check_open()
+        if not callable(handler):
+            raise ArgumentError(f"handler must be callable, not {handler!r}")
+        self._check_range_free(space, start, length)
+        rc = self._machine.add_handler(space, start, length, handler)
+        if rc:
+            raise KvmError(f"register {what} handler", -rc)
+        self._claims[(space, start)] = (length, f"handler {getattr(handler, '__name__', handler)!s}")
+
+    def on_io(self, ports: PortRange, handler: Handler) -> None:
+        """Calls ``handler(exit)`` for guest port I/O on ``ports`` (a port, a
+        ``range``, or ``(start, count)``).  ``exit`` is an :class:`pyvt.exits.Io`
+        for one element; for an ``in`` the handler returns the value read."""
+        start, length = _as_range(ports, "port", 0x10000)
+        self._add_handler(_native.SPACE_PIO, start, length, handler, "port")
+
+    def on_mmio(self, addresses: PortRange, handler: Handler) -> None:
+        """Calls ``handler(exit)`` for guest accesses to ``addresses`` (which
+        must not be RAM); for a read the handler returns the value."""
+        start, length = _as_range(addresses, "MMIO address", 1 << 64)
+        for region in self.memory.regions:
+            if start < region.end and region.gpa < start + length and not region.readonly:
+                raise RegionOverlapError(
+                    f"MMIO range {start:#x}-{start + length - 1:#x} overlaps guest RAM {region!r}: "
+                    "the guest would never exit there")
+        self._add_handler(_native.SPACE_MMIO, start, length, handler, "MMIO")
+
+    def _remove_handler(self, space: int, start: int) -> None:
+        self._check_open()
+        claim = self._claims.get((space, start))
+        if claim is None or not claim[1].startswith("handler"):
+            raise ArgumentError(f"no handler starts at {start:#x}")
+        rc = self._machine.remove(space, start)
+        if rc:
+            raise KvmError("remove handler", -rc)
+        del self._claims[(space, start)]
+
+    def off_io(self, ports: PortRange) -> None:
+        """Removes the port handler whose range starts at ``ports``."""
+        self._remove_handler(_native.SPACE_PIO, _as_range(ports, "port", 0x10000)[0])
+
+    def off_mmio(self, addresses: PortRange) -> None:
+        """Removes the MMIO handler whose range starts at ``addresses``."""
+        self._remove_handler(_native.SPACE_MMIO, _as_range(addresses, "MMIO address", 1 << 64)[0])
