@@ -12,10 +12,25 @@ builds the JSON document described in ``SCHEMA.md``, :mod:`pyvt.caps.probe`
 runs tiny guests, :mod:`pyvt.caps.cli` is the command line.
 """
 
-from .report import SCHEMA_VERSION, RawCaps, KvmRaw, build_report, evaluate_requirements, render_text
+from .report import (
+    SCHEMA_VERSION,
+    KvmRaw,
+    RawCaps,
+    build_report,
+    evaluate_requirements,
+    render_text,
+)
 
-__all__ = ["SCHEMA_VERSION", "RawCaps", "KvmRaw", "build_report", "evaluate_requirements",
-           "render_text", "main", "collect_report"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "KvmRaw",
+    "RawCaps",
+    "build_report",
+    "collect_report",
+    "evaluate_requirements",
+    "main",
+    "render_text",
+]
 
 
 def main(argv=None) -> int:

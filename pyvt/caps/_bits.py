@@ -6,7 +6,7 @@ plain dicts and lists, so its output can go straight into the JSON report.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 
 def bit(value: int, n: int) -> bool:

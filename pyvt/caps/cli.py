@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Optional, Sequence, TextIO
+from collections.abc import Sequence
+from typing import TextIO
 
 EXIT_OK = 0
 EXIT_MISSING = 1
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None, stdout: Optional[TextIO] = None) -> int:
+def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None) -> int:
     """Run ``pyvt caps`` with *argv* (default: ``sys.argv[1:]``); return the exit status."""
     out = stdout or sys.stdout
     try:

@@ -8,11 +8,13 @@ labelled gap in the report, never a traceback.
 from __future__ import annotations
 
 import errno as errno_mod
+import functools
 import os
 import platform
 import re
 import struct
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from . import svm as svm_mod
 from . import vmx as vmx_mod
@@ -29,10 +31,10 @@ AMD_MSRS = (svm_mod.MSR_VM_CR, svm_mod.MSR_EFER)
 
 # --- host CPUID ---------------------------------------------------------------
 
-def _cpuid_reader() -> tuple[Optional[Callable[[int, int], tuple]], str, Optional[str]]:
+def _cpuid_reader() -> tuple[Callable[[int, int], tuple] | None, str, str | None]:
     try:
         from pyvt import kvm as pyvt_kvm  # type: ignore[attr-defined]
-        host_cpuid = getattr(pyvt_kvm, "host_cpuid")
+        host_cpuid = pyvt_kvm.host_cpuid
         return (lambda leaf, sub: tuple(host_cpuid(leaf, sub))), "CPUID instruction (pyvt.kvm.host_cpuid)", None
     except Exception as exc:  # the compiled extension may be missing: fall back
         first_error = f"pyvt.kvm.host_cpuid unavailable ({exc.__class__.__name__}: {exc})"
@@ -48,7 +50,7 @@ def _cpuid_reader() -> tuple[Optional[Callable[[int, int], tuple]], str, Optiona
     return read, path, None
 
 
-def read_host_cpuid() -> tuple[Optional[dict], Optional[str], Optional[str]]:
+def read_host_cpuid() -> tuple[dict | None, str | None, str | None]:
     """Dump the CPUID leaves the report decodes: ``(dump, source, error)``."""
     read, source, error = _cpuid_reader()
     if read is None:
@@ -79,7 +81,7 @@ def read_host_cpuid() -> tuple[Optional[dict], Optional[str], Optional[str]]:
 
 # --- MSRs ----------------------------------------------------------------------
 
-def read_msr_device(indices: Iterable[int], cpu: int = 0) -> tuple[Optional[dict[int, int]], Optional[str]]:
+def read_msr_device(indices: Iterable[int], cpu: int = 0) -> tuple[dict[int, int] | None, str | None]:
     """Read MSRs through /dev/cpu/N/msr; an MSR that faults is left out."""
     path = f"/dev/cpu/{cpu}/msr"
     try:
@@ -128,14 +130,14 @@ def header_capabilities(path: str = KVM_HEADER) -> dict[str, int]:
     caps: dict[str, int] = {}
     try:
         with open(path) as f:
-            for m in re.finditer(r"^#define\s+(KVM_CAP_\w+)\s+(\d+)\s*$", f.read(), re.M):
+            for m in re.finditer(r"^#define\s+(KVM_CAP_\w+)\s+(\d+)\s*$", f.read(), re.MULTILINE):
                 caps[m.group(1)] = int(m.group(2))
     except OSError:
         pass
     return caps
 
 
-def _status_for(exc: BaseException) -> tuple[str, Optional[int]]:
+def _status_for(exc: BaseException) -> tuple[str, int | None]:
     code = getattr(exc, "errno", None)
     if isinstance(exc, FileNotFoundError) or code == errno_mod.ENOENT:
         return "missing", code
@@ -179,7 +181,7 @@ def _call(k: KvmRaw, what: str, fn: Callable[[], Any]) -> Any:
         return None
 
 
-def query_kvm(device: str) -> tuple[KvmRaw, Optional[dict[int, int]], Optional[str]]:
+def query_kvm(device: str) -> tuple[KvmRaw, dict[int, int] | None, str | None]:
     """Ask the device everything the report needs.
 
     Returns the KVM facts, the feature MSRs (``KVM_GET_MSRS`` on the system
@@ -209,10 +211,11 @@ def query_kvm(device: str) -> tuple[KvmRaw, Optional[dict[int, int]], Optional[s
         if k.api_version is None:
             k.error = k.errors.get("api_version")
         for name, number in sorted(cap_numbers.items(), key=lambda kv: kv[1]):
-            value = _call(k, name, lambda n=number: handle.check_extension(n))
+            value = _call(k, name, functools.partial(handle.check_extension, number))
             k.capabilities[name] = int(value) if value is not None and value >= 0 else 0
         k.vcpu_mmap_size = _call(k, "vcpu_mmap_size", handle.vcpu_mmap_size)
-        feature_msrs, feature_error = None, "not supported by the interface in use"
+        feature_msrs: dict[int, int] | None = None
+        feature_error: str | None = "not supported by the interface in use"
         if hasattr(handle, "get_supported_cpuid"):
             from .cpuid import dump_from_entries
             entries = _call(k, "supported_cpuid", handle.get_supported_cpuid)
@@ -235,7 +238,7 @@ def query_kvm(device: str) -> tuple[KvmRaw, Optional[dict[int, int]], Optional[s
             _call(k, "close", close)
 
 
-def read_pyvt_hw_caps(device: str) -> tuple[Optional[dict], Optional[str]]:
+def read_pyvt_hw_caps(device: str) -> tuple[dict | None, str | None]:
     """PYVT_GET_HW_CAPS, when the device is /dev/pyvt and the library can ask it."""
     if not device.rstrip("/").endswith("pyvt"):
         return None, None
@@ -250,7 +253,7 @@ def read_pyvt_hw_caps(device: str) -> tuple[Optional[dict], Optional[str]]:
         return None, f"{exc.__class__.__name__}: {exc}"
 
 
-def tool_version() -> Optional[str]:
+def tool_version() -> str | None:
     try:
         from importlib.metadata import version
         return version("pyvt")
@@ -258,7 +261,7 @@ def tool_version() -> Optional[str]:
         return None
 
 
-def collect(device: str = "/dev/kvm", pyvt_hw_caps: Optional[dict] = None) -> RawCaps:
+def collect(device: str = "/dev/kvm", pyvt_hw_caps: dict | None = None) -> RawCaps:
     """Gather every source for the report (the probe is run separately)."""
     cpuid_dump, cpuid_source, cpuid_error = read_host_cpuid()
     kvm, feature_msrs, feature_error = query_kvm(device)

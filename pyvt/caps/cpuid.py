@@ -11,13 +11,13 @@ leaves without subleaves use subleaf 0.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional, Tuple
+from collections.abc import Iterable, Mapping
 
 from ._bits import ascii_string, bit, field, flags, hex32, regs_to_bytes
 from .svm import CPUID_SVM_LEAF, decode_svm_cpuid
 
-Regs = Tuple[int, int, int, int]
-CpuidDump = Mapping[Tuple[int, int], Regs]
+Regs = tuple[int, int, int, int]
+CpuidDump = Mapping[tuple[int, int], Regs]
 
 LEAF1_EDX: dict[int, str] = {
     0: "fpu", 1: "vme", 2: "de", 3: "pse", 4: "tsc", 5: "msr", 6: "pae", 7: "mce",
@@ -110,7 +110,7 @@ KVM_PV_FEATURES: dict[int, str] = {
 }
 
 
-def get(dump: CpuidDump, leaf: int, subleaf: int = 0) -> Optional[Regs]:
+def get(dump: CpuidDump, leaf: int, subleaf: int = 0) -> Regs | None:
     """Registers for (leaf, subleaf), or None when the dump lacks them."""
     return dump.get((leaf, subleaf))
 
@@ -132,7 +132,7 @@ def decode_signature(eax: int) -> dict:
     return {"raw": hex32(eax), "family": family, "model": model, "stepping": stepping}
 
 
-def vendor(dump: CpuidDump) -> Optional[str]:
+def vendor(dump: CpuidDump) -> str | None:
     regs = get(dump, 0)
     if regs is None:
         return None
@@ -140,7 +140,7 @@ def vendor(dump: CpuidDump) -> Optional[str]:
     return regs_to_bytes(ebx, edx, ecx).decode("ascii", errors="replace")
 
 
-def brand(dump: CpuidDump) -> Optional[str]:
+def brand(dump: CpuidDump) -> str | None:
     parts = [get(dump, leaf) for leaf in (0x80000002, 0x80000003, 0x80000004)]
     if any(p is None for p in parts):
         return None
@@ -223,9 +223,10 @@ def dump_from_entries(entries: Iterable) -> dict[tuple[int, int], Regs]:
     """
     dump: dict[tuple[int, int], Regs] = {}
     for e in entries:
-        g = (lambda k: e[k]) if isinstance(e, Mapping) else (lambda k: getattr(e, k))
-        dump[(int(g("function")), int(g("index")))] = (
-            int(g("eax")), int(g("ebx")), int(g("ecx")), int(g("edx")))
+        f = e if isinstance(e, Mapping) else vars(e) if hasattr(e, "__dict__") else {
+            k: getattr(e, k) for k in ("function", "index", "eax", "ebx", "ecx", "edx")}
+        dump[(int(f["function"]), int(f["index"]))] = (
+            int(f["eax"]), int(f["ebx"]), int(f["ecx"]), int(f["edx"]))
     return dump
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 CODE_ADDR = 0x1000
 PROBE_PORT = 0x10
@@ -36,14 +37,14 @@ def _exit_name(exit_obj: Any) -> str:
     return type(exit_obj).__name__
 
 
-def _errno_of(exc: BaseException) -> Optional[int]:
+def _errno_of(exc: BaseException) -> int | None:
     return getattr(exc, "errno", None)
 
 
 class _Probe:
     def __init__(self, device: str):
-        import pyvt  # noqa: F401  (imported lazily: the probe is optional)
-        import pyvt.exits  # noqa: F401
+        import pyvt
+        import pyvt.exits
         self.pyvt = pyvt
         self.exits = pyvt.exits
         self.device = device
@@ -161,7 +162,7 @@ class _Probe:
             return _result("single_step", "ok", "one NOP executed, Debug exit at the next instruction")
 
 
-def run_probe(device: str, only: Optional[list[str]] = None) -> list[dict]:
+def run_probe(device: str, only: list[str] | None = None) -> list[dict]:
     """Run every probe (or the names in *only*) against *device*."""
     try:
         p = _Probe(device)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from typing import Any, Iterable, Mapping, Optional
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from . import cpuid as cpuid_mod
 from . import svm as svm_mod
@@ -46,16 +47,16 @@ class KvmRaw:
 
     device: str
     status: str  # "ok" | "missing" | "permission_denied" | "error"
-    error: Optional[str] = None
-    errno: Optional[int] = None
-    api_version: Optional[int] = None
+    error: str | None = None
+    errno: int | None = None
+    api_version: int | None = None
     capabilities: dict[str, int] = dataclasses.field(default_factory=dict)
-    supported_cpuid: Optional[dict] = None  # {(function, index): (eax, ebx, ecx, edx)}
-    emulated_cpuid: Optional[dict] = None
-    msr_index_list: Optional[list[int]] = None
-    msr_feature_index_list: Optional[list[int]] = None
-    vcpu_mmap_size: Optional[int] = None
-    interface: Optional[str] = None  # which code talked to the device
+    supported_cpuid: dict | None = None  # {(function, index): (eax, ebx, ecx, edx)}
+    emulated_cpuid: dict | None = None
+    msr_index_list: list[int] | None = None
+    msr_feature_index_list: list[int] | None = None
+    vcpu_mmap_size: int | None = None
+    interface: str | None = None  # which code talked to the device
     errors: dict[str, str] = dataclasses.field(default_factory=dict)  # per-query failures
 
 
@@ -64,24 +65,24 @@ class RawCaps:
     """Everything collected from one machine, before decoding."""
 
     kvm: KvmRaw
-    host_cpuid: Optional[dict] = None
-    host_cpuid_source: Optional[str] = None
-    host_cpuid_error: Optional[str] = None
-    msr_device: Optional[dict[int, int]] = None
-    msr_device_error: Optional[str] = None
-    kvm_feature_msrs: Optional[dict[int, int]] = None
-    kvm_feature_msrs_error: Optional[str] = None
-    pyvt_hw_caps: Optional[dict] = None
-    pyvt_hw_caps_error: Optional[str] = None
+    host_cpuid: dict | None = None
+    host_cpuid_source: str | None = None
+    host_cpuid_error: str | None = None
+    msr_device: dict[int, int] | None = None
+    msr_device_error: str | None = None
+    kvm_feature_msrs: dict[int, int] | None = None
+    kvm_feature_msrs_error: str | None = None
+    pyvt_hw_caps: dict | None = None
+    pyvt_hw_caps_error: str | None = None
     modules: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
-    kernel: Optional[str] = None
-    tool_version: Optional[str] = None
-    probe: Optional[list[dict]] = None
+    kernel: str | None = None
+    tool_version: str | None = None
+    probe: list[dict] | None = None
 
 
 # --- helpers ----------------------------------------------------------------
 
-def _hw_caps_msrs(hw: Optional[Mapping]) -> Optional[dict[int, int]]:
+def _hw_caps_msrs(hw: Mapping | None) -> dict[int, int] | None:
     """MSRs from a PYVT_GET_HW_CAPS result: ``{"msrs": {index|name: value}}``."""
     if not hw:
         return None
@@ -105,10 +106,15 @@ def _msr_sources(raw: RawCaps) -> list[tuple[str, dict[int, int]]]:
         SOURCE_MSR_DEVICE: raw.msr_device,
         SOURCE_KVM_FEATURE_MSRS: raw.kvm_feature_msrs,
     }
-    return [(name, candidates[name]) for name in MSR_SOURCE_ORDER if candidates[name]]
+    out: list[tuple[str, dict[int, int]]] = []
+    for name in MSR_SOURCE_ORDER:
+        msrs = candidates[name]
+        if msrs:
+            out.append((name, msrs))
+    return out
 
 
-def _source_entry(name: str, data: Any, error: Optional[str], detail: str) -> dict:
+def _source_entry(name: str, data: Any, error: str | None, detail: str) -> dict:
     if data:
         status = "ok"
     elif error:
@@ -119,7 +125,7 @@ def _source_entry(name: str, data: Any, error: Optional[str], detail: str) -> di
 
 
 def _decode_kvm(k: KvmRaw, modules: Mapping[str, Mapping[str, str]],
-                feature_msrs: Optional[Mapping[int, int]]) -> dict:
+                feature_msrs: Mapping[int, int] | None) -> dict:
     caps = dict(sorted(k.capabilities.items()))
     out: dict[str, Any] = {
         "device": k.device,
@@ -147,7 +153,7 @@ def _decode_kvm(k: KvmRaw, modules: Mapping[str, Mapping[str, str]],
     return out
 
 
-def _decode_kvm_cpuid(dump: Optional[Mapping]) -> Optional[dict]:
+def _decode_kvm_cpuid(dump: Mapping | None) -> dict | None:
     if dump is None:
         return None
     decoded = cpuid_mod.decode_cpuid(dump)
@@ -161,7 +167,7 @@ def _decode_kvm_cpuid(dump: Optional[Mapping]) -> Optional[dict]:
     }
 
 
-def backend_kind(raw: RawCaps, cpu: Optional[Mapping]) -> Optional[str]:
+def backend_kind(raw: RawCaps, cpu: Mapping | None) -> str | None:
     """Which kind of KVM serves the device: vmx, svm, nested-vmx, nested-svm, pvm, pyvt."""
     if raw.kvm.device.rstrip("/").endswith("/pyvt"):
         return "pyvt"
@@ -185,8 +191,8 @@ _KIND_WORDS = {
 }
 
 
-def _verdict(raw: RawCaps, cpu: Optional[Mapping], kind: Optional[str],
-             feature_control: Optional[Mapping], vm_cr: Optional[Mapping]) -> dict:
+def _verdict(raw: RawCaps, cpu: Mapping | None, kind: str | None,
+             feature_control: Mapping | None, vm_cr: Mapping | None) -> dict:
     k = raw.kvm
     has_vmx = bool(cpu and cpu.get("vmx"))
     has_svm = bool(cpu and cpu.get("svm"))
@@ -230,7 +236,7 @@ def _verdict(raw: RawCaps, cpu: Optional[Mapping], kind: Optional[str],
     return {"kvm_usable": usable, "kind": kind, "line": line, "problems": problems}
 
 
-def _features(raw: RawCaps, report: Mapping) -> dict[str, Optional[bool]]:
+def _features(raw: RawCaps, report: Mapping) -> dict[str, bool | None]:
     """The flat feature table ``--require`` checks. ``None`` means unknown."""
     kvm = report["kvm"]
     caps = kvm["capabilities"]
@@ -240,18 +246,18 @@ def _features(raw: RawCaps, report: Mapping) -> dict[str, Optional[bool]]:
     svm_feat = (report.get("svm") or {}).get("features") or {}
     params = kvm["module_parameters"]
 
-    def cap(name: str) -> Optional[bool]:
+    def cap(name: str) -> bool | None:
         if not usable:
             return False
         return bool(caps.get(name)) if caps else None
 
-    def param(module: str, name: str) -> Optional[bool]:
+    def param(module: str, name: str) -> bool | None:
         value = params.get(module, {}).get(name)
         if value is None:
             return None
         return value.strip() in ("Y", "1", "y")
 
-    def either(*values: Optional[bool]) -> Optional[bool]:
+    def either(*values: bool | None) -> bool | None:
         if any(v is True for v in values):
             return True
         if all(v is False for v in values):
@@ -262,7 +268,7 @@ def _features(raw: RawCaps, report: Mapping) -> dict[str, Optional[bool]]:
     sup_flags = supported.get("flags")
     max_vcpus = kvm.get("max_vcpus")
 
-    f: dict[str, Optional[bool]] = {
+    f: dict[str, bool | None] = {
         "kvm": usable,
         "pvm": report["verdict"]["kind"] == "pvm",
         "hypervisor": bool(cpu and cpu["hypervisor"]["present"]) if cpu else None,
@@ -303,7 +309,7 @@ def _features(raw: RawCaps, report: Mapping) -> dict[str, Optional[bool]]:
     return f
 
 
-def evaluate_requirements(features: Mapping[str, Optional[bool]],
+def evaluate_requirements(features: Mapping[str, bool | None],
                           capabilities: Mapping[str, int],
                           required: Iterable[str]) -> dict:
     """Check ``--require`` names against the feature table.
@@ -345,8 +351,8 @@ def evaluate_requirements(features: Mapping[str, Optional[bool]],
 
 # --- the report ---------------------------------------------------------------
 
-def build_report(raw: RawCaps, require: Optional[Iterable[str]] = None,
-                 now: Optional[datetime.datetime] = None) -> dict:
+def build_report(raw: RawCaps, require: Iterable[str] | None = None,
+                 now: datetime.datetime | None = None) -> dict:
     """Decode *raw* into the schema documented in ``pyvt/caps/SCHEMA.md``."""
     cpu = cpuid_mod.decode_cpuid(raw.host_cpuid) if raw.host_cpuid else None
     if cpu is not None:
@@ -438,7 +444,7 @@ def exit_status(report: Mapping) -> int:
 
 # --- text rendering ----------------------------------------------------------
 
-def _yn(value: Optional[bool]) -> str:
+def _yn(value: bool | None) -> str:
     return {True: "yes", False: "no", None: "unknown"}[value]
 
 

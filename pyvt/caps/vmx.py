@@ -10,7 +10,7 @@ Every function here is pure: raw register values in, plain dicts out.
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 from ._bits import bit, field, hex64, unknown_bits
 
@@ -246,7 +246,7 @@ def decode_controls(
     value: int,
     names: Mapping[int, str],
     *,
-    true_value: Optional[int] = None,
+    true_value: int | None = None,
     default1: frozenset = frozenset(),
 ) -> dict:
     """Decode a 32-bit VM-execution/exit/entry control capability MSR (SDM A.3-A.5).
@@ -372,7 +372,7 @@ def decode_vmx(msrs: Mapping[int, int]) -> dict:
     basic = msrs[IA32_VMX_BASIC]
     true_ok = bit(basic, 55)
 
-    def true(index: int) -> Optional[int]:
+    def true(index: int) -> int | None:
         return msrs.get(index) if true_ok else None
 
     out: dict = {"present": True, "basic": decode_basic(basic)}

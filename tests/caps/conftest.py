@@ -1,7 +1,6 @@
 """pytest fixtures for the pyvt caps tests."""
 
 import pytest
-
 from capsfixtures import kvm_usable
 
 

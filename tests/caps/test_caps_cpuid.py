@@ -6,8 +6,8 @@ and its "Instruction Set" summary line where it has one.
 """
 
 import pytest
-
 from capsfixtures import CPUID_FIXTURES, cpuid_fixture
+
 from pyvt.caps import cpuid
 
 # name -> (vendor, brand, family, model, stepping)

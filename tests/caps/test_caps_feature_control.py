@@ -1,8 +1,8 @@
 """IA32_FEATURE_CONTROL: recorded values from the VirtualBox logs, plus the firmware-off case."""
 
 import pytest
-
 from capsfixtures import vmx_fixture
+
 from pyvt.caps.feature_control import IA32_FEATURE_CONTROL, decode_feature_control
 
 

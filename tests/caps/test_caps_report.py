@@ -5,11 +5,18 @@ import json
 import pathlib
 
 import pytest
-
 from capsfixtures import cpuid_fixture, vmx_fixture
+
 from pyvt.caps import report as rep
 from pyvt.caps.feature_control import IA32_FEATURE_CONTROL
-from pyvt.caps.report import KvmRaw, RawCaps, build_report, evaluate_requirements, exit_status, render_text
+from pyvt.caps.report import (
+    KvmRaw,
+    RawCaps,
+    build_report,
+    evaluate_requirements,
+    exit_status,
+    render_text,
+)
 from pyvt.caps.svm import MSR_VM_CR
 
 SCHEMA = pathlib.Path(rep.__file__).with_name("report.schema.json")

@@ -9,8 +9,8 @@ pfthreshold avic v_vmsave_vmload vgif x2avic v_spec_ctrl vnmi).
 """
 
 import pytest
-
 from capsfixtures import cpuid_fixture
+
 from pyvt.caps import cpuid, svm
 
 LINUX_NAME = {

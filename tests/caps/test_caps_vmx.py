@@ -6,8 +6,8 @@ The tests check that pyvt's SDM-named decode says the same thing.
 """
 
 import pytest
-
 from capsfixtures import VMX_FIXTURES, vmx_fixture
+
 from pyvt.caps import vmx
 
 # VirtualBox's HM names -> the SDM names pyvt uses, per section.
