@@ -259,3 +259,32 @@ def test_msr_indices_are_the_sdm_ones():
     assert vmx.MSR_INDICES["IA32_VMX_TRUE_ENTRY_CTLS"] == 0x490
     assert vmx.MSR_INDICES["IA32_VMX_VMFUNC"] == 0x491
     assert vmx.MSR_INDICES["IA32_VMX_PROCBASED_CTLS3"] == 0x492
+
+
+def _norm(name: str) -> str:
+    return " ".join(name.lower().replace("-", " ").split())
+
+
+# Where the module's printed name differs from the SDM's by more than case and hyphens.
+PRINTED_ALIASES = {"virtualize apic access": "Virtualize APIC accesses"}
+
+
+def test_nested_kvm_l1_values_match_their_can_set_can_clear_reading():
+    """VMX MSRs as nested KVM shows them to an L1 guest, decoded by an independent module.
+
+    Source: github.com/jasonliu96/linux cmpe283/MODULE_OUTPUT.md (see the fixture).
+    """
+    doc, msrs = vmx_fixture("nested_kvm_l1_cmpe283")
+    sections = {section: (index, names) for section, (index, names) in NON_TRUE_MSR.items()}
+    checked = 0
+    for section, rows in doc["decoded"].items():
+        index, names = sections[section]
+        ours = {_norm(c["name"]): c for c in vmx.decode_controls(msrs[index], names)["controls"]}
+        for printed, can_set, can_clear in rows:
+            key = _norm(PRINTED_ALIASES.get(_norm(printed), printed))
+            assert ours[key]["allowed_1"] is can_set, (section, printed)
+            assert ours[key]["allowed_0"] is can_clear, (section, printed)
+            checked += 1
+    assert checked == 5 + 21 + 27 + 14 + 12  # every control the module printed
+    # Without IA32_VMX_BASIC nothing else can be decoded, and nothing is invented.
+    assert vmx.decode_vmx(msrs) == {"present": False}
