@@ -34,14 +34,20 @@ void pvt_vcpu_destroy(struct pvt_vcpu *vcpu)
 	pvt_kicker_destroy(&vcpu->kicker);
 }
 
+/*
+ * A port access belongs to the range holding its first port, whatever its
+ * width (outl to 0xf4 is one access to port 0xf4, as in kvmtool); an MMIO
+ * access must fit in its range.
+ */
 static enum claim dispatch(struct pvt_machine *machine, struct pvt_bus *bus,
 			   uint64_t addr, uint8_t *data, uint32_t len,
 			   bool is_write, struct pvt_stop_info *info)
 {
+	uint32_t claimed_len = bus == &machine->pio ? 1 : len;
 	struct pvt_bus_range range;
 	int ret;
 
-	if (!pvt_bus_find(bus, addr, len, &range)) {
+	if (!pvt_bus_find(bus, addr, claimed_len, &range)) {
 		if (!machine->unclaimed_as_pc)
 			return CLAIM_NONE;
 		if (!is_write)

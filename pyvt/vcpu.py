@@ -50,6 +50,8 @@ class Vcpu:
         self._running_thread: Optional[int] = None
         self._close_pending = False
         self._loop = None
+        # Checked before KVM_CREATE_VCPU: KVM cannot create an index twice.
+        modes.write_setup_area(vm.memory, mode)
         self.fd = vm.fd.create_vcpu(index)
         try:
             self._setup(vm, mode)
@@ -71,7 +73,6 @@ class Vcpu:
             run.s.regs.regs = self._regs[0]
         self._set_initial_cpuid(vm)
 
-        modes.write_setup_area(vm.memory, mode)
         sregs = self.fd.get_sregs()
         regs = self._load_regs()
         modes.apply(mode, sregs, regs)

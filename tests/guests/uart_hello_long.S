@@ -1,0 +1,25 @@
+# 64-bit long mode (paging on, RIP-relative addressing): print a line
+# through the UART, then halt.
+	.code64
+	.globl _start
+_start:
+	lea	message(%rip), %rsi
+next:
+	lodsb
+	test	%al, %al
+	jz	done
+	mov	%al, %bl
+	mov	$0x3fd, %dx
+wait:
+	in	%dx, %al
+	test	$0x20, %al
+	jz	wait
+	mov	$0x3f8, %dx
+	mov	%bl, %al
+	out	%al, %dx
+	jmp	next
+done:
+	hlt
+
+message:
+	.asciz	"hello from long mode\n"
