@@ -45,6 +45,15 @@ CPUID_FIXTURES = sorted(p.stem for p in (FIXTURES / "cpuid").glob("*.json"))
 VMX_FIXTURES = sorted(p.stem for p in (FIXTURES / "vmx").glob("*.json") if "vbox_decoded" in load_json(p))
 
 
+def backend_under_test() -> str:
+    """The device the suite tests: ``$PYVT_BACKEND`` (the kernel-module harness sets /dev/pyvt), else /dev/kvm."""
+    return os.environ.get("PYVT_BACKEND") or "/dev/kvm"
+
+
+#: The PVM facts hold only for this machine's own /dev/kvm.
+PVM_HOST = os.path.isdir("/sys/module/kvm_pvm") and backend_under_test() == "/dev/kvm"
+
+
 def kvm_usable(path: str = "/dev/kvm") -> tuple[bool, str]:
     """Whether *path* opens and answers KVM_GET_API_VERSION (gate on this, never on cpuinfo)."""
     from pyvt.caps.collect import query_kvm

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from capsfixtures import REPO
+from capsfixtures import PVM_HOST, REPO
 
 from pyvt.caps import report as rep
 from pyvt.caps.cli import main
@@ -94,13 +94,13 @@ def test_permission_denied():
 
 
 def test_require_on_this_machine(real_kvm):
-    status, out = run("--require", "kvm", "irqchip", "smp", "long_mode")
+    status, out = run("--device", real_kvm, "--require", "kvm", "irqchip", "smp", "long_mode")
     assert status == 0, out
     assert "Requirements: all met" in out
 
 
-@pytest.mark.skipif(not os.path.isdir("/sys/module/kvm_pvm"), reason="PVM-specific: VT-x features are absent")
+@pytest.mark.skipif(not PVM_HOST, reason="PVM-specific: VT-x features are absent")
 def test_require_ept_fails_on_pvm(real_kvm):
-    status, out = run("--require", "ept", "irqchip")
+    status, out = run("--device", real_kvm, "--require", "ept", "irqchip")
     assert status == 1
     assert "Requirements: MISSING ept" in out

@@ -10,12 +10,13 @@ import os
 import pathlib
 
 import pytest
+from capsfixtures import PVM_HOST
 
 from pyvt.caps import collect_report
 from pyvt.caps import report as rep
 
 SCHEMA = pathlib.Path(rep.__file__).with_name("report.schema.json")
-PVM = os.path.isdir("/sys/module/kvm_pvm")
+PVM = PVM_HOST
 
 
 def cpuinfo_flags() -> set:

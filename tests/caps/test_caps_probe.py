@@ -35,7 +35,7 @@ def test_every_probe_passes_on_this_machine(real_kvm):
 @needs_vm_api
 def test_require_of_a_probe_feature_runs_the_probe(real_kvm):
     out = io.StringIO()
-    status = main(["--json", "--require", "real_mode", "single_step"], stdout=out)
+    status = main(["--json", "--device", real_kvm, "--require", "real_mode", "single_step"], stdout=out)
     doc = json.loads(out.getvalue())
     assert status == 0, doc["requirements"]
     assert [r["name"] for r in doc["probe"]["results"]][:3] == ["real_mode", "protected_mode", "long_mode"]
