@@ -1,7 +1,6 @@
 // SPDX-License-Identifier: MIT
 #include "machine.h"
 
-#include <errno.h>
 #include <string.h>
 
 int pvt_machine_init(struct pvt_machine *machine)
@@ -32,25 +31,4 @@ void pvt_machine_destroy(struct pvt_machine *machine)
 	pthread_mutex_destroy(&machine->ring_lock);
 	pvt_bus_destroy(&machine->mmio);
 	pvt_bus_destroy(&machine->pio);
-}
-
-int pvt_machine_add_sink(struct pvt_machine *machine, struct pvt_sink *sink)
-{
-	if (machine->sink_count == PVT_MACHINE_MAX_SINKS)
-		return -ENOSPC;
-	machine->sinks[machine->sink_count++] = sink;
-	return 0;
-}
-
-void pvt_machine_flush(struct pvt_machine *machine)
-{
-	int i;
-
-	for (i = 0; i < machine->sink_count; i++) {
-		struct pvt_sink *sink = machine->sinks[i];
-
-		/* Unlocked peek: only sinks that stream need the lock. */
-		if (sink->stream_fd >= 0)
-			pvt_sink_flush(sink);
-	}
 }

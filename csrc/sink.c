@@ -20,6 +20,24 @@ void pvt_sink_destroy(struct pvt_sink *sink)
 	pthread_mutex_destroy(&sink->lock);
 }
 
+static void write_pending(struct pvt_sink *sink)
+{
+	while (sink->stream_fd >= 0 && sink->streamed < sink->len &&
+	       !sink->stream_errno) {
+		ssize_t n = write(sink->stream_fd, sink->data + sink->streamed,
+				  sink->len - sink->streamed);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0) {
+			/* A closed pipe must not stop the guest: stop streaming. */
+			sink->stream_errno = n < 0 ? errno : EIO;
+			break;
+		}
+		sink->streamed += (size_t)n;
+	}
+}
+
 int pvt_sink_put(struct pvt_sink *sink, const uint8_t *bytes, size_t n)
 {
 	int ret = 0;
@@ -41,6 +59,12 @@ int pvt_sink_put(struct pvt_sink *sink, const uint8_t *bytes, size_t n)
 	}
 	memcpy(sink->data + sink->len, bytes, n);
 	sink->len += n;
+	/*
+	 * Streamed output is written at once: several sinks may share one
+	 * file (UART and debug console to stdout) and must interleave there
+	 * in the order the guest wrote them.
+	 */
+	write_pending(sink);
 out:
 	pthread_mutex_unlock(&sink->lock);
 	return ret;
@@ -49,20 +73,7 @@ out:
 void pvt_sink_flush(struct pvt_sink *sink)
 {
 	pthread_mutex_lock(&sink->lock);
-	while (sink->stream_fd >= 0 && sink->streamed < sink->len &&
-	       !sink->stream_errno) {
-		ssize_t n = write(sink->stream_fd, sink->data + sink->streamed,
-				  sink->len - sink->streamed);
-
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0) {
-			/* A closed pipe must not stop the guest: stop streaming. */
-			sink->stream_errno = n < 0 ? errno : EIO;
-			break;
-		}
-		sink->streamed += (size_t)n;
-	}
+	write_pending(sink);
 	pthread_mutex_unlock(&sink->lock);
 }
 

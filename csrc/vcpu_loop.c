@@ -159,7 +159,6 @@ int pvt_vcpu_run(struct pvt_vcpu *vcpu, struct pvt_stop_info *info)
 		if (ret < 0) {
 			if (err == EAGAIN)
 				continue;
-			pvt_machine_flush(vcpu->machine);
 			if (err == EINTR) {
 				run->immediate_exit = 0;
 				return PVT_STOP_INTERRUPTED;
@@ -172,23 +171,18 @@ int pvt_vcpu_run(struct pvt_vcpu *vcpu, struct pvt_stop_info *info)
 			claim = handle_io(vcpu, info);
 			if (claim == CLAIM_DONE)
 				break;
-			pvt_machine_flush(vcpu->machine);
 			return stop_for(claim, PVT_STOP_USER_IO);
 		case KVM_EXIT_MMIO:
 			claim = handle_mmio(vcpu, info);
 			if (claim == CLAIM_DONE)
 				break;
-			pvt_machine_flush(vcpu->machine);
 			return stop_for(claim, PVT_STOP_USER_MMIO);
 		case KVM_EXIT_INTR:
 			run->immediate_exit = 0;
-			pvt_machine_flush(vcpu->machine);
 			return PVT_STOP_INTERRUPTED;
 		default:
-			pvt_machine_flush(vcpu->machine);
 			return PVT_STOP_EXIT;
 		}
 		vcpu->native_exits++;
-		pvt_machine_flush(vcpu->machine);
 	}
 }

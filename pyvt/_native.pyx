@@ -147,10 +147,7 @@ cdef class Uart(_Device):
         self.length = PVT_UART_PORT_COUNT
 
     def attach_to_bus(self):
-        rc = self.attach(pvt_uart_io, self.uart)
-        if rc == 0:
-            rc = pvt_machine_add_sink(self.machine.m, &self.uart.output)
-        return rc
+        return self.attach(pvt_uart_io, self.uart)
 
     def output(self):
         return sink_bytes(&self.uart.output)
@@ -192,10 +189,7 @@ cdef class DebugCon(_Device):
         self.length = 1
 
     def attach_to_bus(self):
-        rc = self.attach(pvt_debugcon_io, self.sink)
-        if rc == 0:
-            rc = pvt_machine_add_sink(self.machine.m, self.sink)
-        return rc
+        return self.attach(pvt_debugcon_io, self.sink)
 
     def output(self):
         return sink_bytes(self.sink)

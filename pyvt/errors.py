@@ -18,11 +18,18 @@ class BackendError(Error):
     """The virtualization device cannot be used."""
 
 
-class BackendNotFound(BackendError, FileNotFoundError):
+class _OSErrorMessage:
+    """Prints just the message, not OSError's "[Errno N]" prefix."""
+
+    def __str__(self) -> str:
+        return self.strerror or ""
+
+
+class BackendNotFound(_OSErrorMessage, BackendError, FileNotFoundError):
     """The device node (``/dev/kvm`` or ``/dev/pyvt``) does not exist."""
 
 
-class BackendPermissionError(BackendError, PermissionError):
+class BackendPermissionError(_OSErrorMessage, BackendError, PermissionError):
     """The device node exists but this process may not open it."""
 
 
@@ -30,7 +37,7 @@ class ApiVersionMismatch(BackendError):
     """The device speaks a KVM API version other than 12."""
 
 
-class KvmError(Error, OSError):
+class KvmError(_OSErrorMessage, Error, OSError):
     """An ioctl failed.  ``errno`` and ``ioctl`` say which and why."""
 
     def __init__(self, ioctl: str, errno: int, hint: str = ""):
@@ -39,9 +46,6 @@ class KvmError(Error, OSError):
         if hint:
             message += f"; {hint}"
         OSError.__init__(self, errno, message)
-
-    def __str__(self) -> str:
-        return self.strerror or ""
 
 
 class MemoryConfigError(Error, ValueError):

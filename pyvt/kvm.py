@@ -23,6 +23,7 @@ from ._kvm import ffi, lib
 from .errors import (
     ApiVersionMismatch,
     ArgumentError,
+    BackendError,
     BackendNotFound,
     BackendPermissionError,
     ClosedError,
@@ -172,7 +173,14 @@ class Kvm(_Fd):
             raise KvmError(f"open({self.path})", e.errno) from None
         self._cpuid_cache: Dict[str, List[CpuidEntry]] = {}
         self._mmap_size: Optional[int] = None
-        version = self.api_version()
+        try:
+            version = self.api_version()
+        except KvmError as e:
+            self.close()
+            if e.errno in (errno.ENOTTY, errno.EINVAL):
+                raise BackendError(f"{self.path} is not a KVM device: it does not answer "
+                                   "KVM_GET_API_VERSION") from None
+            raise
         if version != KVM_API_VERSION:
             self.close()
             raise ApiVersionMismatch(

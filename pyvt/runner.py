@@ -45,8 +45,8 @@ def run(code: bytes, mode: str = "long", memory: Union[int, str] = "16M",
     """Runs flat machine ``code`` loaded at ``at`` in ``mode`` until it stops
     (``hlt``, debug-exit, an I/O nobody handles, a failure or ``timeout``).
 
-    ``stream`` copies the console output live to a file object (e.g.
-    ``sys.stdout``).
+    ``stream`` copies the output of the UART and of the debug console live
+    to a file object (e.g. ``sys.stdout``).
     """
     if not isinstance(code, (bytes, bytearray, memoryview)):
         raise ArgumentError(f"code must be bytes, not {type(code).__name__}")
@@ -69,5 +69,6 @@ def run(code: bytes, mode: str = "long", memory: Union[int, str] = "16M",
             cpu.regs.rip = at
         if stream is not None:
             vm.console.stream(stream)
+            vm.debugcon.stream(stream)
         exit = cpu.run(timeout=timeout)
         return Result(exit, cpu.regs.snapshot(), vm.console.output, vm.debugcon.output)

@@ -238,17 +238,18 @@ def query_kvm(device: str) -> tuple[KvmRaw, dict[int, int] | None, str | None]:
             _call(k, "close", close)
 
 
-def read_pyvt_hw_caps(device: str) -> tuple[dict | None, str | None]:
+def read_pyvt_hw_caps(device: str) -> tuple[Any, str | None]:
     """PYVT_GET_HW_CAPS, when the device is /dev/pyvt and the library can ask it."""
     if not device.rstrip("/").endswith("pyvt"):
         return None, None
     try:
         from pyvt import kvm as pyvt_kvm  # type: ignore[attr-defined]
         handle = pyvt_kvm.Kvm(device)
-        getter = getattr(handle, "get_hw_caps", None)
-        if getter is None:
-            return None, "pyvt.kvm.Kvm has no get_hw_caps()"
-        return dict(getter()), None
+        for name in ("get_hw_caps", "hw_caps"):
+            getter = getattr(handle, name, None)
+            if callable(getter):
+                return getter(), None
+        return None, "pyvt.kvm.Kvm has no get_hw_caps() yet"
     except Exception as exc:
         return None, f"{exc.__class__.__name__}: {exc}"
 

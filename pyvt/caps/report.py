@@ -82,22 +82,80 @@ class RawCaps:
 
 # --- helpers ----------------------------------------------------------------
 
-def _hw_caps_msrs(hw: Mapping | None) -> dict[int, int] | None:
-    """MSRs from a PYVT_GET_HW_CAPS result: ``{"msrs": {index|name: value}}``."""
+#: pyvt_cpu_caps.flags bits (kernel_module/include/uapi/pyvt.h).
+PYVT_CPU_CAPS_VM_CR_VALID = 1 << 0
+PYVT_CPU_CAPS_VMX_VALID = 1 << 1
+PYVT_VMX_MSR_FIRST = 0x480
+PYVT_VENDORS = {0: "unknown", 1: "AMD", 2: "Intel"}
+
+
+def _field(obj: Any, name: str, default: Any = None) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def _cpu_caps_msrs(cpu: Any, vendor: int) -> dict[int, int]:
+    """MSRs of one ``struct pyvt_cpu_caps``, only those its flags say were read."""
+    flags = int(_field(cpu, "flags", 0))
+    out: dict[int, int] = {}
+    if flags & PYVT_CPU_CAPS_VMX_VALID:
+        for i, value in enumerate(_field(cpu, "vmx_msrs", ()) or ()):
+            out[PYVT_VMX_MSR_FIRST + i] = int(value)
+    if vendor == 2 or flags & PYVT_CPU_CAPS_VMX_VALID:
+        out[IA32_FEATURE_CONTROL] = int(_field(cpu, "feature_control", 0))
+    if flags & PYVT_CPU_CAPS_VM_CR_VALID:
+        out[svm_mod.MSR_VM_CR] = int(_field(cpu, "vm_cr", 0))
+    return out
+
+
+def _hw_caps_msrs(hw: Optional[Any]) -> Optional[dict[int, int]]:
+    """MSRs from a PYVT_GET_HW_CAPS result.
+
+    Accepts the ioctl's own shape (``struct pyvt_hw_caps`` with its ``cpus``
+    array of ``struct pyvt_cpu_caps``, as a mapping or an object; CPU 0's
+    registers are used) or a plain ``{"msrs": {index or name: value}}``.
+    """
     if not hw:
         return None
-    msrs = hw.get("msrs", {})
+    cpus = _field(hw, "cpus")
+    if cpus:
+        return _cpu_caps_msrs(cpus[0], int(_field(hw, "vendor", 0))) or None
+    msrs = _field(hw, "msrs", {}) or {}
     out: dict[int, int] = {}
+    names = {**vmx_mod.MSR_INDICES, "IA32_FEATURE_CONTROL": IA32_FEATURE_CONTROL, "VM_CR": svm_mod.MSR_VM_CR}
     for key, value in msrs.items():
         if isinstance(key, str) and not key.startswith("0x") and not key.isdigit():
-            index = {**vmx_mod.MSR_INDICES, "IA32_FEATURE_CONTROL": IA32_FEATURE_CONTROL,
-                     "VM_CR": svm_mod.MSR_VM_CR}.get(key)
+            index = names.get(key)
             if index is None:
                 continue
         else:
             index = int(key, 0) if isinstance(key, str) else int(key)
         out[index] = int(value, 0) if isinstance(value, str) else int(value)
     return out
+
+
+def _hw_caps_summary(hw: Optional[Any]) -> Optional[dict]:
+    """Header of PYVT_GET_HW_CAPS and whether every CPU reported the same registers.
+
+    Firmware that enables VMX on some cores only is a real failure mode:
+    ``differing_cpus`` names the CPUs whose registers differ from CPU 0's.
+    """
+    cpus = _field(hw, "cpus") if hw else None
+    if not cpus:
+        return None
+    vendor = int(_field(hw, "vendor", 0))
+    first = _cpu_caps_msrs(cpus[0], vendor)
+    differing = [int(_field(c, "cpu", i)) for i, c in enumerate(cpus) if _cpu_caps_msrs(c, vendor) != first]
+    return {
+        "abi_version": _field(hw, "abi_version"),
+        "vendor": PYVT_VENDORS.get(vendor, str(vendor)),
+        "nr_cpus": _field(hw, "nr_cpus", len(cpus)),
+        "cpus_reported": len(cpus),
+        "npt_levels": _field(hw, "npt_levels"),
+        "cpus_consistent": not differing,
+        "differing_cpus": differing,
+    }
 
 
 def _msr_sources(raw: RawCaps) -> list[tuple[str, dict[int, int]]]:
@@ -396,6 +454,12 @@ def build_report(raw: RawCaps, require: Iterable[str] | None = None,
 
     kind = backend_kind(raw, cpu)
     verdict = _verdict(raw, cpu, kind, feature_control, vm_cr)
+    hw_summary = _hw_caps_summary(raw.pyvt_hw_caps)
+    if hw_summary and not hw_summary["cpus_consistent"]:
+        verdict["problems"].append(
+            "CPUs report different virtualization registers (CPUs "
+            + ", ".join(map(str, hw_summary["differing_cpus"]))
+            + " differ from CPU 0): check the firmware's virtualization setting.")
     now = now or datetime.datetime.now(datetime.timezone.utc)
 
     sources = [
@@ -418,7 +482,8 @@ def build_report(raw: RawCaps, require: Iterable[str] | None = None,
         "tool": {"name": "pyvt caps", "version": raw.tool_version},
         "generated_at": now.isoformat(timespec="seconds"),
         "verdict": verdict,
-        "host": {"kernel": raw.kernel, "kvm_modules": sorted(raw.modules), "cpu": cpu},
+        "host": {"kernel": raw.kernel, "kvm_modules": sorted(raw.modules), "cpu": cpu,
+                 "pyvt_hw_caps": _hw_caps_summary(raw.pyvt_hw_caps)},
         "sources": sources,
         "vmx": vmx_report,
         "svm": svm_report,
@@ -482,6 +547,12 @@ def render_text(report: Mapping, verbose: bool = False) -> str:
         else:
             lines.append("  running under a hypervisor: no")
     lines.append(f"  kernel: {report['host']['kernel']}  KVM modules: {', '.join(report['host']['kvm_modules']) or 'none'}")
+    hw = report["host"].get("pyvt_hw_caps")
+    if hw:
+        same = "all report the same registers" if hw["cpus_consistent"] else \
+            f"CPUs {', '.join(map(str, hw['differing_cpus']))} differ from CPU 0"
+        lines.append(f"  /dev/pyvt: ABI {hw['abi_version']}, {hw['vendor']}, {hw['nr_cpus']} CPUs ({same}), "
+                     f"nested paging {hw['npt_levels']} levels")
 
     lines.append("")
     lines.append("Sources")

@@ -73,7 +73,6 @@ cdef extern from "machine.h" nogil:
 
     int pvt_machine_init(pvt_machine *machine)
     void pvt_machine_destroy(pvt_machine *machine)
-    int pvt_machine_add_sink(pvt_machine *machine, pvt_sink *sink)
 
 
 cdef extern from "uart16550.h" nogil:

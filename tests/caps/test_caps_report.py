@@ -200,3 +200,41 @@ def test_probe_results_decide_probe_features():
 def test_evaluate_requirements_directly():
     req = evaluate_requirements({"ept": True, "smp": None}, {"KVM_CAP_IRQCHIP": 1}, ["ept", "SMP", "kvm_cap_irqchip"])
     assert req["missing"] == ["SMP"] and req["undetermined"] == ["SMP"]
+
+
+def hw_caps_struct(msrs: dict, cpus: int = 2) -> dict:
+    """A PYVT_GET_HW_CAPS result in the ioctl's own shape (kernel_module/include/uapi/pyvt.h)."""
+    cpu = {"flags": rep.PYVT_CPU_CAPS_VMX_VALID, "feat_ecx": 1 << 5, "ext_ecx": 0,
+           "svm_eax": 0, "svm_ebx": 0, "svm_ecx": 0, "svm_edx": 0, "vm_cr": 0,
+           "feature_control": msrs[IA32_FEATURE_CONTROL],
+           "vmx_msrs": [msrs.get(0x480 + i, 0) for i in range(18)]}
+    return {"abi_version": 1, "vendor": 2, "max_cpus": cpus, "nr_cpus": cpus, "npt_levels": 4,
+            "cpus": [dict(cpu, cpu=i) for i in range(cpus)]}
+
+
+def test_pyvt_hw_caps_struct_shape():
+    _, coffee = vmx_fixture("intel_coffee_lake_i7_9750h_vbox61")
+    raw = intel_host(msr_device=None, pyvt_hw_caps=hw_caps_struct(coffee))
+    raw.kvm.device = "/dev/pyvt"
+    r = build_report(raw, now=NOW)
+    validate(r)
+    assert r["verdict"]["kind"] == "pyvt"
+    assert r["vmx"]["source"] == "pyvt_hw_caps"
+    assert r["vmx"]["feature_control"]["source"] == "pyvt_hw_caps"
+    assert r["vmx"]["features"]["ept"] and r["vmx"]["ept_vpid"]["capabilities"]
+    hw = r["host"]["pyvt_hw_caps"]
+    assert hw == {"abi_version": 1, "vendor": "Intel", "nr_cpus": 2, "cpus_reported": 2, "npt_levels": 4,
+                  "cpus_consistent": True, "differing_cpus": []}
+    assert "/dev/pyvt: ABI 1, Intel, 2 CPUs (all report the same registers)" in render_text(r)
+
+
+def test_pyvt_hw_caps_cpus_that_disagree():
+    """Firmware that enabled VMX on some cores only: the CPUs that differ are named."""
+    _, coffee = vmx_fixture("intel_coffee_lake_i7_9750h_vbox61")
+    hw = hw_caps_struct(coffee, cpus=4)
+    hw["cpus"][2]["feature_control"] = 0x1
+    raw = intel_host(pyvt_hw_caps=hw)
+    r = build_report(raw, now=NOW)
+    validate(r)
+    assert r["host"]["pyvt_hw_caps"]["differing_cpus"] == [2]
+    assert any("CPUs 2 differ from CPU 0" in p for p in r["verdict"]["problems"])

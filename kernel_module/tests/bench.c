@@ -1,0 +1,160 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * bench: port-I/O exit round trips (KVM_RUN -> OUT -> back in user
+ * space) through two backends side by side, interleaved in rounds so
+ * drift hits both alike, plus pyvt's in-kernel VMRUN round trip.
+ *
+ *   bench [exits-per-round] [rounds] [dev-a] [dev-b]
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/kvm.h>
+#include "../include/uapi/pyvt.h"
+
+extern const unsigned char bench_start[], bench_end[];
+
+struct backend {
+	const char *dev;
+	int sys, vm, vcpu;
+	struct kvm_run *run;
+	double *samples;
+	int n;
+};
+
+static int setup(struct backend *b)
+{
+	struct kvm_userspace_memory_region mr = { .memory_size = 0x10000 };
+	struct kvm_sregs sregs;
+	struct kvm_regs regs = { .rip = 0x1000, .rflags = 2 };
+	void *mem;
+
+	b->sys = open(b->dev, O_RDWR);
+	if (b->sys < 0)
+		return -1;
+	b->vm = ioctl(b->sys, KVM_CREATE_VM, 0);
+	mem = mmap(NULL, 0x10000, PROT_READ | PROT_WRITE,
+		   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (b->vm < 0 || mem == MAP_FAILED)
+		return -1;
+	memcpy((char *)mem + 0x1000, bench_start, bench_end - bench_start);
+	mr.userspace_addr = (uintptr_t)mem;
+	if (ioctl(b->vm, KVM_SET_USER_MEMORY_REGION, &mr))
+		return -1;
+	b->vcpu = ioctl(b->vm, KVM_CREATE_VCPU, 0);
+	if (b->vcpu < 0)
+		return -1;
+	b->run = mmap(NULL, ioctl(b->sys, KVM_GET_VCPU_MMAP_SIZE, 0),
+		      PROT_READ | PROT_WRITE, MAP_SHARED, b->vcpu, 0);
+	if (b->run == MAP_FAILED || ioctl(b->vcpu, KVM_GET_SREGS, &sregs))
+		return -1;
+	sregs.cs.base = 0;
+	sregs.cs.selector = 0;
+	if (ioctl(b->vcpu, KVM_SET_SREGS, &sregs) ||
+	    ioctl(b->vcpu, KVM_SET_REGS, &regs))
+		return -1;
+	return 0;
+}
+
+static void teardown(struct backend *b)
+{
+	/* Close everything so the other backend can own SVM. */
+	close(b->vcpu);
+	close(b->vm);
+	close(b->sys);
+}
+
+static double now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1e9 + ts.tv_nsec;
+}
+
+static int measure(struct backend *b, int exits)
+{
+	double t0, t1;
+	int i;
+
+	if (setup(b)) {
+		printf("FAIL setup %s: %s\n", b->dev, strerror(errno));
+		return -1;
+	}
+	for (i = 0; i < exits + 10; i++) {
+		t0 = now_ns();
+		if (ioctl(b->vcpu, KVM_RUN, 0) ||
+		    b->run->exit_reason != KVM_EXIT_IO) {
+			printf("FAIL %s: run %d exit %u %s\n", b->dev, i,
+			       b->run->exit_reason, strerror(errno));
+			teardown(b);
+			return -1;
+		}
+		t1 = now_ns();
+		if (i >= 10)	/* warm-up */
+			b->samples[b->n++] = t1 - t0;
+	}
+	teardown(b);
+	return 0;
+}
+
+static int cmp(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+static double median(struct backend *b)
+{
+	qsort(b->samples, b->n, sizeof(double), cmp);
+	return b->samples[b->n / 2];
+}
+
+int main(int argc, char **argv)
+{
+	int exits = argc > 1 ? atoi(argv[1]) : 2000;
+	int rounds = argc > 2 ? atoi(argv[2]) : 3;
+	struct backend a = { .dev = argc > 3 ? argv[3] : "/dev/pyvt" };
+	struct backend b = { .dev = argc > 4 ? argv[4] : "/dev/kvm" };
+	struct pyvt_roundtrip rt = { .iterations = 10000 };
+	double ma, mb;
+	int r, fd;
+
+	a.samples = calloc(exits * rounds, sizeof(double));
+	b.samples = calloc(exits * rounds, sizeof(double));
+	for (r = 0; r < rounds; r++)
+		if (measure(&a, exits) || measure(&b, exits))
+			return 1;
+	ma = median(&a);
+	mb = median(&b);
+	printf("BENCH port-I/O exit round trip, %d exits x %d rounds each, interleaved\n",
+	       exits, rounds);
+	printf("BENCH %-10s median %9.0f ns  min %9.0f ns\n", a.dev, ma,
+	       a.samples[0]);
+	printf("BENCH %-10s median %9.0f ns  min %9.0f ns\n", b.dev, mb,
+	       b.samples[0]);
+	printf("BENCH ratio %s/%s = %.2f\n", a.dev, b.dev, ma / mb);
+
+	fd = open("/dev/pyvt", O_RDWR);
+	if (fd < 0 || ioctl(fd, PYVT_MEASURE_ROUNDTRIP, &rt)) {
+		printf("FAIL PYVT_MEASURE_ROUNDTRIP: %s\n", strerror(errno));
+		return 1;
+	}
+	printf("BENCH PYVT_MEASURE_ROUNDTRIP: %u samples on cpu %u: min %llu median %llu max %llu cycles, tsc %llu kHz (median %.0f ns)\n",
+	       rt.iterations, rt.cpu, (unsigned long long)rt.min_cycles,
+	       (unsigned long long)rt.median_cycles,
+	       (unsigned long long)rt.max_cycles,
+	       (unsigned long long)rt.tsc_khz,
+	       rt.tsc_khz ? rt.median_cycles * 1e6 / rt.tsc_khz : 0.0);
+	close(fd);
+	return 0;
+}

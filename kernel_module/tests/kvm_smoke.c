@@ -1,0 +1,395 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * kvm_smoke: a plain KVM API program (no pyvt code) that runs small guests
+ * in real, protected and long mode and prints every exit in a canonical
+ * form.  Run it against /dev/kvm and /dev/pyvt and diff the output; lines
+ * starting with '#' describe the backend and are not compared.
+ *
+ *   kvm_smoke /dev/pyvt
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/time.h>
+#include <unistd.h>
+#include <linux/kvm.h>
+
+extern const unsigned char real_start[], real_end[];
+extern const unsigned char triple_start[], triple_end[];
+extern const unsigned char spin_start[], spin_end[];
+extern const unsigned char pm_start[], pm_end[];
+extern const unsigned char lm_start[], lm_end[];
+
+#define LOW_RAM		0x80000		/* slot 0: [0, 512K) */
+#define HIGH_RAM_GPA	0x100000	/* slot 1: [1M, 3M): page tables */
+#define HIGH_RAM	0x200000
+#define MAX_EXITS	200
+
+static int sys_fd, failures;
+static const char *dev;
+
+struct vm {
+	int fd, vcpu;
+	struct kvm_run *run;
+	int run_size;
+	unsigned char *low, *high;
+	unsigned in_seq;
+};
+
+#define CHECK(cond, ...) do { \
+	if (!(cond)) { \
+		printf("FAIL %s:%d: ", __func__, __LINE__); \
+		printf(__VA_ARGS__); \
+		printf(" (%s)\n", strerror(errno)); \
+		failures++; \
+		return -1; \
+	} \
+} while (0)
+
+static int vm_create(struct vm *vm)
+{
+	struct kvm_userspace_memory_region mr = {};
+	struct {
+		struct kvm_cpuid2 hdr;
+		struct kvm_cpuid_entry2 e[1];
+	} cpuid = {};
+
+	memset(vm, 0, sizeof(*vm));
+	vm->fd = ioctl(sys_fd, KVM_CREATE_VM, 0);
+	CHECK(vm->fd >= 0, "KVM_CREATE_VM");
+	vm->low = mmap(NULL, LOW_RAM, PROT_READ | PROT_WRITE,
+		       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	vm->high = mmap(NULL, HIGH_RAM, PROT_READ | PROT_WRITE,
+			MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	CHECK(vm->low != MAP_FAILED && vm->high != MAP_FAILED, "mmap");
+	mr.slot = 0;
+	mr.memory_size = LOW_RAM;
+	mr.userspace_addr = (uintptr_t)vm->low;
+	CHECK(!ioctl(vm->fd, KVM_SET_USER_MEMORY_REGION, &mr), "slot 0");
+	mr.slot = 1;
+	mr.guest_phys_addr = HIGH_RAM_GPA;
+	mr.memory_size = HIGH_RAM;
+	mr.userspace_addr = (uintptr_t)vm->high;
+	CHECK(!ioctl(vm->fd, KVM_SET_USER_MEMORY_REGION, &mr), "slot 1");
+
+	vm->vcpu = ioctl(vm->fd, KVM_CREATE_VCPU, 0);
+	CHECK(vm->vcpu >= 0, "KVM_CREATE_VCPU");
+	vm->run_size = ioctl(sys_fd, KVM_GET_VCPU_MMAP_SIZE, 0);
+	CHECK(vm->run_size >= 4096, "KVM_GET_VCPU_MMAP_SIZE");
+	vm->run = mmap(NULL, vm->run_size, PROT_READ | PROT_WRITE, MAP_SHARED,
+		       vm->vcpu, 0);
+	CHECK(vm->run != MAP_FAILED, "mmap kvm_run");
+
+	cpuid.hdr.nent = 1;
+	cpuid.e[0].function = 0x40000000;
+	cpuid.e[0].eax = 0x54565950;	/* "PYVT" */
+	cpuid.e[0].ebx = 0x1234;
+	CHECK(!ioctl(vm->vcpu, KVM_SET_CPUID2, &cpuid), "KVM_SET_CPUID2");
+	return 0;
+}
+
+static void vm_destroy(struct vm *vm)
+{
+	if (vm->run && vm->run != MAP_FAILED)
+		munmap(vm->run, vm->run_size);
+	if (vm->vcpu > 0)
+		close(vm->vcpu);
+	if (vm->fd > 0)
+		close(vm->fd);
+	if (vm->low && vm->low != MAP_FAILED)
+		munmap(vm->low, LOW_RAM);
+	if (vm->high && vm->high != MAP_FAILED)
+		munmap(vm->high, HIGH_RAM);
+}
+
+static int set_real_mode(struct vm *vm, uint64_t rip)
+{
+	struct kvm_sregs sregs;
+	struct kvm_regs regs = {};
+
+	CHECK(!ioctl(vm->vcpu, KVM_GET_SREGS, &sregs), "KVM_GET_SREGS");
+	sregs.cs.selector = 0;
+	sregs.cs.base = 0;
+	CHECK(!ioctl(vm->vcpu, KVM_SET_SREGS, &sregs), "KVM_SET_SREGS");
+	regs.rip = rip;
+	regs.rflags = 2;
+	regs.rsp = 0x8000;
+	CHECK(!ioctl(vm->vcpu, KVM_SET_REGS, &regs), "KVM_SET_REGS");
+	return 0;
+}
+
+static void flat_seg(struct kvm_segment *s, int code, int lm)
+{
+	memset(s, 0, sizeof(*s));
+	s->limit = 0xffffffff;
+	s->selector = code ? 8 : 16;
+	s->present = 1;
+	s->s = 1;
+	s->type = code ? 11 : 3;
+	s->g = 1;
+	s->db = !(code && lm);
+	s->l = code && lm;
+}
+
+static int set_protected_mode(struct vm *vm, uint64_t rip, int lm, int bad_cs)
+{
+	struct kvm_sregs sregs;
+	struct kvm_regs regs = {};
+	uint64_t *pml4 = (uint64_t *)vm->high;
+	uint64_t *pdpt = (uint64_t *)(vm->high + 0x1000);
+	uint64_t *pd = (uint64_t *)(vm->high + 0x2000);
+	int i;
+
+	CHECK(!ioctl(vm->vcpu, KVM_GET_SREGS, &sregs), "KVM_GET_SREGS");
+	flat_seg(&sregs.cs, 1, lm);
+	flat_seg(&sregs.ds, 0, lm);
+	sregs.es = sregs.fs = sregs.gs = sregs.ss = sregs.ds;
+	sregs.cr0 = 0x11;	/* PE | ET */
+	if (lm) {
+		/* Identity map 4 GiB with 2 MiB pages at 1M..1M+24K. */
+		pml4[0] = (HIGH_RAM_GPA + 0x1000) | 3;
+		for (i = 0; i < 4; i++)
+			pdpt[i] = (HIGH_RAM_GPA + 0x2000 + i * 0x1000) | 3;
+		for (i = 0; i < 4 * 512; i++)
+			pd[i] = ((uint64_t)i << 21) | 0x83;
+		sregs.cr3 = HIGH_RAM_GPA;
+		sregs.cr4 = 0x20;		/* PAE */
+		sregs.cr0 |= 0x80000000;	/* PG */
+		sregs.efer = 0x500;		/* LME | LMA */
+		if (bad_cs)
+			sregs.cs.db = 1;	/* L and D both set */
+	}
+	CHECK(!ioctl(vm->vcpu, KVM_SET_SREGS, &sregs), "KVM_SET_SREGS");
+	regs.rip = rip;
+	regs.rflags = 2;
+	regs.rsp = 0x8000;
+	CHECK(!ioctl(vm->vcpu, KVM_SET_REGS, &regs), "KVM_SET_REGS");
+	return 0;
+}
+
+static void print_value(const void *p, int size)
+{
+	uint64_t v = 0;
+
+	memcpy(&v, p, size);
+	printf("%0*llx", size * 2, (unsigned long long)v);
+}
+
+/* Run until a final exit; print each I/O element and MMIO access. */
+static int run_guest(struct vm *vm)
+{
+	struct kvm_run *run = vm->run;
+	struct kvm_regs regs;
+	int i, n, r;
+
+	for (n = 0; n < MAX_EXITS; n++) {
+		r = ioctl(vm->vcpu, KVM_RUN, 0);
+		if (r < 0) {
+			printf("  run: %s\n", strerror(errno));
+			return errno;
+		}
+		switch (run->exit_reason) {
+		case KVM_EXIT_IO: {
+			unsigned char *data = (unsigned char *)run +
+					      run->io.data_offset;
+
+			for (i = 0; i < (int)run->io.count; i++) {
+				unsigned char *el = data + i * run->io.size;
+
+				if (run->io.direction == KVM_EXIT_IO_IN) {
+					int b;
+
+					for (b = 0; b < run->io.size; b++)
+						el[b] = 0x40 + (vm->in_seq++ % 26);
+				}
+				printf("  io %s port=%#x size=%d data=",
+				       run->io.direction == KVM_EXIT_IO_IN ?
+				       "in " : "out", run->io.port,
+				       run->io.size);
+				print_value(el, run->io.size);
+				printf("\n");
+			}
+			break;
+		}
+		case KVM_EXIT_MMIO:
+			if (!run->mmio.is_write)
+				for (i = 0; i < (int)run->mmio.len; i++)
+					run->mmio.data[i] =
+						(run->mmio.phys_addr + i) * 7;
+			printf("  mmio %s addr=%#llx len=%d data=",
+			       run->mmio.is_write ? "write" : "read ",
+			       (unsigned long long)run->mmio.phys_addr,
+			       run->mmio.len);
+			print_value(run->mmio.data, run->mmio.len);
+			printf("\n");
+			break;
+		case KVM_EXIT_HLT:
+			ioctl(vm->vcpu, KVM_GET_REGS, &regs);
+			printf("  hlt rip=%#llx rax=%#llx rbx=%#llx rcx=%#llx rdx=%#llx rsi=%#llx rdi=%#llx r9=%#llx\n",
+			       regs.rip, regs.rax, regs.rbx, regs.rcx,
+			       regs.rdx, regs.rsi, regs.rdi, regs.r9);
+			return 0;
+		case KVM_EXIT_SHUTDOWN:
+			printf("  shutdown\n");
+			return 0;
+		case KVM_EXIT_FAIL_ENTRY:
+			printf("  fail_entry reason=%#llx\n",
+			       (unsigned long long)run->fail_entry.hardware_entry_failure_reason);
+			return 0;
+		case KVM_EXIT_INTERNAL_ERROR:
+			printf("  internal_error suberror=%u\n",
+			       run->internal.suberror);
+			return 0;
+		default:
+			printf("  exit reason=%u\n", run->exit_reason);
+			return 0;
+		}
+	}
+	printf("  too many exits\n");
+	return 0;
+}
+
+static int test_basics(void)
+{
+	struct {
+		struct kvm_cpuid2 hdr;
+		struct kvm_cpuid_entry2 e[256];
+	} cpuid = { .hdr.nent = 256 };
+	int i, have0 = 0, have1 = 0;
+
+	printf("== basics\n");
+	printf("  api_version=%d\n", ioctl(sys_fd, KVM_GET_API_VERSION, 0));
+	printf("  cap_user_memory=%d cap_immediate_exit=%d cap_ext_cpuid=%d\n",
+	       ioctl(sys_fd, KVM_CHECK_EXTENSION, KVM_CAP_USER_MEMORY),
+	       ioctl(sys_fd, KVM_CHECK_EXTENSION, KVM_CAP_IMMEDIATE_EXIT),
+	       ioctl(sys_fd, KVM_CHECK_EXTENSION, KVM_CAP_EXT_CPUID));
+	printf("# vcpu_mmap_size=%d nr_memslots=%d\n",
+	       ioctl(sys_fd, KVM_GET_VCPU_MMAP_SIZE, 0),
+	       ioctl(sys_fd, KVM_CHECK_EXTENSION, KVM_CAP_NR_MEMSLOTS));
+	CHECK(!ioctl(sys_fd, KVM_GET_SUPPORTED_CPUID, &cpuid),
+	      "KVM_GET_SUPPORTED_CPUID");
+	for (i = 0; i < (int)cpuid.hdr.nent; i++) {
+		have0 |= cpuid.e[i].function == 0;
+		have1 |= cpuid.e[i].function == 1;
+	}
+	printf("  supported_cpuid has_leaf0=%d has_leaf1=%d\n", have0, have1);
+	printf("# supported_cpuid nent=%u\n", cpuid.hdr.nent);
+	return 0;
+}
+
+static int test_reset_state(void)
+{
+	struct kvm_sregs sregs;
+	struct kvm_regs regs, regs2;
+	struct vm vm;
+
+	printf("== reset state and register round trip\n");
+	if (vm_create(&vm))
+		goto out;
+	CHECK(!ioctl(vm.vcpu, KVM_GET_SREGS, &sregs), "KVM_GET_SREGS");
+	CHECK(!ioctl(vm.vcpu, KVM_GET_REGS, &regs), "KVM_GET_REGS");
+	printf("  cs=%#x/%#llx cr0=%#llx cr4=%#llx efer=%#llx rip=%#llx rflags=%#llx\n",
+	       sregs.cs.selector, sregs.cs.base, sregs.cr0, sregs.cr4,
+	       sregs.efer, regs.rip, regs.rflags);
+	memset(&regs, 0, sizeof(regs));
+	regs.rax = 1; regs.rbx = 2; regs.rcx = 3; regs.rdx = 4;
+	regs.rsi = 5; regs.rdi = 6; regs.rsp = 7; regs.rbp = 8;
+	regs.r8 = 9; regs.r15 = 0x1122334455667788ULL;
+	regs.rip = 0x1234; regs.rflags = 0x202;
+	CHECK(!ioctl(vm.vcpu, KVM_SET_REGS, &regs), "KVM_SET_REGS");
+	CHECK(!ioctl(vm.vcpu, KVM_GET_REGS, &regs2), "KVM_GET_REGS");
+	printf("  regs_roundtrip=%s\n",
+	       memcmp(&regs, &regs2, sizeof(regs)) ? "differs" : "same");
+	sregs.efer = 0x400;	/* LMA without LME and paging */
+	errno = 0;
+	printf("  set_sregs_bad_efer=%s\n",
+	       ioctl(vm.vcpu, KVM_SET_SREGS, &sregs) ? strerror(errno) : "ok");
+out:
+	vm_destroy(&vm);
+	return 0;
+}
+
+static int run_program(const char *name, const unsigned char *start,
+		       const unsigned char *end, uint64_t gpa, int mode)
+{
+	struct vm vm;
+
+	printf("== %s\n", name);
+	if (vm_create(&vm))
+		goto out;
+	memcpy(vm.low + gpa, start, end - start);
+	if (mode == 0 ? set_real_mode(&vm, gpa) :
+	    set_protected_mode(&vm, gpa, mode >= 2, mode == 3))
+		goto out;
+	run_guest(&vm);
+out:
+	vm_destroy(&vm);
+	return 0;
+}
+
+static void on_alarm(int sig)
+{
+	(void)sig;
+}
+
+static int test_interrupts(void)
+{
+	struct sigaction sa = { .sa_handler = on_alarm };
+	struct itimerval it = { .it_value.tv_usec = 200000 };
+	struct vm vm;
+	int r;
+
+	printf("== immediate_exit and signals\n");
+	if (vm_create(&vm))
+		goto out;
+	memcpy(vm.low + 0x1000, spin_start, spin_end - spin_start);
+	if (set_real_mode(&vm, 0x1000))
+		goto out;
+	vm.run->immediate_exit = 1;
+	r = ioctl(vm.vcpu, KVM_RUN, 0);
+	printf("  immediate_exit: ret=%d errno=%s exit_reason=%u\n", r,
+	       r ? strerror(errno) : "-", vm.run->exit_reason);
+	vm.run->immediate_exit = 0;
+
+	sigaction(SIGALRM, &sa, NULL);	/* no SA_RESTART */
+	setitimer(ITIMER_REAL, &it, NULL);
+	r = ioctl(vm.vcpu, KVM_RUN, 0);
+	printf("  spinning guest + SIGALRM: ret=%d errno=%s exit_reason=%u\n",
+	       r, r ? strerror(errno) : "-", vm.run->exit_reason);
+out:
+	vm_destroy(&vm);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	dev = argc > 1 ? argv[1] : "/dev/kvm";
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	sys_fd = open(dev, O_RDWR | O_CLOEXEC);
+	if (sys_fd < 0) {
+		printf("FAIL open %s: %s\n", dev, strerror(errno));
+		return 1;
+	}
+	printf("# backend %s\n", dev);
+	test_basics();
+	test_reset_state();
+	run_program("real mode: port I/O, CPUID, string I/O, MMIO, hlt",
+		    real_start, real_end, 0x1000, 0);
+	run_program("protected mode: MMIO mov forms, outsb, rdmsr",
+		    pm_start, pm_end, 0x2000, 1);
+	run_program("long mode: MMIO, string I/O, CPUID, rdmsr",
+		    lm_start, lm_end, 0x3000, 2);
+	run_program("triple fault", triple_start, triple_end, 0x1000, 0);
+	run_program("long mode with CS.L=CS.D=1 (invalid state)",
+		    lm_start, lm_end, 0x3000, 3);
+	test_interrupts();
+	printf("# failures=%d\n", failures);
+	return failures ? 1 : 0;
+}
