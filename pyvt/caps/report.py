@@ -109,7 +109,7 @@ def _cpu_caps_msrs(cpu: Any, vendor: int) -> dict[int, int]:
     return out
 
 
-def _hw_caps_msrs(hw: Optional[Any]) -> Optional[dict[int, int]]:
+def _hw_caps_msrs(hw: Any | None) -> dict[int, int] | None:
     """MSRs from a PYVT_GET_HW_CAPS result.
 
     Accepts the ioctl's own shape (``struct pyvt_hw_caps`` with its ``cpus``
@@ -135,7 +135,7 @@ def _hw_caps_msrs(hw: Optional[Any]) -> Optional[dict[int, int]]:
     return out
 
 
-def _hw_caps_summary(hw: Optional[Any]) -> Optional[dict]:
+def _hw_caps_summary(hw: Any | None) -> dict | None:
     """Header of PYVT_GET_HW_CAPS and whether every CPU reported the same registers.
 
     Firmware that enables VMX on some cores only is a real failure mode:
