@@ -315,12 +315,17 @@ def _features(raw: RawCaps, report: Mapping) -> dict[str, bool | None]:
             return None
         return value.strip() in ("Y", "1", "y")
 
-    def either(*values: bool | None) -> bool | None:
-        if any(v is True for v in values):
-            return True
-        if all(v is False for v in values):
+    def used(hardware: bool | None, module_param: bool | None) -> bool | None:
+        """Whether KVM guests get a feature: the hardware has it and the module did not turn it off."""
+        if module_param is False:
             return False
-        return None
+        if hardware is not None:
+            return hardware
+        return module_param
+
+    def any_module(*values: bool | None) -> bool | None:
+        known = [v for v in values if v is not None]
+        return any(known) if known else None
 
     supported = kvm.get("supported_cpuid") or {}
     sup_flags = supported.get("flags")
@@ -332,12 +337,12 @@ def _features(raw: RawCaps, report: Mapping) -> dict[str, bool | None]:
         "hypervisor": bool(cpu and cpu["hypervisor"]["present"]) if cpu else None,
         "vmx": bool(cpu and cpu["vmx"]) if cpu else None,
         "svm": bool(cpu and cpu["svm"]) if cpu else None,
-        "ept": either(vmx_feat.get("ept") if vmx_feat else None, param("kvm_intel", "ept")),
-        "unrestricted_guest": either(vmx_feat.get("unrestricted_guest") if vmx_feat else None,
-                                     param("kvm_intel", "unrestricted_guest")),
-        "vpid": either(vmx_feat.get("vpid") if vmx_feat else None, param("kvm_intel", "vpid")),
-        "npt": either(svm_feat.get("npt") if svm_feat else None, param("kvm_amd", "npt")),
-        "nested": either(param("kvm_intel", "nested"), param("kvm_amd", "nested")),
+        "ept": used(vmx_feat.get("ept") if vmx_feat else None, param("kvm_intel", "ept")),
+        "unrestricted_guest": used(vmx_feat.get("unrestricted_guest") if vmx_feat else None,
+                                   param("kvm_intel", "unrestricted_guest")),
+        "vpid": used(vmx_feat.get("vpid") if vmx_feat else None, param("kvm_intel", "vpid")),
+        "npt": used(svm_feat.get("npt") if svm_feat else None, param("kvm_amd", "npt")),
+        "nested": any_module(param("kvm_intel", "nested"), param("kvm_amd", "nested")),
         "irqchip": cap("KVM_CAP_IRQCHIP"),
         "ioeventfd": cap("KVM_CAP_IOEVENTFD"),
         "irqfd": cap("KVM_CAP_IRQFD"),
@@ -590,10 +595,13 @@ def render_text(report: Mapping, verbose: bool = False) -> str:
         for key, title in (("cr0_fixed", "CR0"), ("cr4_fixed", "CR4")):
             if key in vmx:
                 fx = vmx[key]
-                lines.append(f"  {title} must be 1: {' '.join(fx['must_be_1']) or '-'};  "
+                lines.append(f"  {title} in VMX operation: must be 1: {' '.join(fx['must_be_1']) or '-'};  "
                              f"must be 0: {' '.join(fx['must_be_0']) or '-'}")
+        if vmx.get("features", {}).get("unrestricted_guest") and "cr0_fixed" in vmx:
+            lines.append("    (with unrestricted guest, the guest's CR0.PE and CR0.PG may be 0)")
         if "ept_vpid" in vmx:
-            lines.append("  EPT/VPID: " + ", ".join(vmx["ept_vpid"]["capabilities"]))
+            lines.append("  EPT/VPID capabilities:")
+            lines.extend(_wrap([c + "," for c in vmx["ept_vpid"]["capabilities"]], "    "))
         if "vm_functions" in vmx:
             lines.append("  VM functions: " + (", ".join(vmx["vm_functions"]["functions"]) or "none"))
 

@@ -238,3 +238,13 @@ def test_pyvt_hw_caps_cpus_that_disagree():
     validate(r)
     assert r["host"]["pyvt_hw_caps"]["differing_cpus"] == [2]
     assert any("CPUs 2 differ from CPU 0" in p for p in r["verdict"]["problems"])
+
+
+def test_module_parameters_can_turn_hardware_features_off():
+    """kvm_intel ept=N: the CPU has EPT, but KVM guests do not get it."""
+    raw = intel_host(modules={"kvm": {}, "kvm_intel": {"ept": "N", "unrestricted_guest": "N", "nested": "N"}})
+    f = build_report(raw, now=NOW)["features"]
+    assert f["ept"] is False and f["unrestricted_guest"] is False and f["vpid"] is True
+    assert f["nested"] is False
+    raw.modules["kvm_intel"]["nested"] = "Y"
+    assert build_report(raw, now=NOW)["features"]["nested"] is True
