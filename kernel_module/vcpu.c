@@ -122,10 +122,9 @@ static int pyvt_vcpu_run(struct pyvt_vcpu *vcpu)
 	if (ret <= 0)
 		return ret;
 
-	if (READ_ONCE(run->immediate_exit)) {
-		run->exit_reason = KVM_EXIT_INTR;
+	/* Like KVM, leave exit_reason alone here: nothing ran. */
+	if (READ_ONCE(run->immediate_exit))
 		return -EINTR;
-	}
 
 	for (;;) {
 		if (signal_pending(current)) {

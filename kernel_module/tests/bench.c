@@ -26,6 +26,8 @@ struct backend {
 	const char *dev;
 	int sys, vm, vcpu;
 	struct kvm_run *run;
+	int run_size;
+	void *mem;
 	double *samples;
 	int n;
 };
@@ -37,12 +39,14 @@ static int setup(struct backend *b)
 	struct kvm_regs regs = { .rip = 0x1000, .rflags = 2 };
 	void *mem;
 
+	b->run = MAP_FAILED;
 	b->sys = open(b->dev, O_RDWR);
 	if (b->sys < 0)
 		return -1;
 	b->vm = ioctl(b->sys, KVM_CREATE_VM, 0);
 	mem = mmap(NULL, 0x10000, PROT_READ | PROT_WRITE,
 		   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	b->mem = mem;
 	if (b->vm < 0 || mem == MAP_FAILED)
 		return -1;
 	memcpy((char *)mem + 0x1000, bench_start, bench_end - bench_start);
@@ -52,7 +56,8 @@ static int setup(struct backend *b)
 	b->vcpu = ioctl(b->vm, KVM_CREATE_VCPU, 0);
 	if (b->vcpu < 0)
 		return -1;
-	b->run = mmap(NULL, ioctl(b->sys, KVM_GET_VCPU_MMAP_SIZE, 0),
+	b->run_size = ioctl(b->sys, KVM_GET_VCPU_MMAP_SIZE, 0);
+	b->run = mmap(NULL, b->run_size,
 		      PROT_READ | PROT_WRITE, MAP_SHARED, b->vcpu, 0);
 	if (b->run == MAP_FAILED || ioctl(b->vcpu, KVM_GET_SREGS, &sregs))
 		return -1;
@@ -66,7 +71,10 @@ static int setup(struct backend *b)
 
 static void teardown(struct backend *b)
 {
-	/* Close everything so the other backend can own SVM. */
+	/* Drop everything, the mapping too, so the other can own SVM. */
+	if (b->run != MAP_FAILED)
+		munmap(b->run, b->run_size);
+	munmap(b->mem, 0x10000);
 	close(b->vcpu);
 	close(b->vm);
 	close(b->sys);
