@@ -130,7 +130,7 @@ def header_capabilities(path: str = KVM_HEADER) -> dict[str, int]:
     caps: dict[str, int] = {}
     try:
         with open(path) as f:
-            for m in re.finditer(r"^#define\s+(KVM_CAP_\w+)\s+(\d+)\s*$", f.read(), re.MULTILINE):
+            for m in re.finditer(r"^#define\s+(KVM_CAP_\w+)\s+(\d+)\b", f.read(), re.MULTILINE):
                 caps[m.group(1)] = int(m.group(2))
     except OSError:
         pass

@@ -104,3 +104,12 @@ def test_require_ept_fails_on_pvm(real_kvm):
     status, out = run("--device", real_kvm, "--require", "ept", "irqchip")
     assert status == 1
     assert "Requirements: MISSING ept" in out
+
+
+@pytest.mark.skipif(not (REPO / "pyvt" / "__main__.py").exists(), reason="python -m pyvt is not wired yet")
+def test_python_dash_m_pyvt_caps():
+    proc = subprocess.run([sys.executable, "-m", "pyvt", "caps", "--device", "/nonexistent"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert proc.returncode == 1
+    assert proc.stdout.startswith("KVM usable: no, /nonexistent does not exist")

@@ -96,3 +96,28 @@ def test_supported_cpuid_decoded(host_report):
                     + str(host_report["kvm"]["query_errors"]))
     assert sup["entries"] > 0 and "lm" in sup["flags"]
     assert host_report["features"]["long_mode"] is True
+
+
+def test_fallback_readers_without_the_extension(real_kvm, monkeypatch):
+    """With pyvt.kvm unimportable (extension not built), CPUID comes from /dev/cpu/0/cpuid
+    and KVM is asked through plain fcntl ioctls; the answers are the same."""
+    if not os.access("/dev/cpu/0/cpuid", os.R_OK):
+        pytest.skip("/dev/cpu/0/cpuid is not readable (cpuid module or root missing)")
+    import sys
+
+    from pyvt.caps import collect
+
+    normal = collect.collect(real_kvm)
+    import pyvt
+
+    # Make "from pyvt import kvm" fail, as it does when the extension is not built.
+    monkeypatch.setitem(sys.modules, "pyvt.kvm", None)
+    monkeypatch.delattr(pyvt, "kvm", raising=False)
+    fallback = collect.collect(real_kvm)
+    assert fallback.host_cpuid_source == "/dev/cpu/0/cpuid"
+    assert fallback.kvm.interface.startswith("fcntl fallback")
+    assert fallback.host_cpuid[(1, 0)][2] == normal.host_cpuid[(1, 0)][2]  # same feature bits
+    assert fallback.kvm.api_version == 12
+    for name in ("KVM_CAP_IRQCHIP", "KVM_CAP_USER_MEMORY", "KVM_CAP_MAX_VCPUS"):
+        assert fallback.kvm.capabilities[name] == normal.kvm.capabilities[name], name
+    assert fallback.kvm.vcpu_mmap_size == normal.kvm.vcpu_mmap_size
