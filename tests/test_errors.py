@@ -1,0 +1,210 @@
+"""Every documented error: a pyvt.Error subclass with a message that helps."""
+
+import os
+
+import pytest
+
+import pyvt
+from pyvt import exits
+from pyvt._kvm import lib
+
+
+def test_missing_device():
+    with pytest.raises(pyvt.BackendNotFound, match="/nonexistent/kvm does not exist"):
+        pyvt.Vm(backend="/nonexistent/kvm")
+
+
+def test_not_a_kvm_device(tmp_path):
+    path = tmp_path / "plain-file"
+    path.write_bytes(b"")
+    with pytest.raises(pyvt.BackendError, match="not a KVM device"):
+        pyvt.Vm(backend=str(path))
+
+
+@pytest.mark.needs_kvm
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another user")
+def test_no_permission_on_device():
+    # Root can open anything: a child that drops to "nobody" shows the
+    # message a normal user gets.
+    device = pyvt.select_backend()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            pyvt.kvm.Kvm(device)
+            message = b"opened"
+        except pyvt.BackendPermissionError as e:
+            message = f"OK {e}".encode()
+        except BaseException as e:  # report anything else to the parent
+            message = repr(e).encode()
+        os.write(write_end, message)
+        os._exit(0)
+    os.close(write_end)
+    message = os.read(read_end, 4096).decode()
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    assert message.startswith(f"OK no permission to open {device}"), message
+    assert "kvm" in message
+
+
+def test_api_version_mismatch(monkeypatch):
+    monkeypatch.setattr(pyvt.kvm.Kvm, "api_version", lambda self: 11)
+    try:
+        path = pyvt.select_backend()
+    except pyvt.Error as e:
+        pytest.skip(str(e))
+    with pytest.raises(pyvt.ApiVersionMismatch, match="version 11; pyvt needs 12"):
+        pyvt.kvm.Kvm(path)
+
+
+@pytest.mark.parametrize("size,message", [
+    (1000, "not a multiple of the page size"),
+    ("12Q", "cannot read memory size"),
+    (0, "must be positive"),
+    ("64T", "cannot be allocated"),
+    (True, "memory size must be"),
+])
+@pytest.mark.needs_kvm
+def test_bad_memory_sizes(size, message):
+    with pytest.raises(pyvt.MemoryConfigError, match=message):
+        pyvt.Vm(memory=size)
+
+
+@pytest.mark.needs_kvm
+def test_overlapping_regions_and_out_of_range_access(vm):
+    with pytest.raises(pyvt.RegionOverlapError, match="overlaps"):
+        vm.memory.add_region(0x800000, "16M")
+    with pytest.raises(pyvt.MemoryConfigError, match="not page-aligned"):
+        vm.memory.add_region(0x10000001, "4K")
+    with pytest.raises(pyvt.OutOfRangeError, match="no memory region holds"):
+        vm.memory.write(vm.memory.size - 2, b"abcd")
+    with pytest.raises(pyvt.OutOfRangeError):
+        vm.memory.read(1 << 40, 1)
+    with pytest.raises(pyvt.OutOfRangeError):
+        vm.memory.read(-1, 1)
+    with pytest.raises(pyvt.ArgumentError):
+        vm.memory.write(0, "text")
+    # Nothing was written by the refused write.
+    assert vm.memory.read(vm.memory.size - 2, 2) == b"\0\0"
+    region = vm.memory.add_region(0x10000000, "4K")
+    vm.memory.write(region.gpa, b"ok")
+    assert vm.memory[region.gpa:region.gpa + 2] == b"ok"
+
+
+@pytest.mark.needs_kvm
+def test_bad_mode_and_vcpu_index(vm):
+    with pytest.raises(pyvt.InvalidModeError, match="unknown CPU mode 'unreal'"):
+        vm.vcpu(0, mode="unreal")
+    with pytest.raises(pyvt.VcpuIndexError, match="out of range"):
+        vm.vcpu(vm.max_vcpus)
+    with pytest.raises(pyvt.VcpuIndexError):
+        vm.vcpu(-1)
+    vm.vcpu(0)
+    with pytest.raises(pyvt.VcpuIndexError, match="exists already"):
+        vm.vcpu(0)
+
+
+@pytest.mark.needs_kvm
+def test_use_after_close(guest):
+    vm = pyvt.Vm("16M")
+    cpu = vm.vcpu(0, mode="long")
+    vm.close()
+    vm.close()  # idempotent
+    with pytest.raises(pyvt.ClosedError):
+        vm.vcpu(1)
+    with pytest.raises(pyvt.ClosedError):
+        vm.memory.read(0, 1)
+    with pytest.raises(pyvt.ClosedError):
+        cpu.run()
+    with pytest.raises(pyvt.ClosedError):
+        cpu.regs.rax
+    with pytest.raises(pyvt.ClosedError):
+        vm.on_io(0x10, print)
+
+
+@pytest.mark.needs_kvm
+def test_memoryview_outlives_close_safely():
+    vm = pyvt.Vm("1M")
+    view = vm.memory.view
+    view[0:2] = b"hi"
+    vm.close()
+    assert bytes(view[0:2]) == b"hi"  # still mapped: no dangling pointer
+    view.release()
+
+
+@pytest.mark.needs_kvm
+def test_triple_fault_reports_registers(vm, load):
+    cpu = load("triple_fault", "long")
+    exit = cpu.run(timeout=5)
+    assert isinstance(exit, exits.Shutdown) and exit.failed
+    assert exit.regs.rax == 0x1234
+    with pytest.raises(pyvt.TripleFault, match="triple-faulted") as info:
+        exit.raise_for_failure()
+    assert "RAX=0000000000001234" in str(info.value)
+    with pytest.raises(pyvt.TripleFault):
+        cpu.run(timeout=5, check=True)
+
+
+@pytest.mark.needs_kvm
+def test_internal_error_shows_the_instruction(vm, load):
+    cpu = load("unsupported_insn", "long")
+    exit = cpu.run(timeout=5)
+    if isinstance(exit, (exits.Hlt, exits.Shutdown)):
+        pytest.skip(f"this host handles clac itself ({exit!r}): no internal error to see")
+    assert isinstance(exit, exits.InternalError), exit
+    assert exit.instruction.startswith(bytes([0x0F, 0x01, 0xCA])), exit.instruction.hex()
+    message = exit.describe()
+    assert "KVM internal error" in message and "bytes at rip: 0f 01 ca" in message
+    assert exit.regs.rdi == 0x5000
+    try:
+        import capstone  # noqa: F401
+    except ImportError:
+        return
+    assert exit.disassembly == "clac"
+    with pytest.raises(pyvt.InternalError):
+        exit.raise_for_failure()
+
+
+@pytest.mark.needs_kvm
+def test_fail_entry_is_decoded(vm):
+    # Software-assisted KVM (PVM, these machines) checks guest state in
+    # software and never fails a VM entry, so this drives the decoder with a
+    # failure written into the real kvm_run page, as VMX and SVM report them.
+    cpu = vm.vcpu(0, mode="long")
+    run = cpu.fd.run_struct
+    run.exit_reason = lib.KVM_EXIT_FAIL_ENTRY
+    run.fail_entry.hardware_entry_failure_reason = 0x80000021
+    run.fail_entry.cpu = 1
+    exit = cpu._decode_kvm_exit()
+    assert isinstance(exit, exits.FailEntry) and exit.failed
+    assert "invalid guest state" in exit.describe() and "host CPU 1" in exit.describe()
+    with pytest.raises(pyvt.EntryFailed, match="0x80000021"):
+        exit.raise_for_failure()
+    run.fail_entry.hardware_entry_failure_reason = 0xFFFFFFFFFFFFFFFF
+    assert "VMEXIT_INVALID" in cpu._decode_kvm_exit().reason
+
+
+@pytest.mark.needs_kvm
+def test_unknown_exit_reason_is_a_value(vm):
+    cpu = vm.vcpu(0)
+    cpu.fd.run_struct.exit_reason = 1234
+    exit = cpu._decode_kvm_exit()
+    assert isinstance(exit, exits.Unhandled) and exit.reason == 1234
+
+
+@pytest.mark.needs_kvm
+def test_bad_arguments_are_rejected(vm):
+    cpu = vm.vcpu(0)
+    with pytest.raises(pyvt.ArgumentError):
+        cpu.run(timeout=-1)
+    with pytest.raises(pyvt.ArgumentError):
+        cpu.run(timeout="soon")
+    with pytest.raises(pyvt.ArgumentError):
+        cpu.set_msrs([1, 2])
+    with pytest.raises(pyvt.ArgumentError):
+        pyvt.run("not bytes")
+    with pytest.raises(pyvt.ArgumentError):
+        pyvt.Vm(backend=42)

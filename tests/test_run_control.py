@@ -1,0 +1,151 @@
+"""Timeouts, Ctrl-C, stopping from another thread, several vCPUs at once."""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+import pyvt
+from pyvt import exits
+
+pytestmark = pytest.mark.needs_kvm
+
+
+def test_timeout_stops_a_spinning_guest_and_it_can_resume(vm, load):
+    cpu = load("spin", "long")
+    exit = cpu.run(timeout=0.2)
+    assert isinstance(exit, exits.Timeout)
+    assert exit.rip == 0x1000 and exit.timeout == 0.2
+    assert isinstance(cpu.run(timeout=0.05), exits.Timeout)
+    assert isinstance(cpu.run(timeout=0), exits.Timeout)
+
+
+def test_timeout_while_native_exits_keep_coming(vm, load):
+    # The UART guest with a huge string would loop forever on LSR polls if
+    # the port never changed; here the echo guest waits for input that never
+    # comes: every iteration is a native exit, none reaches Python.
+    cpu = load("echo", "real")
+    exit = cpu.run(timeout=0.2)
+    assert isinstance(exit, exits.Timeout)
+    assert cpu.stats["native_exits"] > 0
+    vm.console.feed(b"late\n")
+    assert isinstance(cpu.run(timeout=5), exits.Hlt)
+    assert vm.console.output == b"late\n"
+
+
+def test_ctrl_c_interrupts_promptly_and_vm_stays_usable(vm, load):
+    cpu = load("spin", "long")
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        cpu.run(timeout=30)
+    assert time.monotonic() - started < 20  # not the 30 s timeout
+    timer.join()
+    assert isinstance(cpu.run(timeout=0.05), exits.Timeout)
+    cpu.regs.rip = 0x2000
+    vm.memory.write(0x2000, b"\xf4")
+    assert isinstance(cpu.run(timeout=5), exits.Hlt)
+
+
+def test_ctrl_c_without_timeout(vm, load):
+    cpu = load("spin", "long")
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        cpu.run()
+    timer.join()
+
+
+def test_stop_from_another_thread(vm, load):
+    cpu = load("spin", "long")
+    result = []
+    thread = threading.Thread(target=lambda: result.append(cpu.run()))
+    thread.start()
+    time.sleep(0.1)
+    cpu.stop()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert isinstance(result[0], exits.Stopped)
+
+
+def test_running_the_same_vcpu_twice_at_once_is_refused(vm, load):
+    cpu = load("spin", "long")
+    thread = threading.Thread(target=lambda: cpu.run(timeout=1))
+    thread.start()
+    time.sleep(0.1)
+    with pytest.raises(pyvt.Error, match="already running"):
+        cpu.run(timeout=0.1)
+    thread.join()
+
+
+def test_close_stops_vcpus_running_in_other_threads(guest):
+    vm = pyvt.Vm("16M")
+    vm.memory.write(0x1000, guest("spin"))
+    cpu = vm.vcpu(0, mode="long")
+    cpu.regs.rip = 0x1000
+    result = []
+    thread = threading.Thread(target=lambda: result.append(cpu.run()))
+    thread.start()
+    time.sleep(0.1)
+    vm.close()
+    thread.join(10)
+    assert isinstance(result[0], exits.Stopped)
+    with pytest.raises(pyvt.ClosedError):
+        cpu.run()
+
+
+def test_close_from_a_handler(vm, load):
+    vm.on_io(0x10, lambda e: vm.close())
+    cpu = load("port_io", "protected")
+    assert isinstance(cpu.run(timeout=5), exits.Stopped)
+    assert vm.closed and cpu.closed
+
+
+def test_vcpus_run_in_parallel_threads(guest):
+    count = 4
+    with pyvt.Vm("16M") as vm:
+        vm.memory.write(0x1000, guest("counter"))
+        cpus = [vm.vcpu(i, mode="long") for i in range(count)]
+        for i, cpu in enumerate(cpus):
+            cpu.regs.rip = 0x1000
+            cpu.regs.rdi = i
+            cpu.regs.rsi = 2_000_000
+        results = [None] * count
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, cpus[i].run(timeout=30)))
+                   for i in range(count)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(isinstance(r, exits.Hlt) for r in results), results
+        assert [vm.memory.read_int(0x5000 + 8 * i) for i in range(count)] == \
+            [i * 1000 + 7 for i in range(count)]
+
+
+def test_python_handlers_from_several_vcpu_threads(guest):
+    with pyvt.Vm("16M") as vm:
+        lock = threading.Lock()
+        seen = []
+
+        def record(exit):
+            with lock:
+                seen.append((threading.get_ident(), exit.value))
+
+        vm.on_io(0x10, record)
+        vm.on_io(0x11, lambda e: 1)
+        vm.on_io(0x12, lambda e: None)
+        vm.on_io(0x13, lambda e: 2)
+        vm.memory.write(0x1000, guest("port_io"))
+        cpus = [vm.vcpu(i, mode="protected") for i in range(2)]
+        for cpu in cpus:
+            cpu.regs.rip = 0x1000
+        threads = [threading.Thread(target=cpu.run, kwargs={"timeout": 10}) for cpu in cpus]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(v for _, v in seen) == [1, 1, 2, 2, 3, 3]
+        assert len({tid for tid, _ in seen}) == 2
