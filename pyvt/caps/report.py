@@ -362,6 +362,8 @@ def _features(raw: RawCaps, report: Mapping) -> dict[str, bool | None]:
                 f[name] = False
     if f["npt"] is None and cpu is not None and not cpu["svm"] and "kvm_amd" not in raw.modules:
         f["npt"] = False
+    if f["nested"] is None and report["verdict"]["kind"] == "pvm":
+        f["nested"] = False  # PVM offers its guests no VMX/SVM to nest with
     probe = report.get("probe")
     for name in PROBE_ONLY_FEATURES:
         f[name] = None if usable else False

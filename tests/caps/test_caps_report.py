@@ -91,6 +91,7 @@ def test_pvm_machine():
     assert r["host"]["cpu"]["hypervisor"]["name"] == "KVM"
     assert r["vmx"] is None and r["svm"] is None
     assert r["features"]["pvm"] and not r["features"]["ept"] and not r["features"]["npt"]
+    assert r["features"]["nested"] is False
     sources = {s["name"]: s["status"] for s in r["sources"]}
     assert sources["msr_device"] == "unavailable" and sources["kvm"] == "ok"
     assert sources["kvm_module_parameters"] == "ok"
