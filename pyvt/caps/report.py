@@ -569,7 +569,7 @@ def render_text(report: Mapping, verbose: bool = False) -> str:
     vmx = report.get("vmx")
     if vmx:
         lines.append("")
-        lines.append(f"Intel VMX  [source: {vmx.get('source')}]")
+        lines.append(f"Intel VMX  [source: {vmx.get('source')}{_SOURCE_NOTES.get(vmx.get('source') or '', '')}]")
         fc = vmx.get("feature_control")
         if fc:
             lines.append(f"  IA32_FEATURE_CONTROL {fc['raw']}: {fc['explanation']}")
@@ -657,6 +657,13 @@ def render_text(report: Mapping, verbose: bool = False) -> str:
     lines.append("Features")
     lines.extend(_wrap([f"{k}={_yn(v)}" for k, v in report["features"].items()], "  "))
     return "\n".join(lines) + "\n"
+
+
+_SOURCE_NOTES = {
+    SOURCE_KVM_FEATURE_MSRS: ", what KVM offers a nested guest",
+    SOURCE_MSR_DEVICE: ", the host CPU's own registers",
+    SOURCE_PYVT_HW_CAPS: ", the host CPU's own registers read by pyvt.ko",
+}
 
 
 def _setting_word(setting: str) -> str:
