@@ -247,14 +247,21 @@ cdef class VcpuLoop:
     cdef object make_io
     cdef object make_mmio
     cdef volatile bint stop_requested
+    # Holds a buffer export of the vCPU's mmap: while the loop lives, the
+    # kvm_run page cannot be unmapped under it (mmap.close() refuses).
+    cdef uint8_t[::1] page
 
-    def __init__(self, Machine machine, int fd, size_t run_address,
-                 size_t ring_address, long page_size, make_io, make_mmio):
+    def __init__(self, Machine machine, int fd, run_page, Py_ssize_t ring_offset,
+                 long page_size, make_io, make_mmio):
         self.machine = machine
         self.make_io = make_io
         self.make_mmio = make_mmio
-        pvt_vcpu_init(&self.v, fd, <kvm_run *>run_address, machine.m,
-                      <void *>ring_address, page_size)
+        self.page = run_page
+        if ring_offset and ring_offset + page_size > self.page.shape[0]:
+            raise ValueError("the coalesced ring lies outside the vCPU mapping")
+        pvt_vcpu_init(&self.v, fd, <kvm_run *>&self.page[0], machine.m,
+                      <void *>&self.page[ring_offset] if ring_offset else NULL,
+                      page_size)
 
     def __dealloc__(self):
         pvt_vcpu_destroy(&self.v)
@@ -262,6 +269,8 @@ cdef class VcpuLoop:
     def close(self):
         pvt_vcpu_destroy(&self.v)
         self.v.run = NULL
+        self.v.ring = NULL
+        self.page = None
 
     def request_stop(self):
         """Asks a running loop to return STOP_REQUESTED at its next safe

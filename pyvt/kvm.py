@@ -418,6 +418,8 @@ class VmFd(_Fd):
 class VcpuFd(_Fd):
     """A vCPU file descriptor with its mmap'd ``struct kvm_run`` (``.run``)."""
 
+    _mmap: Optional[mmap.mmap] = None
+
     def __init__(self, vm: VmFd, fd: int, index: int):
         self.vm = vm
         self.index = index
@@ -434,9 +436,9 @@ class VcpuFd(_Fd):
         self.run_struct = ffi.cast("struct kvm_run *", self._view)
         self.run_address = int(ffi.cast("uintptr_t", self._view))
         ring_offset = lib.KVM_COALESCED_MMIO_PAGE_OFFSET * PAGE_SIZE
-        #: Address of the VM's coalesced-write ring in this mapping, or 0.
-        self.coalesced_ring_address = (
-            self.run_address + ring_offset
+        #: Offset of the VM's coalesced-write ring in this mapping, or 0.
+        self.coalesced_ring_offset = (
+            ring_offset
             if vm.kvm.check_extension("KVM_CAP_COALESCED_MMIO") and ring_offset < size
             else 0
         )
@@ -444,15 +446,25 @@ class VcpuFd(_Fd):
     def __repr__(self) -> str:
         return f"<VcpuFd {self.index} fd={self._fd}>"
 
+    @property
+    def run_page(self) -> mmap.mmap:
+        """The vCPU's mapping (``kvm_run`` and the pages after it)."""
+        if self._mmap is None:
+            raise ClosedError(f"vCPU {self.index} is closed")
+        return self._mmap
+
     def close(self) -> None:
         view, self._view = getattr(self, "_view", None), None
         self.run_struct = None
         if view is not None:
             ffi.release(view)
         mapping = getattr(self, "_mmap", None)
+        self._mmap = None
         if mapping is not None:
-            mapping.close()
-            self._mmap = None
+            try:
+                mapping.close()
+            except BufferError:
+                pass  # a run loop still holds the page; unmapped when it lets go
         super().close()
 
     def run(self) -> int:

@@ -80,8 +80,8 @@ class Vcpu:
         self._store_regs(regs)
 
         self._loop = _native.VcpuLoop(
-            vm._machine, self.fd.fileno(), self.fd.run_address,
-            self.fd.coalesced_ring_address if vm._coalescing else 0, PAGE_SIZE,
+            vm._machine, self.fd.fileno(), self.fd.run_page,
+            self.fd.coalesced_ring_offset if vm._coalescing else 0, PAGE_SIZE,
             _make_io, _make_mmio)
         self._regs_view = RegisterView(self._load_regs, self._store_regs, GENERAL_FIELDS)
         self._sregs_view = SpecialRegisterView(self._load_sregs, self._store_sregs)

@@ -127,6 +127,7 @@ cdef extern from "vcpu_loop.h" nogil:
 
     cdef struct pvt_vcpu:
         kvm_run *run
+        void *ring
         pvt_kicker kicker
         uint64_t kvm_exits
         uint64_t native_exits
