@@ -53,9 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--memory", default="16M", help="guest RAM (default 16M)")
     run.add_argument("--backend", default=None, help="device path (default: /dev/kvm)")
 
-    caps = sub.add_parser("caps", help="report what virtualization this host can do",
-                          add_help=False)
-    caps.add_argument("args", nargs=argparse.REMAINDER)
+    # `caps` has its own parser (pyvt.caps.cli); main() hands it the rest.
+    sub.add_parser("caps", help="report what virtualization this host can do",
+                   add_help=False)
 
     sub.add_parser("version", help="print pyvt's version")
     return parser
@@ -93,24 +93,22 @@ def _run(args) -> int:
     return exit_status(exit)
 
 
-def _caps(args) -> int:
-    try:
-        from .caps.cli import main as caps_main
-    except ImportError as e:
-        print(f"pyvt: caps is not available in this build ({e})", file=sys.stderr)
-        return EXIT_USAGE
-    return caps_main(args.args)
+def _caps(argv: List[str]) -> int:
+    from .caps.cli import main as caps_main
+
+    return caps_main(argv)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["caps"]:
+        return _caps(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "version":
             print(f"pyvt {__version__}")
             return 0
-        if args.command == "run":
-            return _run(args)
-        return _caps(args)
+        return _run(args)
     except Error as e:
         print(f"pyvt: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,0 +1,148 @@
+"""pyvt.kvm, the thin layer: one method per ioctl, usable on its own to
+write a VMM by hand."""
+
+import errno
+import mmap
+import os
+
+import pytest
+
+import pyvt
+from pyvt import exits
+from pyvt.kvm import Kvm, lib
+
+pytestmark = pytest.mark.needs_kvm
+
+
+@pytest.fixture
+def kvm():
+    return Kvm(pyvt.select_backend())
+
+
+def test_system_ioctls(kvm):
+    assert kvm.api_version() == 12
+    assert kvm.check_extension("KVM_CAP_USER_MEMORY") == kvm.check_extension(lib.KVM_CAP_USER_MEMORY) > 0
+    assert kvm.check_extension("user_memory") > 0
+    with pytest.raises(pyvt.ArgumentError, match="unknown capability"):
+        kvm.check_extension("NO_SUCH_CAP")
+    assert kvm.vcpu_mmap_size() >= mmap.PAGESIZE
+    leaves = {e.function for e in kvm.get_supported_cpuid()}
+    assert 0 in leaves and 1 in leaves
+    assert 0x10 in kvm.get_msr_index_list()  # IA32_TIME_STAMP_COUNTER
+    if kvm.check_extension("KVM_CAP_GET_MSR_FEATURES"):
+        features = kvm.get_msr_feature_index_list()
+        assert isinstance(kvm.get_msrs(features[:4]), dict)
+    assert "KVM_CAP_IRQCHIP" in pyvt.kvm.caps
+    kvm.close()
+    kvm.close()
+    with pytest.raises(pyvt.ClosedError):
+        kvm.api_version()
+
+
+def _real_mode_vm(kvm, code: bytes, flags: int = 0):
+    """A VM built by hand from the thin layer: 64 KiB at 0, code at 0x1000."""
+    vm = kvm.create_vm()
+    memory = mmap.mmap(-1, 0x10000)
+    memory[0x1000:0x1000 + len(code)] = code
+    address = int(pyvt.kvm.ffi.cast("uintptr_t", pyvt.kvm.ffi.from_buffer(memory)))
+    vm.set_user_memory_region(0, 0, len(memory), address, flags)
+    vcpu = vm.create_vcpu(0)
+    sregs = vcpu.get_sregs()
+    sregs.cs.base = 0
+    sregs.cs.selector = 0
+    vcpu.set_sregs(sregs)
+    regs = vcpu.get_regs()
+    regs.rip = 0x1000
+    regs.rflags = 2
+    vcpu.set_regs(regs)
+    return vm, vcpu, memory
+
+
+def test_hand_written_vmm_loop(kvm):
+    # mov $0x3f8, %dx; mov $'K', %al; out %al, (%dx); hlt
+    vm, vcpu, memory = _real_mode_vm(kvm, bytes([0xBA, 0xF8, 0x03, 0xB0, 0x4B, 0xEE, 0xF4]))
+    seen = []
+    while True:
+        reason = vcpu.run()
+        run = vcpu.run_struct
+        if reason == lib.KVM_EXIT_IO:
+            data = pyvt.kvm.ffi.buffer(pyvt.kvm.ffi.cast("char *", run) + run.io.data_offset, 1)
+            seen.append((run.io.port, bytes(data)))
+        elif reason == lib.KVM_EXIT_HLT:
+            break
+        else:
+            pytest.fail(f"unexpected exit {reason}")
+    assert seen == [(0x3F8, b"K")]
+    vcpu.close()
+    vm.close()
+
+
+def test_immediate_exit(kvm):
+    vm, vcpu, memory = _real_mode_vm(kvm, b"\xf4")
+    vcpu.immediate_exit = True
+    with pytest.raises(pyvt.KvmError) as info:
+        vcpu.run()
+    assert info.value.errno == errno.EINTR and info.value.ioctl == "KVM_RUN"
+    vcpu.immediate_exit = False
+    assert vcpu.run() == lib.KVM_EXIT_HLT
+
+
+def test_dirty_log(kvm):
+    # movb $1, 0x3000; hlt
+    vm, vcpu, memory = _real_mode_vm(kvm, bytes([0xC6, 0x06, 0x00, 0x30, 0x01, 0xF4]),
+                                     flags=lib.KVM_MEM_LOG_DIRTY_PAGES)
+    assert vcpu.run() == lib.KVM_EXIT_HLT
+    bitmap = int.from_bytes(vm.get_dirty_log(0, 16), "little")
+    assert bitmap & (1 << 3), f"page 3 not dirty: {bitmap:#x}"
+
+
+def test_ioeventfd_signals_without_an_exit(kvm):
+    # out %al, $0x70 (with al=5); hlt
+    vm, vcpu, memory = _real_mode_vm(kvm, bytes([0xB0, 0x05, 0xE6, 0x70, 0xF4]))
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        vm.ioeventfd(efd, 0x70, 1, pio=True)
+        assert vcpu.run() == lib.KVM_EXIT_HLT
+        assert os.eventfd_read(efd) == 1
+    finally:
+        os.close(efd)
+
+
+def test_irqchip_pit_and_irq_line(kvm):
+    vm = kvm.create_vm()
+    if not kvm.check_extension("KVM_CAP_IRQCHIP"):
+        pytest.skip("no in-kernel irqchip on this backend")
+    vm.create_irqchip()
+    vm.create_pit2()
+    vm.irq_line(4, 1)
+    vm.irq_line(4, 0)
+    vcpu = vm.create_vcpu(0)
+    assert vcpu.get_mp_state() == lib.KVM_MP_STATE_RUNNABLE
+    lapic = vcpu.get_lapic()
+    assert len(lapic) == 1024
+    vcpu.set_lapic(lapic)
+
+
+def test_guest_debug_single_step():
+    with pyvt.Vm("1M") as vm:
+        # nop; nop; hlt
+        vm.memory.write(0x1000, b"\x90\x90\xf4")
+        cpu = vm.vcpu(0, mode="real")
+        cpu.regs.rip = 0x1000
+        cpu.fd.set_guest_debug(lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP)
+        steps = [cpu.run(timeout=5) for _ in range(2)]
+        assert all(isinstance(s, exits.Debug) for s in steps), steps
+        assert [s.pc for s in steps] == [0x1001, 0x1002]
+        cpu.fd.set_guest_debug(0)
+        assert isinstance(cpu.run(timeout=5), exits.Hlt)
+
+
+def test_vcpu_state_blocks(vm):
+    cpu = vm.vcpu(0, mode="long")
+    events = cpu.fd.get_vcpu_events()
+    cpu.fd.set_vcpu_events(events)
+    debugregs = cpu.fd.get_debugregs()
+    cpu.fd.set_debugregs(debugregs)
+    if vm.kvm.check_extension("KVM_CAP_XCRS"):
+        xcrs = cpu.fd.get_xcrs()
+        cpu.fd.set_xcrs(xcrs)
