@@ -29,6 +29,8 @@
 
 static const char *dev;
 static int sys_fds[NFD], vm_fds[NFD], vcpu_fds[NFD];
+static struct kvm_run *runs[NFD];
+static unsigned long exits[64];
 static unsigned char *buf;
 static unsigned char scratch[16384];
 static unsigned long ops, ok, errs[256];
@@ -133,8 +135,9 @@ static void memory_region(void)
 		    pick(10) ? (void *)&mr : any_ptr()));
 }
 
-static void vcpu_state(int fd)
+static void vcpu_state(int idx)
 {
+	int fd = vcpu_fds[idx];
 	struct kvm_regs regs;
 	struct kvm_sregs sregs;
 	struct {
@@ -172,13 +175,27 @@ static void vcpu_state(int fd)
 		/* Random guest code where the guest probably is. */
 		for (i = 0; i < 4096; i++)
 			buf[pick(0x20000)] = random();
-		count(ioctl(fd, KVM_RUN, pick(20) ? 0 : rnd64()));
+		if (!ioctl(fd, KVM_RUN, pick(20) ? 0 : rnd64())) {
+			count(0);
+			if (runs[idx])
+				exits[runs[idx]->exit_reason & 63]++;
+		} else {
+			count(-1);
+		}
 	}
+}
+
+static void close_vcpu(int i)
+{
+	if (runs[i])
+		munmap(runs[i], 4096);
+	runs[i] = NULL;
+	close_fd(&vcpu_fds[i]);
 }
 
 static void one_op(void)
 {
-	int *fd, r;
+	int *fd, r, i;
 
 	switch (pick(16)) {
 	case 0:
@@ -198,17 +215,23 @@ static void one_op(void)
 		memory_region();
 		break;
 	case 4:
-		fd = slot_of(vcpu_fds);
-		close_fd(fd);
+		i = pick(NFD);
+		close_vcpu(i);
 		r = ioctl(*slot_of(vm_fds), KVM_CREATE_VCPU,
 			  pick(3) ? pick(10) : rnd64());
 		count(r);
-		*fd = r > 0 ? r : 0;
+		vcpu_fds[i] = r > 0 ? r : 0;
+		if (r > 0) {
+			runs[i] = mmap(NULL, 4096, PROT_READ | PROT_WRITE,
+				       MAP_SHARED, r, 0);
+			if (runs[i] == MAP_FAILED)
+				runs[i] = NULL;
+		}
 		break;
 	case 5:
 	case 6:
 	case 7:
-		vcpu_state(*slot_of(vcpu_fds));
+		vcpu_state(pick(NFD));
 		break;
 	case 8:
 		/* A random ioctl: KVM's magic, pyvt's magic or anything. */
@@ -267,7 +290,10 @@ static void one_op(void)
 		}
 		break;
 	default:
-		close_fd(pick(2) ? slot_of(vm_fds) : slot_of(vcpu_fds));
+		if (pick(2))
+			close_fd(slot_of(vm_fds));
+		else
+			close_vcpu(pick(NFD));
 	}
 }
 
@@ -368,7 +394,7 @@ int main(int argc, char **argv)
 	for (i = 0; i < n; i++)
 		one_op();
 	for (i = 0; i < NFD; i++) {
-		close_fd(&vcpu_fds[i]);
+		close_vcpu(i);
 		close_fd(&vm_fds[i]);
 		close_fd(&sys_fds[i]);
 	}
@@ -380,6 +406,10 @@ int main(int argc, char **argv)
 	for (e = 0; e < 256; e++)
 		if (errs[e])
 			printf(" %s=%lu", strerrorname_np(e) ? strerrorname_np(e) : "?", errs[e]);
+	printf("\nFUZZ KVM_RUN exit reasons:");
+	for (e = 0; e < 64; e++)
+		if (exits[e])
+			printf(" %d=%lu", e, exits[e]);
 	printf("\n");
 	return 0;
 }

@@ -37,6 +37,11 @@ real_start:
 	mov	$2, %cx
 	rep outsw
 	outsb
+	std
+	mov	$R(msg16 + 4), %si
+	mov	$3, %cx
+	rep outsb
+	cld
 	mov	$0x9000, %ax		/* MMIO: 0x90000 is outside RAM */
 	mov	%ax, %es
 	movb	$0x42, %es:0x10
@@ -48,6 +53,40 @@ real_start:
 msg16:	.ascii	"hello"
 buf16:	.fill	8, 1, 0
 real_end:
+
+/* Real mode, loaded at 0x1000: #GP from an unknown MSR, via the IVT. */
+	.globl gp_start, gp_end
+gp_start:
+	movw	$(gp_handler - gp_start + 0x1000), 13 * 4
+	movw	$0, 13 * 4 + 2
+	mov	$0x12345678, %ecx
+	rdmsr
+	mov	$0xee, %al
+	out	%al, $0x10
+	hlt
+gp_handler:
+	mov	$0x0d, %al
+	out	%al, $0x10
+	hlt
+gp_end:
+
+/* Real mode, loaded at 0x1000: read the byte at 0xc0000, report it. */
+	.globl slot_start, slot_end
+slot_start:
+	mov	$0xc000, %ax
+	mov	%ax, %ds
+	mov	0, %al
+	out	%al, $0x10
+	hlt
+slot_end:
+
+/* Real mode, loaded at 0x1000: CX port writes to DX, then hlt. */
+	.globl loop_start, loop_end
+loop_start:
+	out	%al, %dx
+	loop	loop_start
+	hlt
+loop_end:
 
 /* Real mode, loaded at 0x1000: triple fault through an empty IVT. */
 	.globl triple_start, triple_end
@@ -150,4 +189,31 @@ lm_start:
 msg64:	.ascii	"long"
 buf64:	.fill	4, 1, 0
 lm_end:
+
+/* 64-bit, loaded at 0x3000: XMM state must survive exits to user space. */
+	.globl fpu_start, fpu_end
+fpu_start:
+	mov	$0x0123456789abcdef, %rax
+	movq	%rax, %xmm0
+	mov	$0x55aa, %eax
+	movd	%eax, %xmm7
+	out	%eax, $0x10
+	out	%eax, $0x10
+	movq	%xmm0, %rax
+	out	%eax, $0x10
+	shr	$32, %rax
+	out	%eax, $0x10
+	movd	%xmm7, %eax
+	out	%eax, $0x10
+	hlt
+fpu_end:
+
+/* 32-bit, loaded at 0x2000: an ALU op on MMIO, beyond the MOV decoder. */
+	.globl alu_start, alu_end
+	.code32
+alu_start:
+	mov	$0xd0000000, %edi
+	add	%eax, (%edi)
+	hlt
+alu_end:
 	.section .note.GNU-stack, "", @progbits

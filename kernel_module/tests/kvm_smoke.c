@@ -9,6 +9,8 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <pthread.h>
+#include <sched.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdint.h>
@@ -26,6 +28,11 @@ extern const unsigned char triple_start[], triple_end[];
 extern const unsigned char spin_start[], spin_end[];
 extern const unsigned char pm_start[], pm_end[];
 extern const unsigned char lm_start[], lm_end[];
+extern const unsigned char gp_start[], gp_end[];
+extern const unsigned char slot_start[], slot_end[];
+extern const unsigned char loop_start[], loop_end[];
+extern const unsigned char fpu_start[], fpu_end[];
+extern const unsigned char alu_start[], alu_end[];
 
 #define LOW_RAM		0x80000		/* slot 0: [0, 512K) */
 #define HIGH_RAM_GPA	0x100000	/* slot 1: [1M, 3M): page tables */
@@ -33,6 +40,8 @@ extern const unsigned char lm_start[], lm_end[];
 #define MAX_EXITS	200
 
 static int sys_fd, failures;
+static const char *pfx = "";	/* "#" marks output not compared */
+#define OUT(fmt, ...) printf("%s" fmt, pfx, ##__VA_ARGS__)
 static const char *dev;
 
 struct vm {
@@ -138,13 +147,19 @@ static void flat_seg(struct kvm_segment *s, int code, int lm)
 	s->l = code && lm;
 }
 
-static int set_protected_mode(struct vm *vm, uint64_t rip, int lm, int bad_cs)
+enum mode { REAL, FLAT32, LONG64, LONG64_BAD_CS, PAGED32, PAE32, LONG64_SSE };
+
+static int set_protected_mode(struct vm *vm, uint64_t rip, enum mode mode)
 {
+	int lm = mode == LONG64 || mode == LONG64_BAD_CS || mode == LONG64_SSE;
+	int bad_cs = mode == LONG64_BAD_CS;
 	struct kvm_sregs sregs;
 	struct kvm_regs regs = {};
 	uint64_t *pml4 = (uint64_t *)vm->high;
 	uint64_t *pdpt = (uint64_t *)(vm->high + 0x1000);
 	uint64_t *pd = (uint64_t *)(vm->high + 0x2000);
+	uint64_t *pae_pdpt = (uint64_t *)(vm->high + 0x6000);
+	uint32_t *pd32 = (uint32_t *)(vm->high + 0x7000);
 	int i;
 
 	CHECK(!ioctl(vm->vcpu, KVM_GET_SREGS, &sregs), "KVM_GET_SREGS");
@@ -152,19 +167,34 @@ static int set_protected_mode(struct vm *vm, uint64_t rip, int lm, int bad_cs)
 	flat_seg(&sregs.ds, 0, lm);
 	sregs.es = sregs.fs = sregs.gs = sregs.ss = sregs.ds;
 	sregs.cr0 = 0x11;	/* PE | ET */
+	/* Identity maps of 4 GiB: 2 MiB pages for PAE and long mode. */
+	pml4[0] = (HIGH_RAM_GPA + 0x1000) | 3;
+	for (i = 0; i < 4; i++) {
+		pdpt[i] = (HIGH_RAM_GPA + 0x2000 + i * 0x1000) | 3;
+		pae_pdpt[i] = (HIGH_RAM_GPA + 0x2000 + i * 0x1000) | 1;
+	}
+	for (i = 0; i < 4 * 512; i++)
+		pd[i] = ((uint64_t)i << 21) | 0x83;
+	for (i = 0; i < 1024; i++)	/* 4 MiB pages for 32-bit paging */
+		pd32[i] = ((uint32_t)i << 22) | 0x83;
+	if (mode == PAGED32) {
+		sregs.cr3 = HIGH_RAM_GPA + 0x7000;
+		sregs.cr4 = 0x10;		/* PSE */
+		sregs.cr0 |= 0x80000000;
+	} else if (mode == PAE32) {
+		sregs.cr3 = HIGH_RAM_GPA + 0x6000;
+		sregs.cr4 = 0x20;		/* PAE */
+		sregs.cr0 |= 0x80000000;
+	}
 	if (lm) {
-		/* Identity map 4 GiB with 2 MiB pages at 1M..1M+24K. */
-		pml4[0] = (HIGH_RAM_GPA + 0x1000) | 3;
-		for (i = 0; i < 4; i++)
-			pdpt[i] = (HIGH_RAM_GPA + 0x2000 + i * 0x1000) | 3;
-		for (i = 0; i < 4 * 512; i++)
-			pd[i] = ((uint64_t)i << 21) | 0x83;
 		sregs.cr3 = HIGH_RAM_GPA;
 		sregs.cr4 = 0x20;		/* PAE */
 		sregs.cr0 |= 0x80000000;	/* PG */
 		sregs.efer = 0x500;		/* LME | LMA */
 		if (bad_cs)
 			sregs.cs.db = 1;	/* L and D both set */
+		if (mode == LONG64_SSE)
+			sregs.cr4 |= 0x600;	/* OSFXSR | OSXMMEXCPT */
 	}
 	CHECK(!ioctl(vm->vcpu, KVM_SET_SREGS, &sregs), "KVM_SET_SREGS");
 	regs.rip = rip;
@@ -192,7 +222,7 @@ static int run_guest(struct vm *vm)
 	for (n = 0; n < MAX_EXITS; n++) {
 		r = ioctl(vm->vcpu, KVM_RUN, 0);
 		if (r < 0) {
-			printf("  run: %s\n", strerror(errno));
+			OUT("  run: %s\n", strerror(errno));
 			return errno;
 		}
 		switch (run->exit_reason) {
@@ -209,8 +239,8 @@ static int run_guest(struct vm *vm)
 					for (b = 0; b < run->io.size; b++)
 						el[b] = 0x40 + (vm->in_seq++ % 26);
 				}
-				printf("  io %s port=%#x size=%d data=",
-				       run->io.direction == KVM_EXIT_IO_IN ?
+				OUT("  io %s port=%#x size=%d data=",
+				    run->io.direction == KVM_EXIT_IO_IN ?
 				       "in " : "out", run->io.port,
 				       run->io.size);
 				print_value(el, run->io.size);
@@ -223,7 +253,7 @@ static int run_guest(struct vm *vm)
 				for (i = 0; i < (int)run->mmio.len; i++)
 					run->mmio.data[i] =
 						(run->mmio.phys_addr + i) * 7;
-			printf("  mmio %s addr=%#llx len=%d data=",
+			OUT("  mmio %s addr=%#llx len=%d data=",
 			       run->mmio.is_write ? "write" : "read ",
 			       (unsigned long long)run->mmio.phys_addr,
 			       run->mmio.len);
@@ -232,27 +262,27 @@ static int run_guest(struct vm *vm)
 			break;
 		case KVM_EXIT_HLT:
 			ioctl(vm->vcpu, KVM_GET_REGS, &regs);
-			printf("  hlt rip=%#llx rax=%#llx rbx=%#llx rcx=%#llx rdx=%#llx rsi=%#llx rdi=%#llx r9=%#llx\n",
+			OUT("  hlt rip=%#llx rax=%#llx rbx=%#llx rcx=%#llx rdx=%#llx rsi=%#llx rdi=%#llx r9=%#llx\n",
 			       regs.rip, regs.rax, regs.rbx, regs.rcx,
 			       regs.rdx, regs.rsi, regs.rdi, regs.r9);
 			return 0;
 		case KVM_EXIT_SHUTDOWN:
-			printf("  shutdown\n");
+			OUT("  shutdown\n");
 			return 0;
 		case KVM_EXIT_FAIL_ENTRY:
-			printf("  fail_entry reason=%#llx\n",
+			OUT("  fail_entry reason=%#llx\n",
 			       (unsigned long long)run->fail_entry.hardware_entry_failure_reason);
 			return 0;
 		case KVM_EXIT_INTERNAL_ERROR:
-			printf("  internal_error suberror=%u\n",
+			OUT("  internal_error suberror=%u\n",
 			       run->internal.suberror);
 			return 0;
 		default:
-			printf("  exit reason=%u\n", run->exit_reason);
+			OUT("  exit reason=%u\n", run->exit_reason);
 			return 0;
 		}
 	}
-	printf("  too many exits\n");
+	OUT("  too many exits\n");
 	return 0;
 }
 
@@ -317,7 +347,7 @@ out:
 }
 
 static int run_program(const char *name, const unsigned char *start,
-		       const unsigned char *end, uint64_t gpa, int mode)
+		       const unsigned char *end, uint64_t gpa, enum mode mode)
 {
 	struct vm vm;
 
@@ -325,8 +355,8 @@ static int run_program(const char *name, const unsigned char *start,
 	if (vm_create(&vm))
 		goto out;
 	memcpy(vm.low + gpa, start, end - start);
-	if (mode == 0 ? set_real_mode(&vm, gpa) :
-	    set_protected_mode(&vm, gpa, mode >= 2, mode == 3))
+	if (mode == REAL ? set_real_mode(&vm, gpa) :
+	    set_protected_mode(&vm, gpa, mode))
 		goto out;
 	run_guest(&vm);
 out:
@@ -368,8 +398,157 @@ out:
 	return 0;
 }
 
+/* Replace and delete a slot under a vCPU: the guest must see each. */
+static int test_slot_replace(void)
+{
+	struct kvm_userspace_memory_region mr = {
+		.slot = 2, .guest_phys_addr = 0xc0000, .memory_size = 0x10000,
+	};
+	unsigned char *a, *b;
+	struct vm vm;
+
+	printf("== memory slot replaced and deleted under a vCPU\n");
+	a = mmap(NULL, 0x10000, PROT_READ | PROT_WRITE,
+		 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	b = mmap(NULL, 0x10000, PROT_READ | PROT_WRITE,
+		 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	a[0] = 0xaa;
+	b[0] = 0xbb;
+	if (vm_create(&vm))
+		goto out;
+	memcpy(vm.low + 0x1000, slot_start, slot_end - slot_start);
+	mr.userspace_addr = (uintptr_t)a;
+	CHECK(!ioctl(vm.fd, KVM_SET_USER_MEMORY_REGION, &mr), "slot 2 = a");
+	set_real_mode(&vm, 0x1000);
+	run_guest(&vm);
+	mr.memory_size = 0;
+	CHECK(!ioctl(vm.fd, KVM_SET_USER_MEMORY_REGION, &mr), "delete slot 2");
+	mr.memory_size = 0x10000;
+	mr.userspace_addr = (uintptr_t)b;
+	CHECK(!ioctl(vm.fd, KVM_SET_USER_MEMORY_REGION, &mr), "slot 2 = b");
+	set_real_mode(&vm, 0x1000);
+	run_guest(&vm);
+	mr.memory_size = 0;
+	CHECK(!ioctl(vm.fd, KVM_SET_USER_MEMORY_REGION, &mr), "delete slot 2");
+	set_real_mode(&vm, 0x1000);
+	run_guest(&vm);
+	mr.slot = 3;
+	mr.memory_size = 0x2000;
+	mr.guest_phys_addr = 0x7f000;	/* overlaps slot 0 */
+	errno = 0;
+	printf("  overlapping slot: %s\n",
+	       ioctl(vm.fd, KVM_SET_USER_MEMORY_REGION, &mr) ?
+	       strerror(errno) : "accepted");
+out:
+	vm_destroy(&vm);
+	munmap(a, 0x10000);
+	munmap(b, 0x10000);
+	return 0;
+}
+
+struct vcpu_thread {
+	struct vm *vm;
+	int fd, id, exits, cpus;
+	struct kvm_run *run;
+	const char *end;
+};
+
+/* Each vCPU thread hops between host CPUs while its guest exits. */
+static void *vcpu_thread(void *arg)
+{
+	struct vcpu_thread *t = arg;
+	cpu_set_t set;
+
+	for (;;) {
+		if (t->cpus > 1 && t->exits % 50 == 0) {
+			CPU_ZERO(&set);
+			CPU_SET((t->exits / 50 + t->id) % t->cpus, &set);
+			sched_setaffinity(0, sizeof(set), &set);
+		}
+		if (ioctl(t->fd, KVM_RUN, 0)) {
+			t->end = "run failed";
+			break;
+		}
+		if (t->run->exit_reason == KVM_EXIT_IO &&
+		    t->run->io.port == 0x20 + t->id) {
+			t->exits++;
+			continue;
+		}
+		t->end = t->run->exit_reason == KVM_EXIT_HLT ? "hlt" : "other";
+		break;
+	}
+	return NULL;
+}
+
+static int test_two_vcpus(void)
+{
+	struct vcpu_thread t[2];
+	pthread_t tid[2];
+	struct kvm_sregs sregs;
+	struct kvm_regs regs;
+	struct vm vm;
+	int i, size;
+
+	printf("== two vCPUs in two threads, migrating between host CPUs\n");
+	if (vm_create(&vm))
+		goto out;
+	memcpy(vm.low + 0x1000, loop_start, loop_end - loop_start);
+	size = ioctl(sys_fd, KVM_GET_VCPU_MMAP_SIZE, 0);
+	for (i = 0; i < 2; i++) {
+		t[i].vm = &vm;
+		t[i].id = i;
+		t[i].exits = 0;
+		t[i].end = "not run";
+		t[i].cpus = sysconf(_SC_NPROCESSORS_ONLN);
+		t[i].fd = i ? ioctl(vm.fd, KVM_CREATE_VCPU, 1) : vm.vcpu;
+		CHECK(t[i].fd >= 0, "KVM_CREATE_VCPU 1");
+		t[i].run = i ? mmap(NULL, size, PROT_READ | PROT_WRITE,
+				    MAP_SHARED, t[i].fd, 0) : vm.run;
+		CHECK(t[i].run != MAP_FAILED, "mmap");
+		CHECK(!ioctl(t[i].fd, KVM_GET_SREGS, &sregs), "sregs");
+		sregs.cs.base = 0;
+		sregs.cs.selector = 0;
+		CHECK(!ioctl(t[i].fd, KVM_SET_SREGS, &sregs), "sregs");
+		memset(&regs, 0, sizeof(regs));
+		regs.rip = 0x1000;
+		regs.rflags = 2;
+		regs.rcx = 300 + 100 * i;
+		regs.rdx = 0x20 + i;
+		CHECK(!ioctl(t[i].fd, KVM_SET_REGS, &regs), "regs");
+	}
+	for (i = 0; i < 2; i++)
+		pthread_create(&tid[i], NULL, vcpu_thread, &t[i]);
+	for (i = 0; i < 2; i++)
+		pthread_join(tid[i], NULL);
+	for (i = 0; i < 2; i++)
+		printf("  vcpu%d: %d port writes, then %s\n", i, t[i].exits,
+		       t[i].end);
+	munmap(t[1].run, size);
+	close(t[1].fd);
+out:
+	vm_destroy(&vm);
+	return 0;
+}
+
+/* Hold a VM open for @seconds: for the hotplug and rmmod checks. */
+static int hold_vm(int seconds)
+{
+	struct vm vm;
+
+	if (vm_create(&vm))
+		return 1;
+	printf("# holding a VM for %d s\n", seconds);
+	sleep(seconds);
+	vm_destroy(&vm);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
+	int hold = argc > 3 && !strcmp(argv[1], "--hold");
+
+	if (hold)
+		argv++;
 	dev = argc > 1 ? argv[1] : "/dev/kvm";
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	sys_fd = open(dev, O_RDWR | O_CLOEXEC);
@@ -377,19 +556,46 @@ int main(int argc, char **argv)
 		printf("FAIL open %s: %s\n", dev, strerror(errno));
 		return 1;
 	}
+	if (hold)
+		return hold_vm(atoi(argv[2]));
 	printf("# backend %s\n", dev);
 	test_basics();
 	test_reset_state();
 	run_program("real mode: port I/O, CPUID, string I/O, MMIO, hlt",
-		    real_start, real_end, 0x1000, 0);
+		    real_start, real_end, 0x1000, REAL);
 	run_program("protected mode: MMIO mov forms, outsb, rdmsr",
-		    pm_start, pm_end, 0x2000, 1);
+		    pm_start, pm_end, 0x2000, FLAT32);
+	run_program("protected mode, 32-bit paging with 4M pages",
+		    pm_start, pm_end, 0x2000, PAGED32);
+	run_program("protected mode, PAE paging with 2M pages",
+		    pm_start, pm_end, 0x2000, PAE32);
 	run_program("long mode: MMIO, string I/O, CPUID, rdmsr",
-		    lm_start, lm_end, 0x3000, 2);
-	run_program("triple fault", triple_start, triple_end, 0x1000, 0);
+		    lm_start, lm_end, 0x3000, LONG64);
+	run_program("long mode: SSE registers survive exits",
+		    fpu_start, fpu_end, 0x3000, LONG64_SSE);
+	run_program("real mode: rdmsr of an unknown MSR raises #GP",
+		    gp_start, gp_end, 0x1000, REAL);
+	run_program("triple fault", triple_start, triple_end, 0x1000, REAL);
 	run_program("long mode with CS.L=CS.D=1 (invalid state)",
-		    lm_start, lm_end, 0x3000, 3);
+		    lm_start, lm_end, 0x3000, LONG64_BAD_CS);
+	test_slot_replace();
+	test_two_vcpus();
 	test_interrupts();
+	/* Not compared: KVM emulates every instruction, pyvt only MOV. */
+	printf("# ALU instruction on MMIO (pyvt reports internal error):\n");
+	{
+		struct vm vm;
+
+		if (!vm_create(&vm)) {
+			memcpy(vm.low + 0x2000, alu_start, alu_end - alu_start);
+			if (!set_protected_mode(&vm, 0x2000, FLAT32)) {
+				pfx = "#";
+				run_guest(&vm);
+				pfx = "";
+			}
+		}
+		vm_destroy(&vm);
+	}
 	printf("# failures=%d\n", failures);
 	return failures ? 1 : 0;
 }
