@@ -7,7 +7,7 @@
 #include <linux/mm.h>
 #include <asm/processor-flags.h>
 #include <asm/msr-index.h>
-#include "pyvt.h"
+#include "core.h"
 
 #define PTE_PRESENT	BIT_ULL(0)
 #define PTE_LARGE	BIT_ULL(7)

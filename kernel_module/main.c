@@ -15,7 +15,7 @@
 #include <linux/uaccess.h>
 #include <asm/processor.h>
 #include <asm/pgtable.h>
-#include "pyvt.h"
+#include "core.h"
 
 const struct pyvt_vendor_ops *pyvt_ops;
 atomic_long_t pyvt_live_pages = ATOMIC_LONG_INIT(0);
@@ -33,7 +33,7 @@ MODULE_PARM_DESC(live_pages,
 		 "Pages the module holds (allocated or pinned); 0 when idle");
 
 /*
- * The extensions are switched on on every CPU while at least one user
+ * The extensions are enabled on every CPU while at least one user
  * (a VM or a round-trip measurement) exists.  A dynamic hotplug state
  * does the per-CPU work and covers CPUs coming and going meanwhile.
  */

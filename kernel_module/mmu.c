@@ -8,7 +8,7 @@
 #include <linux/slab.h>
 #include <linux/mem_encrypt.h>
 #include <linux/io.h>
-#include "pyvt.h"
+#include "core.h"
 
 /* Nested page table entries are walked as user accesses: set U too. */
 #define NPT_PRESENT	BIT_ULL(0)

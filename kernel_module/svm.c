@@ -24,7 +24,7 @@
 #include <asm/processor-flags.h>
 #include <asm/traps.h>
 #include <asm/tsc.h>
-#include "pyvt.h"
+#include "core.h"
 
 static bool dump_invalid_vmcb;
 module_param(dump_invalid_vmcb, bool, 0644);
@@ -37,8 +37,6 @@ MODULE_PARM_DESC(dump_invalid_vmcb,
 #define DEFAULT_PAT		0x0007040600070406ULL
 #define SEG_TYPE_LDT		2
 #define SEG_TYPE_BUSY_TSS16	3
-
-void pyvt_svm_enter(u64 vmcb_pa, u64 host_save_pa, unsigned long *gprs);
 
 struct svm_cpu {
 	struct page *hsave;		/* MSR_VM_HSAVE_PA */
@@ -418,6 +416,9 @@ static void svm_queue_exception(struct pyvt_vcpu *vcpu, u8 vector,
 
 	if (svm->event_inj & SVM_EVTINJ_VALID)
 		return;		/* one at a time; the guest will retry */
+	/* Real mode exceptions push no error code. */
+	if (!(svm->vmcb->save.cr0 & X86_CR0_PE))
+		has_error = false;
 	svm->event_inj = vector | SVM_EVTINJ_VALID | SVM_EVTINJ_TYPE_EXEPT |
 			 (has_error ? SVM_EVTINJ_VALID_ERR : 0);
 	svm->event_inj_err = error;

@@ -13,7 +13,7 @@
 #include <linux/slab.h>
 #include <linux/uaccess.h>
 #include <asm/fpu/api.h>
-#include "pyvt.h"
+#include "core.h"
 
 void pyvt_internal_error(struct pyvt_vcpu *vcpu, u32 suberror, int ndata,
 			 const u64 *data)

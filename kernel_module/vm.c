@@ -9,7 +9,7 @@
 #include <linux/sched/mm.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
-#include "pyvt.h"
+#include "core.h"
 
 int pyvt_check_extension(long ext)
 {

@@ -19,8 +19,8 @@
 #include <unistd.h>
 #include <linux/kvm.h>
 #include "../include/uapi/pyvt.h"
+#include "guests.h"
 
-extern const unsigned char bench_start[], bench_end[];
 
 struct backend {
 	const char *dev;

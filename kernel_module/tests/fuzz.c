@@ -125,7 +125,9 @@ static void memory_region(void)
 	};
 
 	switch (pick(4)) {
-	case 0: mr.userspace_addr = (uintptr_t)any_ptr(); break;
+	case 0:
+		mr.userspace_addr = (uintptr_t)any_ptr();
+		break;
 	default:
 		mr.userspace_addr = (uintptr_t)buf + pick(BUFSZ / 4096) * 4096;
 		if (pick(2))

@@ -22,17 +22,8 @@
 #include <sys/time.h>
 #include <unistd.h>
 #include <linux/kvm.h>
+#include "guests.h"
 
-extern const unsigned char real_start[], real_end[];
-extern const unsigned char triple_start[], triple_end[];
-extern const unsigned char spin_start[], spin_end[];
-extern const unsigned char pm_start[], pm_end[];
-extern const unsigned char lm_start[], lm_end[];
-extern const unsigned char gp_start[], gp_end[];
-extern const unsigned char slot_start[], slot_end[];
-extern const unsigned char loop_start[], loop_end[];
-extern const unsigned char fpu_start[], fpu_end[];
-extern const unsigned char alu_start[], alu_end[];
 
 #define LOW_RAM		0x80000		/* slot 0: [0, 512K) */
 #define HIGH_RAM_GPA	0x100000	/* slot 1: [1M, 3M): page tables */
@@ -49,7 +40,7 @@ struct vm {
 	struct kvm_run *run;
 	int run_size;
 	unsigned char *low, *high;
-	unsigned in_seq;
+	unsigned int in_seq;
 };
 
 #define CHECK(cond, ...) do { \

@@ -4,8 +4,8 @@
  * slots, nested page tables, the run loop, instruction decode) and the
  * small interface a vendor backend (svm.c, later vmx.c) implements.
  */
-#ifndef PYVT_H
-#define PYVT_H
+#ifndef PYVT_CORE_H
+#define PYVT_CORE_H
 
 #include <linux/kvm.h>
 #include <linux/mutex.h>
@@ -166,7 +166,10 @@ int pyvt_emulate_io(struct pyvt_vcpu *vcpu, u16 port, u8 size, bool in,
 int pyvt_emulate_mmio(struct pyvt_vcpu *vcpu, u64 gpa);
 int pyvt_complete_pending(struct pyvt_vcpu *vcpu);
 
+/* svm_vmrun.S: one world switch, GIF and interrupts already off */
+void pyvt_svm_enter(u64 vmcb_pa, u64 host_save_pa, unsigned long *gprs);
+
 /* supported CPUID (main.c) */
 int pyvt_get_supported_cpuid(struct kvm_cpuid2 __user *ucpuid);
 
-#endif /* PYVT_H */
+#endif /* PYVT_CORE_H */
