@@ -127,6 +127,35 @@ static double median(struct backend *b)
 	return b->samples[b->n / 2];
 }
 
+/* PYVT_GET_HW_CAPS: one line per CPU; AMD with nested paging expected. */
+static int print_caps(int fd)
+{
+	struct pyvt_cpu_caps cpus[64];
+	struct pyvt_hw_caps caps = {
+		.max_cpus = 64, .cpus = (uintptr_t)cpus,
+	};
+	unsigned int i;
+
+	if (ioctl(fd, PYVT_GET_HW_CAPS, &caps)) {
+		printf("FAIL PYVT_GET_HW_CAPS: %s\n", strerror(errno));
+		return -1;
+	}
+	printf("CAPS abi %u vendor %u (1=AMD) cpus %u npt_levels %u\n",
+	       caps.abi_version, caps.vendor, caps.nr_cpus, caps.npt_levels);
+	for (i = 0; i < caps.nr_cpus && i < 64; i++)
+		printf("CAPS cpu %u: svm rev %u asids %u features %#x vm_cr %#llx%s\n",
+		       cpus[i].cpu, cpus[i].svm_eax & 0xff, cpus[i].svm_ebx,
+		       cpus[i].svm_edx, (unsigned long long)cpus[i].vm_cr,
+		       cpus[i].flags & PYVT_CPU_CAPS_VM_CR_VALID ? "" :
+		       " (unreadable)");
+	if (caps.vendor != PYVT_VENDOR_AMD || !caps.nr_cpus ||
+	    !(cpus[0].ext_ecx & 4) || !(cpus[0].svm_edx & 1)) {
+		printf("FAIL PYVT_GET_HW_CAPS: expected AMD with SVM and NPT\n");
+		return -1;
+	}
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	int exits = argc > 1 ? atoi(argv[1]) : 2000;
@@ -153,6 +182,8 @@ int main(int argc, char **argv)
 	printf("BENCH ratio %s/%s = %.2f\n", a.dev, b.dev, ma / mb);
 
 	fd = open("/dev/pyvt", O_RDWR);
+	if (fd >= 0 && print_caps(fd))
+		return 1;
 	if (fd < 0 || ioctl(fd, PYVT_MEASURE_ROUNDTRIP, &rt)) {
 		printf("FAIL PYVT_MEASURE_ROUNDTRIP: %s\n", strerror(errno));
 		return 1;

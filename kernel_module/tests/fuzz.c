@@ -187,6 +187,8 @@ static void vcpu_state(int idx)
 	}
 }
 
+static void random_code_vm(void);
+
 static void close_vcpu(int i)
 {
 	if (runs[i])
@@ -284,6 +286,7 @@ static void one_op(void)
 		count(ioctl(*slot_of(vm_fds), KVM_CHECK_EXTENSION, pick(300)));
 		break;
 	case 14:
+		random_code_vm();
 		/* Replace the memory under pinned slots. */
 		if (!pick(8)) {
 			munmap(buf, BUFSZ);
@@ -297,6 +300,69 @@ static void one_op(void)
 		else
 			close_vcpu(pick(NFD));
 	}
+}
+
+/*
+ * A well-formed real-mode VM running random bytes: the decoders and exit
+ * paths (port and string I/O, MMIO above 64K, HLT, faults) see junk.
+ */
+static void random_code_vm(void)
+{
+	struct kvm_userspace_memory_region mr = { .memory_size = 0x10000 };
+	struct kvm_regs regs = { .rflags = 2 };
+	struct kvm_sregs sregs;
+	struct kvm_run *run;
+	int sys, vm, vcpu, i;
+
+	sys = open(dev, O_RDWR);
+	vm = ioctl(sys, KVM_CREATE_VM, 0);
+	mr.userspace_addr = (uintptr_t)buf + 0x40000;
+	vcpu = -1;
+	if (vm < 0 || ioctl(vm, KVM_SET_USER_MEMORY_REGION, &mr))
+		goto out;
+	vcpu = ioctl(vm, KVM_CREATE_VCPU, 0);
+	run = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu, 0);
+	if (vcpu < 0 || run == MAP_FAILED || ioctl(vcpu, KVM_GET_SREGS, &sregs))
+		goto out;
+	sregs.cs.base = 0;
+	sregs.cs.selector = 0;
+	if (pick(2)) {		/* sometimes 32-bit flat protected mode */
+		sregs.cr0 |= 1;
+		sregs.cs.db = 1;
+		sregs.cs.type = 11;
+		sregs.cs.limit = 0xffffffff;
+		sregs.ds.limit = 0xffffffff;
+		sregs.es.limit = 0xffffffff;
+	}
+	for (i = 0; i < 0x10000; i++)
+		buf[0x40000 + i] = pick(4) ? random() : 0x90 + pick(0x70);
+	regs.rip = pick(0xfff0);
+	regs.rsp = pick(0x10000);
+	regs.rsi = pick(0x20000);
+	regs.rdi = pick(0x20000);
+	regs.rcx = pick(64);
+	regs.rdx = pick(0x400);
+	ioctl(vcpu, KVM_SET_SREGS, &sregs);
+	ioctl(vcpu, KVM_SET_REGS, &regs);
+	for (i = 0; i < 50; i++) {
+		if (ioctl(vcpu, KVM_RUN, 0)) {
+			count(-1);
+			break;
+		}
+		count(0);
+		exits[run->exit_reason & 63]++;
+		if (run->exit_reason != KVM_EXIT_IO &&
+		    run->exit_reason != KVM_EXIT_MMIO &&
+		    run->exit_reason != KVM_EXIT_HLT)
+			break;
+	}
+	munmap(run, 4096);
+out:
+	if (vcpu >= 0)
+		close(vcpu);
+	if (vm >= 0)
+		close(vm);
+	close(sys);
 }
 
 static void on_alarm(int sig)
