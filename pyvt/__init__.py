@@ -34,6 +34,7 @@ from .errors import (
 )
 from .memory import GuestMemory, parse_size
 from .registers import Registers
+from .assemble import AssemblerError, assemble, assemble_file
 from .runner import LOAD_ADDRESS, Result, run
 from .vcpu import Vcpu
 from .vm import Vm, select_backend
@@ -44,7 +45,7 @@ except ImportError:  # running from a source tree that was never built
     __version__ = "0.0.0+unknown"
 
 __all__ = [
-    "Vm", "Vcpu", "run", "Result", "LOAD_ADDRESS", "Registers", "GuestMemory",
+    "Vm", "Vcpu", "run", "Result", "LOAD_ADDRESS", "assemble", "assemble_file", "AssemblerError", "Registers", "GuestMemory",
     "parse_size", "select_backend", "exits", "kvm", "modes", "__version__",
     "Error", "BackendError", "BackendNotFound", "BackendPermissionError",
     "ApiVersionMismatch", "KvmError", "MemoryConfigError", "RegionOverlapError",

@@ -33,6 +33,158 @@ UART_PORT_COUNT = PVT_UART_PORT_COUNT
 DEBUG_EXIT_PORT_COUNT = PVT_DEBUG_EXIT_PORT_COUNT
 
 
+cdef str _hex(object value):
+    return "?" if value is None else f"{value:#x}"
+
+
+# Io and Mmio are pyvt.exits.Io / pyvt.exits.Mmio (re-exported there).  They
+# live here, as C types, because one is built for every exit that reaches a
+# Python handler: on a VM host every exit flushes the CPU's caches, and the
+# few hundred nanoseconds a C type saves over a Python dataclass grow to
+# microseconds there (measured: benchmarks/run.py).
+
+cdef class Io:
+    """``KVM_EXIT_IO``: port I/O.
+
+    ``data`` holds the bytes written (``direction == "out"``); for a read it
+    is empty.  ``count`` > 1 is a string instruction (``rep outsb``...);
+    handlers registered with ``vm.on_io`` see one element at a time.
+    """
+
+    cdef readonly int port
+    cdef readonly int size
+    cdef readonly str direction
+    cdef readonly bytes data
+    cdef readonly int count
+    cdef readonly object rip
+
+    failed = False
+    error_class = None
+
+    def __init__(self, int port, int size, str direction, bytes data=b"", int count=1,
+                 rip=None):
+        self.port = port
+        self.size = size
+        self.direction = direction
+        self.data = data
+        self.count = count
+        self.rip = rip
+
+    @property
+    def is_write(self):
+        return self.direction == "out"
+
+    @property
+    def value(self):
+        """The first element written, as an integer (None for a read)."""
+        if not self.data:
+            return None
+        return int.from_bytes(self.data[:self.size], "little")
+
+    def _key(self):
+        return (self.port, self.size, self.direction, self.data, self.count, self.rip)
+
+    def __eq__(self, other):
+        if type(other) is not Io:
+            return NotImplemented
+        return self._key() == (<Io>other)._key()
+
+    def __hash__(self):
+        return hash(("Io",) + self._key())
+
+    def __reduce__(self):
+        return (Io, self._key())
+
+    def __repr__(self):
+        value = "" if self.value is None else f", value={self.value:#x}"
+        count = f", count={self.count}" if self.count != 1 else ""
+        return (f"Io({self.direction} port={self.port:#x}, size={self.size}"
+                f"{value}{count}, rip={_hex(self.rip)})")
+
+    def describe(self):
+        return repr(self)
+
+    def raise_for_failure(self):
+        return self
+
+
+cdef class Mmio:
+    """``KVM_EXIT_MMIO``: an access to a guest-physical address with no RAM
+    (or a write to read-only memory)."""
+
+    cdef readonly unsigned long long address
+    cdef readonly int size
+    cdef readonly bint is_write
+    cdef readonly bytes data
+    cdef readonly object rip
+
+    failed = False
+    error_class = None
+
+    def __init__(self, unsigned long long address, int size, bint is_write,
+                 bytes data=b"", rip=None):
+        self.address = address
+        self.size = size
+        self.is_write = is_write
+        self.data = data
+        self.rip = rip
+
+    @property
+    def value(self):
+        """The value written, as an integer (None for a read)."""
+        if not self.data:
+            return None
+        return int.from_bytes(self.data[:self.size], "little")
+
+    def _key(self):
+        return (self.address, self.size, self.is_write, self.data, self.rip)
+
+    def __eq__(self, other):
+        if type(other) is not Mmio:
+            return NotImplemented
+        return self._key() == (<Mmio>other)._key()
+
+    def __hash__(self):
+        return hash(("Mmio",) + self._key())
+
+    def __reduce__(self):
+        return (Mmio, self._key())
+
+    def __repr__(self):
+        kind = "write" if self.is_write else "read"
+        value = "" if self.value is None else f", value={self.value:#x}"
+        return (f"Mmio({kind} address={self.address:#x}, size={self.size}"
+                f"{value}, rip={_hex(self.rip)})")
+
+    def describe(self):
+        return repr(self)
+
+    def raise_for_failure(self):
+        return self
+
+
+cdef Io new_io(int port, int size, bint is_write, bytes data, object rip):
+    cdef Io exit = Io.__new__(Io)
+    exit.port = port
+    exit.size = size
+    exit.direction = "out" if is_write else "in"
+    exit.data = data
+    exit.count = 1
+    exit.rip = rip
+    return exit
+
+
+cdef Mmio new_mmio(unsigned long long address, int size, bint is_write, bytes data,
+                   object rip):
+    cdef Mmio exit = Mmio.__new__(Mmio)
+    exit.address = address
+    exit.size = size
+    exit.is_write = is_write
+    exit.data = data
+    exit.rip = rip
+    return exit
+
+
 cdef class Machine:
     """The native VM: I/O buses, registered handlers and devices."""
 
@@ -244,18 +396,14 @@ cdef class VcpuLoop:
 
     cdef pvt_vcpu v
     cdef Machine machine
-    cdef object make_io
-    cdef object make_mmio
     cdef volatile bint stop_requested
     # Holds a buffer export of the vCPU's mmap: while the loop lives, the
     # kvm_run page cannot be unmapped under it (mmap.close() refuses).
     cdef uint8_t[::1] page
 
     def __init__(self, Machine machine, int fd, run_page, Py_ssize_t ring_offset,
-                 long page_size, make_io, make_mmio):
+                 long page_size):
         self.machine = machine
-        self.make_io = make_io
-        self.make_mmio = make_mmio
         self.page = run_page
         if ring_offset and ring_offset + page_size > self.page.shape[0]:
             raise ValueError("the coalesced ring lies outside the vCPU mapping")
@@ -312,9 +460,9 @@ cdef class VcpuLoop:
         for i in range(count):
             element = data + i * size
             if is_write:
-                handler(self.make_io(port, size, True, element[:size], rip))
+                handler(new_io(port, size, True, element[:size], rip))
             else:
-                result = handler(self.make_io(port, size, False, b"", rip))
+                result = handler(new_io(port, size, False, b"", rip))
                 store_value(element, size, result, f"port {port:#x}")
         return 0
 
@@ -323,12 +471,11 @@ cdef class VcpuLoop:
         cdef uint32_t size = run.mmio.len
         handler = self.machine.handlers[user_id]
         if run.mmio.is_write:
-            handler(self.make_mmio(run.mmio.phys_addr, size, True,
-                                   run.mmio.data[:size], self.rip()))
+            handler(new_mmio(run.mmio.phys_addr, size, True, run.mmio.data[:size],
+                             self.rip()))
         else:
             memset(run.mmio.data, 0xff, 8)
-            result = handler(self.make_mmio(run.mmio.phys_addr, size, False, b"",
-                                            self.rip()))
+            result = handler(new_mmio(run.mmio.phys_addr, size, False, b"", self.rip()))
             store_value(run.mmio.data, size, result, f"MMIO {run.mmio.phys_addr:#x}")
         return 0
 

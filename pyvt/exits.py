@@ -10,17 +10,18 @@ never a crash.  The failure exits (``Shutdown``, ``FailEntry``,
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional, Tuple
 
-from . import errors
+from . import _native, errors
 
 
 def _hex(value: Optional[int]) -> str:
     return "?" if value is None else f"{value:#x}"
 
 
-class Exit:
+class Exit(abc.ABC):
     """Base class of every exit."""
 
     __slots__ = ()
@@ -50,62 +51,12 @@ class Hlt(Exit):
         return f"Hlt(rip={_hex(self.rip)})"
 
 
-@dataclass(frozen=True, slots=True, repr=False)
-class Io(Exit):
-    """``KVM_EXIT_IO``: port I/O.
-
-    ``data`` holds the bytes written (``direction == "out"``); for a read it is
-    empty.  ``count`` > 1 is a string instruction (``rep outsb``...); handlers
-    registered with ``vm.on_io`` see one element at a time.
-    """
-
-    port: int
-    size: int
-    direction: str
-    data: bytes = b""
-    count: int = 1
-    rip: Optional[int] = None
-
-    @property
-    def is_write(self) -> bool:
-        return self.direction == "out"
-
-    @property
-    def value(self) -> Optional[int]:
-        """The first element written, as an integer (None for a read)."""
-        if not self.data:
-            return None
-        return int.from_bytes(self.data[: self.size], "little")
-
-    def __repr__(self) -> str:
-        value = "" if self.value is None else f", value={self.value:#x}"
-        count = f", count={self.count}" if self.count != 1 else ""
-        return (f"Io({self.direction} port={self.port:#x}, size={self.size}"
-                f"{value}{count}, rip={_hex(self.rip)})")
-
-
-@dataclass(frozen=True, slots=True, repr=False)
-class Mmio(Exit):
-    """``KVM_EXIT_MMIO``: an access to a guest-physical address with no RAM."""
-
-    address: int
-    size: int
-    is_write: bool
-    data: bytes = b""
-    rip: Optional[int] = None
-
-    @property
-    def value(self) -> Optional[int]:
-        """The value written, as an integer (None for a read)."""
-        if not self.data:
-            return None
-        return int.from_bytes(self.data[: self.size], "little")
-
-    def __repr__(self) -> str:
-        kind = "write" if self.is_write else "read"
-        value = "" if self.value is None else f", value={self.value:#x}"
-        return (f"Mmio({kind} address={self.address:#x}, size={self.size}"
-                f"{value}, rip={_hex(self.rip)})")
+# Io and Mmio are C types (see pyvt/_native.pyx for why): the exits most
+# often built, one per exit that reaches a Python handler.
+Io = _native.Io
+Mmio = _native.Mmio
+Exit.register(Io)
+Exit.register(Mmio)
 
 
 @dataclass(frozen=True, slots=True, repr=False)

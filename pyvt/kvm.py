@@ -89,6 +89,21 @@ def _read_cpuid(fd: _Fd, name: str, request: int) -> List[CpuidEntry]:
                 for i in range(cpuid.nent)]
 
 
+def cpuid_table(entries: Sequence[CpuidEntry]):
+    """A ``struct kvm_cpuid2`` (cffi) holding ``entries``, validated."""
+    entries = list(entries)
+    buf = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2")
+                  + len(entries) * ffi.sizeof("struct kvm_cpuid_entry2"))
+    cpuid = ffi.cast("struct kvm_cpuid2 *", buf)
+    cpuid.nent = len(entries)
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, CpuidEntry):
+            raise ArgumentError(f"CPUID entries must be pyvt.kvm.CpuidEntry, not {entry!r}")
+        for field in _CPUID_FIELDS:
+            setattr(cpuid.entries[i], field, _u32(getattr(entry, field), field))
+    return buf
+
+
 def _cap_number(cap: Union[int, str]) -> int:
     if isinstance(cap, str):
         name = cap if cap.startswith("KVM_CAP_") else "KVM_CAP_" + cap.upper()
@@ -172,6 +187,8 @@ class Kvm(_Fd):
         except OSError as e:
             raise KvmError(f"open({self.path})", e.errno) from None
         self._cpuid_cache: Dict[str, List[CpuidEntry]] = {}
+        self._extensions: Dict[int, int] = {}
+        self._cpuid_buffers: Dict[str, bytes] = {}
         self._mmap_size: Optional[int] = None
         try:
             version = self.api_version()
@@ -208,9 +225,14 @@ class Kvm(_Fd):
         """``KVM_CHECK_EXTENSION``: 0 if unsupported, else a positive value.
 
         ``cap`` is a number or a name (``"KVM_CAP_IRQCHIP"`` or ``"irqchip"``).
+        The system fd's answers never change, so each is asked once.
         """
-        return self._ioctl("KVM_CHECK_EXTENSION", lib.KVM_CHECK_EXTENSION,
-                           _arg(_cap_number(cap)))
+        number = _cap_number(cap)
+        answer = self._extensions.get(number)
+        if answer is None:
+            answer = self._extensions[number] = self._ioctl(
+                "KVM_CHECK_EXTENSION", lib.KVM_CHECK_EXTENSION, _arg(number))
+        return answer
 
     def vcpu_mmap_size(self) -> int:
         """``KVM_GET_VCPU_MMAP_SIZE``: bytes to mmap from a vCPU fd."""
@@ -224,6 +246,15 @@ class Kvm(_Fd):
         if cached is None:
             cached = self._cpuid_cache[name] = _read_cpuid(self, name, request)
         return list(cached)
+
+    def supported_cpuid_table(self) -> bytes:
+        """``KVM_GET_SUPPORTED_CPUID`` as a ready ``struct kvm_cpuid2`` (bytes),
+        built once: what :meth:`VcpuFd.set_cpuid2_table` takes."""
+        table = self._cpuid_buffers.get("supported")
+        if table is None:
+            table = self._cpuid_buffers["supported"] = bytes(
+                ffi.buffer(cpuid_table(self.get_supported_cpuid())))
+        return table
 
     def get_supported_cpuid(self) -> List[CpuidEntry]:
         """``KVM_GET_SUPPORTED_CPUID``: what a guest may be shown."""
@@ -541,17 +572,13 @@ class VcpuFd(_Fd):
 
     def set_cpuid2(self, entries: Sequence[CpuidEntry]) -> None:
         """``KVM_SET_CPUID2``.  KVM refuses a different table after the first run."""
-        entries = list(entries)
-        buf = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2")
-                      + len(entries) * ffi.sizeof("struct kvm_cpuid_entry2"))
-        cpuid = ffi.cast("struct kvm_cpuid2 *", buf)
-        cpuid.nent = len(entries)
-        for i, entry in enumerate(entries):
-            if not isinstance(entry, CpuidEntry):
-                raise ArgumentError(f"CPUID entries must be pyvt.kvm.CpuidEntry, not {entry!r}")
-            for field in _CPUID_FIELDS:
-                setattr(cpuid.entries[i], field, _u32(getattr(entry, field), field))
-        self._ioctl("KVM_SET_CPUID2", lib.KVM_SET_CPUID2, cpuid,
+        self.set_cpuid2_table(cpuid_table(entries))
+
+    def set_cpuid2_table(self, table) -> None:
+        """``KVM_SET_CPUID2`` from a prepared ``struct kvm_cpuid2`` buffer
+        (see :func:`cpuid_table`)."""
+        arg = table if isinstance(table, ffi.CData) else ffi.from_buffer(table)
+        self._ioctl("KVM_SET_CPUID2", lib.KVM_SET_CPUID2, arg,
                     hint="KVM refuses to change CPUID after the vCPU has run")
 
     def set_guest_debug(self, control: int, debugreg: Sequence[int] = ()) -> None:

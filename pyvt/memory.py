@@ -9,6 +9,7 @@ guest memory is ever touched.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import re
@@ -54,6 +55,7 @@ def parse_size(size: Union[int, str]) -> int:
     return value
 
 
+@functools.lru_cache(maxsize=None)
 def _host_memory_limit() -> int:
     """RAM plus swap: guest memory beyond this could never be backed."""
     total = 0

@@ -9,7 +9,7 @@ from typing import Dict, Iterable, List, Mapping, Optional
 from . import _native, exits, modes
 from ._kvm import ffi, lib
 from .errors import ArgumentError, ClosedError, Error, KvmError, OutOfRangeError
-from .kvm import CpuidEntry, PAGE_SIZE
+from .kvm import PAGE_SIZE, CpuidEntry
 from .registers import (
     FPU_FIELDS,
     GENERAL_FIELDS,
@@ -24,14 +24,6 @@ from .registers import (
 MAIN_THREAD_TICK = 0.05
 
 _DIRECTIONS = {lib.KVM_EXIT_IO_IN: "in", lib.KVM_EXIT_IO_OUT: "out"}
-
-
-def _make_io(port, size, is_write, data, rip):
-    return exits.Io(port, size, "out" if is_write else "in", data, 1, rip)
-
-
-def _make_mmio(address, size, is_write, data, rip):
-    return exits.Mmio(address, size, bool(is_write), data, rip)
 
 
 class Vcpu:
@@ -62,15 +54,16 @@ class Vcpu:
     def _setup(self, vm, mode: str) -> None:
         run = self.fd.run_struct
         # With KVM_CAP_SYNC_REGS the general registers travel in the kvm_run
-        # page on every exit, so reading RIP costs no ioctl.
+        # page on every exit, so reading RIP costs no ioctl.  Mode setup
+        # defines every register that matters, so the page starts from zeros
+        # instead of a KVM_GET_REGS.
         self._sync_regs = bool(vm.kvm.check_extension("KVM_CAP_SYNC_REGS")
                                & lib.KVM_SYNC_X86_REGS)
-        self._regs = self.fd.get_regs()
-        self._regs_stale = False
+        self._regs_stale = not self._sync_regs
+        self._regs = None
         self._sregs = None
         if self._sync_regs:
             run.kvm_valid_regs = lib.KVM_SYNC_X86_REGS
-            run.s.regs.regs = self._regs[0]
         self._set_initial_cpuid(vm)
 
         sregs = self.fd.get_sregs()
@@ -81,8 +74,7 @@ class Vcpu:
 
         self._loop = _native.VcpuLoop(
             vm._machine, self.fd.fileno(), self.fd.run_page,
-            self.fd.coalesced_ring_offset if vm._coalescing else 0, PAGE_SIZE,
-            _make_io, _make_mmio)
+            self.fd.coalesced_ring_offset if vm._coalescing else 0, PAGE_SIZE)
         self._regs_view = RegisterView(self._load_regs, self._store_regs, GENERAL_FIELDS)
         self._sregs_view = SpecialRegisterView(self._load_sregs, self._store_sregs)
         self._fpu_view = FpuView(self._load_fpu, self._store_fpu, FPU_FIELDS)
@@ -90,18 +82,17 @@ class Vcpu:
     def _set_initial_cpuid(self, vm) -> None:
         """KVM_SET_CPUID2 from the supported CPUID, with this vCPU's APIC ID."""
         try:
-            supported = vm.kvm.get_supported_cpuid()
+            table = bytearray(vm.kvm.supported_cpuid_table())
         except KvmError:
             return  # a backend without a CPUID table answers CPUID itself
-        entries = []
-        for e in supported:
-            if e.function == 1:
-                e = CpuidEntry(e.function, e.index, e.flags, e.eax,
-                               (e.ebx & 0x00FFFFFF) | (self.index << 24), e.ecx, e.edx)
-            elif e.function in (0xB, 0x1F):
-                e = CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, self.index)
-            entries.append(e)
-        self.fd.set_cpuid2(entries)
+        cpuid = ffi.cast("struct kvm_cpuid2 *", ffi.from_buffer(table))
+        for i in range(cpuid.nent):
+            entry = cpuid.entries[i]
+            if entry.function == 1:  # initial APIC ID in EBX[31:24]
+                entry.ebx = (entry.ebx & 0x00FFFFFF) | ((self.index & 0xFF) << 24)
+            elif entry.function in (0xB, 0x1F):  # x2APIC ID in EDX
+                entry.edx = self.index
+        self.fd.set_cpuid2_table(table)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else self.mode

@@ -208,3 +208,9 @@ def test_bad_arguments_are_rejected(vm):
         pyvt.run("not bytes")
     with pytest.raises(pyvt.ArgumentError):
         pyvt.Vm(backend=42)
+
+
+def test_assembler_errors_are_clear():
+    with pytest.raises(pyvt.AssemblerError, match="no such instruction"):
+        pyvt.assemble("_start: frobnicate %eax")
+    assert pyvt.assemble(".code16\n.globl _start\n_start: hlt") == b"\xf4"
