@@ -27,6 +27,7 @@ SOURCE = "\n".join(
         "#include <sys/ioctl.h>",
         "#include <errno.h>",
         '#include "host_cpuid.h"',
+        "#include <uapi/pyvt.h>",
         "",
     ]
     + [
@@ -267,6 +268,37 @@ struct kvm_coalesced_mmio_ring {
 };
 """
 
+# The project's kernel module (kernel_module/include/uapi/pyvt.h): declared
+# exactly, so a header change that moves a field fails this build.
+PYVT_MODULE = """
+#define PYVT_ABI_VERSION ...
+#define PYVT_VENDOR_UNKNOWN ...
+#define PYVT_VENDOR_AMD ...
+#define PYVT_VENDOR_INTEL ...
+#define PYVT_VMX_MSR_FIRST ...
+#define PYVT_VMX_NR_MSRS ...
+#define PYVT_CPU_CAPS_VM_CR_VALID ...
+#define PYVT_CPU_CAPS_VMX_VALID ...
+#define PYVT_ROUNDTRIP_MAX_ITERATIONS ...
+#define PYVT_GET_HW_CAPS ...
+#define PYVT_MEASURE_ROUNDTRIP ...
+
+struct pyvt_cpu_caps {
+    __u32 cpu; __u32 flags; __u32 ext_ecx; __u32 feat_ecx;
+    __u32 svm_eax; __u32 svm_ebx; __u32 svm_ecx; __u32 svm_edx;
+    __u64 vm_cr; __u64 feature_control; __u64 vmx_msrs[18];
+};
+struct pyvt_hw_caps {
+    __u32 abi_version; __u32 vendor; __u32 max_cpus; __u32 nr_cpus;
+    __u64 cpus; __u32 npt_levels; __u32 reserved;
+};
+struct pyvt_roundtrip {
+    __u32 iterations; __u32 cpu;
+    __u64 min_cycles; __u64 median_cycles; __u64 max_cycles; __u64 tsc_khz;
+    __u32 exit_code; __u32 reserved;
+};
+"""
+
 FUNCTIONS = """
 int ioctl(int fd, unsigned long request, ...);
 void pvt_host_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t out[4]);
@@ -292,13 +324,14 @@ ffibuilder.cdef(
     + CONSTANTS
     + "".join(f"#define {name} ...\n" for name in capability_names())
     + STRUCTS
+    + PYVT_MODULE
     + FUNCTIONS
 )
 ffibuilder.set_source(
     "pyvt._kvm",
     SOURCE,
     sources=[os.path.join("csrc", "host_cpuid.c")],
-    include_dirs=[os.path.join(ROOT, "csrc")],
+    include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "kernel_module", "include")],
     extra_compile_args=["-O2"],
 )
 

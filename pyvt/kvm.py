@@ -292,6 +292,59 @@ class Kvm(_Fd):
         """
         return _get_msrs(self, indices, "KVM_GET_MSRS (system)")
 
+    # -- pyvt.ko extras (kernel_module/include/uapi/pyvt.h) -------------------
+
+    def _pyvt_ioctl(self, name: str, request: int, arg) -> None:
+        try:
+            self._ioctl(name, request, arg)
+        except KvmError as e:
+            if e.errno in (errno.ENOTTY, errno.EINVAL):
+                raise KvmError(name, e.errno, f"only /dev/pyvt (kernel_module/, pyvt.ko) "
+                               f"answers {name}; {self.path} does not") from None
+            raise
+
+    def get_hw_caps(self) -> dict:
+        """``PYVT_GET_HW_CAPS`` (``/dev/pyvt`` only): what each host CPU says
+        about its virtualization hardware, raw: CPUID 0x8000000A, VM_CR,
+        IA32_FEATURE_CONTROL and the VMX capability MSRs.
+
+        Returns ``{"abi_version", "vendor", "nr_cpus", "npt_levels", "cpus":
+        [{"cpu", "flags", ..., "vmx_msrs": [...]}, ...]}``.
+        """
+        max_cpus = os.cpu_count() or 1
+        while True:
+            cpus = ffi.new("struct pyvt_cpu_caps[]", max_cpus)
+            caps = ffi.new("struct pyvt_hw_caps *", {
+                "max_cpus": max_cpus, "cpus": int(ffi.cast("uintptr_t", cpus))})
+            self._pyvt_ioctl("PYVT_GET_HW_CAPS", lib.PYVT_GET_HW_CAPS, caps)
+            if caps.nr_cpus <= max_cpus:
+                break
+            max_cpus = caps.nr_cpus
+        if caps.abi_version != lib.PYVT_ABI_VERSION:
+            raise KvmError("PYVT_GET_HW_CAPS", errno.EPROTO,
+                           f"pyvt.ko speaks ABI {caps.abi_version}, this pyvt was built "
+                           f"for {lib.PYVT_ABI_VERSION}: rebuild one to match the other")
+        fields = [name for name, _ in ffi.typeof("struct pyvt_cpu_caps").fields]
+        return {
+            "abi_version": caps.abi_version, "vendor": caps.vendor, "nr_cpus": caps.nr_cpus,
+            "npt_levels": caps.npt_levels,
+            "cpus": [{name: (list(getattr(cpus[i], name)) if name == "vmx_msrs"
+                             else getattr(cpus[i], name)) for name in fields}
+                     for i in range(caps.nr_cpus)],
+        }
+
+    def measure_roundtrip(self, iterations: int = 1000) -> dict:
+        """``PYVT_MEASURE_ROUNDTRIP`` (``/dev/pyvt`` only): the VMRUN-to-#VMEXIT
+        round trip of a trivial guest, in TSC cycles (min, median, max)."""
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or \
+                not 1 <= iterations <= lib.PYVT_ROUNDTRIP_MAX_ITERATIONS:
+            raise ArgumentError(f"iterations must be 1-{lib.PYVT_ROUNDTRIP_MAX_ITERATIONS}, "
+                                f"not {iterations!r}")
+        trip = ffi.new("struct pyvt_roundtrip *", {"iterations": iterations})
+        self._pyvt_ioctl("PYVT_MEASURE_ROUNDTRIP", lib.PYVT_MEASURE_ROUNDTRIP, trip)
+        return {name: getattr(trip, name) for name, _ in ffi.typeof("struct pyvt_roundtrip").fields
+                if name != "reserved"}
+
     def create_vm(self, machine_type: int = 0) -> "VmFd":
         """``KVM_CREATE_VM``."""
         fd = self._ioctl("KVM_CREATE_VM", lib.KVM_CREATE_VM, _arg(machine_type),

@@ -1,41 +1,26 @@
-"""Shared fixtures: the KVM device under test and guest programs.
+"""Shared fixtures for pyvt's own tests.
 
-Guest-running tests need a working KVM device.  Which one: ``$PYVT_BACKEND``
-if set (the kernel-module harness sets /dev/pyvt), else what pyvt picks.
-Where no device can be opened, those tests skip with the reason.
+The ``kvm`` and ``vm`` fixtures and the ``requires_kvm``/``requires_cap``/
+``requires_cpu`` markers come from pyvt's pytest plugin (pyvt.testing), as
+for any user.  Which device: ``$PYVT_BACKEND`` if set (the kernel-module
+harness sets /dev/pyvt), else what pyvt picks.  Guest programs are built
+from tests/guests/ by the test run.
 """
 
 from __future__ import annotations
 
 import pytest
 
-import pyvt
 from guestbuild import LOAD_ADDRESS, build
 
 
-def _backend_problem():
-    try:
-        path = pyvt.select_backend()
-        pyvt.kvm.Kvm.shared(path)
-    except pyvt.Error as e:
-        return str(e)
-    return None
-
-
-_PROBLEM = _backend_problem()
-
-
-def pytest_collection_modifyitems(config, items):
-    if _PROBLEM is None:
-        return
-    skip = pytest.mark.skip(reason=f"no usable KVM device: {_PROBLEM}")
-    for item in items:
-        if "needs_kvm" in item.keywords:
-            item.add_marker(skip)
-
-
 def pytest_configure(config):
-    config.addinivalue_line("markers", "needs_kvm: runs a guest on a KVM device")
+    # Installed, pyvt registers its plugin itself (pytest11 entry point);
+    # from a bare source tree, load it here.
+    if not config.pluginmanager.has_plugin("pyvt"):
+        import pyvt.testing
+
+        config.pluginmanager.register(pyvt.testing, "pyvt")
 
 
 @pytest.fixture(scope="session")
@@ -51,12 +36,6 @@ def guest(guest_dir):
         return build(name, guest_dir, load_address)
 
     return get
-
-
-@pytest.fixture
-def vm():
-    with pyvt.Vm(memory="16M") as machine:
-        yield machine
 
 
 @pytest.fixture

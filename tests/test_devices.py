@@ -9,7 +9,7 @@ import pytest
 import pyvt
 from pyvt import exits
 
-pytestmark = pytest.mark.needs_kvm
+pytestmark = pytest.mark.requires_kvm
 
 
 def test_debug_exit_stops_with_qemu_status(vm, load):

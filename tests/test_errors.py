@@ -21,7 +21,7 @@ def test_not_a_kvm_device(tmp_path):
         pyvt.Vm(backend=str(path))
 
 
-@pytest.mark.needs_kvm
+@pytest.mark.requires_kvm
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another user")
 def test_no_permission_on_device():
     # Root can open anything: a child that drops to "nobody" shows the
@@ -67,13 +67,13 @@ def test_api_version_mismatch(monkeypatch):
     ("64T", "cannot be allocated"),
     (True, "memory size must be"),
 ])
-@pytest.mark.needs_kvm
+@pytest.mark.requires_kvm
 def test_bad_memory_sizes(size, message):
     with pytest.raises(pyvt.MemoryConfigError, match=message):
         pyvt.Vm(memory=size)
 
 
-@pytest.mark.needs_kvm
+@pytest.mark.requires_kvm
 def test_overlapping_regions_and_out_of_range_access(vm):
     with pytest.raises(pyvt.RegionOverlapError, match="overlaps"):
         vm.memory.add_region(0x800000, "16M")
@@ -94,7 +94,7 @@ def test_overlapping_regions_and_out_of_range_access(vm):
     assert vm.memory[region.gpa:region.gpa + 2] == b"ok"
 
 
-@pytest.mark.needs_kvm
+@pytest.mark.requires_kvm
 def test_bad_mode_and_vcpu_index(vm):
     with pytest.raises(pyvt.InvalidModeError, match="unknown CPU mode 'unreal'"):
         vm.vcpu(0, mode="unreal")
@@ -107,7 +107,7 @@ def test_bad_mode_and_vcpu_index(vm):
         vm.vcpu(0)
 
 
-@pytest.mark.needs_kvm
+@pytest.mark.requires_kvm
 def test_use_after_close(guest):
     vm = pyvt.Vm("16M")
     cpu = vm.vcpu(0, mode="long")
@@ -125,7 +125,7 @@ def test_use_after_close(guest):
         vm.on_io(0x10, print)
 
 
-@pytest.mark.needs_kvm
+@pytest.mark.requires_kvm
 def test_memoryview_outlives_close_safely():
     vm = pyvt.Vm("1M")
     view = vm.memory.view
@@ -135,7 +135,7 @@ def test_memoryview_outlives_close_safely():
     view.release()
 
 
-@pytest.mark.needs_kvm
+@pytest.mark.requires_kvm
 def test_triple_fault_reports_registers(vm, load):
     cpu = load("triple_fault", "long")
     exit = cpu.run(timeout=5)
@@ -148,7 +148,7 @@ def test_triple_fault_reports_registers(vm, load):
         cpu.run(timeout=5, check=True)
 
 
-@pytest.mark.needs_kvm
+@pytest.mark.requires_kvm
 def test_internal_error_shows_the_instruction(vm, load):
     cpu = load("unsupported_insn", "long")
     exit = cpu.run(timeout=5)
@@ -168,7 +168,7 @@ def test_internal_error_shows_the_instruction(vm, load):
         exit.raise_for_failure()
 
 
-@pytest.mark.needs_kvm
+@pytest.mark.requires_kvm
 def test_fail_entry_is_decoded(vm):
     # Software-assisted KVM (PVM, these machines) checks guest state in
     # software and never fails a VM entry, so this drives the decoder with a
@@ -187,7 +187,7 @@ def test_fail_entry_is_decoded(vm):
     assert "VMEXIT_INVALID" in cpu._decode_kvm_exit().reason
 
 
-@pytest.mark.needs_kvm
+@pytest.mark.requires_kvm
 def test_unknown_exit_reason_is_a_value(vm):
     cpu = vm.vcpu(0)
     cpu.fd.run_struct.exit_reason = 1234
@@ -195,7 +195,7 @@ def test_unknown_exit_reason_is_a_value(vm):
     assert isinstance(exit, exits.Unhandled) and exit.reason == 1234
 
 
-@pytest.mark.needs_kvm
+@pytest.mark.requires_kvm
 def test_bad_arguments_are_rejected(vm):
     cpu = vm.vcpu(0)
     with pytest.raises(pyvt.ArgumentError):

@@ -8,7 +8,7 @@ import pytest
 import pyvt
 from pyvt import exits
 
-pytestmark = pytest.mark.needs_kvm
+pytestmark = pytest.mark.requires_kvm
 
 RUNS_PER_MODE = 150
 

@@ -5,7 +5,7 @@ import pytest
 import pyvt
 from pyvt import exits
 
-pytestmark = pytest.mark.needs_kvm
+pytestmark = pytest.mark.requires_kvm
 
 
 def test_port_handlers_see_writes_and_answer_reads(vm, load):

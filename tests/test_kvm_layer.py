@@ -11,7 +11,7 @@ import pyvt
 from pyvt import exits
 from pyvt.kvm import Kvm, lib
 
-pytestmark = pytest.mark.needs_kvm
+pytestmark = pytest.mark.requires_kvm
 
 
 @pytest.fixture
@@ -146,3 +146,26 @@ def test_vcpu_state_blocks(vm):
     if vm.kvm.check_extension("KVM_CAP_XCRS"):
         xcrs = cpu.fd.get_xcrs()
         cpu.fd.set_xcrs(xcrs)
+
+
+def test_pyvt_module_extras(kvm):
+    """PYVT_GET_HW_CAPS / PYVT_MEASURE_ROUNDTRIP: real figures on /dev/pyvt
+    (the kernel-module harness runs this suite there), a clear refusal on
+    any other device."""
+    if not kvm.path.endswith("pyvt"):
+        with pytest.raises(pyvt.KvmError, match="only /dev/pyvt"):
+            kvm.get_hw_caps()
+        with pytest.raises(pyvt.KvmError, match="only /dev/pyvt"):
+            kvm.measure_roundtrip(10)
+        return
+    caps = kvm.get_hw_caps()
+    assert caps["abi_version"] == lib.PYVT_ABI_VERSION
+    assert caps["nr_cpus"] == len(caps["cpus"]) >= 1
+    cpu0 = caps["cpus"][0]
+    if caps["vendor"] == lib.PYVT_VENDOR_AMD:
+        assert cpu0["ext_ecx"] & (1 << 2), "SVM bit missing on an AMD-V host"
+        assert cpu0["svm_ebx"] > 0, "no ASIDs"
+    trip = kvm.measure_roundtrip(100)
+    assert 0 < trip["min_cycles"] <= trip["median_cycles"] <= trip["max_cycles"]
+    with pytest.raises(pyvt.ArgumentError):
+        kvm.measure_roundtrip(0)

@@ -9,7 +9,7 @@ import pytest
 import pyvt
 from pyvt import exits
 
-pytestmark = pytest.mark.needs_kvm
+pytestmark = pytest.mark.requires_kvm
 
 VM_COUNT = 2000
 

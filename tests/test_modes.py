@@ -5,7 +5,7 @@ import pytest
 import pyvt
 from pyvt import exits, modes
 
-pytestmark = pytest.mark.needs_kvm
+pytestmark = pytest.mark.requires_kvm
 
 
 @pytest.mark.parametrize("mode", ["real", "protected", "long"])

@@ -10,7 +10,7 @@ import pytest
 import pyvt
 from pyvt import exits
 
-pytestmark = pytest.mark.needs_kvm
+pytestmark = pytest.mark.requires_kvm
 
 
 def test_timeout_stops_a_spinning_guest_and_it_can_resume(vm, load):
