@@ -91,8 +91,9 @@ def test_console_streams_live_to_stdout_of_a_process(guest, tmp_path):
     image.write_bytes(guest("uart_hello_long"))
     code = ("import sys, pyvt; r = pyvt.run(open(sys.argv[1], 'rb').read(), stream=sys.stdout);"
             "print(); print(r.exit)")
+    # cwd: outside the checkout, so the child imports the pyvt under test.
     out = subprocess.run([sys.executable, "-c", code, str(image)], capture_output=True,
-                         text=True, timeout=60, env=dict(os.environ))
+                         text=True, timeout=60, cwd=os.path.dirname(os.path.dirname(pyvt.__file__)))
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("hello from long mode\n")
     assert "Hlt(" in out.stdout

@@ -13,6 +13,12 @@ from capsfixtures import PVM_HOST, REPO
 from pyvt.caps import report as rep
 from pyvt.caps.cli import main
 
+import pyvt
+
+# Child interpreters start here, so they import the pyvt under test (an
+# installed one) and not the uncompiled source tree of the checkout.
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(pyvt.__file__))
+
 SCHEMA = pathlib.Path(rep.__file__).with_name("report.schema.json")
 
 
@@ -70,7 +76,7 @@ def test_usage_errors_and_help():
 
 def test_module_entry_point_has_no_traceback():
     proc = subprocess.run([sys.executable, "-m", "pyvt.caps", "--device", "/nonexistent"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+                          cwd=PACKAGE_PARENT, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr + proc.stdout
     assert proc.stdout.startswith("KVM usable: no, /nonexistent does not exist")
@@ -106,10 +112,9 @@ def test_require_ept_fails_on_pvm(real_kvm):
     assert "Requirements: MISSING ept" in out
 
 
-@pytest.mark.skipif(not (REPO / "pyvt" / "__main__.py").exists(), reason="python -m pyvt is not wired yet")
 def test_python_dash_m_pyvt_caps():
     proc = subprocess.run([sys.executable, "-m", "pyvt", "caps", "--device", "/nonexistent"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+                          cwd=PACKAGE_PARENT, capture_output=True, text=True, timeout=120, check=False)
     assert "Traceback" not in proc.stderr + proc.stdout
     assert proc.returncode == 1
     assert proc.stdout.startswith("KVM usable: no, /nonexistent does not exist")
