@@ -706,11 +706,18 @@ static int svm_run_once(struct pyvt_vcpu *vcpu)
 	vmcb->save.rflags = vcpu->rflags;
 	vmcb->control.event_inj = svm->event_inj;
 	vmcb->control.event_inj_err = svm->event_inj_err;
+	vmcb->control.next_rip = 0;	/* only NRIP-save CPUs set it */
 	svm->event_inj = 0;
 
 	kernel_fpu_begin();	/* also disables preemption */
 	cpu = smp_processor_id();
 	sd = this_cpu_ptr(&svm_cpu);
+	if (unlikely(!sd->host_save)) {
+		/* This CPU is going offline and SVM is already off here. */
+		kernel_fpu_end();
+		svm->event_inj = vmcb->control.event_inj;
+		return 1;
+	}
 	flush = vcpu->last_cpu != cpu || sd->last_vcpu != vcpu ||
 		vcpu->tlb_gen != vcpu->vm->tlb_gen;
 	vmcb->control.tlb_ctl = flush ? TLB_CONTROL_FLUSH_ALL_ASID :
@@ -734,7 +741,6 @@ static int svm_run_once(struct pyvt_vcpu *vcpu)
 	vcpu->gprs[PYVT_RSP] = vmcb->save.rsp;
 	vcpu->rip = vmcb->save.rip;
 	vcpu->rflags = vmcb->save.rflags;
-	vmcb->control.next_rip = 0;	/* set only where NRIP save exists */
 
 	if (vmcb->control.exit_code == (u32)SVM_EXIT_ERR) {
 		dump_vmcb(vcpu, "VMRUN failed");
@@ -814,6 +820,11 @@ static int svm_measure_roundtrip(struct pyvt_roundtrip *rt)
 		preempt_disable();
 		sd = this_cpu_ptr(&svm_cpu);
 		cpu = smp_processor_id();
+		if (unlikely(!sd->host_save)) {	/* CPU going offline */
+			preempt_enable();
+			cond_resched();
+			continue;
+		}
 		vmcb->save.rip = 0;
 		local_irq_disable();
 		clgi();
