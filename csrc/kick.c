@@ -5,7 +5,10 @@
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdbool.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 /* glibc before 2.35 names the field only through the union. */
@@ -14,7 +17,13 @@
 #endif
 
 static __thread struct kvm_run *volatile current_run;
+
+/* The calling thread's timer, made on first use. */
+static __thread timer_t thread_timer;
+static __thread bool thread_timer_made;
+
 static pthread_once_t setup_once = PTHREAD_ONCE_INIT;
+static pthread_key_t timer_key; /* deletes a thread's timer when it exits */
 static int setup_result;
 
 /* A real-time signal nobody else uses by default; Python leaves it alone. */
@@ -32,7 +41,13 @@ static void on_kick(int signo)
 		run->immediate_exit = 1;
 }
 
-static void install_handler(void)
+static void delete_thread_timer(void *timer)
+{
+	timer_delete(*(timer_t *)timer);
+	free(timer);
+}
+
+static void setup(void)
 {
 	struct sigaction action;
 
@@ -43,11 +58,13 @@ static void install_handler(void)
 	action.sa_flags = 0;
 	if (sigaction(pvt_kick_signal(), &action, NULL))
 		setup_result = -errno;
+	else
+		setup_result = -pthread_key_create(&timer_key, delete_thread_timer);
 }
 
 int pvt_kick_setup(void)
 {
-	pthread_once(&setup_once, install_handler);
+	pthread_once(&setup_once, setup);
 	return setup_result;
 }
 
@@ -70,53 +87,58 @@ static struct timespec to_timespec(uint64_t ns)
 				  .tv_nsec = (long)(ns % 1000000000ull) };
 }
 
-int pvt_kicker_arm(struct pvt_kicker *kicker, uint64_t first_ns,
-		   uint64_t interval_ns)
+static int make_thread_timer(void)
 {
-	pid_t tid = gettid();
-	struct itimerspec when;
+	struct sigevent event;
+	timer_t *owned;
 	sigset_t unblock;
 
-	if (kicker->owner_tid != tid) {
-		struct sigevent event;
-
-		pvt_kicker_destroy(kicker);
-		memset(&event, 0, sizeof(event));
-		event.sigev_notify = SIGEV_THREAD_ID;
-		event.sigev_signo = pvt_kick_signal();
-		event.sigev_notify_thread_id = tid;
-		if (timer_create(CLOCK_MONOTONIC, &event, &kicker->timer))
-			return -errno;
-		kicker->owner_tid = tid;
+	owned = malloc(sizeof(*owned));
+	if (!owned)
+		return -ENOMEM;
+	memset(&event, 0, sizeof(event));
+	event.sigev_notify = SIGEV_THREAD_ID;
+	event.sigev_signo = pvt_kick_signal();
+	event.sigev_notify_thread_id = gettid();
+	if (timer_create(CLOCK_MONOTONIC, &event, owned)) {
+		free(owned);
+		return -errno;
 	}
+	thread_timer = *owned;
+	thread_timer_made = true;
+	pthread_setspecific(timer_key, owned);
 	/* The thread may have inherited a mask that blocks the kick. */
 	sigemptyset(&unblock);
 	sigaddset(&unblock, pvt_kick_signal());
 	pthread_sigmask(SIG_UNBLOCK, &unblock, NULL);
+	return 0;
+}
 
+int pvt_kick_arm(uint64_t first_ns, uint64_t interval_ns)
+{
+	struct itimerspec when;
+	int ret;
+
+	if (!thread_timer_made) {
+		ret = make_thread_timer();
+		if (ret)
+			return ret;
+	}
 	if (first_ns == 0)
 		first_ns = 1; /* zero would disarm the timer */
 	when.it_value = to_timespec(first_ns);
 	when.it_interval = to_timespec(interval_ns);
-	if (timer_settime(kicker->timer, 0, &when, NULL))
+	if (timer_settime(thread_timer, 0, &when, NULL))
 		return -errno;
 	return 0;
 }
 
-void pvt_kicker_disarm(struct pvt_kicker *kicker)
+void pvt_kick_disarm(void)
 {
 	struct itimerspec off;
 
-	if (!kicker->owner_tid)
+	if (!thread_timer_made)
 		return;
 	memset(&off, 0, sizeof(off));
-	timer_settime(kicker->timer, 0, &off, NULL);
-}
-
-void pvt_kicker_destroy(struct pvt_kicker *kicker)
-{
-	if (kicker->owner_tid) {
-		timer_delete(kicker->timer);
-		kicker->owner_tid = 0;
-	}
+	timer_settime(thread_timer, 0, &off, NULL);
 }

@@ -31,7 +31,8 @@ void pvt_vcpu_init(struct pvt_vcpu *vcpu, int fd, struct kvm_run *run,
 
 void pvt_vcpu_destroy(struct pvt_vcpu *vcpu)
 {
-	pvt_kicker_destroy(&vcpu->kicker);
+	vcpu->run = NULL;
+	vcpu->ring = NULL;
 }
 
 /*

@@ -35,7 +35,6 @@ struct pvt_vcpu {
 	struct pvt_machine *machine;
 	struct kvm_coalesced_mmio_ring *ring; /* NULL: no coalescing */
 	uint32_t ring_entries;
-	struct pvt_kicker kicker;
 	uint64_t kvm_exits;    /* every return from KVM_RUN */
 	uint64_t native_exits; /* exits handled without leaving C */
 	uint64_t coalesced;    /* writes drained from the coalesced ring */

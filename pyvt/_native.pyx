@@ -416,8 +416,6 @@ cdef class VcpuLoop:
 
     def close(self):
         pvt_vcpu_destroy(&self.v)
-        self.v.run = NULL
-        self.v.ring = NULL
         self.page = None
 
     def request_stop(self):
@@ -511,7 +509,7 @@ cdef class VcpuLoop:
         pvt_kick_set_current(self.v.run)
         try:
             if first:
-                rc = pvt_kicker_arm(&self.v.kicker, first, interval)
+                rc = pvt_kick_arm(first, interval)
                 if rc:
                     raise OSError(-rc, "cannot arm the vCPU kick timer")
                 armed = True
@@ -539,6 +537,6 @@ cdef class VcpuLoop:
                     return (rc, info.stop_code, info.device_port)
         finally:
             if armed:
-                pvt_kicker_disarm(&self.v.kicker)
+                pvt_kick_disarm()
             pvt_kick_set_current(NULL)
             self.v.run.immediate_exit = 0

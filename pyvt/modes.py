@@ -173,6 +173,12 @@ def apply(mode: str, sregs, regs) -> None:
     The GDT and page tables must already be in guest memory
     (:func:`write_setup_area`).
     """
+    apply_sregs(mode, sregs)
+    apply_regs(mode, regs)
+
+
+def apply_sregs(mode: str, sregs) -> None:
+    """The special-register half of :func:`apply`."""
     check_mode(mode)
     data_segments = (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss)
     if mode == "real":
@@ -201,9 +207,13 @@ def apply(mode: str, sregs, regs) -> None:
             sregs.cr4 |= CR4_PAE
             sregs.cr0 |= CR0_PG | CR0_WP
             sregs.efer = EFER_LME | EFER_LMA
+
+
+def apply_regs(mode: str, regs) -> None:
+    """The general-register half of :func:`apply`."""
     regs.rflags = RFLAGS_RESERVED
     regs.rip = 0
-    regs.rsp = STACK_TOP if mode != "real" else 0x10000 - 0x10
+    regs.rsp = STACK_TOP if check_mode(mode) != "real" else 0x10000 - 0x10
 
 
 def setup_area() -> Tuple[int, int]:

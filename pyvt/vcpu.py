@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 from typing import Dict, Iterable, List, Mapping, Optional
@@ -67,9 +68,10 @@ class Vcpu:
         self._set_initial_cpuid(vm)
 
         sregs = self.fd.get_sregs()
-        regs = self._load_regs()
-        modes.apply(mode, sregs, regs)
+        ffi.buffer(sregs)[:] = _mode_sregs(mode, bytes(ffi.buffer(sregs)))
         self.fd.set_sregs(sregs)
+        regs = self._load_regs()
+        modes.apply_regs(mode, regs)
         self._store_regs(regs)
 
         self._loop = _native.VcpuLoop(
@@ -82,16 +84,9 @@ class Vcpu:
     def _set_initial_cpuid(self, vm) -> None:
         """KVM_SET_CPUID2 from the supported CPUID, with this vCPU's APIC ID."""
         try:
-            table = bytearray(vm.kvm.supported_cpuid_table())
+            table = _initial_cpuid_table(vm.kvm, self.index)
         except KvmError:
             return  # a backend without a CPUID table answers CPUID itself
-        cpuid = ffi.cast("struct kvm_cpuid2 *", ffi.from_buffer(table))
-        for i in range(cpuid.nent):
-            entry = cpuid.entries[i]
-            if entry.function == 1:  # initial APIC ID in EBX[31:24]
-                entry.ebx = (entry.ebx & 0x00FFFFFF) | ((self.index & 0xFF) << 24)
-            elif entry.function in (0xB, 0x1F):  # x2APIC ID in EDX
-                entry.edx = self.index
         self.fd.set_cpuid2_table(table)
 
     def __repr__(self) -> str:
@@ -354,6 +349,32 @@ class Vcpu:
             self._loop.close()
             self._loop = None
         self.fd.close()
+
+
+# Spawning many VMs repeats the same setup; these caches make the second
+# and later vCPUs cheap (Python work between ioctls is what a spawn costs).
+
+@functools.lru_cache(maxsize=1024)
+def _initial_cpuid_table(kvm, index: int) -> bytes:
+    """The supported CPUID as a kvm_cpuid2, with APIC ID ``index``."""
+    table = bytearray(kvm.supported_cpuid_table())
+    cpuid = ffi.cast("struct kvm_cpuid2 *", ffi.from_buffer(table))
+    for i in range(cpuid.nent):
+        entry = cpuid.entries[i]
+        if entry.function == 1:  # initial APIC ID in EBX[31:24]
+            entry.ebx = (entry.ebx & 0x00FFFFFF) | ((index & 0xFF) << 24)
+        elif entry.function in (0xB, 0x1F):  # x2APIC ID in EDX
+            entry.edx = index
+    return bytes(table)
+
+
+@functools.lru_cache(maxsize=64)
+def _mode_sregs(mode: str, reset_sregs: bytes) -> bytes:
+    """``reset_sregs`` (a fresh vCPU's kvm_sregs) put in ``mode``."""
+    sregs = ffi.new("struct kvm_sregs *")
+    ffi.buffer(sregs)[:] = reset_sregs
+    modes.apply_sregs(mode, sregs)
+    return bytes(ffi.buffer(sregs))
 
 
 def disassemble(code: bytes, address: int, bits: int) -> str:

@@ -99,6 +99,7 @@ class Vm:
         self._claims: Dict[Tuple[int, int], Tuple[int, str]] = {}  # (space, start) -> (length, owner)
         self._devices: List = []
         self._coalesced_zones: Dict[object, Tuple[int, int]] = {}
+        self._max_vcpus: Optional[int] = None
         try:
             if size <= TSS_ADDRESS and self.kvm.check_extension("KVM_CAP_SET_TSS_ADDR"):
                 self.fd.set_tss_addr(TSS_ADDRESS)
@@ -237,8 +238,10 @@ class Vm:
     @property
     def max_vcpus(self) -> int:
         """How many vCPUs this backend allows (KVM_CAP_MAX_VCPUS)."""
-        return (self.fd.check_extension("KVM_CAP_MAX_VCPUS")
-                or self.fd.check_extension("KVM_CAP_NR_VCPUS") or 1)
+        if self._max_vcpus is None:
+            self._max_vcpus = (self.fd.check_extension("KVM_CAP_MAX_VCPUS")
+                               or self.fd.check_extension("KVM_CAP_NR_VCPUS") or 1)
+        return self._max_vcpus
 
     def vcpu(self, index: int = 0, mode: str = "real") -> Vcpu:
         """Creates vCPU ``index`` (``KVM_CREATE_VCPU``) in ``mode``: "real",

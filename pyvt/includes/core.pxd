@@ -100,14 +100,11 @@ cdef extern from "debugcon.h" nogil:
 
 
 cdef extern from "kick.h" nogil:
-    cdef struct pvt_kicker:
-        pass
-
     int pvt_kick_setup()
     int pvt_kick_signal()
     void pvt_kick_set_current(kvm_run *run)
-    int pvt_kicker_arm(pvt_kicker *kicker, uint64_t first_ns, uint64_t interval_ns)
-    void pvt_kicker_disarm(pvt_kicker *kicker)
+    int pvt_kick_arm(uint64_t first_ns, uint64_t interval_ns)
+    void pvt_kick_disarm()
     uint64_t pvt_now_ns()
 
 
@@ -128,7 +125,6 @@ cdef extern from "vcpu_loop.h" nogil:
     cdef struct pvt_vcpu:
         kvm_run *run
         void *ring
-        pvt_kicker kicker
         uint64_t kvm_exits
         uint64_t native_exits
         uint64_t coalesced
