@@ -1,6 +1,7 @@
 """The ``pyvt`` command line (also ``python -m pyvt``).
 
     pyvt run FILE [--mode long] [--at ADDR] [--timeout S] [--memory 16M]
+                  (FILE: a flat binary, or assembly source ending in .S/.s)
     pyvt caps [--json] [--probe] [--require FEATURE ...]
     pyvt version
 
@@ -46,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a flat binary in a minimal VM")
-    run.add_argument("file", help="flat binary (raw machine code)")
+    run.add_argument("file", help="flat binary (raw machine code), or assembly source (.S/.s)")
     run.add_argument("--mode", choices=["real", "protected", "long"], default="long")
     run.add_argument("--at", type=_int, default=None, help="load address (default 0x1000)")
     run.add_argument("--timeout", type=_seconds, default=None, help="seconds before giving up")
@@ -73,11 +74,16 @@ def exit_status(exit: exits.Exit) -> int:
 
 
 def _run(args) -> int:
+    from .assemble import assemble_file
     from .runner import LOAD_ADDRESS, run
 
+    at = LOAD_ADDRESS if args.at is None else args.at
     try:
-        with open(args.file, "rb") as f:
-            code = f.read()
+        if args.file.endswith((".S", ".s")):
+            code = assemble_file(args.file, at=at)
+        else:
+            with open(args.file, "rb") as f:
+                code = f.read()
     except OSError as e:
         print(f"pyvt: cannot read {args.file}: {e.strerror}", file=sys.stderr)
         return EXIT_USAGE
@@ -85,7 +91,7 @@ def _run(args) -> int:
         print(f"pyvt: {args.file} is empty", file=sys.stderr)
         return EXIT_USAGE
     result = run(code, mode=args.mode, memory=args.memory, timeout=args.timeout,
-                 at=LOAD_ADDRESS if args.at is None else args.at, backend=args.backend,
+                 at=at, backend=args.backend,
                  stream=sys.stdout)
     sys.stdout.flush()
     exit = result.exit
