@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import os
 import resource
 import statistics
 import subprocess

@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def exit_status(exit: exits.Exit) -> int:
+def exit_status(exit: exits.AnyExit) -> int:
     """The process exit status ``pyvt run`` uses for a final exit."""
     if isinstance(exit, exits.Hlt):
         return 0

@@ -10,11 +10,10 @@ from __future__ import annotations
 import io
 import os
 import sys
-from typing import Optional, Union
+from typing import Any
 
-from .errors import ArgumentError, ClosedError
+from .errors import ArgumentError
 
-StreamTarget = Union[None, int, str, io.IOBase]
 
 
 class Console:
@@ -31,7 +30,7 @@ class Console:
         self.port = port
         #: True when KVM queues the data-register writes (coalesced PIO).
         self.coalesced = coalesced
-        self._stream_target = None
+        self._stream_target: Any = None
 
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"
@@ -63,7 +62,7 @@ class Console:
             raise ArgumentError(f"console input must be bytes, not {type(data).__name__}")
         return self._native.feed(bytes(data))
 
-    def stream(self, target: StreamTarget) -> None:
+    def stream(self, target: Any) -> None:
         """Copies guest output, as it comes, to ``target``: a file object,
         a file descriptor, ``"stdout"``/``"stderr"``, or None to stop."""
         if target is None:

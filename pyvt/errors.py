@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+from typing import Optional
 
 
 class Error(Exception):
@@ -18,7 +19,7 @@ class BackendError(Error):
     """The virtualization device cannot be used."""
 
 
-class _OSErrorMessage:
+class _OSErrorMessage(OSError):
     """Prints just the message, not OSError's "[Errno N]" prefix."""
 
     def __str__(self) -> str:
@@ -37,11 +38,12 @@ class ApiVersionMismatch(BackendError):
     """The device speaks a KVM API version other than 12."""
 
 
-class KvmError(_OSErrorMessage, Error, OSError):
+class KvmError(_OSErrorMessage, Error):
     """An ioctl failed.  ``errno`` and ``ioctl`` say which and why."""
 
-    def __init__(self, ioctl: str, errno: int, hint: str = ""):
+    def __init__(self, ioctl: str, errno: Optional[int], hint: str = ""):
         self.ioctl = ioctl
+        errno = errno or _errno.EIO
         message = f"{ioctl} failed: {os.strerror(errno)} ({_errno.errorcode.get(errno, errno)})"
         if hint:
             message += f"; {hint}"

@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional, Tuple
+from typing import TYPE_CHECKING, ClassVar, Optional, Tuple, Union
 
 from . import _native, errors
+
+if TYPE_CHECKING:
+    from .registers import Registers
 
 
 def _hex(value: Optional[int]) -> str:
     return "?" if value is None else f"{value:#x}"
 
 
-class Exit(abc.ABC):
+class Exit(abc.ABC):  # noqa: B024 (an ABC only so that the C types Io, Mmio register)
     """Base class of every exit."""
 
     __slots__ = ()
@@ -58,6 +61,9 @@ Mmio = _native.Mmio
 Exit.register(Io)
 Exit.register(Mmio)
 
+#: What ``Vcpu.run()`` returns, for type checkers (Io and Mmio are C types).
+AnyExit = Union[Exit, Io, Mmio]
+
 
 @dataclass(frozen=True, slots=True, repr=False)
 class DebugExit(Exit):
@@ -93,7 +99,7 @@ class Shutdown(Exit):
     """``KVM_EXIT_SHUTDOWN``: a triple fault (or a shutdown cycle); ``regs``
     holds the registers at that point."""
 
-    regs: object = None
+    regs: Optional["Registers"] = None
     rip: Optional[int] = None
     failed: ClassVar[bool] = True
     error_class: ClassVar[type] = errors.TripleFault
@@ -133,7 +139,7 @@ class FailEntry(Exit):
 
     hardware_entry_failure_reason: int
     cpu: int = 0
-    regs: object = None
+    regs: Optional["Registers"] = None
     rip: Optional[int] = None
     failed: ClassVar[bool] = True
     error_class: ClassVar[type] = errors.EntryFailed
@@ -175,7 +181,7 @@ class InternalError(Exit):
     data: Tuple[int, ...] = ()
     instruction: bytes = b""
     disassembly: str = ""
-    regs: object = None
+    regs: Optional["Registers"] = None
     rip: Optional[int] = None
     failed: ClassVar[bool] = True
     error_class: ClassVar[type] = errors.InternalError
@@ -284,3 +290,21 @@ class Stopped(Exit):
 
 
 __all__.append("Stopped")
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Reset(Exit):
+    """The guest asked to reset the machine through a native device:
+    ``source`` names it (``"i8042"``: 0xfe written to port 0x64, or the
+    output port's reset bit cleared; the ACPI reset register points there
+    too).  Like QEMU with ``-no-reboot``, pyvt stops instead of rebooting."""
+
+    source: str
+    port: int = 0x64
+    rip: Optional[int] = None
+
+    def __repr__(self) -> str:
+        return f"Reset(source={self.source!r}, port={self.port:#x}, rip={_hex(self.rip)})"
+
+
+__all__.append("Reset")

@@ -86,6 +86,13 @@ class Region:
     def end(self) -> int:
         return self.gpa + self.size
 
+    @property
+    def buffer(self) -> mmap.mmap:
+        """The region's host mapping; ClosedError once the VM is closed."""
+        if self.mapping is None:
+            raise ClosedError("guest memory is gone: the VM was closed")
+        return self.mapping
+
     def __repr__(self) -> str:
         ro = ", readonly" if self.readonly else ""
         return f"Region(slot={self.slot}, gpa={self.gpa:#x}, size={self.size:#x}{ro})"
@@ -114,7 +121,7 @@ class GuestMemory:
     def view(self) -> memoryview:
         """Writable memoryview of the main RAM region."""
         self._check_open()
-        return memoryview(self._main.mapping)
+        return memoryview(self._main.buffer)
 
     def _check_open(self) -> None:
         if self._vm_fd is None:
@@ -197,7 +204,7 @@ class GuestMemory:
 
     def read(self, gpa: int, n: int) -> bytes:
         """Reads ``n`` bytes of guest-physical memory at ``gpa``."""
-        return b"".join(bytes(r.mapping[o:o + length]) for r, o, length in self._pieces(gpa, n))
+        return b"".join(bytes(r.buffer[o:o + length]) for r, o, length in self._pieces(gpa, n))
 
     def write(self, gpa: int, data) -> None:
         """Writes bytes-like ``data`` to guest-physical memory at ``gpa``."""
@@ -207,7 +214,7 @@ class GuestMemory:
             raise ArgumentError(f"data must be bytes-like, not {type(data).__name__}") from None
         done = 0
         for region, offset, length in self._pieces(gpa, len(data)):
-            region.mapping[offset:offset + length] = data[done:done + length]
+            region.buffer[offset:offset + length] = data[done:done + length]
             done += length
 
     def read_int(self, gpa: int, size: int = 8) -> int:

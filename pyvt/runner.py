@@ -20,7 +20,7 @@ class Result:
     everything the guest wrote to the UART (``console``) and to port 0xe9
     (``debugcon``)."""
 
-    exit: exits.Exit
+    exit: exits.AnyExit
     regs: Registers
     console: bytes = b""
     debugcon: bytes = b""

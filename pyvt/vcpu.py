@@ -38,11 +38,11 @@ class Vcpu:
         self._vm = vm
         self.index = index
         self.mode = modes.check_mode(mode)
-        self.last_exit: Optional[exits.Exit] = None
+        self.last_exit: Optional[exits.AnyExit] = None
         self._run_lock = threading.Lock()
         self._running_thread: Optional[int] = None
         self._close_pending = False
-        self._loop = None
+        self._loop: Optional[_native.VcpuLoop] = None
         # Checked before KVM_CREATE_VCPU: KVM cannot create an index twice.
         modes.write_setup_area(vm.memory, mode)
         self.fd = vm.fd.create_vcpu(index)
@@ -180,7 +180,7 @@ class Vcpu:
 
     # -- running -----------------------------------------------------------
 
-    def run(self, timeout: Optional[float] = None, check: bool = False) -> exits.Exit:
+    def run(self, timeout: Optional[float] = None, check: bool = False) -> exits.AnyExit:
         """Runs the vCPU until something needs the caller; returns the exit.
 
         Port I/O and MMIO claimed by native devices or by handlers registered
@@ -201,7 +201,10 @@ class Vcpu:
             tick = MAIN_THREAD_TICK if threading.current_thread() is threading.main_thread() else 0.0
             self._sregs = None
             self._regs_stale = True
-            stop, code, port = self._loop.run(-1.0 if timeout is None else float(timeout), tick)
+            loop = self._loop
+            if loop is None:
+                raise ClosedError(f"vCPU {self.index} is closed (its VM was closed)")
+            stop, code, port = loop.run(-1.0 if timeout is None else float(timeout), tick)
         finally:
             self._running_thread = None
             self._run_lock.release()
@@ -234,7 +237,7 @@ class Vcpu:
         except Error:
             return None
 
-    def _decode(self, stop: int, code: int, port: int, timeout) -> exits.Exit:
+    def _decode(self, stop: int, code: int, port: int, timeout) -> exits.AnyExit:
         if stop == _native.STOP_TIMEOUT:
             return exits.Timeout(float(timeout), self._rip())
         if stop == _native.STOP_REQUESTED:
@@ -245,7 +248,7 @@ class Vcpu:
             return self._vm._device_exit(code, port, self._rip())
         return self._decode_kvm_exit()
 
-    def _decode_kvm_exit(self) -> exits.Exit:
+    def _decode_kvm_exit(self) -> exits.AnyExit:
         run = self.fd.run_struct
         reason = run.exit_reason
         rip = self._rip()

@@ -120,7 +120,7 @@ def test_use_after_close(guest):
     with pytest.raises(pyvt.ClosedError):
         cpu.run()
     with pytest.raises(pyvt.ClosedError):
-        cpu.regs.rax
+        _ = cpu.regs.rax
     with pytest.raises(pyvt.ClosedError):
         vm.on_io(0x10, print)
 

@@ -33,7 +33,7 @@ def test_handler_exit_objects_are_immutable_and_printable(vm, load):
     vm.on_io(0x13, lambda e: 0)
     load("port_io", "protected").run(timeout=5)
     first = seen[0]
-    with pytest.raises(Exception):
+    with pytest.raises(AttributeError):
         first.port = 1
     assert repr(first).startswith("Io(out port=0x10, size=1, value=0x1")
     assert first.rip is not None and first.rip > 0x1000

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from capsfixtures import PVM_HOST, REPO
+from capsfixtures import PVM_HOST
 
 from pyvt.caps import report as rep
 from pyvt.caps.cli import main
