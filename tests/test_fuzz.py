@@ -8,7 +8,7 @@ import pytest
 import pyvt
 from pyvt import exits
 
-pytestmark = pytest.mark.requires_kvm
+pytestmark = [pytest.mark.requires_kvm, pytest.mark.slow]
 
 RUNS_PER_MODE = 150
 

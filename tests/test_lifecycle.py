@@ -9,7 +9,7 @@ import pytest
 import pyvt
 from pyvt import exits
 
-pytestmark = pytest.mark.requires_kvm
+pytestmark = [pytest.mark.requires_kvm, pytest.mark.slow]
 
 VM_COUNT = 2000
 
