@@ -540,3 +540,196 @@ cdef class VcpuLoop:
                 pvt_kick_disarm()
             pvt_kick_set_current(NULL)
             self.v.run.immediate_exit = 0
+
+
+# -- PC platform devices (csrc/fw_cfg.c, cmos.c, pm_timer.c, i8042.c, port80.c)
+
+FW_CFG_PORT_COUNT = PVT_FW_CFG_PORT_COUNT
+FW_CFG_RAM_SIZE = PVT_FW_CFG_RAM_SIZE
+FW_CFG_NB_CPUS = PVT_FW_CFG_NB_CPUS
+FW_CFG_MAX_CPUS = PVT_FW_CFG_MAX_CPUS
+FW_CFG_FILE_FIRST = PVT_FW_CFG_FILE_FIRST
+FW_CFG_NAME_SIZE = PVT_FW_CFG_NAME_SIZE
+CMOS_PORT_COUNT = PVT_CMOS_PORT_COUNT
+PM_TIMER_PORT_COUNT = PVT_PM_TIMER_PORT_COUNT
+PM_TIMER_HZ = PVT_PM_TIMER_HZ
+I8042_STOP_RESET = PVT_I8042_STOP_RESET
+
+
+cdef class FwCfg(_Device):
+    """QEMU's fw_cfg (selector/data ports).  Methods return 0/key or -errno."""
+
+    cdef pvt_fw_cfg *fw
+
+    def __cinit__(self):
+        self.fw = <pvt_fw_cfg *>calloc(1, sizeof(pvt_fw_cfg))
+        if self.fw == NULL:
+            raise MemoryError()
+        if pvt_fw_cfg_init(self.fw):
+            free(self.fw)
+            self.fw = NULL
+            raise MemoryError()
+
+    def __dealloc__(self):
+        if self.fw != NULL:
+            pvt_fw_cfg_destroy(self.fw)
+            free(self.fw)
+
+    def __init__(self, Machine machine, uint64_t base):
+        self.machine = machine
+        self.base = base
+        self.length = PVT_FW_CFG_PORT_COUNT
+
+    def attach_to_bus(self):
+        return self.attach(pvt_fw_cfg_io, self.fw)
+
+    def set(self, uint16_t key, const uint8_t[:] data):
+        cdef uint32_t n = <uint32_t>data.shape[0]
+        return pvt_fw_cfg_set(self.fw, key, &data[0] if n else NULL, n)
+
+    def set_u16(self, uint16_t key, uint16_t value):
+        return pvt_fw_cfg_set_u16(self.fw, key, value)
+
+    def set_u64(self, uint16_t key, uint64_t value):
+        return pvt_fw_cfg_set_u64(self.fw, key, value)
+
+    def add_file(self, bytes name, const uint8_t[:] data):
+        cdef uint32_t n = <uint32_t>data.shape[0]
+        return pvt_fw_cfg_add_file(self.fw, name, &data[0] if n else NULL, n)
+
+    def get(self, uint16_t key):
+        """The item's bytes, or None if there is no such key."""
+        cdef long long n = pvt_fw_cfg_get(self.fw, key, NULL, 0)
+        if n < 0:
+            return None
+        out = PyBytes_FromStringAndSize(NULL, n)
+        pvt_fw_cfg_get(self.fw, key, <uint8_t *>PyBytes_AS_STRING(out), <uint32_t>n)
+        return out
+
+
+cdef class Cmos(_Device):
+    """CMOS RAM and RTC (index/data ports)."""
+
+    cdef pvt_cmos *cmos
+
+    def __cinit__(self):
+        self.cmos = <pvt_cmos *>calloc(1, sizeof(pvt_cmos))
+        if self.cmos == NULL:
+            raise MemoryError()
+        if pvt_cmos_init(self.cmos):
+            free(self.cmos)
+            self.cmos = NULL
+            raise MemoryError()
+
+    def __dealloc__(self):
+        if self.cmos != NULL:
+            pvt_cmos_destroy(self.cmos)
+            free(self.cmos)
+
+    def __init__(self, Machine machine, uint64_t base):
+        self.machine = machine
+        self.base = base
+        self.length = PVT_CMOS_PORT_COUNT
+
+    def attach_to_bus(self):
+        return self.attach(pvt_cmos_io, self.cmos)
+
+    def set_memory(self, uint64_t below_4g, uint64_t above_4g):
+        pvt_cmos_set_memory(self.cmos, below_4g, above_4g)
+
+    def read(self, uint8_t index):
+        return pvt_cmos_read(self.cmos, index)
+
+    def write(self, uint8_t index, uint8_t value):
+        pvt_cmos_write(self.cmos, index, value)
+
+
+cdef class PmTimer(_Device):
+    """The ACPI PM timer (one 32-bit port)."""
+
+    cdef pvt_pm_timer timer
+
+    def __init__(self, Machine machine, uint64_t base):
+        self.machine = machine
+        self.base = base
+        self.length = PVT_PM_TIMER_PORT_COUNT
+        rc = pvt_pm_timer_init(&self.timer)
+        if rc:
+            raise OSError(-rc, "cannot read CLOCK_MONOTONIC")
+
+    def attach_to_bus(self):
+        return self.attach(pvt_pm_timer_io, &self.timer)
+
+    def value(self):
+        return pvt_pm_timer_value(&self.timer)
+
+
+cdef class I8042(_Device):
+    """The keyboard controller's command/status port (0x64) and, as a
+    companion range, its data port (base - 4)."""
+
+    cdef pvt_i8042 *kbc
+    cdef readonly bint data_attached
+
+    def __cinit__(self):
+        self.kbc = <pvt_i8042 *>calloc(1, sizeof(pvt_i8042))
+        if self.kbc == NULL:
+            raise MemoryError()
+        if pvt_i8042_init(self.kbc):
+            free(self.kbc)
+            self.kbc = NULL
+            raise MemoryError()
+
+    def __dealloc__(self):
+        if self.kbc != NULL:
+            pvt_i8042_destroy(self.kbc)
+            free(self.kbc)
+
+    def __init__(self, Machine machine, uint64_t base):
+        self.machine = machine
+        self.base = base
+        self.length = 1
+
+    def attach_data_port(self, uint64_t port):
+        rc = pvt_bus_register(&self.machine.m.pio, port, 1, pvt_i8042_data_io,
+                              self.kbc, -1)
+        if rc == 0:
+            self.data_attached = True
+        return rc
+
+    def detach_data_port(self, uint64_t port):
+        if not self.data_attached:
+            return 0
+        rc = pvt_bus_unregister(&self.machine.m.pio, port)
+        if rc == 0:
+            self.data_attached = False
+        return rc
+
+    def attach_to_bus(self):
+        return self.attach(pvt_i8042_command_io, self.kbc)
+
+    @property
+    def command_byte(self):
+        return self.kbc.command_byte
+
+
+cdef class Port80(_Device):
+    """The POST-code port: absorbs writes, reads back the last one."""
+
+    cdef pvt_port80 post
+
+    def __init__(self, Machine machine, uint64_t base):
+        self.machine = machine
+        self.base = base
+        self.length = 1
+
+    def attach_to_bus(self):
+        return self.attach(pvt_port80_io, &self.post)
+
+    @property
+    def last(self):
+        return self.post.last
+
+    @property
+    def writes(self):
+        return self.post.writes

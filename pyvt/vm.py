@@ -7,7 +7,7 @@ import os
 import threading
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
-from . import _native, exits, modes
+from . import _native, exits, modes, pc
 from .devices import Console, DebugExitDevice
 from .errors import (
     ArgumentError,
@@ -82,10 +82,15 @@ class Vm:
     Native devices (no Python on their path): ``console``, a 16550 UART at
     0x3f8; ``debugcon``, QEMU's debug console at 0xe9; ``debug_exit``,
     QEMU's isa-debug-exit at ``debug_exit_port`` (None: none).
+    With ``pc_devices`` (the default), also the standard PC devices of
+    :mod:`pyvt.pc`: ``fw_cfg``, ``cmos``, ``pm_timer``, ``i8042`` (whose
+    reset ends a run with :class:`pyvt.exits.Reset`) and ``post`` (port 0x80);
+    without, those attributes are None.
     """
 
     def __init__(self, memory: Union[int, str] = "64M", backend=None, *,
-                 debug_exit_port: Optional[int] = DEBUG_EXIT_PORT):
+                 debug_exit_port: Optional[int] = DEBUG_EXIT_PORT,
+                 pc_devices: bool = True):
         self._released = True  # nothing to free yet
         self._closed = True
         self.vcpus: Dict[int, Vcpu] = {}
@@ -100,6 +105,7 @@ class Vm:
         self._devices: List = []
         self._coalesced_zones: Dict[object, Tuple[int, int]] = {}
         self._max_vcpus: Optional[int] = None
+        self.fw_cfg = self.cmos = self.pm_timer = self.i8042 = self.post = None
         try:
             if size <= TSS_ADDRESS and self.kvm.check_extension("KVM_CAP_SET_TSS_ADDR"):
                 self.fd.set_tss_addr(TSS_ADDRESS)
@@ -117,6 +123,8 @@ class Vm:
                 self._attach(native, _native.SPACE_PIO, port, _native.DEBUG_EXIT_PORT_COUNT,
                              "debug-exit")
                 self.debug_exit = DebugExitDevice(self, native, port)
+            if pc_devices:
+                pc.add_pc_devices(self)
         except BaseException:
             self.close()
             raise
@@ -170,6 +178,9 @@ class Vm:
         """The exit for a native device that stopped the run."""
         if self.debug_exit is not None and self.debug_exit.port <= port < self.debug_exit.port + 4:
             return exits.DebugExit(code, self.debug_exit.port, rip)
+        if (self.i8042 is not None and port in (self.i8042.port, self.i8042.data_port)
+                and code == _native.I8042_STOP_RESET):
+            return exits.Reset("i8042", port, rip)
         return exits.Unhandled(-1, code, rip)
 
     def _sync_devices(self) -> None:
@@ -259,6 +270,8 @@ class Vm:
                 raise VcpuIndexError(f"vCPU {index} exists already: use vm.vcpus[{index}]")
             vcpu = Vcpu(self, index, mode)
             self.vcpus[index] = vcpu
+            if self.fw_cfg is not None and self.fw_cfg.cpu_count < len(self.vcpus):
+                self.fw_cfg.cpu_count = len(self.vcpus)
         return vcpu
 
     # -- I/O handlers --------------------------------------------------------

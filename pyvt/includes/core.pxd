@@ -134,3 +134,79 @@ cdef extern from "vcpu_loop.h" nogil:
     void pvt_vcpu_destroy(pvt_vcpu *vcpu)
     int pvt_vcpu_run(pvt_vcpu *vcpu, pvt_stop_info *info)
     void pvt_vcpu_drain_coalesced(pvt_vcpu *vcpu)
+
+
+# -- PC platform devices (issue 3) -------------------------------------------
+
+cdef extern from "fw_cfg.h" nogil:
+    int PVT_FW_CFG_PORT_COUNT
+    int PVT_FW_CFG_RAM_SIZE
+    int PVT_FW_CFG_NB_CPUS
+    int PVT_FW_CFG_MAX_CPUS
+    int PVT_FW_CFG_FILE_FIRST
+    int PVT_FW_CFG_NAME_SIZE
+
+    cdef struct pvt_fw_cfg:
+        pass
+
+    int pvt_fw_cfg_init(pvt_fw_cfg *fw)
+    void pvt_fw_cfg_destroy(pvt_fw_cfg *fw)
+    int pvt_fw_cfg_io(void *opaque, uint64_t offset, uint8_t *data, uint32_t len,
+                      bint is_write, uint64_t *stop_code)
+    int pvt_fw_cfg_set(pvt_fw_cfg *fw, uint16_t key, const uint8_t *data, uint32_t len)
+    int pvt_fw_cfg_set_u16(pvt_fw_cfg *fw, uint16_t key, uint16_t value)
+    int pvt_fw_cfg_set_u64(pvt_fw_cfg *fw, uint16_t key, uint64_t value)
+    int pvt_fw_cfg_add_file(pvt_fw_cfg *fw, const char *name, const uint8_t *data,
+                            uint32_t len)
+    long long pvt_fw_cfg_get(pvt_fw_cfg *fw, uint16_t key, uint8_t *out, uint32_t cap)
+
+
+cdef extern from "cmos.h" nogil:
+    int PVT_CMOS_PORT_COUNT
+
+    cdef struct pvt_cmos:
+        pass
+
+    int pvt_cmos_init(pvt_cmos *cmos)
+    void pvt_cmos_destroy(pvt_cmos *cmos)
+    int pvt_cmos_io(void *opaque, uint64_t offset, uint8_t *data, uint32_t len,
+                    bint is_write, uint64_t *stop_code)
+    void pvt_cmos_set_memory(pvt_cmos *cmos, uint64_t below_4g, uint64_t above_4g)
+    uint8_t pvt_cmos_read(pvt_cmos *cmos, uint8_t index)
+    void pvt_cmos_write(pvt_cmos *cmos, uint8_t index, uint8_t value)
+
+
+cdef extern from "pm_timer.h" nogil:
+    int PVT_PM_TIMER_PORT_COUNT
+    unsigned long long PVT_PM_TIMER_HZ
+
+    cdef struct pvt_pm_timer:
+        pass
+
+    int pvt_pm_timer_init(pvt_pm_timer *timer)
+    int pvt_pm_timer_io(void *opaque, uint64_t offset, uint8_t *data, uint32_t len,
+                        bint is_write, uint64_t *stop_code)
+    uint32_t pvt_pm_timer_value(pvt_pm_timer *timer)
+
+
+cdef extern from "i8042.h" nogil:
+    int PVT_I8042_STOP_RESET
+
+    cdef struct pvt_i8042:
+        uint8_t command_byte
+
+    int pvt_i8042_init(pvt_i8042 *kbc)
+    void pvt_i8042_destroy(pvt_i8042 *kbc)
+    int pvt_i8042_data_io(void *opaque, uint64_t offset, uint8_t *data, uint32_t len,
+                          bint is_write, uint64_t *stop_code)
+    int pvt_i8042_command_io(void *opaque, uint64_t offset, uint8_t *data, uint32_t len,
+                             bint is_write, uint64_t *stop_code)
+
+
+cdef extern from "port80.h" nogil:
+    cdef struct pvt_port80:
+        uint8_t last
+        uint64_t writes
+
+    int pvt_port80_io(void *opaque, uint64_t offset, uint8_t *data, uint32_t len,
+                      bint is_write, uint64_t *stop_code)
