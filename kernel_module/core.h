@@ -125,6 +125,7 @@ struct pyvt_vendor_ops {
 extern const struct pyvt_vendor_ops pyvt_svm_ops;
 extern const struct pyvt_vendor_ops *pyvt_ops;
 extern atomic_long_t pyvt_live_pages;
+extern atomic_long_t pyvt_live_objects;	/* VMs and vCPUs */
 
 /* main.c */
 int pyvt_hw_get(void);

@@ -19,6 +19,7 @@
 
 const struct pyvt_vendor_ops *pyvt_ops;
 atomic_long_t pyvt_live_pages = ATOMIC_LONG_INIT(0);
+atomic_long_t pyvt_live_objects = ATOMIC_LONG_INIT(0);
 
 static int get_live_pages(char *buf, const struct kernel_param *kp)
 {
@@ -31,6 +32,17 @@ static const struct kernel_param_ops live_pages_ops = {
 module_param_cb(live_pages, &live_pages_ops, NULL, 0444);
 MODULE_PARM_DESC(live_pages,
 		 "Pages the module holds (allocated or pinned); 0 when idle");
+
+static int get_live_objects(char *buf, const struct kernel_param *kp)
+{
+	return sysfs_emit(buf, "%ld\n", atomic_long_read(&pyvt_live_objects));
+}
+
+static const struct kernel_param_ops live_objects_ops = {
+	.get = get_live_objects,
+};
+module_param_cb(live_objects, &live_objects_ops, NULL, 0444);
+MODULE_PARM_DESC(live_objects, "VMs and vCPUs allocated; 0 when idle");
 
 /*
  * The extensions are enabled on every CPU while at least one user
@@ -326,6 +338,9 @@ static void __exit pyvt_exit(void)
 	if (atomic_long_read(&pyvt_live_pages))
 		pr_err("%ld pages leaked\n",
 		       atomic_long_read(&pyvt_live_pages));
+	if (atomic_long_read(&pyvt_live_objects))
+		pr_err("%ld VMs/vCPUs leaked\n",
+		       atomic_long_read(&pyvt_live_objects));
 }
 
 module_init(pyvt_init);

@@ -270,6 +270,7 @@ void pyvt_vcpu_free(struct pyvt_vcpu *vcpu)
 	kvfree(vcpu->cpuid);
 	kfree(vcpu->fxsave);
 	kfree(vcpu);
+	atomic_long_dec(&pyvt_live_objects);
 }
 
 int pyvt_create_vcpu(struct pyvt_vm *vm, unsigned long id)
@@ -283,6 +284,7 @@ int pyvt_create_vcpu(struct pyvt_vm *vm, unsigned long id)
 	vcpu = kzalloc(sizeof(*vcpu), GFP_KERNEL_ACCOUNT);
 	if (!vcpu)
 		return -ENOMEM;
+	atomic_long_inc(&pyvt_live_objects);
 	vcpu->vm = vm;
 	vcpu->id = id;
 	vcpu->last_cpu = -1;

@@ -39,6 +39,7 @@ static void pyvt_vm_release_kref(struct kref *ref)
 	pyvt_npt_destroy(vm);
 	mmdrop(vm->mm);
 	kfree(vm);
+	atomic_long_dec(&pyvt_live_objects);
 	pyvt_hw_put();
 	module_put(THIS_MODULE);
 }
@@ -100,6 +101,7 @@ int pyvt_create_vm(void)
 		ret = -ENOMEM;
 		goto err_hw;
 	}
+	atomic_long_inc(&pyvt_live_objects);
 	kref_init(&vm->ref);
 	mutex_init(&vm->lock);
 	init_rwsem(&vm->slots_lock);
@@ -119,6 +121,7 @@ int pyvt_create_vm(void)
 err_free:
 	mmdrop(vm->mm);
 	kfree(vm);
+	atomic_long_dec(&pyvt_live_objects);
 err_hw:
 	pyvt_hw_put();
 	return ret;
