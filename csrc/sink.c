@@ -38,25 +38,32 @@ static void write_pending(struct pvt_sink *sink)
 	}
 }
 
+/* Makes room for n more bytes; called with the lock held. */
+static int reserve(struct pvt_sink *sink, size_t n)
+{
+	size_t capacity = sink->capacity ? sink->capacity : 4096;
+	uint8_t *grown;
+
+	if (sink->len + n <= sink->capacity)
+		return 0;
+	while (capacity < sink->len + n)
+		capacity *= 2;
+	grown = realloc(sink->data, capacity);
+	if (!grown)
+		return -ENOMEM;
+	sink->data = grown;
+	sink->capacity = capacity;
+	return 0;
+}
+
 int pvt_sink_put(struct pvt_sink *sink, const uint8_t *bytes, size_t n)
 {
-	int ret = 0;
+	int ret;
 
 	pthread_mutex_lock(&sink->lock);
-	if (sink->len + n > sink->capacity) {
-		size_t capacity = sink->capacity ? sink->capacity : 4096;
-		uint8_t *grown;
-
-		while (capacity < sink->len + n)
-			capacity *= 2;
-		grown = realloc(sink->data, capacity);
-		if (!grown) {
-			ret = -ENOMEM;
-			goto out;
-		}
-		sink->data = grown;
-		sink->capacity = capacity;
-	}
+	ret = reserve(sink, n);
+	if (ret)
+		goto out;
 	memcpy(sink->data + sink->len, bytes, n);
 	sink->len += n;
 	/*
@@ -108,4 +115,21 @@ void pvt_sink_clear(struct pvt_sink *sink)
 	sink->len = 0;
 	sink->streamed = 0;
 	pthread_mutex_unlock(&sink->lock);
+}
+
+int pvt_sink_replace(struct pvt_sink *sink, const uint8_t *bytes, size_t n)
+{
+	int ret;
+
+	pthread_mutex_lock(&sink->lock);
+	sink->len = 0;
+	ret = reserve(sink, n);
+	if (!ret) {
+		memcpy(sink->data, bytes, n);
+		sink->len = n;
+	}
+	/* Restored output was streamed when the guest first wrote it. */
+	sink->streamed = sink->len;
+	pthread_mutex_unlock(&sink->lock);
+	return ret;
 }

@@ -30,5 +30,7 @@ void pvt_sink_set_stream(struct pvt_sink *sink, int fd);
 size_t pvt_sink_copy(struct pvt_sink *sink, size_t offset, uint8_t *out,
 		     size_t cap);
 void pvt_sink_clear(struct pvt_sink *sink);
+/* Makes the captured output exactly these bytes (restoring a snapshot). */
+int pvt_sink_replace(struct pvt_sink *sink, const uint8_t *bytes, size_t n);
 
 #endif

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 #include "uart16550.h"
 
+#include <errno.h>
 #include <string.h>
 
 /* Register offsets from the base port (DLAB selects the divisor latch). */
@@ -137,6 +138,44 @@ int pvt_uart_io(void *opaque, uint64_t offset, uint8_t *data, uint32_t len,
 	}
 	for (; !is_write && i < len; i++)
 		data[i] = 0xff;
+	pthread_mutex_unlock(&uart->lock);
+	return 0;
+}
+
+void pvt_uart_save(struct pvt_uart *uart, struct pvt_uart_state *state)
+{
+	uint32_t i;
+
+	memset(state, 0, sizeof(*state));
+	pthread_mutex_lock(&uart->lock);
+	state->ier = uart->ier;
+	state->lcr = uart->lcr;
+	state->mcr = uart->mcr;
+	state->scr = uart->scr;
+	state->fcr = uart->fcr;
+	state->dll = uart->dll;
+	state->dlm = uart->dlm;
+	state->rx_count = uart->rx_count;
+	for (i = 0; i < uart->rx_count; i++)
+		state->rx[i] = uart->rx[(uart->rx_head + i) % PVT_UART_RX_CAPACITY];
+	pthread_mutex_unlock(&uart->lock);
+}
+
+int pvt_uart_load(struct pvt_uart *uart, const struct pvt_uart_state *state)
+{
+	if (state->rx_count > PVT_UART_RX_CAPACITY)
+		return -EINVAL;
+	pthread_mutex_lock(&uart->lock);
+	uart->ier = state->ier;
+	uart->lcr = state->lcr;
+	uart->mcr = state->mcr;
+	uart->scr = state->scr;
+	uart->fcr = state->fcr;
+	uart->dll = state->dll;
+	uart->dlm = state->dlm;
+	uart->rx_head = 0;
+	uart->rx_count = state->rx_count;
+	memcpy(uart->rx, state->rx, state->rx_count);
 	pthread_mutex_unlock(&uart->lock);
 	return 0;
 }

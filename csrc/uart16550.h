@@ -25,7 +25,16 @@ struct pvt_uart {
 	uint32_t rx_head, rx_count;
 };
 
+/* Everything a snapshot needs to put the UART back as it was. */
+struct pvt_uart_state {
+	uint8_t ier, lcr, mcr, scr, fcr, dll, dlm;
+	uint32_t rx_count;
+	uint8_t rx[PVT_UART_RX_CAPACITY]; /* oldest byte first */
+};
+
 int pvt_uart_init(struct pvt_uart *uart);
+void pvt_uart_save(struct pvt_uart *uart, struct pvt_uart_state *state);
+int pvt_uart_load(struct pvt_uart *uart, const struct pvt_uart_state *state);
 void pvt_uart_destroy(struct pvt_uart *uart);
 int pvt_uart_io(void *opaque, uint64_t offset, uint8_t *data, uint32_t len,
 		bool is_write, uint64_t *stop_code);

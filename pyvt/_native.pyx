@@ -315,6 +315,21 @@ cdef class Uart(_Device):
             return 0
         return pvt_uart_feed(self.uart, &data[0], <uint32_t>data.shape[0])
 
+    def save_state(self):
+        """Registers and receive FIFO as bytes (struct pvt_uart_state)."""
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, sizeof(pvt_uart_state))
+        pvt_uart_save(self.uart, <pvt_uart_state *>PyBytes_AS_STRING(out))
+        return out
+
+    def load_state(self, bytes state):
+        if len(state) != sizeof(pvt_uart_state):
+            return -22  # -EINVAL: from another build
+        return pvt_uart_load(self.uart, <const pvt_uart_state *>PyBytes_AS_STRING(state))
+
+    def replace_output(self, bytes data):
+        return pvt_sink_replace(&self.uart.output, <const uint8_t *>PyBytes_AS_STRING(data),
+                                len(data))
+
 
 cdef class DebugCon(_Device):
     """QEMU's debug console port: bytes written are output."""
@@ -354,6 +369,15 @@ cdef class DebugCon(_Device):
 
     def feed(self, data):
         raise TypeError("the debug console has no input")
+
+    def save_state(self):
+        return b""  # no registers: its output is all it has
+
+    def load_state(self, bytes state):
+        return 0
+
+    def replace_output(self, bytes data):
+        return pvt_sink_replace(self.sink, <const uint8_t *>PyBytes_AS_STRING(data), len(data))
 
 
 cdef class DebugExit(_Device):

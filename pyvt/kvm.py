@@ -369,6 +369,14 @@ def _get_msrs(fd: _Fd, indices: Iterable[int], name: str) -> Dict[int, int]:
     return {msrs.entries[i].index: msrs.entries[i].data for i in range(n)}
 
 
+def _fill(struct, state: bytes, ctype: str) -> None:
+    """Copies ``state`` into a cffi struct, refusing a size from another build."""
+    target = ffi.buffer(struct)
+    if not isinstance(state, (bytes, bytearray)) or len(state) != len(target):
+        raise ArgumentError(f"{ctype} state must be {len(target)} bytes")
+    target[:] = state
+
+
 def _u32(value, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 32:
         raise ArgumentError(f"{what} must be an integer in [0, 2**32), not {value!r}")
@@ -387,6 +395,9 @@ class VmFd(_Fd):
     def __init__(self, kvm: Kvm, fd: int):
         self.kvm = kvm
         self._fd = fd
+        #: Set once KVM_CREATE_IRQCHIP / KVM_CREATE_PIT2 succeeded.
+        self.has_irqchip = False
+        self.has_pit = False
 
     def __repr__(self) -> str:
         return f"<VmFd fd={self._fd} on {self.kvm.path}>"
@@ -430,11 +441,38 @@ class VmFd(_Fd):
     def create_irqchip(self) -> None:
         """``KVM_CREATE_IRQCHIP``: in-kernel PIC, IOAPIC and LAPICs."""
         self._ioctl("KVM_CREATE_IRQCHIP", lib.KVM_CREATE_IRQCHIP)
+        self.has_irqchip = True
 
     def create_pit2(self, flags: int = 0) -> None:
         """``KVM_CREATE_PIT2``: the in-kernel i8254 timer."""
         config = ffi.new("struct kvm_pit_config *", {"flags": _u32(flags, "flags")})
         self._ioctl("KVM_CREATE_PIT2", lib.KVM_CREATE_PIT2, config)
+        self.has_pit = True
+
+    def get_irqchip(self, chip_id: int) -> bytes:
+        """``KVM_GET_IRQCHIP``: the state of one in-kernel interrupt controller
+        (``KVM_IRQCHIP_PIC_MASTER``, ``_PIC_SLAVE``, ``_IOAPIC``), as bytes."""
+        chip = ffi.new("struct kvm_irqchip *", {"chip_id": _u32(chip_id, "chip_id")})
+        self._ioctl("KVM_GET_IRQCHIP", lib.KVM_GET_IRQCHIP, chip)
+        return bytes(ffi.buffer(chip))
+
+    def set_irqchip(self, state: bytes) -> None:
+        """``KVM_SET_IRQCHIP`` from :meth:`get_irqchip`'s bytes."""
+        chip = ffi.new("struct kvm_irqchip *")
+        _fill(chip, state, "struct kvm_irqchip")
+        self._ioctl("KVM_SET_IRQCHIP", lib.KVM_SET_IRQCHIP, chip)
+
+    def get_pit2(self) -> bytes:
+        """``KVM_GET_PIT2``: the in-kernel PIT's state, as bytes."""
+        pit = ffi.new("struct kvm_pit_state2 *")
+        self._ioctl("KVM_GET_PIT2", lib.KVM_GET_PIT2, pit)
+        return bytes(ffi.buffer(pit))
+
+    def set_pit2(self, state: bytes) -> None:
+        """``KVM_SET_PIT2`` from :meth:`get_pit2`'s bytes."""
+        pit = ffi.new("struct kvm_pit_state2 *")
+        _fill(pit, state, "struct kvm_pit_state2")
+        self._ioctl("KVM_SET_PIT2", lib.KVM_SET_PIT2, pit)
 
     def irq_line(self, irq: int, level: int) -> None:
         """``KVM_IRQ_LINE``: drive an interrupt line of the in-kernel irqchip."""
@@ -660,9 +698,7 @@ class VcpuFd(_Fd):
     def set_lapic(self, state: bytes) -> None:
         """``KVM_SET_LAPIC``."""
         lapic = ffi.new("struct kvm_lapic_state *")
-        if len(state) != ffi.sizeof(lapic[0]):
-            raise ArgumentError(f"LAPIC state must be {ffi.sizeof(lapic[0])} bytes")
-        ffi.buffer(lapic)[:] = state
+        _fill(lapic, state, "struct kvm_lapic_state")
         self._ioctl("KVM_SET_LAPIC", lib.KVM_SET_LAPIC, lapic)
 
     def get_vcpu_events(self):

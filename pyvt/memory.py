@@ -14,7 +14,7 @@ import mmap
 import os
 import re
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Set, Tuple, Union
 
 from ._kvm import ffi, lib
 from .errors import (
@@ -78,9 +78,13 @@ class Region:
     gpa: int
     size: int
     readonly: bool
-    memfd: int
+    memfd: int  # -1 for a copy-on-write view of a snapshot's memory
     mapping: Optional[mmap.mmap]
     host_address: int
+    #: Dirty tracking (for snapshot restore): KVM logs guest writes once the
+    #: slot has KVM_MEM_LOG_DIRTY_PAGES; host writes are noted here.
+    dirty_logging: bool = False
+    host_dirty: Optional[Set[int]] = None
 
     @property
     def end(self) -> int:
@@ -106,11 +110,12 @@ class GuestMemory:
     ``memory[a:b]`` reads and ``memory[a:b] = data`` writes.
     """
 
-    def __init__(self, vm_fd, size: int, max_address: int):
+    def __init__(self, vm_fd, size: int, max_address: int,
+                 copy_on_write_of: Optional[int] = None):
         self._vm_fd = vm_fd
         self._max_address = max_address
         self.regions: List[Region] = []
-        self._main = self.add_region(0, size)
+        self._main = self.add_region(0, size, copy_on_write_of=copy_on_write_of)
 
     @property
     def size(self) -> int:
@@ -127,11 +132,14 @@ class GuestMemory:
         if self._vm_fd is None:
             raise ClosedError("guest memory is gone: the VM was closed")
 
-    def add_region(self, gpa: int, size: Union[int, str], readonly: bool = False) -> Region:
+    def add_region(self, gpa: int, size: Union[int, str], readonly: bool = False,
+                   copy_on_write_of: Optional[int] = None) -> Region:
         """Adds a memory slot of ``size`` bytes at guest-physical ``gpa``.
 
         Wraps ``KVM_SET_USER_MEMORY_REGION``.  Guest writes to a read-only
         region come back as MMIO exits (``KVM_MEM_READONLY``).
+        ``copy_on_write_of`` (a snapshot's memfd) maps that memory privately
+        instead of allocating: pages are shared until someone writes them.
         """
         self._check_open()
         size = parse_size(size)
@@ -155,12 +163,19 @@ class GuestMemory:
         if readonly and not self._vm_fd.kvm.check_extension("KVM_CAP_READONLY_MEM"):
             raise MemoryConfigError("this backend has no read-only memory (KVM_CAP_READONLY_MEM)")
 
-        memfd = os.memfd_create(f"pyvt-guest-{gpa:#x}", os.MFD_CLOEXEC)
+        if copy_on_write_of is None:
+            memfd = os.memfd_create(f"pyvt-guest-{gpa:#x}", os.MFD_CLOEXEC)
+        else:
+            memfd = -1
         mapping = None
         try:
-            os.ftruncate(memfd, size)
-            mapping = mmap.mmap(memfd, size, mmap.MAP_SHARED,
-                                mmap.PROT_READ | mmap.PROT_WRITE)
+            if copy_on_write_of is None:
+                os.ftruncate(memfd, size)
+                mapping = mmap.mmap(memfd, size, mmap.MAP_SHARED,
+                                    mmap.PROT_READ | mmap.PROT_WRITE)
+            else:
+                mapping = mmap.mmap(copy_on_write_of, size, mmap.MAP_PRIVATE,
+                                    mmap.PROT_READ | mmap.PROT_WRITE)
             buf = ffi.from_buffer(mapping)
             host_address = int(ffi.cast("uintptr_t", buf))
             ffi.release(buf)
@@ -171,7 +186,8 @@ class GuestMemory:
         except OSError as e:
             if mapping is not None:
                 mapping.close()
-            os.close(memfd)
+            if memfd >= 0:
+                os.close(memfd)
             if isinstance(e, KvmError):
                 raise
             raise MemoryConfigError(f"cannot allocate {size:#x} bytes of guest memory: {e.strerror}") from None
@@ -215,6 +231,9 @@ class GuestMemory:
         done = 0
         for region, offset, length in self._pieces(gpa, len(data)):
             region.buffer[offset:offset + length] = data[done:done + length]
+            if region.host_dirty is not None and length:
+                region.host_dirty.update(range(offset // PAGE_SIZE,
+                                               (offset + length - 1) // PAGE_SIZE + 1))
             done += length
 
     def read_int(self, gpa: int, size: int = 8) -> int:
@@ -241,6 +260,38 @@ class GuestMemory:
             self.write(key.start, data)
         else:
             self.write(key, bytes([data]))
+
+    # -- dirty tracking, for snapshots ------------------------------------------
+
+    def track_dirty_pages(self) -> None:
+        """Starts (or restarts) tracking writes: from now on
+        :meth:`take_dirty_pages` lists the pages the guest (KVM's dirty log)
+        or ``write()`` changed.  Writes through ``view`` are not seen."""
+        self._check_open()
+        for region in self.regions:
+            if region.readonly:
+                continue
+            if not region.dirty_logging:
+                self._vm_fd.set_user_memory_region(
+                    region.slot, region.gpa, region.size, region.host_address,
+                    lib.KVM_MEM_LOG_DIRTY_PAGES)
+                region.dirty_logging = True
+            self.take_dirty_pages(region)  # forget what came before
+
+    def take_dirty_pages(self, region: Region) -> List[int]:
+        """Pages of ``region`` written since the last call (sorted), and
+        starts counting again."""
+        self._check_open()
+        pages: Set[int] = set(region.host_dirty or ())
+        region.host_dirty = set()
+        if region.dirty_logging:
+            count = region.size // PAGE_SIZE
+            bitmap = int.from_bytes(self._vm_fd.get_dirty_log(region.slot, count), "little")
+            while bitmap:
+                low = bitmap & -bitmap
+                pages.add(low.bit_length() - 1)
+                bitmap ^= low
+        return sorted(pages)
 
     def close(self) -> None:
         """Unmaps every region.  A region still exported through a memoryview

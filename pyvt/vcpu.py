@@ -34,7 +34,7 @@ class Vcpu:
     ``run()`` runs it until something needs the caller.
     """
 
-    def __init__(self, vm, index: int, mode: str):
+    def __init__(self, vm, index: int, mode: str, setup: bool = True):
         self._vm = vm
         self.index = index
         self.mode = modes.check_mode(mode)
@@ -44,15 +44,17 @@ class Vcpu:
         self._close_pending = False
         self._loop: Optional[_native.VcpuLoop] = None
         # Checked before KVM_CREATE_VCPU: KVM cannot create an index twice.
-        modes.write_setup_area(vm.memory, mode)
+        if setup:
+            modes.write_setup_area(vm.memory, mode)
         self.fd = vm.fd.create_vcpu(index)
         try:
-            self._setup(vm, mode)
+            self._setup(vm, mode, setup)
         except BaseException:
             self.fd.close()
             raise
 
-    def _setup(self, vm, mode: str) -> None:
+    def _setup(self, vm, mode: str, setup: bool) -> None:
+        """setup=False leaves CPUID and registers to the caller (clones)."""
         run = self.fd.run_struct
         # With KVM_CAP_SYNC_REGS the general registers travel in the kvm_run
         # page on every exit, so reading RIP costs no ioctl.  Mode setup
@@ -65,14 +67,14 @@ class Vcpu:
         self._sregs = None
         if self._sync_regs:
             run.kvm_valid_regs = lib.KVM_SYNC_X86_REGS
-        self._set_initial_cpuid(vm)
-
-        sregs = self.fd.get_sregs()
-        ffi.buffer(sregs)[:] = _mode_sregs(mode, bytes(ffi.buffer(sregs)))
-        self.fd.set_sregs(sregs)
-        regs = self._load_regs()
-        modes.apply_regs(mode, regs)
-        self._store_regs(regs)
+        if setup:
+            self._set_initial_cpuid(vm)
+            sregs = self.fd.get_sregs()
+            ffi.buffer(sregs)[:] = _mode_sregs(mode, bytes(ffi.buffer(sregs)))
+            self.fd.set_sregs(sregs)
+            regs = self._load_regs()
+            modes.apply_regs(mode, regs)
+            self._store_regs(regs)
 
         self._loop = _native.VcpuLoop(
             vm._machine, self.fd.fileno(), self.fd.run_page,

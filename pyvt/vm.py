@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
 
 from . import _native, exits, modes, pc
 from .devices import Console, DebugExitDevice
@@ -20,6 +20,9 @@ from .errors import (
 from .kvm import DEFAULT_DEVICE, PYVT_DEVICE, Kvm
 from .memory import GuestMemory, parse_size
 from .vcpu import Vcpu
+
+if TYPE_CHECKING:
+    from .snapshot import Snapshot
 
 #: Where KVM may put the three pages it needs for real mode on VMX without
 #: unrestricted guest (the address QEMU uses), when guest RAM leaves it free.
@@ -90,7 +93,7 @@ class Vm:
 
     def __init__(self, memory: Union[int, str] = "64M", backend=None, *,
                  debug_exit_port: Optional[int] = DEBUG_EXIT_PORT,
-                 pc_devices: bool = True):
+                 pc_devices: bool = True, _memory_source: Optional[int] = None):
         self._released = True  # nothing to free yet
         self._closed = True
         self.vcpus: Dict[int, Vcpu] = {}
@@ -109,7 +112,9 @@ class Vm:
         try:
             if size <= TSS_ADDRESS and self.kvm.check_extension("KVM_CAP_SET_TSS_ADDR"):
                 self.fd.set_tss_addr(TSS_ADDRESS)
-            self.memory = GuestMemory(self.fd, size, self._max_physical_address())
+            # _memory_source: a snapshot's memfd to map copy-on-write (clones).
+            self.memory = GuestMemory(self.fd, size, self._max_physical_address(),
+                                      copy_on_write_of=_memory_source)
             self._machine = _native.Machine()
             self._coalescing = bool(self.kvm.check_extension("KVM_CAP_COALESCED_PIO"))
             self.console = self._add_console(_native.Uart, "uart", UART_PORT,
@@ -258,6 +263,10 @@ class Vm:
         """Creates vCPU ``index`` (``KVM_CREATE_VCPU``) in ``mode``: "real",
         "protected" or "long", ready to run flat code (see :mod:`pyvt.modes`
         for the reserved area the GDT and page tables use)."""
+        return self._new_vcpu(index, mode)
+
+    def _new_vcpu(self, index: int, mode: str, setup: bool = True) -> Vcpu:
+        """vcpu(); setup=False leaves CPUID and registers unset (clones)."""
         self._check_open()
         modes.check_mode(mode)
         if isinstance(index, bool) or not isinstance(index, int):
@@ -268,7 +277,7 @@ class Vm:
         with self._lock:
             if index in self.vcpus:
                 raise VcpuIndexError(f"vCPU {index} exists already: use vm.vcpus[{index}]")
-            vcpu = Vcpu(self, index, mode)
+            vcpu = Vcpu(self, index, mode, setup=setup)
             self.vcpus[index] = vcpu
             if self.fw_cfg is not None and self.fw_cfg.cpu_count < len(self.vcpus):
                 self.fw_cfg.cpu_count = len(self.vcpus)
@@ -330,3 +339,62 @@ class Vm:
     def off_mmio(self, addresses: PortRange) -> None:
         """Removes the MMIO handler whose range starts at ``addresses``."""
         self._remove_handler(_native.SPACE_MMIO, _as_range(addresses, "MMIO address", 1 << 64)[0])
+
+    # -- booting kernels -----------------------------------------------------
+
+    def boot(self, kernel, *, cmdline: str = "", initrd=None, modules=(), smp: int = 1,
+             irqchip: bool = True, acpi: bool = True, format: Optional[str] = None,
+             load_address: int = 0x100000, flat_mode: str = "long",
+             strict_io: bool = False, kernel_name: Optional[str] = None):
+        """Loads ``kernel`` (bytes or a path) and creates ``smp`` vCPUs ready
+        to run it; then call :meth:`run`.  Returns the :class:`pyvt.loaders.Image`.
+
+        ``format`` (default: detected) is ``multiboot`` (``cmdline``,
+        ``initrd`` as module 0, more ``modules`` as ``(data, string)``), ``elf``
+        or ``flat`` (at ``load_address``, in ``flat_mode``).  With ``irqchip``
+        the VM gets KVM's LAPICs, IOAPIC, PIC (``KVM_CREATE_IRQCHIP``) and PIT;
+        application processors wait for INIT/SIPI.  ``acpi`` writes the tables
+        of :mod:`pyvt.acpi`.  Unclaimed ports and addresses answer like a PC
+        (reads all ones, writes dropped) unless ``strict_io``.  Raises
+        :class:`pyvt.loaders.LoaderError` for a kernel that cannot be loaded.
+        """
+        from . import boot as _boot
+
+        return _boot.boot(self, kernel, cmdline=cmdline, initrd=initrd, modules=modules,
+                          smp=smp, irqchip=irqchip, acpi=acpi, format=format,
+                          load_address=load_address, flat_mode=flat_mode,
+                          strict_io=strict_io, kernel_name=kernel_name)
+
+    def run(self, timeout: Optional[float] = None, trace_io=None) -> exits.Exit:
+        """Runs every vCPU, one thread each, until one of them stops (a
+        debug-exit, a reset, a failure, or ``timeout`` seconds); stops the
+        others and returns that exit.  ``trace_io`` (True for stderr, or a
+        file) logs each access nothing claims, and still answers it like a PC."""
+        from . import boot as _boot
+
+        return _boot.run(self, timeout, trace_io)
+
+    # -- snapshots -------------------------------------------------------------
+
+    def snapshot(self) -> "Snapshot":
+        """Everything needed to resume exactly here: memory, every vCPU's
+        state, the irqchip and PIT when present, the native devices' state
+        (see :mod:`pyvt.snapshot`).  No vCPU may be running."""
+        from . import snapshot
+
+        return snapshot.take(self)
+
+    def restore(self, snap: "Snapshot") -> None:
+        """Puts this VM back to ``snap`` in place, copying back only the
+        memory pages written since (by the guest or ``vm.memory.write``)."""
+        from . import snapshot
+
+        snapshot.restore(self, snap)
+
+    @classmethod
+    def from_snapshot(cls, snap: "Snapshot", backend=None) -> "Vm":
+        """A new VM in ``snap``'s state whose memory maps the snapshot's
+        copy-on-write: clones share every page none of them writes."""
+        from . import snapshot
+
+        return snapshot.clone(snap, backend=backend, vm_class=cls)

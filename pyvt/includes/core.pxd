@@ -51,6 +51,7 @@ cdef extern from "sink.h" nogil:
     void pvt_sink_set_stream(pvt_sink *sink, int fd)
     size_t pvt_sink_copy(pvt_sink *sink, size_t offset, uint8_t *out, size_t cap)
     void pvt_sink_clear(pvt_sink *sink)
+    int pvt_sink_replace(pvt_sink *sink, const uint8_t *data, size_t n)
 
 
 cdef extern from "iobus.h" nogil:
@@ -81,7 +82,12 @@ cdef extern from "uart16550.h" nogil:
     cdef struct pvt_uart:
         pvt_sink output
 
+    cdef struct pvt_uart_state:
+        pass
+
     int pvt_uart_init(pvt_uart *uart)
+    void pvt_uart_save(pvt_uart *uart, pvt_uart_state *state)
+    int pvt_uart_load(pvt_uart *uart, const pvt_uart_state *state)
     void pvt_uart_destroy(pvt_uart *uart)
     int pvt_uart_io(void *opaque, uint64_t offset, uint8_t *data, uint32_t len,
                     bint is_write, uint64_t *stop_code)

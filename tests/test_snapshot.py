@@ -1,0 +1,260 @@
+"""Snapshots: restore in place, copy-on-write clones, files."""
+
+import threading
+import time
+
+import pytest
+
+import pyvt
+from pyvt import exits
+from pyvt.snapshot import Snapshot, SnapshotError
+
+pytestmark = pytest.mark.requires_kvm
+
+# MSRs that move with time on their own: compared apart.
+TIME_MSRS = {0x10, 0x6E0, 0x3B}  # TSC, TSC_DEADLINE, TSC_ADJUST
+
+
+@pytest.fixture
+def counter(vm, load):
+    cpu = load("count", "long")
+    assert isinstance(cpu.run(timeout=5), exits.Hlt)
+    return vm, cpu
+
+
+def _state(vm):
+    """Every register block and all memory, as bytes, via a second snapshot."""
+    snap = vm.snapshot()
+    try:
+        memory = [bytes(r.mapping) for r in snap.regions]
+        vcpus = [(v.regs, v.sregs, v.fpu, v.xcrs, v.debugregs, v.mp_state, v.events,
+                  {k: val for k, val in v.msrs.items() if k not in TIME_MSRS})
+                 for v in snap.vcpus]
+        return memory, vcpus, snap.devices
+    finally:
+        snap.close()
+
+
+def test_restore_is_byte_identical(counter):
+    vm, cpu = counter
+    before = _state(vm)
+    snap = vm.snapshot()
+    for _ in range(5):
+        cpu.run(timeout=5)
+    cpu.fpu.xmm = bytes(range(256))
+    cpu.set_msrs({0xC0000103: 99})  # TSC_AUX
+    vm.memory.write(0x700000, b"host wrote this")
+    vm.restore(snap)
+    assert _state(vm) == before
+
+
+def test_guest_resumes_from_the_snapshot_values(counter):
+    vm, cpu = counter
+    snap = vm.snapshot()
+    for _ in range(3):
+        cpu.run(timeout=5)
+    assert (vm.memory.read_int(0x5000), cpu.regs.rbx) == (4, 4)
+    assert vm.debugcon.output == b"BCDE"
+    vm.restore(snap)
+    assert (vm.memory.read_int(0x5000), cpu.regs.rbx) == (1, 1)
+    assert vm.debugcon.output == b"B"
+    assert isinstance(cpu.run(timeout=5), exits.Hlt)
+    assert (vm.memory.read_int(0x5000), cpu.regs.rbx) == (2, 2)
+    assert vm.debugcon.output == b"BC"
+    vm.restore(snap)  # a snapshot can be restored again and again
+    assert vm.memory.read_int(0x5000) == 1
+
+
+def test_clones_are_independent(counter):
+    vm, cpu = counter
+    snap = vm.snapshot()
+    clones = [pyvt.Vm.from_snapshot(snap) for _ in range(3)]
+    try:
+        for n, clone in enumerate(clones):
+            for _ in range(n + 1):
+                assert isinstance(clone.vcpus[0].run(timeout=5), exits.Hlt)
+        assert [c.memory.read_int(0x5000) for c in clones] == [2, 3, 4]
+        assert [c.vcpus[0].regs.rbx for c in clones] == [2, 3, 4]
+        assert vm.memory.read_int(0x5000) == 1  # the original is untouched
+        clones[0].memory.write(0x5000, b"\xff")
+        assert clones[1].memory.read(0x5000, 1) == b"\x03"
+        # A clone restores to the snapshot too.
+        clones[2].restore(snap)
+        assert clones[2].memory.read_int(0x5000) == 1
+    finally:
+        for clone in clones:
+            clone.close()
+
+
+def test_clones_run_in_parallel_threads(counter):
+    vm, cpu = counter
+    snap = vm.snapshot()
+    clones = [pyvt.Vm.from_snapshot(snap) for _ in range(2)]
+    results = []
+    threads = [threading.Thread(target=lambda c=c: results.append(c.vcpus[0].run(timeout=10)))
+               for c in clones]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(isinstance(r, exits.Hlt) for r in results)
+    assert [c.memory.read_int(0x5000) for c in clones] == [2, 2]
+    for clone in clones:
+        clone.close()
+
+
+def test_smp_snapshot_restores_every_vcpu(vm, guest):
+    vm.memory.write(0x1000, guest("counter"))
+    cpus = [vm.vcpu(i, mode="long") for i in range(2)]
+    for i, cpu in enumerate(cpus):
+        cpu.regs.rip = 0x1000
+        cpu.regs.rdi = i
+        cpu.regs.rsi = 10 + i
+    snap = vm.snapshot()
+    for cpu in cpus:
+        assert isinstance(cpu.run(timeout=10), exits.Hlt)
+    vm.restore(snap)
+    assert [(c.regs.rip, c.regs.rdi, c.regs.rsi) for c in cpus] == [(0x1000, 0, 10), (0x1000, 1, 11)]
+    assert vm.memory.read_int(0x5000) == vm.memory.read_int(0x5008) == 0
+    clone = pyvt.Vm.from_snapshot(snap)
+    try:
+        assert sorted(clone.vcpus) == [0, 1]
+        assert clone.vcpus[1].regs.rdi == 1
+        assert isinstance(clone.vcpus[1].run(timeout=10), exits.Hlt)
+        assert clone.memory.read_int(0x5008) == 1007
+    finally:
+        clone.close()
+
+
+def test_restore_undoes_a_mode_change(vm, load):
+    cpu = load("enter_protected", "real")
+    snap = vm.snapshot()
+    assert isinstance(cpu.run(timeout=5), exits.Hlt)
+    assert cpu.sregs.cr0 & 1 and cpu.sregs.cs.selector == 0x08
+    vm.restore(snap)
+    assert not cpu.sregs.cr0 & 1 and cpu.sregs.cs.selector == 0
+    assert cpu.regs.rip == 0x1000
+    assert isinstance(cpu.run(timeout=5), exits.Hlt)
+    assert cpu.regs.rax & 0xFFFF == 0x600D
+
+
+def test_uart_state_round_trips(vm, load):
+    vm.console.feed(b"pi")
+    cpu = load("echo", "real")
+    assert isinstance(cpu.run(timeout=0.2), exits.Timeout)  # echoed "pi", waits
+    snap = vm.snapshot()
+    vm.console.feed(b"ng\n")
+    assert isinstance(cpu.run(timeout=5), exits.Hlt)
+    assert vm.console.output == b"ping\n"
+    vm.restore(snap)
+    assert vm.console.output == b"pi"
+    vm.console.feed(b"e\n")
+    assert isinstance(cpu.run(timeout=5), exits.Hlt)
+    assert vm.console.output == b"pie\n"
+
+
+def test_save_and_load(counter, tmp_path):
+    vm, cpu = counter
+    path = tmp_path / "counter.snap"
+    vm.snapshot().save(str(path))
+    snap = Snapshot.load(str(path))
+    clone = pyvt.Vm.from_snapshot(snap)
+    try:
+        assert clone.memory.read_int(0x5000) == 1 and clone.debugcon.output == b"B"
+        assert isinstance(clone.vcpus[0].run(timeout=5), exits.Hlt)
+        assert clone.memory.read_int(0x5000) == 2
+    finally:
+        clone.close()
+
+
+def test_bad_files_are_refused_whole(counter, tmp_path):
+    vm, cpu = counter
+    path = tmp_path / "good.snap"
+    vm.snapshot().save(str(path))
+    data = path.read_bytes()
+
+    def load(raw, match):
+        bad = tmp_path / "bad.snap"
+        bad.write_bytes(raw)
+        with pytest.raises(SnapshotError, match=match):
+            Snapshot.load(str(bad))
+
+    load(data[:len(data) // 2], "corrupted or truncated")
+    load(data[:20], "truncated")
+    flipped = bytearray(data)
+    flipped[len(data) // 3] ^= 0x40
+    load(bytes(flipped), "corrupted or truncated")
+    load(b"NOTASNAP" + data[8:], "not a pyvt snapshot")
+    newer = bytearray(data)
+    newer[8] = 99  # format version
+    load(bytes(newer), "format 99")
+
+
+def test_cpuid_the_host_lacks_is_refused(counter, tmp_path):
+    vm, cpu = counter
+    snap = vm.snapshot()
+    table = bytearray(snap.vcpus[0].cpuid)
+    view = pyvt.kvm.ffi.from_buffer("struct kvm_cpuid2 *", table)
+    for i in range(view.nent):
+        if view.entries[i].function == 7 and view.entries[i].index == 0:
+            view.entries[i].ebx |= 0xFFFFFFFF  # claims every leaf-7 feature
+    snap.vcpus[0].cpuid = bytes(table)
+    path = tmp_path / "alien.snap"
+    snap.save(str(path))
+    with pytest.raises(SnapshotError, match="lacks CPUID features"):
+        Snapshot.load(str(path))
+
+
+def test_misuse_is_refused(counter, guest):
+    vm, cpu = counter
+    snap = vm.snapshot()
+    with pyvt.Vm("32M") as other:
+        with pytest.raises(SnapshotError, match="memory"):
+            other.restore(snap)
+    vm.memory.write(0x2000, guest("spin"))
+    cpu.regs.rip = 0x2000
+    thread = threading.Thread(target=cpu.run, kwargs={"timeout": 2})
+    thread.start()
+    time.sleep(0.2)
+    with pytest.raises(SnapshotError, match="running"):
+        vm.restore(snap)
+    thread.join()
+    snap.close()
+    with pytest.raises(SnapshotError, match="closed"):
+        vm.restore(snap)
+
+
+def test_reset_between_calls(vm, guest):
+    """The worked example: a guest function called many times with
+    different inputs, the VM reset to a clean snapshot between calls."""
+    vm.memory.write(0x1000, guest("function"))
+    cpu = vm.vcpu(0, mode="long")
+    cpu.regs.rip = 0x1000
+    clean = vm.snapshot()
+    for n in range(200):
+        vm.memory.write(0x6000, n.to_bytes(8, "little"))
+        assert isinstance(cpu.run(timeout=5), exits.Hlt)
+        assert vm.memory.read_int(0x6008) == n * n + 7
+        vm.restore(clean)
+        assert vm.memory.read_int(0x6008) == 0 and cpu.regs.rip == 0x1000
+
+
+def test_fuzz_loop_on_snapshots(guest):
+    """A tiny coverage-free fuzz loop: random inputs, each run from the same
+    snapshot, crashes (any exit but hlt) collected."""
+    import random
+
+    rng = random.Random(7)
+    with pyvt.Vm("16M") as vm:
+        vm.memory.write(0x1000, guest("function"))
+        cpu = vm.vcpu(0, mode="long")
+        cpu.regs.rip = 0x1000
+        clean = vm.snapshot()
+        outcomes = {}
+        for _ in range(50):
+            n = rng.choice([rng.randrange(64), 1 << 40])  # big n: runs into the timeout
+            vm.memory.write(0x6000, n.to_bytes(8, "little"))
+            exit = cpu.run(timeout=0.05)
+            outcomes[type(exit).__name__] = outcomes.get(type(exit).__name__, 0) + 1
+            vm.restore(clean)
+        assert set(outcomes) == {"Hlt", "Timeout"}, outcomes
