@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pyvt
+import snapshots
 from pyvt import exits
 from pyvt.kvm import lib
 
@@ -270,6 +271,7 @@ def main() -> int:
                 "(target >= 1.5x)")
     if "unicorn" in r:
         speedup_row(f"{compute_count} xorshift rounds, pyvt vs unicorn", r["compute"], r["unicorn"])
+    snapshots.report(rounds=args.rounds, calls=500 // scale)
     return 0
 
 

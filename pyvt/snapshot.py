@@ -341,7 +341,11 @@ def _readable_msrs(vm, vcpu) -> List[int]:
 def _complete_pending_io(vcpu) -> None:
     """Lets KVM finish an I/O or MMIO read it is waiting to complete, without
     entering the guest (KVM_RUN with immediate_exit), so that no stale
-    completion lands on top of restored registers."""
+    completion lands on top of restored registers.  Only reads leave one."""
+    last = vcpu.last_exit
+    reading = getattr(last, "direction", None) == "in" or getattr(last, "is_write", True) is False
+    if not reading:
+        return
     run = vcpu.fd.run_struct
     run.immediate_exit = 1
     try:
@@ -459,15 +463,21 @@ def _restore_vcpu(vm, vcpu, image: VcpuImage) -> None:
     vcpu.last_exit = None
 
 
+_REFUSED_MSRS: Dict[str, set] = {}
+
+
 def _set_msrs(fd, msrs: Dict[int, int]) -> None:
     """KVM_SET_MSRS, skipping the few MSRs KVM reports but will not take back
-    (it stops at the first refusal)."""
-    items = list(msrs.items())
+    (it stops at the first refusal; those are remembered per device)."""
+    refused = _REFUSED_MSRS.setdefault(fd.vm.kvm.path, set())
+    items = [(k, v) for k, v in msrs.items() if k not in refused]
     while items:
         _buf, block = _msrs_struct([index for index, _ in items])
         for n, (_, value) in enumerate(items):
             block.entries[n].data = value
         done = fd._ioctl("KVM_SET_MSRS", lib.KVM_SET_MSRS, block)
+        if done < len(items):
+            refused.add(items[done][0])
         items = items[done + 1:]
 
 
@@ -479,25 +489,50 @@ def restore(vm, snap: Snapshot) -> None:
         vm._sync_devices()
         for vcpu in vm.vcpus.values():
             _complete_pending_io(vcpu)
-        for region, saved in zip(vm.memory.regions, snap.regions, strict=True):
-            source = saved.mapping
-            if source is None:
-                raise SnapshotError("this snapshot was closed: its memory is gone")
-            target = region.buffer
-            for page in vm.memory.take_dirty_pages(region):
-                at = page * PAGE_SIZE
-                target[at:at + PAGE_SIZE] = source[at:at + PAGE_SIZE]
-        if snap.irqchip is not None:
-            for state in snap.irqchip:
-                vm.fd.set_irqchip(state)
-        if snap.pit is not None:
-            vm.fd.set_pit2(snap.pit)
-        for image in snap.vcpus:
-            _restore_vcpu(vm, vm.vcpus[image.index], image)
-        for name, dev in _char_devices(vm).items():
-            state, output = snap.devices[name]
-            if dev._native.load_state(state) or dev._native.replace_output(output):
-                raise SnapshotError(f"cannot restore the {name} device's state")
+        _restore_memory(vm, snap)
+        _restore_state(vm, snap)
+
+
+def _restore_memory(vm, snap: Snapshot) -> None:
+    """Copies back the pages written since the snapshot (or since the last
+    restore)."""
+    for region, saved in zip(vm.memory.regions, snap.regions, strict=True):
+        source = saved.mapping
+        if source is None:
+            raise SnapshotError("this snapshot was closed: its memory is gone")
+        if region.readonly:
+            continue
+        target = region.buffer
+        if region.dirty_logging:
+            pages = vm.memory.take_dirty_pages(region)
+        else:
+            # A clone nothing has tracked yet: enabling KVM's dirty log costs
+            # milliseconds that clones should not pay up front, so the first
+            # restore compares pages instead (reading keeps them shared).
+            pages = [p for p in range(region.size // PAGE_SIZE)
+                     if target[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]
+                     != source[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]]
+            vm.memory.track_dirty_pages()
+        if pages:
+            with memoryview(target) as into, memoryview(source) as out_of:
+                for page in pages:  # memoryview slices: one memcpy per page
+                    at = page * PAGE_SIZE
+                    into[at:at + PAGE_SIZE] = out_of[at:at + PAGE_SIZE]
+
+
+def _restore_state(vm, snap: Snapshot) -> None:
+    """Registers, interrupt controllers and devices (memory aside)."""
+    if snap.irqchip is not None:
+        for chip in snap.irqchip:
+            vm.fd.set_irqchip(chip)
+    if snap.pit is not None:
+        vm.fd.set_pit2(snap.pit)
+    for image in snap.vcpus:
+        _restore_vcpu(vm, vm.vcpus[image.index], image)
+    for name, dev in _char_devices(vm).items():
+        state, output = snap.devices[name]
+        if dev._native.load_state(state) or dev._native.replace_output(output):
+            raise SnapshotError(f"cannot restore the {name} device's state")
 
 
 def _check_same_shape(vm, snap: Snapshot) -> None:
@@ -536,8 +571,7 @@ def clone(snap: Snapshot, backend=None, vm_class=None):
         for state in snap.vcpus:
             vcpu = vm._new_vcpu(state.index, state.mode, setup=False)
             vcpu.fd.set_cpuid2_table(state.cpuid)
-        vm.memory.track_dirty_pages()
-        restore(vm, snap)
+        _restore_state(vm, snap)
     except BaseException:
         vm.close()
         raise

@@ -1,0 +1,141 @@
+"""Snapshot benchmarks (run by benchmarks/run.py, or alone):
+
+    python benchmarks/snapshots.py [--rounds N]
+
+- restore() of a 64 MiB VM whose guest dirtied 64 pages, vs a fresh VM of
+  the same shape run to the same point;
+- Vm.from_snapshot() to a vCPU ready to run, vs a fresh VM made ready;
+- calls per second of a guest function reset to a snapshot between calls,
+  vs a fresh VM per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pyvt
+from pyvt import exits
+
+HERE = Path(__file__).resolve().parent
+MEMORY = "64M"
+DIRTY_PAGES = 64
+
+
+def _guest(name: str) -> bytes:
+    return pyvt.assemble_file(str(HERE / "guests" / f"{name}.S"))
+
+
+def _fresh(code: bytes, rcx: int = 0):
+    vm = pyvt.Vm(MEMORY)
+    vm.memory.write(0x1000, code)
+    cpu = vm.vcpu(0, mode="long")
+    cpu.regs.rip = 0x1000
+    cpu.regs.rcx = rcx
+    return vm, cpu
+
+
+def _fresh_to_the_same_point(code: bytes, samples: int) -> float:
+    times = []
+    for _ in range(samples):
+        start = time.perf_counter()
+        vm, cpu = _fresh(code, DIRTY_PAGES)
+        assert isinstance(cpu.run(timeout=10), exits.Hlt)
+        times.append(time.perf_counter() - start)
+        vm.close()  # teardown is not part of either side
+    return statistics.median(times)
+
+
+def restore_vs_fresh(code: bytes, samples: int = 15) -> tuple:
+    vm, cpu = _fresh(code, DIRTY_PAGES)
+    snap = vm.snapshot()
+    times = []
+    for _ in range(samples):
+        assert isinstance(cpu.run(timeout=10), exits.Hlt)  # dirties 64 pages
+        start = time.perf_counter()
+        vm.restore(snap)
+        times.append(time.perf_counter() - start)
+    vm.close()
+    snap.close()
+    return statistics.median(times), _fresh_to_the_same_point(code, 5)
+
+
+def clone_vs_fresh(code: bytes, samples: int = 10) -> tuple:
+    vm, cpu = _fresh(code, DIRTY_PAGES)
+    snap = vm.snapshot()
+    cloned = []
+    for _ in range(samples):
+        start = time.perf_counter()
+        clone = pyvt.Vm.from_snapshot(snap)
+        cloned.append(time.perf_counter() - start)
+        clone.close()
+    vm.close()
+    snap.close()
+    fresh = []
+    for _ in range(5):
+        start = time.perf_counter()
+        fresh_vm, _ = _fresh(code, DIRTY_PAGES)
+        fresh.append(time.perf_counter() - start)
+        fresh_vm.close()
+    return statistics.median(cloned), statistics.median(fresh)
+
+
+def calls_per_second(code: bytes, calls: int) -> tuple:
+    vm, cpu = _fresh(code)
+    clean = vm.snapshot()
+    start = time.perf_counter()
+    for n in range(calls):
+        vm.memory.write(0x6000, n.to_bytes(8, "little"))
+        cpu.run(timeout=10)
+        assert vm.memory.read_int(0x6008) == n * n + 7
+        vm.restore(clean)
+    reset = calls / (time.perf_counter() - start)
+    vm.close()
+    clean.close()
+    start = time.perf_counter()
+    for n in range(calls // 10):
+        fresh_vm, fresh_cpu = _fresh(code)
+        fresh_vm.memory.write(0x6000, n.to_bytes(8, "little"))
+        fresh_cpu.run(timeout=10)
+        assert fresh_vm.memory.read_int(0x6008) == n * n + 7
+        fresh_vm.close()
+    fresh = (calls // 10) / (time.perf_counter() - start)
+    return reset, fresh
+
+
+def report(rounds: int = 5, calls: int = 500) -> None:
+    dirty, function = _guest("dirty_pages"), _guest("function")
+    restore, clone, rate = [], [], []
+    for _ in range(rounds):
+        restore.append(restore_vs_fresh(dirty))
+        clone.append(clone_vs_fresh(dirty))
+        rate.append(calls_per_second(function, calls))
+
+    def med(pairs, i):
+        return statistics.median(p[i] for p in pairs)
+
+    print(f"\nsnapshots ({MEMORY} VM, {rounds} rounds, medians)")
+    print(f"{'restore, guest dirtied 64 pages, vs fresh VM to the same point':<64} "
+          f"{med(restore, 0) * 1e3:8.2f} {med(restore, 1) * 1e3:8.2f} ms "
+          f"{med(restore, 0) / med(restore, 1):6.3f}x  (target <= 0.1x)")
+    print(f"{'from_snapshot() clone ready to run, vs fresh VM ready to run':<64} "
+          f"{med(clone, 0) * 1e3:8.2f} {med(clone, 1) * 1e3:8.2f} ms "
+          f"{med(clone, 0) / med(clone, 1):6.3f}x  (target <= 0.5x)")
+    print(f"{'guest function calls/s: reset between calls vs fresh VM each':<64} "
+          f"{med(rate, 0):8.0f} {med(rate, 1):8.0f} /s {med(rate, 0) / med(rate, 1):6.1f}x more")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=500)
+    args = parser.parse_args()
+    report(args.rounds, args.calls)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
