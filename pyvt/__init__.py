@@ -36,6 +36,7 @@ from .memory import GuestMemory, parse_size
 from .registers import Registers
 from .assemble import AssemblerError, assemble, assemble_file
 from .runner import LOAD_ADDRESS, Result, run
+from .snapshot import Snapshot, SnapshotError
 from .vcpu import Vcpu
 from .vm import Vm, select_backend
 
@@ -51,4 +52,5 @@ __all__ = [
     "ApiVersionMismatch", "KvmError", "MemoryConfigError", "RegionOverlapError",
     "OutOfRangeError", "InvalidModeError", "VcpuIndexError", "ClosedError",
     "ArgumentError", "GuestError", "TripleFault", "EntryFailed", "InternalError",
+    "Snapshot", "SnapshotError",
 ]
