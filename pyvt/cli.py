@@ -1,6 +1,8 @@
 """The ``pyvt`` command line (also ``python -m pyvt``).
 
     pyvt run FILE [--mode long] [--at ADDR] [--timeout S] [--memory 16M]
+    pyvt boot KERNEL [--smp N] [--memory 128M] [--append ARGS] [--initrd FILE]
+                     [--timeout S] [--no-irqchip] [--strict-io] [--trace-io]
                   (FILE: a flat binary, or assembly source ending in .S/.s)
     pyvt caps [--json] [--probe] [--require FEATURE ...]
     pyvt version
@@ -54,6 +56,25 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--memory", default="16M", help="guest RAM (default 16M)")
     run.add_argument("--backend", default=None, help="device path (default: /dev/kvm)")
 
+    boot = sub.add_parser(
+        "boot", help="boot a kernel (multiboot, ELF or flat) like qemu -kernel",
+        description="Boots KERNEL with the serial console on stdout.  Exit status: the "
+        "guest's isa-debug-exit status (code << 1) | 1 as QEMU gives it; 0 after a reset "
+        "or hlt; 124 on timeout; 1 when the guest failed; 2 for bad arguments.")
+    boot.add_argument("kernel", help="multiboot or ELF kernel, or a flat binary")
+    boot.add_argument("--smp", type=int, default=1, help="number of vCPUs (default 1)")
+    boot.add_argument("--memory", default="128M", help="guest RAM (default 128M)")
+    boot.add_argument("--append", default="", help="kernel command line")
+    boot.add_argument("--initrd", default=None, help="file passed as multiboot module 0")
+    boot.add_argument("--timeout", type=_seconds, default=None, help="seconds before giving up")
+    boot.add_argument("--no-irqchip", action="store_true",
+                      help="no in-kernel LAPIC/IOAPIC/PIC/PIT (one vCPU only)")
+    boot.add_argument("--strict-io", action="store_true",
+                      help="stop at an access to an unclaimed port or address")
+    boot.add_argument("--trace-io", action="store_true",
+                      help="log accesses to unclaimed ports and addresses to stderr")
+    boot.add_argument("--backend", default=None, help="device path (default: /dev/kvm)")
+
     # `caps` has its own parser (pyvt.caps.cli); main() hands it the rest.
     sub.add_parser("caps", help="report what virtualization this host can do",
                    add_help=False)
@@ -70,6 +91,8 @@ def exit_status(exit: exits.AnyExit) -> int:
         return exit.status
     if isinstance(exit, exits.Timeout):
         return EXIT_TIMEOUT
+    if isinstance(exit, exits.Reset):
+        return 0  # as qemu -no-reboot
     return EXIT_GUEST_FAILED
 
 
@@ -99,6 +122,23 @@ def _run(args) -> int:
     return exit_status(exit)
 
 
+def _boot(args) -> int:
+    from .vm import Vm
+
+    if args.smp < 1:
+        print(f"pyvt: --smp must be at least 1, not {args.smp}", file=sys.stderr)
+        return EXIT_USAGE
+    with Vm(args.memory, args.backend) as vm:
+        vm.console.stream(sys.stdout)
+        vm.debugcon.stream(sys.stdout)
+        vm.boot(args.kernel, cmdline=args.append, initrd=args.initrd, smp=args.smp,
+                irqchip=not args.no_irqchip, strict_io=args.strict_io)
+        exit = vm.run(timeout=args.timeout, trace_io=sys.stderr if args.trace_io else None)
+        sys.stdout.flush()
+    print(f"pyvt: {exit.describe() if exit.failed else repr(exit)}", file=sys.stderr)
+    return exit_status(exit)
+
+
 def _caps(argv: List[str]) -> int:
     from .caps.cli import main as caps_main
 
@@ -114,6 +154,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "version":
             print(f"pyvt {__version__}")
             return 0
+        if args.command == "boot":
+            return _boot(args)
         return _run(args)
     except Error as e:
         print(f"pyvt: {e}", file=sys.stderr)

@@ -1,0 +1,41 @@
+"""Kernel loaders: put a kernel image into guest memory and say how to enter it.
+
+- :func:`load_flat`: raw machine code at an address;
+- :func:`load_elf`: ELF32/ELF64 executables (``PT_LOAD`` segments at their
+  physical addresses, bss zeroed);
+- :func:`load_multiboot`: multiboot v1 kernels (ELF or the a.out kludge),
+  with the boot information structure, command line, modules and memory map.
+
+:func:`detect` tells which one an image needs.  Every loader checks that
+what it writes lies in guest RAM and clear of :data:`RESERVED` (pyvt's own
+areas), and raises :class:`LoaderError` saying what to change otherwise.
+``Vm.boot`` (:mod:`pyvt.boot`) uses them.
+"""
+
+from __future__ import annotations
+
+from .common import RESERVED, Image, LoaderError, Segment
+from .elf import ElfFile, load_elf, parse_elf
+from .flat import load_flat
+from .multiboot import (
+    MULTIBOOT_BOOTLOADER_MAGIC,
+    MultibootHeader,
+    find_multiboot_header,
+    load_multiboot,
+)
+
+
+def detect(data: bytes) -> str:
+    """``"multiboot"``, ``"elf"`` or ``"flat"``: what ``data`` is."""
+    if find_multiboot_header(data) is not None:
+        return "multiboot"
+    if data[:4] == b"\x7fELF":
+        return "elf"
+    return "flat"
+
+
+__all__ = [
+    "RESERVED", "Image", "LoaderError", "Segment", "ElfFile", "parse_elf", "load_elf",
+    "load_flat", "MULTIBOOT_BOOTLOADER_MAGIC", "MultibootHeader", "find_multiboot_header",
+    "load_multiboot", "detect",
+]

@@ -1,0 +1,318 @@
+"""Booting kernels: the multiboot, ELF and flat loaders, SMP with INIT/SIPI,
+the ACPI tables, ``vm.boot``/``vm.run`` and ``python -m pyvt boot``.
+
+The multiboot kernels (tests/guests/kernels/) are freestanding C built by the
+test run; each checks from inside the guest what it was given, prints it on
+the serial port and leaves through isa-debug-exit: status 1 (code 0) when
+every check passed, 3 after a ``FAIL:`` line.
+"""
+
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+from guestbuild import GUEST_DIR
+from kernelbuild import build_kernel, toolchain_missing
+
+import pyvt
+from pyvt import acpi, exits
+from pyvt.loaders import LoaderError, detect, find_multiboot_header, parse_elf
+
+pytestmark = [pytest.mark.requires_kvm,
+              pytest.mark.skipif(bool(toolchain_missing()), reason=toolchain_missing() or "ok")]
+
+PASS_STATUS = 1  # debug-exit code 0
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(pyvt.__file__))
+
+
+@pytest.fixture(scope="session")
+def kernel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kernels")
+    return lambda name, kludge=False: build_kernel(name, out, kludge)
+
+
+@pytest.fixture
+def initrd(tmp_path):
+    path = tmp_path / "initrd.img"
+    path.write_bytes(b"INITRD:" + bytes(range(256)) * 40)
+    return path
+
+
+def module_hash(data):
+    value = 0
+    for byte in data:
+        value = (value * 31 + byte) & 0xFFFFFFFF
+    return value
+
+
+def boot(kernel_path, memory="32M", timeout=20, **kw):
+    with pyvt.Vm(memory) as vm:
+        for name, data in kw.pop("files", {}).items():
+            vm.fw_cfg.add_file(name, data)
+        vm.boot(kernel_path, **kw)
+        exit = vm.run(timeout=timeout)
+        return exit, vm.console.text
+
+
+def elf_from_assembly(tmp_path, name, bits, at=0x100000):
+    """tests/guests/<name>.S linked as an ELF executable at ``at``."""
+    obj, elf = tmp_path / f"{name}.o", tmp_path / f"{name}.elf"
+    subprocess.run(["as", "--64" if bits == 64 else "--32", "-o", obj, GUEST_DIR / f"{name}.S"],
+                   check=True)
+    subprocess.run(["ld", "-N", "-m", "elf_x86_64" if bits == 64 else "elf_i386", "-Ttext", hex(at),
+                    "-e", "_start", "-o", elf, obj], check=True)
+    return elf
+
+
+# -- multiboot ----------------------------------------------------------------
+
+@pytest.mark.parametrize("kludge", [False, True], ids=["elf", "aout-kludge"])
+def test_multiboot_info_cmdline_modules_and_memory_map(kernel, initrd, kludge):
+    path = kernel("multiboot_info", kludge)
+    assert detect(path.read_bytes()) == "multiboot"
+    assert bool(find_multiboot_header(path.read_bytes()).flags & 0x10000) == kludge
+    exit, text = boot(path, "64M", cmdline="console=ttyS0 answer=42", initrd=initrd)
+    assert isinstance(exit, exits.DebugExit) and exit.status == PASS_STATUS, text
+    data = initrd.read_bytes()
+    assert text.splitlines() == [
+        "mem_lower=639",
+        f"mem_upper={(64 - 1) * 1024}",
+        "loader=pyvt",
+        f"cmdline={path} console=ttyS0 answer=42",  # the kernel's path first, as GRUB/QEMU
+        "mmap 0x00000000 0x0009fc00 1",
+        "mmap 0x0009fc00 0x00000400 2",
+        "mmap 0x000e0000 0x00020000 2",
+        "mmap 0x00100000 0x03f00000 1",
+        "mods=1",
+        f"mod 0 size={len(data)} hash={module_hash(data):#010x} string={initrd} head=INITRD:\0",
+        "PASS",
+    ]
+
+
+def test_multiboot_extra_modules_follow_the_initrd(kernel, initrd):
+    exit, text = boot(kernel("multiboot_info"), initrd=initrd,
+                      modules=[(b"second module", "mod2 arg=1")], kernel_name="/boot/k")
+    assert exit.status == PASS_STATUS, text
+    assert "cmdline=/boot/k\n" in text
+    assert "mods=2" in text
+    assert "mod 1 size=13 " in text and "string=mod2 arg=1 head=second m" in text
+
+
+# -- platform: fw_cfg, ACPI, PM timer, CPUID, CMOS ----------------------------
+
+@pytest.mark.parametrize("smp", [1, 3])
+def test_platform_as_the_guest_sees_it(kernel, smp):
+    exit, text = boot(kernel("platform"), smp=smp, files={"opt/pyvt/greeting": b"hello fw_cfg"})
+    assert isinstance(exit, exits.DebugExit) and exit.status == PASS_STATUS, text
+    assert text.splitlines() == [
+        "fw_cfg=QEMU",
+        f"fw_cfg_cpus={smp}",
+        "fw_cfg_ram_mib=32",
+        "greeting=hello fw_cfg",
+        f"pm_tmr_blk={0x608}",
+        "tmr_val_ext=1",
+        f"reset_reg={0x64}",
+        f"reset_value={0xFE}",
+        f"century={0x32}",
+        f"ioapic_address={0xFEC00000}",
+        f"madt_lapics={smp}",
+        "madt_ioapics=1",
+        "pm_timer=advancing",
+        "apic_id=0",
+        f"cmos_ext_kib={31 * 1024}",
+        "PASS",
+    ]
+
+
+def test_platform_kernel_fails_without_its_fw_cfg_file(kernel):
+    exit, text = boot(kernel("platform"))
+    assert exit.status == 3
+    assert "FAIL: fw_cfg has no opt/pyvt/greeting" in text
+
+
+def test_acpi_tables_have_valid_checksums():
+    tables = acpi.build(4)
+    rsdp = tables[acpi.RSDP_ADDRESS]
+    assert rsdp[:8] == b"RSD PTR " and sum(rsdp[:20]) % 256 == 0 and sum(rsdp) % 256 == 0
+    for address, data in tables.items():
+        if address != acpi.RSDP_ADDRESS:
+            assert sum(data) % 256 == 0
+            assert struct.unpack_from("<I", data, 4)[0] == len(data)
+    madt = tables[acpi.MADT_ADDRESS]
+    assert madt.count(bytes([0, 8])) >= 4
+    assert acpi.MADT_ADDRESS not in acpi.build(1, irqchip=False)
+    with pytest.raises(pyvt.ArgumentError):
+        acpi.build(0)
+
+
+# -- SMP ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("smp", [2, 4])
+def test_smp_every_ap_checks_in(kernel, smp):
+    exit, text = boot(kernel("smp"), smp=smp)
+    assert isinstance(exit, exits.DebugExit) and exit.status == PASS_STATUS, text
+    assert f"cpus={smp}\n" in text
+    assert f"checked_in={smp - 1}\n" in text
+    assert f"apic_mask={(1 << smp) - 1:#010x}\n" in text
+
+
+def test_one_vcpu_timing_out_stops_all(kernel):
+    exit, text = boot(kernel("spin"), smp=2, timeout=0.5)
+    assert isinstance(exit, exits.Timeout), exit
+    assert text == "spinning\n"
+
+
+# -- ELF and flat --------------------------------------------------------------
+
+def test_elf64_enters_long_mode(tmp_path):
+    elf = elf_from_assembly(tmp_path, "debug_exit", 64)
+    assert parse_elf(elf.read_bytes()).bits == 64
+    with pyvt.Vm("16M") as vm:
+        image = vm.boot(elf)
+        assert (image.kind, image.mode, image.entry) == ("elf64", "long", 0x100000)
+        exit = vm.run(timeout=10)
+        assert isinstance(exit, exits.DebugExit) and exit.code == 0x2A
+
+
+def test_elf32_enters_protected_mode(tmp_path):
+    elf = elf_from_assembly(tmp_path, "uart_hello_protected", 32)
+    with pyvt.Vm("16M") as vm:
+        image = vm.boot(elf, irqchip=False)
+        assert (image.kind, image.mode) == ("elf32", "protected")
+        exit = vm.run(timeout=10)
+        assert isinstance(exit, exits.Hlt), exit
+        assert vm.console.text == "hello from protected mode\n"
+
+
+def test_flat_binary_at_an_address(guest):
+    with pyvt.Vm("16M") as vm:
+        image = vm.boot(guest("debug_exit", 0x200000), format="flat", load_address=0x200000)
+        assert (image.kind, image.entry) == ("flat", 0x200000)
+        assert isinstance(vm.run(timeout=10), exits.DebugExit)
+
+
+# -- unclaimed I/O: like a PC, --strict-io, --trace-io ---------------------------
+
+SCRIPT = [(6, 0x300, 0), (3, 0xCF8, 0x80000000), (6, 0xCFC, 0), (0, 0, 0)]
+
+
+def _script_vm(guest, **kw):
+    vm = pyvt.Vm("16M")
+    vm.memory.write(0x3000, b"".join(struct.pack("<BxHI", *step) for step in SCRIPT))
+    vm.boot(guest("port_script"), format="flat", load_address=0x1000, irqchip=False, **kw)
+    return vm
+
+
+def test_unclaimed_io_reads_all_ones(guest):
+    with _script_vm(guest) as vm:
+        assert isinstance(vm.run(timeout=10), exits.Hlt)
+        # No device at 0x300; PCI config space at 0xcf8/0xcfc reports no device.
+        assert struct.unpack("<II", vm.memory.read(0x8000, 8)) == (0xFFFFFFFF, 0xFFFFFFFF)
+
+
+def test_strict_io_stops_at_the_first_unclaimed_access(guest):
+    with _script_vm(guest, strict_io=True) as vm:
+        exit = vm.run(timeout=10)
+        assert isinstance(exit, exits.Io) and (exit.port, exit.direction) == (0x300, "in")
+
+
+def test_trace_io_logs_and_continues(guest, tmp_path):
+    log = tmp_path / "trace.txt"
+    with _script_vm(guest) as vm, open(log, "w") as f:
+        assert isinstance(vm.run(timeout=10, trace_io=f), exits.Hlt)
+        assert struct.unpack("<II", vm.memory.read(0x8000, 8)) == (0xFFFFFFFF, 0xFFFFFFFF)
+    lines = log.read_text().splitlines()
+    assert lines[0].startswith("pyvt: unclaimed read port 0x300 size 4")
+    assert lines[1].startswith("pyvt: unclaimed write port 0xcf8 size 4 0x80000000")
+    assert len(lines) == 3
+
+
+# -- bad kernels and arguments ---------------------------------------------------
+
+def test_bad_kernels_get_clear_errors(tmp_path, kernel, guest):
+    mb = kernel("multiboot_info")
+    with pyvt.Vm("16M") as vm:
+        with pytest.raises(LoaderError, match="not an ELF"):
+            vm.boot(b"\x90" * 64, format="elf")
+    with pyvt.Vm("16M") as vm:
+        with pytest.raises(LoaderError, match="no multiboot header"):
+            vm.boot(elf_from_assembly(tmp_path, "debug_exit", 64), format="multiboot")
+    with pyvt.Vm("1M") as vm:
+        with pytest.raises(LoaderError, match="outside guest RAM"):
+            vm.boot(mb)
+    with pyvt.Vm("16M") as vm:
+        with pytest.raises(LoaderError, match="pyvt's GDT"):
+            vm.boot(guest("debug_exit", 0x90000), format="flat", load_address=0x90000)
+    with pyvt.Vm("16M") as vm:
+        with pytest.raises(LoaderError, match="does not fit in guest RAM"):
+            vm.boot(mb, initrd=bytes(16 << 20))
+    with pyvt.Vm("16M") as vm:
+        with pytest.raises(pyvt.boot.BootError, match="smp"):
+            vm.boot(mb, smp=0)
+        with pytest.raises(pyvt.boot.BootError, match="irqchip"):
+            vm.boot(mb, smp=2, irqchip=False)
+        with pytest.raises(pyvt.boot.BootError, match="cannot read"):
+            vm.boot(tmp_path / "missing")
+        with pytest.raises(pyvt.boot.BootError, match="only a multiboot kernel"):
+            vm.boot(guest("debug_exit", 0x100000), format="flat", initrd=b"x")
+    with pyvt.Vm("16M") as vm:
+        vm.vcpu(0)
+        with pytest.raises(pyvt.boot.BootError, match="fresh Vm"):
+            vm.boot(mb)
+
+
+def test_multiboot_kludge_overlapping_loader_data_is_refused():
+    flags = 0x10003
+    header = struct.pack("<8I", 0x1BADB002, flags, -(0x1BADB002 + flags) & 0xFFFFFFFF,
+                         0x10000, 0x10000, 0, 0, 0x10000)
+    with pyvt.Vm("16M") as vm:
+        with pytest.raises(LoaderError, match="multiboot information area"):
+            vm.boot(header + b"\xf4" * 64)
+
+
+def test_elf_validation():
+    with pytest.raises(LoaderError, match="truncated"):
+        parse_elf(b"\x7fELF\x01\x01\x01")
+    bad_machine = bytearray(52)
+    bad_machine[:7] = b"\x7fELF\x01\x01\x01"
+    struct.pack_into("<HH", bad_machine, 16, 2, 40)  # ET_EXEC, ARM
+    with pytest.raises(LoaderError, match="not x86"):
+        parse_elf(bytes(bad_machine))
+    struct.pack_into("<HH", bad_machine, 16, 3, 3)  # ET_DYN
+    with pytest.raises(LoaderError, match="position-independent"):
+        parse_elf(bytes(bad_machine))
+
+
+# -- the command line ---------------------------------------------------------
+
+def pyvt_boot(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "pyvt", "boot", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=PACKAGE_PARENT)
+
+
+def test_cli_boot_exits_with_the_debug_exit_status(kernel, initrd):
+    out = pyvt_boot(kernel("smp"), "--smp", 2, "--memory", "32M", "--timeout", 20)
+    assert out.returncode == PASS_STATUS, out.stderr
+    assert "checked_in=1\napic_mask=0x00000003\nPASS\n" in out.stdout
+    assert "DebugExit(code=0x0, status=1" in out.stderr
+    out = pyvt_boot(kernel("multiboot_info"), "--append", "a b", "--initrd", initrd,
+                    "--memory", "32M", "--no-irqchip", "--strict-io")
+    assert out.returncode == PASS_STATUS, out.stderr
+    assert f"cmdline={kernel('multiboot_info')} a b\n" in out.stdout
+    out = pyvt_boot(kernel("platform"), "--memory", "32M")  # no greeting file: FAIL
+    assert out.returncode == 3 and "FAIL:" in out.stdout
+
+
+def test_cli_boot_timeout_and_bad_arguments(kernel, tmp_path):
+    out = pyvt_boot(kernel("spin"), "--timeout", "0.5", "--memory", "32M")
+    assert out.returncode == 124 and out.stdout == "spinning\n"
+    out = pyvt_boot(kernel("spin"), "--smp", 0)
+    assert out.returncode == 2 and "--smp must be at least 1" in out.stderr
+    bad = tmp_path / "bad.elf"
+    bad.write_bytes(b"\x7fELF" + bytes(60))
+    out = pyvt_boot(bad)
+    assert out.returncode == 2 and "unknown ELF class" in out.stderr
+    out = pyvt_boot(kernel("multiboot_info"), "--initrd", tmp_path / "nope")
+    assert out.returncode == 2 and "cannot read initrd" in out.stderr
