@@ -2,7 +2,10 @@
 
 ``boot`` loads a kernel (multiboot, ELF or flat: :mod:`pyvt.loaders`),
 creates the vCPUs (``smp``; with the in-kernel irqchip the application
-processors wait for the guest's INIT/SIPI/SIPI), writes the ACPI tables
+processors wait for the guest's INIT/SIPI/SIPI; each one's CPUID is
+``KVM_GET_SUPPORTED_CPUID`` with its APIC ID and the ``smp`` topology, see
+:func:`cpuid_topology`: change it with ``vm.vcpus[i].cpuid = ...`` between
+``boot`` and ``run``), writes the ACPI tables
 (:mod:`pyvt.acpi`) and the fw_cfg boot items, and makes the VM answer
 unclaimed I/O like a PC.  ``run`` runs every vCPU, one thread each, until one
 of them stops (debug-exit, reset, shutdown, timeout...), stops the others,
@@ -14,14 +17,18 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from dataclasses import replace
 from typing import List, Optional, Sequence, Tuple, Union
 
 from . import exits
 from ._kvm import lib
-from .errors import ArgumentError, Error
+from .errors import ArgumentError, Error, KvmError
+from .kvm import CpuidEntry
 from .loaders import Image, LoaderError, detect, load_elf, load_flat, load_multiboot
 
 KernelSource = Union[bytes, bytearray, str, os.PathLike]
+
+KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1  # (sic) <linux/kvm.h>
 
 # fw_cfg items QEMU fills for -kernel/-append/-initrd (hw/nvram/fw_cfg.h).
 FW_CFG_KERNEL_ENTRY = 0x10
@@ -121,6 +128,12 @@ def boot(vm, kernel: KernelSource, *, cmdline: str = "", initrd: Optional[Kernel
 
     for index in range(smp):
         cpu = vm.vcpu(index, mode=image.mode)
+        try:
+            entries = cpu.cpuid
+        except KvmError:
+            entries = None  # a backend without a CPUID table answers CPUID itself
+        if entries:
+            cpu.cpuid = cpuid_topology(entries, index, smp)
         if index == 0:
             cpu.regs.rip = image.entry
             for name, value in image.registers.items():
@@ -130,6 +143,40 @@ def boot(vm, kernel: KernelSource, *, cmdline: str = "", initrd: Optional[Kernel
             cpu.fd.set_mp_state(lib.KVM_MP_STATE_UNINITIALIZED)
     vm.boot_image = image
     return image
+
+
+def cpuid_topology(entries: Sequence[CpuidEntry], index: int, cpus: int) -> List[CpuidEntry]:
+    """``entries`` with the topology of a ``cpus``-core, one-package machine,
+    seen from vCPU ``index`` (APIC ID ``index``): leaf 1 (logical processor
+    count, HTT), leaf 4 (cores per package), leaf 0xB (x2APIC topology:
+    one thread per core, ``cpus`` cores) and AMD's 0x80000008 (core count).
+    Leaves the table lacks stay absent."""
+    shift = max(cpus - 1, 0).bit_length()  # APIC ID bits for the core level
+    amd = any(e.function == 0 and e.ebx in (0x68747541, 0x6F677948) for e in entries)
+    entries = list(entries)
+    if any(e.function == 0xB for e in entries):
+        # Both levels and the terminating one, whatever the host table had.
+        entries = [e for e in entries if e.function != 0xB] + [
+            CpuidEntry(0xB, level, KVM_CPUID_FLAG_SIGNIFCANT_INDEX) for level in range(3)]
+    out = []
+    for e in entries:
+        if e.function == 1:
+            ebx = (e.ebx & 0x00FFFFFF & ~(0xFF << 16)) | (min(cpus, 255) << 16) | (index << 24)
+            edx = e.edx | (1 << 28) if cpus > 1 else e.edx  # HTT: more than one
+            e = replace(e, ebx=ebx, edx=edx)
+        elif e.function == 4 and e.eax & 0x1F:
+            e = replace(e, eax=(e.eax & 0x03FFFFFF) | ((cpus - 1) << 26))
+        elif e.function == 0xB:
+            if e.index == 0:
+                e = replace(e, eax=0, ebx=1, ecx=(1 << 8) | 0, edx=index)
+            elif e.index == 1:
+                e = replace(e, eax=shift, ebx=cpus, ecx=(2 << 8) | 1, edx=index)
+            else:
+                e = replace(e, eax=0, ebx=0, ecx=e.index & 0xFF, edx=index)
+        elif e.function == 0x80000008 and amd:
+            e = replace(e, ecx=(e.ecx & ~0xF0FF) | (shift << 12) | (cpus - 1))
+        out.append(e)
+    return out
 
 
 def _answer_unclaimed(cpu, exit, trace) -> bool:
@@ -221,4 +268,4 @@ def run(vm, timeout: Optional[float] = None, trace_io=None) -> exits.Exit:
     return first
 
 
-__all__ = ["boot", "run", "BootError"]
+__all__ = ["boot", "run", "cpuid_topology", "BootError"]

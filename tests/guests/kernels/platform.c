@@ -103,6 +103,15 @@ void kmain(uint32_t magic, const void *info)
 
 	cpuid(1, &a, &b, &c, &d);
 	print("apic_id", b >> 24);
+	print("cpuid_logical", (b >> 16) & 0xff);
+	print("cpuid_htt", (d >> 28) & 1);
+	cpuid(0, &a, &b, &c, &d);
+	if (a >= 0xb) {
+		__asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0xb), "c"(1));
+		print("x2apic_cores", b & 0xffff);
+	} else {
+		print("x2apic_cores", cpus);
+	}
 	print("cmos_ext_kib", cmos(0x30) | cmos(0x31) << 8);
 	pass();
 }
