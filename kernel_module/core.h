@@ -36,6 +36,7 @@ struct pyvt_memslot {
 	u64 gpa;
 	u64 npages;
 	u64 uaddr;
+	u32 flags;		/* KVM_MEM_READONLY or 0 */
 	struct page **pages;	/* pinned, NULL when the slot is unused */
 };
 
@@ -118,6 +119,9 @@ struct pyvt_vendor_ops {
 	 * user space with vcpu->run filled in, or a negative errno.
 	 */
 	int (*run_once)(struct pyvt_vcpu *vcpu);
+	/* KVM_GET/SET_MSRS: 0, or -EINVAL for an MSR it does not have */
+	int (*get_msr)(struct pyvt_vcpu *vcpu, u32 index, u64 *data);
+	int (*set_msr)(struct pyvt_vcpu *vcpu, u32 index, u64 data);
 	int (*measure_roundtrip)(struct pyvt_roundtrip *rt);
 	void (*read_caps)(struct pyvt_cpu_caps *caps);	/* on that CPU */
 };
@@ -144,6 +148,7 @@ int pyvt_set_memory_region(struct pyvt_vm *vm,
 			   const struct kvm_userspace_memory_region *mr);
 void pyvt_free_memslots(struct pyvt_vm *vm);
 bool pyvt_gpa_is_ram(struct pyvt_vm *vm, u64 gpa);
+bool pyvt_gpa_is_readonly(struct pyvt_vm *vm, u64 gpa);
 int pyvt_read_gpa(struct pyvt_vm *vm, u64 gpa, void *buf, unsigned int len);
 int pyvt_write_gpa(struct pyvt_vm *vm, u64 gpa, const void *buf,
 		   unsigned int len);
@@ -169,6 +174,10 @@ int pyvt_complete_pending(struct pyvt_vcpu *vcpu);
 
 /* svm_vmrun.S: one world switch, GIF and interrupts already off */
 void pyvt_svm_enter(u64 vmcb_pa, u64 host_save_pa, unsigned long *gprs);
+
+/* MSRs KVM_GET/SET_MSRS know, as KVM_GET_MSR_INDEX_LIST reports them */
+extern const u32 pyvt_msr_list[];
+extern const unsigned int pyvt_msr_list_len;
 
 /* supported CPUID (main.c) */
 int pyvt_get_supported_cpuid(struct kvm_cpuid2 __user *ucpuid);

@@ -15,6 +15,7 @@
 #include <linux/uaccess.h>
 #include <asm/processor.h>
 #include <asm/pgtable.h>
+#include <asm/msr-index.h>
 #include "core.h"
 
 const struct pyvt_vendor_ops *pyvt_ops;
@@ -269,6 +270,32 @@ static long pyvt_measure_roundtrip(struct pyvt_roundtrip __user *uarg)
 	return 0;
 }
 
+const u32 pyvt_msr_list[] = {
+	MSR_EFER, MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_SYSCALL_MASK,
+	MSR_KERNEL_GS_BASE, MSR_FS_BASE, MSR_GS_BASE,
+	MSR_IA32_SYSENTER_CS, MSR_IA32_SYSENTER_ESP, MSR_IA32_SYSENTER_EIP,
+	MSR_IA32_CR_PAT, MSR_IA32_APICBASE, MSR_IA32_TSC,
+};
+const unsigned int pyvt_msr_list_len = ARRAY_SIZE(pyvt_msr_list);
+
+static long pyvt_get_msr_index_list(struct kvm_msr_list __user *ulist)
+{
+	struct kvm_msr_list hdr;
+	u32 n;
+
+	if (copy_from_user(&hdr, ulist, sizeof(hdr)))
+		return -EFAULT;
+	n = hdr.nmsrs;
+	hdr.nmsrs = pyvt_msr_list_len;
+	if (copy_to_user(ulist, &hdr, sizeof(hdr)))
+		return -EFAULT;
+	if (n < pyvt_msr_list_len)
+		return -E2BIG;
+	if (copy_to_user(ulist->indices, pyvt_msr_list, sizeof(pyvt_msr_list)))
+		return -EFAULT;
+	return 0;
+}
+
 static long pyvt_dev_ioctl(struct file *filp, unsigned int ioctl,
 			   unsigned long arg)
 {
@@ -286,6 +313,8 @@ static long pyvt_dev_ioctl(struct file *filp, unsigned int ioctl,
 		return arg ? -EINVAL : PYVT_RUN_PAGES * PAGE_SIZE;
 	case KVM_GET_SUPPORTED_CPUID:
 		return pyvt_get_supported_cpuid(argp);
+	case KVM_GET_MSR_INDEX_LIST:
+		return pyvt_get_msr_index_list(argp);
 	case PYVT_GET_HW_CAPS:
 		return pyvt_get_hw_caps(argp);
 	case PYVT_MEASURE_ROUNDTRIP:
@@ -306,7 +335,7 @@ static struct miscdevice pyvt_dev = {
 	.minor	= MISC_DYNAMIC_MINOR,
 	.name	= "pyvt",
 	.fops	= &pyvt_dev_fops,
-	.mode	= 0666,
+	.mode	= 0600,	/* like /dev/kvm: a udev rule may open it up */
 };
 
 static int __init pyvt_init(void)

@@ -116,8 +116,10 @@ static int npt_map_slot(struct pyvt_vm *vm, struct pyvt_memslot *slot)
 			npt_unmap_range(vm, slot->gpa, i);
 			return -ENOMEM;
 		}
+		/* Writes to a read-only slot fault and become MMIO exits. */
 		*leaf = __sme_set(page_to_phys(slot->pages[i])) |
-			NPT_PRESENT | NPT_WRITABLE | NPT_USER;
+			NPT_PRESENT | NPT_USER |
+			(slot->flags & KVM_MEM_READONLY ? 0 : NPT_WRITABLE);
 	}
 	return 0;
 }
@@ -174,7 +176,7 @@ int pyvt_set_memory_region(struct pyvt_vm *vm,
 	u64 npages = mr->memory_size >> PAGE_SHIFT;
 	int i, ret;
 
-	if (mr->slot >= PYVT_MAX_MEMSLOTS || mr->flags)
+	if (mr->slot >= PYVT_MAX_MEMSLOTS || (mr->flags & ~KVM_MEM_READONLY))
 		return -EINVAL;
 	if (!PAGE_ALIGNED(mr->memory_size) ||
 	    !PAGE_ALIGNED(mr->guest_phys_addr) ||
@@ -196,7 +198,8 @@ int pyvt_set_memory_region(struct pyvt_vm *vm,
 	slot = &vm->slots[mr->slot];
 	ret = 0;
 	if (slot->pages && slot->gpa == mr->guest_phys_addr &&
-	    slot->npages == npages && slot->uaddr == mr->userspace_addr)
+	    slot->npages == npages && slot->uaddr == mr->userspace_addr &&
+	    slot->flags == mr->flags)
 		goto out;
 
 	if (npages) {
@@ -214,6 +217,7 @@ int pyvt_set_memory_region(struct pyvt_vm *vm,
 		new.gpa = mr->guest_phys_addr;
 		new.npages = npages;
 		new.uaddr = mr->userspace_addr;
+		new.flags = mr->flags;
 		ret = slot_pin(&new);
 		if (ret)
 			goto out;
@@ -241,7 +245,7 @@ void pyvt_free_memslots(struct pyvt_vm *vm)
 		slot_delete(vm, &vm->slots[i]);
 }
 
-static struct page *gpa_to_page(struct pyvt_vm *vm, u64 gpa)
+static struct pyvt_memslot *gpa_to_slot(struct pyvt_vm *vm, u64 gpa)
 {
 	int i;
 
@@ -250,14 +254,21 @@ static struct page *gpa_to_page(struct pyvt_vm *vm, u64 gpa)
 
 		if (s->pages && gpa >= s->gpa &&
 		    gpa - s->gpa < (s->npages << PAGE_SHIFT))
-			return s->pages[(gpa - s->gpa) >> PAGE_SHIFT];
+			return s;
 	}
 	return NULL;
 }
 
 bool pyvt_gpa_is_ram(struct pyvt_vm *vm, u64 gpa)
 {
-	return gpa_to_page(vm, gpa) != NULL;
+	return gpa_to_slot(vm, gpa) != NULL;
+}
+
+bool pyvt_gpa_is_readonly(struct pyvt_vm *vm, u64 gpa)
+{
+	struct pyvt_memslot *s = gpa_to_slot(vm, gpa);
+
+	return s && (s->flags & KVM_MEM_READONLY);
 }
 
 static int access_gpa(struct pyvt_vm *vm, u64 gpa, void *buf,
@@ -266,11 +277,13 @@ static int access_gpa(struct pyvt_vm *vm, u64 gpa, void *buf,
 	while (len) {
 		unsigned int off = offset_in_page(gpa);
 		unsigned int n = min_t(unsigned int, len, PAGE_SIZE - off);
-		struct page *page = gpa_to_page(vm, gpa);
+		struct pyvt_memslot *s = gpa_to_slot(vm, gpa);
+		struct page *page;
 		void *va;
 
-		if (!page)
+		if (!s || (write && (s->flags & KVM_MEM_READONLY)))
 			return -EFAULT;
+		page = s->pages[(gpa - s->gpa) >> PAGE_SHIFT];
 		va = kmap_local_page(page);
 		if (write)
 			memcpy(va + off, buf, n);

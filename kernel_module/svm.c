@@ -537,10 +537,33 @@ static int io_interception(struct pyvt_vcpu *vcpu)
 			       vmcb->control.exit_info_2);
 }
 
+/* The MSRs that live in the VMCB save area (VMLOAD/VMSAVE or VMRUN). */
+static u64 *vmcb_msr(struct vmcb_save_area *s, u32 msr)
+{
+	switch (msr) {
+	case MSR_STAR:			return &s->star;
+	case MSR_LSTAR:			return &s->lstar;
+	case MSR_CSTAR:			return &s->cstar;
+	case MSR_SYSCALL_MASK:		return &s->sfmask;
+	case MSR_KERNEL_GS_BASE:	return &s->kernel_gs_base;
+	case MSR_FS_BASE:		return &s->fs.base;
+	case MSR_GS_BASE:		return &s->gs.base;
+	case MSR_IA32_SYSENTER_CS:	return &s->sysenter_cs;
+	case MSR_IA32_SYSENTER_ESP:	return &s->sysenter_esp;
+	case MSR_IA32_SYSENTER_EIP:	return &s->sysenter_eip;
+	default:			return NULL;
+	}
+}
+
 static int msr_read(struct pyvt_vcpu *vcpu, u32 msr, u64 *val)
 {
 	struct vmcb *vmcb = to_svm(vcpu)->vmcb;
+	u64 *field = vmcb_msr(&vmcb->save, msr);
 
+	if (field) {
+		*val = *field;
+		return 0;
+	}
 	switch (msr) {
 	case MSR_EFER:
 		*val = vmcb->save.efer & ~EFER_SVME;
@@ -562,8 +585,17 @@ static int msr_read(struct pyvt_vcpu *vcpu, u32 msr, u64 *val)
 static int msr_write(struct pyvt_vcpu *vcpu, u32 msr, u64 val)
 {
 	struct vmcb *vmcb = to_svm(vcpu)->vmcb;
-	u64 old;
+	u64 *field = vmcb_msr(&vmcb->save, msr), old;
 
+	if (field) {
+		/* Bases must be canonical or VMLOAD would load junk. */
+		if (msr != MSR_STAR && msr != MSR_SYSCALL_MASK &&
+		    msr != MSR_IA32_SYSENTER_CS &&
+		    (s64)(val << 16) >> 16 != (s64)val)
+			return -EINVAL;
+		*field = val;
+		return 0;
+	}
 	switch (msr) {
 	case MSR_EFER:
 		old = vmcb->save.efer;
@@ -585,6 +617,9 @@ static int msr_write(struct pyvt_vcpu *vcpu, u32 msr, u64 val)
 		return 0;
 	case MSR_IA32_APICBASE:
 		vcpu->apic_base = val;
+		return 0;
+	case MSR_IA32_TSC:
+		vmcb->control.tsc_offset = val - rdtsc();
 		return 0;
 	default:
 		return -EINVAL;
@@ -618,6 +653,7 @@ static int msr_interception(struct pyvt_vcpu *vcpu)
 
 #define NPF_GUEST_PAGE_WALK	BIT_ULL(33)
 #define NPF_FETCH		BIT_ULL(4)
+#define NPF_WRITE		BIT_ULL(1)
 
 static int npf_interception(struct pyvt_vcpu *vcpu)
 {
@@ -625,6 +661,10 @@ static int npf_interception(struct pyvt_vcpu *vcpu)
 	u64 error = vmcb->control.exit_info_1;
 	u64 gpa = vmcb->control.exit_info_2;
 
+	/* A write to a read-only slot is reported as MMIO, as in KVM. */
+	if ((error & NPF_WRITE) && !(error & NPF_GUEST_PAGE_WALK) &&
+	    pyvt_gpa_is_readonly(vcpu->vm, gpa))
+		return pyvt_emulate_mmio(vcpu, gpa);
 	/* Page tables or code outside RAM, or a fault on RAM: not MMIO. */
 	if ((error & (NPF_GUEST_PAGE_WALK | NPF_FETCH)) ||
 	    pyvt_gpa_is_ram(vcpu->vm, gpa)) {
@@ -893,6 +933,8 @@ const struct pyvt_vendor_ops pyvt_svm_ops = {
 	.set_sregs		= svm_set_sregs,
 	.queue_exception	= svm_queue_exception,
 	.run_once		= svm_run_once,
+	.get_msr		= msr_read,
+	.set_msr		= msr_write,
 	.measure_roundtrip	= svm_measure_roundtrip,
 	.read_caps		= svm_read_caps,
 };

@@ -77,6 +77,101 @@ static int pyvt_set_cpuid2(struct pyvt_vcpu *vcpu,
 	return 0;
 }
 
+static int pyvt_get_cpuid2(struct pyvt_vcpu *vcpu,
+			   struct kvm_cpuid2 __user *ucpuid)
+{
+	struct kvm_cpuid2 hdr;
+
+	if (copy_from_user(&hdr, ucpuid, sizeof(hdr)))
+		return -EFAULT;
+	if (hdr.nent < vcpu->cpuid_nent)
+		return -E2BIG;
+	hdr.nent = vcpu->cpuid_nent;
+	if (copy_to_user(ucpuid->entries, vcpu->cpuid,
+			 array_size(hdr.nent, sizeof(*vcpu->cpuid))) ||
+	    copy_to_user(ucpuid, &hdr, sizeof(hdr)))
+		return -EFAULT;
+	return 0;
+}
+
+/*
+ * KVM_GET/SET_MSRS: process entries in order, stop at the first MSR we do
+ * not have, and return how many were done, as KVM does.
+ */
+static int pyvt_access_msrs(struct pyvt_vcpu *vcpu, struct kvm_msrs __user *umsrs,
+			    bool set)
+{
+	struct kvm_msr_entry e;
+	struct kvm_msrs hdr;
+	u32 i;
+
+	if (copy_from_user(&hdr, umsrs, sizeof(hdr)))
+		return -EFAULT;
+	if (hdr.nmsrs >= 256)
+		return -E2BIG;
+	for (i = 0; i < hdr.nmsrs; i++) {
+		if (copy_from_user(&e, &umsrs->entries[i], sizeof(e)))
+			return -EFAULT;
+		if (set) {
+			if (pyvt_ops->set_msr(vcpu, e.index, e.data))
+				break;
+			continue;
+		}
+		if (pyvt_ops->get_msr(vcpu, e.index, &e.data))
+			break;
+		if (copy_to_user(&umsrs->entries[i].data, &e.data,
+				 sizeof(e.data)))
+			return -EFAULT;
+	}
+	return i;
+}
+
+/* struct kvm_fpu <-> the FXSAVE image the guest's x87/SSE state lives in */
+#define FX_FCW		0
+#define FX_FSW		2
+#define FX_FTW		4
+#define FX_FOP		6
+#define FX_FIP		8
+#define FX_FDP		16
+#define FX_MXCSR	24
+#define FX_ST		32
+#define FX_XMM		160
+
+static void get_fpu(struct pyvt_vcpu *vcpu, struct kvm_fpu *f)
+{
+	const u8 *fx = vcpu->fxsave;
+
+	memset(f, 0, sizeof(*f));
+	memcpy(f->fpr, fx + FX_ST, sizeof(f->fpr));
+	memcpy(&f->fcw, fx + FX_FCW, 2);
+	memcpy(&f->fsw, fx + FX_FSW, 2);
+	f->ftwx = fx[FX_FTW];
+	memcpy(&f->last_opcode, fx + FX_FOP, 2);
+	memcpy(&f->last_ip, fx + FX_FIP, 8);
+	memcpy(&f->last_dp, fx + FX_FDP, 8);
+	memcpy(f->xmm, fx + FX_XMM, sizeof(f->xmm));
+	memcpy(&f->mxcsr, fx + FX_MXCSR, 4);
+}
+
+static int set_fpu(struct pyvt_vcpu *vcpu, const struct kvm_fpu *f)
+{
+	u8 *fx = vcpu->fxsave;
+
+	/* FXRSTOR of reserved MXCSR bits would fault in the kernel. */
+	if (f->mxcsr & 0xffff0000)
+		return -EINVAL;
+	memcpy(fx + FX_ST, f->fpr, sizeof(f->fpr));
+	memcpy(fx + FX_FCW, &f->fcw, 2);
+	memcpy(fx + FX_FSW, &f->fsw, 2);
+	fx[FX_FTW] = f->ftwx;
+	memcpy(fx + FX_FOP, &f->last_opcode, 2);
+	memcpy(fx + FX_FIP, &f->last_ip, 8);
+	memcpy(fx + FX_FDP, &f->last_dp, 8);
+	memcpy(fx + FX_XMM, f->xmm, sizeof(f->xmm));
+	memcpy(fx + FX_MXCSR, &f->mxcsr, 4);
+	return 0;
+}
+
 static void get_regs(struct pyvt_vcpu *vcpu, struct kvm_regs *r)
 {
 	const unsigned long *g = vcpu->gprs;
@@ -149,6 +244,7 @@ static long pyvt_vcpu_ioctl(struct file *filp, unsigned int ioctl,
 	union {
 		struct kvm_regs regs;
 		struct kvm_sregs sregs;
+		struct kvm_fpu fpu;
 	} *u;
 	long ret;
 
@@ -164,10 +260,19 @@ static long pyvt_vcpu_ioctl(struct file *filp, unsigned int ioctl,
 	case KVM_SET_CPUID2:
 		ret = pyvt_set_cpuid2(vcpu, argp);
 		goto out;
+	case KVM_GET_CPUID2:
+		ret = pyvt_get_cpuid2(vcpu, argp);
+		goto out;
+	case KVM_GET_MSRS:
+	case KVM_SET_MSRS:
+		ret = pyvt_access_msrs(vcpu, argp, ioctl == KVM_SET_MSRS);
+		goto out;
 	case KVM_GET_REGS:
 	case KVM_SET_REGS:
 	case KVM_GET_SREGS:
 	case KVM_SET_SREGS:
+	case KVM_GET_FPU:
+	case KVM_SET_FPU:
 		break;
 	default:
 		ret = -ENOTTY;
@@ -204,6 +309,18 @@ static long pyvt_vcpu_ioctl(struct file *filp, unsigned int ioctl,
 			break;
 		}
 		ret = pyvt_ops->set_sregs(vcpu, &u->sregs);
+		break;
+	case KVM_GET_FPU:
+		get_fpu(vcpu, &u->fpu);
+		if (copy_to_user(argp, &u->fpu, sizeof(u->fpu)))
+			ret = -EFAULT;
+		break;
+	case KVM_SET_FPU:
+		if (copy_from_user(&u->fpu, argp, sizeof(u->fpu))) {
+			ret = -EFAULT;
+			break;
+		}
+		ret = set_fpu(vcpu, &u->fpu);
 		break;
 	}
 	kfree(u);

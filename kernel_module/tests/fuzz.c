@@ -119,7 +119,7 @@ static void memory_region(void)
 {
 	struct kvm_userspace_memory_region mr = {
 		.slot = pick(4) ? pick(34) : (uint32_t)rnd64(),
-		.flags = pick(8) ? 0 : (uint32_t)rnd64(),
+		.flags = pick(8) ? pick(3) : (uint32_t)rnd64(),
 		.guest_phys_addr = any_gpa(),
 		.memory_size = any_size(),
 	};
@@ -148,7 +148,46 @@ static void vcpu_state(int idx)
 	} cpuid;
 	unsigned int i;
 
-	switch (pick(6)) {
+	switch (pick(9)) {
+	case 6: {
+		struct kvm_fpu fpu;
+
+		for (i = 0; i < sizeof(fpu); i++)
+			((unsigned char *)&fpu)[i] = random();
+		if (pick(2))
+			fpu.mxcsr &= 0xffff;
+		count(ioctl(fd, pick(4) ? KVM_SET_FPU : KVM_GET_FPU,
+			    pick(8) ? (void *)&fpu : any_ptr()));
+		break;
+	}
+	case 7: {
+		static const uint32_t known[] = {
+			0xc0000080, 0xc0000081, 0xc0000082, 0xc0000083,
+			0xc0000084, 0xc0000100, 0xc0000101, 0xc0000102,
+			0x174, 0x175, 0x176, 0x277, 0x1b, 0x10,
+		};
+		struct {
+			struct kvm_msrs hdr;
+			struct kvm_msr_entry e[4];
+		} m = { .hdr.nmsrs = pick(6) ? pick(5) : (uint32_t)rnd64() };
+
+		for (i = 0; i < 4; i++) {
+			m.e[i].index = pick(4) ? known[pick(14)] : (uint32_t)rnd64();
+			m.e[i].data = pick(2) ? rnd64() : (uint64_t)pick(4096);
+		}
+		count(ioctl(fd, pick(2) ? KVM_SET_MSRS : KVM_GET_MSRS,
+			    pick(8) ? (void *)&m : any_ptr()));
+		break;
+	}
+	case 8: {
+		struct {
+			struct kvm_cpuid2 hdr;
+			struct kvm_cpuid_entry2 e[4];
+		} c = { .hdr.nent = pick(6) };
+
+		count(ioctl(fd, KVM_GET_CPUID2, pick(8) ? (void *)&c : any_ptr()));
+		break;
+	}
 	case 0:
 		for (i = 0; i < sizeof(regs); i++)
 			((unsigned char *)&regs)[i] = random();
@@ -281,10 +320,18 @@ static void one_op(void)
 		}
 		break;
 	}
-	case 13:
+	case 13: {
+		struct {
+			struct kvm_msr_list hdr;
+			uint32_t idx[32];
+		} l = { .hdr.nmsrs = pick(40) };
+
+		count(ioctl(*slot_of(sys_fds), KVM_GET_MSR_INDEX_LIST,
+			    pick(8) ? (void *)&l : any_ptr()));
 		count(ioctl(*slot_of(sys_fds), KVM_CHECK_EXTENSION, rnd64() % 300));
 		count(ioctl(*slot_of(vm_fds), KVM_CHECK_EXTENSION, pick(300)));
 		break;
+	}
 	case 14:
 		random_code_vm();
 		/* Replace the memory under pinned slots. */

@@ -80,6 +80,19 @@ slot_start:
 	hlt
 slot_end:
 
+/* Real mode, loaded at 0x1000: read, write, read back a read-only page. */
+	.globl ro_start, ro_end
+ro_start:
+	mov	$0xe000, %ax
+	mov	%ax, %ds
+	mov	0, %al
+	out	%al, $0x10
+	movb	$0x77, 0
+	mov	0, %al
+	out	%al, $0x10
+	hlt
+ro_end:
+
 /* Real mode, loaded at 0x1000: CX port writes to DX, then hlt. */
 	.globl loop_start, loop_end
 loop_start:
@@ -207,6 +220,16 @@ fpu_start:
 	out	%eax, $0x10
 	hlt
 fpu_end:
+
+/* 64-bit, loaded at 0x3100: report XMM0 as set through KVM_SET_FPU. */
+	.globl xmm_out_start, xmm_out_end
+xmm_out_start:
+	movq	%xmm0, %rax
+	out	%eax, $0x10
+	shr	$32, %rax
+	out	%eax, $0x10
+	hlt
+xmm_out_end:
 
 /* 32-bit, loaded at 0x2000: an ALU op on MMIO, beyond the MOV decoder. */
 	.globl alu_start, alu_end
