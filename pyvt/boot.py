@@ -1,6 +1,8 @@
 """Booting kernels: ``vm.boot(kernel, ...)`` then ``vm.run()``.
 
-``boot`` loads a kernel (multiboot, ELF or flat: :mod:`pyvt.loaders`),
+``boot`` loads a kernel (multiboot, ELF or flat: :mod:`pyvt.loaders`;
+a multiboot kernel gets ``initrd`` as module 0, other kernels find it, and
+the command line, in fw_cfg under QEMU's keys 0x0b/0x12 and 0x14/0x15),
 creates the vCPUs (``smp``; with the in-kernel irqchip the application
 processors wait for the guest's INIT/SIPI/SIPI; each one's CPUID is
 ``KVM_GET_SUPPORTED_CPUID`` with its APIC ID and the ``smp`` topology, see
@@ -95,11 +97,9 @@ def boot(vm, kernel: KernelSource, *, cmdline: str = "", initrd: Optional[Kernel
     if kind == "multiboot":
         image = load_multiboot(vm.memory, data, cmdline,
                                kernel_name if kernel_name is not None else path, mods)
-    elif mods and kind != "multiboot":
+    elif len(mods) > len(([initrd] if initrd is not None else [])):
         raise BootError(f"the kernel is {kind}, not multiboot: only a multiboot kernel gets "
-                        "modules; its initrd would be unreachable (fw_cfg keeps a copy only "
-                        "for multiboot-less kernels that read it from there: use "
-                        "vm.fw_cfg.add_file)")
+                        "modules (pass files with vm.fw_cfg.add_file instead)")
     elif kind == "elf":
         image = load_elf(vm.memory, data)
     else:
@@ -120,6 +120,13 @@ def boot(vm, kernel: KernelSource, *, cmdline: str = "", initrd: Optional[Kernel
         vm.fw_cfg.set(FW_CFG_CMDLINE_SIZE, (len(raw) + 1).to_bytes(4, "little"))
         vm.fw_cfg.set(FW_CFG_CMDLINE_DATA, raw + b"\0")
         vm.fw_cfg.set(FW_CFG_KERNEL_ENTRY, image.entry.to_bytes(4, "little"))
+        if kind != "multiboot" and mods:
+            # As QEMU's -initrd for kernels that fetch it themselves.
+            vm.fw_cfg.set(FW_CFG_INITRD_SIZE, len(mods[0][0]).to_bytes(4, "little"))
+            vm.fw_cfg.set(FW_CFG_INITRD_DATA, mods[0][0])
+    elif kind != "multiboot" and mods:
+        raise BootError("only a multiboot kernel gets its initrd in memory; others read "
+                        "it from fw_cfg, which this VM has not (pc_devices=False)")
     if acpi:
         from . import acpi as acpi_tables
 

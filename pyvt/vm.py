@@ -353,7 +353,9 @@ class Vm:
         ``initrd`` as module 0, more ``modules`` as ``(data, string)``), ``elf``
         or ``flat`` (at ``load_address``, in ``flat_mode``).  With ``irqchip``
         the VM gets KVM's LAPICs, IOAPIC, PIC (``KVM_CREATE_IRQCHIP``) and PIT;
-        application processors wait for INIT/SIPI.  ``acpi`` writes the tables
+        application processors wait for INIT/SIPI, and ``hlt`` waits in the
+        kernel for an interrupt as on a PC (a guest ends with a debug-exit,
+        a reset or a failure).  ``acpi`` writes the tables
         of :mod:`pyvt.acpi`.  Unclaimed ports and addresses answer like a PC
         (reads all ones, writes dropped) unless ``strict_io``.  Raises
         :class:`pyvt.loaders.LoaderError` for a kernel that cannot be loaded.

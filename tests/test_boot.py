@@ -217,6 +217,26 @@ def test_flat_binary_at_an_address(guest):
         assert isinstance(vm.run(timeout=10), exits.DebugExit)
 
 
+def test_flat_kernel_reads_cmdline_and_initrd_from_fw_cfg(guest):
+    with pyvt.Vm("16M") as vm:
+        script = [(2, 0x510, 0x14), (7, 0x511, 4), (2, 0x510, 0x15), (7, 0x511, 9),
+                  (2, 0x510, 0x0B), (7, 0x511, 4), (2, 0x510, 0x12), (7, 0x511, 6), (0, 0, 0)]
+        vm.memory.write(0x3000, b"".join(struct.pack("<BxHI", *step) for step in script))
+        vm.boot(guest("port_script"), format="flat", load_address=0x1000,
+                cmdline="root=/x", initrd=b"INITRD", irqchip=False)
+        assert isinstance(vm.run(timeout=10), exits.Hlt)
+        assert vm.memory.read(0x8000, 23) == (struct.pack("<I", 8) + b"root=/x\0\0"
+                                               + struct.pack("<I", 6) + b"INITRD")
+
+
+def test_acpi_reset_register_resets(kernel):
+    exit, text = boot(kernel("acpi_reset"))
+    assert isinstance(exit, exits.Reset) and exit.source == "i8042", (exit, text)
+    assert text == "resetting\n"
+    out = pyvt_boot(kernel("acpi_reset"), "--memory", "32M")
+    assert out.returncode == 0 and "Reset(source='i8042'" in out.stderr
+
+
 # -- unclaimed I/O: like a PC, --strict-io, --trace-io ---------------------------
 
 SCRIPT = [(6, 0x300, 0), (3, 0xCF8, 0x80000000), (6, 0xCFC, 0), (0, 0, 0)]
@@ -280,7 +300,7 @@ def test_bad_kernels_get_clear_errors(tmp_path, kernel, guest):
         with pytest.raises(pyvt.boot.BootError, match="cannot read"):
             vm.boot(tmp_path / "missing")
         with pytest.raises(pyvt.boot.BootError, match="only a multiboot kernel"):
-            vm.boot(guest("debug_exit", 0x100000), format="flat", initrd=b"x")
+            vm.boot(guest("debug_exit", 0x100000), format="flat", modules=[(b"x", "m")])
     with pyvt.Vm("16M") as vm:
         vm.vcpu(0)
         with pytest.raises(pyvt.boot.BootError, match="fresh Vm"):
