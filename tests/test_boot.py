@@ -128,6 +128,8 @@ def test_platform_as_the_guest_sees_it(kernel, smp):
         *(["cpuid_htt=1"] if smp > 1 else []),
         f"x2apic_cores={smp}",
         f"cmos_ext_kib={31 * 1024}",
+        "pci_00_0=0xffffffff",
+        "unbacked_mmio=0xffffffff",
         "PASS",
     ]
 
