@@ -32,15 +32,20 @@ def toolchain_missing() -> str:
     return ""
 
 
-def build_kernel(name: str, out_dir: Path, kludge: bool = False) -> Path:
+CFLAGS_64 = ["-m64", "-mno-red-zone", "-mcmodel=small"]
+
+
+def build_kernel(name: str, out_dir: Path, kludge: bool = False, bits: int = 32) -> Path:
     """tests/guests/kernels/<name>.c + entry.S + lib.c linked at 1 MiB: an
     ELF multiboot kernel, or with ``kludge`` a flat binary whose multiboot
-    header carries the load addresses (flag 16)."""
-    sources = [KERNEL_DIR / "entry.S", KERNEL_DIR / "lib.c", KERNEL_DIR / f"{name}.c"]
+    header carries the load addresses (flag 16).  ``bits=64``: entry64.S
+    (its own long-mode entry) and 64-bit C, in an ELF64 file."""
+    entry = "entry64.S" if bits == 64 else "entry.S"
+    sources = [KERNEL_DIR / entry, KERNEL_DIR / "lib.c", KERNEL_DIR / f"{name}.c"]
     digest = hashlib.sha256()
     for path in sources + [KERNEL_DIR / "lib.h", KERNEL_DIR / "link.ld"]:
         digest.update(path.read_bytes())
-    key = digest.hexdigest()[:12] + ("-kludge" if kludge else "")
+    key = digest.hexdigest()[:12] + ("-kludge" if kludge else "") + f"-{bits}"
     out = out_dir / f"{name}-{key}{'.bin' if kludge else '.elf'}"
     if out.exists():
         return out
@@ -49,11 +54,12 @@ def build_kernel(name: str, out_dir: Path, kludge: bool = False) -> Path:
     objects = []
     for src in sources:
         obj = work / (src.stem + ".o")
-        _run(["gcc", *CFLAGS, *(["-DAOUT_KLUDGE"] if kludge else []), "-c", str(src),
+        flags = [f for f in CFLAGS if f != "-m32"] + CFLAGS_64 if bits == 64 else CFLAGS
+        _run(["gcc", *flags, *(["-DAOUT_KLUDGE"] if kludge else []), "-c", str(src),
               "-o", str(obj)])
         objects.append(str(obj))
     elf = work / "kernel.elf"
-    _run(["ld", "-m", "elf_i386", "-static", "-nostdlib", "--build-id=none", "--no-warn-rwx-segments", "-T",
+    _run(["ld", "-m", "elf_x86_64" if bits == 64 else "elf_i386", "-static", "-nostdlib", "--build-id=none", "--no-warn-rwx-segments", "-T",
           str(KERNEL_DIR / "link.ld"), "-o", str(elf), *objects])
     if kludge:
         _run(["objcopy", "-O", "binary", str(elf), str(out)])

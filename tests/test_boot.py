@@ -30,7 +30,7 @@ PACKAGE_PARENT = os.path.dirname(os.path.dirname(pyvt.__file__))
 @pytest.fixture(scope="session")
 def kernel(tmp_path_factory):
     out = tmp_path_factory.mktemp("kernels")
-    return lambda name, kludge=False: build_kernel(name, out, kludge)
+    return lambda name, kludge=False, bits=32: build_kernel(name, out, kludge, bits)
 
 
 @pytest.fixture
@@ -98,6 +98,18 @@ def test_multiboot_extra_modules_follow_the_initrd(kernel, initrd):
     assert "cmdline=/boot/k\n" in text
     assert "mods=2" in text
     assert "mod 1 size=13 " in text and "string=mod2 arg=1 head=second m" in text
+
+
+def test_multiboot_elf64_kernel_enters_long_mode_itself(kernel):
+    path = kernel("long_mode", bits=64)
+    assert parse_elf(path.read_bytes()).bits == 64
+    with pyvt.Vm("32M") as vm:
+        image = vm.boot(path, cmdline="x=1")
+        assert (image.kind, image.mode) == ("multiboot", "protected")  # as the spec says
+        exit = vm.run(timeout=20)
+        assert isinstance(exit, exits.DebugExit) and exit.status == PASS_STATUS, vm.console.text
+        assert vm.console.text.splitlines() == [
+            "mode=long", "shifted_gib=1024", f"cmdline={path} x=1", "fw_cfg=QEMU", "PASS"]
 
 
 # -- platform: fw_cfg, ACPI, PM timer, CPUID, CMOS ----------------------------
