@@ -1,9 +1,11 @@
 """The ``pyvt`` command line (also ``python -m pyvt``).
 
     pyvt run FILE [--mode long] [--at ADDR] [--timeout S] [--memory 16M]
-    pyvt boot KERNEL [--smp N] [--memory 128M] [--append ARGS] [--initrd FILE]
-                     [--timeout S] [--no-irqchip] [--strict-io] [--trace-io]
                   (FILE: a flat binary, or assembly source ending in .S/.s)
+    pyvt boot KERNEL [--smp N] [--memory 128M] [--append ARGS] [--initrd FILE]
+                     [--timeout S] [--no-irqchip] [--strict-io] [--trace-io] [--no-stdin]
+                  (KERNEL: multiboot or ELF; the console is stdin/stdout, like
+                  qemu -kernel -nographic; a reset ends it with status 0)
     pyvt caps [--json] [--probe] [--require FEATURE ...]
     pyvt version
 
@@ -73,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="stop at an access to an unclaimed port or address")
     boot.add_argument("--trace-io", action="store_true",
                       help="log accesses to unclaimed ports and addresses to stderr")
+    boot.add_argument("--no-stdin", action="store_true",
+                      help="do not pass standard input to the serial port")
     boot.add_argument("--backend", default=None, help="device path (default: /dev/kvm)")
 
     # `caps` has its own parser (pyvt.caps.cli); main() hands it the rest.
@@ -122,6 +126,30 @@ def _run(args) -> int:
     return exit_status(exit)
 
 
+def _feed_stdin(console, fd: int = 0) -> None:
+    """Passes what arrives on ``fd`` to the guest's UART, as qemu -serial
+    stdio does (a daemon thread: it ends with the process)."""
+    import os
+    import threading
+    import time
+
+    def pump():
+        while True:
+            try:
+                data = os.read(fd, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            while data:
+                taken = console.feed(data)
+                data = data[taken:]
+                if data:
+                    time.sleep(0.01)  # the receive FIFO is full: let the guest read
+
+    threading.Thread(target=pump, name="pyvt-stdin", daemon=True).start()
+
+
 def _boot(args) -> int:
     from .vm import Vm
 
@@ -131,6 +159,8 @@ def _boot(args) -> int:
     with Vm(args.memory, args.backend) as vm:
         vm.console.stream(sys.stdout)
         vm.debugcon.stream(sys.stdout)
+        if not args.no_stdin:
+            _feed_stdin(vm.console)
         vm.boot(args.kernel, cmdline=args.append, initrd=args.initrd, smp=args.smp,
                 irqchip=not args.no_irqchip, strict_io=args.strict_io)
         exit = vm.run(timeout=args.timeout, trace_io=sys.stderr if args.trace_io else None)

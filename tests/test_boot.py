@@ -345,9 +345,20 @@ def test_elf_validation():
 
 # -- the command line ---------------------------------------------------------
 
-def pyvt_boot(*args, timeout=60):
+def pyvt_boot(*args, timeout=60, stdin=""):
     return subprocess.run([sys.executable, "-m", "pyvt", "boot", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, cwd=PACKAGE_PARENT)
+                          capture_output=True, text=True, timeout=timeout, cwd=PACKAGE_PARENT,
+                          input=stdin)
+
+
+def test_cli_boot_passes_stdin_to_the_serial_port(kernel):
+    out = pyvt_boot(kernel("echo"), "--memory", "32M", "--timeout", 20,
+                    stdin="hello from stdin\n")
+    assert out.returncode == PASS_STATUS, out.stderr
+    assert out.stdout == "ready\ngot=hello from stdin\nPASS\n"
+    out = pyvt_boot(kernel("echo"), "--memory", "32M", "--timeout", 1, "--no-stdin",
+                    stdin="ignored\n")
+    assert out.returncode == 124 and out.stdout == "ready\n"
 
 
 def test_cli_boot_exits_with_the_debug_exit_status(kernel, initrd):
