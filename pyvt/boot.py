@@ -22,7 +22,7 @@ import threading
 from dataclasses import replace
 from typing import List, Optional, Sequence, Tuple, Union
 
-from . import exits
+from . import exits, modes
 from ._kvm import lib
 from .errors import ArgumentError, Error, KvmError
 from .kvm import CpuidEntry
@@ -80,6 +80,13 @@ def boot(vm, kernel: KernelSource, *, cmdline: str = "", initrd: Optional[Kernel
     if format not in (None, "multiboot", "elf", "flat"):
         raise ArgumentError(f"format must be multiboot, elf or flat, not {format!r}")
 
+    if vm.memory.size < modes.SETUP_AREA_END:
+        raise BootError(f"boot needs at least {modes.SETUP_AREA_END // 1024} KiB of RAM "
+                        "(pyvt's GDT and page tables live below 640 KiB); give the VM more "
+                        "memory (--memory)")
+    if acpi and vm.memory.size < 0x100000:
+        raise BootError("the ACPI tables live at 0xe0000-0xfffff: give the VM at least 1 MiB "
+                        "of RAM (--memory), or boot with acpi=False")
     data, path = _read(kernel, "kernel")
     if not data:
         raise BootError(f"the kernel {path} is empty")
@@ -223,8 +230,17 @@ def run(vm, timeout: Optional[float] = None, trace_io=None) -> exits.Exit:
         raise Error("no vCPU to run: call vm.boot() (or vm.vcpu()) first")
     if trace_io is True:
         trace_io = sys.stderr
+    as_pc = vm._machine.unclaimed_as_pc
     if trace_io is not None:
-        vm._machine.unclaimed_as_pc = False
+        vm._machine.unclaimed_as_pc = False  # unclaimed accesses come to _answer_unclaimed
+    try:
+        return _run_all(vm, timeout, trace_io)
+    finally:
+        if not vm.closed:
+            vm._machine.unclaimed_as_pc = as_pc
+
+
+def _run_all(vm, timeout, trace_io) -> exits.Exit:
     cpus = [vm.vcpus[i] for i in sorted(vm.vcpus)]
     if len(cpus) == 1:
         return _run_one(cpus[0], timeout, trace_io)

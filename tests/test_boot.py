@@ -281,6 +281,7 @@ def test_trace_io_logs_and_continues(guest, tmp_path):
     with _script_vm(guest) as vm, open(log, "w") as f:
         assert isinstance(vm.run(timeout=10, trace_io=f), exits.Hlt)
         assert struct.unpack("<II", vm.memory.read(0x8000, 8)) == (0xFFFFFFFF, 0xFFFFFFFF)
+        assert vm._machine.unclaimed_as_pc  # as it was before the traced run
     lines = log.read_text().splitlines()
     assert lines[0].startswith("pyvt: unclaimed read port 0x300 size 4")
     assert lines[1].startswith("pyvt: unclaimed write port 0xcf8 size 4 0x80000000")
@@ -319,6 +320,19 @@ def test_bad_kernels_get_clear_errors(tmp_path, kernel, guest):
         vm.vcpu(0)
         with pytest.raises(pyvt.boot.BootError, match="fresh Vm"):
             vm.boot(mb)
+
+
+def test_too_little_memory_is_refused_before_anything_changes(guest):
+    with pyvt.Vm("512K") as vm:
+        for _ in range(2):  # nothing was half-done: the same answer again
+            with pytest.raises(pyvt.boot.BootError, match="at least 640 KiB"):
+                vm.boot(guest("debug_exit"), format="flat", load_address=0x1000)
+        assert not vm.vcpus
+    with pyvt.Vm("768K") as vm:
+        with pytest.raises(pyvt.boot.BootError, match="acpi=False"):
+            vm.boot(guest("debug_exit"), format="flat", load_address=0x1000)
+        vm.boot(guest("debug_exit"), format="flat", load_address=0x1000, acpi=False)
+        assert isinstance(vm.run(timeout=10), exits.DebugExit)
 
 
 def test_multiboot_kludge_overlapping_loader_data_is_refused():
