@@ -257,3 +257,22 @@ int pvt_cmos_io(void *opaque, uint64_t offset, uint8_t *data, uint32_t len,
 	pthread_mutex_unlock(&cmos->lock);
 	return 0;
 }
+
+void pvt_cmos_save(struct pvt_cmos *cmos, struct pvt_cmos_state *state)
+{
+	memset(state, 0, sizeof(*state));
+	pthread_mutex_lock(&cmos->lock);
+	state->index = cmos->index;
+	memcpy(state->ram, cmos->ram, sizeof(state->ram));
+	state->offset = (int64_t)cmos->offset;
+	pthread_mutex_unlock(&cmos->lock);
+}
+
+void pvt_cmos_load(struct pvt_cmos *cmos, const struct pvt_cmos_state *state)
+{
+	pthread_mutex_lock(&cmos->lock);
+	cmos->index = state->index & CMOS_INDEX_MASK;
+	memcpy(cmos->ram, state->ram, sizeof(cmos->ram));
+	cmos->offset = (time_t)state->offset;
+	pthread_mutex_unlock(&cmos->lock);
+}

@@ -44,7 +44,16 @@ struct pvt_cmos {
 	time_t offset; /* guest time minus host time, seconds */
 };
 
+/* What a snapshot keeps: the index register, the RAM and the clock offset. */
+struct pvt_cmos_state {
+	uint8_t index;
+	uint8_t ram[PVT_CMOS_SIZE];
+	int64_t offset;
+};
+
 int pvt_cmos_init(struct pvt_cmos *cmos);
+void pvt_cmos_save(struct pvt_cmos *cmos, struct pvt_cmos_state *state);
+void pvt_cmos_load(struct pvt_cmos *cmos, const struct pvt_cmos_state *state);
 void pvt_cmos_destroy(struct pvt_cmos *cmos);
 int pvt_cmos_io(void *opaque, uint64_t offset, uint8_t *data, uint32_t len,
 		bool is_write, uint64_t *stop_code);

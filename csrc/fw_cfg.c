@@ -266,3 +266,21 @@ int pvt_fw_cfg_io(void *opaque, uint64_t offset, uint8_t *data, uint32_t len,
 	pthread_mutex_unlock(&fw->lock);
 	return 0;
 }
+
+void pvt_fw_cfg_get_position(struct pvt_fw_cfg *fw, uint16_t *selector,
+			     uint32_t *offset)
+{
+	pthread_mutex_lock(&fw->lock);
+	*selector = fw->selector;
+	*offset = fw->offset;
+	pthread_mutex_unlock(&fw->lock);
+}
+
+void pvt_fw_cfg_set_position(struct pvt_fw_cfg *fw, uint16_t selector,
+			     uint32_t offset)
+{
+	pthread_mutex_lock(&fw->lock);
+	fw->selector = selector & FW_CFG_KEY_MASK;
+	fw->offset = offset;
+	pthread_mutex_unlock(&fw->lock);
+}

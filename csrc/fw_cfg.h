@@ -70,6 +70,12 @@ int pvt_fw_cfg_set_u64(struct pvt_fw_cfg *fw, uint16_t key, uint64_t value);
 int pvt_fw_cfg_add_file(struct pvt_fw_cfg *fw, const char *name,
 			const uint8_t *data, uint32_t len);
 
+/* The guest's read position: selected key and offset in it (for snapshots). */
+void pvt_fw_cfg_get_position(struct pvt_fw_cfg *fw, uint16_t *selector,
+			     uint32_t *offset);
+void pvt_fw_cfg_set_position(struct pvt_fw_cfg *fw, uint16_t selector,
+			     uint32_t offset);
+
 /* Copies up to cap bytes of item key into out; returns its length, -ENOENT. */
 int64_t pvt_fw_cfg_get(struct pvt_fw_cfg *fw, uint16_t key, uint8_t *out,
 		       uint32_t cap);

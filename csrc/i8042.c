@@ -152,3 +152,28 @@ out:
 	pthread_mutex_unlock(&kbc->lock);
 	return ret;
 }
+
+void pvt_i8042_save(struct pvt_i8042 *kbc, struct pvt_i8042_state *state)
+{
+	memset(state, 0, sizeof(*state));
+	pthread_mutex_lock(&kbc->lock);
+	state->command_byte = kbc->command_byte;
+	state->output = kbc->output;
+	state->output_full = kbc->output_full;
+	state->pending = kbc->pending;
+	state->last_was_command = kbc->last_was_command;
+	state->output_port = kbc->output_port;
+	pthread_mutex_unlock(&kbc->lock);
+}
+
+void pvt_i8042_load(struct pvt_i8042 *kbc, const struct pvt_i8042_state *state)
+{
+	pthread_mutex_lock(&kbc->lock);
+	kbc->command_byte = state->command_byte;
+	kbc->output = state->output;
+	kbc->output_full = state->output_full != 0;
+	kbc->pending = state->pending;
+	kbc->last_was_command = state->last_was_command != 0;
+	kbc->output_port = state->output_port;
+	pthread_mutex_unlock(&kbc->lock);
+}

@@ -27,7 +27,15 @@ struct pvt_i8042 {
 	uint8_t output_port;
 };
 
+/* What a snapshot keeps: every register (the lock aside). */
+struct pvt_i8042_state {
+	uint8_t command_byte, output, output_full, pending, last_was_command;
+	uint8_t output_port;
+};
+
 int pvt_i8042_init(struct pvt_i8042 *kbc);
+void pvt_i8042_save(struct pvt_i8042 *kbc, struct pvt_i8042_state *state);
+void pvt_i8042_load(struct pvt_i8042 *kbc, const struct pvt_i8042_state *state);
 void pvt_i8042_destroy(struct pvt_i8042 *kbc);
 /* For 0x60 (data). */
 int pvt_i8042_data_io(void *opaque, uint64_t offset, uint8_t *data,

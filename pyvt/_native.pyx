@@ -621,6 +621,16 @@ cdef class FwCfg(_Device):
         cdef uint32_t n = <uint32_t>data.shape[0]
         return pvt_fw_cfg_add_file(self.fw, name, &data[0] if n else NULL, n)
 
+    def position(self):
+        """(selected key, offset in it): where the guest's next read goes."""
+        cdef uint16_t selector = 0
+        cdef uint32_t offset = 0
+        pvt_fw_cfg_get_position(self.fw, &selector, &offset)
+        return (selector, offset)
+
+    def set_position(self, uint16_t selector, uint32_t offset):
+        pvt_fw_cfg_set_position(self.fw, selector, offset)
+
     def get(self, uint16_t key):
         """The item's bytes, or None if there is no such key."""
         cdef long long n = pvt_fw_cfg_get(self.fw, key, NULL, 0)
@@ -666,6 +676,18 @@ cdef class Cmos(_Device):
 
     def write(self, uint8_t index, uint8_t value):
         pvt_cmos_write(self.cmos, index, value)
+
+    def save_state(self):
+        """Index, RAM and clock offset as bytes (struct pvt_cmos_state)."""
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, sizeof(pvt_cmos_state))
+        pvt_cmos_save(self.cmos, <pvt_cmos_state *>PyBytes_AS_STRING(out))
+        return out
+
+    def load_state(self, bytes state):
+        if len(state) != sizeof(pvt_cmos_state):
+            return -22  # -EINVAL: from another build
+        pvt_cmos_load(self.cmos, <const pvt_cmos_state *>PyBytes_AS_STRING(state))
+        return 0
 
 
 cdef class PmTimer(_Device):
@@ -736,6 +758,18 @@ cdef class I8042(_Device):
     def command_byte(self):
         return self.kbc.command_byte
 
+    def save_state(self):
+        """Every register as bytes (struct pvt_i8042_state)."""
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, sizeof(pvt_i8042_state))
+        pvt_i8042_save(self.kbc, <pvt_i8042_state *>PyBytes_AS_STRING(out))
+        return out
+
+    def load_state(self, bytes state):
+        if len(state) != sizeof(pvt_i8042_state):
+            return -22  # -EINVAL: from another build
+        pvt_i8042_load(self.kbc, <const pvt_i8042_state *>PyBytes_AS_STRING(state))
+        return 0
+
 
 cdef class Port80(_Device):
     """The POST-code port: absorbs writes, reads back the last one."""
@@ -757,3 +791,13 @@ cdef class Port80(_Device):
     @property
     def writes(self):
         return self.post.writes
+
+    def save_state(self):
+        return bytes([self.post.last]) + int(self.post.writes).to_bytes(8, "little")
+
+    def load_state(self, bytes state):
+        if len(state) != 9:
+            return -22
+        self.post.last = state[0]
+        self.post.writes = int.from_bytes(state[1:], "little")
+        return 0

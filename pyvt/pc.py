@@ -267,3 +267,56 @@ def add_pc_devices(vm) -> None:
     native = _native.Port80(machine, POST_PORT)
     vm._attach(native, pio, POST_PORT, 1, "post")
     vm.post = PostCode(vm, native, POST_PORT, 1)
+
+
+# -- state, for snapshots and clones -----------------------------------------
+
+def save_state(vm) -> dict:
+    """The PC devices' guest-visible state: fw_cfg items, files and read
+    position, CMOS RAM and clock offset, the i8042's registers, the last POST
+    code.  (The PM timer counts host time and has none.)  A device a VM lacks
+    is None.  :func:`load_state` puts it into another VM."""
+    fw = vm.fw_cfg
+    fw_state = None
+    if fw is not None:
+        native = fw._native
+        items = {key: native.get(key) for key in range(FW_CFG_ID + 1, FW_CFG_FILE_FIRST)
+                 if key != FW_CFG_FILE_DIR and native.get(key)}
+        files = sorted((key, name, native.get(key)) for name, key in fw.files().items())
+        fw_state = {"items": items, "files": files, "position": native.position()}
+    return {
+        "fw_cfg": fw_state,
+        "cmos": vm.cmos._native.save_state() if vm.cmos is not None else None,
+        "i8042": vm.i8042._native.save_state() if vm.i8042 is not None else None,
+        "post": vm.post._native.save_state() if vm.post is not None else None,
+    }
+
+
+def load_state(vm, state: dict) -> None:
+    """Restores what :func:`save_state` returned into ``vm`` (whose fw_cfg
+    must hold no files the saved one lacks, so that every file keeps its key)."""
+    if not isinstance(state, dict) or set(state) != {"fw_cfg", "cmos", "i8042", "post"}:
+        raise ArgumentError("load_state takes what pyvt.pc.save_state returned")
+    for name in ("cmos", "i8042", "post"):
+        device, saved = getattr(vm, name), state[name]
+        if saved is None:
+            continue
+        if device is None:
+            raise ArgumentError(f"the saved state has a {name} but this VM has none "
+                                "(made with pc_devices=False?)")
+        if device._native.load_state(saved):
+            raise ArgumentError(f"the saved {name} state comes from another pyvt build")
+    saved = state["fw_cfg"]
+    if saved is None:
+        return
+    if vm.fw_cfg is None:
+        raise ArgumentError("the saved state has a fw_cfg but this VM has none")
+    for key, data in saved["items"].items():
+        vm.fw_cfg._native.set(key, data)
+    for key, name, data in saved["files"]:
+        got = vm.fw_cfg.add_file(name, data)
+        if got != key:
+            raise ArgumentError(
+                f"fw_cfg file {name!r} got key {got:#x} here but had {key:#x}: load the "
+                "state into a VM whose fw_cfg has no files of its own")
+    vm.fw_cfg._native.set_position(*saved["position"])

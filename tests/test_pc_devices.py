@@ -209,3 +209,46 @@ def test_vm_without_pc_devices():
     with pyvt.Vm("16M", pc_devices=False) as vm:
         assert vm.fw_cfg is None and vm.cmos is None and vm.i8042 is None
         vm.on_io(0x70, lambda e: 0)  # the port is free
+
+
+def test_device_state_moves_to_another_vm(guest):
+    with pyvt.Vm("16M") as vm:
+        vm.fw_cfg.add_file("opt/pyvt/a", b"0123456789")
+        key = vm.fw_cfg.files()["opt/pyvt/a"]
+        vm.fw_cfg.set(0x0E, b"\x01")
+        exit = run_script(vm, guest, [
+            (OUTW, pc.FW_CFG_PORT, key), (INSB, pc.FW_CFG_PORT + 1, 4),  # read 4 of 10
+            (OUTB, 0x70, 0x0B), (OUTB, 0x71, 0x06), (OUTB, 0x70, 0x09), (OUTB, 0x71, 42),
+            (OUTB, 0x70, 0x41), (OUTB, 0x71, 0x77), (OUTB, 0x70, 0x09),  # index left at 9
+            (OUTB, 0x64, 0x60), (OUTB, 0x60, 0x45), (OUTB, 0x64, 0xAA),  # 0x55 waiting
+            (OUTB, 0x80, 0x99),
+        ])
+        assert isinstance(exit, exits.Hlt), exit
+        state = pc.save_state(vm)
+    with pyvt.Vm("16M") as clone:
+        pc.load_state(clone, state)
+        assert clone.fw_cfg.files() == {"opt/pyvt/a": key}
+        assert clone.fw_cfg.get(0x0E) == b"\x01"
+        exit = run_script(clone, guest, [
+            (INSB, pc.FW_CFG_PORT + 1, 6),                     # the rest of the file
+            (INB, 0x71, 0), (OUTB, 0x70, 0x41), (INB, 0x71, 0),  # year, RAM byte
+            (INB, 0x64, 0), (INB, 0x60, 0),                    # output full: 0x55
+            (OUTB, 0x64, 0x20), (INB, 0x60, 0),                # command byte
+            (INB, 0x80, 0),
+        ])
+        assert isinstance(exit, exits.Hlt), exit
+        assert clone.memory.read(OUTPUT, 6) == b"456789"
+        year, ram, status, answer, command_byte, post = struct.unpack(
+            "<6I", clone.memory.read(OUTPUT + 6, 24))  # rep insb left rdi at +6
+        assert (year, ram) == (42, 0x77)
+        assert status & 1 and answer == 0x55 and command_byte == 0x45
+        assert post == 0x99 and clone.post.writes == 1
+    with pyvt.Vm("16M", pc_devices=False) as bare:
+        with pytest.raises(pyvt.ArgumentError, match="pc_devices=False"):
+            pc.load_state(bare, state)
+    with pyvt.Vm("16M") as other:
+        other.fw_cfg.add_file("opt/other", b"x")
+        with pytest.raises(pyvt.ArgumentError, match="no files of its own"):
+            pc.load_state(other, state)
+        with pytest.raises(pyvt.ArgumentError):
+            pc.load_state(other, {"cmos": b""})

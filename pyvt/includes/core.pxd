@@ -165,6 +165,8 @@ cdef extern from "fw_cfg.h" nogil:
     int pvt_fw_cfg_add_file(pvt_fw_cfg *fw, const char *name, const uint8_t *data,
                             uint32_t len)
     long long pvt_fw_cfg_get(pvt_fw_cfg *fw, uint16_t key, uint8_t *out, uint32_t cap)
+    void pvt_fw_cfg_get_position(pvt_fw_cfg *fw, uint16_t *selector, uint32_t *offset)
+    void pvt_fw_cfg_set_position(pvt_fw_cfg *fw, uint16_t selector, uint32_t offset)
 
 
 cdef extern from "cmos.h" nogil:
@@ -172,6 +174,12 @@ cdef extern from "cmos.h" nogil:
 
     cdef struct pvt_cmos:
         pass
+
+    cdef struct pvt_cmos_state:
+        pass
+
+    void pvt_cmos_save(pvt_cmos *cmos, pvt_cmos_state *state)
+    void pvt_cmos_load(pvt_cmos *cmos, const pvt_cmos_state *state)
 
     int pvt_cmos_init(pvt_cmos *cmos)
     void pvt_cmos_destroy(pvt_cmos *cmos)
@@ -200,6 +208,12 @@ cdef extern from "i8042.h" nogil:
 
     cdef struct pvt_i8042:
         uint8_t command_byte
+
+    cdef struct pvt_i8042_state:
+        pass
+
+    void pvt_i8042_save(pvt_i8042 *kbc, pvt_i8042_state *state)
+    void pvt_i8042_load(pvt_i8042 *kbc, const pvt_i8042_state *state)
 
     int pvt_i8042_init(pvt_i8042 *kbc)
     void pvt_i8042_destroy(pvt_i8042 *kbc)
