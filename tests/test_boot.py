@@ -196,6 +196,12 @@ def test_smp_every_ap_checks_in(kernel, smp):
     assert f"apic_mask={(1 << smp) - 1:#010x}\n" in text
 
 
+def test_an_ap_exiting_stops_every_vcpu(kernel):
+    exit, text = boot(kernel("smp"), smp=3, cmdline="ap-exit")
+    assert isinstance(exit, exits.DebugExit) and exit.code == 5, (exit, text)
+    assert text.endswith("ap exits\n") and "PASS" not in text
+
+
 def test_one_vcpu_timing_out_stops_all(kernel):
     exit, text = boot(kernel("spin"), smp=2, timeout=0.5)
     assert isinstance(exit, exits.Timeout), exit
@@ -268,6 +274,14 @@ def test_unclaimed_io_reads_all_ones(guest):
         assert isinstance(vm.run(timeout=10), exits.Hlt)
         # No device at 0x300; PCI config space at 0xcf8/0xcfc reports no device.
         assert struct.unpack("<II", vm.memory.read(0x8000, 8)) == (0xFFFFFFFF, 0xFFFFFFFF)
+
+
+def test_python_handlers_take_ports_in_a_booted_vm(guest):
+    with _script_vm(guest) as vm:
+        vm.on_io((0x300, 4), lambda e: 0x12345678)
+        vm.on_io((0xCF8, 8), lambda e: 0 if e.is_write else 0x80861237)  # a "host bridge"
+        assert isinstance(vm.run(timeout=10), exits.Hlt)
+        assert struct.unpack("<II", vm.memory.read(0x8000, 8)) == (0x12345678, 0x80861237)
 
 
 def test_strict_io_stops_at_the_first_unclaimed_access(guest):

@@ -1,6 +1,8 @@
 /*
  * Brings up every AP the MADT lists with INIT/SIPI/SIPI; each AP checks in
- * (its APIC ID in a mask) and increments a shared counter.
+ * (its APIC ID in a mask) and increments a shared counter.  With "ap-exit"
+ * on the command line, the last AP leaves through debug-exit (code 5) while
+ * the BSP spins: the VMM must stop every vCPU.
  */
 #include "lib.h"
 
@@ -19,6 +21,8 @@
 
 extern char trampoline_start[], trampoline_end[];
 static volatile uint32_t checked_in;
+static volatile uint32_t expected_aps;
+static int ap_exit;
 static volatile uint32_t apic_mask;
 
 static uint32_t lapic_read(uint32_t reg)
@@ -53,16 +57,30 @@ void ap_main(void)
 	uint32_t id = lapic_read(LAPIC_ID) >> 24;
 
 	__atomic_or_fetch(&apic_mask, 1u << id, __ATOMIC_SEQ_CST);
-	__atomic_add_fetch(&checked_in, 1, __ATOMIC_SEQ_CST);
+	if (__atomic_add_fetch(&checked_in, 1, __ATOMIC_SEQ_CST) == expected_aps &&
+	    ap_exit) {
+		puts("ap exits\n");
+		debug_exit(5);
+	}
 }
 
-void kmain(uint32_t magic, const void *info)
+static int contains(const char *haystack, const char *needle)
+{
+	size_t n = strlen(needle);
+
+	for (; *haystack; haystack++)
+		if (!memcmp(haystack, needle, n))
+			return 1;
+	return 0;
+}
+
+void kmain(uint32_t magic, const uint32_t *info)
 {
 	const struct acpi_header *madt;
 	uint32_t cpus = 0, offset, waited;
 
-	(void)info;
 	check(magic == 0x2BADB002, "EAX is not the multiboot magic");
+	ap_exit = (info[0] & 4) && contains((const char *)info[4], "ap-exit");
 	madt = acpi_find("APIC");
 	check(madt != NULL, "no MADT");
 	for (offset = sizeof(*madt) + 8; offset < madt->length;) {
@@ -73,6 +91,7 @@ void kmain(uint32_t magic, const void *info)
 		offset += e[1];
 	}
 	print("cpus", cpus);
+	expected_aps = cpus - 1;
 	print("bsp_apic_id", lapic_read(LAPIC_ID) >> 24);
 	apic_mask = 1u << (lapic_read(LAPIC_ID) >> 24);
 
@@ -86,6 +105,8 @@ void kmain(uint32_t magic, const void *info)
 
 	for (waited = 0; checked_in < cpus - 1 && waited < 2000; waited++)
 		delay_us(1000);
+	while (ap_exit) /* the AP ends the run; the VMM must stop this vCPU */
+		__asm__ volatile("pause");
 	print("checked_in", checked_in);
 	puts("apic_mask=");
 	put_hex(apic_mask);
