@@ -13,12 +13,13 @@ enum claim {
 };
 
 void pvt_vcpu_init(struct pvt_vcpu *vcpu, int fd, struct kvm_run *run,
-		   struct pvt_machine *machine, void *ring_page,
-		   long page_size)
+		   size_t run_size, struct pvt_machine *machine,
+		   void *ring_page, long page_size)
 {
 	memset(vcpu, 0, sizeof(*vcpu));
 	vcpu->fd = fd;
 	vcpu->run = run;
+	vcpu->run_size = run_size;
 	vcpu->machine = machine;
 	if (ring_page) {
 		vcpu->ring = ring_page;
@@ -101,6 +102,21 @@ void pvt_vcpu_drain_coalesced(struct pvt_vcpu *vcpu)
 	pthread_mutex_unlock(&machine->ring_lock);
 }
 
+/*
+ * A backend must keep an I/O exit's data inside the vCPU mapping (KVM does);
+ * a buggy one must not make the run loop read or write outside it.
+ */
+bool pvt_vcpu_io_data_valid(const struct pvt_vcpu *vcpu)
+{
+	const struct kvm_run *run = vcpu->run;
+	uint64_t bytes = (uint64_t)run->io.size * run->io.count;
+
+	return run->io.size && run->io.size <= 8 &&
+	       run->io.data_offset >= sizeof(*run) &&
+	       run->io.data_offset <= vcpu->run_size &&
+	       bytes <= vcpu->run_size - run->io.data_offset;
+}
+
 static enum claim handle_io(struct pvt_vcpu *vcpu, struct pvt_stop_info *info)
 {
 	struct kvm_run *run = vcpu->run;
@@ -169,6 +185,8 @@ int pvt_vcpu_run(struct pvt_vcpu *vcpu, struct pvt_stop_info *info)
 
 		switch (run->exit_reason) {
 		case KVM_EXIT_IO:
+			if (!pvt_vcpu_io_data_valid(vcpu))
+				return PVT_STOP_BAD_EXIT;
 			claim = handle_io(vcpu, info);
 			if (claim == CLAIM_DONE)
 				break;

@@ -9,6 +9,8 @@
 #define PVT_VCPU_LOOP_H
 
 #include <linux/kvm.h>
+#include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "kick.h"
@@ -20,6 +22,7 @@ enum pvt_stop {
 	PVT_STOP_USER_MMIO = 2,   /* MMIO for Python handler user_id */
 	PVT_STOP_DEVICE = 3,      /* a native device stopped: see stop_code */
 	PVT_STOP_INTERRUPTED = 4, /* a signal or kick ended KVM_RUN */
+	PVT_STOP_BAD_EXIT = 5,    /* the backend reported I/O data outside kvm_run */
 };
 
 struct pvt_stop_info {
@@ -32,6 +35,7 @@ struct pvt_stop_info {
 struct pvt_vcpu {
 	int fd;
 	struct kvm_run *run;
+	size_t run_size; /* bytes mapped at run: I/O data must lie inside */
 	struct pvt_machine *machine;
 	struct kvm_coalesced_mmio_ring *ring; /* NULL: no coalescing */
 	uint32_t ring_entries;
@@ -45,12 +49,15 @@ struct pvt_vcpu {
  * ring's capacity exactly as the kernel computes KVM_COALESCED_MMIO_MAX.
  */
 void pvt_vcpu_init(struct pvt_vcpu *vcpu, int fd, struct kvm_run *run,
-		   struct pvt_machine *machine, void *ring_page,
-		   long page_size);
+		   size_t run_size, struct pvt_machine *machine,
+		   void *ring_page, long page_size);
 void pvt_vcpu_destroy(struct pvt_vcpu *vcpu);
 
 /* Returns an enum pvt_stop, or -errno when KVM_RUN itself fails. */
 int pvt_vcpu_run(struct pvt_vcpu *vcpu, struct pvt_stop_info *info);
+
+/* True if the current I/O exit's data lies inside the vCPU mapping. */
+bool pvt_vcpu_io_data_valid(const struct pvt_vcpu *vcpu);
 
 /* Writes what is waiting in the coalesced ring to its devices, in order. */
 void pvt_vcpu_drain_coalesced(struct pvt_vcpu *vcpu);

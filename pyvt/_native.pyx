@@ -22,6 +22,7 @@ STOP_DEVICE = PVT_STOP_DEVICE
 STOP_TIMEOUT = 100
 STOP_ERROR = 101
 STOP_REQUESTED = 102
+STOP_BAD_EXIT = PVT_STOP_BAD_EXIT
 
 #: The real-time signal that kicks a vCPU thread out of KVM_RUN.
 KICK_SIGNAL = pvt_kick_signal()
@@ -431,7 +432,7 @@ cdef class VcpuLoop:
         self.page = run_page
         if ring_offset and ring_offset + page_size > self.page.shape[0]:
             raise ValueError("the coalesced ring lies outside the vCPU mapping")
-        pvt_vcpu_init(&self.v, fd, <kvm_run *>&self.page[0], machine.m,
+        pvt_vcpu_init(&self.v, fd, <kvm_run *>&self.page[0], self.page.shape[0], machine.m,
                       <void *>&self.page[ring_offset] if ring_offset else NULL,
                       page_size)
 
@@ -455,6 +456,10 @@ cdef class VcpuLoop:
         return {"kvm_exits": self.v.kvm_exits,
                 "native_exits": self.v.native_exits,
                 "coalesced_writes": self.v.coalesced}
+
+    def io_data_valid(self):
+        """The run loop's check that an I/O exit's data lies in the mapping."""
+        return self.v.run != NULL and pvt_vcpu_io_data_valid(&self.v)
 
     def drain(self):
         """Replays pending coalesced writes to their devices."""

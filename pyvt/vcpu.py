@@ -9,7 +9,7 @@ from typing import Dict, Iterable, List, Mapping, Optional
 
 from . import _native, exits, modes
 from ._kvm import ffi, lib
-from .errors import ArgumentError, ClosedError, Error, KvmError, OutOfRangeError
+from .errors import ArgumentError, BackendError, ClosedError, Error, KvmError, OutOfRangeError
 from .kvm import PAGE_SIZE, CpuidEntry
 from .registers import (
     FPU_FIELDS,
@@ -246,6 +246,12 @@ class Vcpu:
             return exits.Stopped(self._rip())
         if stop == _native.STOP_ERROR:
             raise KvmError("KVM_RUN", code, f"vCPU {self.index} could not run")
+        if stop == _native.STOP_BAD_EXIT:
+            io = self.fd.run_struct.io
+            raise BackendError(
+                f"{self._vm.backend} reported a port-I/O exit whose data lies outside the "
+                f"vCPU mapping (data_offset={io.data_offset:#x}, size={io.size}, "
+                f"count={io.count}): a bug in that backend; the exit was not handled")
         if stop == _native.STOP_DEVICE:
             return self._vm._device_exit(code, port, self._rip())
         return self._decode_kvm_exit()

@@ -214,3 +214,20 @@ def test_assembler_errors_are_clear():
     with pytest.raises(pyvt.AssemblerError, match="no such instruction"):
         pyvt.assemble("_start: frobnicate %eax")
     assert pyvt.assemble(".code16\n.globl _start\n_start: hlt") == b"\xf4"
+
+
+@pytest.mark.requires_kvm
+def test_backend_io_data_outside_the_mapping_is_refused(vm):
+    # A KVM-ABI backend with a bug (data_offset past the mapping) must not
+    # make the run loop touch memory outside it: simulated by running the
+    # native loop's check on a doctored exit in the real kvm_run page.
+    cpu = vm.vcpu(0)
+    run = cpu.fd.run_struct
+    run.exit_reason = lib.KVM_EXIT_IO
+    run.io.size, run.io.count, run.io.data_offset = 1, 1, 4096
+    assert cpu._loop.io_data_valid()
+    for size, count, offset in ((1, 1, 1 << 40), (4, 1 << 20, 4096), (0, 1, 4096), (1, 1, 8)):
+        run.io.size, run.io.count, run.io.data_offset = size, count, offset
+        assert not cpu._loop.io_data_valid(), (size, count, offset)
+    with pytest.raises(pyvt.BackendError, match="outside the vCPU mapping"):
+        cpu._decode(pyvt._native.STOP_BAD_EXIT, 0, 0, None)

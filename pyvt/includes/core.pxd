@@ -121,6 +121,7 @@ cdef extern from "vcpu_loop.h" nogil:
         PVT_STOP_USER_MMIO
         PVT_STOP_DEVICE
         PVT_STOP_INTERRUPTED
+        PVT_STOP_BAD_EXIT
 
     cdef struct pvt_stop_info:
         int user_id
@@ -135,8 +136,9 @@ cdef extern from "vcpu_loop.h" nogil:
         uint64_t native_exits
         uint64_t coalesced
 
-    void pvt_vcpu_init(pvt_vcpu *vcpu, int fd, kvm_run *run, pvt_machine *machine,
-                       void *ring_page, long page_size)
+    void pvt_vcpu_init(pvt_vcpu *vcpu, int fd, kvm_run *run, size_t run_size,
+                       pvt_machine *machine, void *ring_page, long page_size)
+    bint pvt_vcpu_io_data_valid(const pvt_vcpu *vcpu)
     void pvt_vcpu_destroy(pvt_vcpu *vcpu)
     int pvt_vcpu_run(pvt_vcpu *vcpu, pvt_stop_info *info)
     void pvt_vcpu_drain_coalesced(pvt_vcpu *vcpu)
