@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from ._kvm import ffi, lib
+from . import pc
 from .errors import Error, KvmError
 from .kvm import _get_msrs, _msrs_struct
 
@@ -100,6 +101,9 @@ class Snapshot:
     irqchip: Optional[List[bytes]] = None
     pit: Optional[bytes] = None
     debug_exit_port: Optional[int] = 0xF4
+    #: pyvt.pc.save_state(): fw_cfg (items, files, read position), CMOS,
+    #: i8042, POST code; None for a VM made with pc_devices=False.
+    pc: Optional[Dict[str, Any]] = None
 
     @property
     def memory_size(self) -> int:
@@ -144,6 +148,7 @@ class Snapshot:
                         for name, (state, output) in self.devices.items()},
             "irqchip": None if self.irqchip is None else [blob(c) for c in self.irqchip],
             "pit": None if self.pit is None else blob(self.pit),
+            "pc": None if self.pc is None else _pc_to_header(self.pc, blob),
         }
         for region in self.regions:
             pages, data = _nonzero_pages(region)
@@ -216,12 +221,38 @@ class Snapshot:
         snap = cls(backend=header["backend"], regions=regions, vcpus=vcpus,
                    devices={name: (get(s), get(o)) for name, (s, o) in header["devices"].items()},
                    irqchip=None if header["irqchip"] is None else [get(i) for i in header["irqchip"]],
-                   pit=get(header["pit"]), debug_exit_port=header["debug_exit_port"])
+                   pit=get(header["pit"]), debug_exit_port=header["debug_exit_port"],
+                   pc=None if header["pc"] is None else _pc_from_header(header["pc"], get))
         from .kvm import Kvm
         from .vm import select_backend
 
         check_cpuid(snap, Kvm.shared(select_backend(backend)))
         return snap
+
+
+def _pc_to_header(pc: Dict[str, Any], blob) -> Dict[str, Any]:
+    """pyvt.pc state for the JSON header, bytes as blob numbers."""
+    fw = pc["fw_cfg"]
+    return {
+        "fw_cfg": None if fw is None else {
+            "items": [[key, blob(data)] for key, data in sorted(fw["items"].items())],
+            "files": [[key, name, blob(data)] for key, name, data in fw["files"]],
+            "position": list(fw["position"]),
+        },
+        **{name: None if pc[name] is None else blob(pc[name]) for name in ("cmos", "i8042", "post")},
+    }
+
+
+def _pc_from_header(header: Dict[str, Any], get) -> Dict[str, Any]:
+    fw = header["fw_cfg"]
+    return {
+        "fw_cfg": None if fw is None else {
+            "items": {key: get(i) for key, i in fw["items"]},
+            "files": [(key, name, get(i)) for key, name, i in fw["files"]],
+            "position": tuple(fw["position"]),
+        },
+        **{name: get(header[name]) for name in ("cmos", "i8042", "post")},
+    }
 
 
 def _pyvt_version() -> str:
@@ -409,9 +440,11 @@ def take(vm) -> Snapshot:
         pit = vm.fd.get_pit2() if vm.fd.has_pit else None
         devices = {name: (dev._native.save_state(), dev._native.output())
                    for name, dev in _char_devices(vm).items()}
+        pc_state = pc.save_state(vm) if vm.fw_cfg is not None else None
     return Snapshot(backend=vm.backend, regions=regions, vcpus=vcpus, devices=devices,
                     irqchip=irqchip, pit=pit,
-                    debug_exit_port=vm.debug_exit.port if vm.debug_exit else None)
+                    debug_exit_port=vm.debug_exit.port if vm.debug_exit else None,
+                    pc=pc_state)
 
 
 def _bytes(cdata) -> bytes:
@@ -533,6 +566,11 @@ def _restore_state(vm, snap: Snapshot) -> None:
         state, output = snap.devices[name]
         if dev._native.load_state(state) or dev._native.replace_output(output):
             raise SnapshotError(f"cannot restore the {name} device's state")
+    if snap.pc is not None:
+        try:
+            pc.load_state(vm, snap.pc)
+        except Error as e:
+            raise SnapshotError(f"cannot restore the PC devices: {e}") from None
 
 
 def _check_same_shape(vm, snap: Snapshot) -> None:
@@ -559,7 +597,7 @@ def clone(snap: Snapshot, backend=None, vm_class=None):
     if main.memfd < 0:
         raise SnapshotError("this snapshot was closed: its memory is gone")
     vm = (vm_class or Vm)(memory=main.size, backend=path, debug_exit_port=snap.debug_exit_port,
-                          _memory_source=main.memfd)
+                          pc_devices=snap.pc is not None, _memory_source=main.memfd)
     try:
         for saved in snap.regions[1:]:
             vm.memory.add_region(saved.gpa, saved.size, saved.readonly,

@@ -285,3 +285,46 @@ def test_irqchip_pit_and_lapic_round_trip(guest):
             assert isinstance(clone.vcpus[0].run(timeout=5), exits.DebugExit)
         finally:
             clone.close()
+
+
+def test_pc_device_state_round_trips(tmp_path):
+    """fw_cfg (a file and the guest's read position) and the CMOS RAM come
+    back with a restore, in a clone and through a file."""
+    with pyvt.Vm("16M") as vm:
+        vm.fw_cfg.add_file("opt/pyvt/test", b"0123456789")
+        key = vm.fw_cfg.files()["opt/pyvt/test"]
+        # The guest selects the file and reads 3 of its bytes.
+        vm.memory.write(0x1000, pyvt.assemble("""
+            .code64
+            .globl _start
+        _start:
+            mov 0x5000, %ax
+            mov $0x510, %dx
+            out %ax, %dx
+            mov $0x511, %dx
+            in %dx, %al
+            in %dx, %al
+            in %dx, %al
+            hlt
+        """))
+        vm.memory.write_int(0x5000, key, 2)
+        cpu = vm.vcpu(0, mode="long")
+        cpu.regs.rip = 0x1000
+        assert isinstance(cpu.run(timeout=5), exits.Hlt)
+        assert cpu.regs.rax & 0xFF == ord("2")
+        snap = vm.snapshot()
+        vm.fw_cfg._native.set_position(0, 0)
+        vm.fw_cfg.add_file("opt/pyvt/test", b"changed")
+        vm.restore(snap)
+        assert vm.fw_cfg._native.position() == (key, 3)
+        assert vm.fw_cfg.get(key) == b"0123456789"
+        path = tmp_path / "pc.snap"
+        snap.save(str(path))
+        for source in (snap, Snapshot.load(str(path))):
+            clone = pyvt.Vm.from_snapshot(source)
+            try:
+                assert clone.fw_cfg.get(key) == b"0123456789"
+                assert clone.fw_cfg._native.position() == (key, 3)
+                assert clone.cmos._native.save_state() == vm.cmos._native.save_state()
+            finally:
+                clone.close()
