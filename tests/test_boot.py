@@ -24,6 +24,9 @@ pytestmark = [pytest.mark.requires_kvm,
               pytest.mark.skipif(bool(toolchain_missing()), reason=toolchain_missing() or "ok")]
 
 PASS_STATUS = 1  # debug-exit code 0
+# SMP, the MADT and hlt-waits-for-interrupts need KVM's in-kernel irqchip; the
+# other tests boot with irqchip=False so that they run on every backend.
+needs_irqchip = pytest.mark.requires_cap("IRQCHIP")
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(pyvt.__file__))
 
 
@@ -73,7 +76,8 @@ def test_multiboot_info_cmdline_modules_and_memory_map(kernel, initrd, kludge):
     path = kernel("multiboot_info", kludge)
     assert detect(path.read_bytes()) == "multiboot"
     assert bool(find_multiboot_header(path.read_bytes()).flags & 0x10000) == kludge
-    exit, text = boot(path, "64M", cmdline="console=ttyS0 answer=42", initrd=initrd)
+    exit, text = boot(path, "64M", cmdline="console=ttyS0 answer=42", initrd=initrd,
+                      irqchip=False)
     assert isinstance(exit, exits.DebugExit) and exit.status == PASS_STATUS, text
     data = initrd.read_bytes()
     assert text.splitlines() == [
@@ -93,13 +97,15 @@ def test_multiboot_info_cmdline_modules_and_memory_map(kernel, initrd, kludge):
 
 def test_multiboot_extra_modules_follow_the_initrd(kernel, initrd):
     exit, text = boot(kernel("multiboot_info"), initrd=initrd,
-                      modules=[(b"second module", "mod2 arg=1")], kernel_name="/boot/k")
+                      modules=[(b"second module", "mod2 arg=1")], kernel_name="/boot/k",
+                      irqchip=False)
     assert exit.status == PASS_STATUS, text
     assert "cmdline=/boot/k\n" in text
     assert "mods=2" in text
     assert "mod 1 size=13 " in text and "string=mod2 arg=1 head=second m" in text
 
 
+@needs_irqchip
 def test_multiboot_elf64_kernel_enters_long_mode_itself(kernel):
     path = kernel("long_mode", bits=64)
     assert parse_elf(path.read_bytes()).bits == 64
@@ -114,6 +120,7 @@ def test_multiboot_elf64_kernel_enters_long_mode_itself(kernel):
 
 # -- platform: fw_cfg, ACPI, PM timer, CPUID, CMOS ----------------------------
 
+@needs_irqchip
 @pytest.mark.parametrize("smp", [1, 3])
 def test_platform_as_the_guest_sees_it(kernel, smp):
     exit, text = boot(kernel("platform"), smp=smp, files={"opt/pyvt/greeting": b"hello fw_cfg"})
@@ -146,6 +153,7 @@ def test_platform_as_the_guest_sees_it(kernel, smp):
     ]
 
 
+@needs_irqchip
 def test_cpuid_topology_per_vcpu_and_overridable():
     with pyvt.Vm("32M") as vm:
         vm.boot(b"\xf4" * 16, format="flat", smp=3)
@@ -165,7 +173,7 @@ def test_cpuid_topology_per_vcpu_and_overridable():
 
 
 def test_platform_kernel_fails_without_its_fw_cfg_file(kernel):
-    exit, text = boot(kernel("platform"))
+    exit, text = boot(kernel("platform"), irqchip=False)
     assert exit.status == 3
     assert "FAIL: fw_cfg has no opt/pyvt/greeting" in text
 
@@ -187,6 +195,7 @@ def test_acpi_tables_have_valid_checksums():
 
 # -- SMP ---------------------------------------------------------------------
 
+@needs_irqchip
 @pytest.mark.parametrize("smp", [2, 4])
 def test_smp_every_ap_checks_in(kernel, smp):
     exit, text = boot(kernel("smp"), smp=smp)
@@ -196,12 +205,14 @@ def test_smp_every_ap_checks_in(kernel, smp):
     assert f"apic_mask={(1 << smp) - 1:#010x}\n" in text
 
 
+@needs_irqchip
 def test_an_ap_exiting_stops_every_vcpu(kernel):
     exit, text = boot(kernel("smp"), smp=3, cmdline="ap-exit")
     assert isinstance(exit, exits.DebugExit) and exit.code == 5, (exit, text)
     assert text.endswith("ap exits\n") and "PASS" not in text
 
 
+@needs_irqchip
 def test_one_vcpu_timing_out_stops_all(kernel):
     exit, text = boot(kernel("spin"), smp=2, timeout=0.5)
     assert isinstance(exit, exits.Timeout), exit
@@ -214,7 +225,7 @@ def test_elf64_enters_long_mode(tmp_path):
     elf = elf_from_assembly(tmp_path, "debug_exit", 64)
     assert parse_elf(elf.read_bytes()).bits == 64
     with pyvt.Vm("16M") as vm:
-        image = vm.boot(elf)
+        image = vm.boot(elf, irqchip=False)
         assert (image.kind, image.mode, image.entry) == ("elf64", "long", 0x100000)
         exit = vm.run(timeout=10)
         assert isinstance(exit, exits.DebugExit) and exit.code == 0x2A
@@ -232,7 +243,8 @@ def test_elf32_enters_protected_mode(tmp_path):
 
 def test_flat_binary_at_an_address(guest):
     with pyvt.Vm("16M") as vm:
-        image = vm.boot(guest("debug_exit", 0x200000), format="flat", load_address=0x200000)
+        image = vm.boot(guest("debug_exit", 0x200000), format="flat", load_address=0x200000,
+                        irqchip=False)
         assert (image.kind, image.entry) == ("flat", 0x200000)
         assert isinstance(vm.run(timeout=10), exits.DebugExit)
 
@@ -250,10 +262,10 @@ def test_flat_kernel_reads_cmdline_and_initrd_from_fw_cfg(guest):
 
 
 def test_acpi_reset_register_resets(kernel):
-    exit, text = boot(kernel("acpi_reset"))
+    exit, text = boot(kernel("acpi_reset"), irqchip=False)
     assert isinstance(exit, exits.Reset) and exit.source == "i8042", (exit, text)
     assert text == "resetting\n"
-    out = pyvt_boot(kernel("acpi_reset"), "--memory", "32M")
+    out = pyvt_boot(kernel("acpi_reset"), "--memory", "32M", "--no-irqchip")
     assert out.returncode == 0 and "Reset(source='i8042'" in out.stderr
 
 
@@ -345,7 +357,8 @@ def test_too_little_memory_is_refused_before_anything_changes(guest):
     with pyvt.Vm("768K") as vm:
         with pytest.raises(pyvt.boot.BootError, match="acpi=False"):
             vm.boot(guest("debug_exit"), format="flat", load_address=0x1000)
-        vm.boot(guest("debug_exit"), format="flat", load_address=0x1000, acpi=False)
+        vm.boot(guest("debug_exit"), format="flat", load_address=0x1000, acpi=False,
+                irqchip=False)
         assert isinstance(vm.run(timeout=10), exits.DebugExit)
 
 
@@ -380,15 +393,16 @@ def pyvt_boot(*args, timeout=60, stdin=""):
 
 
 def test_cli_boot_passes_stdin_to_the_serial_port(kernel):
-    out = pyvt_boot(kernel("echo"), "--memory", "32M", "--timeout", 20,
+    out = pyvt_boot(kernel("echo"), "--memory", "32M", "--timeout", 20, "--no-irqchip",
                     stdin="hello from stdin\n")
     assert out.returncode == PASS_STATUS, out.stderr
     assert out.stdout == "ready\ngot=hello from stdin\nPASS\n"
-    out = pyvt_boot(kernel("echo"), "--memory", "32M", "--timeout", 1, "--no-stdin",
+    out = pyvt_boot(kernel("echo"), "--memory", "32M", "--timeout", 1, "--no-stdin", "--no-irqchip",
                     stdin="ignored\n")
     assert out.returncode == 124 and out.stdout == "ready\n"
 
 
+@needs_irqchip
 def test_cli_boot_exits_with_the_debug_exit_status(kernel, initrd):
     out = pyvt_boot(kernel("smp"), "--smp", 2, "--memory", "32M", "--timeout", 20)
     assert out.returncode == PASS_STATUS, out.stderr
@@ -403,7 +417,7 @@ def test_cli_boot_exits_with_the_debug_exit_status(kernel, initrd):
 
 
 def test_cli_boot_timeout_and_bad_arguments(kernel, tmp_path):
-    out = pyvt_boot(kernel("spin"), "--timeout", "0.5", "--memory", "32M")
+    out = pyvt_boot(kernel("spin"), "--timeout", "0.5", "--memory", "32M", "--no-irqchip")
     assert out.returncode == 124 and out.stdout == "spinning\n"
     out = pyvt_boot(kernel("spin"), "--smp", 0)
     assert out.returncode == 2 and "--smp must be at least 1" in out.stderr
