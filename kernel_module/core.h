@@ -87,6 +87,7 @@ struct pyvt_vcpu {
 	u64 rip;
 	u64 rflags;
 	u64 apic_base;
+	u64 tsc_aux;		/* stored only: RDTSCP/RDPID are not offered */
 	struct pyvt_pending_op pending;
 	struct kvm_cpuid_entry2 *cpuid;
 	int cpuid_nent;

@@ -574,6 +574,9 @@ static int msr_read(struct pyvt_vcpu *vcpu, u32 msr, u64 *val)
 	case MSR_IA32_APICBASE:
 		*val = vcpu->apic_base;
 		return 0;
+	case MSR_TSC_AUX:
+		*val = vcpu->tsc_aux;
+		return 0;
 	case MSR_IA32_TSC:
 		*val = rdtsc() + vmcb->control.tsc_offset;
 		return 0;
@@ -620,6 +623,11 @@ static int msr_write(struct pyvt_vcpu *vcpu, u32 msr, u64 val)
 		return 0;
 	case MSR_IA32_TSC:
 		vmcb->control.tsc_offset = val - rdtsc();
+		return 0;
+	case MSR_TSC_AUX:
+		if (val >> 32)
+			return -EINVAL;
+		vcpu->tsc_aux = val;
 		return 0;
 	default:
 		return -EINVAL;

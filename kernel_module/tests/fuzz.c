@@ -164,7 +164,7 @@ static void vcpu_state(int idx)
 		static const uint32_t known[] = {
 			0xc0000080, 0xc0000081, 0xc0000082, 0xc0000083,
 			0xc0000084, 0xc0000100, 0xc0000101, 0xc0000102,
-			0x174, 0x175, 0x176, 0x277, 0x1b, 0x10,
+			0x174, 0x175, 0x176, 0x277, 0x1b, 0x10, 0xc0000103,
 		};
 		struct {
 			struct kvm_msrs hdr;
@@ -172,7 +172,7 @@ static void vcpu_state(int idx)
 		} m = { .hdr.nmsrs = pick(6) ? pick(5) : (uint32_t)rnd64() };
 
 		for (i = 0; i < 4; i++) {
-			m.e[i].index = pick(4) ? known[pick(14)] : (uint32_t)rnd64();
+			m.e[i].index = pick(4) ? known[pick(15)] : (uint32_t)rnd64();
 			m.e[i].data = pick(2) ? rnd64() : (uint64_t)pick(4096);
 		}
 		count(ioctl(fd, pick(2) ? KVM_SET_MSRS : KVM_GET_MSRS,
