@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from dataclasses import replace
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -216,10 +217,14 @@ def _answer_unclaimed(cpu, exit, trace) -> bool:
 
 
 def _run_one(cpu, timeout, trace) -> exits.Exit:
+    deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        exit = cpu.run(timeout=timeout)
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        exit = cpu.run(timeout=left)
         if trace is not None and _answer_unclaimed(cpu, exit, trace):
-            continue  # the timeout restarts; a trace is for debugging
+            continue
+        if isinstance(exit, exits.Timeout) and timeout is not None:
+            return exits.Timeout(float(timeout), exit.rip)  # the whole run's budget
         return exit
 
 

@@ -288,6 +288,16 @@ def test_unclaimed_io_reads_all_ones(guest):
         assert struct.unpack("<II", vm.memory.read(0x8000, 8)) == (0xFFFFFFFF, 0xFFFFFFFF)
 
 
+def test_trace_io_keeps_the_timeout_budget():
+    """A guest that does nothing but unclaimed I/O still times out."""
+    with pyvt.Vm("16M") as vm:
+        vm.boot(bytes([0xE5, 0x30, 0xEB, 0xFC]), format="flat",  # 1: in $0x30, %eax; jmp 1b
+                load_address=0x1000, irqchip=False)
+        with open(os.devnull, "w") as sink:
+            exit = vm.run(timeout=0.2, trace_io=sink)
+        assert isinstance(exit, exits.Timeout) and exit.timeout == 0.2, exit
+
+
 def test_python_handlers_take_ports_in_a_booted_vm(guest):
     with _script_vm(guest) as vm:
         vm.on_io((0x300, 4), lambda e: 0x12345678)
