@@ -35,13 +35,14 @@ def toolchain_missing() -> str:
 CFLAGS_64 = ["-m64", "-mno-red-zone", "-mcmodel=small"]
 
 
-def build_kernel(name: str, out_dir: Path, kludge: bool = False, bits: int = 32) -> Path:
+def build_kernel(name: str, out_dir: Path, kludge: bool = False, bits: int = 32,
+                 source: "Path | None" = None) -> Path:
     """tests/guests/kernels/<name>.c + entry.S + lib.c linked at 1 MiB: an
     ELF multiboot kernel, or with ``kludge`` a flat binary whose multiboot
     header carries the load addresses (flag 16).  ``bits=64``: entry64.S
     (its own long-mode entry) and 64-bit C, in an ELF64 file."""
     entry = "entry64.S" if bits == 64 else "entry.S"
-    sources = [KERNEL_DIR / entry, KERNEL_DIR / "lib.c", KERNEL_DIR / f"{name}.c"]
+    sources = [KERNEL_DIR / entry, KERNEL_DIR / "lib.c", source or KERNEL_DIR / f"{name}.c"]
     digest = hashlib.sha256()
     for path in sources + [KERNEL_DIR / "lib.h", KERNEL_DIR / "link.ld"]:
         digest.update(path.read_bytes())
@@ -55,7 +56,7 @@ def build_kernel(name: str, out_dir: Path, kludge: bool = False, bits: int = 32)
     for src in sources:
         obj = work / (src.stem + ".o")
         flags = [f for f in CFLAGS if f != "-m32"] + CFLAGS_64 if bits == 64 else CFLAGS
-        _run(["gcc", *flags, *(["-DAOUT_KLUDGE"] if kludge else []), "-c", str(src),
+        _run(["gcc", *flags, *(["-DAOUT_KLUDGE"] if kludge else []), f"-I{KERNEL_DIR}", "-c", str(src),
               "-o", str(obj)])
         objects.append(str(obj))
     elf = work / "kernel.elf"
