@@ -224,9 +224,13 @@ int pyvt_emulate_io(struct pyvt_vcpu *vcpu, u16 port, u8 size, bool in,
 			vcpu->rip = next_rip;
 			return 1;
 		}
-		/* Backwards strings go one element per exit. */
-		if (!df)
-			n = min_t(u64, count, PAGE_SIZE / size);
+		/*
+		 * As KVM does: OUTS hands user space one element per exit
+		 * (a handler that fails mid-string loses nothing); INS reads
+		 * ahead up to 1 KiB.  Backwards strings go one at a time.
+		 */
+		if (in && !df)
+			n = min_t(u64, count, 1024 / size);
 	}
 
 	run->exit_reason = KVM_EXIT_IO;
