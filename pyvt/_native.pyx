@@ -467,8 +467,12 @@ cdef class VcpuLoop:
             pvt_vcpu_drain_coalesced(&self.v)
 
     cdef object rip(self):
+        cdef kvm_regs regs
         if self.v.run.kvm_valid_regs & KVM_SYNC_X86_REGS:
             return self.v.run.s.regs.regs.rip
+        # A backend without KVM_CAP_SYNC_REGS (pyvt.ko): ask, one ioctl.
+        if ioctl(self.v.fd, KVM_GET_REGS, &regs) == 0:
+            return regs.rip
         return None
 
     cdef int call_io(self, int user_id) except -1:

@@ -85,6 +85,8 @@ class Region:
     #: slot has KVM_MEM_LOG_DIRTY_PAGES; host writes are noted here.
     dirty_logging: bool = False
     host_dirty: Optional[Set[int]] = None
+    #: The backend refused KVM_MEM_LOG_DIRTY_PAGES (pyvt.ko has no dirty log).
+    dirty_log_refused: bool = False
 
     @property
     def end(self) -> int:
@@ -271,16 +273,21 @@ class GuestMemory:
         for region in self.regions:
             if region.readonly:
                 continue
-            if not region.dirty_logging:
-                self._vm_fd.set_user_memory_region(
-                    region.slot, region.gpa, region.size, region.host_address,
-                    lib.KVM_MEM_LOG_DIRTY_PAGES)
-                region.dirty_logging = True
+            if not region.dirty_logging and not region.dirty_log_refused:
+                try:
+                    self._vm_fd.set_user_memory_region(
+                        region.slot, region.gpa, region.size, region.host_address,
+                        lib.KVM_MEM_LOG_DIRTY_PAGES)
+                    region.dirty_logging = True
+                except KvmError:
+                    # Without a dirty log, snapshot restore compares pages.
+                    region.dirty_log_refused = True
             self.take_dirty_pages(region)  # forget what came before
 
     def take_dirty_pages(self, region: Region) -> List[int]:
         """Pages of ``region`` written since the last call (sorted), and
-        starts counting again."""
+        starts counting again.  Only complete with ``region.dirty_logging``:
+        otherwise it knows only ``write()``'s pages."""
         self._check_open()
         pages: Set[int] = set(region.host_dirty or ())
         region.host_dirty = set()

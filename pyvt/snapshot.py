@@ -81,9 +81,9 @@ class VcpuImage:
     regs: bytes
     sregs: bytes
     fpu: bytes
-    events: bytes
-    debugregs: bytes
-    mp_state: int
+    events: Optional[bytes]  # None where the backend lacks the ioctl (pyvt.ko)
+    debugregs: Optional[bytes]
+    mp_state: Optional[int]
     cpuid: bytes
     msrs: Dict[int, int] = field(default_factory=dict)
     xcrs: Optional[bytes] = None
@@ -160,7 +160,8 @@ class Snapshot:
                 "index": v.index, "mode": v.mode, "mp_state": v.mp_state,
                 "msrs": {str(k): val for k, val in v.msrs.items()},
                 "regs": blob(v.regs), "sregs": blob(v.sregs), "fpu": blob(v.fpu),
-                "events": blob(v.events), "debugregs": blob(v.debugregs),
+                "events": None if v.events is None else blob(v.events),
+                "debugregs": None if v.debugregs is None else blob(v.debugregs),
                 "cpuid": blob(v.cpuid),
                 "xcrs": None if v.xcrs is None else blob(v.xcrs),
                 "lapic": None if v.lapic is None else blob(v.lapic),
@@ -453,15 +454,17 @@ def _bytes(cdata) -> bytes:
 
 def _take_vcpu(vm, vcpu) -> VcpuImage:
     fd = vcpu.fd
-    xcrs = _bytes(fd.get_xcrs()) if vm.kvm.check_extension("KVM_CAP_XCRS") else None
-    lapic = fd.get_lapic() if vm.fd.has_irqchip else None
+    has = vm.kvm.check_extension
     return VcpuImage(
         index=vcpu.index, mode=vcpu.mode,
         regs=_bytes(ffi.addressof(vcpu._load_regs())), sregs=_bytes(fd.get_sregs()),
-        fpu=_bytes(fd.get_fpu()), events=_bytes(fd.get_vcpu_events()),
-        debugregs=_bytes(fd.get_debugregs()), mp_state=fd.get_mp_state(),
+        fpu=_bytes(fd.get_fpu()),
+        events=_bytes(fd.get_vcpu_events()) if has("KVM_CAP_VCPU_EVENTS") else None,
+        debugregs=_bytes(fd.get_debugregs()) if has("KVM_CAP_DEBUGREGS") else None,
+        mp_state=fd.get_mp_state() if has("KVM_CAP_MP_STATE") else None,
         cpuid=_cpuid_bytes(fd), msrs=fd.get_msrs(_readable_msrs(vm, vcpu)),
-        xcrs=xcrs, lapic=lapic)
+        xcrs=_bytes(fd.get_xcrs()) if has("KVM_CAP_XCRS") else None,
+        lapic=fd.get_lapic() if vm.fd.has_irqchip else None)
 
 
 def _cpuid_bytes(fd) -> bytes:
@@ -488,9 +491,12 @@ def _restore_vcpu(vm, vcpu, image: VcpuImage) -> None:
     _set_msrs(fd, image.msrs)
     if image.lapic is not None:
         fd.set_lapic(image.lapic)
-    _set_struct(fd.set_vcpu_events, "struct kvm_vcpu_events", image.events)
-    _set_struct(fd.set_debugregs, "struct kvm_debugregs", image.debugregs)
-    fd.set_mp_state(image.mp_state)
+    if image.events is not None:
+        _set_struct(fd.set_vcpu_events, "struct kvm_vcpu_events", image.events)
+    if image.debugregs is not None:
+        _set_struct(fd.set_debugregs, "struct kvm_debugregs", image.debugregs)
+    if image.mp_state is not None:
+        fd.set_mp_state(image.mp_state)
     vcpu._sregs = None
     vcpu.mode = image.mode
     vcpu.last_exit = None
@@ -539,9 +545,9 @@ def _restore_memory(vm, snap: Snapshot) -> None:
         if region.dirty_logging:
             pages = vm.memory.take_dirty_pages(region)
         else:
-            # A clone nothing has tracked yet: enabling KVM's dirty log costs
-            # milliseconds that clones should not pay up front, so the first
-            # restore compares pages instead (reading keeps them shared).
+            # A clone nothing has tracked yet (enabling KVM's dirty log costs
+            # milliseconds that clones should not pay up front), or a backend
+            # with no dirty log: compare pages (reading keeps them shared).
             pages = [p for p in range(region.size // PAGE_SIZE)
                      if target[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]
                      != source[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]]

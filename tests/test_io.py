@@ -147,3 +147,26 @@ def test_readonly_region_writes_exit_as_mmio(vm):
     assert cpu.regs.rax & 0xFF == 0x2A
     assert isinstance(cpu.run(timeout=5), exits.Hlt)
     assert vm.memory.read(0x4000000, 1) == b"\x2a"
+
+
+def test_backend_without_sync_regs(monkeypatch, guest):
+    """Backends without KVM_CAP_SYNC_REGS (pyvt.ko): registers go through
+    KVM_GET/SET_REGS and handler exits still carry RIP."""
+    kvm = pyvt.kvm.Kvm.shared(pyvt.select_backend())
+    real = kvm.check_extension
+    monkeypatch.setattr(kvm, "check_extension",
+                        lambda cap: 0 if cap == "KVM_CAP_SYNC_REGS" else real(cap))
+    with pyvt.Vm("16M") as vm:
+        seen = []
+        vm.on_io(0x10, seen.append)
+        vm.on_io(0x11, lambda e: 0x12345678)
+        vm.on_io(0x12, lambda e: None)
+        vm.on_io(0x13, lambda e: 0x41)
+        vm.memory.write(0x1000, guest("port_io"))
+        cpu = vm.vcpu(0, mode="protected")
+        assert not cpu._sync_regs
+        cpu.regs.rip = 0x1000
+        assert isinstance(cpu.run(timeout=5), exits.Hlt)
+        assert [e.value for e in seen] == [1, 2, 3]
+        assert all(e.rip is not None and e.rip > 0x1000 for e in seen)
+        assert cpu.regs.rax == 0x12345678 and vm.memory.read(0x6000, 4) == b"AAAA"

@@ -328,3 +328,25 @@ def test_pc_device_state_round_trips(tmp_path):
                 assert clone.cmos._native.save_state() == vm.cmos._native.save_state()
             finally:
                 clone.close()
+
+
+def test_restore_without_a_dirty_log(counter, monkeypatch):
+    """Backends without KVM_MEM_LOG_DIRTY_PAGES (pyvt.ko): restore compares
+    pages instead, with the same result."""
+    vm, cpu = counter
+    real = vm.fd.set_user_memory_region
+
+    def refuse_dirty_log(slot, gpa, size, address, flags=0):
+        if flags & pyvt.kvm.lib.KVM_MEM_LOG_DIRTY_PAGES:
+            raise pyvt.KvmError("KVM_SET_USER_MEMORY_REGION", 22)
+        return real(slot, gpa, size, address, flags)
+
+    monkeypatch.setattr(vm.fd, "set_user_memory_region", refuse_dirty_log)
+    snap = vm.snapshot()
+    assert all(r.dirty_log_refused for r in vm.memory.regions)
+    for _ in range(3):
+        cpu.run(timeout=5)
+    vm.restore(snap)
+    assert (vm.memory.read_int(0x5000), cpu.regs.rbx) == (1, 1)
+    assert isinstance(cpu.run(timeout=5), exits.Hlt)
+    assert vm.memory.read_int(0x5000) == 2

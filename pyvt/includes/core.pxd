@@ -38,6 +38,11 @@ cdef extern from "<linux/kvm.h>" nogil:
 
     int KVM_EXIT_IO_OUT
     int KVM_SYNC_X86_REGS
+    unsigned long KVM_GET_REGS
+
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
 
 
 cdef extern from "sink.h" nogil:
@@ -130,6 +135,7 @@ cdef extern from "vcpu_loop.h" nogil:
         uint64_t device_port
 
     cdef struct pvt_vcpu:
+        int fd
         kvm_run *run
         void *ring
         uint64_t kvm_exits
