@@ -126,13 +126,19 @@ def test_smp_snapshot_restores_every_vcpu(vm, guest):
         clone.close()
 
 
-def test_restore_undoes_a_mode_change(vm, load):
-    cpu = load("enter_protected", "real")
+@pytest.mark.parametrize("guest_name,cs_after", [("enter_protected", 0x08), ("enter_long", 0x18)])
+def test_restore_undoes_a_mode_change(vm, load, guest_name, cs_after):
+    """The guest switches itself from real mode to protected or long mode;
+    restore puts it back in real mode at its first instruction."""
+    cpu = load(guest_name, "real")
     snap = vm.snapshot()
     assert isinstance(cpu.run(timeout=5), exits.Hlt)
-    assert cpu.sregs.cr0 & 1 and cpu.sregs.cs.selector == 0x08
+    assert cpu.sregs.cr0 & 1 and cpu.sregs.cs.selector == cs_after
+    if guest_name == "enter_long":
+        assert cpu.sregs.efer & 0x400 and cpu.sregs.cs.l  # LMA, 64-bit code
     vm.restore(snap)
     assert not cpu.sregs.cr0 & 1 and cpu.sregs.cs.selector == 0
+    assert not cpu.sregs.efer & 0x400
     assert cpu.regs.rip == 0x1000
     assert isinstance(cpu.run(timeout=5), exits.Hlt)
     assert cpu.regs.rax & 0xFFFF == 0x600D
