@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from conftest import wait_until_running
 
 import pyvt
 from pyvt import exits
@@ -64,7 +65,7 @@ def test_stop_from_another_thread(vm, load):
     result = []
     thread = threading.Thread(target=lambda: result.append(cpu.run()))
     thread.start()
-    time.sleep(0.1)
+    wait_until_running(cpu)
     cpu.stop()
     thread.join(10)
     assert not thread.is_alive()
@@ -73,11 +74,12 @@ def test_stop_from_another_thread(vm, load):
 
 def test_running_the_same_vcpu_twice_at_once_is_refused(vm, load):
     cpu = load("spin", "long")
-    thread = threading.Thread(target=lambda: cpu.run(timeout=1))
+    thread = threading.Thread(target=lambda: cpu.run(timeout=60))
     thread.start()
-    time.sleep(0.1)
+    wait_until_running(cpu)
     with pytest.raises(pyvt.Error, match="already running"):
         cpu.run(timeout=0.1)
+    cpu.stop()
     thread.join()
 
 
@@ -89,7 +91,7 @@ def test_close_stops_vcpus_running_in_other_threads(guest):
     result = []
     thread = threading.Thread(target=lambda: result.append(cpu.run()))
     thread.start()
-    time.sleep(0.1)
+    wait_until_running(cpu)
     vm.close()
     thread.join(10)
     assert isinstance(result[0], exits.Stopped)

@@ -1,9 +1,9 @@
 """Snapshots: restore in place, copy-on-write clones, files."""
 
 import threading
-import time
 
 import pytest
+from conftest import wait_until_running
 
 import pyvt
 from pyvt import exits
@@ -219,11 +219,12 @@ def test_misuse_is_refused(counter, guest):
             other.restore(snap)
     vm.memory.write(0x2000, guest("spin"))
     cpu.regs.rip = 0x2000
-    thread = threading.Thread(target=cpu.run, kwargs={"timeout": 2})
+    thread = threading.Thread(target=cpu.run, kwargs={"timeout": 60})
     thread.start()
-    time.sleep(0.2)
+    wait_until_running(cpu)
     with pytest.raises(SnapshotError, match="running"):
         vm.restore(snap)
+    cpu.stop()
     thread.join()
     snap.close()
     with pytest.raises(SnapshotError, match="closed"):
