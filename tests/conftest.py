@@ -9,8 +9,6 @@ from tests/guests/ by the test run.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from guestbuild import LOAD_ADDRESS, build
@@ -23,16 +21,6 @@ def pytest_configure(config):
         import pyvt.testing
 
         config.pluginmanager.register(pyvt.testing, "pyvt")
-
-
-def wait_until_running(cpu, limit: float = 30.0) -> None:
-    """Blocks until another thread's ``cpu.run()`` is under way (a loaded
-    machine can take a while to start a thread)."""
-    deadline = time.monotonic() + limit
-    while cpu._running_thread is None:
-        assert time.monotonic() < deadline, "the vCPU thread never started running"
-        time.sleep(0.01)
-    time.sleep(0.05)  # and inside the run loop, not just past the lock
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
 import threading
 
 import pytest
-from conftest import wait_until_running
+from threadwait import wait_until_running
 
 import pyvt
 from pyvt import exits
