@@ -146,8 +146,17 @@ def test_triple_fault_reports_registers(vm, load):
     with pytest.raises(pyvt.TripleFault, match="triple-faulted") as info:
         exit.raise_for_failure()
     assert "RAX=" in str(info.value) and "RIP=" in str(info.value)
-    with pytest.raises(pyvt.TripleFault):
-        cpu.run(timeout=5, check=True)
+
+
+@pytest.mark.requires_kvm
+def test_run_check_raises_for_failures(guest):
+    # A fresh VM: after a shutdown some KVMs (AMD-V, pyvt.ko) reset the vCPU.
+    with pyvt.Vm("16M") as vm:
+        vm.memory.write(0x1000, guest("triple_fault"))
+        cpu = vm.vcpu(0, mode="long")
+        cpu.regs.rip = 0x1000
+        with pytest.raises(pyvt.TripleFault):
+            cpu.run(timeout=5, check=True)
 
 
 @pytest.mark.requires_kvm

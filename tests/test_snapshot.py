@@ -271,6 +271,7 @@ def test_fuzz_loop_on_snapshots(guest):
         assert crashes and all(n & 0xFF == 0x42 for n in crashes), crashes
 
 
+@pytest.mark.requires_cap("IRQCHIP", "PIT2")
 def test_irqchip_pit_and_lapic_round_trip(guest):
     with pyvt.Vm("16M") as vm:
         vm.fd.create_irqchip()
