@@ -25,10 +25,6 @@ MEMORY = "64M"
 DIRTY_PAGES = 64
 
 
-def _guest(name: str) -> bytes:
-    return pyvt.assemble_file(str(HERE / "guests" / f"{name}.S"))
-
-
 def _fresh(code: bytes, rcx: int = 0):
     vm = pyvt.Vm(MEMORY)
     vm.memory.write(0x1000, code)
@@ -109,7 +105,9 @@ def calls_per_second(code: bytes, calls: int) -> tuple:
 
 
 def report(rounds: int = 5, calls: int = 500) -> None:
-    dirty, function = _guest("dirty_pages"), _guest("function")
+    # The guest function of the tests and of examples/snapshot_calls.py.
+    dirty = pyvt.assemble_file(str(HERE / "guests" / "dirty_pages.S"))
+    function = pyvt.assemble_file(str(HERE.parent / "tests" / "guests" / "function.S"))
     restore, clone, rate = [], [], []
     for _ in range(rounds):
         restore.append(restore_vs_fresh(dirty))

@@ -77,13 +77,6 @@ out:
 	return ret;
 }
 
-void pvt_sink_flush(struct pvt_sink *sink)
-{
-	pthread_mutex_lock(&sink->lock);
-	write_pending(sink);
-	pthread_mutex_unlock(&sink->lock);
-}
-
 void pvt_sink_set_stream(struct pvt_sink *sink, int fd)
 {
 	pthread_mutex_lock(&sink->lock);

@@ -23,8 +23,6 @@ struct pvt_sink {
 int pvt_sink_init(struct pvt_sink *sink);
 void pvt_sink_destroy(struct pvt_sink *sink);
 int pvt_sink_put(struct pvt_sink *sink, const uint8_t *bytes, size_t n);
-/* Writes what is not yet streamed.  Safe to call with no stream. */
-void pvt_sink_flush(struct pvt_sink *sink);
 void pvt_sink_set_stream(struct pvt_sink *sink, int fd);
 /* Copies up to cap bytes starting at offset; returns the total length. */
 size_t pvt_sink_copy(struct pvt_sink *sink, size_t offset, uint8_t *out,

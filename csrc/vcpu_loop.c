@@ -37,37 +37,50 @@ void pvt_vcpu_destroy(struct pvt_vcpu *vcpu)
 }
 
 /*
- * A port access belongs to the range holding its first port, whatever its
- * width (outl to 0xf4 is one access to port 0xf4, as in kvmtool); an MMIO
- * access must fit in its range.
+ * The range holding an access.  A port access belongs to the range holding
+ * its first port, whatever its width (outl to 0xf4 is one access to port
+ * 0xf4, as in kvmtool); an MMIO access must fit in its range.
  */
-static enum claim dispatch(struct pvt_machine *machine, struct pvt_bus *bus,
-			   uint64_t addr, uint8_t *data, uint32_t len,
-			   bool is_write, struct pvt_stop_info *info)
+static bool find_range(struct pvt_machine *machine, struct pvt_bus *bus,
+		       uint64_t addr, uint32_t len, struct pvt_bus_range *range)
 {
-	uint32_t claimed_len = bus == &machine->pio ? 1 : len;
-	struct pvt_bus_range range;
-	int ret;
+	return pvt_bus_find(bus, addr, bus == &machine->pio ? 1 : len, range);
+}
 
-	if (!pvt_bus_find(bus, addr, claimed_len, &range)) {
+/* Serves one access with the range find_range() gave (NULL: none). */
+static enum claim serve(struct pvt_machine *machine,
+			const struct pvt_bus_range *range, uint64_t addr,
+			uint8_t *data, uint32_t len, bool is_write,
+			struct pvt_stop_info *info)
+{
+	if (!range) {
 		if (!machine->unclaimed_as_pc)
 			return CLAIM_NONE;
 		if (!is_write)
 			memset(data, 0xff, len);
 		return CLAIM_DONE;
 	}
-	if (!range.fn) {
-		info->user_id = range.user_id;
-		info->range_base = range.base;
+	if (!range->fn) {
+		info->user_id = range->user_id;
 		return CLAIM_USER;
 	}
-	ret = range.fn(range.opaque, addr - range.base, data, len, is_write,
-		       &info->stop_code);
-	if (ret == PVT_DEV_STOP) {
+	if (range->fn(range->opaque, addr - range->base, data, len, is_write,
+		      &info->stop_code) == PVT_DEV_STOP) {
 		info->device_port = addr;
 		return CLAIM_STOP;
 	}
 	return CLAIM_DONE;
+}
+
+static enum claim dispatch(struct pvt_machine *machine, struct pvt_bus *bus,
+			   uint64_t addr, uint8_t *data, uint32_t len,
+			   bool is_write, struct pvt_stop_info *info)
+{
+	struct pvt_bus_range range;
+	bool found = find_range(machine, bus, addr, len, &range);
+
+	return serve(machine, found ? &range : NULL, addr, data, len, is_write,
+		     info);
 }
 
 void pvt_vcpu_drain_coalesced(struct pvt_vcpu *vcpu)
@@ -120,16 +133,23 @@ bool pvt_vcpu_io_data_valid(const struct pvt_vcpu *vcpu)
 static enum claim handle_io(struct pvt_vcpu *vcpu, struct pvt_stop_info *info)
 {
 	struct kvm_run *run = vcpu->run;
+	struct pvt_machine *machine = vcpu->machine;
 	uint8_t *data = (uint8_t *)run + run->io.data_offset;
 	bool is_write = run->io.direction == KVM_EXIT_IO_OUT;
+	struct pvt_bus_range range;
+	bool found = find_range(machine, &machine->pio, run->io.port,
+				run->io.size, &range);
 	uint32_t i;
 
-	/* String I/O: the device sees each element in turn, like the bus. */
+	/*
+	 * String I/O: one port, so one lookup; the device sees each element in
+	 * turn, like the bus.
+	 */
 	for (i = 0; i < run->io.count; i++) {
-		enum claim claim = dispatch(vcpu->machine, &vcpu->machine->pio,
-					    run->io.port,
-					    data + (size_t)i * run->io.size,
-					    run->io.size, is_write, info);
+		enum claim claim = serve(machine, found ? &range : NULL,
+					 run->io.port,
+					 data + (size_t)i * run->io.size,
+					 run->io.size, is_write, info);
 
 		if (claim != CLAIM_DONE)
 			return claim;

@@ -27,7 +27,6 @@ enum pvt_stop {
 
 struct pvt_stop_info {
 	int user_id;
-	uint64_t range_base; /* start of the claimed range */
 	uint64_t stop_code;  /* from the device (debug-exit: the value) */
 	uint64_t device_port;
 };

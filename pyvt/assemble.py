@@ -16,8 +16,7 @@ import tempfile
 from typing import Optional
 
 from .errors import Error
-
-DEFAULT_ADDRESS = 0x1000
+from .modes import LOAD_ADDRESS as DEFAULT_ADDRESS
 
 
 class AssemblerError(Error):

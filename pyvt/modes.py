@@ -31,6 +31,9 @@ from .errors import InvalidModeError, MemoryConfigError
 
 MODES = ("real", "protected", "long")
 
+#: Where flat guest code goes unless told otherwise (pyvt.run, pyvt.assemble).
+LOAD_ADDRESS = 0x1000
+
 SETUP_AREA_START = 0x90000
 SETUP_AREA_END = 0xA0000  # exclusive
 STACK_TOP = SETUP_AREA_START

@@ -7,11 +7,9 @@ from typing import Optional, Union
 
 from . import exits
 from .errors import ArgumentError, MemoryConfigError
+from .modes import LOAD_ADDRESS
 from .registers import Registers
 from .vm import Vm
-
-#: Where ``pyvt.run`` loads code unless told otherwise.
-LOAD_ADDRESS = 0x1000
 
 
 @dataclass(frozen=True)

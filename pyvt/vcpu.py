@@ -335,16 +335,11 @@ class Vcpu:
             target = ffi.buffer(run.mmio.data, size)
         else:
             raise Error(f"reply() answers a pending read, but the last exit was {exit!r}")
-        if isinstance(value, int) and not isinstance(value, bool):
-            try:
-                raw = (value & ((1 << (8 * size)) - 1) if value < 0 else value).to_bytes(size, "little")
-            except OverflowError:
-                raise ArgumentError(f"{value:#x} does not fit in a {size}-byte read") from None
-        elif isinstance(value, (bytes, bytearray)) and len(value) == size:
-            raw = bytes(value)
-        else:
-            raise ArgumentError(f"reply() takes an int or exactly {size} bytes, not {value!r}")
-        target[:] = raw
+        where = exit.port if isinstance(exit, exits.Io) else exit.address
+        try:
+            target[:] = _native.read_answer(value, size, "reply() to the read at", where)
+        except (TypeError, ValueError) as e:
+            raise ArgumentError(str(e)) from None
 
     @property
     def stats(self) -> dict:

@@ -190,9 +190,9 @@ class Vm:
 
     def _sync_devices(self) -> None:
         """Replays coalesced writes still queued in KVM's ring."""
-        for vcpu in list(self.vcpus.values()):
+        vcpu = next(iter(self.vcpus.values()), None)  # the ring is per VM: any will do
+        if vcpu is not None:
             vcpu._drain()
-            break  # the ring is per VM: any vCPU can drain it
 
     # -- lifecycle ---------------------------------------------------------
 

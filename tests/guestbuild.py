@@ -6,10 +6,11 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pyvt
 from pyvt.assemble import AssemblerError, assemble
 
 GUEST_DIR = Path(__file__).parent / "guests"
-LOAD_ADDRESS = 0x1000
+LOAD_ADDRESS = pyvt.LOAD_ADDRESS
 
 __all__ = ["AssemblerError", "GUEST_DIR", "LOAD_ADDRESS", "build"]
 

@@ -80,6 +80,10 @@ def test_unclaimed_mmio_is_returned(vm, load):
     assert (exit.address, exit.size, exit.is_write, exit.value) == (0xD0000000, 4, True, 0xDEADBEEF)
     read = cpu.run(timeout=5)
     assert (read.address, read.size, read.is_write) == (0xD0000010, 8, False)
+    with pytest.raises(pyvt.ArgumentError, match="does not fit in a 8-byte read"):
+        cpu.reply(1 << 64)
+    with pytest.raises(pyvt.ArgumentError, match="3 bytes for a 8-byte read"):
+        cpu.reply(b"abc")
     cpu.reply(99)
     assert isinstance(cpu.run(timeout=5), exits.Hlt)
     assert cpu.regs.rax == 99

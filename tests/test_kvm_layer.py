@@ -147,13 +147,19 @@ def test_guest_debug_single_step():
 @pytest.mark.requires_cap("VCPU_EVENTS", "DEBUGREGS")
 def test_vcpu_state_blocks(vm):
     cpu = vm.vcpu(0, mode="long")
+    ffi = pyvt.kvm.ffi
     events = cpu.fd.get_vcpu_events()
     cpu.fd.set_vcpu_events(events)
+    assert bytes(ffi.buffer(cpu.fd.get_vcpu_events())) == bytes(ffi.buffer(events))
     debugregs = cpu.fd.get_debugregs()
+    debugregs.db[0] = 0x1234
     cpu.fd.set_debugregs(debugregs)
+    assert cpu.fd.get_debugregs().db[0] == 0x1234
     if vm.kvm.check_extension("KVM_CAP_XCRS"):
         xcrs = cpu.fd.get_xcrs()
+        assert xcrs.nr_xcrs >= 1 and xcrs.xcrs[0].value & 1  # XCR0: x87 is always on
         cpu.fd.set_xcrs(xcrs)
+        assert cpu.fd.get_xcrs().xcrs[0].value == xcrs.xcrs[0].value
 
 
 def test_pyvt_module_extras(kvm):

@@ -52,7 +52,6 @@ cdef extern from "sink.h" nogil:
 
     int pvt_sink_init(pvt_sink *sink)
     void pvt_sink_destroy(pvt_sink *sink)
-    void pvt_sink_flush(pvt_sink *sink)
     void pvt_sink_set_stream(pvt_sink *sink, int fd)
     size_t pvt_sink_copy(pvt_sink *sink, size_t offset, uint8_t *out, size_t cap)
     void pvt_sink_clear(pvt_sink *sink)
@@ -130,7 +129,6 @@ cdef extern from "vcpu_loop.h" nogil:
 
     cdef struct pvt_stop_info:
         int user_id
-        uint64_t range_base
         uint64_t stop_code
         uint64_t device_port
 
