@@ -2,7 +2,13 @@
 
 Exit status: 0 when KVM is usable (with ``--require``: when every required
 feature holds), 1 when it is not (or a requirement is missing), 2 for a
-usage error, 3 if pyvt itself failed (reported in one line, no traceback).
+usage error (an unreadable ``--hw-caps-json`` dump included), 3 if pyvt
+itself failed (reported in one line, no traceback).
+
+``--hw-caps-json FILE`` takes the ``PYVT_GET_HW_CAPS`` answer from a dump
+(``kernel_module/tests/hwcaps_json`` prints one inside test VMs too slow for
+Python) instead of asking ``/dev/pyvt``; it is labelled as that source, as
+a live answer would be.
 """
 
 from __future__ import annotations
@@ -31,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "long_mode, or any KVM_CAP_* name); 1 with the missing list otherwise")
     p.add_argument("--device", default="/dev/kvm", metavar="PATH",
                    help="KVM-API device to inspect: /dev/kvm (default) or /dev/pyvt")
+    p.add_argument("--hw-caps-json", metavar="FILE", default=None,
+                   help="take the PYVT_GET_HW_CAPS answer from FILE ('-': standard input), a JSON dump shaped like "
+                        "pyvt.kvm.Kvm.get_hw_caps() (kernel_module/tests/hwcaps_json prints one), instead of "
+                        "asking the device; the other sources are still read on this machine")
     p.add_argument("-v", "--verbose", action="store_true", help="also list unsupported capabilities and CPUID flags")
     return p
 
@@ -53,10 +63,17 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None) -> int
 
 
 def _run(args: argparse.Namespace, out: TextIO) -> int:
-    from .collect import collect
+    from .collect import HwCapsFileError, collect, read_hw_caps_json
     from .report import PROBE_ONLY_FEATURES, build_report, exit_status, render_text
 
-    raw = collect(device=args.device)
+    hw_caps = None
+    if args.hw_caps_json is not None:
+        try:
+            hw_caps = read_hw_caps_json(args.hw_caps_json)
+        except HwCapsFileError as exc:  # the argument is unusable: a usage error
+            print(f"pyvt caps: --hw-caps-json: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    raw = collect(device=args.device, pyvt_hw_caps=hw_caps)
     wants_probe = args.probe or any(
         name.lower().replace("-", "_") in PROBE_ONLY_FEATURES for name in (args.require or []))
     if wants_probe:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import errno as errno_mod
 import functools
+import json
 import os
 import platform
 import re
 import struct
+import sys
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TextIO
 
 from . import svm as svm_mod
 from . import vmx as vmx_mod
@@ -252,6 +254,74 @@ def read_pyvt_hw_caps(device: str) -> tuple[Any, str | None]:
         return None, "pyvt.kvm.Kvm has no get_hw_caps() yet"
     except Exception as exc:
         return None, f"{exc.__class__.__name__}: {exc}"
+
+
+#: Members of ``struct pyvt_cpu_caps`` other than ``vmx_msrs``, all integers.
+_CPU_CAPS_FIELDS = ("cpu", "flags", "ext_ecx", "feat_ecx", "svm_eax", "svm_ebx", "svm_ecx", "svm_edx",
+                    "vm_cr", "feature_control")
+
+
+class HwCapsFileError(ValueError):
+    """A ``--hw-caps-json`` dump that cannot be read or has the wrong shape."""
+
+
+def _is_uint(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 64
+
+
+def parse_hw_caps(doc: Any) -> dict:
+    """Check a PYVT_GET_HW_CAPS dump: the dict ``pyvt.kvm.Kvm.get_hw_caps()`` returns.
+
+    ``{"abi_version", "vendor", "nr_cpus", "npt_levels", "cpus": [{"cpu", "flags",
+    "ext_ecx", "feat_ecx", "svm_eax", "svm_ebx", "svm_ecx", "svm_edx", "vm_cr",
+    "feature_control", "vmx_msrs": [18 integers]}, ...]}``, every value an
+    unsigned integer. Raises :class:`HwCapsFileError` saying what is wrong.
+    """
+    from .report import PYVT_ABI_VERSION, PYVT_VMX_NR_MSRS
+    if not isinstance(doc, dict):
+        raise HwCapsFileError("expected a JSON object")
+    for key in ("abi_version", "vendor", "nr_cpus", "npt_levels"):
+        if not _is_uint(doc.get(key)):
+            raise HwCapsFileError(f"{key!r} must be an unsigned integer")
+    if doc["abi_version"] != PYVT_ABI_VERSION:
+        raise HwCapsFileError(f"written by a pyvt.ko speaking ABI {doc['abi_version']}; "
+                              f"this pyvt reads ABI {PYVT_ABI_VERSION}")
+    cpus = doc.get("cpus")
+    if not isinstance(cpus, list) or not cpus:
+        raise HwCapsFileError("'cpus' must be a non-empty list")
+    for i, cpu in enumerate(cpus):
+        if not isinstance(cpu, dict):
+            raise HwCapsFileError(f"cpus[{i}] must be an object")
+        for key in _CPU_CAPS_FIELDS:
+            if not _is_uint(cpu.get(key)):
+                raise HwCapsFileError(f"cpus[{i}].{key} must be an unsigned integer")
+        msrs = cpu.get("vmx_msrs")
+        if not isinstance(msrs, list) or len(msrs) != PYVT_VMX_NR_MSRS or not all(map(_is_uint, msrs)):
+            raise HwCapsFileError(f"cpus[{i}].vmx_msrs must be a list of {PYVT_VMX_NR_MSRS} unsigned integers")
+    return {"abi_version": doc["abi_version"], "vendor": doc["vendor"], "nr_cpus": doc["nr_cpus"],
+            "npt_levels": doc["npt_levels"],
+            "cpus": [{**{k: cpu[k] for k in _CPU_CAPS_FIELDS}, "vmx_msrs": list(cpu["vmx_msrs"])}
+                     for cpu in cpus]}
+
+
+def read_hw_caps_json(path: str, stdin: TextIO | None = None) -> dict:
+    """Load a PYVT_GET_HW_CAPS dump from *path* (``-``: *stdin*), as :func:`parse_hw_caps` checks it."""
+    try:
+        if path == "-":
+            text = (stdin or sys.stdin).read()
+        else:
+            with open(path) as f:
+                text = f.read()
+    except OSError as exc:
+        raise HwCapsFileError(f"{path}: {exc.strerror}") from None
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise HwCapsFileError(f"{path}: not JSON ({exc})") from None
+    try:
+        return parse_hw_caps(doc)
+    except HwCapsFileError as exc:
+        raise HwCapsFileError(f"{path}: {exc}") from None
 
 
 def tool_version() -> str | None:

@@ -83,6 +83,8 @@ class RawCaps:
 # --- helpers ----------------------------------------------------------------
 
 #: pyvt_cpu_caps.flags bits (kernel_module/include/uapi/pyvt.h).
+PYVT_ABI_VERSION = 1
+PYVT_VMX_NR_MSRS = 18
 PYVT_CPU_CAPS_VM_CR_VALID = 1 << 0
 PYVT_CPU_CAPS_VMX_VALID = 1 << 1
 PYVT_VMX_MSR_FIRST = 0x480
