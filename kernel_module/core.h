@@ -2,7 +2,7 @@
 /*
  * pyvt.ko internals: the vendor-neutral core (VM and vCPU objects, memory
  * slots, nested page tables, the run loop, instruction decode) and the
- * small interface a vendor backend (svm.c, later vmx.c) implements.
+ * small interface a vendor backend (svm.c, vmx.c) implements.
  */
 #ifndef PYVT_CORE_H
 #define PYVT_CORE_H
@@ -17,7 +17,7 @@
 #define PYVT_MAX_VCPUS		8
 #define PYVT_MAX_MEMSLOTS	32
 #define PYVT_MAX_CPUID_ENTRIES	256
-/* Guest-physical addresses must fit in what a 4-level NPT maps. */
+/* Guest-physical addresses must fit in what a 4-level NPT or EPT maps. */
 #define PYVT_MAX_GPA		(1ULL << 48)
 /* Pinning is eager: cap one slot so a bad size cannot pin all of RAM. */
 #define PYVT_MAX_SLOT_PAGES	(1UL << 20)	/* 4 GiB */
@@ -104,6 +104,8 @@ struct pyvt_vcpu {
 struct pyvt_vendor_ops {
 	const char *name;
 	u32 vendor;			/* PYVT_VENDOR_* */
+	int npt_levels;			/* 0: the host's paging depth */
+	u64 npt_leaf_flags;		/* extra bits in a leaf (EPT: type) */
 	int (*probe)(void);		/* hardware usable? once, at load */
 	void (*cleanup)(void);		/* undo probe, at unload */
 	int (*cpu_enable)(void);	/* on each CPU, from CPU hotplug */
@@ -128,6 +130,7 @@ struct pyvt_vendor_ops {
 };
 
 extern const struct pyvt_vendor_ops pyvt_svm_ops;
+extern const struct pyvt_vendor_ops pyvt_vmx_ops;
 extern const struct pyvt_vendor_ops *pyvt_ops;
 extern atomic_long_t pyvt_live_pages;
 extern atomic_long_t pyvt_live_objects;	/* VMs and vCPUs */
@@ -163,6 +166,23 @@ void pyvt_set_cpuid_result(struct pyvt_vcpu *vcpu);
 void pyvt_internal_error(struct pyvt_vcpu *vcpu, u32 suberror, int ndata,
 			 const u64 *data);
 
+/* The EFER bits a guest may set. */
+#define PYVT_EFER_ALLOWED	(EFER_SCE | EFER_LME | EFER_LMA | EFER_NX)
+int pyvt_check_sregs(const struct kvm_sregs *s);
+bool pyvt_msr_value_valid(u32 msr, u64 val);
+int pyvt_efer_write(u64 old, u64 cr0, u64 val, u64 *efer);
+
+/* Guest x87/SSE state in and out of the CPU, around each entry. */
+static inline void pyvt_fxsave(void *area)
+{
+	asm volatile("fxsaveq %0" : "=m" (*(u8 (*)[512])area));
+}
+
+static inline void pyvt_fxrstor(void *area)
+{
+	asm volatile("fxrstorq %0" : : "m" (*(u8 (*)[512])area));
+}
+
 /* emulate.c */
 int pyvt_read_guest_linear(struct pyvt_vcpu *vcpu, const struct kvm_sregs *s,
 			   u64 la, void *buf, unsigned int len);
@@ -175,6 +195,11 @@ int pyvt_complete_pending(struct pyvt_vcpu *vcpu);
 
 /* svm_vmrun.S: one world switch, GIF and interrupts already off */
 void pyvt_svm_enter(u64 vmcb_pa, u64 host_save_pa, unsigned long *gprs);
+
+/* vmx_vmenter.S: one world switch (0, or 1 on VMfail), interrupts off */
+int pyvt_vmx_enter(unsigned long *gprs, bool launched);
+void pyvt_vmx_exit(void);	/* HOST_RIP; not to be called */
+void pyvt_vmx_do_nmi(void);
 
 /* MSRs KVM_GET/SET_MSRS know, as KVM_GET_MSR_INDEX_LIST reports them */
 extern const u32 pyvt_msr_list[];

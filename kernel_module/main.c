@@ -14,6 +14,7 @@
 #include <linux/slab.h>
 #include <linux/uaccess.h>
 #include <asm/processor.h>
+#include <asm/cpufeature.h>
 #include <asm/pgtable.h>
 #include <asm/msr-index.h>
 #include "core.h"
@@ -94,6 +95,8 @@ void pyvt_hw_put(void)
 
 int pyvt_npt_levels(void)
 {
+	if (pyvt_ops->npt_levels)
+		return pyvt_ops->npt_levels;
 	return pgtable_l5_enabled() ? 5 : 4;
 }
 
@@ -342,10 +345,18 @@ static int __init pyvt_init(void)
 {
 	int ret;
 
-	pyvt_ops = &pyvt_svm_ops;
+	/* The vendor is the CPU's: each probe refuses the other's CPUs. */
+	if (boot_cpu_has(X86_FEATURE_VMX) || (cpuid_ecx(1) & BIT(5))) {
+		pyvt_ops = &pyvt_vmx_ops;
+	} else if (boot_cpu_has(X86_FEATURE_SVM)) {
+		pyvt_ops = &pyvt_svm_ops;
+	} else {
+		pr_err("this CPU has neither Intel VT-x (vmx) nor AMD-V (svm)\n");
+		return -ENODEV;
+	}
 	ret = pyvt_ops->probe();
 	if (ret) {
-		pr_info("no usable %s hardware (%d)\n", pyvt_ops->name, ret);
+		pr_err("%s hardware not usable (%d)\n", pyvt_ops->name, ret);
 		return ret;
 	}
 	build_supported_cpuid();
@@ -376,4 +387,4 @@ module_init(pyvt_init);
 module_exit(pyvt_exit);
 MODULE_LICENSE("GPL");
 MODULE_AUTHOR("pyvt developers");
-MODULE_DESCRIPTION("Small AMD-V driver with a KVM-compatible /dev/pyvt");
+MODULE_DESCRIPTION("Small Intel VT-x and AMD-V driver with a KVM-compatible /dev/pyvt");

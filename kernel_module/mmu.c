@@ -10,7 +10,11 @@
 #include <linux/io.h>
 #include "core.h"
 
-/* Nested page table entries are walked as user accesses: set U too. */
+/*
+ * Nested page table entries are walked as user accesses: set U too.
+ * EPT entries have the same low bits with other names (read, write,
+ * execute), so one format serves both; EPT leaves add a memory type.
+ */
 #define NPT_PRESENT	BIT_ULL(0)
 #define NPT_WRITABLE	BIT_ULL(1)
 #define NPT_USER	BIT_ULL(2)
@@ -118,7 +122,7 @@ static int npt_map_slot(struct pyvt_vm *vm, struct pyvt_memslot *slot)
 		}
 		/* Writes to a read-only slot fault and become MMIO exits. */
 		*leaf = __sme_set(page_to_phys(slot->pages[i])) |
-			NPT_PRESENT | NPT_USER |
+			NPT_PRESENT | NPT_USER | pyvt_ops->npt_leaf_flags |
 			(slot->flags & KVM_MEM_READONLY ? 0 : NPT_WRITABLE);
 	}
 	return 0;

@@ -362,28 +362,11 @@ static void svm_get_sregs(struct pyvt_vcpu *vcpu, struct kvm_sregs *k)
 	k->apic_base = vcpu->apic_base;
 }
 
-#define EFER_ALLOWED	(EFER_SCE | EFER_LME | EFER_LMA | EFER_NX)
-
+/* Checked by pyvt_check_sregs(); the rest is left to VMRUN. */
 static int svm_set_sregs(struct pyvt_vcpu *vcpu, const struct kvm_sregs *k)
 {
 	struct vmcb *vmcb = to_svm(vcpu)->vmcb;
 	struct vmcb_save_area *s = &vmcb->save;
-
-	/* The same checks KVM makes; the rest is left to VMRUN. */
-	if (k->efer & ~EFER_ALLOWED)
-		return -EINVAL;
-	if ((k->efer & EFER_LME) && (k->cr0 & X86_CR0_PG)) {
-		if (!(k->cr4 & X86_CR4_PAE) || !(k->efer & EFER_LMA))
-			return -EINVAL;
-	} else if (k->efer & EFER_LMA) {
-		return -EINVAL;
-	}
-	if ((k->cr0 & X86_CR0_PG) && !(k->cr0 & X86_CR0_PE))
-		return -EINVAL;
-	if ((k->cr0 & X86_CR0_NW) && !(k->cr0 & X86_CR0_CD))
-		return -EINVAL;
-	if (k->cr0 >> 32 || k->cr8 > 15 || (k->cr4 & X86_CR4_VMXE))
-		return -EINVAL;
 
 	seg_from_kvm(&s->cs, &k->cs);
 	seg_from_kvm(&s->ds, &k->ds);
@@ -588,34 +571,22 @@ static int msr_read(struct pyvt_vcpu *vcpu, u32 msr, u64 *val)
 static int msr_write(struct pyvt_vcpu *vcpu, u32 msr, u64 val)
 {
 	struct vmcb *vmcb = to_svm(vcpu)->vmcb;
-	u64 *field = vmcb_msr(&vmcb->save, msr), old;
+	u64 *field = vmcb_msr(&vmcb->save, msr), efer;
 
+	if (!pyvt_msr_value_valid(msr, val))
+		return -EINVAL;
 	if (field) {
-		/* Bases must be canonical or VMLOAD would load junk. */
-		if (msr != MSR_STAR && msr != MSR_SYSCALL_MASK &&
-		    msr != MSR_IA32_SYSENTER_CS &&
-		    (s64)(val << 16) >> 16 != (s64)val)
-			return -EINVAL;
 		*field = val;
 		return 0;
 	}
 	switch (msr) {
 	case MSR_EFER:
-		old = vmcb->save.efer;
-		if (val & ~EFER_ALLOWED)
+		if (pyvt_efer_write(vmcb->save.efer & ~EFER_SVME,
+				    vmcb->save.cr0, val, &efer))
 			return -EINVAL;
-		/* LME cannot change while paging is on; LMA is read-only. */
-		if ((vmcb->save.cr0 & X86_CR0_PG) &&
-		    ((val ^ old) & EFER_LME))
-			return -EINVAL;
-		vmcb->save.efer = (val & ~EFER_LMA) | (old & EFER_LMA) |
-				  EFER_SVME;
+		vmcb->save.efer = efer | EFER_SVME;
 		return 0;
 	case MSR_IA32_CR_PAT:
-		/* Each byte a valid memory type: 0, 1, 4, 5, 6 or 7. */
-		if (val & 0xf8f8f8f8f8f8f8f8ULL ||
-		    (val & 0x0202020202020202ULL) & ~(val << 1 & 0x0404040404040404ULL) >> 1)
-			return -EINVAL;
 		vmcb->save.g_pat = val;
 		return 0;
 	case MSR_IA32_APICBASE:
@@ -625,8 +596,6 @@ static int msr_write(struct pyvt_vcpu *vcpu, u32 msr, u64 val)
 		vmcb->control.tsc_offset = val - rdtsc();
 		return 0;
 	case MSR_TSC_AUX:
-		if (val >> 32)
-			return -EINVAL;
 		vcpu->tsc_aux = val;
 		return 0;
 	default:
@@ -711,16 +680,6 @@ static int (*const svm_exit_handlers[])(struct pyvt_vcpu *vcpu) = {
 	[SVM_EXIT_MWAIT]			= ud_interception,
 };
 
-static void fxsave(void *area)
-{
-	asm volatile("fxsaveq %0" : "=m" (*(u8 (*)[512])area));
-}
-
-static void fxrstor(void *area)
-{
-	asm volatile("fxrstorq %0" : : "m" (*(u8 (*)[512])area));
-}
-
 /* Keep an event the exit interrupted, so it is delivered on re-entry. */
 static void save_interrupted_event(struct svm_vcpu *svm)
 {
@@ -773,7 +732,7 @@ static int svm_run_once(struct pyvt_vcpu *vcpu)
 	vcpu->last_cpu = cpu;
 	vcpu->tlb_gen = vcpu->vm->tlb_gen;
 	sd->last_vcpu = vcpu;
-	fxrstor(vcpu->fxsave);
+	pyvt_fxrstor(vcpu->fxsave);
 
 	local_irq_disable();
 	clgi();
@@ -782,7 +741,7 @@ static int svm_run_once(struct pyvt_vcpu *vcpu)
 	stgi();
 	local_irq_enable();
 
-	fxsave(vcpu->fxsave);
+	pyvt_fxsave(vcpu->fxsave);
 	kernel_fpu_end();
 
 	vcpu->gprs[PYVT_RAX] = vmcb->save.rax;

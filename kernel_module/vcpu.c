@@ -13,6 +13,8 @@
 #include <linux/slab.h>
 #include <linux/uaccess.h>
 #include <asm/fpu/api.h>
+#include <asm/msr-index.h>
+#include <asm/processor-flags.h>
 #include "core.h"
 
 void pyvt_internal_error(struct pyvt_vcpu *vcpu, u32 suberror, int ndata,
@@ -205,6 +207,65 @@ static void set_regs(struct pyvt_vcpu *vcpu, const struct kvm_regs *r)
 	vcpu->rflags = (r->rflags & 0x3f7fd5) | 2;
 }
 
+/* The checks KVM makes on KVM_SET_SREGS; the rest is left to the CPU. */
+int pyvt_check_sregs(const struct kvm_sregs *k)
+{
+	if (k->efer & ~PYVT_EFER_ALLOWED)
+		return -EINVAL;
+	if ((k->efer & EFER_LME) && (k->cr0 & X86_CR0_PG)) {
+		if (!(k->cr4 & X86_CR4_PAE) || !(k->efer & EFER_LMA))
+			return -EINVAL;
+	} else if (k->efer & EFER_LMA) {
+		return -EINVAL;
+	}
+	if ((k->cr0 & X86_CR0_PG) && !(k->cr0 & X86_CR0_PE))
+		return -EINVAL;
+	if ((k->cr0 & X86_CR0_NW) && !(k->cr0 & X86_CR0_CD))
+		return -EINVAL;
+	if (k->cr0 >> 32 || k->cr8 > 15 || (k->cr4 & X86_CR4_VMXE))
+		return -EINVAL;
+	return 0;
+}
+
+/* Values WRMSR and KVM_SET_MSRS refuse, whoever holds the MSR. */
+bool pyvt_msr_value_valid(u32 msr, u64 val)
+{
+	switch (msr) {
+	case MSR_FS_BASE:
+	case MSR_GS_BASE:
+	case MSR_KERNEL_GS_BASE:
+	case MSR_LSTAR:
+	case MSR_CSTAR:
+	case MSR_IA32_SYSENTER_ESP:
+	case MSR_IA32_SYSENTER_EIP:
+		/* Bases must be canonical or the CPU would load junk. */
+		return (s64)(val << 16) >> 16 == (s64)val;
+	case MSR_IA32_CR_PAT:
+		/* Each byte a valid memory type: 0, 1, 4, 5, 6 or 7. */
+		return !(val & 0xf8f8f8f8f8f8f8f8ULL) &&
+		       !((val & 0x0202020202020202ULL) &
+			 ~(val << 1 & 0x0404040404040404ULL) >> 1);
+	case MSR_TSC_AUX:
+		return !(val >> 32);
+	default:
+		return true;
+	}
+}
+
+/*
+ * EFER after the guest or user space writes @val: LME cannot change
+ * while paging is on, LMA is read-only.
+ */
+int pyvt_efer_write(u64 old, u64 cr0, u64 val, u64 *efer)
+{
+	if (val & ~PYVT_EFER_ALLOWED)
+		return -EINVAL;
+	if ((cr0 & X86_CR0_PG) && ((val ^ old) & EFER_LME))
+		return -EINVAL;
+	*efer = (val & ~EFER_LMA) | (old & EFER_LMA);
+	return 0;
+}
+
 static int pyvt_vcpu_run(struct pyvt_vcpu *vcpu)
 {
 	struct pyvt_vm *vm = vcpu->vm;
@@ -308,7 +369,9 @@ static long pyvt_vcpu_ioctl(struct file *filp, unsigned int ioctl,
 			ret = -EFAULT;
 			break;
 		}
-		ret = pyvt_ops->set_sregs(vcpu, &u->sregs);
+		ret = pyvt_check_sregs(&u->sregs);
+		if (!ret)
+			ret = pyvt_ops->set_sregs(vcpu, &u->sregs);
 		break;
 	case KVM_GET_FPU:
 		get_fpu(vcpu, &u->fpu);

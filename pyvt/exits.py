@@ -123,6 +123,18 @@ _ENTRY_FAILURES = {
 }
 
 
+# When VMLAUNCH/VMRESUME itself fails (VMfailValid), KVM and pyvt.ko report
+# the VM-instruction error number instead (Intel SDM Vol. 3, section 31.4).
+_VM_INSTRUCTION_ERRORS = {
+    4: "VMLAUNCH with a non-clear VMCS",
+    5: "VMRESUME with a non-launched VMCS",
+    6: "VMRESUME after VMXOFF",
+    7: "VM entry with invalid control field(s)",
+    8: "VM entry with invalid host-state field(s)",
+    26: "VM entry with events blocked by MOV SS",
+}
+
+
 def describe_entry_failure(reason: int) -> str:
     """Names a ``hardware_entry_failure_reason`` as VMX or SVM reports it."""
     if reason in (0xFFFFFFFFFFFFFFFF, 0xFFFFFFFF):
@@ -130,6 +142,8 @@ def describe_entry_failure(reason: int) -> str:
     basic = reason & 0xFFFF
     if basic in _ENTRY_FAILURES:
         return f"VMX: {_ENTRY_FAILURES[basic]}"
+    if reason in _VM_INSTRUCTION_ERRORS:
+        return f"VMX: VM-instruction error {reason}: {_VM_INSTRUCTION_ERRORS[reason]}"
     return f"unrecognised hardware reason {reason:#x}"
 
 

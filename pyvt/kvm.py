@@ -334,8 +334,9 @@ class Kvm(_Fd):
         }
 
     def measure_roundtrip(self, iterations: int = 1000) -> dict:
-        """``PYVT_MEASURE_ROUNDTRIP`` (``/dev/pyvt`` only): the VMRUN-to-#VMEXIT
-        round trip of a trivial guest, in TSC cycles (min, median, max)."""
+        """``PYVT_MEASURE_ROUNDTRIP`` (``/dev/pyvt`` only): the world-switch round
+        trip of a trivial guest (VMRUN to #VMEXIT on AMD, VMLAUNCH/VMRESUME to
+        VM exit on Intel), in TSC cycles (min, median, max)."""
         if isinstance(iterations, bool) or not isinstance(iterations, int) or \
                 not 1 <= iterations <= lib.PYVT_ROUNDTRIP_MAX_ITERATIONS:
             raise ArgumentError(f"iterations must be 1-{lib.PYVT_ROUNDTRIP_MAX_ITERATIONS}, "

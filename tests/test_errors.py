@@ -196,6 +196,10 @@ def test_fail_entry_is_decoded(vm):
         exit.raise_for_failure()
     run.fail_entry.hardware_entry_failure_reason = 0xFFFFFFFFFFFFFFFF
     assert "VMEXIT_INVALID" in cpu._decode_kvm_exit().reason
+    # A VMLAUNCH that fails outright reports the VM-instruction error.
+    run.fail_entry.hardware_entry_failure_reason = 7
+    assert cpu._decode_kvm_exit().reason == \
+        "VMX: VM-instruction error 7: VM entry with invalid control field(s)"
 
 
 @pytest.mark.requires_kvm

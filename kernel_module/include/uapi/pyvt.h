@@ -62,11 +62,12 @@ struct pyvt_hw_caps {
 };
 
 /*
- * PYVT_MEASURE_ROUNDTRIP: run a trivial guest (one VMMCALL, intercepted)
- * @iterations times on the calling CPU with interrupts off and time each
- * world switch (VMSAVE host, VMLOAD guest, VMRUN, #VMEXIT, VMSAVE guest,
- * VMLOAD host) with the TSC.  Needs no VM; fails with EBUSY while another
- * hypervisor owns SVM.
+ * PYVT_MEASURE_ROUNDTRIP: run a trivial guest (one intercepted VMMCALL on
+ * AMD, VMCALL on Intel) @iterations times with interrupts off and time
+ * each world switch with the TSC: on AMD VMSAVE host, VMLOAD guest, VMRUN,
+ * #VMEXIT, VMSAVE guest, VMLOAD host; on Intel VMLAUNCH/VMRESUME to the
+ * VM exit.  Needs no VM; fails with EBUSY while another hypervisor owns
+ * the extensions.
  */
 #define PYVT_ROUNDTRIP_MAX_ITERATIONS	100000
 
@@ -77,7 +78,7 @@ struct pyvt_roundtrip {
 	__u64 median_cycles;	/* out */
 	__u64 max_cycles;	/* out */
 	__u64 tsc_khz;		/* out: to convert cycles to time */
-	__u32 exit_code;	/* out: exit code of the last run (0x81 VMMCALL) */
+	__u32 exit_code;	/* out: exit code of the last run (AMD 0x81 VMMCALL, Intel 18 VMCALL) */
 	__u32 reserved;
 };
 

@@ -1,0 +1,151 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * One Intel VT-x world switch, and the NMI hand-off after an NMI exit.
+ * The caller has interrupts off and the vCPU's VMCS current on this CPU.
+ * Guest RSP and RIP live in the VMCS; the other guest GPRs are swapped
+ * here.  A VM exit lands at pyvt_vmx_exit (the VMCS HOST_RIP) with RSP
+ * as written to HOST_RSP just before entering.
+ */
+#include <linux/linkage.h>
+#include <asm/asm.h>
+#include <asm/ibt.h>
+#include <asm/unwind_hints.h>
+#include <asm/nospec-branch.h>
+#include <asm/segment.h>
+
+/* The VMCS field encoding of HOST_RSP (<asm/vmx.h> is C only). */
+#define VMCS_HOST_RSP	0x6c14
+
+/* Offsets into unsigned long gprs[16], in x86 register-number order. */
+#define VCPU_RAX	(0 * 8)
+#define VCPU_RCX	(1 * 8)
+#define VCPU_RDX	(2 * 8)
+#define VCPU_RBX	(3 * 8)
+#define VCPU_RBP	(5 * 8)
+#define VCPU_RSI	(6 * 8)
+#define VCPU_RDI	(7 * 8)
+#define VCPU_R8		(8 * 8)
+#define VCPU_R9		(9 * 8)
+#define VCPU_R10	(10 * 8)
+#define VCPU_R11	(11 * 8)
+#define VCPU_R12	(12 * 8)
+#define VCPU_R13	(13 * 8)
+#define VCPU_R14	(14 * 8)
+#define VCPU_R15	(15 * 8)
+
+	.text
+
+/*
+ * int pyvt_vmx_enter(unsigned long *gprs, bool launched)
+ * Returns 0 after a VM exit, 1 if VMLAUNCH/VMRESUME failed (VMfail; the
+ * VM-instruction error field says why).
+ */
+SYM_FUNC_START(pyvt_vmx_enter)
+	push	%rbp
+	mov	%rsp, %rbp
+	push	%r15
+	push	%r14
+	push	%r13
+	push	%r12
+	push	%rbx
+	push	%rdi		/* gprs: 0(%rsp) from here on */
+
+	/* A VM exit comes back with exactly this stack. */
+	mov	$VMCS_HOST_RSP, %rax
+	vmwrite	%rsp, %rax
+	jbe	.Lvmfail
+
+	mov	%rdi, %rax
+	/* Pick VMRESUME or VMLAUNCH now: the MOVs below keep the flags. */
+	test	%sil, %sil
+	mov	VCPU_RCX(%rax), %rcx
+	mov	VCPU_RDX(%rax), %rdx
+	mov	VCPU_RBX(%rax), %rbx
+	mov	VCPU_RBP(%rax), %rbp
+	mov	VCPU_RSI(%rax), %rsi
+	mov	VCPU_RDI(%rax), %rdi
+	mov	VCPU_R8(%rax), %r8
+	mov	VCPU_R9(%rax), %r9
+	mov	VCPU_R10(%rax), %r10
+	mov	VCPU_R11(%rax), %r11
+	mov	VCPU_R12(%rax), %r12
+	mov	VCPU_R13(%rax), %r13
+	mov	VCPU_R14(%rax), %r14
+	mov	VCPU_R15(%rax), %r15
+	mov	VCPU_RAX(%rax), %rax
+	jz	.Lvmlaunch
+
+	/* A successful entry resumes at pyvt_vmx_exit, not below. */
+	UNWIND_HINT_SAVE
+	vmresume
+	jmp	.Lvmfail
+.Lvmlaunch:
+	vmlaunch
+	jmp	.Lvmfail
+
+SYM_INNER_LABEL(pyvt_vmx_exit, SYM_L_GLOBAL)
+	UNWIND_HINT_RESTORE
+	ENDBR
+	push	%rax		/* guest RAX */
+	mov	8(%rsp), %rax	/* gprs */
+	pop	VCPU_RAX(%rax)
+	mov	%rcx, VCPU_RCX(%rax)
+	mov	%rdx, VCPU_RDX(%rax)
+	mov	%rbx, VCPU_RBX(%rax)
+	mov	%rbp, VCPU_RBP(%rax)
+	mov	%rsi, VCPU_RSI(%rax)
+	mov	%rdi, VCPU_RDI(%rax)
+	mov	%r8, VCPU_R8(%rax)
+	mov	%r9, VCPU_R9(%rax)
+	mov	%r10, VCPU_R10(%rax)
+	mov	%r11, VCPU_R11(%rax)
+	mov	%r12, VCPU_R12(%rax)
+	mov	%r13, VCPU_R13(%rax)
+	mov	%r14, VCPU_R14(%rax)
+	mov	%r15, VCPU_R15(%rax)
+	xor	%eax, %eax
+	jmp	.Lout
+
+.Lvmfail:
+	mov	$1, %eax
+
+.Lout:
+	/* Leave no guest values in caller-saved registers. */
+	xor	%ecx, %ecx
+	xor	%edx, %edx
+	xor	%esi, %esi
+	xor	%edi, %edi
+	xor	%r8d, %r8d
+	xor	%r9d, %r9d
+	xor	%r10d, %r10d
+	xor	%r11d, %r11d
+
+	add	$8, %rsp	/* gprs */
+	pop	%rbx
+	pop	%r12
+	pop	%r13
+	pop	%r14
+	pop	%r15
+	pop	%rbp
+	RET
+SYM_FUNC_END(pyvt_vmx_enter)
+
+/*
+ * void pyvt_vmx_do_nmi(void)
+ * An NMI that caused a VM exit was taken by the exit, not by the host:
+ * hand it to Linux's NMI handler through a hardware-like interrupt
+ * frame, whose IRET also ends the NMI blocking the exit left behind.
+ * Interrupts must be off.
+ */
+SYM_FUNC_START(pyvt_vmx_do_nmi)
+	push	%rbp
+	mov	%rsp, %rbp
+	and	$-16, %rsp
+	push	$__KERNEL_DS
+	push	%rbp
+	pushf
+	push	$__KERNEL_CS
+	call	asm_exc_nmi_noist
+	leave
+	RET
+SYM_FUNC_END(pyvt_vmx_do_nmi)
