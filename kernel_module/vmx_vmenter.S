@@ -12,26 +12,10 @@
 #include <asm/unwind_hints.h>
 #include <asm/nospec-branch.h>
 #include <asm/segment.h>
+#include "guest_gprs.h"
 
 /* The VMCS field encoding of HOST_RSP (<asm/vmx.h> is C only). */
 #define VMCS_HOST_RSP	0x6c14
-
-/* Offsets into unsigned long gprs[16], in x86 register-number order. */
-#define VCPU_RAX	(0 * 8)
-#define VCPU_RCX	(1 * 8)
-#define VCPU_RDX	(2 * 8)
-#define VCPU_RBX	(3 * 8)
-#define VCPU_RBP	(5 * 8)
-#define VCPU_RSI	(6 * 8)
-#define VCPU_RDI	(7 * 8)
-#define VCPU_R8		(8 * 8)
-#define VCPU_R9		(9 * 8)
-#define VCPU_R10	(10 * 8)
-#define VCPU_R11	(11 * 8)
-#define VCPU_R12	(12 * 8)
-#define VCPU_R13	(13 * 8)
-#define VCPU_R14	(14 * 8)
-#define VCPU_R15	(15 * 8)
 
 	.text
 
@@ -58,20 +42,7 @@ SYM_FUNC_START(pyvt_vmx_enter)
 	mov	%rdi, %rax
 	/* Pick VMRESUME or VMLAUNCH now: the MOVs below keep the flags. */
 	test	%sil, %sil
-	mov	VCPU_RCX(%rax), %rcx
-	mov	VCPU_RDX(%rax), %rdx
-	mov	VCPU_RBX(%rax), %rbx
-	mov	VCPU_RBP(%rax), %rbp
-	mov	VCPU_RSI(%rax), %rsi
-	mov	VCPU_RDI(%rax), %rdi
-	mov	VCPU_R8(%rax), %r8
-	mov	VCPU_R9(%rax), %r9
-	mov	VCPU_R10(%rax), %r10
-	mov	VCPU_R11(%rax), %r11
-	mov	VCPU_R12(%rax), %r12
-	mov	VCPU_R13(%rax), %r13
-	mov	VCPU_R14(%rax), %r14
-	mov	VCPU_R15(%rax), %r15
+	LOAD_GUEST_GPRS %rax
 	mov	VCPU_RAX(%rax), %rax
 	jz	.Lvmlaunch
 
@@ -89,20 +60,7 @@ SYM_INNER_LABEL(pyvt_vmx_exit, SYM_L_GLOBAL)
 	push	%rax		/* guest RAX */
 	mov	8(%rsp), %rax	/* gprs */
 	pop	VCPU_RAX(%rax)
-	mov	%rcx, VCPU_RCX(%rax)
-	mov	%rdx, VCPU_RDX(%rax)
-	mov	%rbx, VCPU_RBX(%rax)
-	mov	%rbp, VCPU_RBP(%rax)
-	mov	%rsi, VCPU_RSI(%rax)
-	mov	%rdi, VCPU_RDI(%rax)
-	mov	%r8, VCPU_R8(%rax)
-	mov	%r9, VCPU_R9(%rax)
-	mov	%r10, VCPU_R10(%rax)
-	mov	%r11, VCPU_R11(%rax)
-	mov	%r12, VCPU_R12(%rax)
-	mov	%r13, VCPU_R13(%rax)
-	mov	%r14, VCPU_R14(%rax)
-	mov	%r15, VCPU_R15(%rax)
+	SAVE_GUEST_GPRS %rax
 	xor	%eax, %eax
 	jmp	.Lout
 
@@ -110,15 +68,7 @@ SYM_INNER_LABEL(pyvt_vmx_exit, SYM_L_GLOBAL)
 	mov	$1, %eax
 
 .Lout:
-	/* Leave no guest values in caller-saved registers. */
-	xor	%ecx, %ecx
-	xor	%edx, %edx
-	xor	%esi, %esi
-	xor	%edi, %edi
-	xor	%r8d, %r8d
-	xor	%r9d, %r9d
-	xor	%r10d, %r10d
-	xor	%r11d, %r11d
+	CLEAR_CALLER_SAVED
 
 	add	$8, %rsp	/* gprs */
 	pop	%rbx
