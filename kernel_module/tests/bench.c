@@ -127,33 +127,85 @@ static double median(struct backend *b)
 	return b->samples[b->n / 2];
 }
 
-/* PYVT_GET_HW_CAPS: one line per CPU; AMD with nested paging expected. */
+static const char *const vmx_msr_names[PYVT_VMX_NR_MSRS] = {
+	"BASIC", "PINBASED_CTLS", "PROCBASED_CTLS", "EXIT_CTLS",
+	"ENTRY_CTLS", "MISC", "CR0_FIXED0", "CR0_FIXED1", "CR4_FIXED0",
+	"CR4_FIXED1", "VMCS_ENUM", "PROCBASED_CTLS2", "EPT_VPID_CAP",
+	"TRUE_PINBASED_CTLS", "TRUE_PROCBASED_CTLS", "TRUE_EXIT_CTLS",
+	"TRUE_ENTRY_CTLS", "VMFUNC",
+};
+
+/* AMD: the SVM leaf and VM_CR; SVM and nested paging are required. */
+static int print_svm_caps(const struct pyvt_hw_caps *caps,
+			  const struct pyvt_cpu_caps *cpus)
+{
+	unsigned int i;
+
+	for (i = 0; i < caps->nr_cpus && i < 64; i++)
+		printf("CAPS cpu %u: svm rev %u asids %u features %#x vm_cr %#llx%s\n",
+		       cpus[i].cpu, cpus[i].svm_eax & 0xff, cpus[i].svm_ebx,
+		       cpus[i].svm_edx, (unsigned long long)cpus[i].vm_cr,
+		       cpus[i].flags & PYVT_CPU_CAPS_VM_CR_VALID ? "" :
+		       " (unreadable)");
+	if (!(cpus[0].ext_ecx & 4) || !(cpus[0].svm_edx & 1)) {
+		printf("FAIL PYVT_GET_HW_CAPS: expected AMD with SVM and NPT\n");
+		return -1;
+	}
+	return 0;
+}
+
+/* Intel: IA32_FEATURE_CONTROL and the VMX MSRs, which must have been read. */
+static int print_vmx_caps(const struct pyvt_hw_caps *caps,
+			  const struct pyvt_cpu_caps *cpus)
+{
+	unsigned int i, m;
+
+	for (i = 0; i < caps->nr_cpus && i < 64; i++) {
+		printf("CAPS cpu %u: vmx %s feature_control %#llx%s\n",
+		       cpus[i].cpu, cpus[i].feat_ecx & (1 << 5) ? "yes" : "no",
+		       (unsigned long long)cpus[i].feature_control,
+		       cpus[i].flags & PYVT_CPU_CAPS_VMX_VALID ? "" :
+		       " (VMX MSRs unread)");
+		if (!(cpus[i].flags & PYVT_CPU_CAPS_VMX_VALID))
+			continue;
+		for (m = 0; m < PYVT_VMX_NR_MSRS; m++)
+			printf("CAPS cpu %u:   %#x IA32_VMX_%-19s %#018llx\n",
+			       cpus[i].cpu, PYVT_VMX_MSR_FIRST + m,
+			       vmx_msr_names[m],
+			       (unsigned long long)cpus[i].vmx_msrs[m]);
+	}
+	if (!(cpus[0].feat_ecx & (1 << 5)) ||
+	    !(cpus[0].flags & PYVT_CPU_CAPS_VMX_VALID)) {
+		printf("FAIL PYVT_GET_HW_CAPS: expected Intel with VMX and its MSRs read\n");
+		return -1;
+	}
+	return 0;
+}
+
+/* PYVT_GET_HW_CAPS: one line per CPU (Intel: and its VMX MSRs). */
 static int print_caps(int fd)
 {
 	struct pyvt_cpu_caps cpus[64];
 	struct pyvt_hw_caps caps = {
 		.max_cpus = 64, .cpus = (uintptr_t)cpus,
 	};
-	unsigned int i;
 
 	if (ioctl(fd, PYVT_GET_HW_CAPS, &caps)) {
 		printf("FAIL PYVT_GET_HW_CAPS: %s\n", strerror(errno));
 		return -1;
 	}
-	printf("CAPS abi %u vendor %u (1=AMD) cpus %u npt_levels %u\n",
+	printf("CAPS abi %u vendor %u (1=AMD 2=Intel) cpus %u npt_levels %u\n",
 	       caps.abi_version, caps.vendor, caps.nr_cpus, caps.npt_levels);
-	for (i = 0; i < caps.nr_cpus && i < 64; i++)
-		printf("CAPS cpu %u: svm rev %u asids %u features %#x vm_cr %#llx%s\n",
-		       cpus[i].cpu, cpus[i].svm_eax & 0xff, cpus[i].svm_ebx,
-		       cpus[i].svm_edx, (unsigned long long)cpus[i].vm_cr,
-		       cpus[i].flags & PYVT_CPU_CAPS_VM_CR_VALID ? "" :
-		       " (unreadable)");
-	if (caps.vendor != PYVT_VENDOR_AMD || !caps.nr_cpus ||
-	    !(cpus[0].ext_ecx & 4) || !(cpus[0].svm_edx & 1)) {
-		printf("FAIL PYVT_GET_HW_CAPS: expected AMD with SVM and NPT\n");
+	if (!caps.nr_cpus) {
+		printf("FAIL PYVT_GET_HW_CAPS: no CPU reported\n");
 		return -1;
 	}
-	return 0;
+	if (caps.vendor == PYVT_VENDOR_AMD)
+		return print_svm_caps(&caps, cpus);
+	if (caps.vendor == PYVT_VENDOR_INTEL)
+		return print_vmx_caps(&caps, cpus);
+	printf("FAIL PYVT_GET_HW_CAPS: unknown vendor %u\n", caps.vendor);
+	return -1;
 }
 
 int main(int argc, char **argv)

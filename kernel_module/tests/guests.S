@@ -125,6 +125,14 @@ bench_start:
 	jmp	bench_start
 bench_end:
 
+/* Real mode, loaded at 0x1000: the word at 0x800 to port 0x10, then hlt. */
+	.globl many_start, many_end
+many_start:
+	mov	0x800, %ax
+	out	%ax, $0x10
+	hlt
+many_end:
+
 /* 32-bit protected mode, flat, loaded at 0x2000: MMIO forms. */
 #define P(x) ((x) - pm_start + 0x2000)
 	.globl pm_start, pm_end

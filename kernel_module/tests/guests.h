@@ -14,6 +14,7 @@ extern const unsigned char loop_start[], loop_end[];
 extern const unsigned char fpu_start[], fpu_end[];
 extern const unsigned char alu_start[], alu_end[];
 extern const unsigned char bench_start[], bench_end[];
+extern const unsigned char many_start[], many_end[];
 extern const unsigned char ro_start[], ro_end[];
 extern const unsigned char xmm_out_start[], xmm_out_end[];
 

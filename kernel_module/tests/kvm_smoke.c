@@ -632,6 +632,98 @@ out:
 	return 0;
 }
 
+/*
+ * One VM after another, each created, run and closed: VM creation and
+ * teardown (and, underneath, turning SVM/VMX on and off with the first
+ * and last VM) must not leak or go stale.  Each guest sends its own
+ * number, written into its fresh memory, to port 0x10 and halts.
+ */
+#define MANY_VMS 200
+
+static int one_small_vm(int i, char *why, size_t len)
+{
+	struct kvm_userspace_memory_region mr = { .memory_size = 0x10000 };
+	struct kvm_sregs sregs;
+	struct kvm_regs regs = { .rip = 0x1000, .rflags = 2 };
+	int vm, vcpu = -1, size, ok = 0;
+	struct kvm_run *run = MAP_FAILED;
+	unsigned char *mem;
+	uint16_t data = 0;
+
+	size = ioctl(sys_fd, KVM_GET_VCPU_MMAP_SIZE, 0);
+	mem = mmap(NULL, 0x10000, PROT_READ | PROT_WRITE,
+		   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	vm = ioctl(sys_fd, KVM_CREATE_VM, 0);
+	if (vm < 0 || mem == MAP_FAILED) {
+		snprintf(why, len, "VM %d: KVM_CREATE_VM: %s", i, strerror(errno));
+		goto out;
+	}
+	memcpy(mem + 0x1000, many_start, many_end - many_start);
+	memcpy(mem + 0x800, &(uint16_t){ i }, 2);
+	mr.userspace_addr = (uintptr_t)mem;
+	if (ioctl(vm, KVM_SET_USER_MEMORY_REGION, &mr) ||
+	    (vcpu = ioctl(vm, KVM_CREATE_VCPU, 0)) < 0 ||
+	    (run = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED,
+			vcpu, 0)) == MAP_FAILED ||
+	    ioctl(vcpu, KVM_GET_SREGS, &sregs)) {
+		snprintf(why, len, "VM %d: setup: %s", i, strerror(errno));
+		goto out;
+	}
+	sregs.cs.base = 0;
+	sregs.cs.selector = 0;
+	if (ioctl(vcpu, KVM_SET_SREGS, &sregs) ||
+	    ioctl(vcpu, KVM_SET_REGS, &regs) || ioctl(vcpu, KVM_RUN, 0)) {
+		snprintf(why, len, "VM %d: first KVM_RUN: %s", i, strerror(errno));
+		goto out;
+	}
+	if (run->exit_reason == KVM_EXIT_IO)
+		memcpy(&data, (char *)run + run->io.data_offset, 2);
+	if (run->exit_reason != KVM_EXIT_IO ||
+	    run->io.direction != KVM_EXIT_IO_OUT || run->io.port != 0x10 ||
+	    run->io.size != 2 || run->io.count != 1 || data != i) {
+		snprintf(why, len, "VM %d: exit %u port %#x size %u data %#x",
+			 i, run->exit_reason, run->io.port, run->io.size, data);
+		goto out;
+	}
+	if (ioctl(vcpu, KVM_RUN, 0) || run->exit_reason != KVM_EXIT_HLT) {
+		snprintf(why, len, "VM %d: second exit %u, not hlt (%s)", i,
+			 run->exit_reason, strerror(errno));
+		goto out;
+	}
+	ok = 1;
+out:
+	if (run != MAP_FAILED)
+		munmap(run, size);
+	if (vcpu >= 0)
+		close(vcpu);
+	if (vm >= 0)
+		close(vm);
+	if (mem != MAP_FAILED)
+		munmap(mem, 0x10000);
+	return ok;
+}
+
+static int test_many_vms(void)
+{
+	char why[160] = "", first[160] = "";
+	int i, good = 0;
+
+	printf("== %d VMs one after another: create, run, close\n", MANY_VMS);
+	for (i = 0; i < MANY_VMS; i++) {
+		if (one_small_vm(i, why, sizeof(why)))
+			good++;
+		else if (!first[0])
+			memcpy(first, why, sizeof(first));
+	}
+	printf("  %d of %d sent their own number to port 0x10, then halted\n",
+	       good, MANY_VMS);
+	if (good != MANY_VMS) {
+		printf("FAIL %s: first bad: %s\n", __func__, first);
+		failures++;
+	}
+	return 0;
+}
+
 /* Hold a VM open for @seconds: for the hotplug and rmmod checks. */
 static int hold_vm(int seconds)
 {
@@ -685,6 +777,7 @@ int main(int argc, char **argv)
 	test_state_ioctls();
 	test_two_vcpus();
 	test_interrupts();
+	test_many_vms();
 	/* Not compared: KVM emulates every instruction, pyvt only MOV. */
 	printf("# ALU instruction on MMIO (pyvt reports internal error):\n");
 	{
