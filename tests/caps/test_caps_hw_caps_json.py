@@ -21,6 +21,9 @@ from pyvt.caps.feature_control import IA32_FEATURE_CONTROL
 
 SCHEMA = pathlib.Path(rep.__file__).with_name("report.schema.json")
 CPUS = 2
+#: What hwcaps_json printed inside kernel_module/tests/run-in-bochs (Bochs 2.7,
+#: cpu model corei7_haswell_4770, 2 CPUs), cut from the serial log as the script does.
+BOCHS_DUMP = pathlib.Path(__file__).parent / "fixtures" / "hw_caps" / "bochs_corei7_haswell_4770.json"
 
 
 def hwcaps_json_text(abi_version: int = 1, nr_msrs: int = 18) -> str:
@@ -128,3 +131,15 @@ def test_unusable_dump_is_a_usage_error(tmp_path, capsys, text, message):
     assert out == ""
     assert err.startswith("pyvt caps: --hw-caps-json: ") and message in err
     assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_dump_recorded_in_bochs():
+    """hwcaps_json's real output parses; Bochs's Haswell has the EPT extras Ivy Bridge lacks."""
+    status, out = run("--device", "/dev/pyvt", "--hw-caps-json", str(BOCHS_DUMP), "--json")
+    assert status == expected_status()
+    doc = json.loads(out)
+    features = doc["vmx"]["features"]
+    assert doc["vmx"]["source"] == "pyvt_hw_caps"
+    assert features["ept"] and features["vpid"] and features["unrestricted_guest"]
+    assert features["ept_ad_bits"] and features["ept_1g_pages"] and features["vmcs_shadowing"]
+    assert doc["host"]["pyvt_hw_caps"]["nr_cpus"] == 2 and doc["host"]["pyvt_hw_caps"]["cpus_consistent"]
