@@ -380,10 +380,26 @@ static int test_interrupts(void)
 	vm.run->immediate_exit = 0;
 
 	sigaction(SIGALRM, &sa, NULL);	/* no SA_RESTART */
-	setitimer(ITIMER_REAL, &it, NULL);
-	r = ioctl(vm.vcpu, KVM_RUN, 0);
-	printf("  spinning guest + SIGALRM: ret=%d errno=%s exit_reason=%u\n",
-	       r, r ? strerror(errno) : "-", vm.run->exit_reason);
+	/*
+	 * Spinning with interrupts enabled (none is ever injected), then,
+	 * on pyvt only and not compared, with them disabled: Bochs 2.7 does
+	 * not let a host interrupt exit a VMX guest whose RFLAGS.IF is 0, so
+	 * kvm-intel never returns there; pyvt's time slice still ends it.
+	 */
+	for (int if_flag = 1; if_flag >= 0; if_flag--) {
+		struct kvm_regs regs;
+
+		if (!if_flag && !strcmp(dev, "/dev/kvm"))
+			break;
+		CHECK(!ioctl(vm.vcpu, KVM_GET_REGS, &regs), "KVM_GET_REGS");
+		regs.rflags = if_flag ? 0x202 : 0x2;
+		CHECK(!ioctl(vm.vcpu, KVM_SET_REGS, &regs), "KVM_SET_REGS");
+		setitimer(ITIMER_REAL, &it, NULL);
+		r = ioctl(vm.vcpu, KVM_RUN, 0);
+		printf("%s  spinning guest (IF=%d) + SIGALRM: ret=%d errno=%s exit_reason=%u\n",
+		       if_flag ? "" : "#", if_flag, r, r ? strerror(errno) : "-",
+		       vm.run->exit_reason);
+	}
 out:
 	vm_destroy(&vm);
 	return 0;
