@@ -1030,6 +1030,26 @@ static int enter_guest(struct pyvt_vcpu *vcpu, int cpu, u64 *tsc)
 	return fail;
 }
 
+/* What may have changed since the last exit, into the VMCS. */
+static void write_entry_state(struct pyvt_vcpu *vcpu)
+{
+	struct vmx_vcpu *vmx = to_vmx(vcpu);
+
+	vmcs_write(GUEST_RSP, vcpu->gprs[PYVT_RSP]);
+	vmcs_write(GUEST_RIP, vcpu->rip);
+	vmcs_write(GUEST_RFLAGS, vcpu->rflags);
+	/* RIP moved on (skipped, emulated, set): no STI/MOV SS shadow left. */
+	if (vcpu->rip != vmx->exit_rip)
+		vmcs_write(GUEST_INTERRUPTIBILITY_INFO,
+			   vmcs_read(GUEST_INTERRUPTIBILITY_INFO) &
+			   ~(u64)(GUEST_INTR_STATE_STI |
+				  GUEST_INTR_STATE_MOV_SS));
+	vmcs_write(VM_ENTRY_INTR_INFO_FIELD, vmx->inject_info);
+	if (vmx->inject_info & INTR_INFO_DELIVER_CODE_MASK)
+		vmcs_write(VM_ENTRY_EXCEPTION_ERROR_CODE, vmx->inject_error);
+	vmx->inject_info = 0;
+}
+
 /* --- Exits ------------------------------------------------------------ */
 
 static void dump_vmcs(struct pyvt_vcpu *vcpu, const char *why)
@@ -1477,18 +1497,7 @@ static int vmx_run_once(struct pyvt_vcpu *vcpu)
 		return 1;
 	}
 	cpu = smp_processor_id();
-	vmcs_write(GUEST_RSP, vcpu->gprs[PYVT_RSP]);
-	vmcs_write(GUEST_RIP, vcpu->rip);
-	vmcs_write(GUEST_RFLAGS, vcpu->rflags);
-	/* RIP moved on (skipped, emulated, set): no STI/MOV SS shadow left. */
-	if (vcpu->rip != vmx->exit_rip)
-		vmcs_write(GUEST_INTERRUPTIBILITY_INFO,
-			vmcs_read(GUEST_INTERRUPTIBILITY_INFO) &
-			~(u64)(GUEST_INTR_STATE_STI | GUEST_INTR_STATE_MOV_SS));
-	vmcs_write(VM_ENTRY_INTR_INFO_FIELD, vmx->inject_info);
-	if (vmx->inject_info & INTR_INFO_DELIVER_CODE_MASK)
-		vmcs_write(VM_ENTRY_EXCEPTION_ERROR_CODE, vmx->inject_error);
-	vmx->inject_info = 0;
+	write_entry_state(vcpu);
 	flush_if_needed(vcpu, cpu);
 	pyvt_fxrstor(vcpu->fxsave);
 
@@ -1589,7 +1598,8 @@ static int vmx_measure_roundtrip(struct pyvt_roundtrip *rt)
 			vmcs_write(GUEST_CS_SELECTOR, 0);
 			vmcs_write(GUEST_CS_BASE, 0);
 		}
-		vmcs_write(GUEST_RIP, 0);
+		vcpu->rip = 0;
+		write_entry_state(vcpu);
 		ret = enter_guest(vcpu, cpu, &cycles);
 		reason = ret ? vmcs_read(VM_INSTRUCTION_ERROR_FIELD) :
 			       to_vmx(vcpu)->exit_reason;
