@@ -388,6 +388,7 @@ static int test_interrupts(void)
 	 */
 	for (int if_flag = 1; if_flag >= 0; if_flag--) {
 		struct kvm_regs regs;
+		int err;
 
 		if (!if_flag && !strcmp(dev, "/dev/kvm"))
 			break;
@@ -396,9 +397,15 @@ static int test_interrupts(void)
 		CHECK(!ioctl(vm.vcpu, KVM_SET_REGS, &regs), "KVM_SET_REGS");
 		setitimer(ITIMER_REAL, &it, NULL);
 		r = ioctl(vm.vcpu, KVM_RUN, 0);
+		err = errno;
 		printf("%s  spinning guest (IF=%d) + SIGALRM: ret=%d errno=%s exit_reason=%u\n",
-		       if_flag ? "" : "#", if_flag, r, r ? strerror(errno) : "-",
+		       if_flag ? "" : "#", if_flag, r, r ? strerror(err) : "-",
 		       vm.run->exit_reason);
+		/* Not compared, so checked here: the signal must end the run. */
+		if (!if_flag)
+			CHECK(r == -1 && err == EINTR &&
+			      vm.run->exit_reason == KVM_EXIT_INTR,
+			      "IF=0 spinning guest not interrupted");
 	}
 out:
 	vm_destroy(&vm);
