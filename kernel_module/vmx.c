@@ -75,8 +75,6 @@ static struct {
 	int invept_type;
 } vmx_conf;
 
-struct vmx_vcpu;
-
 struct vmx_cpu {
 	struct page *vmxon_region;	/* NULL while VMX is off here */
 	u64 current_vmcs;		/* physical address, 0 if none */
@@ -333,31 +331,37 @@ static void msr_bitmap_allow(u8 *bitmap, u32 msr)
 	bitmap[base + 0x800 + msr / 8] &= ~BIT(msr % 8);	/* write */
 }
 
-static int vmx_probe(void)
+/*
+ * Linux itself locks IA32_FEATURE_CONTROL at boot; locked without VMX
+ * means the firmware turned it off.  Never written here.  On this CPU.
+ */
+static int vmx_firmware_check(void)
 {
 	u64 feature_control;
+
+	if (rdmsrl_safe(MSR_IA32_FEAT_CTL, &feature_control))
+		return -ENODEV;
+	if (!(feature_control & FEAT_CTL_LOCKED) ||
+	    !(feature_control & FEAT_CTL_VMX_ENABLED_OUTSIDE_SMX)) {
+		pr_err("CPU %d: VT-x is disabled by firmware (IA32_FEATURE_CONTROL %#llx): enable it in the BIOS setup\n",
+		       smp_processor_id(), feature_control);
+		return -EPERM;
+	}
+	return 0;
+}
+
+/* main.c picked VMX from CPUID; the rest is checked here. */
+static int vmx_probe(void)
+{
 	int i, ret;
 
 	if (boot_cpu_data.x86_vendor != X86_VENDOR_INTEL &&
 	    boot_cpu_data.x86_vendor != X86_VENDOR_ZHAOXIN &&
 	    boot_cpu_data.x86_vendor != X86_VENDOR_CENTAUR)
 		return -ENODEV;
-	if (!cpu_has(&boot_cpu_data, X86_FEATURE_VMX) &&
-	    !(cpuid_ecx(1) & BIT(5)))
-		return -ENODEV;
-	/*
-	 * Linux itself locks IA32_FEATURE_CONTROL at boot; locked without
-	 * VMX means the firmware turned it off.  Never write it here.
-	 */
-	if (rdmsrl_safe(MSR_IA32_FEAT_CTL, &feature_control))
-		return -ENODEV;
-	if (!(feature_control & FEAT_CTL_LOCKED) ||
-	    !(feature_control & FEAT_CTL_VMX_ENABLED_OUTSIDE_SMX)) {
-		pr_err("VT-x is disabled by firmware (IA32_FEATURE_CONTROL %#llx): enable it in the BIOS setup\n",
-		       feature_control);
-		return -EPERM;
-	}
-	ret = vmx_setup_conf();
+	ret = vmx_firmware_check();
+	if (!ret)
+		ret = vmx_setup_conf();
 	if (ret)
 		return ret;
 
@@ -388,20 +392,16 @@ static int vmx_cpu_enable(void)
 {
 	struct vmx_cpu *vc = this_cpu_ptr(&vmx_cpu);
 	unsigned long cr0 = read_cr0();
-	u64 feature_control;
+	int ret;
 
 	if (cr4_read_shadow() & X86_CR4_VMXE) {
 		pr_warn("CPU %d: VT-x already in use by another hypervisor\n",
 			smp_processor_id());
 		return -EBUSY;
 	}
-	rdmsrl(MSR_IA32_FEAT_CTL, feature_control);
-	if (!(feature_control & FEAT_CTL_LOCKED) ||
-	    !(feature_control & FEAT_CTL_VMX_ENABLED_OUTSIDE_SMX)) {
-		pr_err("CPU %d: VT-x is disabled by firmware\n",
-		       smp_processor_id());
-		return -EPERM;
-	}
+	ret = vmx_firmware_check();
+	if (ret)
+		return ret;
 	if ((cr0 & vmx_conf.cr0_fixed0) != vmx_conf.cr0_fixed0 ||
 	    (cr0 & ~vmx_conf.cr0_fixed1)) {
 		pr_err("CPU %d: CR0 %#lx violates the VMX fixed bits\n",
@@ -1060,7 +1060,8 @@ static void dump_vmcs(struct pyvt_vcpu *vcpu, const char *why)
 		return;
 	vmx_get(vmx);
 	pr_info("%s: exit %#x qual %#llx gpa %#llx idt %#x error %llu\n", why,
-		vmx->exit_reason, vmx->exit_qual, vmx->exit_gpa, vmx->idt_info,
+		vmx->exit_reason, vmx->exit_qual,
+		vmcs_read(GUEST_PHYSICAL_ADDRESS), vmx->idt_info,
 		vmcs_read(VM_INSTRUCTION_ERROR_FIELD));
 	pr_info("rip %#llx rsp %#llx rflags %#llx intr %#llx entry %#llx\n",
 		vmcs_read(GUEST_RIP), vmcs_read(GUEST_RSP), vmcs_read(GUEST_RFLAGS),
@@ -1507,14 +1508,21 @@ static int vmx_run_once(struct pyvt_vcpu *vcpu)
 	if (fail) {
 		reason = vmcs_read(VM_INSTRUCTION_ERROR_FIELD);
 	} else {
+		/*
+		 * Every exit needs these; the rest only by reason (the
+		 * interruption info of an exception exit was read with the
+		 * NMI check in enter_guest()).
+		 */
 		reason = vmx->exit_reason;
 		vmx->exit_qual = vmcs_read(EXIT_QUALIFICATION);
-		vmx->exit_gpa = vmcs_read(GUEST_PHYSICAL_ADDRESS);
 		vmx->insn_len = vmcs_read(VM_EXIT_INSTRUCTION_LEN);
-		vmx->insn_info = vmcs_read(VMX_INSTRUCTION_INFO);
 		vmx->idt_info = vmcs_read(IDT_VECTORING_INFO_FIELD);
-		vmx->idt_error = vmcs_read(IDT_VECTORING_ERROR_CODE);
-		vmx->exit_intr_info = vmcs_read(VM_EXIT_INTR_INFO);
+		if (vmx->idt_info & INTR_INFO_DELIVER_CODE_MASK)
+			vmx->idt_error = vmcs_read(IDT_VECTORING_ERROR_CODE);
+		if (reason == EXIT_REASON_EPT_VIOLATION)
+			vmx->exit_gpa = vmcs_read(GUEST_PHYSICAL_ADDRESS);
+		if (reason == EXIT_REASON_IO_INSTRUCTION)
+			vmx->insn_info = vmcs_read(VMX_INSTRUCTION_INFO);
 		vcpu->gprs[PYVT_RSP] = vmcs_read(GUEST_RSP);
 		vcpu->rip = vmcs_read(GUEST_RIP);
 		vcpu->rflags = vmcs_read(GUEST_RFLAGS);
