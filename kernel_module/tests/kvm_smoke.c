@@ -261,7 +261,10 @@ static int run_guest(struct vm *vm)
 			OUT("  shutdown\n");
 			return 0;
 		case KVM_EXIT_FAIL_ENTRY:
-			OUT("  fail_entry reason=%#llx\n",
+			/* The reason is the vendor's (SVM: VMEXIT_INVALID;
+			 * VMX: exit reason 33 with bit 31): not compared. */
+			OUT("  fail_entry\n");
+			printf("#  hardware_entry_failure_reason=%#llx\n",
 			       (unsigned long long)run->fail_entry.hardware_entry_failure_reason);
 			return 0;
 		case KVM_EXIT_INTERNAL_ERROR:

@@ -117,7 +117,8 @@ copy_module() {
 }
 
 # initramfs_base ROOT INIT PROGRAM...: busybox, pyvt.ko, the programs
-# (from $BUILD), modules.dep, INIT as /init and init-lib.sh beside it.
+# (from $BUILD), modules.dep, INIT as /init, and in /lib init-lib.sh and
+# kvm_smoke.expected (the transcript the smoke checks compare against).
 # The caller adds the modules it needs with copy_module, then packs.
 initramfs_base() {
 	local root=$1 init=$2 m
@@ -133,7 +134,7 @@ initramfs_base() {
 	for m in "$@"; do cp "$BUILD/$m" "$root/bin/"; done
 	cp /lib/modules/$KVER/modules.dep "$root/lib/modules/$KVER/"
 	cp "$init" "$root/init"
-	cp "$HERE/init-lib.sh" "$root/lib/init-lib.sh"
+	cp "$HERE/init-lib.sh" "$HERE/kvm_smoke.expected" "$root/lib/"
 	chmod +x "$root/init"
 }
 
