@@ -125,7 +125,13 @@ struct pyvt_vendor_ops {
 	/* KVM_GET/SET_MSRS: 0, or -EINVAL for an MSR it does not have */
 	int (*get_msr)(struct pyvt_vcpu *vcpu, u32 index, u64 *data);
 	int (*set_msr)(struct pyvt_vcpu *vcpu, u32 index, u64 data);
-	int (*measure_roundtrip)(struct pyvt_roundtrip *rt);
+	/*
+	 * PYVT_MEASURE_ROUNDTRIP: time up to rt->iterations guest entries
+	 * that exit straight back, in TSC cycles, into @samples; set
+	 * rt->cpu and rt->exit_code.  Returns how many samples it took
+	 * or a negative errno.
+	 */
+	int (*measure_roundtrip)(struct pyvt_roundtrip *rt, u64 *samples);
 	void (*read_caps)(struct pyvt_cpu_caps *caps);	/* on that CPU */
 };
 

@@ -12,8 +12,10 @@
 #include <linux/cpu.h>
 #include <linux/cpuhotplug.h>
 #include <linux/slab.h>
+#include <linux/sort.h>
 #include <linux/uaccess.h>
 #include <asm/processor.h>
+#include <asm/tsc.h>
 #include <asm/cpufeature.h>
 #include <asm/pgtable.h>
 #include <asm/msr-index.h>
@@ -251,26 +253,50 @@ static long pyvt_get_hw_caps(struct pyvt_hw_caps __user *uarg)
 	return 0;
 }
 
+static int cmp_u64(const void *a, const void *b)
+{
+	u64 x = *(const u64 *)a, y = *(const u64 *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+/* The vendor times the round trips; the summary is the same for both. */
 static long pyvt_measure_roundtrip(struct pyvt_roundtrip __user *uarg)
 {
 	struct pyvt_roundtrip rt;
+	u64 *samples;
 	long ret;
+	int n;
 
 	if (copy_from_user(&rt, uarg, sizeof(rt)))
 		return -EFAULT;
 	if (rt.iterations < 1 || rt.iterations > PYVT_ROUNDTRIP_MAX_ITERATIONS)
 		return -EINVAL;
+	samples = kvmalloc_array(rt.iterations, sizeof(u64), GFP_KERNEL);
+	if (!samples)
+		return -ENOMEM;
 	ret = pyvt_hw_get();
 	if (ret)
-		return ret;
-	ret = pyvt_ops->measure_roundtrip(&rt);
+		goto out;
+	n = pyvt_ops->measure_roundtrip(&rt, samples);
 	pyvt_hw_put();
+	ret = n < 0 ? n : n == 0 ? -EAGAIN : 0;
 	if (ret)
-		return ret;
+		goto out;
+	sort(samples, n, sizeof(u64), cmp_u64, NULL);
+	rt.iterations = n;
+	rt.min_cycles = samples[0];
+	rt.median_cycles = samples[n / 2];
+	rt.max_cycles = samples[n - 1];
+	rt.tsc_khz = tsc_khz;
 	rt.reserved = 0;
+	kvfree(samples);
 	if (copy_to_user(uarg, &rt, sizeof(rt)))
 		return -EFAULT;
 	return 0;
+out:
+	kvfree(samples);
+	return ret;
 }
 
 const u32 pyvt_msr_list[] = {

@@ -10,7 +10,6 @@
 #include <linux/module.h>
 #include <linux/mm.h>
 #include <linux/slab.h>
-#include <linux/sort.h>
 #include <linux/mem_encrypt.h>
 #include <linux/io.h>
 
@@ -767,30 +766,22 @@ static int svm_run_once(struct pyvt_vcpu *vcpu)
 	return svm_exit_handlers[vmcb->control.exit_code](vcpu);
 }
 
-static int cmp_u64(const void *a, const void *b)
-{
-	u64 x = *(const u64 *)a, y = *(const u64 *)b;
-
-	return x < y ? -1 : x > y;
-}
-
 /*
  * A real-mode guest with nested paging off whose CS base is a page
  * holding VMMCALL: every VMRUN exits straight back.  RIP is never
  * advanced, so each entry runs the same instruction.
  */
-static int svm_measure_roundtrip(struct pyvt_roundtrip *rt)
+static int svm_measure_roundtrip(struct pyvt_roundtrip *rt, u64 *samples)
 {
 	struct page *vmcb_page, *code_page;
 	struct vmcb *vmcb;
-	u64 *samples, t0, t1;
+	u64 t0, t1;
 	u32 i, n = 0, exit_code = 0;
 	int ret = -ENOMEM, cpu = 0;
 
-	samples = kvmalloc_array(rt->iterations, sizeof(u64), GFP_KERNEL);
 	vmcb_page = pyvt_alloc_page();
 	code_page = alloc_page(GFP_KERNEL | __GFP_DMA32 | __GFP_ZERO);
-	if (!samples || !vmcb_page || !code_page)
+	if (!vmcb_page || !code_page)
 		goto out;
 	memcpy(page_address(code_page), "\x0f\x01\xd9", 3);	/* vmmcall */
 
@@ -853,29 +844,17 @@ static int svm_measure_roundtrip(struct pyvt_roundtrip *rt)
 		if (!(i & 255))
 			cond_resched();
 	}
-	if (exit_code != SVM_EXIT_VMMCALL && exit_code != SVM_EXIT_INTR &&
-	    exit_code != SVM_EXIT_NMI) {
-		ret = -EIO;
-		goto out;
-	}
-	if (!n) {
-		ret = -EAGAIN;
-		goto out;
-	}
-	sort(samples, n, sizeof(u64), cmp_u64, NULL);
-	rt->iterations = n;
 	rt->cpu = cpu;
-	rt->min_cycles = samples[0];
-	rt->median_cycles = samples[n / 2];
-	rt->max_cycles = samples[n - 1];
-	rt->tsc_khz = tsc_khz;
 	rt->exit_code = exit_code;
-	ret = 0;
+	if (exit_code != SVM_EXIT_VMMCALL && exit_code != SVM_EXIT_INTR &&
+	    exit_code != SVM_EXIT_NMI)
+		ret = -EIO;
+	else
+		ret = n;
 out:
 	if (code_page)
 		__free_page(code_page);
 	pyvt_free_page(vmcb_page);
-	kvfree(samples);
 	return ret;
 }
 

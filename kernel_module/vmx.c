@@ -16,7 +16,6 @@
 #include <linux/module.h>
 #include <linux/mm.h>
 #include <linux/slab.h>
-#include <linux/sort.h>
 #include <linux/idr.h>
 #include <linux/smp.h>
 #include <linux/io.h>
@@ -1547,34 +1546,26 @@ static int vmx_run_once(struct pyvt_vcpu *vcpu)
 
 /* --- Measurements and capabilities ------------------------------------ */
 
-static int cmp_u64(const void *a, const void *b)
-{
-	u64 x = *(const u64 *)a, y = *(const u64 *)b;
-
-	return x < y ? -1 : x > y;
-}
-
 /*
  * A real-mode guest whose one page of memory holds VMCALL, mapped by a
  * throwaway EPT: each VMLAUNCH/VMRESUME exits straight back.  RIP is
  * never advanced, so each entry runs the same instruction.
  */
-static int vmx_measure_roundtrip(struct pyvt_roundtrip *rt)
+static int vmx_measure_roundtrip(struct pyvt_roundtrip *rt, u64 *samples)
 {
 	struct page *tables[4] = {}, *code = NULL;
 	struct pyvt_vcpu *vcpu = NULL;
 	struct pyvt_vm *vm = NULL;
 	u32 i, n = 0, reason = 0;
 	int ret = -ENOMEM, cpu = 0, level;
-	u64 *samples, cycles;
+	u64 cycles;
 
-	samples = kvmalloc_array(rt->iterations, sizeof(u64), GFP_KERNEL);
 	vm = kzalloc(sizeof(*vm), GFP_KERNEL);
 	vcpu = kzalloc(sizeof(*vcpu), GFP_KERNEL);
 	code = pyvt_alloc_page();
 	for (level = 0; level < 4; level++)
 		tables[level] = pyvt_alloc_page();
-	if (!samples || !vm || !vcpu || !code || !tables[0] || !tables[1] ||
+	if (!vm || !vcpu || !code || !tables[0] || !tables[1] ||
 	    !tables[2] || !tables[3])
 		goto out;
 	memcpy(page_address(code), "\x0f\x01\xc1", 3);	/* vmcall */
@@ -1623,25 +1614,15 @@ static int vmx_measure_roundtrip(struct pyvt_roundtrip *rt)
 		if (!(i & 255))
 			cond_resched();
 	}
+	rt->cpu = cpu;
+	rt->exit_code = reason;
 	if (ret || reason != EXIT_REASON_VMCALL) {
 		pr_info("round trip: %s %#x\n", ret ? "VM entry failed, error" :
 			"unexpected exit", reason);
 		ret = -EIO;
-		goto out;
+	} else {
+		ret = n;
 	}
-	if (!n) {
-		ret = -EAGAIN;
-		goto out;
-	}
-	sort(samples, n, sizeof(u64), cmp_u64, NULL);
-	rt->iterations = n;
-	rt->cpu = cpu;
-	rt->min_cycles = samples[0];
-	rt->median_cycles = samples[n / 2];
-	rt->max_cycles = samples[n - 1];
-	rt->tsc_khz = tsc_khz;
-	rt->exit_code = reason;
-	ret = 0;
 out:
 	if (vcpu && vcpu->priv)
 		vmx_vcpu_free(vcpu);
@@ -1650,7 +1631,6 @@ out:
 	pyvt_free_page(code);
 	kfree(vcpu);
 	kfree(vm);
-	kvfree(samples);
 	return ret;
 }
 
