@@ -58,12 +58,15 @@ smoke_pyvt() {
 
 # smoke-kvm: the same program against the reference KVM (already
 # loaded as /dev/kvm); it must pass and print KVM's transcript, which
-# keeps kvm_smoke.expected honest.
+# keeps kvm_smoke.expected honest.  Shown as it runs, so a hang of the
+# nested reference shows where it stopped.
 smoke_kvm() {
-	timeout 300 kvm_smoke /dev/kvm >/tmp/smoke-kvm.txt 2>&1
-	rc=$?
-	if [ $rc != 0 ]; then
-		cat /tmp/smoke-kvm.txt
+	{
+		timeout 300 kvm_smoke /dev/kvm 2>&1
+		echo $? >/tmp/smoke-kvm.rc
+	} | tee /tmp/smoke-kvm.txt
+	rc=$(cat /tmp/smoke-kvm.rc)
+	if [ "$rc" != 0 ]; then
 		result smoke-kvm FAIL "exit $rc"
 	elif ! same_transcript /lib/kvm_smoke.expected /tmp/smoke-kvm.txt; then
 		result smoke-kvm FAIL "KVM's output differs from kvm_smoke.expected (diff above)"
