@@ -177,6 +177,8 @@ void pyvt_internal_error(struct pyvt_vcpu *vcpu, u32 suberror, int ndata,
 int pyvt_check_sregs(const struct kvm_sregs *s);
 bool pyvt_msr_value_valid(u32 msr, u64 val);
 int pyvt_efer_write(u64 old, u64 cr0, u64 val, u64 *efer);
+bool pyvt_cr0_valid(u64 cr0);
+bool pyvt_emulate_msr(struct pyvt_vcpu *vcpu, bool write);
 
 /* Guest x87/SSE state in and out of the CPU, around each entry. */
 static inline void pyvt_fxsave(void *area)

@@ -281,19 +281,17 @@ static long pyvt_measure_roundtrip(struct pyvt_roundtrip __user *uarg)
 	n = pyvt_ops->measure_roundtrip(&rt, samples);
 	pyvt_hw_put();
 	ret = n < 0 ? n : n == 0 ? -EAGAIN : 0;
-	if (ret)
-		goto out;
-	sort(samples, n, sizeof(u64), cmp_u64, NULL);
-	rt.iterations = n;
-	rt.min_cycles = samples[0];
-	rt.median_cycles = samples[n / 2];
-	rt.max_cycles = samples[n - 1];
-	rt.tsc_khz = tsc_khz;
-	rt.reserved = 0;
-	kvfree(samples);
-	if (copy_to_user(uarg, &rt, sizeof(rt)))
-		return -EFAULT;
-	return 0;
+	if (!ret) {
+		sort(samples, n, sizeof(u64), cmp_u64, NULL);
+		rt.iterations = n;
+		rt.min_cycles = samples[0];
+		rt.median_cycles = samples[n / 2];
+		rt.max_cycles = samples[n - 1];
+		rt.tsc_khz = tsc_khz;
+		rt.reserved = 0;
+		if (copy_to_user(uarg, &rt, sizeof(rt)))
+			ret = -EFAULT;
+	}
 out:
 	kvfree(samples);
 	return ret;
@@ -371,7 +369,11 @@ static int __init pyvt_init(void)
 {
 	int ret;
 
-	/* The vendor is the CPU's: each probe refuses the other's CPUs. */
+	/*
+	 * The vendor is the CPU's: each probe refuses the other's CPUs.
+	 * CPUID itself too, not only Linux's flag: Linux clears the vmx
+	 * flag when the firmware disabled VT-x, and the probe says so.
+	 */
 	if (boot_cpu_has(X86_FEATURE_VMX) || (cpuid_ecx(1) & BIT(5))) {
 		pyvt_ops = &pyvt_vmx_ops;
 	} else if (boot_cpu_has(X86_FEATURE_SVM)) {

@@ -604,24 +604,10 @@ static int msr_write(struct pyvt_vcpu *vcpu, u32 msr, u64 val)
 
 static int msr_interception(struct pyvt_vcpu *vcpu)
 {
-	struct vmcb *vmcb = to_svm(vcpu)->vmcb;
-	u32 msr = vcpu->gprs[PYVT_RCX];
-	u64 val;
-
-	if (vmcb->control.exit_info_1) {
-		val = (u32)vcpu->gprs[PYVT_RAX] |
-		      (u64)vcpu->gprs[PYVT_RDX] << 32;
-		if (msr_write(vcpu, msr, val)) {
-			svm_queue_exception(vcpu, GP_VECTOR, true, 0);
-			return 1;
-		}
-	} else {
-		if (msr_read(vcpu, msr, &val)) {
-			svm_queue_exception(vcpu, GP_VECTOR, true, 0);
-			return 1;
-		}
-		vcpu->gprs[PYVT_RAX] = (u32)val;
-		vcpu->gprs[PYVT_RDX] = val >> 32;
+	/* EXITINFO1: 1 for WRMSR, 0 for RDMSR. */
+	if (!pyvt_emulate_msr(vcpu, to_svm(vcpu)->vmcb->control.exit_info_1)) {
+		svm_queue_exception(vcpu, GP_VECTOR, true, 0);
+		return 1;
 	}
 	skip_insn(vcpu, 2);
 	return 1;

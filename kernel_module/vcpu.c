@@ -218,13 +218,38 @@ int pyvt_check_sregs(const struct kvm_sregs *k)
 	} else if (k->efer & EFER_LMA) {
 		return -EINVAL;
 	}
-	if ((k->cr0 & X86_CR0_PG) && !(k->cr0 & X86_CR0_PE))
-		return -EINVAL;
-	if ((k->cr0 & X86_CR0_NW) && !(k->cr0 & X86_CR0_CD))
-		return -EINVAL;
-	if (k->cr0 >> 32 || k->cr8 > 15 || (k->cr4 & X86_CR4_VMXE))
+	if (!pyvt_cr0_valid(k->cr0) || k->cr8 > 15 || (k->cr4 & X86_CR4_VMXE))
 		return -EINVAL;
 	return 0;
+}
+
+/* A CR0 value MOV to CR0 would not #GP on (paging needs PE, NW needs CD). */
+bool pyvt_cr0_valid(u64 cr0)
+{
+	return !(cr0 >> 32) &&
+	       !((cr0 & X86_CR0_PG) && !(cr0 & X86_CR0_PE)) &&
+	       !((cr0 & X86_CR0_NW) && !(cr0 & X86_CR0_CD));
+}
+
+/*
+ * The RDMSR or WRMSR the guest ran, through the vendor's get/set_msr
+ * (EDX:EAX <-> the MSR named by ECX).  False if it must raise #GP.
+ */
+bool pyvt_emulate_msr(struct pyvt_vcpu *vcpu, bool write)
+{
+	u32 msr = vcpu->gprs[PYVT_RCX];
+	u64 val;
+
+	if (write) {
+		val = (u32)vcpu->gprs[PYVT_RAX] |
+		      (u64)vcpu->gprs[PYVT_RDX] << 32;
+		return !pyvt_ops->set_msr(vcpu, msr, val);
+	}
+	if (pyvt_ops->get_msr(vcpu, msr, &val))
+		return false;
+	vcpu->gprs[PYVT_RAX] = (u32)val;
+	vcpu->gprs[PYVT_RDX] = val >> 32;
+	return true;
 }
 
 /* Values WRMSR and KVM_SET_MSRS refuse, whoever holds the MSR. */

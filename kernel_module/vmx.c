@@ -70,6 +70,7 @@ static struct {
 	u64 cr0_fixed0, cr0_fixed1, cr4_fixed0, cr4_fixed1;
 	u64 ept_vpid;
 	bool ins_outs_info;	/* VM-exit instruction info for INS/OUTS */
+	bool true_ctls;		/* the IA32_VMX_TRUE_*_CTLS MSRs exist */
 	u32 time_slice;		/* VMX-preemption timer ticks in 1 ms */
 	int invept_type;
 } vmx_conf;
@@ -114,19 +115,25 @@ struct vmx_vcpu {
 static struct page *msr_bitmap;
 static DEFINE_IDA(vpid_ida);
 
-/* The four fields of each guest segment, in KVM's kvm_sregs order. */
+/* The four VMCS fields of each guest segment, and its kvm_sregs member. */
 struct seg_fields {
 	u32 sel, base, limit, ar;
+	size_t sregs;			/* offset in struct kvm_sregs */
 };
 
-#define SEG(name) { GUEST_##name##_SELECTOR, GUEST_##name##_BASE, \
-		    GUEST_##name##_LIMIT, GUEST_##name##_AR_BYTES }
+#define SEG(name, member) { GUEST_##name##_SELECTOR, GUEST_##name##_BASE, \
+			    GUEST_##name##_LIMIT, GUEST_##name##_AR_BYTES, \
+			    offsetof(struct kvm_sregs, member) }
 enum { SEG_CS, SEG_DS, SEG_ES, SEG_FS, SEG_GS, SEG_SS, SEG_TR, SEG_LDTR };
 static const struct seg_fields segs[] = {
-	[SEG_CS] = SEG(CS), [SEG_DS] = SEG(DS), [SEG_ES] = SEG(ES),
-	[SEG_FS] = SEG(FS), [SEG_GS] = SEG(GS), [SEG_SS] = SEG(SS),
-	[SEG_TR] = SEG(TR), [SEG_LDTR] = SEG(LDTR),
+	[SEG_CS] = SEG(CS, cs), [SEG_DS] = SEG(DS, ds), [SEG_ES] = SEG(ES, es),
+	[SEG_FS] = SEG(FS, fs), [SEG_GS] = SEG(GS, gs), [SEG_SS] = SEG(SS, ss),
+	[SEG_TR] = SEG(TR, tr), [SEG_LDTR] = SEG(LDTR, ldt),
 };
+
+/* Segment @seg's struct kvm_segment inside @k. */
+#define SREGS_SEG(k, seg) \
+	((struct kvm_segment *)((char *)(k) + segs[seg].sregs))
 
 /* VMX access rights (SDM Table 24-2); <asm/vmx.h> names all but AVL. */
 #define VMX_AR_AVL_MASK		BIT(12)
@@ -151,31 +158,28 @@ static __always_inline void vmcs_write(unsigned long field, u64 value)
 	asm volatile("vmwrite %1, %0" : : "r" (field), "r" (value) : "cc");
 }
 
-/* VMX instructions taking a physical address operand; true on VMfail. */
-static bool vmx_insn_pa(int op, u64 pa)
-{
-	bool fail;
+/* A VMX instruction taking a physical address operand; true on VMfail. */
+#define VMX_INSN_PA(insn, pa) ({					\
+	bool __fail;							\
+	asm volatile(insn " %1; setna %0" : "=qm" (__fail) : "m" (pa)	\
+		     : "cc", "memory");					\
+	__fail;								\
+})
 
-	switch (op) {
-	case 0:
-		asm volatile("vmxon %1; setna %0" : "=qm" (fail) : "m" (pa)
-			     : "cc", "memory");
-		break;
-	case 1:
-		asm volatile("vmclear %1; setna %0" : "=qm" (fail) : "m" (pa)
-			     : "cc", "memory");
-		break;
-	default:
-		asm volatile("vmptrld %1; setna %0" : "=qm" (fail) : "m" (pa)
-			     : "cc", "memory");
-		break;
-	}
-	return fail;
+static bool vmxon(u64 pa)
+{
+	return VMX_INSN_PA("vmxon", pa);
 }
 
-#define vmxon(pa)	vmx_insn_pa(0, pa)
-#define vmclear(pa)	vmx_insn_pa(1, pa)
-#define vmptrld(pa)	vmx_insn_pa(2, pa)
+static bool vmclear(u64 pa)
+{
+	return VMX_INSN_PA("vmclear", pa);
+}
+
+static bool vmptrld(u64 pa)
+{
+	return VMX_INSN_PA("vmptrld", pa);
+}
 
 static void ept_flush(int type, u64 eptp)
 {
@@ -193,6 +197,9 @@ static void vpid_flush(int type, u16 vpid)
 		     : "cc", "memory");
 }
 
+/* Write-back memory type, in each EPT leaf (npt_leaf_flags). */
+#define EPT_LEAF_WB		(VMX_EPTP_MT_WB << VMX_EPT_MT_EPTE_SHIFT)
+
 static u64 eptp_of(struct pyvt_vm *vm)
 {
 	return vm->npt_root | VMX_EPTP_MT_WB | VMX_EPTP_PWL_4;
@@ -209,10 +216,8 @@ static int adjust_controls(u32 want, u32 may, u32 msr, u32 true_msr,
 			   const char *what, u32 *out)
 {
 	u32 allowed0, allowed1;
-	u64 basic;
 
-	rdmsrl(MSR_IA32_VMX_BASIC, basic);
-	if ((basic & VMX_BASIC_TRUE_CTLS) && true_msr)
+	if (vmx_conf.true_ctls && true_msr)
 		msr = true_msr;
 	rdmsr(msr, allowed0, allowed1);
 	if (want & ~allowed1) {
@@ -235,6 +240,7 @@ static int vmx_setup_conf(void)
 	vmx_conf.time_slice = max_t(u32, 1, tsc_khz >>
 				    (misc & VMX_MISC_PREEMPTION_TIMER_RATE_MASK));
 	vmx_conf.ins_outs_info = basic & BIT_ULL(54);
+	vmx_conf.true_ctls = basic & VMX_BASIC_TRUE_CTLS;
 	if (((basic >> VMX_BASIC_VMCS_SIZE_SHIFT) & 0x1fff) > PAGE_SIZE ||
 	    ((basic >> 50) & 0xf) != 6) {	/* VMCS memory type WB */
 		pr_err("VT-x VMCS layout not supported (basic %#llx)\n", basic);
@@ -832,17 +838,12 @@ static void vmx_vcpu_free(struct pyvt_vcpu *vcpu)
 static void vmx_get_sregs(struct pyvt_vcpu *vcpu, struct kvm_sregs *k)
 {
 	struct vmx_vcpu *vmx = to_vmx(vcpu);
+	int i;
 
 	memset(k, 0, sizeof(*k));
 	vmx_get(vmx);
-	seg_get(SEG_CS, &k->cs);
-	seg_get(SEG_DS, &k->ds);
-	seg_get(SEG_ES, &k->es);
-	seg_get(SEG_FS, &k->fs);
-	seg_get(SEG_GS, &k->gs);
-	seg_get(SEG_SS, &k->ss);
-	seg_get(SEG_TR, &k->tr);
-	seg_get(SEG_LDTR, &k->ldt);
+	for (i = 0; i < ARRAY_SIZE(segs); i++)
+		seg_get(i, SREGS_SEG(k, i));
 	k->gdt.base = vmcs_read(GUEST_GDTR_BASE);
 	k->gdt.limit = vmcs_read(GUEST_GDTR_LIMIT);
 	k->idt.base = vmcs_read(GUEST_IDTR_BASE);
@@ -860,7 +861,7 @@ static void vmx_get_sregs(struct pyvt_vcpu *vcpu, struct kvm_sregs *k)
 static int vmx_set_sregs(struct pyvt_vcpu *vcpu, const struct kvm_sregs *k)
 {
 	struct vmx_vcpu *vmx = to_vmx(vcpu);
-	int ret;
+	int i, ret;
 
 	/* The PDPTEs are read from guest memory: keep the slots still. */
 	down_read(&vcpu->vm->slots_lock);
@@ -871,14 +872,8 @@ static int vmx_set_sregs(struct pyvt_vcpu *vcpu, const struct kvm_sregs *k)
 		up_read(&vcpu->vm->slots_lock);
 		return ret;
 	}
-	seg_set(SEG_CS, &k->cs);
-	seg_set(SEG_DS, &k->ds);
-	seg_set(SEG_ES, &k->es);
-	seg_set(SEG_FS, &k->fs);
-	seg_set(SEG_GS, &k->gs);
-	seg_set(SEG_SS, &k->ss);
-	seg_set(SEG_TR, &k->tr);
-	seg_set(SEG_LDTR, &k->ldt);
+	for (i = 0; i < ARRAY_SIZE(segs); i++)
+		seg_set(i, SREGS_SEG(k, i));
 	vmcs_write(GUEST_GDTR_BASE, k->gdt.base);
 	vmcs_write(GUEST_GDTR_LIMIT, k->gdt.limit);
 	vmcs_write(GUEST_IDTR_BASE, k->idt.base);
@@ -1182,8 +1177,7 @@ static int emulate_cr0(struct pyvt_vcpu *vcpu, u64 val)
 	u64 efer = vmcs_read(GUEST_IA32_EFER);
 
 	val |= X86_CR0_ET;
-	if ((val >> 32) || ((val & X86_CR0_PG) && !(val & X86_CR0_PE)) ||
-	    ((val & X86_CR0_NW) && !(val & X86_CR0_CD)))
+	if (!pyvt_cr0_valid(val))
 		return -EINVAL;
 	if (!(old & X86_CR0_PG) && (val & X86_CR0_PG) && (efer & EFER_LME)) {
 		if (!(cr4 & X86_CR4_PAE))
@@ -1382,20 +1376,8 @@ static int vmx_set_msr(struct pyvt_vcpu *vcpu, u32 msr, u64 val)
 
 static int msr_interception(struct pyvt_vcpu *vcpu, bool write)
 {
-	u32 msr = vcpu->gprs[PYVT_RCX];
-	u64 val;
-
-	if (write) {
-		val = (u32)vcpu->gprs[PYVT_RAX] |
-		      (u64)vcpu->gprs[PYVT_RDX] << 32;
-		if (vmx_set_msr(vcpu, msr, val))
-			return gp_interception(vcpu);
-	} else {
-		if (vmx_get_msr(vcpu, msr, &val))
-			return gp_interception(vcpu);
-		vcpu->gprs[PYVT_RAX] = (u32)val;
-		vcpu->gprs[PYVT_RDX] = val >> 32;
-	}
+	if (!pyvt_emulate_msr(vcpu, write))
+		return gp_interception(vcpu);
 	skip_insn(vcpu);
 	return 1;
 }
@@ -1574,7 +1556,7 @@ static int vmx_measure_roundtrip(struct pyvt_roundtrip *rt, u64 *samples)
 		*(u64 *)page_address(tables[level]) =
 			page_to_phys(tables[level + 1]) | VMX_EPT_RWX_MASK;
 	*(u64 *)page_address(tables[3]) = page_to_phys(code) |
-		VMX_EPT_RWX_MASK | VMX_EPTP_MT_WB << VMX_EPT_MT_EPTE_SHIFT;
+		VMX_EPT_RWX_MASK | EPT_LEAF_WB;
 	vm->npt_root = page_to_phys(tables[0]);
 	vcpu->vm = vm;
 	vcpu->last_cpu = -1;
@@ -1651,7 +1633,7 @@ const struct pyvt_vendor_ops pyvt_vmx_ops = {
 	.name			= "Intel VT-x",
 	.vendor			= PYVT_VENDOR_INTEL,
 	.npt_levels		= 4,
-	.npt_leaf_flags		= VMX_EPTP_MT_WB << VMX_EPT_MT_EPTE_SHIFT,
+	.npt_leaf_flags		= EPT_LEAF_WB,
 	.probe			= vmx_probe,
 	.cleanup		= vmx_cleanup,
 	.cpu_enable		= vmx_cpu_enable,
