@@ -48,25 +48,30 @@ load_pyvt() {
 	fi
 }
 
+# run_smoke DEV OUT: kvm_smoke on DEV, shown as it runs (so a hang shows
+# where it stopped) and kept in OUT; returns its exit status.
+run_smoke() {
+	{
+		timeout 300 kvm_smoke "$1" 2>&1
+		echo $? >"$2.rc"
+	} | tee "$2"
+	return "$(cat "$2.rc")"
+}
+
 # smoke-pyvt: the plain KVM API program against /dev/pyvt.
 smoke_pyvt() {
-	timeout 300 kvm_smoke /dev/pyvt >/tmp/smoke-pyvt.txt 2>&1
+	run_smoke /dev/pyvt /tmp/smoke-pyvt.txt
 	rc=$?
-	cat /tmp/smoke-pyvt.txt
 	[ $rc = 0 ] && result smoke-pyvt PASS "" || result smoke-pyvt FAIL "exit $rc"
 }
 
 # smoke-kvm: the same program against the reference KVM (already
 # loaded as /dev/kvm); it must pass and print KVM's transcript, which
-# keeps kvm_smoke.expected honest.  Shown as it runs, so a hang of the
-# nested reference shows where it stopped.
+# keeps kvm_smoke.expected honest.
 smoke_kvm() {
-	{
-		timeout 300 kvm_smoke /dev/kvm 2>&1
-		echo $? >/tmp/smoke-kvm.rc
-	} | tee /tmp/smoke-kvm.txt
-	rc=$(cat /tmp/smoke-kvm.rc)
-	if [ "$rc" != 0 ]; then
+	run_smoke /dev/kvm /tmp/smoke-kvm.txt
+	rc=$?
+	if [ $rc != 0 ]; then
 		result smoke-kvm FAIL "exit $rc"
 	elif ! same_transcript /lib/kvm_smoke.expected /tmp/smoke-kvm.txt; then
 		result smoke-kvm FAIL "KVM's output differs from kvm_smoke.expected (diff above)"
