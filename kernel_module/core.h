@@ -180,6 +180,13 @@ int pyvt_efer_write(u64 old, u64 cr0, u64 val, u64 *efer);
 bool pyvt_cr0_valid(u64 cr0);
 bool pyvt_emulate_msr(struct pyvt_vcpu *vcpu, bool write);
 
+/* Exit handlers both vendors share: reflect an exception, or go round. */
+int pyvt_exit_ud(struct pyvt_vcpu *vcpu);
+int pyvt_exit_gp(struct pyvt_vcpu *vcpu);
+int pyvt_exit_db(struct pyvt_vcpu *vcpu);
+int pyvt_exit_ac(struct pyvt_vcpu *vcpu);
+int pyvt_exit_resume(struct pyvt_vcpu *vcpu);
+
 /* Guest x87/SSE state in and out of the CPU, around each entry. */
 static inline void pyvt_fxsave(void *area)
 {

@@ -447,29 +447,6 @@ static int unexpected_exit(struct pyvt_vcpu *vcpu)
 	return 0;
 }
 
-static int intr_interception(struct pyvt_vcpu *vcpu)
-{
-	return 1;	/* the host took it after STGI */
-}
-
-static int ud_interception(struct pyvt_vcpu *vcpu)
-{
-	svm_queue_exception(vcpu, UD_VECTOR, false, 0);
-	return 1;
-}
-
-static int db_interception(struct pyvt_vcpu *vcpu)
-{
-	svm_queue_exception(vcpu, DB_VECTOR, false, 0);
-	return 1;
-}
-
-static int ac_interception(struct pyvt_vcpu *vcpu)
-{
-	svm_queue_exception(vcpu, AC_VECTOR, true, 0);
-	return 1;
-}
-
 static int cpuid_interception(struct pyvt_vcpu *vcpu)
 {
 	pyvt_set_cpuid_result(vcpu);
@@ -605,10 +582,8 @@ static int msr_write(struct pyvt_vcpu *vcpu, u32 msr, u64 val)
 static int msr_interception(struct pyvt_vcpu *vcpu)
 {
 	/* EXITINFO1: 1 for WRMSR, 0 for RDMSR. */
-	if (!pyvt_emulate_msr(vcpu, to_svm(vcpu)->vmcb->control.exit_info_1)) {
-		svm_queue_exception(vcpu, GP_VECTOR, true, 0);
-		return 1;
-	}
+	if (!pyvt_emulate_msr(vcpu, to_svm(vcpu)->vmcb->control.exit_info_1))
+		return pyvt_exit_gp(vcpu);
 	skip_insn(vcpu, 2);
 	return 1;
 }
@@ -642,27 +617,28 @@ static int npf_interception(struct pyvt_vcpu *vcpu)
 }
 
 static int (*const svm_exit_handlers[])(struct pyvt_vcpu *vcpu) = {
-	[SVM_EXIT_EXCP_BASE + DB_VECTOR]	= db_interception,
-	[SVM_EXIT_EXCP_BASE + AC_VECTOR]	= ac_interception,
-	[SVM_EXIT_INTR]				= intr_interception,
-	[SVM_EXIT_NMI]				= intr_interception,
-	[SVM_EXIT_SMI]				= intr_interception,
+	[SVM_EXIT_EXCP_BASE + DB_VECTOR]	= pyvt_exit_db,
+	[SVM_EXIT_EXCP_BASE + AC_VECTOR]	= pyvt_exit_ac,
+	/* The host takes the interrupt after STGI. */
+	[SVM_EXIT_INTR]				= pyvt_exit_resume,
+	[SVM_EXIT_NMI]				= pyvt_exit_resume,
+	[SVM_EXIT_SMI]				= pyvt_exit_resume,
 	[SVM_EXIT_CPUID]			= cpuid_interception,
 	[SVM_EXIT_INVD]				= invd_interception,
 	[SVM_EXIT_HLT]				= halt_interception,
-	[SVM_EXIT_INVLPGA]			= ud_interception,
+	[SVM_EXIT_INVLPGA]			= pyvt_exit_ud,
 	[SVM_EXIT_IOIO]				= io_interception,
 	[SVM_EXIT_MSR]				= msr_interception,
 	[SVM_EXIT_SHUTDOWN]			= shutdown_interception,
-	[SVM_EXIT_VMRUN]			= ud_interception,
-	[SVM_EXIT_VMMCALL]			= ud_interception,
-	[SVM_EXIT_VMLOAD]			= ud_interception,
-	[SVM_EXIT_VMSAVE]			= ud_interception,
-	[SVM_EXIT_STGI]				= ud_interception,
-	[SVM_EXIT_CLGI]				= ud_interception,
-	[SVM_EXIT_SKINIT]			= ud_interception,
-	[SVM_EXIT_MONITOR]			= ud_interception,
-	[SVM_EXIT_MWAIT]			= ud_interception,
+	[SVM_EXIT_VMRUN]			= pyvt_exit_ud,
+	[SVM_EXIT_VMMCALL]			= pyvt_exit_ud,
+	[SVM_EXIT_VMLOAD]			= pyvt_exit_ud,
+	[SVM_EXIT_VMSAVE]			= pyvt_exit_ud,
+	[SVM_EXIT_STGI]				= pyvt_exit_ud,
+	[SVM_EXIT_CLGI]				= pyvt_exit_ud,
+	[SVM_EXIT_SKINIT]			= pyvt_exit_ud,
+	[SVM_EXIT_MONITOR]			= pyvt_exit_ud,
+	[SVM_EXIT_MWAIT]			= pyvt_exit_ud,
 };
 
 /* Keep an event the exit interrupted, so it is delivered on re-entry. */

@@ -291,6 +291,36 @@ int pyvt_efer_write(u64 old, u64 cr0, u64 val, u64 *efer)
 	return 0;
 }
 
+int pyvt_exit_ud(struct pyvt_vcpu *vcpu)
+{
+	pyvt_ops->queue_exception(vcpu, UD_VECTOR, false, 0);
+	return 1;
+}
+
+int pyvt_exit_gp(struct pyvt_vcpu *vcpu)
+{
+	pyvt_ops->queue_exception(vcpu, GP_VECTOR, true, 0);
+	return 1;
+}
+
+int pyvt_exit_db(struct pyvt_vcpu *vcpu)
+{
+	pyvt_ops->queue_exception(vcpu, DB_VECTOR, false, 0);
+	return 1;
+}
+
+int pyvt_exit_ac(struct pyvt_vcpu *vcpu)
+{
+	pyvt_ops->queue_exception(vcpu, AC_VECTOR, true, 0);
+	return 1;
+}
+
+/* Nothing to do but enter again (after the run loop's signal check). */
+int pyvt_exit_resume(struct pyvt_vcpu *vcpu)
+{
+	return 1;
+}
+
 static int pyvt_vcpu_run(struct pyvt_vcpu *vcpu)
 {
 	struct pyvt_vm *vm = vcpu->vm;

@@ -1091,27 +1091,6 @@ static void skip_insn(struct pyvt_vcpu *vcpu)
 	vcpu->rip += to_vmx(vcpu)->insn_len;
 }
 
-static int ud_interception(struct pyvt_vcpu *vcpu)
-{
-	vmx_queue_exception(vcpu, UD_VECTOR, false, 0);
-	return 1;
-}
-
-static int gp_interception(struct pyvt_vcpu *vcpu)
-{
-	vmx_queue_exception(vcpu, GP_VECTOR, true, 0);
-	return 1;
-}
-
-/*
- * An interrupt (the host took it once interrupts were back on) or the
- * end of a time slice: go round, checking for signals.
- */
-static int intr_interception(struct pyvt_vcpu *vcpu)
-{
-	return 1;
-}
-
 static int exception_interception(struct pyvt_vcpu *vcpu)
 {
 	u32 info = to_vmx(vcpu)->exit_intr_info;
@@ -1120,11 +1099,9 @@ static int exception_interception(struct pyvt_vcpu *vcpu)
 		return 1;	/* handed to Linux in enter_guest() */
 	switch (info & INTR_INFO_VECTOR_MASK) {
 	case DB_VECTOR:
-		vmx_queue_exception(vcpu, DB_VECTOR, false, 0);
-		return 1;
+		return pyvt_exit_db(vcpu);
 	case AC_VECTOR:
-		vmx_queue_exception(vcpu, AC_VECTOR, true, 0);
-		return 1;
+		return pyvt_exit_ac(vcpu);
 	default:
 		return unexpected_exit(vcpu);
 	}
@@ -1247,7 +1224,7 @@ static int cr_interception(struct pyvt_vcpu *vcpu)
 	}
 	vmx_put();
 	if (ret)
-		return gp_interception(vcpu);
+		return pyvt_exit_gp(vcpu);
 	skip_insn(vcpu);
 	return 1;
 }
@@ -1377,7 +1354,7 @@ static int vmx_set_msr(struct pyvt_vcpu *vcpu, u32 msr, u64 val)
 static int msr_interception(struct pyvt_vcpu *vcpu, bool write)
 {
 	if (!pyvt_emulate_msr(vcpu, write))
-		return gp_interception(vcpu);
+		return pyvt_exit_gp(vcpu);
 	skip_insn(vcpu);
 	return 1;
 }
@@ -1417,35 +1394,39 @@ static int ept_violation_interception(struct pyvt_vcpu *vcpu)
 
 static int (*const vmx_exit_handlers[])(struct pyvt_vcpu *vcpu) = {
 	[EXIT_REASON_EXCEPTION_NMI]		= exception_interception,
-	[EXIT_REASON_EXTERNAL_INTERRUPT]	= intr_interception,
-	[EXIT_REASON_PREEMPTION_TIMER]		= intr_interception,
+	/*
+	 * An interrupt (the host took it once interrupts were back on) or
+	 * the end of a time slice: go round, checking for signals.
+	 */
+	[EXIT_REASON_EXTERNAL_INTERRUPT]	= pyvt_exit_resume,
+	[EXIT_REASON_PREEMPTION_TIMER]		= pyvt_exit_resume,
 	[EXIT_REASON_TRIPLE_FAULT]		= triple_fault_interception,
 	[EXIT_REASON_CPUID]			= cpuid_interception,
-	[EXIT_REASON_GETSEC]			= ud_interception,
+	[EXIT_REASON_GETSEC]			= pyvt_exit_ud,
 	[EXIT_REASON_HLT]			= halt_interception,
 	[EXIT_REASON_INVD]			= skip_interception,
 	[EXIT_REASON_INVLPG]			= invlpg_interception,
-	[EXIT_REASON_RDPMC]			= gp_interception,
-	[EXIT_REASON_VMCALL]			= ud_interception,
-	[EXIT_REASON_VMCLEAR]			= ud_interception,
-	[EXIT_REASON_VMLAUNCH]			= ud_interception,
-	[EXIT_REASON_VMPTRLD]			= ud_interception,
-	[EXIT_REASON_VMPTRST]			= ud_interception,
-	[EXIT_REASON_VMREAD]			= ud_interception,
-	[EXIT_REASON_VMRESUME]			= ud_interception,
-	[EXIT_REASON_VMWRITE]			= ud_interception,
-	[EXIT_REASON_VMOFF]			= ud_interception,
-	[EXIT_REASON_VMON]			= ud_interception,
+	[EXIT_REASON_RDPMC]			= pyvt_exit_gp,
+	[EXIT_REASON_VMCALL]			= pyvt_exit_ud,
+	[EXIT_REASON_VMCLEAR]			= pyvt_exit_ud,
+	[EXIT_REASON_VMLAUNCH]			= pyvt_exit_ud,
+	[EXIT_REASON_VMPTRLD]			= pyvt_exit_ud,
+	[EXIT_REASON_VMPTRST]			= pyvt_exit_ud,
+	[EXIT_REASON_VMREAD]			= pyvt_exit_ud,
+	[EXIT_REASON_VMRESUME]			= pyvt_exit_ud,
+	[EXIT_REASON_VMWRITE]			= pyvt_exit_ud,
+	[EXIT_REASON_VMOFF]			= pyvt_exit_ud,
+	[EXIT_REASON_VMON]			= pyvt_exit_ud,
 	[EXIT_REASON_CR_ACCESS]			= cr_interception,
 	[EXIT_REASON_IO_INSTRUCTION]		= io_interception,
 	[EXIT_REASON_MSR_READ]			= rdmsr_interception,
 	[EXIT_REASON_MSR_WRITE]			= wrmsr_interception,
-	[EXIT_REASON_MWAIT_INSTRUCTION]		= ud_interception,
-	[EXIT_REASON_MONITOR_INSTRUCTION]	= ud_interception,
+	[EXIT_REASON_MWAIT_INSTRUCTION]		= pyvt_exit_ud,
+	[EXIT_REASON_MONITOR_INSTRUCTION]	= pyvt_exit_ud,
 	[EXIT_REASON_EPT_VIOLATION]		= ept_violation_interception,
-	[EXIT_REASON_INVEPT]			= ud_interception,
-	[EXIT_REASON_INVVPID]			= ud_interception,
-	[EXIT_REASON_VMFUNC]			= ud_interception,
+	[EXIT_REASON_INVEPT]			= pyvt_exit_ud,
+	[EXIT_REASON_INVVPID]			= pyvt_exit_ud,
+	[EXIT_REASON_VMFUNC]			= pyvt_exit_ud,
 };
 
 /* Keep an event the exit interrupted, so it is delivered on re-entry. */
@@ -1590,7 +1571,7 @@ static int vmx_measure_roundtrip(struct pyvt_roundtrip *rt, u64 *samples)
 		if (reason == EXIT_REASON_VMCALL)
 			samples[n++] = cycles;
 		else if ((reason >= ARRAY_SIZE(vmx_exit_handlers) ||
-			  vmx_exit_handlers[reason] != intr_interception) &&
+			  vmx_exit_handlers[reason] != pyvt_exit_resume) &&
 			 reason != EXIT_REASON_EXCEPTION_NMI)
 			break;
 		if (!(i & 255))

@@ -54,13 +54,29 @@ struct vm {
 	} \
 } while (0)
 
+/* @size bytes of fresh anonymous memory as slot @slot at @gpa. */
+static int add_ram(struct vm *vm, uint32_t slot, uint64_t gpa, size_t size,
+		   unsigned char **mem, size_t *mem_size)
+{
+	struct kvm_userspace_memory_region mr = {
+		.slot = slot, .guest_phys_addr = gpa, .memory_size = size,
+	};
+
+	*mem = mmap(NULL, size, PROT_READ | PROT_WRITE,
+		    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	CHECK(*mem != MAP_FAILED, "mmap");
+	*mem_size = size;
+	mr.userspace_addr = (uintptr_t)*mem;
+	CHECK(!ioctl(vm->fd, KVM_SET_USER_MEMORY_REGION, &mr), "slot %u", slot);
+	return 0;
+}
+
 /*
  * A VM with one vCPU, @low bytes of RAM at 0 (slot 0) and, unless @high
  * is 0, @high bytes at HIGH_RAM_GPA (slot 1).
  */
 static int vm_create_ram(struct vm *vm, size_t low, size_t high)
 {
-	struct kvm_userspace_memory_region mr = {};
 	struct {
 		struct kvm_cpuid2 hdr;
 		struct kvm_cpuid_entry2 e[1];
@@ -69,26 +85,10 @@ static int vm_create_ram(struct vm *vm, size_t low, size_t high)
 	memset(vm, 0, sizeof(*vm));
 	vm->fd = ioctl(sys_fd, KVM_CREATE_VM, 0);
 	CHECK(vm->fd >= 0, "KVM_CREATE_VM");
-	vm->low = mmap(NULL, low, PROT_READ | PROT_WRITE,
-		       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	CHECK(vm->low != MAP_FAILED, "mmap");
-	vm->low_size = low;
-	mr.slot = 0;
-	mr.memory_size = low;
-	mr.userspace_addr = (uintptr_t)vm->low;
-	CHECK(!ioctl(vm->fd, KVM_SET_USER_MEMORY_REGION, &mr), "slot 0");
-	if (high) {
-		vm->high = mmap(NULL, high, PROT_READ | PROT_WRITE,
-				MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-		CHECK(vm->high != MAP_FAILED, "mmap");
-		vm->high_size = high;
-		mr.slot = 1;
-		mr.guest_phys_addr = HIGH_RAM_GPA;
-		mr.memory_size = high;
-		mr.userspace_addr = (uintptr_t)vm->high;
-		CHECK(!ioctl(vm->fd, KVM_SET_USER_MEMORY_REGION, &mr),
-		      "slot 1");
-	}
+	if (add_ram(vm, 0, 0, low, &vm->low, &vm->low_size) ||
+	    (high && add_ram(vm, 1, HIGH_RAM_GPA, high, &vm->high,
+			     &vm->high_size)))
+		return -1;
 
 	vm->vcpu = ioctl(vm->fd, KVM_CREATE_VCPU, 0);
 	CHECK(vm->vcpu >= 0, "KVM_CREATE_VCPU");
