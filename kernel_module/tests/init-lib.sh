@@ -160,12 +160,21 @@ fuzz_checks() {
 	fi
 }
 
+# hold_vm DEV SECONDS: a VM held open on DEV in the background (its pid
+# in $holder), once it exists (at most 10 s).
+hold_vm() {
+	kvm_smoke --hold "$1" "$2" >/tmp/hold.txt 2>&1 &
+	holder=$!
+	for i in 1 2 3 4 5 6 7 8 9 10; do
+		grep -q holding /tmp/hold.txt && return
+		sleep 1
+	done
+}
+
 # hotplug: CPU hotplug while a VM holds SVM/VMX on, then run on the
 # re-onlined CPU; rmmod must refuse while a VM is open.  Needs 2 CPUs.
 hotplug_check() {
-	kvm_smoke --hold /dev/pyvt 8 >/tmp/hold.txt 2>&1 &
-	holder=$!
-	sleep 2
+	hold_vm /dev/pyvt 8
 	rmmod pyvt 2>/dev/null && rmmod_open=unloaded || rmmod_open=refused
 	echo 0 >/sys/devices/system/cpu/cpu1/online &&
 		echo 1 >/sys/devices/system/cpu/cpu1/online
