@@ -29,6 +29,16 @@ SOURCE = "\n".join(
         '#include "host_cpuid.h"',
         "#include <uapi/pyvt.h>",
         "",
+        # Names older headers lack: a PVT_HAVE_* flag says whether the
+        # header has the name; without it the name is defined as 0 and the
+        # wrapper refuses to issue it (see pyvt.kvm).
+        "#ifdef KVM_GET_XSAVE2",
+        "#define PVT_HAVE_KVM_GET_XSAVE2 1",
+        "#else",
+        "#define PVT_HAVE_KVM_GET_XSAVE2 0  /* Linux < 5.17 headers */",
+        "#define KVM_GET_XSAVE2 0",
+        "#endif",
+        "",
     ]
     + [
         f"typedef __typeof__(((struct kvm_run *)0)->{m}) pvt_run_{m};"
@@ -102,6 +112,10 @@ CONSTANTS = """
 #define KVM_SET_DEBUGREGS ...
 #define KVM_GET_XCRS ...
 #define KVM_SET_XCRS ...
+#define KVM_GET_XSAVE ...
+#define KVM_SET_XSAVE ...
+#define KVM_GET_XSAVE2 ...  /* 0 where PVT_HAVE_KVM_GET_XSAVE2 is 0 */
+#define PVT_HAVE_KVM_GET_XSAVE2 ...
 
 /* exits */
 #define KVM_EXIT_UNKNOWN ...
@@ -220,6 +234,7 @@ struct kvm_lapic_state { char regs[...]; ...; };
 struct kvm_debugregs { __u64 db[4]; __u64 dr6, dr7, flags; ...; };
 struct kvm_xcr { __u32 xcr; __u64 value; ...; };
 struct kvm_xcrs { __u32 nr_xcrs, flags; struct kvm_xcr xcrs[...]; ...; };
+struct kvm_xsave { __u32 region[...]; ...; };
 struct kvm_vcpu_events { __u32 flags; ...; };
 struct kvm_irqchip { __u32 chip_id; ...; };
 struct kvm_pit_state2 { __u32 flags; ...; };

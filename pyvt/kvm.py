@@ -547,6 +547,7 @@ class VcpuFd(_Fd):
         self.vm = vm
         self.index = index
         self._fd = fd
+        self._xsave_size: Optional[int] = None
         size = vm.kvm.vcpu_mmap_size()
         try:
             self._mmap = mmap.mmap(fd, size, mmap.MAP_SHARED,
@@ -726,3 +727,50 @@ class VcpuFd(_Fd):
     def set_xcrs(self, xcrs) -> None:
         """``KVM_SET_XCRS``."""
         self._ioctl("KVM_SET_XCRS", lib.KVM_SET_XCRS, xcrs)
+
+    def xsave_size(self) -> int:
+        """How many bytes this vCPU's XSAVE area takes: what
+        ``KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2)`` answers on the VM fd, or 4096
+        (``struct kvm_xsave``) where the backend or the headers lack it."""
+        if self._xsave_size is None:
+            size = 0
+            if lib.PVT_HAVE_KVM_GET_XSAVE2 and "KVM_CAP_XSAVE2" in caps:
+                size = self.vm.check_extension("KVM_CAP_XSAVE2")
+            self._xsave_size = max(size, ffi.sizeof("struct kvm_xsave"))
+        return self._xsave_size
+
+    def get_xsave(self) -> bytes:
+        """``KVM_GET_XSAVE`` (needs KVM_CAP_XSAVE): the first 4096 bytes of the
+        vCPU's XSAVE area in the standard (non-compacted) format: x87, SSE,
+        AVX and the other components up to there, with the XSAVE header
+        (XSTATE_BV) at offset 512.  Components beyond 4096 bytes (AMX tiles)
+        need :meth:`get_xsave2`."""
+        area = self._get("KVM_GET_XSAVE", lib.KVM_GET_XSAVE, "struct kvm_xsave *")
+        return bytes(ffi.buffer(area))
+
+    def get_xsave2(self) -> bytes:
+        """``KVM_GET_XSAVE2`` (needs KVM_CAP_XSAVE2): the whole XSAVE area, as
+        :meth:`get_xsave` but :meth:`xsave_size` bytes long."""
+        if not lib.PVT_HAVE_KVM_GET_XSAVE2:
+            raise KvmError("KVM_GET_XSAVE2", errno.ENOTTY,
+                           "pyvt was built against <linux/kvm.h> older than Linux 5.17, "
+                           "which lacks it; use get_xsave()")
+        area = ffi.new("char[]", self.xsave_size())
+        self._ioctl("KVM_GET_XSAVE2", lib.KVM_GET_XSAVE2, area)
+        return bytes(ffi.buffer(area))
+
+    def set_xsave(self, state: bytes) -> None:
+        """``KVM_SET_XSAVE`` from :meth:`get_xsave` or :meth:`get_xsave2`'s bytes.
+
+        KVM reads :meth:`xsave_size` bytes: a shorter area (4096 bytes from
+        ``get_xsave``) is passed zero-padded, so the components it lacks
+        are those its XSTATE_BV leaves in their initial state."""
+        size = self.xsave_size()
+        if not isinstance(state, (bytes, bytearray)) or \
+                not ffi.sizeof("struct kvm_xsave") <= len(state) <= size:
+            length = len(state) if isinstance(state, (bytes, bytearray)) else type(state).__name__
+            raise ArgumentError(f"XSAVE state must be {ffi.sizeof('struct kvm_xsave')}-{size} "
+                                f"bytes for this vCPU, not {length}")
+        area = ffi.new("char[]", size)
+        ffi.buffer(area, len(state))[:] = state
+        self._ioctl("KVM_SET_XSAVE", lib.KVM_SET_XSAVE, area)
