@@ -98,6 +98,19 @@ class InternalError(GuestError):
     """KVM could not handle what the guest did (``KVM_EXIT_INTERNAL_ERROR``)."""
 
 
+class SnapshotError(Error):
+    """A snapshot cannot be taken, restored, saved or read (the message says why)."""
+
+
+class SnapshotFileError(_OSErrorMessage, SnapshotError):
+    """A snapshot file cannot be written or read: ``errno`` and ``filename``
+    say which and why."""
+
+
+class SnapshotFileNotFound(SnapshotFileError, FileNotFoundError):
+    """``Snapshot.load()`` of a file that does not exist."""
+
+
 def check(ret: int, ioctl: str, hint: str = "") -> int:
     """Turns a C-style return (-1 with errno set) into a KvmError."""
     if ret < 0:

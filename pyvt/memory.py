@@ -13,9 +13,11 @@ import functools
 import mmap
 import os
 import re
-from dataclasses import dataclass
-from typing import List, Optional, Set, Tuple, Union
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Tuple, Union
 
+from . import pageset
 from ._kvm import ffi, lib
 from .errors import (
     ArgumentError,
@@ -81,12 +83,30 @@ class Region:
     memfd: int  # -1 for a copy-on-write view of a snapshot's memory
     mapping: Optional[mmap.mmap]
     host_address: int
-    #: Dirty tracking (for snapshot restore): KVM logs guest writes once the
-    #: slot has KVM_MEM_LOG_DIRTY_PAGES; host writes are noted here.
+    # Dirty tracking, for snapshot restore (see GuestMemory.track_dirty_pages).
+    #: KVM logs the guest's writes (the slot has KVM_MEM_LOG_DIRTY_PAGES).
     dirty_logging: bool = False
-    host_dirty: Optional[Set[int]] = None
+    #: Pages ``write()`` changed since the last fold, as a bitmap (bit n is
+    #: page n); None until tracking starts.
+    host_dirty: Optional[bytearray] = None
     #: The backend refused KVM_MEM_LOG_DIRTY_PAGES (pyvt.ko has no dirty log).
     dirty_log_refused: bool = False
+    #: Baselines: for each snapshot image (held weakly) this region's contents
+    #: are known against, the pages that may differ from it (a pyvt.pageset).
+    baselines: "weakref.WeakKeyDictionary[Any, int]" = field(
+        default_factory=weakref.WeakKeyDictionary)
+    #: The snapshot image a copy-on-write region maps (set by pyvt.snapshot).
+    origin: Any = None
+
+    @property
+    def tracked(self) -> bool:
+        """Every write to the region is seen: the guest cannot write a
+        read-only one, and KVM logs its writes to the others."""
+        return self.host_dirty is not None and (self.readonly or self.dirty_logging)
+
+    @property
+    def pages(self) -> int:
+        return self.size // PAGE_SIZE
 
     @property
     def end(self) -> int:
@@ -234,8 +254,8 @@ class GuestMemory:
         for region, offset, length in self._pieces(gpa, len(data)):
             region.buffer[offset:offset + length] = data[done:done + length]
             if region.host_dirty is not None and length:
-                region.host_dirty.update(range(offset // PAGE_SIZE,
-                                               (offset + length - 1) // PAGE_SIZE + 1))
+                pageset.mark(region.host_dirty, offset // PAGE_SIZE,
+                             (offset + length - 1) // PAGE_SIZE)
             done += length
 
     def read_int(self, gpa: int, size: int = 8) -> int:
@@ -264,41 +284,79 @@ class GuestMemory:
             self.write(key, bytes([data]))
 
     # -- dirty tracking, for snapshots ------------------------------------------
+    #
+    # A snapshot restore copies back only the pages that may differ from the
+    # snapshot.  For that each region keeps baselines (Region.baselines):
+    # snapshot images it is known against, each with the pages that may have
+    # changed since the region last equalled it.  Writes reach every baseline
+    # when they are folded in (_fold: KVM's dirty log plus write()'s pages);
+    # take and restore fold before they look, so no write is ever lost to a
+    # baseline, whichever snapshot came later.
 
     def track_dirty_pages(self) -> None:
-        """Starts (or restarts) tracking writes: from now on
-        :meth:`take_dirty_pages` lists the pages the guest (KVM's dirty log)
-        or ``write()`` changed.  Writes through ``view`` are not seen."""
+        """Starts tracking writes on every region (idempotent): from now on
+        the guest's writes (KVM's dirty log) and ``write()``'s reach the
+        baselines.  Writes through ``view`` are not seen."""
         self._check_open()
         for region in self.regions:
-            if region.readonly:
+            if region.host_dirty is None:
+                region.host_dirty = bytearray(pageset.bitmap_bytes(region.pages))
+            if region.readonly or region.dirty_logging or region.dirty_log_refused:
                 continue
-            if not region.dirty_logging and not region.dirty_log_refused:
-                try:
-                    self._vm_fd.set_user_memory_region(
-                        region.slot, region.gpa, region.size, region.host_address,
-                        lib.KVM_MEM_LOG_DIRTY_PAGES)
-                    region.dirty_logging = True
-                except KvmError:
-                    # Without a dirty log, snapshot restore compares pages.
-                    region.dirty_log_refused = True
-            self.take_dirty_pages(region)  # forget what came before
+            try:
+                self._vm_fd.set_user_memory_region(
+                    region.slot, region.gpa, region.size, region.host_address,
+                    lib.KVM_MEM_LOG_DIRTY_PAGES)
+                region.dirty_logging = True
+            except KvmError:
+                # Without a dirty log, snapshot restore compares pages.
+                region.dirty_log_refused = True
 
-    def take_dirty_pages(self, region: Region) -> List[int]:
-        """Pages of ``region`` written since the last call (sorted), and
-        starts counting again.  Only complete with ``region.dirty_logging``:
-        otherwise it knows only ``write()``'s pages."""
+    def _fold(self, region: Region) -> None:
+        """Adds the pages written since the last fold to every baseline."""
         self._check_open()
-        pages: Set[int] = set(region.host_dirty or ())
-        region.host_dirty = set()
+        written = 0
         if region.dirty_logging:
-            count = region.size // PAGE_SIZE
-            bitmap = int.from_bytes(self._vm_fd.get_dirty_log(region.slot, count), "little")
-            while bitmap:
-                low = bitmap & -bitmap
-                pages.add(low.bit_length() - 1)
-                bitmap ^= low
-        return sorted(pages)
+            written = int.from_bytes(self._vm_fd.get_dirty_log(region.slot, region.pages),
+                                     "little")
+        if region.host_dirty is not None:
+            host = int.from_bytes(region.host_dirty, "little")
+            if host:
+                written |= host
+                region.host_dirty = bytearray(len(region.host_dirty))
+        for key, pages in list(region.baselines.items()):
+            if getattr(key, "closed", False):
+                del region.baselines[key]  # a closed snapshot is never restored
+            elif written:
+                region.baselines[key] = pages | written
+
+    def changed_since(self, region: Region, baseline) -> Optional[int]:
+        """The pages (a :mod:`pyvt.pageset`) of ``region`` that may differ
+        from snapshot image ``baseline``, or None when the region's relation
+        to it is unknown (never equal to it while tracked)."""
+        if not region.tracked:
+            return None
+        self._fold(region)
+        return region.baselines.get(baseline)
+
+    def note_written(self, region: Region, pages: int) -> None:
+        """Records that the caller is about to write ``pages`` of ``region``
+        through its mapping (a restore's copy): they may change against
+        every baseline, even if the copy stops half-way."""
+        if not region.tracked or not pages:
+            return
+        self._fold(region)
+        for key, changed in list(region.baselines.items()):
+            region.baselines[key] = changed | pages
+
+    def now_equals(self, region: Region, baseline) -> None:
+        """Records that ``region`` now holds exactly ``baseline``'s contents
+        (just snapshotted into it, or restored from it).  Does nothing while
+        the region is untracked."""
+        if not region.tracked:
+            return
+        self._fold(region)
+        region.baselines[baseline] = 0
 
     def close(self) -> None:
         """Unmaps every region.  A region still exported through a memoryview

@@ -1,75 +1,56 @@
 """Snapshots: everything needed to put a VM back exactly where it was.
 
 ``snap = vm.snapshot()`` copies guest memory and every vCPU's state (general,
-special and FPU registers, XCRs, MSRs, events, MP state, debug registers,
-the LAPIC and the in-kernel irqchip and PIT when present) and the native
-devices' state.  ``vm.restore(snap)`` puts the same VM back in place and
-copies back only the pages written since the snapshot (KVM's dirty log, plus
-pyvt's own ``vm.memory.write``).  ``pyvt.Vm.from_snapshot(snap)`` makes a new
-VM whose memory is a copy-on-write mapping of the snapshot's: N clones cost
-only the pages each one writes.  ``snap.save(path)`` / ``Snapshot.load(path)``
-keep a snapshot in a versioned, checksummed file.
+special and FPU registers, the XSAVE area (AVX and later state), XCRs, MSRs,
+events, MP state, debug registers, the LAPIC and the in-kernel irqchip and
+PIT when present) and the native devices' state.  ``vm.restore(snap)`` puts
+the same VM back in place.  ``pyvt.Vm.from_snapshot(snap)`` makes a new VM
+whose memory is a copy-on-write mapping of the snapshot's: N clones cost only
+the pages each one writes.  ``snap.save(path)`` / ``Snapshot.load(path)``
+keep a snapshot in a versioned, checksummed file (:mod:`pyvt.snapshot_file`).
 
-The snapshot's memory lives in memfds owned by the snapshot; close it (or let
-the GC do it) to free them.  Clones keep what they map alive on their own.
+The restore rule: ``vm.restore(s)`` leaves the VM with exactly ``s``'s memory
+and vCPU and device state, for any snapshot ``s`` of a VM of the same shape
+(memory regions, vCPUs, irqchip), whatever happened since: later snapshots,
+other restores (``restore(a)``, ``restore(b)``, ``restore(a)`` again), host
+writes (``vm.memory.write``, read-only regions included), a snapshot of
+another VM, of the clone's parent, or loaded from a file.  The one thing it
+cannot see is a write through the raw ``vm.memory.view`` memoryview (or
+another mapping of guest memory) into a VM that already has snapshots: make
+such writes with ``vm.memory.write``.
+
+Restores are fast because a VM knows how its memory relates to the
+snapshots taken from it or restored into it (:mod:`pyvt.memory`'s baselines,
+fed by KVM's dirty log and ``vm.memory.write``): it copies back only the
+pages written since.  A clone knows which pages it wrote from its own
+mapping.  For a snapshot it has no baseline for, it compares the pages
+either side may hold data in.  Snapshot memory is sparse: zero pages and
+pages nobody touched cost nothing (:mod:`pyvt.snapshot_memory`).
+
+The snapshot's memory lives in memfds owned by the snapshot (one file
+descriptor per memory region); close it (or let the GC do it) to free them.
+Clones keep what they map alive on their own.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import mmap
-import os
-import struct
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from . import pc, snapshot_file, snapshot_memory
 from ._kvm import ffi, lib
-from . import pc
-from .errors import Error, KvmError
-from .kvm import _get_msrs, _msrs_struct
+from .errors import Error, KvmError, SnapshotError, SnapshotFileError, SnapshotFileNotFound
+from .kvm import _get_msrs, _msrs_struct, caps
+from .snapshot_file import FORMAT_VERSION, IRQCHIPS, MAGIC, STRUCTS
+from .snapshot_memory import PAGE_SIZE, RegionImage
 
-FORMAT_VERSION = 1
-MAGIC = b"PYVTSNAP"
-PAGE_SIZE = mmap.PAGESIZE
-
-#: Kernel structs whose bytes a snapshot stores: a file made with other
-#: layouts (other headers) is refused.
-STRUCTS = ("struct kvm_regs", "struct kvm_sregs", "struct kvm_fpu", "struct kvm_xcrs",
-           "struct kvm_vcpu_events", "struct kvm_debugregs", "struct kvm_lapic_state",
-           "struct kvm_irqchip", "struct kvm_pit_state2")
+__all__ = ["Snapshot", "VcpuImage", "RegionImage", "SnapshotError", "SnapshotFileError",
+           "SnapshotFileNotFound", "FORMAT_VERSION", "MAGIC", "STRUCTS", "PAGE_SIZE",
+           "check_cpuid"]
 
 #: CPUID feature words a guest may have used: (leaf, subleaf, register).
 FEATURE_WORDS = ((1, 0, "ecx"), (1, 0, "edx"), (7, 0, "ebx"), (7, 0, "ecx"), (7, 0, "edx"),
                  (0x80000001, 0, "ecx"), (0x80000001, 0, "edx"))
-
-_IRQCHIPS = ("KVM_IRQCHIP_PIC_MASTER", "KVM_IRQCHIP_PIC_SLAVE", "KVM_IRQCHIP_IOAPIC")
-
-
-class SnapshotError(Error):
-    """A snapshot cannot be taken, restored or read (the message says why)."""
-
-
-@dataclass
-class RegionImage:
-    """One memory slot's contents, in a memfd the snapshot owns."""
-
-    gpa: int
-    size: int
-    readonly: bool
-    memfd: int
-    mapping: Optional[mmap.mmap] = None  # read view, for restore copies
-
-    def close(self) -> None:
-        if self.mapping is not None:
-            try:
-                self.mapping.close()
-            except BufferError:
-                pass
-            self.mapping = None
-        if self.memfd >= 0:
-            os.close(self.memfd)
-            self.memfd = -1
 
 
 @dataclass
@@ -88,6 +69,8 @@ class VcpuImage:
     msrs: Dict[int, int] = field(default_factory=dict)
     xcrs: Optional[bytes] = None
     lapic: Optional[bytes] = None
+    #: KVM_GET_XSAVE2 (or KVM_GET_XSAVE): x87, SSE, AVX and later state.
+    xsave: Optional[bytes] = None
 
 
 @dataclass
@@ -109,8 +92,13 @@ class Snapshot:
     def memory_size(self) -> int:
         return self.regions[0].size
 
+    @property
+    def closed(self) -> bool:
+        return any(region.closed for region in self.regions)
+
     def __repr__(self) -> str:
-        return (f"<Snapshot {self.memory_size >> 20} MiB, {len(self.regions)} region(s), "
+        state = " closed" if self.closed else ""
+        return (f"<Snapshot{state} {self.memory_size >> 20} MiB, {len(self.regions)} region(s), "
                 f"{len(self.vcpus)} vCPU(s)>")
 
     def close(self) -> None:
@@ -124,182 +112,33 @@ class Snapshot:
         except Exception:
             pass
 
-    # -- file format ---------------------------------------------------------
-
-    def save(self, path: str) -> None:
-        """Writes the snapshot to ``path``: a header (JSON), the blobs it
-        names, and a SHA-256 of everything before it."""
-        blobs: List[bytes] = []
-
-        def blob(data: bytes) -> int:
-            blobs.append(data)
-            return len(blobs) - 1
-
-        header: Dict[str, Any] = {
-            "format": FORMAT_VERSION,
-            "pyvt": _pyvt_version(),
-            "structs": _struct_sizes(),
-            "page_size": PAGE_SIZE,
-            "backend": self.backend,
-            "debug_exit_port": self.debug_exit_port,
-            "regions": [],
-            "vcpus": [],
-            "devices": {name: [blob(state), blob(output)]
-                        for name, (state, output) in self.devices.items()},
-            "irqchip": None if self.irqchip is None else [blob(c) for c in self.irqchip],
-            "pit": None if self.pit is None else blob(self.pit),
-            "pc": None if self.pc is None else _pc_to_header(self.pc, blob),
-        }
-        for region in self.regions:
-            pages, data = _nonzero_pages(region)
-            header["regions"].append({"gpa": region.gpa, "size": region.size,
-                                      "readonly": region.readonly, "pages": blob(pages),
-                                      "data": blob(data)})
-        for v in self.vcpus:
-            header["vcpus"].append({
-                "index": v.index, "mode": v.mode, "mp_state": v.mp_state,
-                "msrs": {str(k): val for k, val in v.msrs.items()},
-                "regs": blob(v.regs), "sregs": blob(v.sregs), "fpu": blob(v.fpu),
-                "events": None if v.events is None else blob(v.events),
-                "debugregs": None if v.debugregs is None else blob(v.debugregs),
-                "cpuid": blob(v.cpuid),
-                "xcrs": None if v.xcrs is None else blob(v.xcrs),
-                "lapic": None if v.lapic is None else blob(v.lapic),
-            })
-        header["blobs"] = [len(b) for b in blobs]
-        head = json.dumps(header, sort_keys=True).encode()
-        digest = hashlib.sha256()
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            for part in (MAGIC, struct.pack("<II", FORMAT_VERSION, len(head)), head, *blobs):
-                digest.update(part)
-                f.write(part)
-            f.write(digest.digest())
-        os.replace(tmp, path)  # never a half-written file under the real name
+    def save(self, path) -> None:
+        """Writes the snapshot to ``path`` (see :mod:`pyvt.snapshot_file`).
+        Raises :class:`SnapshotError` (a :class:`SnapshotFileError`, also an
+        OSError, when the file system refuses) and leaves nothing behind
+        when it fails."""
+        snapshot_file.save(self, path)
 
     @classmethod
-    def load(cls, path: str, backend=None) -> "Snapshot":
+    def load(cls, path, backend=None) -> "Snapshot":
         """Reads a snapshot file, checking its format version, checksum and
-        completeness, and that this host's KVM offers every CPUID feature
-        the snapshot's vCPUs were shown."""
-        with open(path, "rb") as f:
-            raw = f.read()
-        if raw[:len(MAGIC)] != MAGIC:
-            raise SnapshotError(f"{path} is not a pyvt snapshot")
-        if len(raw) < len(MAGIC) + 8 + 32:
-            raise SnapshotError(f"{path} is truncated")
-        version, head_len = struct.unpack_from("<II", raw, len(MAGIC))
-        if version != FORMAT_VERSION:
-            raise SnapshotError(f"{path} has snapshot format {version}; this pyvt "
-                                f"({_pyvt_version()}) reads format {FORMAT_VERSION}")
-        body, digest = raw[:-32], raw[-32:]
-        if hashlib.sha256(body).digest() != digest:
-            raise SnapshotError(f"{path} is corrupted or truncated: its checksum does not match")
-        start = len(MAGIC) + 8
-        header = json.loads(body[start:start + head_len])
-        if header["structs"] != _struct_sizes() or header["page_size"] != PAGE_SIZE:
-            raise SnapshotError(f"{path} was made by a pyvt built against other kernel headers "
-                                f"(pyvt {header.get('pyvt')}); the register layouts differ")
-        blobs, at = [], start + head_len
-        for length in header["blobs"]:
-            blobs.append(body[at:at + length])
-            at += length
-        if at != len(body):
-            raise SnapshotError(f"{path} is malformed: its blobs do not add up")
-
-        def get(i):
-            return None if i is None else blobs[i]
-
-        regions = [_region_from_pages(r["gpa"], r["size"], r["readonly"], get(r["pages"]),
-                                      get(r["data"])) for r in header["regions"]]
-        vcpus = [VcpuImage(index=v["index"], mode=v["mode"], regs=get(v["regs"]),
-                           sregs=get(v["sregs"]), fpu=get(v["fpu"]), events=get(v["events"]),
-                           debugregs=get(v["debugregs"]), mp_state=v["mp_state"],
-                           cpuid=get(v["cpuid"]),
-                           msrs={int(k): val for k, val in v["msrs"].items()},
-                           xcrs=get(v["xcrs"]), lapic=get(v["lapic"]))
-                 for v in header["vcpus"]]
-        snap = cls(backend=header["backend"], regions=regions, vcpus=vcpus,
-                   devices={name: (get(s), get(o)) for name, (s, o) in header["devices"].items()},
-                   irqchip=None if header["irqchip"] is None else [get(i) for i in header["irqchip"]],
-                   pit=get(header["pit"]), debug_exit_port=header["debug_exit_port"],
-                   pc=None if header["pc"] is None else _pc_from_header(header["pc"], get))
+        every field of its header, and that this host's KVM (``backend``,
+        default: what pyvt picks) offers every CPUID feature the snapshot's
+        vCPUs were shown; clones of it use that device.  Raises
+        :class:`SnapshotError` (:class:`SnapshotFileNotFound`, also a
+        FileNotFoundError, for a missing file)."""
         from .kvm import Kvm
         from .vm import select_backend
 
-        check_cpuid(snap, Kvm.shared(select_backend(backend)))
+        snap = snapshot_file.load(path)
+        try:
+            kvm = Kvm.shared(select_backend(backend))
+            check_cpuid(snap, kvm)
+            snap.backend = kvm.path
+        except BaseException:
+            snap.close()
+            raise
         return snap
-
-
-def _pc_to_header(pc: Dict[str, Any], blob) -> Dict[str, Any]:
-    """pyvt.pc state for the JSON header, bytes as blob numbers."""
-    fw = pc["fw_cfg"]
-    return {
-        "fw_cfg": None if fw is None else {
-            "items": [[key, blob(data)] for key, data in sorted(fw["items"].items())],
-            "files": [[key, name, blob(data)] for key, name, data in fw["files"]],
-            "position": list(fw["position"]),
-        },
-        **{name: None if pc[name] is None else blob(pc[name]) for name in ("cmos", "i8042", "post")},
-    }
-
-
-def _pc_from_header(header: Dict[str, Any], get) -> Dict[str, Any]:
-    fw = header["fw_cfg"]
-    return {
-        "fw_cfg": None if fw is None else {
-            "items": {key: get(i) for key, i in fw["items"]},
-            "files": [(key, name, get(i)) for key, name, i in fw["files"]],
-            "position": tuple(fw["position"]),
-        },
-        **{name: get(header[name]) for name in ("cmos", "i8042", "post")},
-    }
-
-
-def _pyvt_version() -> str:
-    from . import __version__
-
-    return __version__
-
-
-def _struct_sizes() -> Dict[str, int]:
-    return {name: ffi.sizeof(name) for name in STRUCTS}
-
-
-def _nonzero_pages(region: RegionImage) -> Tuple[bytes, bytes]:
-    """(page numbers as u32, their bytes): files skip pages of zeros."""
-    assert region.mapping is not None
-    zero = bytes(PAGE_SIZE)
-    numbers, data = [], []
-    for page in range(region.size // PAGE_SIZE):
-        chunk = region.mapping[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
-        if chunk != zero:
-            numbers.append(page)
-            data.append(chunk)
-    return struct.pack(f"<{len(numbers)}I", *numbers), b"".join(data)
-
-
-def _new_image(gpa: int, size: int, readonly: bool) -> RegionImage:
-    memfd = os.memfd_create(f"pyvt-snapshot-{gpa:#x}", os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(memfd, size)
-        mapping = mmap.mmap(memfd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    except OSError as e:
-        os.close(memfd)
-        raise SnapshotError(f"cannot allocate {size:#x} bytes for a snapshot: {e.strerror}") from None
-    return RegionImage(gpa, size, readonly, memfd, mapping)
-
-
-def _region_from_pages(gpa, size, readonly, pages: bytes, data: bytes) -> RegionImage:
-    image = _new_image(gpa, size, readonly)
-    assert image.mapping is not None
-    numbers = struct.unpack(f"<{len(pages) // 4}I", pages)
-    if len(data) != len(numbers) * PAGE_SIZE or any(n * PAGE_SIZE >= size for n in numbers):
-        image.close()
-        raise SnapshotError("snapshot memory pages do not fit their region")
-    for i, page in enumerate(numbers):
-        image.mapping[page * PAGE_SIZE:(page + 1) * PAGE_SIZE] = data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
-    return image
 
 
 def _features(cpuid_table: bytes) -> Dict[Tuple[int, int, str], int]:
@@ -424,28 +263,41 @@ def take(vm) -> Snapshot:
         vm._sync_devices()
         for vcpu in vm.vcpus.values():
             _complete_pending_io(vcpu)
-        regions = []
+        regions = _take_memory(vm)
         try:
-            for region in vm.memory.regions:
-                image = _new_image(region.gpa, region.size, region.readonly)
-                regions.append(image)
-                image.mapping[:] = region.buffer[:]  # type: ignore[index]
+            vcpus = [_take_vcpu(vm, v) for v in sorted(vm.vcpus.values(), key=lambda v: v.index)]
+            irqchip = ([vm.fd.get_irqchip(getattr(lib, name)) for name in IRQCHIPS]
+                       if vm.fd.has_irqchip else None)
+            pit = vm.fd.get_pit2() if vm.fd.has_pit else None
+            devices = {name: (dev._native.save_state(), dev._native.output())
+                       for name, dev in _char_devices(vm).items()}
+            pc_state = pc.save_state(vm) if vm.fw_cfg is not None else None
         except BaseException:
             for image in regions:
                 image.close()
             raise
-        vm.memory.track_dirty_pages()
-        vcpus = [_take_vcpu(vm, v) for v in sorted(vm.vcpus.values(), key=lambda v: v.index)]
-        irqchip = ([vm.fd.get_irqchip(getattr(lib, name)) for name in _IRQCHIPS]
-                   if vm.fd.has_irqchip else None)
-        pit = vm.fd.get_pit2() if vm.fd.has_pit else None
-        devices = {name: (dev._native.save_state(), dev._native.output())
-                   for name, dev in _char_devices(vm).items()}
-        pc_state = pc.save_state(vm) if vm.fw_cfg is not None else None
     return Snapshot(backend=vm.backend, regions=regions, vcpus=vcpus, devices=devices,
                     irqchip=irqchip, pit=pit,
                     debug_exit_port=vm.debug_exit.port if vm.debug_exit else None,
                     pc=pc_state)
+
+
+def _take_memory(vm) -> List[RegionImage]:
+    """Each region's contents in an image of its own; from here on the VM's
+    memory is known against them (the baselines a restore uses)."""
+    memory = vm.memory
+    memory.track_dirty_pages()
+    images: List[RegionImage] = []
+    try:
+        for region in memory.regions:
+            images.append(snapshot_memory.capture(region))
+    except BaseException:
+        for image in images:
+            image.close()
+        raise
+    for region, image in zip(memory.regions, images, strict=True):
+        memory.now_equals(region, image)
+    return images
 
 
 def _bytes(cdata) -> bytes:
@@ -464,7 +316,17 @@ def _take_vcpu(vm, vcpu) -> VcpuImage:
         mp_state=fd.get_mp_state() if has("KVM_CAP_MP_STATE") else None,
         cpuid=_cpuid_bytes(fd), msrs=fd.get_msrs(_readable_msrs(vm, vcpu)),
         xcrs=_bytes(fd.get_xcrs()) if has("KVM_CAP_XCRS") else None,
-        lapic=fd.get_lapic() if vm.fd.has_irqchip else None)
+        lapic=fd.get_lapic() if vm.fd.has_irqchip else None,
+        xsave=_get_xsave(vm, fd))
+
+
+def _get_xsave(vm, fd) -> Optional[bytes]:
+    """The whole XSAVE area (KVM_GET_XSAVE2 where the headers and the
+    backend have it), or None for a backend without XSAVE."""
+    has = vm.kvm.check_extension
+    if lib.PVT_HAVE_KVM_GET_XSAVE2 and "KVM_CAP_XSAVE2" in caps and has("KVM_CAP_XSAVE2"):
+        return fd.get_xsave2()
+    return fd.get_xsave() if has("KVM_CAP_XSAVE") else None
 
 
 def _cpuid_bytes(fd) -> bytes:
@@ -480,17 +342,43 @@ def _set_struct(setter, ctype: str, data: bytes) -> None:
 
 
 def _restore_vcpu(vm, vcpu, image: VcpuImage) -> None:
+    """Puts one vCPU's state back.  The order matters; CPUID (set first, for
+    a clone) decides which CR4 and XCR0 bits KVM accepts.
+
+    1. SREGS: CR0/CR4/EFER, and the APIC base, which says how the LAPIC
+       state (4) is read (xAPIC or x2APIC).
+    2. REGS.  KVM_SET_REGS drops a pending exception: before VCPU_EVENTS (6).
+    3. XCRS, XSAVE, FPU.  XCR0 says which state components are enabled, and
+       changing it may put components in their initial state, so the XSAVE
+       area (x87, SSE, AVX...) goes in once XCR0 has its final value.
+       KVM_SET_XSAVE copies only the components its XSTATE_BV names and
+       leaves stale bytes under the others, which KVM_GET_FPU reads raw;
+       KVM_SET_FPU last puts the x87/SSE bytes back as they were, so that
+       both reads match the snapshot.
+    4. LAPIC, after SREGS and before MSRS: KVM takes IA32_TSC_DEADLINE only
+       while the LAPIC timer is in TSC-deadline mode.
+    5. MSRS.
+    6. VCPU_EVENTS: pending exception, interrupt, NMI, interrupt shadow.
+    7. DEBUGREGS, then MP_STATE.
+    """
     fd = vcpu.fd
     _set_struct(fd.set_sregs, "struct kvm_sregs", image.sregs)
     regs = vcpu._load_regs()
     ffi.buffer(ffi.addressof(regs))[:] = image.regs
     vcpu._store_regs(regs)
-    _set_struct(fd.set_fpu, "struct kvm_fpu", image.fpu)
     if image.xcrs is not None:
         _set_struct(fd.set_xcrs, "struct kvm_xcrs", image.xcrs)
-    _set_msrs(fd, image.msrs)
+    if image.xsave is not None:
+        if len(image.xsave) > fd.xsave_size():
+            raise SnapshotError(
+                f"vCPU {image.index}'s XSAVE area is {len(image.xsave)} bytes, more than this "
+                f"host's KVM takes ({fd.xsave_size()}): the snapshot comes from a host with "
+                "more XSAVE state (AMX?)")
+        fd.set_xsave(image.xsave)
+    _set_struct(fd.set_fpu, "struct kvm_fpu", image.fpu)
     if image.lapic is not None:
         fd.set_lapic(image.lapic)
+    _set_msrs(fd, image.msrs)
     if image.events is not None:
         _set_struct(fd.set_vcpu_events, "struct kvm_vcpu_events", image.events)
     if image.debugregs is not None:
@@ -533,30 +421,15 @@ def restore(vm, snap: Snapshot) -> None:
 
 
 def _restore_memory(vm, snap: Snapshot) -> None:
-    """Copies back the pages written since the snapshot (or since the last
-    restore)."""
-    for region, saved in zip(vm.memory.regions, snap.regions, strict=True):
-        source = saved.mapping
-        if source is None:
-            raise SnapshotError("this snapshot was closed: its memory is gone")
-        if region.readonly:
-            continue
-        target = region.buffer
-        if region.dirty_logging:
-            pages = vm.memory.take_dirty_pages(region)
-        else:
-            # A clone nothing has tracked yet (enabling KVM's dirty log costs
-            # milliseconds that clones should not pay up front), or a backend
-            # with no dirty log: compare pages (reading keeps them shared).
-            pages = [p for p in range(region.size // PAGE_SIZE)
-                     if target[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]
-                     != source[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]]
-            vm.memory.track_dirty_pages()
-        if pages:
-            with memoryview(target) as into, memoryview(source) as out_of:
-                for page in pages:  # memoryview slices: one memcpy per page
-                    at = page * PAGE_SIZE
-                    into[at:at + PAGE_SIZE] = out_of[at:at + PAGE_SIZE]
+    """Makes every region hold exactly the snapshot's contents, copying only
+    the pages that may differ (see pyvt.snapshot_memory)."""
+    memory = vm.memory
+    pairs = list(zip(memory.regions, snap.regions, strict=True))
+    for region, image in pairs:
+        snapshot_memory.restore_region(memory, region, image)
+    memory.track_dirty_pages()  # the next restores take the fast path
+    for region, image in pairs:
+        memory.now_equals(region, image)
 
 
 def _restore_state(vm, snap: Snapshot) -> None:
@@ -579,7 +452,13 @@ def _restore_state(vm, snap: Snapshot) -> None:
             raise SnapshotError(f"cannot restore the PC devices: {e}") from None
 
 
+def _check_open(snap: Snapshot) -> None:
+    if snap.closed:
+        raise SnapshotError("this snapshot was closed: its memory is gone")
+
+
 def _check_same_shape(vm, snap: Snapshot) -> None:
+    _check_open(snap)
     layout = [(r.gpa, r.size, r.readonly) for r in vm.memory.regions]
     wanted = [(r.gpa, r.size, r.readonly) for r in snap.regions]
     if layout != wanted:
@@ -596,18 +475,19 @@ def clone(snap: Snapshot, backend=None, vm_class=None):
     """Implements :meth:`pyvt.Vm.from_snapshot`."""
     from .vm import Vm, select_backend
 
+    _check_open(snap)
     # Snapshots from another host arrive through Snapshot.load, which checks
     # CPUID; one taken here runs here.
     path = select_backend(backend if backend is not None else snap.backend)
     main = snap.regions[0]
-    if main.memfd < 0:
-        raise SnapshotError("this snapshot was closed: its memory is gone")
     vm = (vm_class or Vm)(memory=main.size, backend=path, debug_exit_port=snap.debug_exit_port,
                           pc_devices=snap.pc is not None, _memory_source=main.memfd)
     try:
+        vm.memory.regions[0].origin = main
         for saved in snap.regions[1:]:
-            vm.memory.add_region(saved.gpa, saved.size, saved.readonly,
-                                 copy_on_write_of=saved.memfd)
+            region = vm.memory.add_region(saved.gpa, saved.size, saved.readonly,
+                                          copy_on_write_of=saved.memfd)
+            region.origin = saved
         if snap.irqchip is not None:
             vm.fd.create_irqchip()
         if snap.pit is not None:

@@ -26,7 +26,7 @@ def _state(vm):
     """Every register block and all memory, as bytes, via a second snapshot."""
     snap = vm.snapshot()
     try:
-        memory = [bytes(r.mapping) for r in snap.regions]
+        memory = [r.read() for r in snap.regions]
         vcpus = [(v.regs, v.sregs, v.fpu, v.xcrs, v.debugregs, v.mp_state, v.events,
                   {k: val for k, val in v.msrs.items() if k not in TIME_MSRS})
                  for v in snap.vcpus]
