@@ -340,11 +340,12 @@ def _load(reader: _Reader, path: str, info: os.stat_result):
 
     images: List[RegionImage] = []
     try:
-        for r in header["regions"]:
+        for i, r in enumerate(header["regions"]):
             image = new_image(r["gpa"], r["size"], r["readonly"])
             images.append(image)
-            runs = _runs(check, get(r["runs"]), image.pages, "regions[].runs")
-            _load_pages(reader, image, runs, offsets[r["data"]], lengths[r["data"]], check)
+            runs = _runs(check, get(r["runs"]), image.pages, f"regions[{i}].runs")
+            _load_pages(reader, image, runs, offsets[r["data"]], lengths[r["data"]],
+                        check, f"regions[{i}].data")
         snap = _snapshot(header, images, get)
         _check_contents(check, snap)
         return snap
@@ -366,9 +367,9 @@ def _runs(check: _Header, raw, pages: int, where: str) -> pageset.Runs:
 
 
 def _load_pages(reader: _Reader, image: RegionImage, runs, offset: int, length: int,
-                check: _Header) -> None:
+                check: _Header, where: str) -> None:
     if length != sum(count for _, count in runs) * PAGE_SIZE:
-        check.fail("regions[].data", f"is {length} bytes, not the {len(runs)} page runs' size")
+        check.fail(where, f"is {length} bytes, not the {len(runs)} page runs' size")
     at = offset
     for first, count in runs:  # a chunk at a time: memory stays bounded
         for page in range(first, first + count, _CHUNK // PAGE_SIZE):

@@ -32,7 +32,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from . import pageset
@@ -60,9 +60,10 @@ class RegionImage:
     size: int
     readonly: bool
     memfd: int
-    mapping: Optional[mmap.mmap] = None  # read-only view: restores copy from it
+    #: Read-only view of the memfd: restores copy from its data pages.
+    mapping: Optional[mmap.mmap] = field(default=None, repr=False)
     #: The pages holding data (a :mod:`pyvt.pageset`); all others are holes.
-    data: int = 0
+    data: int = field(default=0, repr=False)
 
     @property
     def pages(self) -> int:
