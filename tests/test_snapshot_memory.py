@@ -160,7 +160,7 @@ def test_any_order_of_snapshots_restores_and_clones():
     with _machine() as vm, _machine() as other:
         snaps = [vm.snapshot()]
         machines = [vm, other]
-        for step in range(160):
+        for _ in range(160):
             target = rng.choice(machines)
             action = rng.random()
             if action < 0.35:
