@@ -289,7 +289,7 @@ class GuestMemory:
     # snapshot.  For that each region keeps baselines (Region.baselines):
     # snapshot images it is known against, each with the pages that may have
     # changed since the region last equalled it.  Writes reach every baseline
-    # when they are folded in (_fold: KVM's dirty log plus write()'s pages);
+    # when they are folded in (fold: KVM's dirty log plus write()'s pages);
     # take and restore fold before they look, so no write is ever lost to a
     # baseline, whichever snapshot came later.
 
@@ -312,7 +312,7 @@ class GuestMemory:
                 # Without a dirty log, snapshot restore compares pages.
                 region.dirty_log_refused = True
 
-    def _fold(self, region: Region) -> None:
+    def fold(self, region: Region) -> None:
         """Adds the pages written since the last fold to every baseline."""
         self._check_open()
         written = 0
@@ -336,27 +336,24 @@ class GuestMemory:
         to it is unknown (never equal to it while tracked)."""
         if not region.tracked:
             return None
-        self._fold(region)
+        self.fold(region)
         return region.baselines.get(baseline)
 
     def note_written(self, region: Region, pages: int) -> None:
         """Records that the caller is about to write ``pages`` of ``region``
         through its mapping (a restore's copy): they may change against
         every baseline, even if the copy stops half-way."""
-        if not region.tracked or not pages:
-            return
-        self._fold(region)
-        for key, changed in list(region.baselines.items()):
-            region.baselines[key] = changed | pages
+        if region.tracked and pages:
+            for key, changed in list(region.baselines.items()):
+                region.baselines[key] = changed | pages
 
     def now_equals(self, region: Region, baseline) -> None:
         """Records that ``region`` now holds exactly ``baseline``'s contents
-        (just snapshotted into it, or restored from it).  Does nothing while
-        the region is untracked."""
-        if not region.tracked:
-            return
-        self._fold(region)
-        region.baselines[baseline] = 0
+        (just snapshotted into it, or restored from it).  Fold first: writes
+        still unfolded would count against ``baseline`` (which only makes a
+        restore copy more than it needs).  Does nothing while untracked."""
+        if region.tracked:
+            region.baselines[baseline] = 0
 
     def close(self) -> None:
         """Unmaps every region.  A region still exported through a memoryview

@@ -71,6 +71,8 @@ class VcpuImage:
     lapic: Optional[bytes] = None
     #: KVM_GET_XSAVE2 (or KVM_GET_XSAVE): x87, SSE, AVX and later state.
     xsave: Optional[bytes] = None
+    #: The KVM_SET_MSRS block last built from ``msrs`` (see _set_msrs).
+    _msr_block: Any = field(default=None, init=False, repr=False, compare=False)
 
 
 @dataclass
@@ -290,6 +292,7 @@ def _take_memory(vm) -> List[RegionImage]:
     images: List[RegionImage] = []
     try:
         for region in memory.regions:
+            memory.fold(region)  # what came before goes to the older baselines
             images.append(snapshot_memory.capture(region))
     except BaseException:
         for image in images:
@@ -378,7 +381,7 @@ def _restore_vcpu(vm, vcpu, image: VcpuImage) -> None:
     _set_struct(fd.set_fpu, "struct kvm_fpu", image.fpu)
     if image.lapic is not None:
         fd.set_lapic(image.lapic)
-    _set_msrs(fd, image.msrs)
+    _set_msrs(fd, image)
     if image.events is not None:
         _set_struct(fd.set_vcpu_events, "struct kvm_vcpu_events", image.events)
     if image.debugregs is not None:
@@ -393,16 +396,26 @@ def _restore_vcpu(vm, vcpu, image: VcpuImage) -> None:
 _REFUSED_MSRS: Dict[str, set] = {}
 
 
-def _set_msrs(fd, msrs: Dict[int, int]) -> None:
+def _set_msrs(fd, image: VcpuImage) -> None:
     """KVM_SET_MSRS, skipping the few MSRs KVM reports but will not take back
-    (it stops at the first refusal; those are remembered per device)."""
+    (it stops at the first refusal; those are remembered per device).  The
+    block KVM took whole is kept with the image: a restore loop reuses it."""
     refused = _REFUSED_MSRS.setdefault(fd.vm.kvm.path, set())
-    items = [(k, v) for k, v in msrs.items() if k not in refused]
+    key = (len(refused), tuple(image.msrs.items()))  # `refused` only grows
+    if image._msr_block is not None and image._msr_block[0] == key:
+        _, block, count = image._msr_block
+        if fd._ioctl("KVM_SET_MSRS", lib.KVM_SET_MSRS, block[1]) == count:
+            return
+    items = [(k, v) for k, v in image.msrs.items() if k not in refused]
+    first = True
     while items:
-        _buf, block = _msrs_struct([index for index, _ in items])
+        block = _msrs_struct([index for index, _ in items])
         for n, (_, value) in enumerate(items):
-            block.entries[n].data = value
-        done = fd._ioctl("KVM_SET_MSRS", lib.KVM_SET_MSRS, block)
+            block[1].entries[n].data = value
+        done = fd._ioctl("KVM_SET_MSRS", lib.KVM_SET_MSRS, block[1])
+        if first and done == len(items):
+            image._msr_block = (key, block, done)
+        first = False
         if done < len(items):
             refused.add(items[done][0])
         items = items[done + 1:]
