@@ -36,7 +36,7 @@ from .memory import GuestMemory, parse_size
 from .registers import Registers
 from .assemble import AssemblerError, assemble, assemble_file
 from .runner import LOAD_ADDRESS, Result, run
-from .snapshot import Snapshot, SnapshotError
+from .snapshot import Snapshot, SnapshotError, SnapshotFileError, SnapshotFileNotFound
 from .vcpu import Vcpu
 from .vm import Vm, select_backend
 
@@ -52,5 +52,5 @@ __all__ = [
     "ApiVersionMismatch", "KvmError", "MemoryConfigError", "RegionOverlapError",
     "OutOfRangeError", "InvalidModeError", "VcpuIndexError", "ClosedError",
     "ArgumentError", "GuestError", "TripleFault", "EntryFailed", "InternalError",
-    "Snapshot", "SnapshotError",
+    "Snapshot", "SnapshotError", "SnapshotFileError", "SnapshotFileNotFound",
 ]

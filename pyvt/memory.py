@@ -146,7 +146,8 @@ class GuestMemory:
 
     @property
     def view(self) -> memoryview:
-        """Writable memoryview of the main RAM region."""
+        """Writable memoryview of the main RAM region.  Snapshot restores do
+        not see writes made through it: write with :meth:`write`."""
         self._check_open()
         return memoryview(self._main.buffer)
 

@@ -387,8 +387,15 @@ class Vm:
         return snapshot.take(self)
 
     def restore(self, snap: "Snapshot") -> None:
-        """Puts this VM back to ``snap`` in place, copying back only the
-        memory pages written since (by the guest or ``vm.memory.write``)."""
+        """Puts this VM back to ``snap`` in place: afterwards its memory and
+        every vCPU's and device's state are exactly ``snap``'s, whatever
+        happened since (later snapshots and restores, host writes, read-only
+        regions included) and wherever ``snap`` comes from (this VM, another
+        of the same shape, a clone's parent, a file).  Copies back only the
+        pages written since ``snap`` when this VM knows them (the guest's
+        through KVM's dirty log, the host's through ``vm.memory.write``; not
+        writes through ``vm.memory.view``), and compares pages otherwise
+        (see :mod:`pyvt.snapshot`)."""
         from . import snapshot
 
         snapshot.restore(self, snap)
