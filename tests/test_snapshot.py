@@ -358,3 +358,10 @@ def test_restore_without_a_dirty_log(counter, monkeypatch):
     assert (vm.memory.read_int(0x5000), cpu.regs.rbx) == (1, 1)
     assert isinstance(cpu.run(timeout=5), exits.Hlt)
     assert vm.memory.read_int(0x5000) == 2
+    later = vm.snapshot()  # an older snapshot after a later one, host writes too
+    cpu.run(timeout=5)
+    vm.memory.write_int(0x700000, 77)
+    vm.restore(snap)
+    assert (vm.memory.read_int(0x5000), vm.memory.read_int(0x700000)) == (1, 0)
+    vm.restore(later)
+    assert vm.memory.read_int(0x5000) == 2

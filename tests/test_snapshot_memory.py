@@ -185,29 +185,6 @@ def test_any_order_of_snapshots_restores_and_clones():
             clone.close()
 
 
-def test_restore_without_a_dirty_log_after_several_snapshots(monkeypatch):
-    """Backends without KVM_MEM_LOG_DIRTY_PAGES (pyvt.ko) compare pages:
-    the same results."""
-    with _machine() as vm:
-        real = vm.fd.set_user_memory_region
-
-        def refuse_dirty_log(slot, gpa, size, address, flags=0):
-            if flags & pyvt.kvm.lib.KVM_MEM_LOG_DIRTY_PAGES:
-                raise pyvt.KvmError("KVM_SET_USER_MEMORY_REGION", 22)
-            return real(slot, gpa, size, address, flags)
-
-        monkeypatch.setattr(vm.fd, "set_user_memory_region", refuse_dirty_log)
-        a = vm.snapshot()
-        _guest_writes(vm, 0x200000, 1)
-        b = vm.snapshot()
-        _guest_writes(vm, 0x300000, 2)
-        vm.memory.write(ROM, b"ROM")
-        vm.restore(a)
-        _holds(vm, a)
-        vm.restore(b)
-        _holds(vm, b)
-
-
 # -- cost ----------------------------------------------------------------------------
 
 
