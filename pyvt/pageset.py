@@ -73,11 +73,6 @@ def runs(pages: int) -> Runs:
     return out
 
 
-def count(pages: int) -> int:
-    """How many pages the set holds."""
-    return pages.bit_count()
-
-
 def mark(bitmap: bytearray, first: int, last: int) -> None:
     """Sets the bits of pages ``first``-``last`` (inclusive) in ``bitmap``."""
     low, high = first >> 3, last >> 3
