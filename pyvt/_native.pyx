@@ -16,6 +16,11 @@ from cpython.exc cimport PyErr_CheckSignals
 
 from pyvt.includes.core cimport *
 
+import os
+import reprlib
+
+from pyvt.errors import ArgumentError, ArgumentTypeError, Error
+
 # What VcpuLoop.run() reports, besides the enum pvt_stop values.
 STOP_EXIT = PVT_STOP_EXIT
 STOP_DEVICE = PVT_STOP_DEVICE
@@ -186,11 +191,34 @@ cdef Mmio new_mmio(unsigned long long address, int size, bint is_write, bytes da
     return exit
 
 
+# A bus range carries its handler's id as a C int: ids run from 0 to this - 1.
+HANDLER_ID_LIMIT = 0x7FFFFFFF
+
+
+def _removed_handler(exit):
+    """Stands in for a handler removed (``vm.off_io``/``off_mmio`` from
+    another thread) after a vCPU had already exited to it: the access is
+    answered as by a bus with nothing on it, reads all ones, writes dropped."""
+    return None if exit.is_write else -1
+
+
+class _HandlerTable(dict):
+    """user_id -> handler.  A missing id is a handler removed while a vCPU
+    was on its way to it (see _removed_handler): never a KeyError in run()."""
+
+    def __missing__(self, user_id):
+        return _removed_handler
+
+
 cdef class Machine:
     """The native VM: I/O buses, registered handlers and devices."""
 
     cdef pvt_machine *m
-    cdef readonly list handlers
+    # Typed object, not dict: the run loop's handlers[user_id] must go
+    # through _HandlerTable.__missing__.
+    cdef readonly object handlers
+    cdef dict handler_ids  # (space, base) -> user_id of the handler there
+    cdef long long next_handler_id
     cdef list devices
 
     def __cinit__(self):
@@ -201,8 +229,9 @@ cdef class Machine:
         if rc:
             free(self.m)
             self.m = NULL
-            raise OSError(-rc, "cannot set up the native machine")
-        self.handlers = []
+            raise Error(f"cannot set up the native machine: {os.strerror(-rc)}")
+        self.handlers = _HandlerTable()
+        self.handler_ids = {}
         self.devices = []
 
     def __dealloc__(self):
@@ -216,18 +245,37 @@ cdef class Machine:
     cdef pvt_bus *bus(self, int space):
         return &self.m.pio if space == SPACE_PIO else &self.m.mmio
 
+    cdef int new_handler_id(self) except -1:
+        # Ids count up, wrapping only after 2**31 registrations and skipping
+        # live ones: a vCPU that exited to a handler removed meanwhile finds
+        # no handler under its id (_removed_handler), never a newer one.
+        user_id = self.next_handler_id
+        while user_id in self.handlers:
+            user_id = (user_id + 1) % HANDLER_ID_LIMIT
+        self.next_handler_id = (user_id + 1) % HANDLER_ID_LIMIT
+        return user_id
+
     def add_handler(self, int space, uint64_t base, uint64_t length, handler):
         """Claims a range for a Python handler; returns 0 or -errno."""
-        user_id = len(self.handlers)
-        self.handlers.append(handler)
+        user_id = self.new_handler_id()
+        # In the table before the range exists: a vCPU may exit to it at once.
+        self.handlers[user_id] = handler
         rc = pvt_bus_register(self.bus(space), base, length, NULL, NULL, user_id)
         if rc:
-            self.handlers.pop()
+            del self.handlers[user_id]
+        else:
+            self.handler_ids[(space, base)] = user_id
         return rc
 
     def remove(self, int space, uint64_t base):
-        """Releases the range starting at base; returns 0 or -errno."""
-        return pvt_bus_unregister(self.bus(space), base)
+        """Releases the handler range starting at base and drops the
+        reference to its handler; returns 0 or -errno."""
+        rc = pvt_bus_unregister(self.bus(space), base)
+        if rc == 0:
+            user_id = self.handler_ids.pop((space, base), None)
+            if user_id is not None:
+                del self.handlers[user_id]
+        return rc
 
     @property
     def unclaimed_as_pc(self):
@@ -239,7 +287,8 @@ cdef class Machine:
 
     def close(self):
         """Drops the references to handlers and devices (cycles)."""
-        self.handlers = []
+        self.handlers = _HandlerTable()
+        self.handler_ids = {}
         self.devices = []
 
 
@@ -395,25 +444,28 @@ cdef class DebugExit(_Device):
 
 cpdef bytes read_answer(object value, uint32_t size, str space, unsigned long long where):
     """The bytes an answer to a ``size``-byte read puts in the guest: an int
-    (a negative one as two's complement) or exactly ``size`` bytes.  Used for
-    handlers' return values and for Vcpu.reply(); ``space`` and ``where``
-    only name the access in the error."""
+    from 0 to 2**(8*size) - 1, a negative int that fits ``size`` bytes as a
+    signed value (sent in two's complement: -1 is all ones), or exactly
+    ``size`` bytes.  Used for handlers' return values and for Vcpu.reply();
+    ``space`` and ``where`` only name the access in the error: an
+    ArgumentTypeError for a wrong type, else an ArgumentError."""
+    cdef object bits = 8 * size  # a Python int: 1 << 64 must not wrap in C
     if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            value &= (1 << (8 * size)) - 1
         try:
-            return value.to_bytes(size, "little")
+            return value.to_bytes(size, "little", signed=value < 0)
         except OverflowError:
-            raise ValueError(f"{space} {where:#x} handler returned {value:#x}, which does "
-                             f"not fit in a {size}-byte read") from None
+            raise ArgumentError(
+                f"{space} {where:#x}: {value:#x} does not fit in a {size}-byte read; answer "
+                f"0 to {(1 << bits) - 1:#x}, -{1 << (bits - 1):#x} to -1 (sent in two's "
+                f"complement) or {size} bytes") from None
     if isinstance(value, (bytes, bytearray, memoryview)):
         raw = bytes(value)
         if len(raw) != size:
-            raise ValueError(f"{space} {where:#x} handler returned {len(raw)} bytes for a "
-                             f"{size}-byte read")
+            raise ArgumentError(f"{space} {where:#x}: got {len(raw)} bytes for a {size}-byte "
+                                f"read; answer exactly {size} bytes or an int")
         return raw
-    raise TypeError(f"{space} {where:#x} handler must return an int (or {size} bytes) "
-                    f"for a read, not {value!r}")
+    raise ArgumentTypeError(f"{space} {where:#x}: a {size}-byte read needs an int (or {size} "
+                            f"bytes) as its answer, not {reprlib.repr(value)}")
 
 
 cdef class VcpuLoop:

@@ -3,6 +3,7 @@ I/O handlers and vCPUs, on any device speaking the KVM ABI."""
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
@@ -11,8 +12,10 @@ from . import _native, exits, modes, pc
 from .devices import Console, DebugExitDevice
 from .errors import (
     ArgumentError,
+    ArgumentTypeError,
     BackendNotFound,
     ClosedError,
+    Error,
     KvmError,
     RegionOverlapError,
     VcpuIndexError,
@@ -54,10 +57,11 @@ def select_backend(backend=None) -> str:
         "KVM (load kvm-intel or kvm-amd, or pyvt.ko from kernel_module/)")
 
 
-def _as_range(spec: PortRange, what: str, limit: int) -> Tuple[int, int]:
-    """(start, length) from a port/address, a range, or a (start, length) pair."""
+def _as_range(spec: PortRange, what: str, limit: int, space: str = "") -> Tuple[int, int]:
+    """(start, length) from a port/address, a range, or a (start, length) pair,
+    inside [0, limit) (``space`` names that span in the error)."""
     if isinstance(spec, bool):
-        raise ArgumentError(f"{what} must be an int, a range or (start, length), not {spec!r}")
+        raise ArgumentTypeError(f"{what} must be an int, a range or (start, length), not {spec!r}")
     if isinstance(spec, int):
         start, length = spec, 1
     elif isinstance(spec, range):
@@ -68,10 +72,22 @@ def _as_range(spec: PortRange, what: str, limit: int) -> Tuple[int, int]:
           and all(isinstance(v, int) and not isinstance(v, bool) for v in spec)):
         start, length = spec
     else:
-        raise ArgumentError(f"{what} must be an int, a range or (start, length), not {spec!r}")
+        raise ArgumentTypeError(f"{what} must be an int, a range or (start, length), not {spec!r}")
     if start < 0 or length <= 0 or start + length > limit:
-        raise ArgumentError(f"{what} {start:#x}+{length:#x} is outside 0-{limit - 1:#x}")
+        raise ArgumentError(f"{what} {start:#x}+{length:#x} is outside 0-{limit - 1:#x}{space}")
     return start, length
+
+
+def _bus_error(rc: int, what: str) -> Error:
+    """The error for a native I/O bus's -errno.  No ioctl was made, so not a
+    KvmError; the callers' checks make these rare (state out of step)."""
+    if rc == -errno.EEXIST:
+        return RegionOverlapError(f"{what}: the range overlaps one already on pyvt's bus")
+    if rc == -errno.ENOENT:
+        return ArgumentError(f"{what}: nothing is registered at that address on pyvt's bus")
+    if rc == -errno.EINVAL:
+        return ArgumentError(f"{what}: pyvt's bus cannot hold that range (empty or past 2**64)")
+    return Error(f"{what} failed: {os.strerror(-rc)}")
 
 
 class Vm:
@@ -148,7 +164,7 @@ class Vm:
         self._check_range_free(space, port, length)
         rc = native.attach_to_bus()
         if rc:
-            raise KvmError(f"attach {owner}", -rc)
+            raise _bus_error(rc, f"attaching {owner} at {port:#x}")
         self._claims[(space, port)] = (length, owner)
         self._devices.append(native)
 
@@ -176,7 +192,7 @@ class Vm:
             self.fd.unregister_coalesced_mmio(zone[0], zone[1], pio=True)
         rc = native.detach()
         if rc:
-            raise KvmError(f"detach {device.name}", -rc)
+            raise _bus_error(rc, f"detaching {device.name}")
         self._claims.pop((_native.SPACE_PIO, device.port), None)
 
     def _device_exit(self, code: int, port: int, rip) -> exits.Exit:
@@ -297,12 +313,14 @@ class Vm:
                      what: str) -> None:
         self._check_open()
         if not callable(handler):
-            raise ArgumentError(f"handler must be callable, not {handler!r}")
+            raise ArgumentTypeError(f"handler must be callable, not {handler!r}")
         self._check_range_free(space, start, length)
         rc = self._machine.add_handler(space, start, length, handler)
         if rc:
-            raise KvmError(f"register {what} handler", -rc)
-        self._claims[(space, start)] = (length, f"handler {getattr(handler, '__name__', handler)!s}")
+            raise _bus_error(rc, f"registering a {what} handler at {start:#x}")
+        # The name only, not the handler: removing it must free it.
+        name = getattr(handler, "__name__", type(handler).__name__)
+        self._claims[(space, start)] = (length, f"handler {name}")
 
     def on_io(self, ports: PortRange, handler: Handler) -> None:
         """Calls ``handler(exit)`` for guest port I/O on ``ports`` (a port, a
@@ -313,8 +331,11 @@ class Vm:
 
     def on_mmio(self, addresses: PortRange, handler: Handler) -> None:
         """Calls ``handler(exit)`` for guest accesses to ``addresses`` (which
-        must not be RAM); for a read the handler returns the value."""
-        start, length = _as_range(addresses, "MMIO address", 1 << 64)
+        must not be RAM, and lie in the guest's physical address space); for
+        a read the handler returns the value."""
+        self._check_open()
+        start, length = _as_range(addresses, "MMIO address", self._max_physical_address(),
+                                  " (the guest's physical address space)")
         for region in self.memory.regions:
             if start < region.end and region.gpa < start + length and not region.readonly:
                 raise RegionOverlapError(
@@ -329,7 +350,7 @@ class Vm:
             raise ArgumentError(f"no handler starts at {start:#x}")
         rc = self._machine.remove(space, start)
         if rc:
-            raise KvmError("remove handler", -rc)
+            raise _bus_error(rc, f"removing the handler at {start:#x}")
         del self._claims[(space, start)]
 
     def off_io(self, ports: PortRange) -> None:
