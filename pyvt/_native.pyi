@@ -1,5 +1,5 @@
 # Type stub for the Cython extension pyvt._native (pyvt/_native.pyx).
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 STOP_EXIT: int
 STOP_DEVICE: int
@@ -45,7 +45,7 @@ class Mmio:
     def raise_for_failure(self) -> "Mmio": ...
 
 class Machine:
-    handlers: list
+    handlers: Dict[int, Callable[..., Any]]
     unclaimed_as_pc: bool
     def add_handler(self, space: int, base: int, length: int, handler: Callable[..., Any]) -> int: ...
     def remove(self, space: int, base: int) -> int: ...
