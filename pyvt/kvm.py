@@ -651,14 +651,19 @@ class VcpuFd(_Fd):
         self._ioctl("KVM_RUN", lib.KVM_RUN)
         return self.run_struct.exit_reason
 
+    def _open_run_struct(self):
+        if self.run_struct is None:
+            raise ClosedError(f"vCPU {self.index} is closed")
+        return self.run_struct
+
     @property
     def immediate_exit(self) -> bool:
         """``kvm_run.immediate_exit``: KVM_RUN returns EINTR at once when set."""
-        return bool(self.run_struct.immediate_exit)
+        return bool(self._open_run_struct().immediate_exit)
 
     @immediate_exit.setter
     def immediate_exit(self, value: bool) -> None:
-        self.run_struct.immediate_exit = 1 if value else 0
+        self._open_run_struct().immediate_exit = 1 if value else 0
 
     def _get(self, name: str, request: int, ctype: str):
         value = ffi.new(ctype)

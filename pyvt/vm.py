@@ -65,9 +65,10 @@ def _as_range(spec: PortRange, what: str, limit: int, space: str = "") -> Tuple[
     if isinstance(spec, int):
         start, length = spec, 1
     elif isinstance(spec, range):
-        if spec.step != 1 or len(spec) == 0:
+        # Not len(): it overflows past 2**63 (a whole address space).
+        if spec.step != 1 or spec.stop <= spec.start:
             raise ArgumentError(f"{what} range must be non-empty with step 1, not {spec!r}")
-        start, length = spec.start, len(spec)
+        start, length = spec.start, spec.stop - spec.start
     elif (isinstance(spec, tuple) and len(spec) == 2
           and all(isinstance(v, int) and not isinstance(v, bool) for v in spec)):
         start, length = spec

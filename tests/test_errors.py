@@ -328,6 +328,10 @@ def test_kvm_layer_argument_errors_are_pyvt_errors(vm):
             call()
     with pytest.raises(TypeError):  # as Python's own "'NoneType' is not iterable"
         vm.kvm.get_msrs(None)
+    spare = vm.fd.create_vcpu(1)
+    spare.close()
+    with pytest.raises(pyvt.ClosedError):
+        spare.immediate_exit = True
     # The struct itself (not just a pointer to it) is taken too.
     regs = fd.get_regs()
     regs.rbx = 0x5151
@@ -338,7 +342,7 @@ def test_kvm_layer_argument_errors_are_pyvt_errors(vm):
 @pytest.mark.requires_kvm
 def test_bus_registration_errors_are_not_kvm_errors(vm):
     # No ioctl is involved in registering a handler: no KvmError.
-    for addresses in ((2**64 - 1, 1), (1 << 63, 0x1000)):
+    for addresses in ((2**64 - 1, 1), (1 << 63, 0x1000), range(0x1000000, 2**64)):
         with pytest.raises(pyvt.ArgumentError, match="physical address space") as info:
             vm.on_mmio(addresses, lambda e: 0)
         assert not isinstance(info.value, pyvt.KvmError)
