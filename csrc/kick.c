@@ -142,3 +142,22 @@ void pvt_kick_disarm(void)
 	memset(&off, 0, sizeof(off));
 	timer_settime(thread_timer, 0, &off, NULL);
 }
+
+static void mask_kick(int how)
+{
+	sigset_t kick;
+
+	sigemptyset(&kick);
+	sigaddset(&kick, pvt_kick_signal());
+	pthread_sigmask(how, &kick, NULL);
+}
+
+void pvt_kick_hold(void)
+{
+	mask_kick(SIG_BLOCK);
+}
+
+void pvt_kick_release(void)
+{
+	mask_kick(SIG_UNBLOCK);
+}

@@ -29,6 +29,15 @@ void pvt_kick_set_current(struct kvm_run *run);
 int pvt_kick_arm(uint64_t first_ns, uint64_t interval_ns);
 void pvt_kick_disarm(void);
 
+/*
+ * Python code (an I/O handler, a signal handler) is about to run on this
+ * thread: the kick must not interrupt its system calls with EINTR.  A kick
+ * that comes meanwhile waits, and lands when pvt_kick_release() unblocks
+ * it: it then ends the next KVM_RUN as usual.
+ */
+void pvt_kick_hold(void);
+void pvt_kick_release(void);
+
 /* Monotonic clock in nanoseconds. */
 uint64_t pvt_now_ns(void);
 

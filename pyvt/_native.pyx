@@ -24,6 +24,10 @@ STOP_ERROR = 101
 STOP_REQUESTED = 102
 STOP_BAD_EXIT = PVT_STOP_BAD_EXIT
 
+#: Timeouts from here on (about 146 years) mean "no timeout": they would
+#: overflow the nanosecond clock arithmetic.
+MAX_TIMEOUT_NS = 1 << 62
+
 #: The real-time signal that kicks a vCPU thread out of KVM_RUN.
 KICK_SIGNAL = pvt_kick_signal()
 
@@ -420,6 +424,7 @@ cdef class VcpuLoop:
     """Runs one vCPU through the native run loop."""
 
     cdef pvt_vcpu v
+    cdef pvt_stop_info info
     cdef Machine machine
     cdef volatile bint stop_requested
     # Holds a buffer export of the vCPU's mmap: while the loop lives, the
@@ -449,6 +454,30 @@ cdef class VcpuLoop:
         self.stop_requested = True
         if self.v.run != NULL:
             self.v.run.immediate_exit = 1
+
+    def clear_stop(self):
+        """Drops a stop request that came too late for the run it aimed at."""
+        self.stop_requested = False
+        if self.v.run != NULL:
+            self.v.run.immediate_exit = 0
+
+    @property
+    def pending_io(self):
+        """"read" or "write" while the last exit's access waits for the next
+        KVM_RUN to complete it (see csrc/io_completion.h), else None."""
+        if self.v.run == NULL or self.v.pending_io == PVT_PENDING_NONE:
+            return None
+        return "read" if self.v.pending_io == PVT_PENDING_READ else "write"
+
+    def finish_io(self):
+        """Completes the pending access now, with what kvm_run holds;
+        returns 0 or -errno."""
+        return pvt_vcpu_finish_io(&self.v) if self.v.run != NULL else 0
+
+    def abandon_io(self):
+        """Drops the pending access: the instruction runs again on the next
+        run; returns 0 or -errno."""
+        return pvt_vcpu_abandon_io(&self.v) if self.v.run != NULL else 0
 
     @property
     def stats(self):
@@ -513,16 +542,42 @@ cdef class VcpuLoop:
             memcpy(run.mmio.data, PyBytes_AS_STRING(answer), size)
         return 0
 
+    cdef int call_handler(self, int stop) except -1:
+        """Runs the Python handler of a USER_IO/USER_MMIO stop.  The kick is
+        held meanwhile (user code never sees it); if the handler raises, its
+        access is abandoned, so the instruction runs again next time."""
+        pvt_kick_hold()
+        try:
+            if stop == PVT_STOP_USER_IO:
+                self.call_io(self.info.user_id)
+            else:
+                self.call_mmio(self.info.user_id)
+        except BaseException:
+            pvt_vcpu_abandon_io(&self.v)
+            raise
+        finally:
+            pvt_kick_release()
+        return 0
+
+    cdef int check_signals(self) except -1:
+        """Runs Python's signal handlers (Ctrl-C) with the kick held."""
+        pvt_kick_hold()
+        try:
+            PyErr_CheckSignals()
+        finally:
+            pvt_kick_release()
+        return 0
+
     def run(self, double timeout=-1.0, double tick=0.0):
         """Runs until the caller is needed.
 
         Returns ``(stop, code, port)``: stop is STOP_EXIT (decode kvm_run),
         STOP_DEVICE (a native device stopped: code is its value, port where),
         STOP_TIMEOUT, or STOP_ERROR (code is the errno of KVM_RUN).
-        timeout < 0 means none; tick > 0 kicks every tick seconds so that
-        Ctrl-C is seen even while the guest spins.
+        timeout < 0 (or one too far away to count in nanoseconds) means
+        none; tick > 0 kicks every tick seconds so that Ctrl-C is seen even
+        while the guest spins.
         """
-        cdef pvt_stop_info info
         cdef int rc
         cdef uint64_t deadline = 0
         cdef uint64_t first = 0
@@ -535,6 +590,8 @@ cdef class VcpuLoop:
         rc = pvt_kick_setup()
         if rc:
             raise OSError(-rc, "cannot install the vCPU kick signal handler")
+        if timeout >= MAX_TIMEOUT_NS / 1e9:
+            timeout = -1.0  # centuries: no deadline (and no uint64 overflow)
         if timeout >= 0:
             timeout_ns = <uint64_t>(timeout * 1e9)
             deadline = pvt_now_ns() + timeout_ns
@@ -553,15 +610,13 @@ cdef class VcpuLoop:
                 # A zero timeout: run no guest code at all.
                 return (STOP_TIMEOUT, 0, 0)
             while True:
-                memset(&info, 0, sizeof(info))
+                memset(&self.info, 0, sizeof(self.info))
                 with nogil:
-                    rc = pvt_vcpu_run(&self.v, &info)
-                if rc == PVT_STOP_USER_IO:
-                    self.call_io(info.user_id)
-                elif rc == PVT_STOP_USER_MMIO:
-                    self.call_mmio(info.user_id)
+                    rc = pvt_vcpu_run(&self.v, &self.info)
+                if rc == PVT_STOP_USER_IO or rc == PVT_STOP_USER_MMIO:
+                    self.call_handler(rc)
                 elif rc == PVT_STOP_INTERRUPTED:
-                    PyErr_CheckSignals()
+                    self.check_signals()
                     if self.stop_requested:
                         self.stop_requested = False
                         return (STOP_REQUESTED, 0, 0)
@@ -570,7 +625,7 @@ cdef class VcpuLoop:
                 elif rc < 0:
                     return (STOP_ERROR, -rc, 0)
                 else:
-                    return (rc, info.stop_code, info.device_port)
+                    return (rc, self.info.stop_code, self.info.device_port)
         finally:
             if armed:
                 pvt_kick_disarm()

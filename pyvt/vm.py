@@ -104,6 +104,9 @@ class Vm:
         self._released = False
         self._closed = False
         self._lock = threading.Lock()
+        # Held by a snapshot or restore for its whole length: run() waits
+        # on it instead of failing while they hold the vCPUs' run locks.
+        self._pause_lock = threading.Lock()
         self._claims: Dict[Tuple[int, int], Tuple[int, str]] = {}  # (space, start) -> (length, owner)
         self._devices: List = []
         self._coalesced_zones: Dict[object, Tuple[int, int]] = {}
