@@ -21,6 +21,7 @@ void pvt_vcpu_init(struct pvt_vcpu *vcpu, int fd, struct kvm_run *run,
 	vcpu->run = run;
 	vcpu->run_size = run_size;
 	vcpu->machine = machine;
+	vcpu->kick_masked = pvt_kick_mask_vcpu(fd) == 0;
 	if (ring_page) {
 		vcpu->ring = ring_page;
 		vcpu->ring_entries =
@@ -218,6 +219,8 @@ int pvt_vcpu_run(struct pvt_vcpu *vcpu, struct pvt_stop_info *info)
 				continue;
 			if (err == EINTR) {
 				run->immediate_exit = 0;
+				if (vcpu->kick_masked)
+					pvt_kick_consume();
 				return PVT_STOP_INTERRUPTED;
 			}
 			return -err;
@@ -238,6 +241,8 @@ int pvt_vcpu_run(struct pvt_vcpu *vcpu, struct pvt_stop_info *info)
 			return stop_for(claim, PVT_STOP_USER_MMIO);
 		case KVM_EXIT_INTR:
 			run->immediate_exit = 0;
+			if (vcpu->kick_masked)
+				pvt_kick_consume();
 			return PVT_STOP_INTERRUPTED;
 		default:
 			return PVT_STOP_EXIT;

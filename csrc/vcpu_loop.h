@@ -53,6 +53,7 @@ struct pvt_vcpu {
 	uint64_t native_exits; /* exits handled without leaving C */
 	uint64_t coalesced;    /* writes drained from the coalesced ring */
 	enum pvt_pending_io pending_io; /* what the next KVM_RUN completes */
+	bool kick_masked; /* KVM_SET_SIGNAL_MASK lets the kick in (kick.h) */
 };
 
 /*

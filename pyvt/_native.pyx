@@ -543,10 +543,10 @@ cdef class VcpuLoop:
         return 0
 
     cdef int call_handler(self, int stop) except -1:
-        """Runs the Python handler of a USER_IO/USER_MMIO stop.  The kick is
-        held meanwhile (user code never sees it); if the handler raises, its
-        access is abandoned, so the instruction runs again next time."""
-        pvt_kick_hold()
+        """Runs the Python handler of a USER_IO/USER_MMIO stop.  The kick
+        never reaches it (csrc/kick.h); if the handler raises, its access is
+        abandoned, so the instruction runs again next time."""
+        self.hold_kick()
         try:
             if stop == PVT_STOP_USER_IO:
                 self.call_io(self.info.user_id)
@@ -556,17 +556,25 @@ cdef class VcpuLoop:
             pvt_vcpu_abandon_io(&self.v)
             raise
         finally:
-            pvt_kick_release()
+            self.release_kick()
         return 0
 
     cdef int check_signals(self) except -1:
-        """Runs Python's signal handlers (Ctrl-C) with the kick held."""
-        pvt_kick_hold()
+        """Runs Python's signal handlers (Ctrl-C), out of the kick's way."""
+        self.hold_kick()
         try:
             PyErr_CheckSignals()
         finally:
-            pvt_kick_release()
+            self.release_kick()
         return 0
+
+    cdef inline void hold_kick(self) noexcept:
+        if not self.v.kick_masked:  # else it is blocked outside KVM_RUN anyway
+            pvt_kick_hold()
+
+    cdef inline void release_kick(self) noexcept:
+        if not self.v.kick_masked:
+            pvt_kick_release()
 
     def run(self, double timeout=-1.0, double tick=0.0):
         """Runs until the caller is needed.
@@ -599,6 +607,7 @@ cdef class VcpuLoop:
         elif interval:
             first = interval
 
+        pvt_kick_block_outside_run(self.v.kick_masked)
         pvt_kick_set_current(self.v.run)
         try:
             if first:

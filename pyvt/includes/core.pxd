@@ -115,6 +115,7 @@ cdef extern from "kick.h" nogil:
     void pvt_kick_set_current(kvm_run *run)
     int pvt_kick_arm(uint64_t first_ns, uint64_t interval_ns)
     void pvt_kick_disarm()
+    void pvt_kick_block_outside_run(bint block)
     void pvt_kick_hold()
     void pvt_kick_release()
     uint64_t pvt_now_ns()
@@ -147,6 +148,7 @@ cdef extern from "vcpu_loop.h" nogil:
         uint64_t native_exits
         uint64_t coalesced
         pvt_pending_io pending_io
+        bint kick_masked
 
     void pvt_vcpu_init(pvt_vcpu *vcpu, int fd, kvm_run *run, size_t run_size,
                        pvt_machine *machine, void *ring_page, long page_size)
