@@ -247,11 +247,20 @@ cdef class Machine:
         self.devices = []
 
 
+#: Bytes of output a console keeps unless told otherwise (sink.h).
+DEFAULT_OUTPUT_LIMIT = PVT_SINK_DEFAULT_LIMIT
+
+
 cdef bytes sink_bytes(pvt_sink *sink):
-    cdef size_t total = pvt_sink_copy(sink, 0, NULL, 0)
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, total)
-    pvt_sink_copy(sink, 0, <uint8_t *>PyBytes_AS_STRING(out), total)
-    return out
+    cdef size_t size = pvt_sink_copy(sink, 0, NULL, 0)
+    cdef size_t total
+    cdef bytes out
+    while True:
+        out = PyBytes_FromStringAndSize(NULL, size)
+        total = pvt_sink_copy(sink, 0, <uint8_t *>PyBytes_AS_STRING(out), size)
+        if total == size:
+            return out
+        size = total  # a vCPU thread wrote or a clear() came in between: again
 
 
 cdef class _Device:
@@ -279,7 +288,42 @@ cdef class _Device:
         return rc
 
 
-cdef class Uart(_Device):
+cdef class _CharDevice(_Device):
+    """A native device whose guest output goes to a sink (sink.h)."""
+
+    cdef pvt_sink *sink
+
+    def output(self):
+        """The kept output: the last ``limit`` bytes the guest wrote."""
+        return sink_bytes(self.sink)
+
+    def clear(self):
+        pvt_sink_clear(self.sink)
+
+    def stream(self, int fd):
+        """Streams to a duplicate of ``fd`` (-1: stop); 0 or -errno."""
+        return pvt_sink_set_stream(self.sink, fd)
+
+    @property
+    def limit(self):
+        """Most bytes of output kept, or None for no limit."""
+        return None if self.sink.limit == PVT_SINK_UNLIMITED else self.sink.limit
+
+    def set_limit(self, limit):
+        """Keeps at most ``limit`` bytes (None: all); 0 or -errno."""
+        cdef size_t value = PVT_SINK_UNLIMITED if limit is None else limit
+        return pvt_sink_set_limit(self.sink, value)
+
+    @property
+    def dropped(self):
+        """Bytes written since the last clear() that the limit dropped."""
+        return pvt_sink_dropped(self.sink)
+
+    def replace_output(self, bytes data):
+        return pvt_sink_replace(self.sink, <const uint8_t *>PyBytes_AS_STRING(data), len(data))
+
+
+cdef class Uart(_CharDevice):
     """A native 16550A UART."""
 
     cdef pvt_uart *uart
@@ -292,6 +336,7 @@ cdef class Uart(_Device):
             free(self.uart)
             self.uart = NULL
             raise MemoryError()
+        self.sink = &self.uart.output
 
     def __dealloc__(self):
         if self.uart != NULL:
@@ -305,15 +350,6 @@ cdef class Uart(_Device):
 
     def attach_to_bus(self):
         return self.attach(pvt_uart_io, self.uart)
-
-    def output(self):
-        return sink_bytes(&self.uart.output)
-
-    def clear(self):
-        pvt_sink_clear(&self.uart.output)
-
-    def stream(self, int fd):
-        pvt_sink_set_stream(&self.uart.output, fd)
 
     def feed(self, const uint8_t[:] data):
         if data.shape[0] == 0:
@@ -331,15 +367,9 @@ cdef class Uart(_Device):
             return -22  # -EINVAL: from another build
         return pvt_uart_load(self.uart, <const pvt_uart_state *>PyBytes_AS_STRING(state))
 
-    def replace_output(self, bytes data):
-        return pvt_sink_replace(&self.uart.output, <const uint8_t *>PyBytes_AS_STRING(data),
-                                len(data))
 
-
-cdef class DebugCon(_Device):
+cdef class DebugCon(_CharDevice):
     """QEMU's debug console port: bytes written are output."""
-
-    cdef pvt_sink *sink
 
     def __cinit__(self):
         self.sink = <pvt_sink *>calloc(1, sizeof(pvt_sink))
@@ -363,15 +393,6 @@ cdef class DebugCon(_Device):
     def attach_to_bus(self):
         return self.attach(pvt_debugcon_io, self.sink)
 
-    def output(self):
-        return sink_bytes(self.sink)
-
-    def clear(self):
-        pvt_sink_clear(self.sink)
-
-    def stream(self, int fd):
-        pvt_sink_set_stream(self.sink, fd)
-
     def feed(self, data):
         raise TypeError("the debug console has no input")
 
@@ -380,9 +401,6 @@ cdef class DebugCon(_Device):
 
     def load_state(self, bytes state):
         return 0
-
-    def replace_output(self, bytes data):
-        return pvt_sink_replace(self.sink, <const uint8_t *>PyBytes_AS_STRING(data), len(data))
 
 
 cdef class DebugExit(_Device):

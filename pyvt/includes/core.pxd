@@ -46,14 +46,18 @@ cdef extern from "<sys/ioctl.h>" nogil:
 
 
 cdef extern from "sink.h" nogil:
+    size_t PVT_SINK_UNLIMITED
+    size_t PVT_SINK_DEFAULT_LIMIT
+
     cdef struct pvt_sink:
-        int stream_fd
-        int stream_errno
+        size_t limit
 
     int pvt_sink_init(pvt_sink *sink)
     void pvt_sink_destroy(pvt_sink *sink)
-    void pvt_sink_set_stream(pvt_sink *sink, int fd)
+    int pvt_sink_set_stream(pvt_sink *sink, int fd)
+    int pvt_sink_set_limit(pvt_sink *sink, size_t limit)
     size_t pvt_sink_copy(pvt_sink *sink, size_t offset, uint8_t *out, size_t cap)
+    uint64_t pvt_sink_dropped(pvt_sink *sink)
     void pvt_sink_clear(pvt_sink *sink)
     int pvt_sink_replace(pvt_sink *sink, const uint8_t *data, size_t n)
 
