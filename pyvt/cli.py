@@ -84,17 +84,17 @@ def _seconds(text: str) -> Optional[float]:
 
 
 _TIMEOUT_HELP = "seconds before giving up (any number; inf: no limit, the default)"
+_STATUSES = ("Exit status: the guest's isa-debug-exit status (code << 1) | 1, as QEMU gives "
+             "it; 0 after hlt or a reset; 124 on timeout; 1 when the guest failed or stopped "
+             "on an I/O nobody handles; 2 for bad arguments or input.")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pyvt", description="Hardware virtualization from Python.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser(
-        "run", help="run a flat binary in a minimal VM",
-        description="Runs FILE with the serial console on stdout.  Exit status: 0 after "
-        "hlt; a debug-exit's (code << 1) | 1 as QEMU gives it; 124 on timeout; 1 when the "
-        "guest failed or stopped on an I/O nobody handles; 2 for bad arguments or input.")
+    run = sub.add_parser("run", help="run a flat binary in a minimal VM",
+                         description=f"Runs FILE with the serial console on stdout.  {_STATUSES}")
     run.add_argument("file", help="flat binary (raw machine code), or UTF-8 assembly source "
                      "(.S/.s); refused if larger than the guest RAM above --at")
     run.add_argument("--mode", choices=["real", "protected", "long"], default="long")
@@ -103,11 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--memory", default="16M", help="guest RAM (default 16M)")
     run.add_argument("--backend", default=None, help="device path (default: /dev/kvm)")
 
-    boot = sub.add_parser(
-        "boot", help="boot a kernel (multiboot, ELF or flat) like qemu -kernel",
-        description="Boots KERNEL with the serial console on stdout.  Exit status: the "
-        "guest's isa-debug-exit status (code << 1) | 1 as QEMU gives it; 0 after a reset "
-        "or hlt; 124 on timeout; 1 when the guest failed; 2 for bad arguments or input.")
+    boot = sub.add_parser("boot", help="boot a kernel (multiboot, ELF or flat) like qemu -kernel",
+                          description=f"Boots KERNEL with the serial console on stdout.  "
+                          f"{_STATUSES}")
     boot.add_argument("kernel", help="multiboot or ELF kernel, or a flat binary (no larger "
                       "than guest RAM)")
     boot.add_argument("--smp", type=int, default=1, help="number of vCPUs (default 1)")
@@ -288,7 +286,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_USAGE
     except BrokenPipeError:
         _drop_stdout()
-        _report("cannot write to stdout: the pipe's reader has gone")
+        _report("cannot write the output: its pipe's reader has gone")
         return EXIT_USAGE
     except KeyboardInterrupt:
         _report("interrupted")

@@ -235,4 +235,4 @@ def test_run_into_a_broken_pipe_lets_the_guest_finish(tmp_path, guest):
 
 def test_version_into_a_broken_pipe_is_a_one_line_error():
     out = _run_into_a_broken_pipe("version")
-    assert "cannot write to stdout" in one_line_error(out)
+    assert "cannot write the output: its pipe's reader has gone" in one_line_error(out)
