@@ -353,16 +353,21 @@ class Vm:
 
     # -- booting kernels -----------------------------------------------------
 
-    def boot(self, kernel, *, cmdline: str = "", initrd=None, modules=(), smp: int = 1,
-             irqchip: bool = True, acpi: bool = True, format: Optional[str] = None,
-             load_address: int = 0x100000, flat_mode: str = "long",
-             strict_io: bool = False, kernel_name: Optional[str] = None):
+    def boot(self, kernel, *, cmdline: Union[str, bytes] = "", initrd=None, modules=(),
+             smp: int = 1, irqchip: bool = True, acpi: bool = True,
+             format: Optional[str] = None, load_address: int = 0x100000,
+             flat_mode: str = "long", strict_io: bool = False,
+             kernel_name: Union[str, bytes, None] = None):
         """Loads ``kernel`` (bytes or a path) and creates ``smp`` vCPUs ready
         to run it; then call :meth:`run`.  Returns the :class:`pyvt.loaders.Image`.
 
         ``format`` (default: detected) is ``multiboot`` (``cmdline``,
         ``initrd`` as module 0, more ``modules`` as ``(data, string)``), ``elf``
-        or ``flat`` (at ``load_address``, in ``flat_mode``).  With ``irqchip``
+        or ``flat`` (at ``load_address``, in ``flat_mode``).  ``cmdline`` and
+        the strings are str or bytes: a str is encoded as :func:`os.fsencode`
+        does, so a file name's undecodable bytes reach the guest unchanged.
+        A kernel, initrd or module file larger than guest RAM is refused
+        before it is read.  With ``irqchip``
         the VM gets KVM's LAPICs, IOAPIC, PIC (``KVM_CREATE_IRQCHIP``) and PIT;
         application processors wait for INIT/SIPI, and ``hlt`` waits in the
         kernel for an interrupt as on a PC (a guest ends with a debug-exit,
