@@ -178,10 +178,11 @@ def test_timeout_values_reach_the_library_as_they_are(text, seconds):
 
 
 @pytest.mark.requires_kvm
-def test_timeout_inf_runs_the_guest_without_a_limit(tmp_path, guest):
+@pytest.mark.parametrize("timeout", ["inf", "1e30", "2e10"])
+def test_huge_timeouts_run_the_guest_without_a_limit(tmp_path, guest, timeout):
     image = tmp_path / "hello.bin"
     image.write_bytes(guest("uart_hello_long"))
-    out = pyvt_cli("run", image, "--timeout", "inf")
+    out = pyvt_cli("run", image, "--timeout", timeout)
     assert out.returncode == 0, out.stderr
     assert out.stdout == "hello from long mode\n" and out.stderr.startswith("pyvt: Hlt(")
 
