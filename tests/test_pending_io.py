@@ -22,13 +22,18 @@ IN_LOOP = ".code64\n.globl _start\n_start: in $0x10, %al\n inc %rbx\n jmp _start
 ELSEWHERE = ".code64\n.globl _start\n_start: mov $7, %eax\n hlt\n"
 
 
-@pytest.fixture
-def in_loop(vm):
-    vm.memory.write(0x1000, pyvt.assemble(IN_LOOP))
+def long_mode_guest(vm, source):
+    """vCPU 0 in long mode at 0x1000, where ``source`` is; ELSEWHERE at 0x2000."""
+    vm.memory.write(0x1000, pyvt.assemble(source))
     vm.memory.write(0x2000, pyvt.assemble(ELSEWHERE, at=0x2000))
     cpu = vm.vcpu(0, mode="long")
     cpu.regs.rip = 0x1000
     return cpu
+
+
+@pytest.fixture
+def in_loop(vm):
+    return long_mode_guest(vm, IN_LOOP)
 
 
 def run_to_in(cpu):
@@ -192,9 +197,7 @@ _start:
 
 
 def test_snapshot_after_an_unclaimed_out_starts_after_it(vm):
-    vm.memory.write(0x1000, pyvt.assemble(OUT_ONCE))
-    cpu = vm.vcpu(0, mode="long")
-    cpu.regs.rip = 0x1000
+    cpu = long_mode_guest(vm, OUT_ONCE)
     exit = cpu.run(timeout=10)
     # Its rip is 0x1002 (the out) where KVM retires it on the next KVM_RUN,
     # 0x1004 where KVM's emulator ran it (PVM): both are the same state.
@@ -209,10 +212,7 @@ def test_snapshot_after_an_unclaimed_out_starts_after_it(vm):
 
 
 def test_new_rip_after_an_unclaimed_out_wins(vm):
-    vm.memory.write(0x1000, pyvt.assemble(OUT_ONCE))
-    vm.memory.write(0x2000, pyvt.assemble(ELSEWHERE, at=0x2000))
-    cpu = vm.vcpu(0, mode="long")
-    cpu.regs.rip = 0x1000
+    cpu = long_mode_guest(vm, OUT_ONCE)
     assert isinstance(cpu.run(timeout=10), exits.Io)
     cpu.regs.rip = 0x2000
     assert cpu.run(timeout=10) == exits.Hlt(0x2006)
@@ -229,9 +229,7 @@ _start:
 
 
 def test_mmio_read_reply_then_register_write(vm):
-    vm.memory.write(0x1000, pyvt.assemble(MMIO_READ))
-    cpu = vm.vcpu(0, mode="long")
-    cpu.regs.rip = 0x1000
+    cpu = long_mode_guest(vm, MMIO_READ)
     exit = cpu.run(timeout=10)
     assert isinstance(exit, exits.Mmio) and not exit.is_write
     assert exit.address == 0x10000000 and exit.size == 4
