@@ -29,6 +29,10 @@ STOP_ERROR = 101
 STOP_REQUESTED = 102
 STOP_BAD_EXIT = PVT_STOP_BAD_EXIT
 
+#: Timeouts from here on (about 146 years) mean "no timeout": they would
+#: overflow the nanosecond clock arithmetic.
+MAX_TIMEOUT_NS = 1 << 62
+
 #: The real-time signal that kicks a vCPU thread out of KVM_RUN.
 KICK_SIGNAL = pvt_kick_signal()
 
@@ -292,11 +296,20 @@ cdef class Machine:
         self.devices = []
 
 
+#: Bytes of output a console keeps unless told otherwise (sink.h).
+DEFAULT_OUTPUT_LIMIT = PVT_SINK_DEFAULT_LIMIT
+
+
 cdef bytes sink_bytes(pvt_sink *sink):
-    cdef size_t total = pvt_sink_copy(sink, 0, NULL, 0)
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, total)
-    pvt_sink_copy(sink, 0, <uint8_t *>PyBytes_AS_STRING(out), total)
-    return out
+    cdef size_t size = pvt_sink_copy(sink, 0, NULL, 0)
+    cdef size_t total
+    cdef bytes out
+    while True:
+        out = PyBytes_FromStringAndSize(NULL, size)
+        total = pvt_sink_copy(sink, 0, <uint8_t *>PyBytes_AS_STRING(out), size)
+        if total == size:
+            return out
+        size = total  # a vCPU thread wrote or a clear() came in between: again
 
 
 cdef class _Device:
@@ -324,7 +337,42 @@ cdef class _Device:
         return rc
 
 
-cdef class Uart(_Device):
+cdef class _CharDevice(_Device):
+    """A native device whose guest output goes to a sink (sink.h)."""
+
+    cdef pvt_sink *sink
+
+    def output(self):
+        """The kept output: the last ``limit`` bytes the guest wrote."""
+        return sink_bytes(self.sink)
+
+    def clear(self):
+        pvt_sink_clear(self.sink)
+
+    def stream(self, int fd):
+        """Streams to a duplicate of ``fd`` (-1: stop); 0 or -errno."""
+        return pvt_sink_set_stream(self.sink, fd)
+
+    @property
+    def limit(self):
+        """Most bytes of output kept, or None for no limit."""
+        return None if self.sink.limit == PVT_SINK_UNLIMITED else self.sink.limit
+
+    def set_limit(self, limit):
+        """Keeps at most ``limit`` bytes (None: all); 0 or -errno."""
+        cdef size_t value = PVT_SINK_UNLIMITED if limit is None else limit
+        return pvt_sink_set_limit(self.sink, value)
+
+    @property
+    def dropped(self):
+        """Bytes written since the last clear() that the limit dropped."""
+        return pvt_sink_dropped(self.sink)
+
+    def replace_output(self, bytes data):
+        return pvt_sink_replace(self.sink, <const uint8_t *>PyBytes_AS_STRING(data), len(data))
+
+
+cdef class Uart(_CharDevice):
     """A native 16550A UART."""
 
     cdef pvt_uart *uart
@@ -337,6 +385,7 @@ cdef class Uart(_Device):
             free(self.uart)
             self.uart = NULL
             raise MemoryError()
+        self.sink = &self.uart.output
 
     def __dealloc__(self):
         if self.uart != NULL:
@@ -350,15 +399,6 @@ cdef class Uart(_Device):
 
     def attach_to_bus(self):
         return self.attach(pvt_uart_io, self.uart)
-
-    def output(self):
-        return sink_bytes(&self.uart.output)
-
-    def clear(self):
-        pvt_sink_clear(&self.uart.output)
-
-    def stream(self, int fd):
-        pvt_sink_set_stream(&self.uart.output, fd)
 
     def feed(self, const uint8_t[:] data):
         if data.shape[0] == 0:
@@ -376,15 +416,9 @@ cdef class Uart(_Device):
             return -22  # -EINVAL: from another build
         return pvt_uart_load(self.uart, <const pvt_uart_state *>PyBytes_AS_STRING(state))
 
-    def replace_output(self, bytes data):
-        return pvt_sink_replace(&self.uart.output, <const uint8_t *>PyBytes_AS_STRING(data),
-                                len(data))
 
-
-cdef class DebugCon(_Device):
+cdef class DebugCon(_CharDevice):
     """QEMU's debug console port: bytes written are output."""
-
-    cdef pvt_sink *sink
 
     def __cinit__(self):
         self.sink = <pvt_sink *>calloc(1, sizeof(pvt_sink))
@@ -408,15 +442,6 @@ cdef class DebugCon(_Device):
     def attach_to_bus(self):
         return self.attach(pvt_debugcon_io, self.sink)
 
-    def output(self):
-        return sink_bytes(self.sink)
-
-    def clear(self):
-        pvt_sink_clear(self.sink)
-
-    def stream(self, int fd):
-        pvt_sink_set_stream(self.sink, fd)
-
     def feed(self, data):
         raise TypeError("the debug console has no input")
 
@@ -425,9 +450,6 @@ cdef class DebugCon(_Device):
 
     def load_state(self, bytes state):
         return 0
-
-    def replace_output(self, bytes data):
-        return pvt_sink_replace(self.sink, <const uint8_t *>PyBytes_AS_STRING(data), len(data))
 
 
 cdef class DebugExit(_Device):
@@ -472,6 +494,7 @@ cdef class VcpuLoop:
     """Runs one vCPU through the native run loop."""
 
     cdef pvt_vcpu v
+    cdef pvt_stop_info info
     cdef Machine machine
     cdef volatile bint stop_requested
     # Holds a buffer export of the vCPU's mmap: while the loop lives, the
@@ -501,6 +524,30 @@ cdef class VcpuLoop:
         self.stop_requested = True
         if self.v.run != NULL:
             self.v.run.immediate_exit = 1
+
+    def clear_stop(self):
+        """Drops a stop request that came too late for the run it aimed at."""
+        self.stop_requested = False
+        if self.v.run != NULL:
+            self.v.run.immediate_exit = 0
+
+    @property
+    def pending_io(self):
+        """"read" or "write" while the last exit's access waits for the next
+        KVM_RUN to complete it (see csrc/io_completion.h), else None."""
+        if self.v.run == NULL or self.v.pending_io == PVT_PENDING_NONE:
+            return None
+        return "read" if self.v.pending_io == PVT_PENDING_READ else "write"
+
+    def finish_io(self):
+        """Completes the pending access now, with what kvm_run holds;
+        returns 0 or -errno."""
+        return pvt_vcpu_finish_io(&self.v) if self.v.run != NULL else 0
+
+    def abandon_io(self):
+        """Drops the pending access: the instruction runs again on the next
+        run; returns 0 or -errno."""
+        return pvt_vcpu_abandon_io(&self.v) if self.v.run != NULL else 0
 
     @property
     def stats(self):
@@ -565,16 +612,50 @@ cdef class VcpuLoop:
             memcpy(run.mmio.data, PyBytes_AS_STRING(answer), size)
         return 0
 
+    cdef int call_handler(self, int stop) except -1:
+        """Runs the Python handler of a USER_IO/USER_MMIO stop.  The kick
+        never reaches it (csrc/kick.h); if the handler raises, its access is
+        abandoned, so the instruction runs again next time."""
+        self.hold_kick()
+        try:
+            if stop == PVT_STOP_USER_IO:
+                self.call_io(self.info.user_id)
+            else:
+                self.call_mmio(self.info.user_id)
+        except BaseException:
+            pvt_vcpu_abandon_io(&self.v)
+            raise
+        finally:
+            self.release_kick()
+        return 0
+
+    cdef int check_signals(self) except -1:
+        """Runs Python's signal handlers (Ctrl-C), out of the kick's way."""
+        self.hold_kick()
+        try:
+            PyErr_CheckSignals()
+        finally:
+            self.release_kick()
+        return 0
+
+    cdef inline void hold_kick(self) noexcept:
+        if not self.v.kick_masked:  # else it is blocked outside KVM_RUN anyway
+            pvt_kick_hold()
+
+    cdef inline void release_kick(self) noexcept:
+        if not self.v.kick_masked:
+            pvt_kick_release()
+
     def run(self, double timeout=-1.0, double tick=0.0):
         """Runs until the caller is needed.
 
         Returns ``(stop, code, port)``: stop is STOP_EXIT (decode kvm_run),
         STOP_DEVICE (a native device stopped: code is its value, port where),
         STOP_TIMEOUT, or STOP_ERROR (code is the errno of KVM_RUN).
-        timeout < 0 means none; tick > 0 kicks every tick seconds so that
-        Ctrl-C is seen even while the guest spins.
+        timeout < 0 (or one too far away to count in nanoseconds) means
+        none; tick > 0 kicks every tick seconds so that Ctrl-C is seen even
+        while the guest spins.
         """
-        cdef pvt_stop_info info
         cdef int rc
         cdef uint64_t deadline = 0
         cdef uint64_t first = 0
@@ -587,6 +668,8 @@ cdef class VcpuLoop:
         rc = pvt_kick_setup()
         if rc:
             raise OSError(-rc, "cannot install the vCPU kick signal handler")
+        if timeout >= MAX_TIMEOUT_NS / 1e9:
+            timeout = -1.0  # centuries: no deadline (and no uint64 overflow)
         if timeout >= 0:
             timeout_ns = <uint64_t>(timeout * 1e9)
             deadline = pvt_now_ns() + timeout_ns
@@ -594,6 +677,7 @@ cdef class VcpuLoop:
         elif interval:
             first = interval
 
+        pvt_kick_block_outside_run(self.v.kick_masked)
         pvt_kick_set_current(self.v.run)
         try:
             if first:
@@ -605,15 +689,13 @@ cdef class VcpuLoop:
                 # A zero timeout: run no guest code at all.
                 return (STOP_TIMEOUT, 0, 0)
             while True:
-                memset(&info, 0, sizeof(info))
+                memset(&self.info, 0, sizeof(self.info))
                 with nogil:
-                    rc = pvt_vcpu_run(&self.v, &info)
-                if rc == PVT_STOP_USER_IO:
-                    self.call_io(info.user_id)
-                elif rc == PVT_STOP_USER_MMIO:
-                    self.call_mmio(info.user_id)
+                    rc = pvt_vcpu_run(&self.v, &self.info)
+                if rc == PVT_STOP_USER_IO or rc == PVT_STOP_USER_MMIO:
+                    self.call_handler(rc)
                 elif rc == PVT_STOP_INTERRUPTED:
-                    PyErr_CheckSignals()
+                    self.check_signals()
                     if self.stop_requested:
                         self.stop_requested = False
                         return (STOP_REQUESTED, 0, 0)
@@ -622,7 +704,7 @@ cdef class VcpuLoop:
                 elif rc < 0:
                     return (STOP_ERROR, -rc, 0)
                 else:
-                    return (rc, info.stop_code, info.device_port)
+                    return (rc, self.info.stop_code, self.info.device_port)
         finally:
             if armed:
                 pvt_kick_disarm()

@@ -9,7 +9,7 @@ import threading
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
 
 from . import _native, exits, modes, pc
-from .devices import Console, DebugExitDevice
+from .devices import DEFAULT_OUTPUT_LIMIT, Console, DebugExitDevice
 from .errors import (
     ArgumentError,
     ArgumentTypeError,
@@ -106,11 +106,14 @@ class Vm:
     :mod:`pyvt.pc`: ``fw_cfg``, ``cmos``, ``pm_timer``, ``i8042`` (whose
     reset ends a run with :class:`pyvt.exits.Reset`) and ``post`` (port 0x80);
     without, those attributes are None.
+    ``output_limit`` is how many bytes of output ``console`` and ``debugcon``
+    each keep (their last ones; None: all): see :class:`pyvt.devices.Console`.
     """
 
     def __init__(self, memory: Union[int, str] = "64M", backend=None, *,
                  debug_exit_port: Optional[int] = DEBUG_EXIT_PORT,
-                 pc_devices: bool = True, _memory_source: Optional[int] = None):
+                 pc_devices: bool = True, output_limit: Optional[int] = DEFAULT_OUTPUT_LIMIT,
+                 _memory_source: Optional[int] = None):
         self._released = True  # nothing to free yet
         self._closed = True
         self.vcpus: Dict[int, Vcpu] = {}
@@ -121,6 +124,9 @@ class Vm:
         self._released = False
         self._closed = False
         self._lock = threading.Lock()
+        # Held by a snapshot or restore for its whole length: run() waits
+        # on it instead of failing while they hold the vCPUs' run locks.
+        self._pause_lock = threading.Lock()
         self._claims: Dict[Tuple[int, int], Tuple[int, str]] = {}  # (space, start) -> (length, owner)
         self._devices: List = []
         self._coalesced_zones: Dict[object, Tuple[int, int]] = {}
@@ -135,9 +141,11 @@ class Vm:
             self._machine = _native.Machine()
             self._coalescing = bool(self.kvm.check_extension("KVM_CAP_COALESCED_PIO"))
             self.console = self._add_console(_native.Uart, "uart", UART_PORT,
-                                             _native.UART_PORT_COUNT, coalesce_first=True)
+                                             _native.UART_PORT_COUNT, coalesce_first=True,
+                                             output_limit=output_limit)
             self.debugcon = self._add_console(_native.DebugCon, "debugcon", DEBUGCON_PORT,
-                                              1, coalesce_first=True)
+                                              1, coalesce_first=True,
+                                              output_limit=output_limit)
             self.debug_exit = None
             if debug_exit_port is not None:
                 port, _ = _as_range(debug_exit_port, "debug_exit_port", 0x10000)
@@ -170,7 +178,7 @@ class Vm:
         self._devices.append(native)
 
     def _add_console(self, kind, name: str, port: int, length: int,
-                     coalesce_first: bool) -> Console:
+                     coalesce_first: bool, output_limit: Optional[int]) -> Console:
         native = kind(self._machine, port)
         self._attach(native, _native.SPACE_PIO, port, length, name)
         coalesced = False
@@ -180,7 +188,7 @@ class Vm:
             self.fd.register_coalesced_mmio(port, 1, pio=True)
             self._coalesced_zones[native] = (port, 1)
             coalesced = True
-        return Console(self, native, name, port, coalesced)
+        return Console(self, native, name, port, coalesced, output_limit)
 
     def _detach_device(self, device) -> None:
         self._check_open()
@@ -243,6 +251,9 @@ class Vm:
         machine = getattr(self, "_machine", None)
         if machine is not None:
             machine.close()
+        for console in (getattr(self, "console", None), getattr(self, "debugcon", None)):
+            if console is not None:
+                console.stream(None)  # closes pyvt's duplicate of the stream's fd
         self.fd.close()
         memory = getattr(self, "memory", None)
         if memory is not None:
@@ -364,16 +375,21 @@ class Vm:
 
     # -- booting kernels -----------------------------------------------------
 
-    def boot(self, kernel, *, cmdline: str = "", initrd=None, modules=(), smp: int = 1,
-             irqchip: bool = True, acpi: bool = True, format: Optional[str] = None,
-             load_address: int = 0x100000, flat_mode: str = "long",
-             strict_io: bool = False, kernel_name: Optional[str] = None):
+    def boot(self, kernel, *, cmdline: Union[str, bytes] = "", initrd=None, modules=(),
+             smp: int = 1, irqchip: bool = True, acpi: bool = True,
+             format: Optional[str] = None, load_address: int = 0x100000,
+             flat_mode: str = "long", strict_io: bool = False,
+             kernel_name: Union[str, bytes, None] = None):
         """Loads ``kernel`` (bytes or a path) and creates ``smp`` vCPUs ready
         to run it; then call :meth:`run`.  Returns the :class:`pyvt.loaders.Image`.
 
         ``format`` (default: detected) is ``multiboot`` (``cmdline``,
         ``initrd`` as module 0, more ``modules`` as ``(data, string)``), ``elf``
-        or ``flat`` (at ``load_address``, in ``flat_mode``).  With ``irqchip``
+        or ``flat`` (at ``load_address``, in ``flat_mode``).  ``cmdline`` and
+        the strings are str or bytes: a str is encoded as :func:`os.fsencode`
+        does, so a file name's undecodable bytes reach the guest unchanged.
+        A kernel, initrd or module file larger than guest RAM is refused
+        before it is read.  With ``irqchip``
         the VM gets KVM's LAPICs, IOAPIC, PIC (``KVM_CREATE_IRQCHIP``) and PIT;
         application processors wait for INIT/SIPI, and ``hlt`` waits in the
         kernel for an interrupt as on a PC (a guest ends with a debug-exit,
