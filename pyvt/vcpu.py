@@ -409,11 +409,11 @@ class Vcpu:
             target = ffi.buffer(run.mmio.data, size)
         else:
             raise Error(f"reply() answers a pending read, but the last exit was {exit!r}")
-        where = exit.port if isinstance(exit, exits.Io) else exit.address
-        try:
-            target[:] = _native.read_answer(value, size, "reply() to the read at", where)
-        except (TypeError, ValueError) as e:
-            raise ArgumentError(str(e)) from None
+        if isinstance(exit, exits.Io):
+            space, where = "reply() to port", exit.port
+        else:
+            space, where = "reply() to MMIO address", exit.address
+        target[:] = _native.read_answer(value, size, space, where)
 
     @property
     def stats(self) -> dict:
