@@ -8,6 +8,7 @@
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -91,7 +92,6 @@ static int make_thread_timer(void)
 {
 	struct sigevent event;
 	timer_t *owned;
-	sigset_t unblock;
 
 	owned = malloc(sizeof(*owned));
 	if (!owned)
@@ -107,10 +107,6 @@ static int make_thread_timer(void)
 	thread_timer = *owned;
 	thread_timer_made = true;
 	pthread_setspecific(timer_key, owned);
-	/* The thread may have inherited a mask that blocks the kick. */
-	sigemptyset(&unblock);
-	sigaddset(&unblock, pvt_kick_signal());
-	pthread_sigmask(SIG_UNBLOCK, &unblock, NULL);
 	return 0;
 }
 
@@ -141,4 +137,67 @@ void pvt_kick_disarm(void)
 		return;
 	memset(&off, 0, sizeof(off));
 	timer_settime(thread_timer, 0, &off, NULL);
+}
+
+/* The kick's state on this thread's signal mask, outside KVM_RUN. */
+static __thread bool thread_kick_blocked;
+
+static void mask_kick(int how)
+{
+	sigset_t kick;
+
+	sigemptyset(&kick);
+	sigaddset(&kick, pvt_kick_signal());
+	pthread_sigmask(how, &kick, NULL);
+}
+
+void pvt_kick_hold(void)
+{
+	mask_kick(SIG_BLOCK);
+}
+
+void pvt_kick_release(void)
+{
+	mask_kick(SIG_UNBLOCK);
+}
+
+/* The kernel's sigset_t for KVM_SET_SIGNAL_MASK: 64 bits on x86-64. */
+#define KERNEL_SIGSET_BYTES 8
+
+int pvt_kick_mask_vcpu(int vcpu_fd)
+{
+	struct {
+		struct kvm_signal_mask head;
+		uint8_t sigset[KERNEL_SIGSET_BYTES];
+	} mask;
+	sigset_t during_run;
+
+	/* During KVM_RUN: this thread's mask, with the kick let through. */
+	pthread_sigmask(SIG_BLOCK, NULL, &during_run);
+	sigdelset(&during_run, pvt_kick_signal());
+	mask.head.len = KERNEL_SIGSET_BYTES;
+	memcpy(mask.sigset, &during_run, KERNEL_SIGSET_BYTES);
+	if (ioctl(vcpu_fd, KVM_SET_SIGNAL_MASK, &mask))
+		return -errno;
+	return 0;
+}
+
+void pvt_kick_block_outside_run(bool block)
+{
+	if (thread_kick_blocked == block)
+		return;
+	mask_kick(block ? SIG_BLOCK : SIG_UNBLOCK);
+	thread_kick_blocked = block;
+}
+
+void pvt_kick_consume(void)
+{
+	struct timespec now = { 0, 0 };
+	sigset_t kick;
+
+	sigemptyset(&kick);
+	sigaddset(&kick, pvt_kick_signal());
+	/* Real-time signals queue: a timer tick and a stop() may both wait. */
+	while (sigtimedwait(&kick, NULL, &now) > 0)
+		;
 }

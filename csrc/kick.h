@@ -13,6 +13,7 @@
 #define PVT_KICK_H
 
 #include <linux/kvm.h>
+#include <stdbool.h>
 #include <stdint.h>
 
 /* Installs the signal handler once per process; returns 0 or -errno. */
@@ -28,6 +29,28 @@ void pvt_kick_set_current(struct kvm_run *run);
  */
 int pvt_kick_arm(uint64_t first_ns, uint64_t interval_ns);
 void pvt_kick_disarm(void);
+
+/*
+ * User code running on a vCPU's thread (a Python I/O handler, a signal
+ * handler) must never see the kick: a C call there would fail with EINTR.
+ *
+ * Where the backend has KVM_SET_SIGNAL_MASK (KVM), the kick is blocked on
+ * the thread outside KVM_RUN and let through only during it, as QEMU does:
+ * pvt_kick_mask_vcpu() once per vCPU, pvt_kick_block_outside_run(true) as a
+ * run starts (a system call only the first time on a thread), and after
+ * KVM_RUN returns EINTR, pvt_kick_consume() takes the kick off the queue
+ * (still blocked, it would end every later KVM_RUN at once).  A kick that
+ * comes while user code runs waits, and ends the next KVM_RUN.
+ *
+ * Elsewhere (pyvt.ko), the kick stays unblocked and its handler sets
+ * immediate_exit; pvt_kick_hold()/pvt_kick_release() block it around user
+ * code, at the cost of two system calls each time.
+ */
+int pvt_kick_mask_vcpu(int vcpu_fd);
+void pvt_kick_block_outside_run(bool block);
+void pvt_kick_consume(void);
+void pvt_kick_hold(void);
+void pvt_kick_release(void);
 
 /* Monotonic clock in nanoseconds. */
 uint64_t pvt_now_ns(void);

@@ -21,6 +21,7 @@ void pvt_vcpu_init(struct pvt_vcpu *vcpu, int fd, struct kvm_run *run,
 	vcpu->run = run;
 	vcpu->run_size = run_size;
 	vcpu->machine = machine;
+	vcpu->kick_masked = pvt_kick_mask_vcpu(fd) == 0;
 	if (ring_page) {
 		vcpu->ring = ring_page;
 		vcpu->ring_entries =
@@ -54,11 +55,13 @@ static enum claim serve(struct pvt_machine *machine,
 			struct pvt_stop_info *info)
 {
 	if (!range) {
-		if (!machine->unclaimed_as_pc)
-			return CLAIM_NONE;
+		/*
+		 * Nobody claims it: a read reads as all ones, as on a PC's
+		 * empty bus, unless the caller answers it (Vcpu.reply()).
+		 */
 		if (!is_write)
 			memset(data, 0xff, len);
-		return CLAIM_DONE;
+		return machine->unclaimed_as_pc ? CLAIM_DONE : CLAIM_NONE;
 	}
 	if (!range->fn) {
 		info->user_id = range->user_id;
@@ -181,6 +184,21 @@ static int stop_for(enum claim claim, int user_stop)
 	}
 }
 
+/* What the exit in kvm_run leaves for the next KVM_RUN to complete. */
+enum pvt_pending_io pvt_vcpu_exit_pending_io(const struct kvm_run *run)
+{
+	switch (run->exit_reason) {
+	case KVM_EXIT_IO:
+		return run->io.direction == KVM_EXIT_IO_OUT ? PVT_PENDING_WRITE :
+							      PVT_PENDING_READ;
+	case KVM_EXIT_MMIO:
+		return run->mmio.is_write ? PVT_PENDING_WRITE :
+					    PVT_PENDING_READ;
+	default:
+		return PVT_PENDING_NONE;
+	}
+}
+
 int pvt_vcpu_run(struct pvt_vcpu *vcpu, struct pvt_stop_info *info)
 {
 	struct kvm_run *run = vcpu->run;
@@ -191,6 +209,9 @@ int pvt_vcpu_run(struct pvt_vcpu *vcpu, struct pvt_stop_info *info)
 		int err = errno;
 
 		vcpu->kvm_exits++;
+		/* This KVM_RUN completed what the last exit left pending. */
+		vcpu->pending_io = ret < 0 ? PVT_PENDING_NONE :
+					     pvt_vcpu_exit_pending_io(run);
 		/* Coalesced writes happened before this exit: replay them first. */
 		pvt_vcpu_drain_coalesced(vcpu);
 		if (ret < 0) {
@@ -198,6 +219,8 @@ int pvt_vcpu_run(struct pvt_vcpu *vcpu, struct pvt_stop_info *info)
 				continue;
 			if (err == EINTR) {
 				run->immediate_exit = 0;
+				if (vcpu->kick_masked)
+					pvt_kick_consume();
 				return PVT_STOP_INTERRUPTED;
 			}
 			return -err;
@@ -218,6 +241,8 @@ int pvt_vcpu_run(struct pvt_vcpu *vcpu, struct pvt_stop_info *info)
 			return stop_for(claim, PVT_STOP_USER_MMIO);
 		case KVM_EXIT_INTR:
 			run->immediate_exit = 0;
+			if (vcpu->kick_masked)
+				pvt_kick_consume();
 			return PVT_STOP_INTERRUPTED;
 		default:
 			return PVT_STOP_EXIT;

@@ -25,6 +25,17 @@ enum pvt_stop {
 	PVT_STOP_BAD_EXIT = 5,    /* the backend reported I/O data outside kvm_run */
 };
 
+/*
+ * What KVM still owes the last exit: after a port-I/O or MMIO exit, the
+ * instruction is only finished by the next KVM_RUN (a read copies its data
+ * from kvm_run into the registers; both advance RIP).  See io_completion.h.
+ */
+enum pvt_pending_io {
+	PVT_PENDING_NONE = 0,
+	PVT_PENDING_READ = 1,  /* an in / MMIO read waits for its data */
+	PVT_PENDING_WRITE = 2, /* an out / MMIO write waits to be retired */
+};
+
 struct pvt_stop_info {
 	int user_id;
 	uint64_t stop_code;  /* from the device (debug-exit: the value) */
@@ -41,6 +52,8 @@ struct pvt_vcpu {
 	uint64_t kvm_exits;    /* every return from KVM_RUN */
 	uint64_t native_exits; /* exits handled without leaving C */
 	uint64_t coalesced;    /* writes drained from the coalesced ring */
+	enum pvt_pending_io pending_io; /* what the next KVM_RUN completes */
+	bool kick_masked; /* KVM_SET_SIGNAL_MASK lets the kick in (kick.h) */
 };
 
 /*
@@ -54,6 +67,9 @@ void pvt_vcpu_destroy(struct pvt_vcpu *vcpu);
 
 /* Returns an enum pvt_stop, or -errno when KVM_RUN itself fails. */
 int pvt_vcpu_run(struct pvt_vcpu *vcpu, struct pvt_stop_info *info);
+
+/* What the exit now in kvm_run leaves for the next KVM_RUN to complete. */
+enum pvt_pending_io pvt_vcpu_exit_pending_io(const struct kvm_run *run);
 
 /* True if the current I/O exit's data lies inside the vCPU mapping. */
 bool pvt_vcpu_io_data_valid(const struct pvt_vcpu *vcpu);

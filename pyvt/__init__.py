@@ -16,6 +16,7 @@ from . import exits, kvm, modes
 from .errors import (
     ApiVersionMismatch,
     ArgumentError,
+    ArgumentTypeError,
     BackendError,
     BackendNotFound,
     BackendPermissionError,
@@ -51,6 +52,6 @@ __all__ = [
     "Error", "BackendError", "BackendNotFound", "BackendPermissionError",
     "ApiVersionMismatch", "KvmError", "MemoryConfigError", "RegionOverlapError",
     "OutOfRangeError", "InvalidModeError", "VcpuIndexError", "ClosedError",
-    "ArgumentError", "GuestError", "TripleFault", "EntryFailed", "InternalError",
+    "ArgumentError", "ArgumentTypeError", "GuestError", "TripleFault", "EntryFailed", "InternalError",
     "Snapshot", "SnapshotError", "SnapshotFileError", "SnapshotFileNotFound",
 ]

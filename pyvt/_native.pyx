@@ -16,6 +16,11 @@ from cpython.exc cimport PyErr_CheckSignals
 
 from pyvt.includes.core cimport *
 
+import os
+import reprlib
+
+from pyvt.errors import ArgumentError, ArgumentTypeError, Error
+
 # What VcpuLoop.run() reports, besides the enum pvt_stop values.
 STOP_EXIT = PVT_STOP_EXIT
 STOP_DEVICE = PVT_STOP_DEVICE
@@ -23,6 +28,10 @@ STOP_TIMEOUT = 100
 STOP_ERROR = 101
 STOP_REQUESTED = 102
 STOP_BAD_EXIT = PVT_STOP_BAD_EXIT
+
+#: Timeouts from here on (about 146 years) mean "no timeout": they would
+#: overflow the nanosecond clock arithmetic.
+MAX_TIMEOUT_NS = 1 << 62
 
 #: The real-time signal that kicks a vCPU thread out of KVM_RUN.
 KICK_SIGNAL = pvt_kick_signal()
@@ -186,11 +195,34 @@ cdef Mmio new_mmio(unsigned long long address, int size, bint is_write, bytes da
     return exit
 
 
+# A bus range carries its handler's id as a C int: ids run from 0 to this - 1.
+HANDLER_ID_LIMIT = 0x7FFFFFFF
+
+
+def _removed_handler(exit):
+    """Stands in for a handler removed (``vm.off_io``/``off_mmio`` from
+    another thread) after a vCPU had already exited to it: the access is
+    answered as by a bus with nothing on it, reads all ones, writes dropped."""
+    return None if exit.is_write else -1
+
+
+class _HandlerTable(dict):
+    """user_id -> handler.  A missing id is a handler removed while a vCPU
+    was on its way to it (see _removed_handler): never a KeyError in run()."""
+
+    def __missing__(self, user_id):
+        return _removed_handler
+
+
 cdef class Machine:
     """The native VM: I/O buses, registered handlers and devices."""
 
     cdef pvt_machine *m
-    cdef readonly list handlers
+    # Typed object, not dict: the run loop's handlers[user_id] must go
+    # through _HandlerTable.__missing__.
+    cdef readonly object handlers
+    cdef dict handler_ids  # (space, base) -> user_id of the handler there
+    cdef long long next_handler_id
     cdef list devices
 
     def __cinit__(self):
@@ -201,8 +233,9 @@ cdef class Machine:
         if rc:
             free(self.m)
             self.m = NULL
-            raise OSError(-rc, "cannot set up the native machine")
-        self.handlers = []
+            raise Error(f"cannot set up the native machine: {os.strerror(-rc)}")
+        self.handlers = _HandlerTable()
+        self.handler_ids = {}
         self.devices = []
 
     def __dealloc__(self):
@@ -216,18 +249,37 @@ cdef class Machine:
     cdef pvt_bus *bus(self, int space):
         return &self.m.pio if space == SPACE_PIO else &self.m.mmio
 
+    cdef int new_handler_id(self) except -1:
+        # Ids count up, wrapping only after 2**31 registrations and skipping
+        # live ones: a vCPU that exited to a handler removed meanwhile finds
+        # no handler under its id (_removed_handler), never a newer one.
+        user_id = self.next_handler_id
+        while user_id in self.handlers:
+            user_id = (user_id + 1) % HANDLER_ID_LIMIT
+        self.next_handler_id = (user_id + 1) % HANDLER_ID_LIMIT
+        return user_id
+
     def add_handler(self, int space, uint64_t base, uint64_t length, handler):
         """Claims a range for a Python handler; returns 0 or -errno."""
-        user_id = len(self.handlers)
-        self.handlers.append(handler)
+        user_id = self.new_handler_id()
+        # In the table before the range exists: a vCPU may exit to it at once.
+        self.handlers[user_id] = handler
         rc = pvt_bus_register(self.bus(space), base, length, NULL, NULL, user_id)
         if rc:
-            self.handlers.pop()
+            del self.handlers[user_id]
+        else:
+            self.handler_ids[(space, base)] = user_id
         return rc
 
     def remove(self, int space, uint64_t base):
-        """Releases the range starting at base; returns 0 or -errno."""
-        return pvt_bus_unregister(self.bus(space), base)
+        """Releases the handler range starting at base and drops the
+        reference to its handler; returns 0 or -errno."""
+        rc = pvt_bus_unregister(self.bus(space), base)
+        if rc == 0:
+            user_id = self.handler_ids.pop((space, base), None)
+            if user_id is not None:
+                del self.handlers[user_id]
+        return rc
 
     @property
     def unclaimed_as_pc(self):
@@ -239,15 +291,25 @@ cdef class Machine:
 
     def close(self):
         """Drops the references to handlers and devices (cycles)."""
-        self.handlers = []
+        self.handlers = _HandlerTable()
+        self.handler_ids = {}
         self.devices = []
 
 
+#: Bytes of output a console keeps unless told otherwise (sink.h).
+DEFAULT_OUTPUT_LIMIT = PVT_SINK_DEFAULT_LIMIT
+
+
 cdef bytes sink_bytes(pvt_sink *sink):
-    cdef size_t total = pvt_sink_copy(sink, 0, NULL, 0)
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, total)
-    pvt_sink_copy(sink, 0, <uint8_t *>PyBytes_AS_STRING(out), total)
-    return out
+    cdef size_t size = pvt_sink_copy(sink, 0, NULL, 0)
+    cdef size_t total
+    cdef bytes out
+    while True:
+        out = PyBytes_FromStringAndSize(NULL, size)
+        total = pvt_sink_copy(sink, 0, <uint8_t *>PyBytes_AS_STRING(out), size)
+        if total == size:
+            return out
+        size = total  # a vCPU thread wrote or a clear() came in between: again
 
 
 cdef class _Device:
@@ -275,7 +337,42 @@ cdef class _Device:
         return rc
 
 
-cdef class Uart(_Device):
+cdef class _CharDevice(_Device):
+    """A native device whose guest output goes to a sink (sink.h)."""
+
+    cdef pvt_sink *sink
+
+    def output(self):
+        """The kept output: the last ``limit`` bytes the guest wrote."""
+        return sink_bytes(self.sink)
+
+    def clear(self):
+        pvt_sink_clear(self.sink)
+
+    def stream(self, int fd):
+        """Streams to a duplicate of ``fd`` (-1: stop); 0 or -errno."""
+        return pvt_sink_set_stream(self.sink, fd)
+
+    @property
+    def limit(self):
+        """Most bytes of output kept, or None for no limit."""
+        return None if self.sink.limit == PVT_SINK_UNLIMITED else self.sink.limit
+
+    def set_limit(self, limit):
+        """Keeps at most ``limit`` bytes (None: all); 0 or -errno."""
+        cdef size_t value = PVT_SINK_UNLIMITED if limit is None else limit
+        return pvt_sink_set_limit(self.sink, value)
+
+    @property
+    def dropped(self):
+        """Bytes written since the last clear() that the limit dropped."""
+        return pvt_sink_dropped(self.sink)
+
+    def replace_output(self, bytes data):
+        return pvt_sink_replace(self.sink, <const uint8_t *>PyBytes_AS_STRING(data), len(data))
+
+
+cdef class Uart(_CharDevice):
     """A native 16550A UART."""
 
     cdef pvt_uart *uart
@@ -288,6 +385,7 @@ cdef class Uart(_Device):
             free(self.uart)
             self.uart = NULL
             raise MemoryError()
+        self.sink = &self.uart.output
 
     def __dealloc__(self):
         if self.uart != NULL:
@@ -301,15 +399,6 @@ cdef class Uart(_Device):
 
     def attach_to_bus(self):
         return self.attach(pvt_uart_io, self.uart)
-
-    def output(self):
-        return sink_bytes(&self.uart.output)
-
-    def clear(self):
-        pvt_sink_clear(&self.uart.output)
-
-    def stream(self, int fd):
-        pvt_sink_set_stream(&self.uart.output, fd)
 
     def feed(self, const uint8_t[:] data):
         if data.shape[0] == 0:
@@ -327,15 +416,9 @@ cdef class Uart(_Device):
             return -22  # -EINVAL: from another build
         return pvt_uart_load(self.uart, <const pvt_uart_state *>PyBytes_AS_STRING(state))
 
-    def replace_output(self, bytes data):
-        return pvt_sink_replace(&self.uart.output, <const uint8_t *>PyBytes_AS_STRING(data),
-                                len(data))
 
-
-cdef class DebugCon(_Device):
+cdef class DebugCon(_CharDevice):
     """QEMU's debug console port: bytes written are output."""
-
-    cdef pvt_sink *sink
 
     def __cinit__(self):
         self.sink = <pvt_sink *>calloc(1, sizeof(pvt_sink))
@@ -359,15 +442,6 @@ cdef class DebugCon(_Device):
     def attach_to_bus(self):
         return self.attach(pvt_debugcon_io, self.sink)
 
-    def output(self):
-        return sink_bytes(self.sink)
-
-    def clear(self):
-        pvt_sink_clear(self.sink)
-
-    def stream(self, int fd):
-        pvt_sink_set_stream(self.sink, fd)
-
     def feed(self, data):
         raise TypeError("the debug console has no input")
 
@@ -376,9 +450,6 @@ cdef class DebugCon(_Device):
 
     def load_state(self, bytes state):
         return 0
-
-    def replace_output(self, bytes data):
-        return pvt_sink_replace(self.sink, <const uint8_t *>PyBytes_AS_STRING(data), len(data))
 
 
 cdef class DebugExit(_Device):
@@ -395,31 +466,35 @@ cdef class DebugExit(_Device):
 
 cpdef bytes read_answer(object value, uint32_t size, str space, unsigned long long where):
     """The bytes an answer to a ``size``-byte read puts in the guest: an int
-    (a negative one as two's complement) or exactly ``size`` bytes.  Used for
-    handlers' return values and for Vcpu.reply(); ``space`` and ``where``
-    only name the access in the error."""
+    from 0 to 2**(8*size) - 1, a negative int that fits ``size`` bytes as a
+    signed value (sent in two's complement: -1 is all ones), or exactly
+    ``size`` bytes.  Used for handlers' return values and for Vcpu.reply();
+    ``space`` and ``where`` only name the access in the error: an
+    ArgumentTypeError for a wrong type, else an ArgumentError."""
+    cdef object bits = 8 * size  # a Python int: 1 << 64 must not wrap in C
     if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            value &= (1 << (8 * size)) - 1
         try:
-            return value.to_bytes(size, "little")
+            return value.to_bytes(size, "little", signed=value < 0)
         except OverflowError:
-            raise ValueError(f"{space} {where:#x} handler returned {value:#x}, which does "
-                             f"not fit in a {size}-byte read") from None
+            raise ArgumentError(
+                f"{space} {where:#x}: {value:#x} does not fit in a {size}-byte read; answer "
+                f"0 to {(1 << bits) - 1:#x}, -{1 << (bits - 1):#x} to -1 (sent in two's "
+                f"complement) or {size} bytes") from None
     if isinstance(value, (bytes, bytearray, memoryview)):
         raw = bytes(value)
         if len(raw) != size:
-            raise ValueError(f"{space} {where:#x} handler returned {len(raw)} bytes for a "
-                             f"{size}-byte read")
+            raise ArgumentError(f"{space} {where:#x}: got {len(raw)} bytes for a {size}-byte "
+                                f"read; answer exactly {size} bytes or an int")
         return raw
-    raise TypeError(f"{space} {where:#x} handler must return an int (or {size} bytes) "
-                    f"for a read, not {value!r}")
+    raise ArgumentTypeError(f"{space} {where:#x}: a {size}-byte read needs an int (or {size} "
+                            f"bytes) as its answer, not {reprlib.repr(value)}")
 
 
 cdef class VcpuLoop:
     """Runs one vCPU through the native run loop."""
 
     cdef pvt_vcpu v
+    cdef pvt_stop_info info
     cdef Machine machine
     cdef volatile bint stop_requested
     # Holds a buffer export of the vCPU's mmap: while the loop lives, the
@@ -449,6 +524,30 @@ cdef class VcpuLoop:
         self.stop_requested = True
         if self.v.run != NULL:
             self.v.run.immediate_exit = 1
+
+    def clear_stop(self):
+        """Drops a stop request that came too late for the run it aimed at."""
+        self.stop_requested = False
+        if self.v.run != NULL:
+            self.v.run.immediate_exit = 0
+
+    @property
+    def pending_io(self):
+        """"read" or "write" while the last exit's access waits for the next
+        KVM_RUN to complete it (see csrc/io_completion.h), else None."""
+        if self.v.run == NULL or self.v.pending_io == PVT_PENDING_NONE:
+            return None
+        return "read" if self.v.pending_io == PVT_PENDING_READ else "write"
+
+    def finish_io(self):
+        """Completes the pending access now, with what kvm_run holds;
+        returns 0 or -errno."""
+        return pvt_vcpu_finish_io(&self.v) if self.v.run != NULL else 0
+
+    def abandon_io(self):
+        """Drops the pending access: the instruction runs again on the next
+        run; returns 0 or -errno."""
+        return pvt_vcpu_abandon_io(&self.v) if self.v.run != NULL else 0
 
     @property
     def stats(self):
@@ -513,16 +612,50 @@ cdef class VcpuLoop:
             memcpy(run.mmio.data, PyBytes_AS_STRING(answer), size)
         return 0
 
+    cdef int call_handler(self, int stop) except -1:
+        """Runs the Python handler of a USER_IO/USER_MMIO stop.  The kick
+        never reaches it (csrc/kick.h); if the handler raises, its access is
+        abandoned, so the instruction runs again next time."""
+        self.hold_kick()
+        try:
+            if stop == PVT_STOP_USER_IO:
+                self.call_io(self.info.user_id)
+            else:
+                self.call_mmio(self.info.user_id)
+        except BaseException:
+            pvt_vcpu_abandon_io(&self.v)
+            raise
+        finally:
+            self.release_kick()
+        return 0
+
+    cdef int check_signals(self) except -1:
+        """Runs Python's signal handlers (Ctrl-C), out of the kick's way."""
+        self.hold_kick()
+        try:
+            PyErr_CheckSignals()
+        finally:
+            self.release_kick()
+        return 0
+
+    cdef inline void hold_kick(self) noexcept:
+        if not self.v.kick_masked:  # else it is blocked outside KVM_RUN anyway
+            pvt_kick_hold()
+
+    cdef inline void release_kick(self) noexcept:
+        if not self.v.kick_masked:
+            pvt_kick_release()
+
     def run(self, double timeout=-1.0, double tick=0.0):
         """Runs until the caller is needed.
 
         Returns ``(stop, code, port)``: stop is STOP_EXIT (decode kvm_run),
         STOP_DEVICE (a native device stopped: code is its value, port where),
         STOP_TIMEOUT, or STOP_ERROR (code is the errno of KVM_RUN).
-        timeout < 0 means none; tick > 0 kicks every tick seconds so that
-        Ctrl-C is seen even while the guest spins.
+        timeout < 0 (or one too far away to count in nanoseconds) means
+        none; tick > 0 kicks every tick seconds so that Ctrl-C is seen even
+        while the guest spins.
         """
-        cdef pvt_stop_info info
         cdef int rc
         cdef uint64_t deadline = 0
         cdef uint64_t first = 0
@@ -535,6 +668,8 @@ cdef class VcpuLoop:
         rc = pvt_kick_setup()
         if rc:
             raise OSError(-rc, "cannot install the vCPU kick signal handler")
+        if timeout >= MAX_TIMEOUT_NS / 1e9:
+            timeout = -1.0  # centuries: no deadline (and no uint64 overflow)
         if timeout >= 0:
             timeout_ns = <uint64_t>(timeout * 1e9)
             deadline = pvt_now_ns() + timeout_ns
@@ -542,6 +677,7 @@ cdef class VcpuLoop:
         elif interval:
             first = interval
 
+        pvt_kick_block_outside_run(self.v.kick_masked)
         pvt_kick_set_current(self.v.run)
         try:
             if first:
@@ -553,15 +689,13 @@ cdef class VcpuLoop:
                 # A zero timeout: run no guest code at all.
                 return (STOP_TIMEOUT, 0, 0)
             while True:
-                memset(&info, 0, sizeof(info))
+                memset(&self.info, 0, sizeof(self.info))
                 with nogil:
-                    rc = pvt_vcpu_run(&self.v, &info)
-                if rc == PVT_STOP_USER_IO:
-                    self.call_io(info.user_id)
-                elif rc == PVT_STOP_USER_MMIO:
-                    self.call_mmio(info.user_id)
+                    rc = pvt_vcpu_run(&self.v, &self.info)
+                if rc == PVT_STOP_USER_IO or rc == PVT_STOP_USER_MMIO:
+                    self.call_handler(rc)
                 elif rc == PVT_STOP_INTERRUPTED:
-                    PyErr_CheckSignals()
+                    self.check_signals()
                     if self.stop_requested:
                         self.stop_requested = False
                         return (STOP_REQUESTED, 0, 0)
@@ -570,7 +704,7 @@ cdef class VcpuLoop:
                 elif rc < 0:
                     return (STOP_ERROR, -rc, 0)
                 else:
-                    return (rc, info.stop_code, info.device_port)
+                    return (rc, self.info.stop_code, self.info.device_port)
         finally:
             if armed:
                 pvt_kick_disarm()

@@ -28,6 +28,7 @@ from ._kvm import lib
 from .errors import ArgumentError, Error, KvmError
 from .kvm import CpuidEntry
 from .loaders import Image, LoaderError, detect, load_elf, load_flat, load_multiboot
+from .loaders.common import guest_string, read_image_file
 
 KernelSource = Union[bytes, bytearray, str, os.PathLike]
 
@@ -45,24 +46,25 @@ class BootError(LoaderError):
     """The VM cannot boot this way; the message says what to change."""
 
 
-def _read(source: KernelSource, what: str) -> Tuple[bytes, str]:
+def _read(source: KernelSource, what: str, limit: int) -> Tuple[bytes, str]:
+    """``source``'s bytes and a name for it; a file larger than ``limit``
+    (the guest's RAM) is refused before it is read in full."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source), what
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         try:
-            with open(path, "rb") as f:
-                return f.read(), path
-        except OSError as e:
-            raise BootError(f"cannot read {what} {path}: {e.strerror}") from None
+            return read_image_file(path, what, limit), path
+        except LoaderError as e:
+            raise BootError(str(e)) from None
     raise ArgumentError(f"{what} must be bytes or a path, not {type(source).__name__}")
 
 
-def boot(vm, kernel: KernelSource, *, cmdline: str = "", initrd: Optional[KernelSource] = None,
+def boot(vm, kernel: KernelSource, *, cmdline: Union[str, bytes] = "", initrd: Optional[KernelSource] = None,
          modules: Sequence[Tuple[KernelSource, str]] = (), smp: int = 1,
          irqchip: bool = True, acpi: bool = True, format: Optional[str] = None,
          load_address: int = 0x100000, flat_mode: str = "long",
-         strict_io: bool = False, kernel_name: Optional[str] = None) -> Image:
+         strict_io: bool = False, kernel_name: Union[str, bytes, None] = None) -> Image:
     """Loads ``kernel`` into ``vm`` and creates its vCPUs; see :meth:`pyvt.Vm.boot`."""
     vm._check_open()
     if vm.vcpus:
@@ -76,8 +78,7 @@ def boot(vm, kernel: KernelSource, *, cmdline: str = "", initrd: Optional[Kernel
     if smp > 1 and not irqchip:
         raise BootError("--smp above 1 needs the in-kernel irqchip (its LAPICs deliver "
                         "INIT/SIPI): drop --no-irqchip")
-    if not isinstance(cmdline, str):
-        raise ArgumentError(f"cmdline must be a str, not {type(cmdline).__name__}")
+    raw_cmdline = guest_string(cmdline, "cmdline")
     if format not in (None, "multiboot", "elf", "flat"):
         raise ArgumentError(f"format must be multiboot, elf or flat, not {format!r}")
 
@@ -88,17 +89,18 @@ def boot(vm, kernel: KernelSource, *, cmdline: str = "", initrd: Optional[Kernel
     if acpi and vm.memory.size < 0x100000:
         raise BootError("the ACPI tables live at 0xe0000-0xfffff: give the VM at least 1 MiB "
                         "of RAM (--memory), or boot with acpi=False")
-    data, path = _read(kernel, "kernel")
+    data, path = _read(kernel, "kernel", vm.memory.size)
     if not data:
         raise BootError(f"the kernel {path} is empty")
     mods: List[Tuple[bytes, str]] = []
     if initrd is not None:
-        blob, ipath = _read(initrd, "initrd")
+        blob, ipath = _read(initrd, "initrd", vm.memory.size)
         mods.append((blob, ipath))
     for entry in modules:
-        if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], str)):
+        if not (isinstance(entry, tuple) and len(entry) == 2
+                and isinstance(entry[1], (str, bytes))):
             raise ArgumentError("modules must be (data or path, string) pairs")
-        blob, _ = _read(entry[0], "module")
+        blob, _ = _read(entry[0], "module", vm.memory.size)
         mods.append((blob, entry[1]))
 
     kind = format or detect(data)
@@ -124,9 +126,8 @@ def boot(vm, kernel: KernelSource, *, cmdline: str = "", initrd: Optional[Kernel
 
     if vm.fw_cfg is not None:
         vm.fw_cfg.cpu_count = smp
-        raw = cmdline.encode()
-        vm.fw_cfg.set(FW_CFG_CMDLINE_SIZE, (len(raw) + 1).to_bytes(4, "little"))
-        vm.fw_cfg.set(FW_CFG_CMDLINE_DATA, raw + b"\0")
+        vm.fw_cfg.set(FW_CFG_CMDLINE_SIZE, (len(raw_cmdline) + 1).to_bytes(4, "little"))
+        vm.fw_cfg.set(FW_CFG_CMDLINE_DATA, raw_cmdline + b"\0")
         vm.fw_cfg.set(FW_CFG_KERNEL_ENTRY, image.entry.to_bytes(4, "little"))
         if kind != "multiboot" and mods:
             # As QEMU's -initrd for kernels that fetch it themselves.

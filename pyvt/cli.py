@@ -12,63 +12,108 @@
 ``run`` streams the guest's serial console to stdout and prints the final
 exit to stderr.  Exit status: 0 after ``hlt``; a debug-exit's QEMU-style
 status ``(code << 1) | 1``; 124 on timeout; 1 when the guest failed or
-stopped on an I/O nobody handles; 2 for bad arguments or an unusable host.
+stopped on an I/O nobody handles; 2 for bad arguments, an unusable host or
+input, or a stdout that ``version`` cannot write to.  An error is
+a ``pyvt:`` line on stderr (the assembler's messages follow it when
+assembling failed), never a traceback.  The guest's console output needs no
+stdout: closed, or a pipe whose reader left, it is dropped and the guest
+runs on.
+
+Input is read only after its size is checked against guest RAM (FILE, the
+kernel, the initrd: a larger one is refused, a pipe or a device is read no
+further than that).  File names and ``--append`` may hold any bytes: the
+guest gets them unchanged.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
+import math
+import os
 import sys
 from typing import List, Optional
 
 from . import __version__, exits
-from .errors import Error
+from .errors import ArgumentError, Error
 
 EXIT_TIMEOUT = 124
 EXIT_GUEST_FAILED = 1
 EXIT_USAGE = 2
 
 
-def _int(text: str) -> int:
+def _report(message: str) -> None:
+    """Says ``message`` on stderr as one ``pyvt:`` line.  A stderr that
+    cannot be written (a pipe whose reader has gone) does not turn it into
+    a traceback: the exit status still tells."""
     try:
-        return int(text, 0)
+        print(f"pyvt: {message}", file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line (status 2), as pyvt's
+    other errors, instead of the whole usage text."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"pyvt: {message} (see '{self.prog} --help')\n")
+
+
+def _address(text: str) -> int:
+    try:
+        value = int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if value < 0:
-        raise argparse.ArgumentTypeError("timeout must not be negative")
+        raise argparse.ArgumentTypeError(f"an address must not be negative: {text!r}")
     return value
 
 
+def _seconds(text: str) -> Optional[float]:
+    """A --timeout: seconds, however many; ``inf`` is no limit (None)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a timeout must not be negative: {text!r}")
+    return None if math.isinf(value) else value
+
+
+_TIMEOUT_HELP = "seconds before giving up (any number; inf: no limit, the default)"
+_STATUSES = ("Exit status: the guest's isa-debug-exit status (code << 1) | 1, as QEMU gives "
+             "it; 0 after hlt or a reset; 124 on timeout; 1 when the guest failed or stopped "
+             "on an I/O nobody handles; 2 for bad arguments or input.")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pyvt", description="Hardware virtualization from Python.")
+    parser = _Parser(prog="pyvt", description="Hardware virtualization from Python.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a flat binary in a minimal VM")
-    run.add_argument("file", help="flat binary (raw machine code), or assembly source (.S/.s)")
+    run = sub.add_parser("run", help="run a flat binary in a minimal VM",
+                         description=f"Runs FILE with the serial console on stdout.  {_STATUSES}")
+    run.add_argument("file", help="flat binary (raw machine code), or UTF-8 assembly source "
+                     "(.S/.s); refused if larger than the guest RAM above --at")
     run.add_argument("--mode", choices=["real", "protected", "long"], default="long")
-    run.add_argument("--at", type=_int, default=None, help="load address (default 0x1000)")
-    run.add_argument("--timeout", type=_seconds, default=None, help="seconds before giving up")
+    run.add_argument("--at", type=_address, default=None, help="load address (default 0x1000)")
+    run.add_argument("--timeout", type=_seconds, default=None, help=_TIMEOUT_HELP)
     run.add_argument("--memory", default="16M", help="guest RAM (default 16M)")
     run.add_argument("--backend", default=None, help="device path (default: /dev/kvm)")
 
-    boot = sub.add_parser(
-        "boot", help="boot a kernel (multiboot, ELF or flat) like qemu -kernel",
-        description="Boots KERNEL with the serial console on stdout.  Exit status: the "
-        "guest's isa-debug-exit status (code << 1) | 1 as QEMU gives it; 0 after a reset "
-        "or hlt; 124 on timeout; 1 when the guest failed; 2 for bad arguments.")
-    boot.add_argument("kernel", help="multiboot or ELF kernel, or a flat binary")
+    boot = sub.add_parser("boot", help="boot a kernel (multiboot, ELF or flat) like qemu -kernel",
+                          description=f"Boots KERNEL with the serial console on stdout.  "
+                          f"{_STATUSES}")
+    boot.add_argument("kernel", help="multiboot or ELF kernel, or a flat binary (no larger "
+                      "than guest RAM)")
     boot.add_argument("--smp", type=int, default=1, help="number of vCPUs (default 1)")
     boot.add_argument("--memory", default="128M", help="guest RAM (default 128M)")
-    boot.add_argument("--append", default="", help="kernel command line")
+    boot.add_argument("--append", default="", help="kernel command line, passed to the guest "
+                      "byte for byte as given (any bytes, UTF-8 or not)")
     boot.add_argument("--initrd", default=None, help="file passed as multiboot module 0")
-    boot.add_argument("--timeout", type=_seconds, default=None, help="seconds before giving up")
+    boot.add_argument("--timeout", type=_seconds, default=None, help=_TIMEOUT_HELP)
     boot.add_argument("--no-irqchip", action="store_true",
                       help="no in-kernel LAPIC/IOAPIC/PIC/PIT (one vCPU only)")
     boot.add_argument("--strict-io", action="store_true",
@@ -100,36 +145,47 @@ def exit_status(exit: exits.AnyExit) -> int:
     return EXIT_GUEST_FAILED
 
 
+def _assemble_source(path: str, at: int, limit: int) -> bytes:
+    from .assemble import assemble
+    from .loaders.common import read_image_file
+
+    raw = read_image_file(path, "assembly source", limit)
+    try:
+        source = raw.decode()
+    except UnicodeDecodeError as e:
+        raise ArgumentError(f"{path} is not UTF-8 text (byte {raw[e.start]:#04x} at offset "
+                            f"{e.start}): write the assembly source in UTF-8") from None
+    return assemble(source, at=at, name=os.path.splitext(os.path.basename(path))[0])
+
+
 def _run(args) -> int:
-    from .assemble import assemble_file
+    from .loaders.common import read_image_file
+    from .memory import parse_size
     from .runner import LOAD_ADDRESS, run
 
     at = LOAD_ADDRESS if args.at is None else args.at
-    try:
-        if args.file.endswith((".S", ".s")):
-            code = assemble_file(args.file, at=at)
-        else:
-            with open(args.file, "rb") as f:
-                code = f.read()
-    except OSError as e:
-        print(f"pyvt: cannot read {args.file}: {e.strerror}", file=sys.stderr)
-        return EXIT_USAGE
+    room = parse_size(args.memory) - at  # what the code may take up, checked before reading
+    if room <= 0:
+        raise ArgumentError(f"--at {at:#x} is beyond the guest's {args.memory} of RAM")
+    if args.file.endswith((".S", ".s")):
+        code = _assemble_source(args.file, at, room)
+    else:
+        code = read_image_file(args.file, "guest code", room)
     if not code:
-        print(f"pyvt: {args.file} is empty", file=sys.stderr)
+        _report(f"{args.file} is empty")
         return EXIT_USAGE
     result = run(code, mode=args.mode, memory=args.memory, timeout=args.timeout,
                  at=at, backend=args.backend,
                  stream=sys.stdout)
     sys.stdout.flush()
     exit = result.exit
-    print(f"pyvt: {exit.describe() if exit.failed else repr(exit)}", file=sys.stderr)
+    _report(exit.describe() if exit.failed else repr(exit))
     return exit_status(exit)
 
 
 def _feed_stdin(console, fd: int = 0) -> None:
     """Passes what arrives on ``fd`` to the guest's UART, as qemu -serial
     stdio does (a daemon thread: it ends with the process)."""
-    import os
     import threading
     import time
 
@@ -154,18 +210,19 @@ def _boot(args) -> int:
     from .vm import Vm
 
     if args.smp < 1:
-        print(f"pyvt: --smp must be at least 1, not {args.smp}", file=sys.stderr)
+        _report(f"--smp must be at least 1, not {args.smp}")
         return EXIT_USAGE
     with Vm(args.memory, args.backend) as vm:
         vm.console.stream(sys.stdout)
         vm.debugcon.stream(sys.stdout)
         if not args.no_stdin:
             _feed_stdin(vm.console)
-        vm.boot(args.kernel, cmdline=args.append, initrd=args.initrd, smp=args.smp,
+        # The command line as the user's bytes, which argv decoded (PEP 383).
+        vm.boot(args.kernel, cmdline=os.fsencode(args.append), initrd=args.initrd, smp=args.smp,
                 irqchip=not args.no_irqchip, strict_io=args.strict_io)
         exit = vm.run(timeout=args.timeout, trace_io=sys.stderr if args.trace_io else None)
         sys.stdout.flush()
-    print(f"pyvt: {exit.describe() if exit.failed else repr(exit)}", file=sys.stderr)
+    _report(exit.describe() if exit.failed else repr(exit))
     return exit_status(exit)
 
 
@@ -175,23 +232,64 @@ def _caps(argv: List[str]) -> int:
     return caps_main(argv)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def _open_standard_streams() -> None:
+    """Points a closed stdin, stdout or stderr, or one open the wrong way
+    (a stderr open only for reading), at /dev/null.
+
+    Otherwise the next file opened (/dev/kvm, guest RAM, the assembler's
+    files) takes a closed one's number, and what was meant for stdout lands
+    there; and Python, which found it closed, left ``sys.stdout`` None."""
+    for fd, name, access in ((0, "stdin", os.O_RDONLY), (1, "stdout", os.O_WRONLY),
+                             (2, "stderr", os.O_WRONLY)):
+        try:
+            usable = (fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE) in (access, os.O_RDWR)
+        except OSError:
+            usable = False
+        if not usable:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))
+
+
+def _drop_stdout() -> None:
+    """After a broken pipe: sends what stdout still buffers to /dev/null, so
+    that flushing it at exit does not fail again."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
+    os.close(null)
+
+
+def _command(argv: List[str]) -> int:
     if argv[:1] == ["caps"]:
         return _caps(argv[1:])
     args = _parser().parse_args(argv)
+    if args.command == "version":
+        print(f"pyvt {__version__}")
+        return 0
+    if args.command == "boot":
+        return _boot(args)
+    return _run(args)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    _open_standard_streams()
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if args.command == "version":
-            print(f"pyvt {__version__}")
-            return 0
-        if args.command == "boot":
-            return _boot(args)
-        return _run(args)
+        status = _command(argv)
+        sys.stdout.flush()  # here, where a broken pipe can still be reported
+        return status
     except Error as e:
-        print(f"pyvt: {e}", file=sys.stderr)
+        _report(str(e))
+        return EXIT_USAGE
+    except BrokenPipeError:
+        _drop_stdout()
+        _report("cannot write the output: its pipe's reader has gone")
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("pyvt: interrupted", file=sys.stderr)
+        _report("interrupted")
         return 130
 
 

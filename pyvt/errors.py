@@ -78,6 +78,12 @@ class ArgumentError(Error, ValueError):
     """A call got an argument of the wrong type or value."""
 
 
+class ArgumentTypeError(ArgumentError, TypeError):
+    """An argument (or a handler's return value) of the wrong type.  Also a
+    TypeError, what Python itself raises there, so ``except TypeError``
+    keeps working."""
+
+
 class GuestError(Error):
     """The guest stopped in a way that needs attention (see ``exit``)."""
 

@@ -23,6 +23,7 @@ from ._kvm import ffi, lib
 from .errors import (
     ApiVersionMismatch,
     ArgumentError,
+    ArgumentTypeError,
     BackendError,
     BackendNotFound,
     BackendPermissionError,
@@ -45,7 +46,7 @@ PYVT_DEVICE = "/dev/pyvt"
 def host_cpuid(leaf: int, subleaf: int = 0) -> tuple:
     """Executes CPUID on the host: returns ``(eax, ebx, ecx, edx)``."""
     out = ffi.new("uint32_t[4]")
-    lib.pvt_host_cpuid(leaf & 0xFFFFFFFF, subleaf & 0xFFFFFFFF, out)
+    lib.pvt_host_cpuid(_u32(leaf, "CPUID leaf"), _u32(subleaf, "CPUID subleaf"), out)
     return tuple(out)
 
 
@@ -91,7 +92,7 @@ def _read_cpuid(fd: _Fd, name: str, request: int) -> List[CpuidEntry]:
 
 def cpuid_table(entries: Sequence[CpuidEntry]):
     """A ``struct kvm_cpuid2`` (cffi) holding ``entries``, validated."""
-    entries = list(entries)
+    entries = _as_list(entries, "CPUID entries", "pyvt.kvm.CpuidEntry")
     buf = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2")
                   + len(entries) * ffi.sizeof("struct kvm_cpuid_entry2"))
     cpuid = ffi.cast("struct kvm_cpuid2 *", buf)
@@ -104,6 +105,23 @@ def cpuid_table(entries: Sequence[CpuidEntry]):
     return buf
 
 
+def _cpuid2_buffer(table):
+    """A bytes-like ``struct kvm_cpuid2`` as cffi, checked to hold its entries
+    (KVM reads ``nent`` of them)."""
+    try:
+        buf = ffi.from_buffer(table)
+    except TypeError:
+        raise ArgumentTypeError(f"a CPUID table must be a struct kvm_cpuid2 (bytes-like), "
+                                f"not {type(table).__name__}") from None
+    header = ffi.sizeof("struct kvm_cpuid2")
+    nent = ffi.cast("struct kvm_cpuid2 *", buf).nent if len(buf) >= header else 0
+    need = header + nent * ffi.sizeof("struct kvm_cpuid_entry2")
+    if len(buf) < need:
+        raise ArgumentError(f"this CPUID table has {len(buf)} bytes; its header and "
+                            f"{nent} entries need {need}")
+    return buf
+
+
 def _cap_number(cap: Union[int, str]) -> int:
     if isinstance(cap, str):
         name = cap if cap.startswith("KVM_CAP_") else "KVM_CAP_" + cap.upper()
@@ -111,8 +129,8 @@ def _cap_number(cap: Union[int, str]) -> int:
             raise ArgumentError(f"unknown capability {cap!r}: see pyvt.kvm.caps")
         return caps[name]
     if isinstance(cap, bool) or not isinstance(cap, int):
-        raise ArgumentError(f"capability must be a number or a KVM_CAP_* name, not {cap!r}")
-    return cap
+        raise ArgumentTypeError(f"capability must be a number or a KVM_CAP_* name, not {cap!r}")
+    return _u32(cap, "capability number")
 
 
 def _arg(value: int):
@@ -166,9 +184,7 @@ class Kvm(_Fd):
     _shared_lock = threading.Lock()
 
     def __init__(self, path: str = DEFAULT_DEVICE):
-        if not isinstance(path, (str, os.PathLike)):
-            raise ArgumentError(f"backend must be a device path, not {path!r}")
-        self.path = os.fspath(path)
+        self.path = _device_path(path)
         try:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -208,6 +224,7 @@ class Kvm(_Fd):
     @classmethod
     def shared(cls, path: str = DEFAULT_DEVICE) -> "Kvm":
         """A per-process system fd for ``path``, opened once and reused."""
+        path = _device_path(path)
         with cls._shared_lock:
             kvm = cls._shared.get(path)
             if kvm is None or kvm.closed:
@@ -348,7 +365,8 @@ class Kvm(_Fd):
 
     def create_vm(self, machine_type: int = 0) -> "VmFd":
         """``KVM_CREATE_VM``."""
-        fd = self._ioctl("KVM_CREATE_VM", lib.KVM_CREATE_VM, _arg(machine_type),
+        fd = self._ioctl("KVM_CREATE_VM", lib.KVM_CREATE_VM,
+                         _arg(_u64(machine_type, "machine_type")),
                          hint="the host may be out of memory or of VM slots")
         return VmFd(self, fd)
 
@@ -364,7 +382,7 @@ def _msrs_struct(indices: Sequence[int]):
 
 
 def _get_msrs(fd: _Fd, indices: Iterable[int], name: str) -> Dict[int, int]:
-    indices = [_u32(i, "MSR index") for i in indices]
+    indices = [_u32(i, "MSR index") for i in _as_list(indices, "MSR indices", "ints")]
     _buf, msrs = _msrs_struct(indices)
     n = fd._ioctl(name, lib.KVM_GET_MSRS, msrs)
     return {msrs.entries[i].index: msrs.entries[i].data for i in range(n)}
@@ -373,21 +391,55 @@ def _get_msrs(fd: _Fd, indices: Iterable[int], name: str) -> Dict[int, int]:
 def _fill(struct, state: bytes, ctype: str) -> None:
     """Copies ``state`` into a cffi struct, refusing a size from another build."""
     target = ffi.buffer(struct)
-    if not isinstance(state, (bytes, bytearray)) or len(state) != len(target):
-        raise ArgumentError(f"{ctype} state must be {len(target)} bytes")
+    if not isinstance(state, (bytes, bytearray)):
+        raise ArgumentTypeError(f"{ctype} state must be bytes, not {type(state).__name__}")
+    if len(state) != len(target):
+        raise ArgumentError(f"{ctype} state must be {len(target)} bytes, not {len(state)}")
     target[:] = state
 
 
-def _u32(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 32:
-        raise ArgumentError(f"{what} must be an integer in [0, 2**32), not {value!r}")
+def _device_path(path) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise ArgumentTypeError(f"backend must be a device path, not {path!r}")
+    return os.fspath(path)
+
+
+def _as_list(values, what: str, of: str) -> list:
+    """``values`` (any iterable) as a list; ArgumentTypeError for a non-iterable."""
+    try:
+        return list(values)
+    except TypeError:
+        raise ArgumentTypeError(f"{what} must be an iterable of {of}, not {values!r}") from None
+
+
+def _struct_pointer(value, ctype: str, ioctl: str):
+    """``value`` as the ``ctype *`` an ioctl takes: a cffi pointer to a
+    ``ctype`` (what the matching get method returns), or the struct itself."""
+    if isinstance(value, ffi.CData):
+        kind = ffi.typeof(value)
+        if kind is ffi.typeof(f"{ctype} *"):
+            return value
+        if kind is ffi.typeof(ctype):
+            return ffi.addressof(value)
+    getter = ioctl.replace("KVM_SET_", "get_").lower()
+    raise ArgumentTypeError(f"{ioctl} takes a cffi {ctype} * (as {getter}() returns), "
+                            f"not {value!r}")
+
+
+def _uint(value, what: str, bits: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ArgumentTypeError(f"{what} must be an integer in [0, 2**{bits}), not {value!r}")
+    if not 0 <= value < 1 << bits:
+        raise ArgumentError(f"{what} must be an integer in [0, 2**{bits}), not {value!r}")
     return value
+
+
+def _u32(value, what: str) -> int:
+    return _uint(value, what, 32)
 
 
 def _u64(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 64:
-        raise ArgumentError(f"{what} must be an integer in [0, 2**64), not {value!r}")
-    return value
+    return _uint(value, what, 64)
 
 
 class VmFd(_Fd):
@@ -494,7 +546,7 @@ class VmFd(_Fd):
         event = ffi.new("struct kvm_ioeventfd *", {
             "datamatch": _u64(datamatch or 0, "datamatch"),
             "addr": _u64(addr, "addr"), "len": _u32(length, "length"),
-            "fd": fd, "flags": flags,
+            "fd": _uint(fd, "fd", 31), "flags": flags,
         })
         self._ioctl("KVM_IOEVENTFD", lib.KVM_IOEVENTFD, event)
 
@@ -508,7 +560,7 @@ class VmFd(_Fd):
 
     def get_dirty_log(self, slot: int, pages: int) -> bytes:
         """``KVM_GET_DIRTY_LOG``: the slot's dirty bitmap (one bit per page)."""
-        bitmap = ffi.new("uint64_t[]", max(1, (pages + 63) // 64))
+        bitmap = ffi.new("uint64_t[]", max(1, (_u32(pages, "pages") + 63) // 64))
         log = ffi.new("struct kvm_dirty_log *", {"slot": _u32(slot, "slot"),
                                                  "dirty_bitmap": bitmap})
         self._ioctl("KVM_GET_DIRTY_LOG", lib.KVM_GET_DIRTY_LOG, log)
@@ -519,7 +571,7 @@ class VmFd(_Fd):
         if len(args) > 4:
             raise ArgumentError("KVM_ENABLE_CAP takes at most 4 arguments")
         enable = ffi.new("struct kvm_enable_cap *", {
-            "cap": _cap_number(cap), "flags": flags,
+            "cap": _cap_number(cap), "flags": _u32(flags, "flags"),
             "args": [_u64(a, "argument") for a in args] + [0] * (4 - len(args)),
         })
         self._ioctl("KVM_ENABLE_CAP", lib.KVM_ENABLE_CAP, enable)
@@ -600,14 +652,19 @@ class VcpuFd(_Fd):
         self._ioctl("KVM_RUN", lib.KVM_RUN)
         return self.run_struct.exit_reason
 
+    def _open_run_struct(self):
+        if self.run_struct is None:
+            raise ClosedError(f"vCPU {self.index} is closed")
+        return self.run_struct
+
     @property
     def immediate_exit(self) -> bool:
         """``kvm_run.immediate_exit``: KVM_RUN returns EINTR at once when set."""
-        return bool(self.run_struct.immediate_exit)
+        return bool(self._open_run_struct().immediate_exit)
 
     @immediate_exit.setter
     def immediate_exit(self, value: bool) -> None:
-        self.run_struct.immediate_exit = 1 if value else 0
+        self._open_run_struct().immediate_exit = 1 if value else 0
 
     def _get(self, name: str, request: int, ctype: str):
         value = ffi.new(ctype)
@@ -620,7 +677,8 @@ class VcpuFd(_Fd):
 
     def set_regs(self, regs) -> None:
         """``KVM_SET_REGS``."""
-        self._ioctl("KVM_SET_REGS", lib.KVM_SET_REGS, regs)
+        self._ioctl("KVM_SET_REGS", lib.KVM_SET_REGS,
+                    _struct_pointer(regs, "struct kvm_regs", "KVM_SET_REGS"))
 
     def get_sregs(self):
         """``KVM_GET_SREGS`` -> ``struct kvm_sregs``."""
@@ -628,7 +686,8 @@ class VcpuFd(_Fd):
 
     def set_sregs(self, sregs) -> None:
         """``KVM_SET_SREGS``."""
-        self._ioctl("KVM_SET_SREGS", lib.KVM_SET_SREGS, sregs)
+        self._ioctl("KVM_SET_SREGS", lib.KVM_SET_SREGS,
+                    _struct_pointer(sregs, "struct kvm_sregs", "KVM_SET_SREGS"))
 
     def get_fpu(self):
         """``KVM_GET_FPU`` -> ``struct kvm_fpu``."""
@@ -636,11 +695,12 @@ class VcpuFd(_Fd):
 
     def set_fpu(self, fpu) -> None:
         """``KVM_SET_FPU``."""
-        self._ioctl("KVM_SET_FPU", lib.KVM_SET_FPU, fpu)
+        self._ioctl("KVM_SET_FPU", lib.KVM_SET_FPU,
+                    _struct_pointer(fpu, "struct kvm_fpu", "KVM_SET_FPU"))
 
     def get_msrs(self, indices: Iterable[int]) -> Dict[int, int]:
         """``KVM_GET_MSRS``: {index: value}; raises if any MSR cannot be read."""
-        indices = list(indices)
+        indices = _as_list(indices, "MSR indices", "ints")
         values = _get_msrs(self, indices, "KVM_GET_MSRS")
         if len(values) < len(indices):
             bad = indices[len(values)]
@@ -650,6 +710,8 @@ class VcpuFd(_Fd):
 
     def set_msrs(self, values: Mapping[int, int]) -> None:
         """``KVM_SET_MSRS``; raises naming the first MSR KVM refused."""
+        if not isinstance(values, Mapping):
+            raise ArgumentTypeError(f"KVM_SET_MSRS takes a mapping {{index: value}}, not {values!r}")
         items = [(_u32(i, "MSR index"), _u64(v, "MSR value")) for i, v in values.items()]
         _buf, msrs = _msrs_struct([i for i, _ in items])
         for n, (_, value) in enumerate(items):
@@ -670,15 +732,18 @@ class VcpuFd(_Fd):
     def set_cpuid2_table(self, table) -> None:
         """``KVM_SET_CPUID2`` from a prepared ``struct kvm_cpuid2`` buffer
         (see :func:`cpuid_table`)."""
-        arg = table if isinstance(table, ffi.CData) else ffi.from_buffer(table)
+        arg = table if isinstance(table, ffi.CData) else _cpuid2_buffer(table)
         self._ioctl("KVM_SET_CPUID2", lib.KVM_SET_CPUID2, arg,
                     hint="KVM refuses to change CPUID after the vCPU has run")
 
     def set_guest_debug(self, control: int, debugreg: Sequence[int] = ()) -> None:
         """``KVM_SET_GUEST_DEBUG`` (``KVM_GUESTDBG_*`` flags in ``control``)."""
+        debugreg = _as_list(debugreg, "debugreg", "at most 8 ints")
+        if len(debugreg) > 8:
+            raise ArgumentError(f"debugreg holds DR0-DR7: at most 8 values, not {len(debugreg)}")
         dbg = ffi.new("struct kvm_guest_debug *")
         dbg.control = _u32(control, "control")
-        for i, value in enumerate(debugreg[:8]):
+        for i, value in enumerate(debugreg):
             dbg.arch.debugreg[i] = _u64(value, "debug register")
         self._ioctl("KVM_SET_GUEST_DEBUG", lib.KVM_SET_GUEST_DEBUG, dbg)
 
@@ -710,7 +775,8 @@ class VcpuFd(_Fd):
 
     def set_vcpu_events(self, events) -> None:
         """``KVM_SET_VCPU_EVENTS``."""
-        self._ioctl("KVM_SET_VCPU_EVENTS", lib.KVM_SET_VCPU_EVENTS, events)
+        self._ioctl("KVM_SET_VCPU_EVENTS", lib.KVM_SET_VCPU_EVENTS,
+                    _struct_pointer(events, "struct kvm_vcpu_events", "KVM_SET_VCPU_EVENTS"))
 
     def get_debugregs(self):
         """``KVM_GET_DEBUGREGS`` -> ``struct kvm_debugregs``."""
@@ -718,7 +784,8 @@ class VcpuFd(_Fd):
 
     def set_debugregs(self, debugregs) -> None:
         """``KVM_SET_DEBUGREGS``."""
-        self._ioctl("KVM_SET_DEBUGREGS", lib.KVM_SET_DEBUGREGS, debugregs)
+        self._ioctl("KVM_SET_DEBUGREGS", lib.KVM_SET_DEBUGREGS,
+                    _struct_pointer(debugregs, "struct kvm_debugregs", "KVM_SET_DEBUGREGS"))
 
     def get_xcrs(self):
         """``KVM_GET_XCRS`` -> ``struct kvm_xcrs``."""
@@ -726,7 +793,8 @@ class VcpuFd(_Fd):
 
     def set_xcrs(self, xcrs) -> None:
         """``KVM_SET_XCRS``."""
-        self._ioctl("KVM_SET_XCRS", lib.KVM_SET_XCRS, xcrs)
+        self._ioctl("KVM_SET_XCRS", lib.KVM_SET_XCRS,
+                    _struct_pointer(xcrs, "struct kvm_xcrs", "KVM_SET_XCRS"))
 
     def xsave_size(self) -> int:
         """How many bytes this vCPU's XSAVE area takes: what
@@ -766,11 +834,11 @@ class VcpuFd(_Fd):
         ``get_xsave``) is passed zero-padded, so the components it lacks
         are those its XSTATE_BV leaves in their initial state."""
         size = self.xsave_size()
-        if not isinstance(state, (bytes, bytearray)) or \
-                not ffi.sizeof("struct kvm_xsave") <= len(state) <= size:
-            length = len(state) if isinstance(state, (bytes, bytearray)) else type(state).__name__
+        if not isinstance(state, (bytes, bytearray)):
+            raise ArgumentTypeError(f"XSAVE state must be bytes, not {type(state).__name__}")
+        if not ffi.sizeof("struct kvm_xsave") <= len(state) <= size:
             raise ArgumentError(f"XSAVE state must be {ffi.sizeof('struct kvm_xsave')}-{size} "
-                                f"bytes for this vCPU, not {length}")
+                                f"bytes for this vCPU, not {len(state)}")
         area = ffi.new("char[]", size)
         ffi.buffer(area, len(state))[:] = state
         self._ioctl("KVM_SET_XSAVE", lib.KVM_SET_XSAVE, area)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import mmap
+import operator
 import os
 import re
 import weakref
@@ -21,6 +22,7 @@ from . import pageset
 from ._kvm import ffi, lib
 from .errors import (
     ArgumentError,
+    ArgumentTypeError,
     ClosedError,
     KvmError,
     MemoryConfigError,
@@ -124,6 +126,25 @@ class Region:
         return f"Region(slot={self.slot}, gpa={self.gpa:#x}, size={self.size:#x}{ro})"
 
 
+def _byte_view(data) -> memoryview:
+    """``data`` (any bytes-like object) as a flat memoryview of bytes."""
+    try:
+        return memoryview(data).cast("B")
+    except TypeError:
+        raise ArgumentTypeError(f"data must be bytes-like, not {type(data).__name__}") from None
+
+
+def _slice_bounds(key: slice, need_stop: bool) -> Tuple[int, Optional[int]]:
+    """(start, stop) of a guest memory slice: int bounds, no step."""
+    if key.step not in (None, 1) or key.start is None or (need_stop and key.stop is None):
+        raise ArgumentError("guest memory slices need a start" + (" and a stop" if need_stop else "")
+                            + " and no step")
+    for bound in (key.start, key.stop):
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int)):
+            raise ArgumentTypeError(f"guest memory slice bounds must be ints, not {key!r}")
+    return key.start, key.stop
+
+
 class GuestMemory:
     """The guest's physical memory as seen from the host.
 
@@ -223,7 +244,7 @@ class GuestMemory:
         """(region, offset, length) covering [gpa, gpa+n), or OutOfRangeError."""
         self._check_open()
         if isinstance(gpa, bool) or not isinstance(gpa, int) or isinstance(n, bool) or not isinstance(n, int):
-            raise ArgumentError(f"address and length must be ints, not {gpa!r}, {n!r}")
+            raise ArgumentTypeError(f"address and length must be ints, not {gpa!r}, {n!r}")
         if gpa < 0 or n < 0:
             raise OutOfRangeError(f"negative address or length: {gpa:#x}, {n}")
         pieces = []
@@ -247,10 +268,7 @@ class GuestMemory:
 
     def write(self, gpa: int, data) -> None:
         """Writes bytes-like ``data`` to guest-physical memory at ``gpa``."""
-        try:
-            data = memoryview(data).cast("B")
-        except TypeError:
-            raise ArgumentError(f"data must be bytes-like, not {type(data).__name__}") from None
+        data = _byte_view(data)
         done = 0
         for region, offset, length in self._pieces(gpa, len(data)):
             region.buffer[offset:offset + length] = data[done:done + length]
@@ -264,25 +282,47 @@ class GuestMemory:
         return int.from_bytes(self.read(gpa, size), "little")
 
     def write_int(self, gpa: int, value: int, size: int = 8) -> None:
-        """Writes ``value`` as a little-endian integer of ``size`` bytes."""
-        self.write(gpa, int(value).to_bytes(size, "little"))
+        """Writes ``value`` as a little-endian integer of ``size`` bytes: 0 to
+        2**(8*size) - 1, or a negative value that fits ``size`` bytes as a
+        signed one (written in two's complement: -1 is all ones)."""
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise ArgumentTypeError(f"value must be an int, not {value!r}") from None
+        self._pieces(gpa, size)  # the range first: a huge size must not allocate
+        if size < 1:
+            raise ArgumentError(f"size must be at least 1 byte, not {size}")
+        try:
+            data = value.to_bytes(size, "little", signed=value < 0)
+        except OverflowError:
+            bits = 8 * size
+            raise ArgumentError(
+                f"{value:#x} does not fit in {size} bytes: write 0 to {(1 << bits) - 1:#x}, "
+                f"or -{1 << (bits - 1):#x} to -1 (two's complement)") from None
+        self.write(gpa, data)
 
     def __getitem__(self, key):
         if isinstance(key, slice):
-            if key.step not in (None, 1) or key.start is None or key.stop is None:
-                raise ArgumentError("guest memory slices need a start and a stop and no step")
-            return self.read(key.start, max(0, key.stop - key.start))
+            start, stop = _slice_bounds(key, need_stop=True)
+            return self.read(start, max(0, stop - start))
         return self.read(key, 1)[0]
 
     def __setitem__(self, key, data) -> None:
         if isinstance(key, slice):
-            if key.step not in (None, 1) or key.start is None:
-                raise ArgumentError("guest memory slices need a start and no step")
-            if key.stop is not None and key.stop - key.start != len(data):
-                raise ArgumentError("slice length and data length differ")
-            self.write(key.start, data)
+            start, stop = _slice_bounds(key, need_stop=False)
+            data = _byte_view(data)
+            if stop is not None and max(0, stop - start) != len(data):
+                raise ArgumentError(f"guest memory slice {start:#x}:{stop:#x} holds "
+                                    f"{max(0, stop - start)} bytes, not {len(data)}")
+            self.write(start, data)
         else:
-            self.write(key, bytes([data]))
+            try:
+                byte = operator.index(data)
+            except TypeError:
+                raise ArgumentTypeError(f"a guest memory byte takes an int 0-255, not {data!r}") from None
+            if not 0 <= byte <= 255:
+                raise ArgumentError(f"a guest memory byte takes an int 0-255, not {byte}")
+            self.write(key, bytes([byte]))
 
     # -- dirty tracking, for snapshots ------------------------------------------
     #

@@ -41,16 +41,23 @@ def _check_int(name: str, value, bits: int) -> int:
     return value
 
 
+def _nothing() -> None:
+    pass
+
+
 class _View:
     """Attribute access over a cffi struct obtained from ``load`` and written
-    back with ``store``."""
+    back with ``store``; ``before_write`` runs before a write loads the
+    struct (the vCPU settles a pending I/O there)."""
 
-    __slots__ = ("_load", "_store", "_names")
+    __slots__ = ("_load", "_store", "_names", "_before_write")
 
-    def __init__(self, load: Callable, store: Callable, names: dict):
+    def __init__(self, load: Callable, store: Callable, names: dict,
+                 before_write: Callable[[], None] = _nothing):
         object.__setattr__(self, "_load", load)
         object.__setattr__(self, "_store", store)
         object.__setattr__(self, "_names", names)  # {field: bits}
+        object.__setattr__(self, "_before_write", before_write)
 
     def __getattr__(self, name: str):
         if name in self._names:
@@ -63,6 +70,7 @@ class _View:
         if name not in self._names:
             raise AttributeError(f"{type(self).__name__} has no field {name!r}; "
                                  f"fields: {', '.join(self._names)}")
+        self._before_write()
         struct = self._load()
         if self._names[name] == 0:
             target = ffi.buffer(getattr(struct, name))
@@ -124,13 +132,15 @@ class SpecialRegisterView:
     TABLES = ("gdt", "idt")
     SCALARS = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
 
-    def __init__(self, load: Callable, store: Callable):
+    def __init__(self, load: Callable, store: Callable,
+                 before_write: Callable[[], None] = _nothing):
         self._load = load
         self._store = store
+        self._before_write = before_write
 
     def _member(self, name: str, kind, names):
         return kind(lambda: getattr(self._load(), name),
-                    lambda _: self._store(self._load()), names)
+                    lambda _: self._store(self._load()), names, self._before_write)
 
     def __getattr__(self, name: str):
         if name in self.SEGMENTS:
@@ -149,6 +159,7 @@ class SpecialRegisterView:
             raise AttributeError(
                 f"cannot assign sregs.{name}: assign its fields (e.g. sregs.cs.base)"
                 if name in self.SEGMENTS + self.TABLES else f"sregs has no field {name!r}")
+        self._before_write()
         struct = self._load()
         setattr(struct, name, _check_int(name, value, 64))
         self._store(struct)

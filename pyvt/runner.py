@@ -15,8 +15,8 @@ from .vm import Vm
 @dataclass(frozen=True)
 class Result:
     """What ``pyvt.run`` saw: the final exit, the registers at that point and
-    everything the guest wrote to the UART (``console``) and to port 0xe9
-    (``debugcon``)."""
+    what the guest wrote to the UART (``console``) and to port 0xe9
+    (``debugcon``): all of it, or its last MiB (see ``Console.limit``)."""
 
     exit: exits.AnyExit
     regs: Registers

@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from . import pc, snapshot_file, snapshot_memory
 from ._kvm import ffi, lib
-from .errors import Error, KvmError, SnapshotError, SnapshotFileError, SnapshotFileNotFound
+from .errors import Error, SnapshotError, SnapshotFileError, SnapshotFileNotFound
 from .kvm import _get_msrs, _msrs_struct, caps
 from .snapshot_file import FORMAT_VERSION, IRQCHIPS, MAGIC, STRUCTS
 from .snapshot_memory import PAGE_SIZE, RegionImage
@@ -211,39 +211,22 @@ def _readable_msrs(vm, vcpu) -> List[int]:
     return readable
 
 
-def _complete_pending_io(vcpu) -> None:
-    """Lets KVM finish an I/O or MMIO read it is waiting to complete, without
-    entering the guest (KVM_RUN with immediate_exit), so that no stale
-    completion lands on top of restored registers.  Only reads leave one."""
-    last = vcpu.last_exit
-    reading = getattr(last, "direction", None) == "in" or getattr(last, "is_write", True) is False
-    if not reading:
-        return
-    run = vcpu.fd.run_struct
-    run.immediate_exit = 1
-    try:
-        vcpu.fd.run()
-    except KvmError as e:
-        if e.errno != 4:  # EINTR is the expected answer
-            raise
-    finally:
-        run.immediate_exit = 0
-    vcpu._sregs = None
-    vcpu._regs_stale = True
-
-
 class _Paused:
-    """Holds every vCPU's run lock: nothing runs while state is copied."""
+    """Holds every vCPU's run lock, and the VM's pause lock, so that nothing
+    runs while state is copied; a run() that comes meanwhile waits."""
 
     def __init__(self, vm):
+        self.pause_lock = vm._pause_lock
         self.locks = [v._run_lock for v in vm.vcpus.values()]
 
     def __enter__(self):
+        self.pause_lock.acquire()
         taken = []
         for lock in self.locks:
             if not lock.acquire(blocking=False):
                 for t in taken:
                     t.release()
+                self.pause_lock.release()
                 raise SnapshotError("a vCPU is running: stop it (cpu.stop()) before a "
                                     "snapshot or restore")
             taken.append(lock)
@@ -252,6 +235,7 @@ class _Paused:
     def __exit__(self, *exc):
         for lock in self.locks:
             lock.release()
+        self.pause_lock.release()
 
 
 def _char_devices(vm) -> Dict[str, Any]:
@@ -264,7 +248,7 @@ def take(vm) -> Snapshot:
     with _Paused(vm):
         vm._sync_devices()
         for vcpu in vm.vcpus.values():
-            _complete_pending_io(vcpu)
+            vcpu._settle_for_snapshot()
         regions = _take_memory(vm)
         try:
             vcpus = [_take_vcpu(vm, v) for v in sorted(vm.vcpus.values(), key=lambda v: v.index)]
@@ -428,7 +412,7 @@ def restore(vm, snap: Snapshot) -> None:
     with _Paused(vm):
         vm._sync_devices()
         for vcpu in vm.vcpus.values():
-            _complete_pending_io(vcpu)
+            vcpu._abandon_pending_io()
         _restore_memory(vm, snap)
         _restore_state(vm, snap)
 

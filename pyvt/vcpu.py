@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import functools
+import math
 import signal
 import threading
 from typing import Dict, Iterable, List, Mapping, Optional
@@ -40,6 +42,9 @@ class Vcpu:
         self.mode = modes.check_mode(mode)
         self.last_exit: Optional[exits.AnyExit] = None
         self._run_lock = threading.Lock()
+        # Guards _running_thread against stop(): a stop() is for the run in
+        # progress, never for the next one.
+        self._stop_lock = threading.Lock()
         self._running_thread: Optional[int] = None
         self._close_pending = False
         self._loop: Optional[_native.VcpuLoop] = None
@@ -79,9 +84,10 @@ class Vcpu:
         self._loop = _native.VcpuLoop(
             vm._machine, self.fd.fileno(), self.fd.run_page,
             self.fd.coalesced_ring_offset if vm._coalescing else 0, PAGE_SIZE)
-        self._regs_view = RegisterView(self._load_regs, self._store_regs, GENERAL_FIELDS)
-        self._sregs_view = SpecialRegisterView(self._load_sregs, self._store_sregs)
-        self._fpu_view = FpuView(self._load_fpu, self._store_fpu, FPU_FIELDS)
+        settle = self._settle_pending_io
+        self._regs_view = RegisterView(self._load_regs, self._store_regs, GENERAL_FIELDS, settle)
+        self._sregs_view = SpecialRegisterView(self._load_sregs, self._store_sregs, settle)
+        self._fpu_view = FpuView(self._load_fpu, self._store_fpu, FPU_FIELDS, settle)
 
     def _set_initial_cpuid(self, vm) -> None:
         """KVM_SET_CPUID2 from the supported CPUID, with this vCPU's APIC ID."""
@@ -118,8 +124,12 @@ class Vcpu:
         if self._sync_regs:
             # KVM loads them from the run page on the next KVM_RUN.
             self.fd.run_struct.kvm_dirty_regs |= lib.KVM_SYNC_X86_REGS
-        else:
+            return
+        try:
             self.fd.set_regs(ffi.addressof(regs))
+        except BaseException:
+            self._regs_stale = True  # the cached copy holds what was refused
+            raise
 
     def _load_sregs(self):
         self._check_open()
@@ -128,7 +138,11 @@ class Vcpu:
         return self._sregs[0]
 
     def _store_sregs(self, sregs) -> None:
-        self.fd.set_sregs(ffi.addressof(sregs))
+        try:
+            self.fd.set_sregs(ffi.addressof(sregs))
+        except BaseException:
+            self._sregs = None  # the cached copy holds what was refused
+            raise
 
     def _load_fpu(self):
         self._check_open()
@@ -166,6 +180,7 @@ class Vcpu:
         self._check_open()
         if not isinstance(values, Mapping):
             raise ArgumentError("set_msrs takes a mapping {index: value}")
+        self._settle_pending_io()
         self.fd.set_msrs(values)
 
     @property
@@ -178,6 +193,7 @@ class Vcpu:
     @cpuid.setter
     def cpuid(self, entries: Iterable[CpuidEntry]) -> None:
         self._check_open()
+        self._settle_pending_io()
         self.fd.set_cpuid2(list(entries))
 
     # -- running -----------------------------------------------------------
@@ -187,28 +203,32 @@ class Vcpu:
 
         Port I/O and MMIO claimed by native devices or by handlers registered
         with ``vm.on_io``/``vm.on_mmio`` are served without returning.
-        ``timeout`` (seconds) stops a guest that runs too long and returns
-        :class:`pyvt.exits.Timeout`; the vCPU can be run again.  A handler's
-        exception and Ctrl-C propagate out of here, and the VM stays usable.
+        ``timeout`` (seconds; None or ``inf``: no limit) stops a guest that
+        runs too long and returns :class:`pyvt.exits.Timeout`; the vCPU can
+        be run again.  A handler's exception and Ctrl-C propagate out of
+        here, and the VM stays usable: the access whose handler raised is
+        abandoned, so the guest retries it on the next run.  A run() while
+        another thread takes a snapshot or restores one waits for it.
         ``check=True`` raises :class:`pyvt.GuestError` for failure exits.
         """
         self._check_open()
-        if timeout is not None:
-            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
-                raise ArgumentError(f"timeout must be a non-negative number of seconds, not {timeout!r}")
-        if not self._run_lock.acquire(blocking=False):
-            raise Error(f"vCPU {self.index} is already running in another thread")
+        seconds = _timeout_seconds(timeout)
+        self._acquire_run_lock()
         try:
-            self._running_thread = threading.get_ident()
             tick = MAIN_THREAD_TICK if threading.current_thread() is threading.main_thread() else 0.0
             self._sregs = None
             self._regs_stale = True
             loop = self._loop
             if loop is None:
                 raise ClosedError(f"vCPU {self.index} is closed (its VM was closed)")
-            stop, code, port = loop.run(-1.0 if timeout is None else float(timeout), tick)
+            with self._stop_lock:
+                self._running_thread = threading.get_ident()
+            stop, code, port = loop.run(seconds, tick)
         finally:
-            self._running_thread = None
+            with self._stop_lock:
+                self._running_thread = None
+                if self._loop is not None:
+                    self._loop.clear_stop()
             self._run_lock.release()
             if self._close_pending:  # the VM was closed from a handler
                 self._close()
@@ -220,18 +240,60 @@ class Vcpu:
             exit.raise_for_failure()
         return exit
 
+    def _acquire_run_lock(self) -> None:
+        if self._run_lock.acquire(blocking=False):
+            return
+        # A snapshot or restore in another thread holds every vCPU while it
+        # copies state: wait for it (it holds the VM's pause lock throughout).
+        with self._vm._pause_lock:
+            if self._run_lock.acquire(blocking=False):
+                return
+        raise Error(f"vCPU {self.index} is already running in another thread")
+
     def stop(self) -> None:
         """Makes a ``run()`` in another thread return :class:`pyvt.exits.Stopped`
-        soon; does nothing if the vCPU is not running."""
-        if self._loop is None:
-            return
-        self._loop.request_stop()
-        thread = self._running_thread
-        if thread is not None:
+        soon; does nothing if the vCPU is not running (the next run() runs)."""
+        with self._stop_lock:
+            thread = self._running_thread
+            if thread is None or self._loop is None:
+                return
+            self._loop.request_stop()
             try:
                 signal.pthread_kill(thread, _native.KICK_SIGNAL)
             except (ProcessLookupError, OSError):
                 pass
+
+    # -- the access the last exit left pending (csrc/io_completion.h) ------
+
+    def _settle_pending_io(self) -> None:
+        """Completes a pending I/O access now (a read with its reply, or all
+        ones), so that a register write made next is not undone by it."""
+        if self._loop is not None and self._loop.pending_io is not None:
+            self._after_settle(self._loop.finish_io(), "complete")
+
+    def _abandon_pending_io(self) -> None:
+        """Drops a pending access: the registers stay as at the exit, so the
+        instruction runs again (before a restore overwrites the state)."""
+        if self._loop is not None and self._loop.pending_io is not None:
+            self._after_settle(self._loop.abandon_io(), "abandon")
+
+    def _settle_for_snapshot(self) -> None:
+        """A snapshot starts after a pending write (the guest has done it)
+        and before a pending read (not answered yet: restoring or cloning
+        runs the instruction again, and reply() still reaches this vCPU)."""
+        if self._loop is not None and self._loop.pending_io == "write":
+            self._after_settle(self._loop.finish_io(), "complete")
+
+    def _after_settle(self, rc: int, what: str) -> None:
+        self._regs_stale = True
+        self._sregs = None
+        if rc == -errno.EPROTO:
+            raise Error(f"vCPU {self.index}: KVM reported exit reason "
+                        f"{self.fd.run_struct.exit_reason} while pyvt tried to {what} the "
+                        "pending I/O access; run() the vCPU to see it")
+        if rc:
+            raise KvmError("KVM_RUN", -rc, f"vCPU {self.index} could not {what} its "
+                           "pending I/O access")
 
     def _rip(self) -> Optional[int]:
         try:
@@ -323,10 +385,22 @@ class Vcpu:
 
     def reply(self, value) -> None:
         """Answers the read that the last exit (an unclaimed ``Io`` in, or
-        ``Mmio`` read) is waiting for; the next ``run()`` completes it."""
+        ``Mmio`` read) is waiting for.
+
+        The pending read is completed exactly once: by the next ``run()``,
+        or earlier by a register write, which completes it first so that
+        the write wins.  Without a reply it reads all ones (an empty bus).
+        A snapshot taken meanwhile holds the state before the instruction
+        (a restore or clone runs it again) and keeps the read pending here.
+        A restore abandons it.  reply() may be called again to change the
+        answer until the read is completed; afterwards it raises."""
         self._check_open()
         exit = self.last_exit
         run = self.fd.run_struct
+        if self._loop is None or self._loop.pending_io != "read":
+            raise Error(f"reply() answers a pending read, but none is pending "
+                        f"(the last exit was {exit!r}; a run(), register write or "
+                        "restore since then completed or abandoned it)")
         if isinstance(exit, exits.Io) and exit.direction == "in":
             size = exit.size * exit.count
             target = ffi.buffer(ffi.cast("char *", run) + run.io.data_offset, size)
@@ -335,11 +409,11 @@ class Vcpu:
             target = ffi.buffer(run.mmio.data, size)
         else:
             raise Error(f"reply() answers a pending read, but the last exit was {exit!r}")
-        where = exit.port if isinstance(exit, exits.Io) else exit.address
-        try:
-            target[:] = _native.read_answer(value, size, "reply() to the read at", where)
-        except (TypeError, ValueError) as e:
-            raise ArgumentError(str(e)) from None
+        if isinstance(exit, exits.Io):
+            space, where = "reply() to port", exit.port
+        else:
+            space, where = "reply() to MMIO address", exit.address
+        target[:] = _native.read_answer(value, size, space, where)
 
     @property
     def stats(self) -> dict:
@@ -355,6 +429,22 @@ class Vcpu:
             self._loop.close()
             self._loop = None
         self.fd.close()
+
+
+def _timeout_seconds(timeout) -> float:
+    """run()'s timeout for the native loop: seconds, or -1.0 for none."""
+    if timeout is None:
+        return -1.0
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise ArgumentError(f"timeout must be a number of seconds or None, not {timeout!r}")
+    try:
+        seconds = float(timeout)
+    except OverflowError:  # an int beyond any float: centuries
+        seconds = math.inf if timeout > 0 else -math.inf
+    if math.isnan(seconds) or seconds < 0:
+        raise ArgumentError(f"timeout must be a non-negative number of seconds "
+                            f"(None or inf: no limit), not {timeout!r}")
+    return -1.0 if math.isinf(seconds) else seconds
 
 
 # Spawning many VMs repeats the same setup; these caches make the second

@@ -3,16 +3,19 @@ I/O handlers and vCPUs, on any device speaking the KVM ABI."""
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
 
 from . import _native, exits, modes, pc
-from .devices import Console, DebugExitDevice
+from .devices import DEFAULT_OUTPUT_LIMIT, Console, DebugExitDevice
 from .errors import (
     ArgumentError,
+    ArgumentTypeError,
     BackendNotFound,
     ClosedError,
+    Error,
     KvmError,
     RegionOverlapError,
     VcpuIndexError,
@@ -54,24 +57,38 @@ def select_backend(backend=None) -> str:
         "KVM (load kvm-intel or kvm-amd, or pyvt.ko from kernel_module/)")
 
 
-def _as_range(spec: PortRange, what: str, limit: int) -> Tuple[int, int]:
-    """(start, length) from a port/address, a range, or a (start, length) pair."""
+def _as_range(spec: PortRange, what: str, limit: int, space: str = "") -> Tuple[int, int]:
+    """(start, length) from a port/address, a range, or a (start, length) pair,
+    inside [0, limit) (``space`` names that span in the error)."""
     if isinstance(spec, bool):
-        raise ArgumentError(f"{what} must be an int, a range or (start, length), not {spec!r}")
+        raise ArgumentTypeError(f"{what} must be an int, a range or (start, length), not {spec!r}")
     if isinstance(spec, int):
         start, length = spec, 1
     elif isinstance(spec, range):
-        if spec.step != 1 or len(spec) == 0:
+        # Not len(): it overflows past 2**63 (a whole address space).
+        if spec.step != 1 or spec.stop <= spec.start:
             raise ArgumentError(f"{what} range must be non-empty with step 1, not {spec!r}")
-        start, length = spec.start, len(spec)
+        start, length = spec.start, spec.stop - spec.start
     elif (isinstance(spec, tuple) and len(spec) == 2
           and all(isinstance(v, int) and not isinstance(v, bool) for v in spec)):
         start, length = spec
     else:
-        raise ArgumentError(f"{what} must be an int, a range or (start, length), not {spec!r}")
+        raise ArgumentTypeError(f"{what} must be an int, a range or (start, length), not {spec!r}")
     if start < 0 or length <= 0 or start + length > limit:
-        raise ArgumentError(f"{what} {start:#x}+{length:#x} is outside 0-{limit - 1:#x}")
+        raise ArgumentError(f"{what} {start:#x}+{length:#x} is outside 0-{limit - 1:#x}{space}")
     return start, length
+
+
+def _bus_error(rc: int, what: str) -> Error:
+    """The error for a native I/O bus's -errno.  No ioctl was made, so not a
+    KvmError; the callers' checks make these rare (state out of step)."""
+    if rc == -errno.EEXIST:
+        return RegionOverlapError(f"{what}: the range overlaps one already on pyvt's bus")
+    if rc == -errno.ENOENT:
+        return ArgumentError(f"{what}: nothing is registered at that address on pyvt's bus")
+    if rc == -errno.EINVAL:
+        return ArgumentError(f"{what}: pyvt's bus cannot hold that range (empty or past 2**64)")
+    return Error(f"{what} failed: {os.strerror(-rc)}")
 
 
 class Vm:
@@ -89,11 +106,14 @@ class Vm:
     :mod:`pyvt.pc`: ``fw_cfg``, ``cmos``, ``pm_timer``, ``i8042`` (whose
     reset ends a run with :class:`pyvt.exits.Reset`) and ``post`` (port 0x80);
     without, those attributes are None.
+    ``output_limit`` is how many bytes of output ``console`` and ``debugcon``
+    each keep (their last ones; None: all): see :class:`pyvt.devices.Console`.
     """
 
     def __init__(self, memory: Union[int, str] = "64M", backend=None, *,
                  debug_exit_port: Optional[int] = DEBUG_EXIT_PORT,
-                 pc_devices: bool = True, _memory_source: Optional[int] = None):
+                 pc_devices: bool = True, output_limit: Optional[int] = DEFAULT_OUTPUT_LIMIT,
+                 _memory_source: Optional[int] = None):
         self._released = True  # nothing to free yet
         self._closed = True
         self.vcpus: Dict[int, Vcpu] = {}
@@ -104,6 +124,9 @@ class Vm:
         self._released = False
         self._closed = False
         self._lock = threading.Lock()
+        # Held by a snapshot or restore for its whole length: run() waits
+        # on it instead of failing while they hold the vCPUs' run locks.
+        self._pause_lock = threading.Lock()
         self._claims: Dict[Tuple[int, int], Tuple[int, str]] = {}  # (space, start) -> (length, owner)
         self._devices: List = []
         self._coalesced_zones: Dict[object, Tuple[int, int]] = {}
@@ -118,9 +141,11 @@ class Vm:
             self._machine = _native.Machine()
             self._coalescing = bool(self.kvm.check_extension("KVM_CAP_COALESCED_PIO"))
             self.console = self._add_console(_native.Uart, "uart", UART_PORT,
-                                             _native.UART_PORT_COUNT, coalesce_first=True)
+                                             _native.UART_PORT_COUNT, coalesce_first=True,
+                                             output_limit=output_limit)
             self.debugcon = self._add_console(_native.DebugCon, "debugcon", DEBUGCON_PORT,
-                                              1, coalesce_first=True)
+                                              1, coalesce_first=True,
+                                              output_limit=output_limit)
             self.debug_exit = None
             if debug_exit_port is not None:
                 port, _ = _as_range(debug_exit_port, "debug_exit_port", 0x10000)
@@ -148,12 +173,12 @@ class Vm:
         self._check_range_free(space, port, length)
         rc = native.attach_to_bus()
         if rc:
-            raise KvmError(f"attach {owner}", -rc)
+            raise _bus_error(rc, f"attaching {owner} at {port:#x}")
         self._claims[(space, port)] = (length, owner)
         self._devices.append(native)
 
     def _add_console(self, kind, name: str, port: int, length: int,
-                     coalesce_first: bool) -> Console:
+                     coalesce_first: bool, output_limit: Optional[int]) -> Console:
         native = kind(self._machine, port)
         self._attach(native, _native.SPACE_PIO, port, length, name)
         coalesced = False
@@ -163,7 +188,7 @@ class Vm:
             self.fd.register_coalesced_mmio(port, 1, pio=True)
             self._coalesced_zones[native] = (port, 1)
             coalesced = True
-        return Console(self, native, name, port, coalesced)
+        return Console(self, native, name, port, coalesced, output_limit)
 
     def _detach_device(self, device) -> None:
         self._check_open()
@@ -176,7 +201,7 @@ class Vm:
             self.fd.unregister_coalesced_mmio(zone[0], zone[1], pio=True)
         rc = native.detach()
         if rc:
-            raise KvmError(f"detach {device.name}", -rc)
+            raise _bus_error(rc, f"detaching {device.name}")
         self._claims.pop((_native.SPACE_PIO, device.port), None)
 
     def _device_exit(self, code: int, port: int, rip) -> exits.Exit:
@@ -226,6 +251,9 @@ class Vm:
         machine = getattr(self, "_machine", None)
         if machine is not None:
             machine.close()
+        for console in (getattr(self, "console", None), getattr(self, "debugcon", None)):
+            if console is not None:
+                console.stream(None)  # closes pyvt's duplicate of the stream's fd
         self.fd.close()
         memory = getattr(self, "memory", None)
         if memory is not None:
@@ -297,12 +325,14 @@ class Vm:
                      what: str) -> None:
         self._check_open()
         if not callable(handler):
-            raise ArgumentError(f"handler must be callable, not {handler!r}")
+            raise ArgumentTypeError(f"handler must be callable, not {handler!r}")
         self._check_range_free(space, start, length)
         rc = self._machine.add_handler(space, start, length, handler)
         if rc:
-            raise KvmError(f"register {what} handler", -rc)
-        self._claims[(space, start)] = (length, f"handler {getattr(handler, '__name__', handler)!s}")
+            raise _bus_error(rc, f"registering a {what} handler at {start:#x}")
+        # The name only, not the handler: removing it must free it.
+        name = getattr(handler, "__name__", type(handler).__name__)
+        self._claims[(space, start)] = (length, f"handler {name}")
 
     def on_io(self, ports: PortRange, handler: Handler) -> None:
         """Calls ``handler(exit)`` for guest port I/O on ``ports`` (a port, a
@@ -313,8 +343,11 @@ class Vm:
 
     def on_mmio(self, addresses: PortRange, handler: Handler) -> None:
         """Calls ``handler(exit)`` for guest accesses to ``addresses`` (which
-        must not be RAM); for a read the handler returns the value."""
-        start, length = _as_range(addresses, "MMIO address", 1 << 64)
+        must not be RAM, and lie in the guest's physical address space); for
+        a read the handler returns the value."""
+        self._check_open()
+        start, length = _as_range(addresses, "MMIO address", self._max_physical_address(),
+                                  " (the guest's physical address space)")
         for region in self.memory.regions:
             if start < region.end and region.gpa < start + length and not region.readonly:
                 raise RegionOverlapError(
@@ -329,7 +362,7 @@ class Vm:
             raise ArgumentError(f"no handler starts at {start:#x}")
         rc = self._machine.remove(space, start)
         if rc:
-            raise KvmError("remove handler", -rc)
+            raise _bus_error(rc, f"removing the handler at {start:#x}")
         del self._claims[(space, start)]
 
     def off_io(self, ports: PortRange) -> None:
@@ -342,16 +375,21 @@ class Vm:
 
     # -- booting kernels -----------------------------------------------------
 
-    def boot(self, kernel, *, cmdline: str = "", initrd=None, modules=(), smp: int = 1,
-             irqchip: bool = True, acpi: bool = True, format: Optional[str] = None,
-             load_address: int = 0x100000, flat_mode: str = "long",
-             strict_io: bool = False, kernel_name: Optional[str] = None):
+    def boot(self, kernel, *, cmdline: Union[str, bytes] = "", initrd=None, modules=(),
+             smp: int = 1, irqchip: bool = True, acpi: bool = True,
+             format: Optional[str] = None, load_address: int = 0x100000,
+             flat_mode: str = "long", strict_io: bool = False,
+             kernel_name: Union[str, bytes, None] = None):
         """Loads ``kernel`` (bytes or a path) and creates ``smp`` vCPUs ready
         to run it; then call :meth:`run`.  Returns the :class:`pyvt.loaders.Image`.
 
         ``format`` (default: detected) is ``multiboot`` (``cmdline``,
         ``initrd`` as module 0, more ``modules`` as ``(data, string)``), ``elf``
-        or ``flat`` (at ``load_address``, in ``flat_mode``).  With ``irqchip``
+        or ``flat`` (at ``load_address``, in ``flat_mode``).  ``cmdline`` and
+        the strings are str or bytes: a str is encoded as :func:`os.fsencode`
+        does, so a file name's undecodable bytes reach the guest unchanged.
+        A kernel, initrd or module file larger than guest RAM is refused
+        before it is read.  With ``irqchip``
         the VM gets KVM's LAPICs, IOAPIC, PIC (``KVM_CREATE_IRQCHIP``) and PIT;
         application processors wait for INIT/SIPI, and ``hlt`` waits in the
         kernel for an interrupt as on a PC (a guest ends with a debug-exit,

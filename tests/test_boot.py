@@ -8,6 +8,7 @@ every check passed, 3 after a ``FAIL:`` line.
 """
 
 import os
+import resource
 import struct
 import subprocess
 import sys
@@ -103,6 +104,32 @@ def test_multiboot_extra_modules_follow_the_initrd(kernel, initrd):
     assert "cmdline=/boot/k\n" in text
     assert "mods=2" in text
     assert "mod 1 size=13 " in text and "string=mod2 arg=1 head=second m" in text
+
+
+def test_multiboot_strings_are_bytes_as_given(kernel):
+    # A str's undecodable bytes (PEP 383 escapes, as in argv and file names)
+    # reach the guest as they were; bytes as they are.
+    with pyvt.Vm("32M") as vm:
+        vm.boot(kernel("multiboot_info"), cmdline=b"a=\xff\xfe", kernel_name="/boot/k\udcff",
+                modules=[(b"module", b"m\xfe arg")], irqchip=False)
+        exit = vm.run(timeout=20)
+        out = vm.console.output
+    assert exit.status == PASS_STATUS, out
+    assert b"cmdline=/boot/k\xff a=\xff\xfe\n" in out
+    assert b"string=m\xfe arg head=module" in out
+
+
+def test_multiboot_strings_that_cannot_reach_the_guest_are_refused(kernel):
+    with pyvt.Vm("32M") as vm:
+        with pytest.raises(LoaderError, match="contains a NUL byte"):
+            vm.boot(kernel("multiboot_info"), cmdline="a\0b", irqchip=False)
+        with pytest.raises(LoaderError, match=r"cmdline .* cannot be encoded \(surrogates not allowed"):
+            vm.boot(kernel("multiboot_info"), cmdline="\ud800", irqchip=False)
+        with pytest.raises(LoaderError, match="cmdline must be a str or bytes, not int"):
+            vm.boot(kernel("multiboot_info"), cmdline=1, irqchip=False)
+        with pytest.raises(LoaderError, match="module 0's string"):
+            vm.boot(kernel("multiboot_info"), modules=[(b"m", b"a\0")], irqchip=False)
+        assert not vm.vcpus  # refused before anything was done
 
 
 @needs_irqchip
@@ -249,15 +276,17 @@ def test_flat_binary_at_an_address(guest):
         assert isinstance(vm.run(timeout=10), exits.DebugExit)
 
 
-def test_flat_kernel_reads_cmdline_and_initrd_from_fw_cfg(guest):
+@pytest.mark.parametrize("cmdline,raw", [("root=/x", b"root=/x"), (b"root=/\xff", b"root=/\xff"),
+                                         ("root=/\udcff", b"root=/\xff")])
+def test_flat_kernel_reads_cmdline_and_initrd_from_fw_cfg(guest, cmdline, raw):
     with pyvt.Vm("16M") as vm:
         script = [(2, 0x510, 0x14), (7, 0x511, 4), (2, 0x510, 0x15), (7, 0x511, 9),
                   (2, 0x510, 0x0B), (7, 0x511, 4), (2, 0x510, 0x12), (7, 0x511, 6), (0, 0, 0)]
         vm.memory.write(0x3000, b"".join(struct.pack("<BxHI", *step) for step in script))
         vm.boot(guest("port_script"), format="flat", load_address=0x1000,
-                cmdline="root=/x", initrd=b"INITRD", irqchip=False)
+                cmdline=cmdline, initrd=b"INITRD", irqchip=False)
         assert isinstance(vm.run(timeout=10), exits.Hlt)
-        assert vm.memory.read(0x8000, 23) == (struct.pack("<I", 8) + b"root=/x\0\0"
+        assert vm.memory.read(0x8000, 23) == (struct.pack("<I", 8) + raw + b"\0\0"
                                                + struct.pack("<I", 6) + b"INITRD")
 
 
@@ -358,6 +387,26 @@ def test_bad_kernels_get_clear_errors(tmp_path, kernel, guest):
             vm.boot(mb)
 
 
+def test_files_larger_than_guest_ram_are_refused_before_they_are_read(kernel, tmp_path):
+    sparse = tmp_path / "sparse.img"
+    os.truncate(os.open(sparse, os.O_CREAT | os.O_WRONLY), 1 << 40)  # 1 TiB, none of it on disk
+    mb = kernel("multiboot_info")
+    with pyvt.Vm("16M") as vm:
+        with pytest.raises(pyvt.boot.BootError, match=r"kernel .*sparse.img \(1099511627776 "
+                           r"bytes\) is larger than the 0x1000000 bytes of guest RAM"):
+            vm.boot(sparse)
+        with pytest.raises(pyvt.boot.BootError, match="kernel /dev/zero is larger than the "
+                           "0x1000000 bytes"):
+            vm.boot("/dev/zero")  # no size to check: read no further than 16 MiB + 1
+        with pytest.raises(pyvt.boot.BootError, match="initrd /dev/zero is larger"):
+            vm.boot(mb, initrd="/dev/zero")
+        with pytest.raises(pyvt.boot.BootError, match="module .*sparse.img .* is larger"):
+            vm.boot(mb, modules=[(sparse, "m")])
+        with pytest.raises(pyvt.boot.BootError, match="cannot read kernel /: Is a directory"):
+            vm.boot("/")
+        assert not vm.vcpus
+
+
 def test_too_little_memory_is_refused_before_anything_changes(guest):
     with pyvt.Vm("512K") as vm:
         for _ in range(2):  # nothing was half-done: the same answer again
@@ -424,6 +473,38 @@ def test_cli_boot_exits_with_the_debug_exit_status(kernel, initrd):
     assert f"cmdline={kernel('multiboot_info')} a b\n" in out.stdout
     out = pyvt_boot(kernel("platform"), "--memory", "32M")  # no greeting file: FAIL
     assert out.returncode == 3 and "FAIL:" in out.stdout
+
+
+def test_cli_boot_passes_undecodable_bytes_through(kernel, initrd, tmp_path):
+    # --append and the file names as the user's bytes, UTF-8 or not
+    path = os.path.join(os.fsencode(tmp_path), b"mb\xff.elf")
+    with open(path, "wb") as f:
+        f.write(kernel("multiboot_info").read_bytes())
+    initrd_path = os.path.join(os.fsencode(tmp_path), b"initrd\xfe")
+    os.link(initrd, initrd_path)
+    out = subprocess.run([sys.executable, "-m", "pyvt", "boot", path, "--append", b"\xff\xfe a=1",
+                          "--initrd", initrd_path, "--memory", "32M", "--no-irqchip",
+                          "--timeout", "20"], capture_output=True, timeout=60,
+                         cwd=PACKAGE_PARENT, stdin=subprocess.DEVNULL)
+    assert out.returncode == PASS_STATUS, out.stderr
+    assert b"cmdline=" + path + b" \xff\xfe a=1\n" in out.stdout
+    assert b" string=" + initrd_path + b" head=INITRD:" in out.stdout
+
+
+def test_cli_boot_refuses_input_larger_than_guest_ram(kernel, tmp_path):
+    sparse = tmp_path / "sparse.img"
+    os.truncate(os.open(sparse, os.O_CREAT | os.O_WRONLY), 1 << 30)
+
+    def address_space_limit():  # room for pyvt and its 16M guest, not for 1 GiB
+        resource.setrlimit(resource.RLIMIT_AS, (400 << 20, 400 << 20))
+
+    for args in ([sparse], ["/dev/zero"], [kernel("multiboot_info"), "--initrd", "/dev/zero"]):
+        out = subprocess.run([sys.executable, "-m", "pyvt", "boot", *map(str, args),
+                              "--memory", "16M", "--timeout", "5"], capture_output=True,
+                             text=True, timeout=60, cwd=PACKAGE_PARENT,
+                             preexec_fn=address_space_limit)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert out.stderr.count("\n") == 1 and "is larger than the 0x1000000 bytes" in out.stderr
 
 
 def test_cli_boot_timeout_and_bad_arguments(kernel, tmp_path):

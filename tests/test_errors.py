@@ -1,6 +1,9 @@
 """Every documented error: a pyvt.Error subclass with a message that helps."""
 
+import builtins
 import os
+import re
+from pathlib import Path
 
 import pytest
 
@@ -248,3 +251,155 @@ def test_backend_io_data_outside_the_mapping_is_refused(vm):
         assert not cpu._loop.io_data_valid(), (size, count, offset)
     with pytest.raises(pyvt.BackendError, match="outside the vCPU mapping"):
         cpu._decode(pyvt._native.STOP_BAD_EXIT, 0, 0, None)
+
+
+@pytest.mark.requires_kvm
+def test_guest_memory_access_errors_are_pyvt_errors(vm):
+    memory = vm.memory
+    memory.write(0x100, b"keep")
+    bad_calls = [
+        (pyvt.ArgumentError, lambda: memory.__setitem__(0x100, 300)),
+        (pyvt.ArgumentError, lambda: memory.__setitem__(0x100, -1)),
+        (pyvt.ArgumentTypeError, lambda: memory.__setitem__(0x100, "a")),
+        (pyvt.ArgumentTypeError, lambda: memory.__setitem__(slice(0x100, 0x104), 5)),
+        (pyvt.ArgumentError, lambda: memory.__setitem__(slice(0x100, 0x104), b"ab")),
+        (pyvt.ArgumentTypeError, lambda: memory.__setitem__(slice("a", None), b"ab")),
+        (pyvt.ArgumentTypeError, lambda: memory.__getitem__(slice(0x100, "b"))),
+        (pyvt.ArgumentTypeError, lambda: memory.__getitem__(None)),
+        (pyvt.ArgumentError, lambda: memory.write_int(0x100, 1 << 32, 4)),
+        (pyvt.ArgumentError, lambda: memory.write_int(0x100, -(1 << 31) - 1, 4)),
+        (pyvt.ArgumentTypeError, lambda: memory.write_int(0x100, 1.5, 4)),
+        (pyvt.ArgumentTypeError, lambda: memory.write_int(0x100, None)),
+        (pyvt.ArgumentError, lambda: memory.write_int(0x100, 0, 0)),
+        (pyvt.OutOfRangeError, lambda: memory.write_int(0x100, 0, 1 << 50)),
+        (pyvt.OutOfRangeError, lambda: memory.read_int(0x100, -1)),
+        (pyvt.ArgumentTypeError, lambda: memory.read(0x100, "4")),
+    ]
+    for error, call in bad_calls:
+        with pytest.raises(error):
+            call()
+    assert memory.read(0x100, 4) == b"keep"  # nothing refused was written
+    # Builtin-compatible: what Python raises for bytearray[0] = 300 / "a".
+    with pytest.raises(ValueError):
+        memory[0x100] = 300
+    with pytest.raises(TypeError):
+        memory[0x100] = "a"
+    # A negative int that fits is written in two's complement.
+    memory.write_int(0x100, -1, 4)
+    assert memory.read(0x100, 4) == b"\xff" * 4
+    memory.write_int(0x100, -(1 << 31), 4)
+    assert memory.read_int(0x100, 4) == 1 << 31
+    memory[0x100] = 0x41
+    memory[0x101:0x103] = bytearray(b"BC")
+    assert memory[0x100:0x103] == b"ABC"
+
+
+@pytest.mark.requires_kvm
+def test_kvm_layer_argument_errors_are_pyvt_errors(vm):
+    cpu = vm.vcpu(0, mode="long")
+    fd = cpu.fd
+    bad_calls = [
+        (pyvt.ArgumentTypeError, lambda: vm.kvm.get_msrs(None)),
+        (pyvt.ArgumentTypeError, lambda: fd.get_msrs(None)),
+        (pyvt.ArgumentError, lambda: fd.get_msrs([-1])),
+        (pyvt.ArgumentTypeError, lambda: fd.set_msrs([0x10])),
+        (pyvt.ArgumentTypeError, lambda: fd.set_regs(5)),
+        (pyvt.ArgumentTypeError, lambda: fd.set_regs(fd.get_sregs())),
+        (pyvt.ArgumentTypeError, lambda: fd.set_sregs(b"\0" * 8)),
+        (pyvt.ArgumentTypeError, lambda: fd.set_cpuid2(None)),
+        (pyvt.ArgumentTypeError, lambda: fd.set_cpuid2_table(7)),
+        # A header saying 5 entries, and none behind it: KVM would read past it.
+        (pyvt.ArgumentError, lambda: fd.set_cpuid2_table((5).to_bytes(8, "little"))),
+        (pyvt.ArgumentTypeError, lambda: fd.set_guest_debug(0, None)),
+        (pyvt.ArgumentError, lambda: fd.set_guest_debug(0, [0] * 9)),
+        (pyvt.ArgumentTypeError, lambda: fd.set_lapic("state")),
+        (pyvt.ArgumentError, lambda: fd.set_lapic(b"short")),
+        (pyvt.ArgumentError, lambda: vm.kvm.check_extension(1 << 70)),
+        (pyvt.ArgumentTypeError, lambda: vm.kvm.check_extension(1.5)),
+        (pyvt.ArgumentTypeError, lambda: vm.kvm.create_vm("x")),
+        (pyvt.ArgumentError, lambda: vm.fd.ioeventfd(-1, 0x10)),
+        (pyvt.ArgumentError, lambda: vm.fd.enable_cap("KVM_CAP_HALT_POLL", flags=-1)),
+        (pyvt.ArgumentTypeError, lambda: pyvt.kvm.Kvm.shared(["/dev/kvm"])),
+        (pyvt.ArgumentTypeError, lambda: pyvt.kvm.host_cpuid("0")),
+        (pyvt.ArgumentError, lambda: pyvt.kvm.host_cpuid(1 << 32)),
+    ]
+    for error, call in bad_calls:
+        with pytest.raises(error):
+            call()
+    with pytest.raises(TypeError):  # as Python's own "'NoneType' is not iterable"
+        vm.kvm.get_msrs(None)
+    spare = vm.fd.create_vcpu(1)
+    spare.close()
+    with pytest.raises(pyvt.ClosedError):
+        spare.immediate_exit = True
+    # The struct itself (not just a pointer to it) is taken too.
+    regs = fd.get_regs()
+    regs.rbx = 0x5151
+    fd.set_regs(regs[0])
+    assert fd.get_regs().rbx == 0x5151
+
+
+@pytest.mark.requires_kvm
+def test_bus_registration_errors_are_not_kvm_errors(vm):
+    # No ioctl is involved in registering a handler: no KvmError.
+    for addresses in ((2**64 - 1, 1), (1 << 63, 0x1000), range(0x1000000, 2**64)):
+        with pytest.raises(pyvt.ArgumentError, match="physical address space") as info:
+            vm.on_mmio(addresses, lambda e: 0)
+        assert not isinstance(info.value, pyvt.KvmError)
+    # Should pyvt's own bookkeeping and the native bus ever disagree, the
+    # bus's refusal is a RegionOverlapError too (simulated: a claim dropped).
+    del vm._claims[(pyvt._native.SPACE_PIO, vm.console.port)]
+    with pytest.raises(pyvt.RegionOverlapError, match="overlaps one already on pyvt's bus"):
+        vm.on_io(vm.console.port, lambda e: 0)
+    with pytest.raises(pyvt.ArgumentTypeError):
+        vm.on_io(0x20, "not callable")
+    with pytest.raises(pyvt.ArgumentTypeError):
+        vm.off_mmio(None)
+
+
+@pytest.mark.parametrize("name", ["../escaped", "sub/guest", "/tmp/guest", "", ".", "..",
+                                  "nul\0byte", "x" * 300])
+def test_assemble_refuses_names_that_are_not_file_stems(tmp_path, monkeypatch, name):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # pyvt's build dir goes here
+    with pytest.raises(pyvt.ArgumentError, match="name"):
+        pyvt.assemble(".globl _start\n_start: hlt\n", name=name)
+    assert list(tmp_path.iterdir()) == []  # nothing written, here or above
+
+
+def test_assemble_argument_errors(tmp_path):
+    with pytest.raises(pyvt.ArgumentTypeError):
+        pyvt.assemble(".globl _start\n_start: hlt\n", name=5)
+    with pytest.raises(pyvt.ArgumentTypeError):
+        pyvt.assemble(b"hlt")
+    with pytest.raises(pyvt.ArgumentError):
+        pyvt.assemble(".globl _start\n_start: hlt\n", at=-1)
+    with pytest.raises(pyvt.AssemblerError, match="cannot read"):
+        pyvt.assemble_file(tmp_path / "missing.S")
+    # A stem with spaces and dots is a plain file name.
+    assert pyvt.assemble(".globl _start\n_start: hlt\n", name="my guest.v2") == b"\xf4"
+
+
+def test_readme_errors_section_names_every_error_class():
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    if not readme.exists():
+        pytest.skip("README.md is not beside the tests (installed without the checkout)")
+    import pyvt.boot  # noqa: F401  (BootError, LoaderError)
+
+    section = readme.read_text().split("## Errors\n", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`(\w+)`", section))
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    missing = sorted(c.__name__ for c in subclasses(pyvt.Error) if c.__name__ not in named)
+    assert missing == [], f"README's Errors section does not name {missing}"
+    # Each row says which builtins its classes also are (or a subclass of one).
+    for cls in subclasses(pyvt.Error):
+        row = next(line for line in section.splitlines() if f"`{cls.__name__}`" in line)
+        said = [getattr(builtins, name) for name in re.findall(r"`(\w+)`", row)
+                if isinstance(getattr(builtins, name, None), type)]
+        for builtin in (ValueError, TypeError, IndexError, OSError):
+            if issubclass(cls, builtin):
+                assert any(issubclass(b, builtin) for b in said), (cls.__name__, builtin.__name__)

@@ -155,3 +155,85 @@ def test_python_handlers_from_several_vcpu_threads(guest):
         assert sorted(v for _, v in seen) == [1, 1, 2, 2, 3, 3]
         # Handlers ran on the vCPU threads, not on this one.
         assert threading.get_ident() not in {tid for tid, _ in seen}
+
+
+def test_stop_on_an_idle_vcpu_does_nothing(vm, load):
+    vm.memory.write(0x1000, pyvt.assemble(".code64\n.globl _start\n_start: inc %rax\n hlt\n"))
+    cpu = vm.vcpu(0, mode="long")
+    cpu.regs.rip = 0x1000
+    cpu.stop()
+    assert cpu.run(timeout=10) == exits.Hlt(0x1004)
+    assert cpu.regs.rax == 1
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 1e30, 2e10, 10**400])
+def test_huge_and_infinite_timeouts_mean_no_limit(vm, load, timeout):
+    cpu = load("spin", "long")
+    result = []
+    thread = threading.Thread(target=lambda: result.append(cpu.run(timeout=timeout)))
+    thread.start()
+    wait_until_running(cpu)
+    time.sleep(0.2)
+    cpu.stop()
+    thread.join(10)
+    assert isinstance(result[0], exits.Stopped), result  # it ran until stopped
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), -1, -0.5, float("-inf"), "1", True])
+def test_bad_timeouts_are_refused(vm, load, timeout):
+    cpu = load("spin", "long")
+    with pytest.raises(pyvt.ArgumentError, match="timeout"):
+        cpu.run(timeout=timeout)
+    assert isinstance(cpu.run(timeout=0.05), exits.Timeout)  # still usable
+
+
+def test_blocking_calls_in_a_handler_are_not_interrupted(vm):
+    # The main thread's 50 ms tick and a stop() from another thread must not
+    # reach a handler: C calls that do not retry on EINTR would fail.
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    vm.memory.write(0x1000, pyvt.assemble(".code64\n.globl _start\n_start: in $0x10, %al\n hlt\n"))
+    cpu = vm.vcpu(0, mode="long")
+    cpu.regs.rip = 0x1000
+    results = []
+
+    def handler(exit):
+        stopper = threading.Timer(0.05, cpu.stop)
+        stopper.start()
+        results.append((libc.usleep(300_000), ctypes.get_errno()))
+        stopper.join()
+        return 0x33
+
+    vm.on_io(0x10, handler)
+    exit = cpu.run(timeout=30)
+    assert results == [(0, 0)]
+    # The stop() that came during the handler still ends the run, after the
+    # `in` completed with the handler's value.
+    assert isinstance(exit, exits.Stopped) and cpu.regs.rax & 0xFF == 0x33
+
+
+def test_run_waits_for_a_snapshot_in_another_thread(vm):
+    vm.memory.write(0x2000, b"\xf4")
+    cpu = vm.vcpu(0, mode="long")
+    cpu.regs.rip = 0x2000
+    inside, proceed = threading.Event(), threading.Event()
+    sync_devices = vm._sync_devices
+
+    def held_sync_devices():  # runs inside the snapshot, with the vCPUs held
+        inside.set()
+        proceed.wait(10)
+        sync_devices()
+
+    vm._sync_devices = held_sync_devices
+    taken = []
+    snapshotter = threading.Thread(target=lambda: taken.append(vm.snapshot()))
+    snapshotter.start()
+    assert inside.wait(10)
+    releaser = threading.Timer(0.2, proceed.set)
+    releaser.start()
+    assert cpu.run(timeout=10) == exits.Hlt(0x2001)  # waited, then ran
+    snapshotter.join()
+    releaser.join()
+    assert taken and taken[0].vcpus[0].index == 0
+    taken[0].close()

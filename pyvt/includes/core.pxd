@@ -46,14 +46,18 @@ cdef extern from "<sys/ioctl.h>" nogil:
 
 
 cdef extern from "sink.h" nogil:
+    size_t PVT_SINK_UNLIMITED
+    size_t PVT_SINK_DEFAULT_LIMIT
+
     cdef struct pvt_sink:
-        int stream_fd
-        int stream_errno
+        size_t limit
 
     int pvt_sink_init(pvt_sink *sink)
     void pvt_sink_destroy(pvt_sink *sink)
-    void pvt_sink_set_stream(pvt_sink *sink, int fd)
+    int pvt_sink_set_stream(pvt_sink *sink, int fd)
+    int pvt_sink_set_limit(pvt_sink *sink, size_t limit)
     size_t pvt_sink_copy(pvt_sink *sink, size_t offset, uint8_t *out, size_t cap)
+    uint64_t pvt_sink_dropped(pvt_sink *sink)
     void pvt_sink_clear(pvt_sink *sink)
     int pvt_sink_replace(pvt_sink *sink, const uint8_t *data, size_t n)
 
@@ -115,6 +119,9 @@ cdef extern from "kick.h" nogil:
     void pvt_kick_set_current(kvm_run *run)
     int pvt_kick_arm(uint64_t first_ns, uint64_t interval_ns)
     void pvt_kick_disarm()
+    void pvt_kick_block_outside_run(bint block)
+    void pvt_kick_hold()
+    void pvt_kick_release()
     uint64_t pvt_now_ns()
 
 
@@ -132,6 +139,11 @@ cdef extern from "vcpu_loop.h" nogil:
         uint64_t stop_code
         uint64_t device_port
 
+    enum pvt_pending_io:
+        PVT_PENDING_NONE
+        PVT_PENDING_READ
+        PVT_PENDING_WRITE
+
     cdef struct pvt_vcpu:
         int fd
         kvm_run *run
@@ -139,6 +151,8 @@ cdef extern from "vcpu_loop.h" nogil:
         uint64_t kvm_exits
         uint64_t native_exits
         uint64_t coalesced
+        pvt_pending_io pending_io
+        bint kick_masked
 
     void pvt_vcpu_init(pvt_vcpu *vcpu, int fd, kvm_run *run, size_t run_size,
                        pvt_machine *machine, void *ring_page, long page_size)
@@ -146,6 +160,11 @@ cdef extern from "vcpu_loop.h" nogil:
     void pvt_vcpu_destroy(pvt_vcpu *vcpu)
     int pvt_vcpu_run(pvt_vcpu *vcpu, pvt_stop_info *info)
     void pvt_vcpu_drain_coalesced(pvt_vcpu *vcpu)
+
+
+cdef extern from "io_completion.h" nogil:
+    int pvt_vcpu_finish_io(pvt_vcpu *vcpu)
+    int pvt_vcpu_abandon_io(pvt_vcpu *vcpu)
 
 
 # -- PC platform devices (issue 3) -------------------------------------------

@@ -1,9 +1,12 @@
-"""What the loaders share: the image description, errors, placement checks."""
+"""What the loaders share: the image description, errors, placement checks,
+reading an image file, and the strings handed to the guest."""
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 from .. import modes
 from ..errors import Error
@@ -106,3 +109,72 @@ def as_bytes(data, what: str) -> bytes:
     if isinstance(data, (bytes, bytearray, memoryview)):
         return bytes(data)
     raise LoaderError(f"{what} must be bytes (read the file first), not {type(data).__name__}")
+
+
+_READ_CHUNK = 1 << 20
+
+
+def read_image_file(path: Union[str, os.PathLike], what: str, limit: int) -> bytes:
+    """The contents of the file at ``path`` (``what`` names it in errors),
+    which must fit in ``limit`` bytes of guest RAM.
+
+    The size is checked before the contents are read: a regular file's by
+    its length, anything else (a pipe, ``/dev/zero``) by reading at most
+    ``limit + 1`` bytes, so no input makes pyvt read more than it can load.
+    Raises :class:`LoaderError` if the file cannot be read or is too large.
+    """
+    path = os.fspath(path)
+
+    def too_large(size: str) -> LoaderError:
+        return LoaderError(f"{what} {path}{size} is larger than the {max(limit, 0):#x} bytes "
+                           "of guest RAM it has to fit in: give the VM more memory (--memory)")
+
+    try:
+        with open(path, "rb") as f:
+            info = os.fstat(f.fileno())
+            regular = stat.S_ISREG(info.st_mode)
+            if regular and info.st_size > limit:
+                raise too_large(f" ({info.st_size} bytes)")
+            chunks: List[bytes] = []
+            got = 0
+            while got <= limit:
+                # A regular file in one read; a file growing meanwhile, a pipe
+                # or a device in chunks, never beyond the limit.
+                want = info.st_size + 1 if regular and not chunks else _READ_CHUNK
+                chunk = f.read(min(want, limit + 1 - got))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+    except OSError as e:
+        raise LoaderError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if got > limit:
+        raise too_large("")
+    return b"".join(chunks)
+
+
+#: A command line or module string: str or bytes (see :func:`guest_string`).
+GuestString = Union[str, bytes]
+
+
+def guest_string(value: GuestString, what: str) -> bytes:
+    """A command line or module string as the bytes the guest gets (without
+    the terminating NUL): bytes as they are; a str encoded as
+    :func:`os.fsencode` does, so the undecodable bytes of a command-line
+    argument or a file name (PEP 383 surrogate escapes) reach the guest
+    unchanged.  Raises :class:`LoaderError` for other types, for a str that
+    cannot be encoded, and for a NUL inside (the guest would stop there)."""
+    if isinstance(value, (bytes, bytearray)):
+        raw = bytes(value)
+    elif isinstance(value, str):
+        try:
+            raw = os.fsencode(value)
+        except UnicodeEncodeError as e:
+            raise LoaderError(f"{what} {value!r} cannot be encoded ({e.reason} at "
+                              f"{e.start}): pass it as bytes") from None
+    else:
+        raise LoaderError(f"{what} must be a str or bytes, not {type(value).__name__}")
+    if b"\0" in raw:
+        raise LoaderError(f"{what} {value!r} contains a NUL byte, where the guest would "
+                          "see it end")
+    return raw

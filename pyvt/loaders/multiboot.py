@@ -33,11 +33,13 @@ from typing import List, Optional, Sequence, Tuple
 
 from .common import (
     RESERVED,
+    GuestString,
     Image,
     LoaderError,
     Segment,
     as_bytes,
     check_placement,
+    guest_string,
     overlaps,
     write_segments,
 )
@@ -163,12 +165,15 @@ class _InfoArea:
         return INFO_AREA[0] + start
 
 
-def load_multiboot(memory, data: bytes, cmdline: str = "", kernel_name: str = "kernel",
-                   modules: Sequence[Tuple[bytes, str]] = (),
+def load_multiboot(memory, data: bytes, cmdline: GuestString = "",
+                   kernel_name: GuestString = "kernel",
+                   modules: Sequence[Tuple[bytes, GuestString]] = (),
                    what: str = "kernel") -> Image:
     """Loads a multiboot kernel, its modules (``(data, string)`` pairs;
     ``initrd`` first) and the information structure.  ``cmdline`` is passed
-    after ``kernel_name``, as GRUB and QEMU do."""
+    after ``kernel_name``, as GRUB and QEMU do.  The strings are str or
+    bytes (see :func:`pyvt.loaders.common.guest_string`: a file name's or an
+    argument's undecodable bytes reach the guest as they were)."""
     data = as_bytes(data, what)
     header = find_multiboot_header(data)
     if header is None:
@@ -179,8 +184,10 @@ def load_multiboot(memory, data: bytes, cmdline: str = "", kernel_name: str = "k
         raise LoaderError(f"{what}'s multiboot header requires features pyvt does not "
                           f"provide (flags {unknown:#x}; known: page align, memory info, "
                           "video mode)")
-    if not isinstance(cmdline, str):
-        raise LoaderError(f"cmdline must be a str, not {type(cmdline).__name__}")
+    raw_cmdline = guest_string(cmdline, "cmdline")
+    raw_name = guest_string(kernel_name, "kernel name")
+    module_strings = [guest_string(string, f"module {index}'s string")
+                      for index, (_, string) in enumerate(modules)]
     if header.flags & HEADER_AOUT_KLUDGE:
         segments = _kludge_segments(data, header, what)
         entry = header.entry_addr
@@ -197,8 +204,8 @@ def load_multiboot(memory, data: bytes, cmdline: str = "", kernel_name: str = "k
 
     info = _InfoArea()
     info_addr = info.put(bytes(INFO_SIZE), 8)
-    full_cmdline = f"{kernel_name} {cmdline}" if cmdline else kernel_name
-    cmdline_addr = info.put(full_cmdline.encode() + b"\0", 1)
+    full_cmdline = raw_name + b" " + raw_cmdline if raw_cmdline else raw_name
+    cmdline_addr = info.put(full_cmdline + b"\0", 1)
     name_addr = info.put(BOOT_LOADER_NAME + b"\0", 1)
     mmap = b"".join(struct.pack("<IQQI", 20, base, length, kind)
                     for base, length, kind in memory_map(memory.size))
@@ -220,7 +227,7 @@ def load_multiboot(memory, data: bytes, cmdline: str = "", kernel_name: str = "k
             if overlaps(start, end, r_start, r_end):
                 raise LoaderError(f"module {index} would overlap {why}")
         placed.append((start, end))
-        string_addr = info.put(string.encode() + b"\0", 1)
+        string_addr = info.put(module_strings[index] + b"\0", 1)
         mod_list += struct.pack("<IIII", start, end, string_addr, 0)
         next_addr = _align(end)
     mods_addr = info.put(mod_list, 16) if mod_list else 0
