@@ -62,8 +62,8 @@ int pvt_vcpu_abandon_io(struct pvt_vcpu *vcpu)
 	struct kvm_regs saved;
 	int ret;
 
-	if (vcpu->pending_io == PVT_PENDING_NONE)
-		return 0;
+	if (vcpu->pending_io != PVT_PENDING_READ)
+		return pvt_vcpu_finish_io(vcpu);
 	if (synced)
 		saved = run->s.regs.regs;
 	else if (ioctl(vcpu->fd, KVM_GET_REGS, &saved))

@@ -12,9 +12,12 @@
  *   finish:  KVM_RUN with immediate_exit completes the access with what is
  *            in kvm_run (a reply, or all ones) and returns before any guest
  *            code runs;
- *   abandon: the same, then the registers are put back as they were at the
- *            exit, so the instruction runs again on the next run (used when
- *            a handler raised, and before a restore).
+ *   abandon: for a read, the same, then the registers are put back as
+ *            they were at the exit, so the instruction runs again on the
+ *            next run (used when a handler raised, and before a restore).
+ *            A write is finished instead: the host has seen it, and where
+ *            KVM's emulator ran it the guest is already past it, so it is
+ *            never made twice, on any backend.
  *
  * A string instruction (rep ins/outs) or an MMIO access split across pages
  * can need further round trips to finish; nobody is there to answer them

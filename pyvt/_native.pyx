@@ -545,8 +545,8 @@ cdef class VcpuLoop:
         return pvt_vcpu_finish_io(&self.v) if self.v.run != NULL else 0
 
     def abandon_io(self):
-        """Drops the pending access: the instruction runs again on the next
-        run; returns 0 or -errno."""
+        """Drops a pending read (the instruction runs again on the next
+        run) or retires a pending write; returns 0 or -errno."""
         return pvt_vcpu_abandon_io(&self.v) if self.v.run != NULL else 0
 
     @property
@@ -614,8 +614,9 @@ cdef class VcpuLoop:
 
     cdef int call_handler(self, int stop) except -1:
         """Runs the Python handler of a USER_IO/USER_MMIO stop.  The kick
-        never reaches it (csrc/kick.h); if the handler raises, its access is
-        abandoned, so the instruction runs again next time."""
+        never reaches it (csrc/kick.h); if the handler raises, its read is
+        abandoned (the instruction runs again next time) or its write
+        retired (csrc/io_completion.h)."""
         self.hold_kick()
         try:
             if stop == PVT_STOP_USER_IO:

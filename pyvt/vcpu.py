@@ -206,8 +206,9 @@ class Vcpu:
         ``timeout`` (seconds; None or ``inf``: no limit) stops a guest that
         runs too long and returns :class:`pyvt.exits.Timeout`; the vCPU can
         be run again.  A handler's exception and Ctrl-C propagate out of
-        here, and the VM stays usable: the access whose handler raised is
-        abandoned, so the guest retries it on the next run.  A run() while
+        here, and the VM stays usable: a read whose handler raised is
+        abandoned, so the guest retries it on the next run; a write is not
+        made twice (the guest goes on after it).  A run() while
         another thread takes a snapshot or restores one waits for it.
         ``check=True`` raises :class:`pyvt.GuestError` for failure exits.
         """
@@ -272,8 +273,9 @@ class Vcpu:
             self._after_settle(self._loop.finish_io(), "complete")
 
     def _abandon_pending_io(self) -> None:
-        """Drops a pending access: the registers stay as at the exit, so the
-        instruction runs again (before a restore overwrites the state)."""
+        """Drops a pending read (the registers stay as at the exit, so the
+        instruction runs again) or retires a pending write: before a restore
+        overwrites the state, nothing may complete on top of it."""
         if self._loop is not None and self._loop.pending_io is not None:
             self._after_settle(self._loop.abandon_io(), "abandon")
 

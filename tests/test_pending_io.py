@@ -5,8 +5,8 @@ restores, a handler that raised.
 Rule (Vcpu.reply's docstring): a pending read is completed exactly once,
 with the value reply() or a handler gave (all ones if nobody answered);
 register writes made after the exit win over the completion; a snapshot
-holds the state before an unanswered read; a restore abandons it; an access
-whose handler raised runs again.
+holds the state before an unanswered read; a restore abandons it; a read
+whose handler raised runs again, a write whose handler raised does not.
 """
 
 import pytest
@@ -248,3 +248,21 @@ def test_refused_sregs_write_leaves_reads_and_later_writes_working(vm):
     cpu.sregs.cr3 = 0x91000
     cpu.sregs.cs.base = 0
     assert cpu.fd.get_sregs().cr3 == 0x91000
+
+
+def test_a_write_whose_handler_raised_is_not_made_twice(vm):
+    # Whether KVM retires an out at the exit (its emulator, on PVM) or on
+    # the next KVM_RUN (hardware), the guest goes on after it.
+    cpu = long_mode_guest(vm, OUT_ONCE)
+    calls = []
+
+    def failing(exit):
+        calls.append(exit.value)
+        raise RuntimeError("handler bug")
+
+    vm.on_io(0x10, failing)
+    with pytest.raises(RuntimeError):
+        cpu.run(timeout=10)
+    assert cpu.regs.rip == 0x1004
+    assert cpu.run(timeout=10) == exits.Hlt(0x1008)
+    assert calls == [0x61] and cpu.regs.rbx == 1
