@@ -197,6 +197,9 @@ def test_snapshot_memory_follows_the_pages_in_use(tmp_path):
     """A 1 GiB VM whose guest used a few pages: the snapshot holds those
     pages only (zero pages, touched or not, are holes); restores, clones,
     a clone's snapshot and a saved file never fill the holes in."""
+    if pyvt.select_backend() == pyvt.kvm.PYVT_DEVICE:
+        pytest.skip("pyvt.ko pins (so allocates) all guest RAM when it maps a slot: no page "
+                    "of it is a hole, and 1 GiB does not fit beside the tests in its test VM")
     with pyvt.Vm("1G") as vm:
         vm.memory.write(0x1000, POKE)
         vm.vcpu(0, mode="long")
