@@ -176,6 +176,21 @@ CONSTANTS = """
 #define KVM_SYNC_X86_REGS ...
 #define KVM_SYNC_X86_SREGS ...
 #define KVM_SYNC_X86_EVENTS ...
+
+/* -- interrupts, NMI/SMI, MSI and GSI routing, translation, the clocks, nested state, sregs2 (issue 12) -- */
+/* (section A: its constants go below this line, above the next section) */
+
+/* -- memory slots v2, guest_memfd, memory attributes, devices, memory encryption (issue 12) -- */
+/* (section B: its constants go below this line, above the next section) */
+
+/* -- the dirty ring (issue 12) -- */
+/* (section C: its constants go below this line, above the next section) */
+
+/* -- binary statistics (issue 12) -- */
+/* (section D: its constants go below this line, above the next section) */
+
+/* -- MSR filters and user-space MSR exits (issue 12) -- */
+/* (section E: its constants go below this line, above the next section) */
 """
 
 STRUCTS = """
@@ -290,6 +305,21 @@ struct kvm_coalesced_mmio {
 struct kvm_coalesced_mmio_ring {
     __u32 first, last; struct kvm_coalesced_mmio coalesced_mmio[]; ...;
 };
+
+/* -- interrupts, NMI/SMI, MSI and GSI routing, translation, the clocks, nested state, sregs2 (issue 12) -- */
+/* (section A: its structs go below this line, above the next section) */
+
+/* -- memory slots v2, guest_memfd, memory attributes, devices, memory encryption (issue 12) -- */
+/* (section B: its structs go below this line, above the next section) */
+
+/* -- the dirty ring (issue 12) -- */
+/* (section C: its structs go below this line, above the next section) */
+
+/* -- binary statistics (issue 12) -- */
+/* (section D: its structs go below this line, above the next section) */
+
+/* -- MSR filters and user-space MSR exits (issue 12) -- */
+/* (section E: its structs go below this line, above the next section) */
 """
 
 # The project's kernel module (kernel_module/include/uapi/pyvt.h): declared

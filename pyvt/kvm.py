@@ -589,6 +589,21 @@ class VmFd(_Fd):
             "addr": _u64(addr, "addr"), "size": _u32(size, "size"), "pio": int(pio)})
         self._ioctl("KVM_UNREGISTER_COALESCED_MMIO", lib.KVM_UNREGISTER_COALESCED_MMIO, zone)
 
+    # -- interrupts, NMI/SMI, MSI and GSI routing, translation, the clocks, nested state, sregs2 (issue 12) ---
+    # (section A: its methods go below this line, above the next section)
+
+    # -- memory slots v2, guest_memfd, memory attributes, devices, memory encryption (issue 12) ---
+    # (section B: its methods go below this line, above the next section)
+
+    # -- the dirty ring (issue 12) -----------------------------------------------------
+    # (section C: its methods go below this line, above the next section)
+
+    # -- binary statistics (issue 12) --------------------------------------------------
+    # (section D: its methods go below this line, above the next section)
+
+    # -- MSR filters and user-space MSR exits (issue 12) -------------------------------
+    # (section E: its methods go below this line, above the next section)
+
 
 class VcpuFd(_Fd):
     """A vCPU file descriptor with its mmap'd ``struct kvm_run`` (``.run``)."""
@@ -842,3 +857,12 @@ class VcpuFd(_Fd):
         area = ffi.new("char[]", size)
         ffi.buffer(area, len(state))[:] = state
         self._ioctl("KVM_SET_XSAVE", lib.KVM_SET_XSAVE, area)
+
+    # -- interrupts, NMI/SMI, MSI and GSI routing, translation, the clocks, nested state, sregs2 (issue 12) ---
+    # (section A: its methods go below this line, above the next section)
+
+    # -- the dirty ring (issue 12) -----------------------------------------------------
+    # (section C: its methods go below this line, above the next section)
+
+    # -- binary statistics (issue 12) --------------------------------------------------
+    # (section D: its methods go below this line, above the next section)

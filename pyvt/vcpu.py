@@ -422,6 +422,15 @@ class Vcpu:
         """Run-loop counters: KVM exits, those handled natively, coalesced writes."""
         return self._loop.stats if self._loop is not None else {}
 
+    # -- interrupts, NMI/SMI, MSI and GSI routing, translation, the clocks, nested state, sregs2 (issue 12) ---
+    # (section A: its methods go below this line, above the next section)
+
+    # -- binary statistics (issue 12) --------------------------------------------------
+    # (section D: its methods go below this line, above the next section)
+
+    # -- MSR filters and user-space MSR exits (issue 12) -------------------------------
+    # (section E: its methods go below this line, above the next section)
+
     def _drain(self) -> None:
         if self._loop is not None and not self.fd.closed:
             self._loop.drain()

@@ -445,3 +445,15 @@ class Vm:
         from . import snapshot
 
         return snapshot.clone(snap, backend=backend, vm_class=cls)
+
+    # -- interrupts, NMI/SMI, MSI and GSI routing, translation, the clocks, nested state, sregs2 (issue 12) ---
+    # (section A: its methods go below this line, above the next section)
+
+    # -- the dirty ring (issue 12) -----------------------------------------------------
+    # (section C: its methods go below this line, above the next section)
+
+    # -- binary statistics (issue 12) --------------------------------------------------
+    # (section D: its methods go below this line, above the next section)
+
+    # -- MSR filters and user-space MSR exits (issue 12) -------------------------------
+    # (section E: its methods go below this line, above the next section)
