@@ -185,6 +185,11 @@ CONSTANTS = """
 
 /* -- the dirty ring (issue 12) -- */
 /* (section C: its constants go below this line, above the next section) */
+#define KVM_RESET_DIRTY_RINGS ...
+#define KVM_DIRTY_LOG_PAGE_OFFSET ...
+#define KVM_DIRTY_GFN_F_DIRTY ...
+#define KVM_DIRTY_GFN_F_RESET ...
+#define KVM_DIRTY_GFN_F_MASK ...
 
 /* -- binary statistics (issue 12) -- */
 /* (section D: its constants go below this line, above the next section) */
@@ -314,6 +319,7 @@ struct kvm_coalesced_mmio_ring {
 
 /* -- the dirty ring (issue 12) -- */
 /* (section C: its structs go below this line, above the next section) */
+struct kvm_dirty_gfn { __u32 flags; __u32 slot; __u64 offset; ...; };
 
 /* -- binary statistics (issue 12) -- */
 /* (section D: its structs go below this line, above the next section) */

@@ -1,5 +1,5 @@
 # Type stub for the Cython extension pyvt._native (pyvt/_native.pyx).
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 STOP_EXIT: int
 STOP_DEVICE: int
@@ -86,6 +86,7 @@ class DebugExit(_Device):
 def read_answer(value: Any, size: int, space: str, where: int) -> bytes: ...
 
 class VcpuLoop:
+    on_dirty_ring_full: Optional[Callable[[], None]]
     def __init__(self, machine: Machine, fd: int, run_page: Any, ring_offset: int,
                  page_size: int) -> None: ...
     @property
@@ -100,5 +101,11 @@ class VcpuLoop:
     def drain(self) -> None: ...
     def io_data_valid(self) -> bool: ...
     def run(self, timeout: float = ..., tick: float = ...) -> Tuple[int, int, int]: ...
+
+def dirty_ring_collect(ring: Any, entries: int,
+                       fetch: int) -> Tuple[int, List[Tuple[int, int]]]: ...
+def dirty_ring_mark(ring: Any, entries: int, fetch: int,
+                    bitmaps: List[Optional[bytearray]]) -> Tuple[int, int, int]: ...
+def dirty_ring_resync(ring: Any, entries: int, fetch: int) -> Tuple[int, int]: ...
 
 def __getattr__(name: str) -> Any: ...  # devices added since this stub was written

@@ -497,6 +497,10 @@ cdef class VcpuLoop:
     cdef pvt_stop_info info
     cdef Machine machine
     cdef volatile bint stop_requested
+    # Called (no arguments) when KVM_RUN stops because this vCPU's dirty
+    # ring is full: it harvests and resets the rings, and the run goes on.
+    cdef public object on_dirty_ring_full
+    cdef uint64_t dirty_ring_full_exits
     # Holds a buffer export of the vCPU's mmap: while the loop lives, the
     # kvm_run page cannot be unmapped under it (mmap.close() refuses).
     cdef uint8_t[::1] page
@@ -551,10 +555,12 @@ cdef class VcpuLoop:
 
     @property
     def stats(self):
-        """Counters: KVM_RUN returns, exits handled natively, coalesced writes."""
+        """Counters: KVM_RUN returns, exits handled natively, coalesced writes,
+        full dirty rings harvested on the way."""
         return {"kvm_exits": self.v.kvm_exits,
                 "native_exits": self.v.native_exits,
-                "coalesced_writes": self.v.coalesced}
+                "coalesced_writes": self.v.coalesced,
+                "dirty_ring_full_exits": self.dirty_ring_full_exits}
 
     def io_data_valid(self):
         """The run loop's check that an I/O exit's data lies in the mapping."""
@@ -626,6 +632,18 @@ cdef class VcpuLoop:
         except BaseException:
             pvt_vcpu_abandon_io(&self.v)
             raise
+        finally:
+            self.release_kick()
+        return 0
+
+    cdef int call_dirty_ring_full(self) except -1:
+        """KVM_EXIT_DIRTY_RING_FULL: the callback empties the rings (the
+        next KVM_RUN goes on where the guest was); if it raises, the run
+        stops with its exception."""
+        self.dirty_ring_full_exits += 1
+        self.hold_kick()
+        try:
+            self.on_dirty_ring_full()
         finally:
             self.release_kick()
         return 0
@@ -704,6 +722,9 @@ cdef class VcpuLoop:
                         return (STOP_TIMEOUT, 0, 0)
                 elif rc < 0:
                     return (STOP_ERROR, -rc, 0)
+                elif (rc == PVT_STOP_EXIT and self.on_dirty_ring_full is not None
+                      and self.v.run.exit_reason == KVM_EXIT_DIRTY_RING_FULL):
+                    self.call_dirty_ring_full()
                 else:
                     return (rc, self.info.stop_code, self.info.device_port)
         finally:
@@ -948,3 +969,92 @@ cdef class Port80(_Device):
         self.post.last = state[0]
         self.post.writes = int.from_bytes(state[1:], "little")
         return 0
+
+
+# -- the dirty ring (csrc/dirty_ring.c) ------------------------------------------
+
+cdef enum:
+    # Entries harvested per call into C: the batch buffers stay small.
+    _DIRTY_RING_BATCH = 4096
+
+
+cdef uint32_t[:] _ring_window(ring, uint32_t entries) except *:
+    """``ring`` (a writable buffer of ``entries`` struct kvm_dirty_gfn) as
+    32-bit words, checked."""
+    if entries == 0 or entries & (entries - 1):
+        raise ArgumentError(f"a dirty ring holds a power of two of entries, not {entries}")
+    cdef uint32_t[:] words = memoryview(ring).cast("B").cast("I")
+    if <uint64_t>words.shape[0] * 4 < <uint64_t>entries * 16:
+        raise ArgumentError(f"a dirty ring of {entries} entries needs {entries * 16} bytes; "
+                            f"this buffer has {words.shape[0] * 4}")
+    return words
+
+
+def dirty_ring_collect(ring, uint32_t entries, uint32_t fetch):
+    """Harvests the dirty entries of a vCPU's dirty ring (``ring``: its
+    writable mapping of ``entries`` struct kvm_dirty_gfn) from index
+    ``fetch`` on, in order, marking each harvested (csrc/dirty_ring.h).
+    Returns ``(fetch, [(slot, offset), ...])``; call KVM_RESET_DIRTY_RINGS
+    afterwards."""
+    cdef uint32_t[:] words = _ring_window(ring, entries)
+    cdef uint32_t slots[256]
+    cdef uint64_t offsets[256]
+    cdef uint32_t n, i
+    found = []
+    while True:
+        with nogil:
+            n = pvt_dirty_ring_collect(<void *>&words[0], entries, &fetch, slots, offsets, 256)
+        for i in range(n):
+            found.append((slots[i], offsets[i]))
+        if n < 256:
+            return fetch, found
+
+
+def dirty_ring_mark(ring, uint32_t entries, uint32_t fetch, list bitmaps):
+    """:func:`dirty_ring_collect`, but sets each page's bit in
+    ``bitmaps[slot]`` (a bytearray, one bit per page of that memory slot)
+    instead of listing it.  Returns ``(fetch, harvested, stray)``: stray
+    entries name a slot or page no bitmap holds (they are harvested too)."""
+    cdef uint32_t[:] words = _ring_window(ring, entries)
+    cdef uint32_t *slots = <uint32_t *>calloc(_DIRTY_RING_BATCH, sizeof(uint32_t))
+    cdef uint64_t *offsets = <uint64_t *>calloc(_DIRTY_RING_BATCH, sizeof(uint64_t))
+    cdef uint32_t n, i, slot, current = 0xFFFFFFFF
+    cdef uint64_t offset, harvested = 0, stray = 0
+    cdef uint8_t[::1] bitmap = None
+    cdef uint32_t nslots = len(bitmaps)
+    if slots == NULL or offsets == NULL:
+        free(slots)
+        free(offsets)
+        raise MemoryError()
+    views = [None if b is None else memoryview(b).cast("B") for b in bitmaps]
+    try:
+        while True:
+            with nogil:
+                n = pvt_dirty_ring_collect(<void *>&words[0], entries, &fetch, slots, offsets,
+                                           _DIRTY_RING_BATCH)
+            harvested += n
+            for i in range(n):
+                slot, offset = slots[i], offsets[i]
+                if slot != current:  # entries come in runs of one slot
+                    current = slot
+                    bitmap = views[slot] if slot < nslots else None
+                if bitmap is None or offset >> 3 >= <uint64_t>bitmap.shape[0]:
+                    stray += 1
+                    continue
+                bitmap[offset >> 3] |= 1 << (offset & 7)
+            if n < _DIRTY_RING_BATCH:
+                return fetch, harvested, stray
+    finally:
+        free(slots)
+        free(offsets)
+
+
+def dirty_ring_resync(ring, uint32_t entries, uint32_t fetch):
+    """After a harvest stopped early: whether KVM overran the ring and now
+    writes further on (csrc/dirty_ring.h).  Returns ``(fetch, skipped)``;
+    skipped > 0 means entries were lost and ``fetch`` moved to KVM's."""
+    cdef uint32_t[:] words = _ring_window(ring, entries)
+    cdef uint32_t skipped
+    with nogil:
+        skipped = pvt_dirty_ring_resync(<void *>&words[0], entries, &fetch)
+    return fetch, skipped

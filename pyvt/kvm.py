@@ -16,8 +16,9 @@ import errno
 import mmap
 import os
 import threading
+import weakref
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from ._kvm import ffi, lib
 from .errors import (
@@ -31,6 +32,9 @@ from .errors import (
     KvmError,
     check,
 )
+
+if TYPE_CHECKING:
+    from .dirty_ring import DirtyRing
 
 #: Every ``KVM_CAP_*`` the build headers define: name -> number.
 caps: Dict[str, int] = {
@@ -480,7 +484,9 @@ class VmFd(_Fd):
         """``KVM_CREATE_VCPU``, then mmap of its ``struct kvm_run``."""
         fd = self._ioctl("KVM_CREATE_VCPU", lib.KVM_CREATE_VCPU,
                          _arg(_u32(index, "vCPU index")))
-        return VcpuFd(self, fd, index)
+        vcpu = VcpuFd(self, fd, index)
+        self._vcpu_created(vcpu)
+        return vcpu
 
     def set_tss_addr(self, address: int) -> None:
         """``KVM_SET_TSS_ADDR``: three pages KVM may use for real mode on VMX."""
@@ -598,6 +604,81 @@ class VmFd(_Fd):
     # -- the dirty ring (issue 12) -----------------------------------------------------
     # (section C: its methods go below this line, above the next section)
 
+    #: The dirty ring's size in bytes once enable_dirty_log_ring() succeeded, else 0.
+    dirty_ring_size = 0
+
+    def enable_dirty_log_ring(self, size: int) -> str:
+        """``KVM_ENABLE_CAP`` of ``KVM_CAP_DIRTY_LOG_RING_ACQ_REL`` (or of
+        ``KVM_CAP_DIRTY_LOG_RING`` where the kernel lacks it) with a ring of
+        ``size`` bytes per vCPU (``size // 16`` struct kvm_dirty_gfn): see
+        "8.29 KVM_CAP_DIRTY_LOG_RING/KVM_CAP_DIRTY_LOG_RING_ACQ_REL".
+
+        Only before the VM has any vCPU; ``size`` is a power of two from
+        the page size up to what ``KVM_CHECK_EXTENSION`` answers for the
+        capability (the largest ring in bytes).  From then on KVM logs
+        guest writes to slots with ``KVM_MEM_LOG_DIRTY_PAGES`` in the vCPUs'
+        rings (:meth:`VcpuFd.dirty_ring`), never in a bitmap:
+        ``KVM_GET_DIRTY_LOG`` fails.  Returns the capability's name.
+        """
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise ArgumentTypeError(f"the dirty ring size must be an int (bytes), not {size!r}")
+        if self.dirty_ring_size:
+            raise ArgumentError(f"this VM has a dirty ring already ({self.dirty_ring_size} "
+                                "bytes); KVM sets it once")
+        if self._vcpu_fds:
+            raise ArgumentError("the dirty ring must be enabled before the VM's first vCPU "
+                                f"is created; this VM has {len(self._vcpu_fds)}: enable it "
+                                "right after create_vm() (pyvt.Vm(dirty_ring=...))")
+        name = next((cap for cap in ("KVM_CAP_DIRTY_LOG_RING_ACQ_REL", "KVM_CAP_DIRTY_LOG_RING")
+                     if cap in caps and self.check_extension(cap)), None)
+        if name is None:
+            raise KvmError("KVM_ENABLE_CAP", errno.EOPNOTSUPP,
+                           f"{self.kvm.path} has no dirty ring (KVM_CAP_DIRTY_LOG_RING); "
+                           "use the dirty bitmap (KVM_GET_DIRTY_LOG)")
+        largest = self.check_extension(name)
+        if size < PAGE_SIZE or size > largest or size & (size - 1):
+            raise ArgumentError(f"the dirty ring size must be a power of two from {PAGE_SIZE} "
+                                f"to {largest} bytes ({name}), not {size}")
+        try:
+            self.enable_cap(name, size)
+        except KvmError as e:
+            raise KvmError("KVM_ENABLE_CAP", e.errno,
+                           f"{name} with {size} bytes refused (KVM refuses a vCPU made "
+                           "before it, and a ring too small for its reserved entries)") from None
+        self.dirty_ring_size = size
+        return name
+
+    def reset_dirty_rings(self) -> int:
+        """``KVM_RESET_DIRTY_RINGS`` (see 8.29): KVM re-protects the pages of
+        every harvested ring entry and frees the entries.  Returns how many."""
+        return self._ioctl("KVM_RESET_DIRTY_RINGS", lib.KVM_RESET_DIRTY_RINGS,
+                           hint="the VM needs KVM_CAP_DIRTY_LOG_RING (enable_dirty_log_ring)")
+
+    @property
+    def _vcpu_fds(self) -> List["VcpuFd"]:
+        """The open vCPU fds this VmFd created (in creation order)."""
+        fds = self.__dict__.setdefault("_vcpu_refs", [])
+        alive = [v for v in (ref() for ref in fds) if v is not None and not v.closed]
+        fds[:] = [weakref.ref(v) for v in alive]
+        return alive
+
+    def _vcpu_created(self, vcpu: "VcpuFd") -> None:
+        """Keeps ``vcpu`` (weakly) and maps its dirty ring if the VM has one:
+        harvesting must see every vCPU's ring."""
+        self.__dict__.setdefault("_vcpu_refs", []).append(weakref.ref(vcpu))
+        if self.dirty_ring_size:
+            try:
+                vcpu.dirty_ring()
+            except BaseException:
+                vcpu.close()
+                raise
+
+    def dirty_rings(self) -> List["DirtyRing"]:
+        """The dirty rings of this VM's open vCPUs (empty without a ring)."""
+        if not self.dirty_ring_size:
+            return []
+        return [vcpu.dirty_ring() for vcpu in self._vcpu_fds]
+
     # -- binary statistics (issue 12) --------------------------------------------------
     # (section D: its methods go below this line, above the next section)
 
@@ -656,6 +737,7 @@ class VcpuFd(_Fd):
                 mapping.close()
             except BufferError:
                 pass  # a run loop still holds the page; unmapped when it lets go
+        self._close_dirty_ring()
         super().close()
 
     def run(self) -> int:
@@ -863,6 +945,28 @@ class VcpuFd(_Fd):
 
     # -- the dirty ring (issue 12) -----------------------------------------------------
     # (section C: its methods go below this line, above the next section)
+
+    _dirty_ring: Optional["DirtyRing"] = None
+
+    def dirty_ring(self) -> "DirtyRing":
+        """This vCPU's dirty ring (:class:`pyvt.dirty_ring.DirtyRing`), mapped
+        on first use from ``KVM_DIRTY_LOG_PAGE_OFFSET`` pages into the fd
+        (see "8.29 KVM_CAP_DIRTY_LOG_RING/KVM_CAP_DIRTY_LOG_RING_ACQ_REL")."""
+        from .dirty_ring import DirtyRing
+
+        self.fileno()
+        if self._dirty_ring is None:
+            if not self.vm.dirty_ring_size:
+                raise KvmError("mmap(dirty ring)", errno.ENXIO,
+                               "this VM has no dirty ring: VmFd.enable_dirty_log_ring() "
+                               "before creating vCPUs")
+            self._dirty_ring = DirtyRing(self.fileno(), self.vm.dirty_ring_size, self.index)
+        return self._dirty_ring
+
+    def _close_dirty_ring(self) -> None:
+        ring, self._dirty_ring = self._dirty_ring, None
+        if ring is not None:
+            ring.close()
 
     # -- binary statistics (issue 12) --------------------------------------------------
     # (section D: its methods go below this line, above the next section)

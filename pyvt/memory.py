@@ -14,15 +14,19 @@ import mmap
 import operator
 import os
 import re
+import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Tuple, Union
 
-from . import pageset
+from . import dirty_pages as _dirty_pages
+from . import pageset, snapshot_memory
 from ._kvm import ffi, lib
+from .dirty_pages import DirtyPages
 from .errors import (
     ArgumentError,
     ArgumentTypeError,
+    BackendError,
     ClosedError,
     KvmError,
     MemoryConfigError,
@@ -31,6 +35,8 @@ from .errors import (
 )
 
 PAGE_SIZE = mmap.PAGESIZE
+#: Ring-full exits in a row with nothing to harvest before giving up.
+_FUTILE_RING_FULL_LIMIT = 3
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -93,6 +99,8 @@ class Region:
     host_dirty: Optional[bytearray] = None
     #: The backend refused KVM_MEM_LOG_DIRTY_PAGES (pyvt.ko has no dirty log).
     dirty_log_refused: bool = False
+    #: Pages written since the last GuestMemory.dirty_pages() (a pyvt.pageset).
+    unreported: int = 0
     #: Baselines: for each snapshot image (held weakly) this region's contents
     #: are known against, the pages that may differ from it (a pyvt.pageset).
     baselines: "weakref.WeakKeyDictionary[Any, int]" = field(
@@ -158,6 +166,10 @@ class GuestMemory:
         self._vm_fd = vm_fd
         self._max_address = max_address
         self.regions: List[Region] = []
+        # One harvest at a time: a full dirty ring is emptied from its vCPU's
+        # thread while others run (pyvt.dirty_pages).
+        self._dirty_lock = threading.Lock()
+        self._futile_ring_full = 0
         self._main = self.add_region(0, size, copy_on_write_of=copy_on_write_of)
 
     @property
@@ -238,6 +250,9 @@ class GuestMemory:
         region = Region(slot, gpa, size, readonly, memfd, mapping, host_address)
         self.regions.append(region)
         self.regions.sort(key=lambda r: r.gpa)
+        if self._vm_fd.dirty_ring_size:
+            # A VM with a dirty ring tracks from the start: nothing written yet.
+            self._start_tracking(region, unreported=0)
         return region
 
     def _pieces(self, gpa: int, n: int) -> List[Tuple[Region, int, int]]:
@@ -336,35 +351,106 @@ class GuestMemory:
 
     def track_dirty_pages(self) -> None:
         """Starts tracking writes on every region (idempotent): from now on
-        the guest's writes (KVM's dirty log) and ``write()``'s reach the
-        baselines.  Writes through ``view`` are not seen."""
+        the guest's writes (KVM's dirty log: the ring or the bitmap) and
+        ``write()``'s reach the baselines and :meth:`dirty_pages`.  Writes
+        through ``view`` are not seen."""
         self._check_open()
         for region in self.regions:
             if region.host_dirty is None:
-                region.host_dirty = bytearray(pageset.bitmap_bytes(region.pages))
-            if region.readonly or region.dirty_logging or region.dirty_log_refused:
-                continue
-            try:
-                self._vm_fd.set_user_memory_region(
-                    region.slot, region.gpa, region.size, region.host_address,
-                    lib.KVM_MEM_LOG_DIRTY_PAGES)
-                region.dirty_logging = True
-            except KvmError:
-                # Without a dirty log, snapshot restore compares pages.
-                region.dirty_log_refused = True
+                # What happened before is unknown: every page that may have
+                # been written counts as written.
+                self._start_tracking(region, _written_so_far(region))
+
+    def _start_tracking(self, region: Region, unreported: int) -> None:
+        if region.host_dirty is None:
+            region.host_dirty = bytearray(pageset.bitmap_bytes(region.pages))
+            region.unreported = unreported
+        if region.readonly or region.dirty_logging or region.dirty_log_refused:
+            return
+        try:
+            self._vm_fd.set_user_memory_region(
+                region.slot, region.gpa, region.size, region.host_address,
+                lib.KVM_MEM_LOG_DIRTY_PAGES)
+            region.dirty_logging = True
+        except KvmError:
+            # Without a dirty log, snapshot restore compares pages.
+            region.dirty_log_refused = True
+
+    def dirty_pages(self) -> List[DirtyPages]:
+        """The pages written since the last call, one :class:`DirtyPages` per
+        region (in address order): by the guest, as KVM logged them (through
+        the VM's dirty ring, or its dirty bitmap), and by the host through
+        :meth:`write` (and a snapshot restore's copy).  Writes through
+        ``view`` are not seen.
+
+        The first call starts tracking (see :meth:`track_dirty_pages`) and,
+        unless the VM has a dirty ring (which tracks from its creation),
+        reports every page that may have been written before.  Raises
+        :class:`pyvt.BackendError` where the backend keeps no dirty log."""
+        self.track_dirty_pages()
+        blind = [r for r in self.regions if not r.tracked]
+        if blind:
+            raise BackendError(
+                f"this backend keeps no dirty log (it refused KVM_MEM_LOG_DIRTY_PAGES), so "
+                f"the guest's writes to {blind[0]!r} cannot be known")
+        with self._dirty_lock:
+            self._collect(self.regions)
+            found = [DirtyPages(r.gpa, r.size, r.unreported) for r in self.regions]
+            for region in self.regions:
+                region.unreported = 0
+        return found
 
     def fold(self, region: Region) -> None:
         """Adds the pages written since the last fold to every baseline."""
         self._check_open()
-        written = 0
-        if region.dirty_logging:
-            written = int.from_bytes(self._vm_fd.get_dirty_log(region.slot, region.pages),
-                                     "little")
-        if region.host_dirty is not None:
-            host = int.from_bytes(region.host_dirty, "little")
-            if host:
-                written |= host
-                region.host_dirty = bytearray(len(region.host_dirty))
+        with self._dirty_lock:
+            self._collect([region])
+
+    def harvest_dirty_rings(self) -> None:
+        """Empties the vCPUs' dirty rings into the baselines and
+        :meth:`dirty_pages` (the run loop calls it on
+        ``KVM_EXIT_DIRTY_RING_FULL``).  Raises if the rings stay full with
+        nothing to harvest (the vCPU could never run again)."""
+        self._check_open()
+        with self._dirty_lock:
+            rings = self._vm_fd.dirty_rings()
+            before = [ring.fetch for ring in rings]
+            self._collect(self.regions)
+            if before != [ring.fetch for ring in rings]:
+                self._futile_ring_full = 0
+                return
+            # Nothing to take: another thread emptied the rings since the
+            # exit (the next run goes on), or the backend overran a ring so
+            # far that KVM counts it full with no entry left to harvest.
+            self._futile_ring_full += 1
+            if self._futile_ring_full >= _FUTILE_RING_FULL_LIMIT:
+                self._futile_ring_full = 0
+                raise BackendError(
+                    f"a vCPU keeps stopping because its dirty ring is full ({len(rings)} "
+                    f"ring(s) of {self._vm_fd.dirty_ring_size} bytes), but no ring holds an "
+                    "entry to harvest: the backend overran it beyond recovery (see "
+                    "pyvt.dirty_ring); use a larger ring, pyvt.Vm(dirty_ring=...)")
+
+    def _collect(self, regions: List[Region]) -> None:
+        """Moves the writes logged since the last collection (KVM's and
+        ``write()``'s) into each region's baselines and unreported pages.
+        Caller holds _dirty_lock."""
+        if self._vm_fd.dirty_ring_size:
+            regions = self.regions  # a ring mixes every slot: take them all
+        logged = _dirty_pages.harvester(self._vm_fd)(self._vm_fd, regions)
+        for region in regions:
+            written = logged.get(region.slot, 0)
+            if region.host_dirty is not None:
+                host = int.from_bytes(region.host_dirty, "little")
+                if host:
+                    written |= host
+                    region.host_dirty = bytearray(len(region.host_dirty))
+            self._add_written(region, written)
+
+    @staticmethod
+    def _add_written(region: Region, written: int) -> None:
+        if written and region.host_dirty is not None:
+            region.unreported |= written
         for key, pages in list(region.baselines.items()):
             if getattr(key, "closed", False):
                 del region.baselines[key]  # a closed snapshot is never restored
@@ -385,8 +471,8 @@ class GuestMemory:
         through its mapping (a restore's copy): they may change against
         every baseline, even if the copy stops half-way."""
         if region.tracked and pages:
-            for key, changed in list(region.baselines.items()):
-                region.baselines[key] = changed | pages
+            with self._dirty_lock:
+                self._add_written(region, pages)
 
     def now_equals(self, region: Region, baseline) -> None:
         """Records that ``region`` now holds exactly ``baseline``'s contents
@@ -413,3 +499,13 @@ class GuestMemory:
 
     def __repr__(self) -> str:
         return f"GuestMemory({', '.join(map(repr, self.regions))})"
+
+
+def _written_so_far(region: Region) -> int:
+    """Every page of ``region`` that may have been written since it was
+    mapped: a clone's private copies, or a memfd's allocated pages."""
+    if region.memfd < 0 and region.origin is not None:
+        private = snapshot_memory.private_pages(region)
+        if private is not None:
+            return private
+    return snapshot_memory.possibly_nonzero(region)

@@ -57,6 +57,24 @@ def select_backend(backend=None) -> str:
         "KVM (load kvm-intel or kvm-amd, or pyvt.ko from kernel_module/)")
 
 
+#: The ring ``Vm(dirty_ring=True)`` gets: 4096 entries, what the KVM API
+#: documentation recommends at least.
+DEFAULT_DIRTY_RING = 64 << 10
+
+
+def dirty_ring_size(spec: Union[bool, int, str]) -> int:
+    """The ring size in bytes ``Vm(dirty_ring=spec)`` asks for."""
+    if spec is True:
+        return DEFAULT_DIRTY_RING
+    if isinstance(spec, (int, str)) and not isinstance(spec, bool):
+        try:
+            return parse_size(spec)
+        except Error as e:
+            raise ArgumentError(f"dirty_ring: {e}") from None
+    raise ArgumentTypeError(f"dirty_ring must be False, True or a size in bytes "
+                            f"(like 65536 or '64K'), not {spec!r}")
+
+
 def _as_range(spec: PortRange, what: str, limit: int, space: str = "") -> Tuple[int, int]:
     """(start, length) from a port/address, a range, or a (start, length) pair,
     inside [0, limit) (``space`` names that span in the error)."""
@@ -108,11 +126,16 @@ class Vm:
     without, those attributes are None.
     ``output_limit`` is how many bytes of output ``console`` and ``debugcon``
     each keep (their last ones; None: all): see :class:`pyvt.devices.Console`.
+    ``dirty_ring`` (False, True for 64 KiB, or a size like ``"256K"``: a
+    power of two, 16 bytes an entry) makes KVM log the guest's writes in a
+    ring per vCPU instead of a bitmap, from creation on: see
+    :meth:`pyvt.memory.GuestMemory.dirty_pages` and :mod:`pyvt.dirty_pages`.
     """
 
     def __init__(self, memory: Union[int, str] = "64M", backend=None, *,
                  debug_exit_port: Optional[int] = DEBUG_EXIT_PORT,
                  pc_devices: bool = True, output_limit: Optional[int] = DEFAULT_OUTPUT_LIMIT,
+                 dirty_ring: Union[bool, int, str] = False,
                  _memory_source: Optional[int] = None):
         self._released = True  # nothing to free yet
         self._closed = True
@@ -133,6 +156,8 @@ class Vm:
         self._max_vcpus: Optional[int] = None
         self.fw_cfg = self.cmos = self.pm_timer = self.i8042 = self.post = None
         try:
+            if dirty_ring is not False:  # before any vCPU or memory slot
+                self.fd.enable_dirty_log_ring(dirty_ring_size(dirty_ring))
             if size <= TSS_ADDRESS and self.kvm.check_extension("KVM_CAP_SET_TSS_ADDR"):
                 self.fd.set_tss_addr(TSS_ADDRESS)
             # _memory_source: a snapshot's memfd to map copy-on-write (clones).
@@ -451,6 +476,13 @@ class Vm:
 
     # -- the dirty ring (issue 12) -----------------------------------------------------
     # (section C: its methods go below this line, above the next section)
+
+    @property
+    def dirty_ring(self) -> int:
+        """The size in bytes of each vCPU's dirty ring, or 0 (the VM logs
+        writes in a bitmap): see ``Vm(dirty_ring=...)``."""
+        self._check_open()
+        return self.fd.dirty_ring_size
 
     # -- binary statistics (issue 12) --------------------------------------------------
     # (section D: its methods go below this line, above the next section)

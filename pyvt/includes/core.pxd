@@ -255,3 +255,11 @@ cdef extern from "port80.h" nogil:
 
     int pvt_port80_io(void *opaque, uint64_t offset, uint8_t *data, uint32_t len,
                       bint is_write, uint64_t *stop_code)
+
+
+cdef extern from "dirty_ring.h" nogil:
+    int KVM_EXIT_DIRTY_RING_FULL
+
+    uint32_t pvt_dirty_ring_collect(void *ring, uint32_t entries, uint32_t *fetch,
+                                    uint32_t *slots, uint64_t *offsets, uint32_t max)
+    uint32_t pvt_dirty_ring_resync(void *ring, uint32_t entries, uint32_t *fetch)
