@@ -975,7 +975,7 @@ cdef class Port80(_Device):
 
 cdef enum:
     # Entries harvested per call into C: the batch buffers stay small.
-    _DIRTY_RING_BATCH = 4096
+    _DIRTY_RING_BATCH = 256
 
 
 cdef uint32_t[:] _ring_window(ring, uint32_t entries) except *:
@@ -997,16 +997,17 @@ def dirty_ring_collect(ring, uint32_t entries, uint32_t fetch):
     Returns ``(fetch, [(slot, offset), ...])``; call KVM_RESET_DIRTY_RINGS
     afterwards."""
     cdef uint32_t[:] words = _ring_window(ring, entries)
-    cdef uint32_t slots[256]
-    cdef uint64_t offsets[256]
+    cdef uint32_t slots[_DIRTY_RING_BATCH]
+    cdef uint64_t offsets[_DIRTY_RING_BATCH]
     cdef uint32_t n, i
     found = []
     while True:
         with nogil:
-            n = pvt_dirty_ring_collect(<void *>&words[0], entries, &fetch, slots, offsets, 256)
+            n = pvt_dirty_ring_collect(<void *>&words[0], entries, &fetch, slots, offsets,
+                                       _DIRTY_RING_BATCH)
         for i in range(n):
             found.append((slots[i], offsets[i]))
-        if n < 256:
+        if n < _DIRTY_RING_BATCH:
             return fetch, found
 
 
@@ -1016,37 +1017,29 @@ def dirty_ring_mark(ring, uint32_t entries, uint32_t fetch, list bitmaps):
     instead of listing it.  Returns ``(fetch, harvested, stray)``: stray
     entries name a slot or page no bitmap holds (they are harvested too)."""
     cdef uint32_t[:] words = _ring_window(ring, entries)
-    cdef uint32_t *slots = <uint32_t *>calloc(_DIRTY_RING_BATCH, sizeof(uint32_t))
-    cdef uint64_t *offsets = <uint64_t *>calloc(_DIRTY_RING_BATCH, sizeof(uint64_t))
+    cdef uint32_t slots[_DIRTY_RING_BATCH]
+    cdef uint64_t offsets[_DIRTY_RING_BATCH]
     cdef uint32_t n, i, slot, current = 0xFFFFFFFF
     cdef uint64_t offset, harvested = 0, stray = 0
     cdef uint8_t[::1] bitmap = None
     cdef uint32_t nslots = len(bitmaps)
-    if slots == NULL or offsets == NULL:
-        free(slots)
-        free(offsets)
-        raise MemoryError()
     views = [None if b is None else memoryview(b).cast("B") for b in bitmaps]
-    try:
-        while True:
-            with nogil:
-                n = pvt_dirty_ring_collect(<void *>&words[0], entries, &fetch, slots, offsets,
-                                           _DIRTY_RING_BATCH)
-            harvested += n
-            for i in range(n):
-                slot, offset = slots[i], offsets[i]
-                if slot != current:  # entries come in runs of one slot
-                    current = slot
-                    bitmap = views[slot] if slot < nslots else None
-                if bitmap is None or offset >> 3 >= <uint64_t>bitmap.shape[0]:
-                    stray += 1
-                    continue
-                bitmap[offset >> 3] |= 1 << (offset & 7)
-            if n < _DIRTY_RING_BATCH:
-                return fetch, harvested, stray
-    finally:
-        free(slots)
-        free(offsets)
+    while True:
+        with nogil:
+            n = pvt_dirty_ring_collect(<void *>&words[0], entries, &fetch, slots, offsets,
+                                       _DIRTY_RING_BATCH)
+        harvested += n
+        for i in range(n):
+            slot, offset = slots[i], offsets[i]
+            if slot != current:  # entries come in runs of one slot
+                current = slot
+                bitmap = views[slot] if slot < nslots else None
+            if bitmap is None or offset >> 3 >= <uint64_t>bitmap.shape[0]:
+                stray += 1
+                continue
+            bitmap[offset >> 3] |= 1 << (offset & 7)
+        if n < _DIRTY_RING_BATCH:
+            return fetch, harvested, stray
 
 
 def dirty_ring_resync(ring, uint32_t entries, uint32_t fetch):

@@ -97,6 +97,8 @@ def harvest_rings(vm_fd, regions) -> Dict[int, int]:
         lost, ring.lost = lost or ring.lost, False
     if harvested or lost:
         vm_fd.reset_dirty_rings()
+    if not harvested and not lost:
+        return {}
     if lost:
         # KVM overran a ring (see pyvt.dirty_ring): which pages its lost
         # entries named is unknown, so every page counts as written.

@@ -66,6 +66,10 @@ class DirtyRing:
         return f"<DirtyRing vCPU {self.vcpu_index}, {self.entries} entries, {state}>"
 
     @property
+    def closed(self) -> bool:
+        return self._mapping is None
+
+    @property
     def mapping(self) -> mmap.mmap:
         """The shared mapping of the ring (``entries`` struct kvm_dirty_gfn)."""
         if self._mapping is None:
@@ -86,30 +90,27 @@ class DirtyRing:
         id``; ``offset`` is the page within the slot), each marked harvested.
         Call :meth:`pyvt.kvm.VmFd.reset_dirty_rings` next."""
         found: List[Tuple[int, int]] = []
-
-        def collect() -> int:
-            self.fetch, more = _native.dirty_ring_collect(self.mapping, self.entries, self.fetch)
-            found.extend(more)
-            return len(more)
-
-        self._harvest(collect)
+        self._harvest(lambda: self._collect(found))
         return found
+
+    def _collect(self, found: List[Tuple[int, int]]) -> int:
+        self.fetch, more = _native.dirty_ring_collect(self.mapping, self.entries, self.fetch)
+        found.extend(more)
+        return len(more)
 
     def harvest_into(self, bitmaps: Sequence[Optional[bytearray]]) -> Tuple[int, int]:
         """:meth:`harvest`, setting each page's bit in ``bitmaps[slot]`` (one
         bit per page of the slot; None for a slot to ignore).  Returns
         ``(harvested, stray)``: stray entries fell outside every bitmap."""
         bitmaps = list(bitmaps)
-        strays = 0
+        strays = [0]
+        return self._harvest(lambda: self._mark(bitmaps, strays)), strays[0]
 
-        def collect() -> int:
-            nonlocal strays
-            self.fetch, harvested, stray = _native.dirty_ring_mark(
-                self.mapping, self.entries, self.fetch, bitmaps)
-            strays += stray
-            return harvested
-
-        return self._harvest(collect), strays
+    def _mark(self, bitmaps: List[Optional[bytearray]], strays: List[int]) -> int:
+        self.fetch, harvested, stray = _native.dirty_ring_mark(
+            self.mapping, self.entries, self.fetch, bitmaps)
+        strays[0] += stray
+        return harvested
 
     def _harvest(self, collect: Callable[[], int]) -> int:
         """Runs ``collect`` (one harvest from :attr:`fetch`), noticing and

@@ -668,16 +668,18 @@ class VmFd(_Fd):
         self.__dict__.setdefault("_vcpu_refs", []).append(weakref.ref(vcpu))
         if self.dirty_ring_size:
             try:
-                vcpu.dirty_ring()
+                ring = vcpu.dirty_ring()
             except BaseException:
                 vcpu.close()
                 raise
+            self.__dict__.setdefault("_rings", []).append(ring)
 
     def dirty_rings(self) -> List["DirtyRing"]:
         """The dirty rings of this VM's open vCPUs (empty without a ring)."""
-        if not self.dirty_ring_size:
-            return []
-        return [vcpu.dirty_ring() for vcpu in self._vcpu_fds]
+        rings = self.__dict__.get("_rings", [])
+        if any(ring.closed for ring in rings):
+            rings[:] = [ring for ring in rings if not ring.closed]
+        return list(rings)
 
     # -- binary statistics (issue 12) --------------------------------------------------
     # (section D: its methods go below this line, above the next section)
