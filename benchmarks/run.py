@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import dirty_log
 import pyvt
 import snapshots
 from pyvt import exits
@@ -272,6 +273,7 @@ def main() -> int:
     if "unicorn" in r:
         speedup_row(f"{compute_count} xorshift rounds, pyvt vs unicorn", r["compute"], r["unicorn"])
     snapshots.report(rounds=args.rounds, calls=500 // scale)
+    dirty_log.report(rounds=args.rounds)
     return 0
 
 
