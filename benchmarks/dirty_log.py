@@ -22,26 +22,17 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import pyvt
 from pyvt import exits
 
+HERE = Path(__file__).resolve().parent
 CODE, TABLE, FIRST = 0x1000, 0x10000, 0x400000
 RING = "64K"  # 4096 entries: every N below fits, so no ring-full exit is timed
 
 # Writes rbx to each address of the zero-terminated table at rsi, then stops.
-WRITER = pyvt.assemble("""
-    .code64
-    .globl _start
-_start:
-    mov (%rsi), %rdi
-    test %rdi, %rdi
-    jz 1f
-    mov %rbx, (%rdi)
-    add $8, %rsi
-    jmp _start
-1:  hlt
-""")
+WRITER = pyvt.assemble_file(str(HERE.parent / "tests" / "guests" / "write_table.S"))
 
 
 class Subject:

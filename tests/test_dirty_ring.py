@@ -3,6 +3,8 @@ answers the same over the ring or the dirty bitmap: real guests write known
 pages; snapshots restore exactly on a ring VM; a full ring is emptied on the
 way without the caller seeing it; bad sizes and late enabling are refused."""
 
+from pathlib import Path
+
 import pytest
 
 import pyvt
@@ -14,20 +16,7 @@ pytestmark = [pytest.mark.requires_kvm, pytest.mark.requires_cap("DIRTY_LOG_RING
 CODE = 0x1000
 TABLE = 0x10000  # the guest reads the addresses to write from here (reads dirty nothing)
 
-# Writes rbx to each address of the zero-terminated table at rsi, then stops.
-# No stack, no calls: the only pages it writes are the table's addresses.
-WRITER = pyvt.assemble("""
-    .code64
-    .globl _start
-_start:
-    mov (%rsi), %rdi
-    test %rdi, %rdi
-    jz 1f
-    mov %rbx, (%rdi)
-    add $8, %rsi
-    jmp _start
-1:  hlt
-""")
+WRITER = pyvt.assemble_file(str(Path(__file__).parent / "guests" / "write_table.S"))
 
 # A few dozen pages (ring-0 guest code is emulated on PVM): across 2 MiB
 # pages, two writes to one page, writes at a page's last byte.
