@@ -3,6 +3,7 @@ answers the same over the ring or the dirty bitmap: real guests write known
 pages; snapshots restore exactly on a ring VM; a full ring is emptied on the
 way without the caller seeing it; bad sizes and late enabling are refused."""
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,31 @@ def test_ring_calls_on_a_vm_without_a_ring_say_so():
         with pytest.raises(pyvt.KvmError, match="KVM_CAP_DIRTY_LOG_RING"):
             vm.fd.reset_dirty_rings()
         assert vm.fd.dirty_rings() == []
+
+
+def test_full_rings_of_vcpus_running_at_once():
+    """Two vCPUs in two threads, each writing more pages than its 4 KiB
+    ring holds: a full ring's vCPU empties every ring (one harvest at a
+    time, while the other vCPU runs) and no page is lost."""
+    with _machine("4K", memory="32M", vcpus=2) as vm:
+        halves = [MANY, [a + 0x1000000 for a in MANY]]
+        for index, addresses in enumerate(halves):
+            table = TABLE + index * 0x4000
+            vm.memory.write(table, b"".join(a.to_bytes(8, "little") for a in addresses)
+                            + bytes(8))
+            cpu = vm.vcpus[index]
+            cpu.regs.rip, cpu.regs.rsi, cpu.regs.rbx = CODE, table, 9
+        _dirty(vm)
+        results = {}
+
+        def run(index):
+            results[index] = vm.vcpus[index].run(timeout=30)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert all(isinstance(results[i], exits.Hlt) for i in range(2)), results
+        assert _pages(MANY) | _pages(halves[1]) <= _dirty(vm)
+        assert sum(vm.vcpus[i].stats["dirty_ring_full_exits"] for i in range(2)) >= 1
