@@ -24,23 +24,54 @@ uint32_t pvt_dirty_ring_collect(struct kvm_dirty_gfn *ring, uint32_t entries,
 	return taken;
 }
 
-uint32_t pvt_dirty_ring_resync(struct kvm_dirty_gfn *ring, uint32_t entries,
-			       uint32_t *fetch)
+void pvt_dirty_ring_mark_harvested(struct kvm_dirty_gfn *ring,
+				   uint32_t entries, uint32_t first,
+				   uint32_t count)
 {
-	uint32_t skip, i;
+	uint32_t i;
 
-	for (skip = 1; skip < entries; skip++) {
-		struct kvm_dirty_gfn *gfn = &ring[(*fetch + skip) & (entries - 1)];
-
-		if (__atomic_load_n(&gfn->flags, __ATOMIC_ACQUIRE) ==
-		    KVM_DIRTY_GFN_F_DIRTY)
-			break;
-	}
-	if (skip == entries)
-		return 0;
-	for (i = 0; i < skip; i++)
-		__atomic_store_n(&ring[(*fetch + i) & (entries - 1)].flags,
+	for (i = 0; i < count && i < entries; i++)
+		__atomic_store_n(&ring[(first + i) & (entries - 1)].flags,
 				 KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
-	*fetch += skip;
-	return skip;
+}
+
+uint32_t pvt_dirty_ring_recover(struct kvm_dirty_gfn *ring, uint32_t entries,
+				uint32_t fetch, uint8_t *dirty, uint32_t *slots,
+				uint64_t *offsets, uint32_t *advance,
+				int *all_dirty)
+{
+	uint32_t mask = entries - 1, taken = 0, i, end = 0;
+
+	/* Positions are counted from fetch: dirty[i] is entry fetch + i. */
+	for (i = 0; i < entries; i++) {
+		struct kvm_dirty_gfn *gfn = &ring[(fetch + i) & mask];
+
+		dirty[i] = __atomic_load_n(&gfn->flags, __ATOMIC_ACQUIRE) ==
+			   KVM_DIRTY_GFN_F_DIRTY;
+		if (dirty[i]) {
+			slots[taken] = gfn->slot;
+			offsets[taken] = gfn->offset;
+			taken++;
+		}
+	}
+	*all_dirty = taken == entries;
+	if (taken == 0) {
+		*advance = 0;
+		return 0;
+	}
+	if (taken == entries) {
+		*advance = entries;
+	} else {
+		/* KVM's next entry follows the end of the dirty run... */
+		for (i = 0; i < entries; i++)
+			if (dirty[i] && !dirty[(i + 1) & mask])
+				end = i;
+		*advance = end + 1;
+		/* ...a lap further if the run came round past fetch. */
+		if (dirty[0] && dirty[entries - 1])
+			*advance += entries;
+	}
+	pvt_dirty_ring_mark_harvested(ring, entries, fetch,
+				      *advance < entries ? *advance : entries);
+	return taken;
 }

@@ -32,14 +32,24 @@ uint32_t pvt_dirty_ring_collect(struct kvm_dirty_gfn *ring, uint32_t entries,
  * KVM keeps a vCPU's ring from overflowing by making it exit when the ring
  * is nearly full, but a backend that runs many guest instructions between
  * those checks (PVM's emulation of ring-0 code) can push more entries than
- * the ring holds: the oldest are overwritten and KVM's next entry is no
- * longer where harvesting resumes.  After a harvest stopped at an entry
- * that is not dirty, this looks for KVM's entries further on: if there are
- * some, it marks the stretch before them harvested (so that
- * KVM_RESET_DIRTY_RINGS walks through it), moves *fetch to them and returns
- * how many entries it skipped; else it returns 0.
+ * the ring holds: the oldest are overwritten, and KVM counts entries past
+ * *fetch that are no longer there.  This harvest copes with that: it takes
+ * every dirty entry, wherever it is (each names a page written since the
+ * last reset), and works out where KVM's next entry is from where the
+ * dirty run ends.  It marks the entries from *fetch up to there harvested
+ * (one lap at most: *advance may exceed `entries` by what the caller marks
+ * with pvt_dirty_ring_mark_harvested after a first KVM_RESET_DIRTY_RINGS).
+ * `dirty` is scratch of `entries` bytes.  Returns how many dirty entries
+ * it took; *all_dirty says every entry was dirty (some may have been lost).
  */
-uint32_t pvt_dirty_ring_resync(struct kvm_dirty_gfn *ring, uint32_t entries,
-			       uint32_t *fetch);
+uint32_t pvt_dirty_ring_recover(struct kvm_dirty_gfn *ring, uint32_t entries,
+				uint32_t fetch, uint8_t *dirty, uint32_t *slots,
+				uint64_t *offsets, uint32_t *advance,
+				int *all_dirty);
+
+/* Marks `count` (at most `entries`) entries from `first` on harvested. */
+void pvt_dirty_ring_mark_harvested(struct kvm_dirty_gfn *ring,
+				   uint32_t entries, uint32_t first,
+				   uint32_t count);
 
 #endif

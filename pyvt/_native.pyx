@@ -9,7 +9,7 @@ loop has already returned when the handler runs.
 """
 
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_CheckSignals
@@ -1042,12 +1042,32 @@ def dirty_ring_mark(ring, uint32_t entries, uint32_t fetch, list bitmaps):
             return fetch, harvested, stray
 
 
-def dirty_ring_resync(ring, uint32_t entries, uint32_t fetch):
-    """After a harvest stopped early: whether KVM overran the ring and now
-    writes further on (csrc/dirty_ring.h).  Returns ``(fetch, skipped)``;
-    skipped > 0 means entries were lost and ``fetch`` moved to KVM's."""
+
+def dirty_ring_recover(ring, uint32_t entries, uint32_t fetch):
+    """The harvest of a ring KVM may have overrun (csrc/dirty_ring.h):
+    returns ``([(slot, offset), ...], advance, all_dirty)``; ``fetch +
+    advance`` is KVM's next entry, and the entries up to there (one lap at
+    most) are marked harvested."""
     cdef uint32_t[:] words = _ring_window(ring, entries)
-    cdef uint32_t skipped
-    with nogil:
-        skipped = pvt_dirty_ring_resync(<void *>&words[0], entries, &fetch)
-    return fetch, skipped
+    cdef uint8_t *dirty = <uint8_t *>malloc(entries)
+    cdef uint32_t *slots = <uint32_t *>malloc(entries * sizeof(uint32_t))
+    cdef uint64_t *offsets = <uint64_t *>malloc(entries * sizeof(uint64_t))
+    cdef uint32_t taken = 0, advance = 0, i
+    cdef int all_dirty = 0
+    try:
+        if dirty == NULL or slots == NULL or offsets == NULL:
+            raise MemoryError()
+        with nogil:
+            taken = pvt_dirty_ring_recover(<void *>&words[0], entries, fetch, dirty, slots,
+                                           offsets, &advance, &all_dirty)
+        return [(slots[i], offsets[i]) for i in range(taken)], advance, bool(all_dirty)
+    finally:
+        free(dirty)
+        free(slots)
+        free(offsets)
+
+
+def dirty_ring_mark_harvested(ring, uint32_t entries, uint32_t first, uint32_t count):
+    """Marks ``count`` entries from ``first`` on harvested."""
+    cdef uint32_t[:] words = _ring_window(ring, entries)
+    pvt_dirty_ring_mark_harvested(<void *>&words[0], entries, first, count)

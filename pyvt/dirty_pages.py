@@ -72,7 +72,7 @@ class DirtyPages:
                 f"{len(self)} page(s))")
 
 
-def harvest_bitmap(vm_fd, regions) -> Dict[int, int]:
+def harvest_bitmap(vm_fd, regions, rings=None) -> Dict[int, int]:
     """``KVM_GET_DIRTY_LOG`` of each of ``regions`` that logs its writes:
     {slot: pages written since the last harvest}."""
     found = {}
@@ -83,20 +83,24 @@ def harvest_bitmap(vm_fd, regions) -> Dict[int, int]:
     return found
 
 
-def harvest_rings(vm_fd, regions) -> Dict[int, int]:
-    """Every vCPU's dirty ring, then ``KVM_RESET_DIRTY_RINGS`` (before anyone
-    reads the pages, as KVM asks): {slot: pages written since the last
-    harvest}, for every region in ``regions`` (a ring holds all slots)."""
+def harvest_rings(vm_fd, regions, rings=None) -> Dict[int, int]:
+    """Every vCPU's dirty ring (or those of ``rings``), then
+    ``KVM_RESET_DIRTY_RINGS`` (before anyone reads the pages, as KVM asks):
+    {slot: pages written since the last harvest}, for every region in
+    ``regions`` (a ring holds all slots)."""
     by_slot = {region.slot: region for region in regions if region.dirty_logging}
     bitmaps: List = [None] * (max(by_slot, default=-1) + 1)
     for slot, region in by_slot.items():
         bitmaps[slot] = bytearray(pageset.bitmap_bytes(region.pages))
     harvested, lost = 0, False
-    for ring in vm_fd.dirty_rings():
+    rings = vm_fd.dirty_rings() if rings is None else rings
+    for ring in rings:
         harvested += ring.harvest_into(bitmaps)[0]
         lost, ring.lost = lost or ring.lost, False
     if harvested or lost:
         vm_fd.reset_dirty_rings()
+        if [ring for ring in rings if ring.finish_lap()]:  # every ring's, before resetting
+            vm_fd.reset_dirty_rings()
     if not harvested and not lost:
         return {}
     if lost:

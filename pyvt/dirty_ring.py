@@ -15,9 +15,11 @@ reading the harvested pages' contents.
 KVM makes a vCPU exit (``KVM_EXIT_DIRTY_RING_FULL``) before its ring is
 full, but a backend that runs many guest instructions between its checks
 (PVM emulating ring-0 code) can overrun the ring: the oldest entries are
-overwritten.  A harvest notices (it finds the whole ring dirty, or KVM's
-entries further on than where it stopped), gets back in step with KVM, and
-sets :attr:`DirtyRing.lost`: pages were written that no entry names any more.
+overwritten, and KVM's next entry is no longer where harvesting resumes.
+A harvest notices (it finds the whole ring dirty), sets
+:attr:`DirtyRing.lost` (pages were written that no entry names any more)
+and from then on reads the whole ring, finding KVM's next entry from where
+the dirty entries end, until it is back in step (csrc/dirty_ring.h).
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ class DirtyRing:
         self.lost = False
         # The whole ring was dirty at the last harvest: KVM may be ahead.
         self._overrun_suspected = False
+        self._lap: Optional[Tuple[int, int]] = None
+        #: Ring-full exits in a row that found nothing to harvest (see
+        #: pyvt.memory.GuestMemory.harvest_dirty_rings).
+        self.futile_exits = 0
         try:
             self._mapping: Optional[mmap.mmap] = mmap.mmap(
                 vcpu_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
@@ -88,9 +94,10 @@ class DirtyRing:
         """The dirty entries since the last harvest, in order, as
         ``(slot, offset)`` pairs (``slot`` is ``address space << 16 | slot
         id``; ``offset`` is the page within the slot), each marked harvested.
-        Call :meth:`pyvt.kvm.VmFd.reset_dirty_rings` next."""
+        Call :meth:`pyvt.kvm.VmFd.reset_dirty_rings` next (and again if
+        :meth:`finish_lap` says so)."""
         found: List[Tuple[int, int]] = []
-        self._harvest(lambda: self._collect(found))
+        self._harvest(lambda: self._collect(found), found.extend)
         return found
 
     def _collect(self, found: List[Tuple[int, int]]) -> int:
@@ -101,10 +108,20 @@ class DirtyRing:
     def harvest_into(self, bitmaps: Sequence[Optional[bytearray]]) -> Tuple[int, int]:
         """:meth:`harvest`, setting each page's bit in ``bitmaps[slot]`` (one
         bit per page of the slot; None for a slot to ignore).  Returns
-        ``(harvested, stray)``: stray entries fell outside every bitmap."""
+        ``(entries harvested, stray)``: stray entries fell outside every
+        bitmap."""
         bitmaps = list(bitmaps)
         strays = [0]
-        return self._harvest(lambda: self._mark(bitmaps, strays)), strays[0]
+
+        def mark(pairs: List[Tuple[int, int]]) -> None:
+            for slot, offset in pairs:
+                bitmap = bitmaps[slot] if slot < len(bitmaps) else None
+                if bitmap is None or offset >> 3 >= len(bitmap):
+                    strays[0] += 1
+                else:
+                    bitmap[offset >> 3] |= 1 << (offset & 7)
+
+        return self._harvest(lambda: self._mark(bitmaps, strays), mark), strays[0]
 
     def _mark(self, bitmaps: List[Optional[bytearray]], strays: List[int]) -> int:
         self.fetch, harvested, stray = _native.dirty_ring_mark(
@@ -112,22 +129,57 @@ class DirtyRing:
         strays[0] += stray
         return harvested
 
-    def _harvest(self, collect: Callable[[], int]) -> int:
-        """Runs ``collect`` (one harvest from :attr:`fetch`), noticing and
-        getting over an overrun; returns how many entries were harvested."""
-        harvested = collect()
-        if harvested >= self.entries:  # all dirty: KVM may have written over some
+    def _harvest(self, collect: Callable[[], int],
+                 take: Callable[[List[Tuple[int, int]]], None]) -> int:
+        """In step with KVM, ``collect`` harvests in order from :attr:`fetch`;
+        after an overrun, the whole ring is read (pvt_dirty_ring_recover)
+        and its pairs go to ``take``.  Returns how many entries KVM may
+        reset now."""
+        consumed = 0
+        if not self._overrun_suspected:
+            consumed = collect()
+            if consumed < self.entries:
+                return consumed
+            # The whole ring was dirty: KVM may have written over entries,
+            # and be ahead of fetch.
             self.lost = self._overrun_suspected = True
-        elif harvested:
-            self._overrun_suspected = False  # KVM's next entry was where we looked
-        if self._overrun_suspected:
-            self.fetch, skipped = _native.dirty_ring_resync(self.mapping, self.entries,
-                                                            self.fetch)
-            if skipped:
-                self.lost = True
-                self._overrun_suspected = False
-                harvested += collect()
-        return harvested
+        pairs, advance, all_dirty = _native.dirty_ring_recover(self.mapping, self.entries,
+                                                               self.fetch)
+        take(pairs)
+        if all_dirty:
+            self.lost = True
+        elif pairs and advance == len(pairs):
+            self._overrun_suspected = False  # the dirty run began at fetch: in step
+        self._lap = (self.fetch, advance - self.entries) if advance > self.entries else None
+        self.fetch = (self.fetch + advance) & 0xFFFFFFFF
+        return consumed + advance
+
+    def finish_lap(self) -> bool:
+        """After the KVM_RESET_DIRTY_RINGS that follows a harvest: True if
+        KVM's next entry was more than a lap ahead, in which case the rest
+        is marked now and KVM_RESET_DIRTY_RINGS must be called again."""
+        lap, self._lap = self._lap, None
+        if lap is None:
+            return False
+        _native.dirty_ring_mark_harvested(self.mapping, self.entries, lap[0], lap[1])
+        return True
+
+    def skip_reset_entry(self) -> bool:
+        """After an overrun KVM's next entry may lie beyond entries it has
+        already reset, yet it counts them as used: while none of its new
+        entries is visible, the vCPU can only be let run by moving KVM's
+        reset index on.  Marks the entry at :attr:`fetch` harvested and
+        moves past it (the next KVM_RESET_DIRTY_RINGS moves KVM's index with
+        ours), and returns True; does nothing (False) unless an overrun was
+        seen and the entry is empty.  Call only while KVM has stopped the
+        vCPU for a full ring: then it is at least that one entry ahead."""
+        if not self._overrun_suspected or self.gfn(self.fetch).flags != 0:
+            return False
+        at = (self.fetch % self.entries) * ENTRY_SIZE
+        self.mapping[at:at + 4] = lib.KVM_DIRTY_GFN_F_RESET.to_bytes(4, "little")
+        self.fetch = (self.fetch + 1) & 0xFFFFFFFF
+        self.lost = True
+        return True
 
     def close(self) -> None:
         """Unmaps the ring (idempotent)."""

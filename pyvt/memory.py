@@ -23,6 +23,7 @@ from . import dirty_pages as _dirty_pages
 from . import pageset, snapshot_memory
 from ._kvm import ffi, lib
 from .dirty_pages import DirtyPages
+from .dirty_ring import DirtyRing
 from .errors import (
     ArgumentError,
     ArgumentTypeError,
@@ -35,8 +36,6 @@ from .errors import (
 )
 
 PAGE_SIZE = mmap.PAGESIZE
-#: Ring-full exits in a row with nothing to harvest before giving up.
-_FUTILE_RING_FULL_LIMIT = 3
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -169,7 +168,6 @@ class GuestMemory:
         # One harvest at a time: a full dirty ring is emptied from its vCPU's
         # thread while others run (pyvt.dirty_pages).
         self._dirty_lock = threading.Lock()
-        self._futile_ring_full = 0
         self._main = self.add_region(0, size, copy_on_write_of=copy_on_write_of)
 
     @property
@@ -381,7 +379,10 @@ class GuestMemory:
         region (in address order): by the guest, as KVM logged them (through
         the VM's dirty ring, or its dirty bitmap), and by the host through
         :meth:`write` (and a snapshot restore's copy).  Writes through
-        ``view`` are not seen.
+        ``view`` are not seen.  A vCPU that is running meanwhile may have
+        written pages that only a later call reports (KVM hands over a
+        vCPU's entries when it leaves KVM_RUN): call it with the vCPUs
+        stopped for every write up to now.
 
         The first call starts tracking (see :meth:`track_dirty_pages`) and,
         unless the VM has a dirty ring (which tracks from its creation),
@@ -406,38 +407,44 @@ class GuestMemory:
         with self._dirty_lock:
             self._collect([region])
 
-    def harvest_dirty_rings(self) -> None:
-        """Empties the vCPUs' dirty rings into the baselines and
-        :meth:`dirty_pages` (the run loop calls it on
-        ``KVM_EXIT_DIRTY_RING_FULL``).  Raises if the rings stay full with
-        nothing to harvest (the vCPU could never run again)."""
+    def harvest_dirty_rings(self, full_ring: Optional["DirtyRing"] = None) -> None:
+        """Empties the vCPUs' dirty rings (or only ``full_ring``) into the
+        baselines and :meth:`dirty_pages`.  The run loop calls it when
+        ``full_ring``'s vCPU stopped with ``KVM_EXIT_DIRTY_RING_FULL``: only
+        that ring, whose vCPU is not running, is read (a backend that
+        overruns rings could write over entries of a running vCPU's ring
+        while they are harvested).  If that ring gives nothing
+        again and again after an overrun (see :mod:`pyvt.dirty_ring`), KVM
+        counts entries it already reset: each call then moves past one of
+        them, until KVM lets the vCPU run.  Raises rather than loop forever."""
         self._check_open()
         with self._dirty_lock:
-            rings = self._vm_fd.dirty_rings()
-            before = [ring.fetch for ring in rings]
-            self._collect(self.regions)
-            if before != [ring.fetch for ring in rings]:
-                self._futile_ring_full = 0
+            if full_ring is None:
+                self._collect(self.regions)
                 return
-            # Nothing to take: another thread emptied the rings since the
-            # exit (the next run goes on), or the backend overran a ring so
-            # far that KVM counts it full with no entry left to harvest.
-            self._futile_ring_full += 1
-            if self._futile_ring_full >= _FUTILE_RING_FULL_LIMIT:
-                self._futile_ring_full = 0
+            before = full_ring.fetch
+            self._collect(self.regions, [full_ring])
+            if full_ring.fetch != before:
+                full_ring.futile_exits = 0
+                return
+            # Nothing new: another thread emptied the ring since the exit
+            # (once; the next run goes on), or KVM is ahead of the ring.
+            full_ring.futile_exits += 1
+            if full_ring.futile_exits > 2 * full_ring.entries + 1:
                 raise BackendError(
-                    f"a vCPU keeps stopping because its dirty ring is full ({len(rings)} "
-                    f"ring(s) of {self._vm_fd.dirty_ring_size} bytes), but no ring holds an "
-                    "entry to harvest: the backend overran it beyond recovery (see "
-                    "pyvt.dirty_ring); use a larger ring, pyvt.Vm(dirty_ring=...)")
+                    f"vCPU {full_ring.vcpu_index} keeps stopping because its dirty ring "
+                    f"({full_ring.size} bytes) is full, but the ring holds nothing to "
+                    "harvest; use a larger ring, pyvt.Vm(dirty_ring=...)")
+            if full_ring.futile_exits >= 2 and full_ring.skip_reset_entry():
+                self._vm_fd.reset_dirty_rings()
 
-    def _collect(self, regions: List[Region]) -> None:
+    def _collect(self, regions: List[Region], rings: Optional[List["DirtyRing"]] = None) -> None:
         """Moves the writes logged since the last collection (KVM's and
-        ``write()``'s) into each region's baselines and unreported pages.
-        Caller holds _dirty_lock."""
+        ``write()``'s; only ``rings``' with a dirty ring) into each region's
+        baselines and unreported pages.  Caller holds _dirty_lock."""
         if self._vm_fd.dirty_ring_size:
             regions = self.regions  # a ring mixes every slot: take them all
-        logged = _dirty_pages.harvester(self._vm_fd)(self._vm_fd, regions)
+        logged = _dirty_pages.harvester(self._vm_fd)(self._vm_fd, regions, rings)
         for region in regions:
             written = logged.get(region.slot, 0)
             if region.host_dirty is not None:

@@ -85,7 +85,8 @@ class Vcpu:
             vm._machine, self.fd.fileno(), self.fd.run_page,
             self.fd.coalesced_ring_offset if vm._coalescing else 0, PAGE_SIZE)
         if vm.fd.dirty_ring_size:  # a full ring is emptied on the way (pyvt.dirty_pages)
-            self._loop.on_dirty_ring_full = vm.memory.harvest_dirty_rings
+            self._loop.on_dirty_ring_full = functools.partial(
+                vm.memory.harvest_dirty_rings, self.fd.dirty_ring())
         settle = self._settle_pending_io
         self._regs_view = RegisterView(self._load_regs, self._store_regs, GENERAL_FIELDS, settle)
         self._sregs_view = SpecialRegisterView(self._load_sregs, self._store_sregs, settle)

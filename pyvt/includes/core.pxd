@@ -262,4 +262,8 @@ cdef extern from "dirty_ring.h" nogil:
 
     uint32_t pvt_dirty_ring_collect(void *ring, uint32_t entries, uint32_t *fetch,
                                     uint32_t *slots, uint64_t *offsets, uint32_t max)
-    uint32_t pvt_dirty_ring_resync(void *ring, uint32_t entries, uint32_t *fetch)
+    uint32_t pvt_dirty_ring_recover(void *ring, uint32_t entries, uint32_t fetch,
+                                    uint8_t *dirty, uint32_t *slots, uint64_t *offsets,
+                                    uint32_t *advance, int *all_dirty)
+    void pvt_dirty_ring_mark_harvested(void *ring, uint32_t entries, uint32_t first,
+                                       uint32_t count)
