@@ -28,6 +28,7 @@ from .errors import (
     InvalidModeError,
     KvmError,
     MemoryConfigError,
+    MsrFault,
     OutOfRangeError,
     RegionOverlapError,
     TripleFault,
@@ -52,6 +53,6 @@ __all__ = [
     "Error", "BackendError", "BackendNotFound", "BackendPermissionError",
     "ApiVersionMismatch", "KvmError", "MemoryConfigError", "RegionOverlapError",
     "OutOfRangeError", "InvalidModeError", "VcpuIndexError", "ClosedError",
-    "ArgumentError", "ArgumentTypeError", "GuestError", "TripleFault", "EntryFailed", "InternalError",
+    "ArgumentError", "ArgumentTypeError", "MsrFault", "GuestError", "TripleFault", "EntryFailed", "InternalError",
     "Snapshot", "SnapshotError", "SnapshotFileError", "SnapshotFileNotFound",
 ]

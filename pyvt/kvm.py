@@ -604,6 +604,101 @@ class VmFd(_Fd):
     # -- MSR filters and user-space MSR exits (issue 12) -------------------------------
     # (section E: its methods go below this line, above the next section)
 
+    def x86_set_msr_filter(self, ranges=(), *, default_deny: bool = False) -> None:
+        """``KVM_X86_SET_MSR_FILTER`` (needs KVM_CAP_X86_MSR_FILTER): which
+        guest ``rdmsr``/``wrmsr`` KVM allows.  See the KVM API documentation,
+        "4.97 KVM_X86_SET_MSR_FILTER".
+
+        ``ranges`` holds up to ``KVM_MSR_FILTER_MAX_RANGES`` (16) tuples
+        ``(base, nmsrs, flags, allowed)``: the range covers MSRs ``base`` to
+        ``base + nmsrs - 1`` (``nmsrs`` at most ``8 *
+        KVM_MSR_FILTER_MAX_BITMAP_SIZE``) for the accesses in ``flags``
+        (``KVM_MSR_FILTER_READ | KVM_MSR_FILTER_WRITE``); ``allowed`` is the
+        bitmap, bytes whose bit ``i`` allows MSR ``base + i`` (at least
+        ``(nmsrs + 7) // 8`` of them), or an iterable of the MSR indices
+        allowed (the others in the range are denied).  An access no range
+        covers gets the default: allowed, or denied with ``default_deny``.
+        No ranges and no ``default_deny`` removes the filter.
+
+        A denied access raises #GP in the guest, or exits to user space as
+        :class:`pyvt.exits.Msr` once ``enable_cap("KVM_CAP_X86_USER_SPACE_MSR",
+        KVM_MSR_EXIT_REASON_FILTER)`` asked for that ("7.21
+        KVM_CAP_X86_USER_SPACE_MSR").  ``ranges`` may also be a cffi
+        ``struct kvm_msr_filter`` (or pointer), passed as it is.
+        """
+        if isinstance(ranges, ffi.CData):
+            if default_deny:
+                raise ArgumentError("default_deny goes in the flags of the struct kvm_msr_filter "
+                                    "passed, not as an argument")
+            msr_filter, keep = _struct_pointer(ranges, "struct kvm_msr_filter",
+                                               "KVM_X86_SET_MSR_FILTER"), ()
+        else:
+            msr_filter, keep = self._msr_filter_struct(ranges, default_deny)
+        try:
+            self._ioctl("KVM_X86_SET_MSR_FILTER", lib.KVM_X86_SET_MSR_FILTER, msr_filter)
+        except KvmError as e:
+            if self.check_extension("KVM_CAP_X86_MSR_FILTER"):
+                raise
+            raise KvmError("KVM_X86_SET_MSR_FILTER", e.errno,
+                           "this KVM lacks KVM_CAP_X86_MSR_FILTER") from None
+        del keep  # the bitmaps: KVM has copied them
+
+    @staticmethod
+    def _msr_filter_struct(ranges, default_deny: bool):
+        """(struct kvm_msr_filter *, its bitmaps) from x86_set_msr_filter's
+        plain ranges, validated."""
+        ranges = _as_list(ranges, "MSR filter ranges", "(base, nmsrs, flags, allowed) tuples")
+        limit = lib.KVM_MSR_FILTER_MAX_RANGES
+        if len(ranges) > limit:
+            raise ArgumentError(f"an MSR filter holds at most {limit} ranges, not {len(ranges)}")
+        msr_filter = ffi.new("struct kvm_msr_filter *", {
+            "flags": lib.KVM_MSR_FILTER_DEFAULT_DENY if default_deny
+            else lib.KVM_MSR_FILTER_DEFAULT_ALLOW})
+        bitmaps = []
+        valid_flags = lib.KVM_MSR_FILTER_READ | lib.KVM_MSR_FILTER_WRITE
+        max_msrs = 8 * lib.KVM_MSR_FILTER_MAX_BITMAP_SIZE
+        for n, spec in enumerate(ranges):
+            if not isinstance(spec, tuple) or len(spec) != 4:
+                raise ArgumentTypeError(f"MSR filter range {n} must be a tuple (base, nmsrs, flags, "
+                                        f"allowed), not {spec!r}")
+            base, nmsrs, flags, allowed = spec
+            base = _u32(base, "MSR filter range base")
+            if isinstance(nmsrs, bool) or not isinstance(nmsrs, int) or not 1 <= nmsrs <= max_msrs:
+                raise ArgumentError(f"MSR filter range {base:#x}: nmsrs must be 1-{max_msrs} "
+                                    f"(KVM_MSR_FILTER_MAX_BITMAP_SIZE bytes of bitmap), not {nmsrs!r}")
+            if base + nmsrs > 1 << 32:
+                raise ArgumentError(f"MSR filter range {base:#x}+{nmsrs:#x} runs past MSR 0xffffffff")
+            flags = _u32(flags, "MSR filter range flags")
+            if not flags or flags & ~valid_flags:
+                raise ArgumentError(f"MSR filter range {base:#x}: flags must be KVM_MSR_FILTER_READ, "
+                                    f"KVM_MSR_FILTER_WRITE or both, not {flags:#x}")
+            # KVM copies whole longs of bitmap: allocate that much, zeroed.
+            bitmap = ffi.new("__u8[]", (nmsrs + 63) // 64 * 8)
+            VmFd._fill_msr_bitmap(bitmap, base, nmsrs, allowed)
+            bitmaps.append(bitmap)
+            msr_filter.ranges[n] = {"flags": flags, "nmsrs": nmsrs, "base": base, "bitmap": bitmap}
+        return msr_filter, bitmaps
+
+    @staticmethod
+    def _fill_msr_bitmap(bitmap, base: int, nmsrs: int, allowed) -> None:
+        """Sets the bits of ``allowed`` (bytes, or MSR indices) in ``bitmap``."""
+        need = (nmsrs + 7) // 8
+        if isinstance(allowed, (bytes, bytearray, memoryview)):
+            raw = bytes(allowed)
+            if len(raw) < need:
+                raise ArgumentError(f"MSR filter range {base:#x}: {nmsrs} MSRs need a bitmap of "
+                                    f"{need} bytes, not {len(raw)}")
+            ffi.buffer(bitmap, need)[:] = raw[:need]
+            return
+        for index in _as_list(allowed, f"MSR filter range {base:#x}'s allowed MSRs",
+                              "MSR indices (or a bytes bitmap)"):
+            if isinstance(index, bool) or not isinstance(index, int) \
+                    or not base <= index < base + nmsrs:
+                raise ArgumentError(f"MSR filter range {base:#x}+{nmsrs:#x}: allowed MSR {index!r} "
+                                    "is outside the range")
+            bit = index - base
+            bitmap[bit // 8] |= 1 << (bit % 8)
+
 
 class VcpuFd(_Fd):
     """A vCPU file descriptor with its mmap'd ``struct kvm_run`` (``.run``)."""

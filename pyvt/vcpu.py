@@ -337,6 +337,10 @@ class Vcpu:
             size = min(mmio.len, 8)
             data = bytes(mmio.data[0:size]) if mmio.is_write else b""
             return exits.Mmio(mmio.phys_addr, mmio.len, bool(mmio.is_write), data, rip)
+        if reason in (lib.KVM_EXIT_X86_RDMSR, lib.KVM_EXIT_X86_WRMSR):
+            msr = run.msr
+            is_write = reason == lib.KVM_EXIT_X86_WRMSR
+            return exits.Msr(msr.index, is_write, msr.data if is_write else None, msr.reason, rip)
         if reason == lib.KVM_EXIT_HLT:
             return exits.Hlt(rip)
         if reason == lib.KVM_EXIT_SHUTDOWN:
@@ -386,8 +390,9 @@ class Vcpu:
                                    self._snapshot_regs(), rip)
 
     def reply(self, value) -> None:
-        """Answers the read that the last exit (an unclaimed ``Io`` in, or
-        ``Mmio`` read) is waiting for.
+        """Answers the read that the last exit (an unclaimed ``Io`` in,
+        ``Mmio`` read, or ``Msr`` rdmsr: the 64-bit value for EDX:EAX) is
+        waiting for.
 
         The pending read is completed exactly once: by the next ``run()``,
         or earlier by a register write, which completes it first so that
@@ -409,12 +414,17 @@ class Vcpu:
         elif isinstance(exit, exits.Mmio) and not exit.is_write:
             size = exit.size
             target = ffi.buffer(run.mmio.data, size)
+        elif isinstance(exit, exits.Msr) and not exit.is_write:
+            size = exit.size
+            target = ffi.buffer(ffi.addressof(run.msr, "data"), size)
         else:
             raise Error(f"reply() answers a pending read, but the last exit was {exit!r}")
         if isinstance(exit, exits.Io):
             space, where = "reply() to port", exit.port
-        else:
+        elif isinstance(exit, exits.Mmio):
             space, where = "reply() to MMIO address", exit.address
+        else:
+            space, where = "reply() to MSR", exit.index
         target[:] = _native.read_answer(value, size, space, where)
 
     @property

@@ -8,7 +8,8 @@ import os
 import threading
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
 
-from . import _native, exits, modes, pc
+from . import _native, exits, modes, msr_filter, pc
+from ._kvm import lib as _kvm_lib
 from .devices import DEFAULT_OUTPUT_LIMIT, Console, DebugExitDevice
 from .errors import (
     ArgumentError,
@@ -457,3 +458,64 @@ class Vm:
 
     # -- MSR filters and user-space MSR exits (issue 12) -------------------------------
     # (section E: its methods go below this line, above the next section)
+
+    def on_msr(self, msrs: PortRange, handler: Handler) -> None:
+        """Calls ``handler(exit)`` for the guest's ``rdmsr``/``wrmsr`` of
+        ``msrs`` (an MSR index, a ``range``, or ``(start, count)``), instead
+        of KVM.  ``exit`` is a :class:`pyvt.exits.Msr`; for a read the
+        handler returns the 64-bit value (EDX:EAX), for a write it gets
+        ``exit.value``.  Raising :class:`pyvt.MsrFault` refuses the access:
+        the guest takes #GP.  Any other exception propagates out of
+        ``run()`` as from ``on_io`` handlers (a read runs again next time,
+        a write is not made twice).
+
+        The first handler enables ``KVM_CAP_X86_USER_SPACE_MSR`` (exits for
+        ``KVM_MSR_EXIT_REASON_FILTER``); each on_msr/off_msr installs an MSR
+        filter that sends exactly the handled MSRs to user space
+        (:mod:`pyvt.msr_filter`; it replaces one set with
+        ``vm.fd.x86_set_msr_filter``).  KVM's filter holds 16 ranges of
+        12288 MSRs, which bounds how scattered the handled MSRs may be; the
+        x2APIC MSRs (0x800-0x8ff) cannot be filtered."""
+        self._check_open()
+        start, length = _as_range(msrs, "MSR index", 1 << 32)
+        msr_filter.check_filterable(start, length)
+        self._check_range_free(_native.SPACE_MSR, start, length)
+        ranges = msr_filter.filter_ranges(self._msr_spans() + [(start, length)])
+        self._enable_msr_exits()
+        # On the bus before KVM sends the MSR: a vCPU may exit to it at once.
+        self._add_handler(_native.SPACE_MSR, start, length, handler, "MSR")
+        try:
+            self.fd.x86_set_msr_filter(ranges)
+        except BaseException:
+            self._remove_handler(_native.SPACE_MSR, start)
+            raise
+
+    def off_msr(self, msrs: PortRange) -> None:
+        """Removes the MSR handler whose range starts at ``msrs``; KVM
+        handles those MSRs again (with no handler left, the filter goes)."""
+        self._check_open()
+        start = _as_range(msrs, "MSR index", 1 << 32)[0]
+        claim = self._claims.get((_native.SPACE_MSR, start))
+        if claim is None:
+            raise ArgumentError(f"no MSR handler starts at {start:#x}")
+        # KVM stops sending the MSRs before their handler goes.
+        self.fd.x86_set_msr_filter(msr_filter.filter_ranges(
+            span for span in self._msr_spans() if span[0] != start))
+        self._remove_handler(_native.SPACE_MSR, start)
+
+    def _msr_spans(self) -> List[Tuple[int, int]]:
+        """(start, length) of every MSR handler."""
+        return [(start, length) for (space, start), (length, _) in self._claims.items()
+                if space == _native.SPACE_MSR]
+
+    def _enable_msr_exits(self) -> None:
+        """KVM_CAP_X86_USER_SPACE_MSR for filtered MSRs, once per VM."""
+        if getattr(self, "_msr_exits_enabled", False):
+            return
+        cap = "KVM_CAP_X86_USER_SPACE_MSR"
+        for needed in (cap, "KVM_CAP_X86_MSR_FILTER"):
+            if not self.fd.check_extension(needed):
+                raise KvmError("KVM_CHECK_EXTENSION", errno.ENOTSUP,
+                               f"{self.backend} lacks {needed}, which vm.on_msr needs")
+        self.fd.enable_cap(cap, _kvm_lib.KVM_MSR_EXIT_REASON_FILTER)
+        self._msr_exits_enabled = True
