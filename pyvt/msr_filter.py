@@ -38,17 +38,16 @@ def filter_ranges(spans: Iterable[Tuple[int, int]]) -> List[Tuple[int, int, int,
     ``VmFd.x86_set_msr_filter`` takes them, that deny exactly the MSRs in
     ``spans`` (``(start, length)`` pairs that do not overlap) and allow the
     rest.  Raises ArgumentError if KVM's limit of ranges is not enough."""
-    windows: List[List[int]] = []  # [base, nmsrs, handled (start, length)...]
+    # Greedy, from the lowest MSR: each range reaches as far as it can.
+    windows: List[Tuple[int, int, List[Tuple[int, int]]]] = []  # (base, nmsrs, handled)
     for start, length in sorted(spans):
         while length:
-            if windows and start + 1 - windows[-1][0] <= RANGE_MSRS:
-                window = windows[-1]
-            else:
-                window = [start, 0]
-                windows.append(window)
-            end = min(start + length, window[0] + RANGE_MSRS)
-            window[1] = end - window[0]
-            window.append((start, end - start))
+            if not windows or start - windows[-1][0] >= RANGE_MSRS:
+                windows.append((start, 0, []))
+            base, _, handled = windows[-1]
+            end = min(start + length, base + RANGE_MSRS)
+            handled.append((start, end - start))
+            windows[-1] = (base, end - base, handled)
             length -= end - start
             start = end
     limit = lib.KVM_MSR_FILTER_MAX_RANGES
@@ -58,7 +57,7 @@ def filter_ranges(spans: Iterable[Tuple[int, int]]) -> List[Tuple[int, int, int,
             f"of at most {RANGE_MSRS:#x} MSRs each: handle fewer, or closer, MSRs")
     flags = lib.KVM_MSR_FILTER_READ | lib.KVM_MSR_FILTER_WRITE
     return [(base, nmsrs, flags, _bitmap(base, nmsrs, handled))
-            for base, nmsrs, *handled in windows]
+            for base, nmsrs, handled in windows]
 
 
 def _bitmap(base: int, nmsrs: int, handled) -> bytes:

@@ -202,7 +202,8 @@ class Vcpu:
         """Runs the vCPU until something needs the caller; returns the exit.
 
         Port I/O and MMIO claimed by native devices or by handlers registered
-        with ``vm.on_io``/``vm.on_mmio`` are served without returning.
+        with ``vm.on_io``/``vm.on_mmio``, and MSRs with a ``vm.on_msr``
+        handler, are served without returning.
         ``timeout`` (seconds; None or ``inf``: no limit) stops a guest that
         runs too long and returns :class:`pyvt.exits.Timeout`; the vCPU can
         be run again.  A handler's exception and Ctrl-C propagate out of
