@@ -427,6 +427,8 @@ class Vcpu:
         else:
             space, where = "reply() to MSR", exit.index
         target[:] = _native.read_answer(value, size, space, where)
+        if isinstance(exit, exits.Msr):
+            run.msr.error = 0  # answered, even after a refuse_msr()
 
     @property
     def stats(self) -> dict:
@@ -441,6 +443,23 @@ class Vcpu:
 
     # -- MSR filters and user-space MSR exits (issue 12) -------------------------------
     # (section E: its methods go below this line, above the next section)
+
+    def refuse_msr(self) -> None:
+        """Makes the ``rdmsr``/``wrmsr`` that the last exit (an unclaimed
+        :class:`pyvt.exits.Msr`) is waiting on take #GP in the guest, as
+        raising :class:`pyvt.MsrFault` does in a ``vm.on_msr`` handler.
+
+        Like :meth:`reply`, it acts on the pending access (completed by the
+        next ``run()`` or register write); a later ``reply()`` to a read
+        answers it instead."""
+        self._check_open()
+        exit = self.last_exit
+        if (self._loop is None or self._loop.pending_io is None
+                or not isinstance(exit, exits.Msr)):
+            raise Error(f"refuse_msr() refuses a pending rdmsr or wrmsr, but none is pending "
+                        f"(the last exit was {exit!r}; a run(), register write or restore "
+                        "since then completed or abandoned it)")
+        self.fd.run_struct.msr.error = 1
 
     def _drain(self) -> None:
         if self._loop is not None and not self.fd.closed:

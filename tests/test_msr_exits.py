@@ -147,6 +147,26 @@ def test_reply_refuses_a_value_wider_than_64_bits(vm):
     assert edx_eax(cpu) == (1 << 64) - 1
 
 
+@pytest.mark.parametrize("source", [RDMSR_HLT, WRMSR_HLT])
+def test_refuse_msr_gives_the_guest_a_gp(vm, source):
+    cpu = msr_guest(vm, source, MADE_UP)
+    filter_to_user_space(vm, MADE_UP)
+    assert isinstance(cpu.run(timeout=10), exits.Msr)
+    cpu.refuse_msr()
+    assert cpu.run(timeout=10) == GP_HALT and faulted_at(vm, cpu) == 0x1000
+    with pytest.raises(pyvt.Error, match="none is pending"):
+        cpu.refuse_msr()
+
+
+def test_a_reply_after_refuse_msr_answers_the_read(vm):
+    cpu = msr_guest(vm, RDMSR_HLT, MADE_UP)
+    filter_to_user_space(vm, MADE_UP)
+    cpu.run(timeout=10)
+    cpu.refuse_msr()
+    cpu.reply(4)
+    assert cpu.run(timeout=10) == exits.Hlt(0x1003) and edx_eax(cpu) == 4
+
+
 def test_a_snapshot_holds_the_rdmsr_before_it_ran(vm):
     cpu = msr_guest(vm, RDMSR_LOOP, MADE_UP)
     filter_to_user_space(vm, MADE_UP)
@@ -219,7 +239,7 @@ def test_off_msr_gives_the_msrs_back_to_kvm(vm):
         return 3
 
     vm.on_msr(TSC, handler)
-    vm.on_msr(MADE_UP, handler)
+    vm.on_msr(MADE_UP, handler)        # so that a filter stays after off_msr(TSC)
     assert isinstance(cpu.run(timeout=10), exits.Stopped)
     assert edx_eax(cpu) == 3 and len(calls) == 2
     vm.off_msr(TSC)
