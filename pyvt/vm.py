@@ -470,7 +470,8 @@ class Vm:
         a write is not made twice).
 
         The first handler enables ``KVM_CAP_X86_USER_SPACE_MSR`` (exits for
-        ``KVM_MSR_EXIT_REASON_FILTER``); each on_msr/off_msr installs an MSR
+        ``KVM_MSR_EXIT_REASON_FILTER`` only: this replaces a reason mask set
+        before through ``vm.fd.enable_cap``); each on_msr/off_msr installs an MSR
         filter that sends exactly the handled MSRs to user space
         (:mod:`pyvt.msr_filter`; it replaces one set with
         ``vm.fd.x86_set_msr_filter``).  KVM's filter holds 16 ranges of
