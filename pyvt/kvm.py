@@ -698,7 +698,7 @@ class VmFd(_Fd):
         else:
             try:
                 arg = ffi.from_buffer(command, require_writable=True)
-            except TypeError:
+            except (TypeError, BufferError):
                 raise ArgumentTypeError(
                     f"KVM_MEMORY_ENCRYPT_OP takes a cffi pointer to the command struct "
                     f"(struct kvm_sev_cmd * on SEV) or a writable buffer, not {command!r}") from None
