@@ -601,8 +601,8 @@ class VmFd(_Fd):
         value = self.check_extension(cap)
         if not value:
             raise KvmError(ioctl, errno.ENOTTY,
-                           f"{self.kvm.path} lacks {cap} (the running kernel does not offer "
-                           f"{ioctl} for this VM)")
+                           f"{self.kvm.path} lacks {cap}: the running kernel does not offer "
+                           f"{ioctl} here")
         return value
 
     def set_user_memory_region2(self, slot: int, guest_phys_addr: int, memory_size: int,
@@ -702,6 +702,11 @@ class VmFd(_Fd):
                 raise ArgumentTypeError(
                     f"KVM_MEMORY_ENCRYPT_OP takes a cffi pointer to the command struct "
                     f"(struct kvm_sev_cmd * on SEV) or a writable buffer, not {command!r}") from None
+            # The kernel reads and writes a whole command (SEV's and TDX's are both
+            # this size): a shorter buffer would let it run past the end.
+            if len(arg) < ffi.sizeof("struct kvm_sev_cmd"):
+                raise ArgumentError(f"a KVM_MEMORY_ENCRYPT_OP command is at least "
+                                    f"{ffi.sizeof('struct kvm_sev_cmd')} bytes, not {len(arg)}")
         self._memory_encrypt("KVM_MEMORY_ENCRYPT_OP", lib.KVM_MEMORY_ENCRYPT_OP, arg)
         return command
 
@@ -734,22 +739,19 @@ class VmFd(_Fd):
         """``KVM_SET_DEVICE_ATTR`` on the VM (api.rst 4.80; needs
         KVM_CAP_VM_ATTRIBUTES): writes ``data`` (bytes-like, or None)."""
         self._require("KVM_CAP_VM_ATTRIBUTES", "KVM_SET_DEVICE_ATTR")
-        _set_device_attr(self, group, attr, data, flags=flags, where="this VM",
-                         cap="KVM_CAP_VM_ATTRIBUTES")
+        _set_device_attr(self, group, attr, data, flags=flags, where="this VM")
 
     def get_device_attr(self, group: int, attr: int, size: int = 8, *, flags: int = 0) -> bytes:
         """``KVM_GET_DEVICE_ATTR`` on the VM (api.rst 4.80; needs
         KVM_CAP_VM_ATTRIBUTES): the attribute's ``size`` bytes."""
         self._require("KVM_CAP_VM_ATTRIBUTES", "KVM_GET_DEVICE_ATTR")
-        return _get_device_attr(self, group, attr, size, flags=flags, where="this VM",
-                                cap="KVM_CAP_VM_ATTRIBUTES")
+        return _get_device_attr(self, group, attr, size, flags=flags, where="this VM")
 
     def has_device_attr(self, group: int, attr: int, *, flags: int = 0) -> bool:
         """``KVM_HAS_DEVICE_ATTR`` on the VM (api.rst 4.81; needs
         KVM_CAP_VM_ATTRIBUTES): whether the VM has that attribute."""
         self._require("KVM_CAP_VM_ATTRIBUTES", "KVM_HAS_DEVICE_ATTR")
-        return _has_device_attr(self, group, attr, flags=flags, where="this VM",
-                                cap="KVM_CAP_VM_ATTRIBUTES")
+        return _has_device_attr(self, group, attr, flags=flags, where="this VM")
 
     # -- the dirty ring (issue 12) -----------------------------------------------------
     # (section C: its methods go below this line, above the next section)
@@ -1017,29 +1019,25 @@ class VcpuFd(_Fd):
     # -- device attributes of the vCPU (issue 12, section B) --------------------------
 
     def _require_vcpu_attributes(self, ioctl: str) -> None:
-        if not self.vm.check_extension("KVM_CAP_VCPU_ATTRIBUTES"):
-            raise KvmError(ioctl, errno.ENOTTY, f"{self.vm.kvm.path} lacks "
-                           f"KVM_CAP_VCPU_ATTRIBUTES (no vCPU device attributes)")
+        self.vm._require("KVM_CAP_VCPU_ATTRIBUTES", ioctl)
 
     def set_device_attr(self, group: int, attr: int, data=None, *, flags: int = 0) -> None:
         """``KVM_SET_DEVICE_ATTR`` on the vCPU (api.rst 4.80; needs
         KVM_CAP_VCPU_ATTRIBUTES), e.g. x86's ``KVM_VCPU_TSC_CTRL`` /
         ``KVM_VCPU_TSC_OFFSET``: writes ``data`` (bytes-like, or None)."""
         self._require_vcpu_attributes("KVM_SET_DEVICE_ATTR")
-        _set_device_attr(self, group, attr, data, flags=flags, where=f"vCPU {self.index}",
-                         cap="KVM_CAP_VCPU_ATTRIBUTES")
+        _set_device_attr(self, group, attr, data, flags=flags, where=f"vCPU {self.index}")
 
     def get_device_attr(self, group: int, attr: int, size: int = 8, *, flags: int = 0) -> bytes:
         """``KVM_GET_DEVICE_ATTR`` on the vCPU (api.rst 4.80): ``size`` bytes."""
         self._require_vcpu_attributes("KVM_GET_DEVICE_ATTR")
         return _get_device_attr(self, group, attr, size, flags=flags,
-                                where=f"vCPU {self.index}", cap="KVM_CAP_VCPU_ATTRIBUTES")
+                                where=f"vCPU {self.index}")
 
     def has_device_attr(self, group: int, attr: int, *, flags: int = 0) -> bool:
         """``KVM_HAS_DEVICE_ATTR`` on the vCPU (api.rst 4.81)."""
         self._require_vcpu_attributes("KVM_HAS_DEVICE_ATTR")
-        return _has_device_attr(self, group, attr, flags=flags, where=f"vCPU {self.index}",
-                                cap="KVM_CAP_VCPU_ATTRIBUTES")
+        return _has_device_attr(self, group, attr, flags=flags, where=f"vCPU {self.index}")
 
     # -- interrupts, NMI/SMI, MSI and GSI routing, translation, the clocks, nested state, sregs2 (issue 12) ---
     # (section A: its methods go below this line, above the next section)

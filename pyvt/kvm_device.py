@@ -23,6 +23,10 @@ DEVICE_TYPES = {
 }
 
 
+# Bytes every attribute buffer has at least: more than any x86 attribute's value.
+_ATTR_SLACK = 4096
+
+
 def device_type_name(device_type: int) -> str:
     return DEVICE_TYPES.get(device_type, f"device type {device_type}")
 
@@ -37,7 +41,7 @@ def _attr(group: int, attr: int, data, flags: int):
     })
 
 
-def _attr_ioctl(fd: _Fd, name: str, request: int, attr, where: str, cap: str) -> None:
+def _attr_ioctl(fd: _Fd, name: str, request: int, attr, where: str) -> None:
     try:
         fd._ioctl(name, request, attr)
     except KvmError as e:
@@ -47,51 +51,54 @@ def _attr_ioctl(fd: _Fd, name: str, request: int, attr, where: str, cap: str) ->
         if e.errno == errno.EPERM:
             raise KvmError(name, e.errno, f"{where} does not let {what} be "
                            f"{'read' if request == lib.KVM_GET_DEVICE_ATTR else 'written'}") from None
-        if e.errno in (errno.ENOTTY, errno.EINVAL) and cap:
-            raise KvmError(name, e.errno, f"{where} takes no device attributes here "
-                           f"(the host lacks {cap})") from None
         raise
 
 
 def set_device_attr(fd: _Fd, group: int, attr: int, data=None, *, flags: int = 0,
-                    where: str = "the device", cap: str = "") -> None:
+                    where: str = "the device") -> None:
     """``KVM_SET_DEVICE_ATTR`` on ``fd``: writes ``data`` (bytes-like, or
     None for an attribute that takes no value) to ``(group, attr)``."""
     buf = None
     if data is not None:
         try:
-            buf = ffi.from_buffer(data)
+            view = memoryview(data).cast("B")
         except TypeError:
             raise ArgumentTypeError(f"KVM_SET_DEVICE_ATTR's data must be bytes-like or None, "
                                     f"not {type(data).__name__}") from None
-        if len(buf) == 0:
+        if len(view) == 0:
             raise ArgumentError("KVM_SET_DEVICE_ATTR's data is empty: pass None for an "
                                 "attribute that takes no value")
+        # The kernel reads as many bytes as the attribute has, whatever was
+        # passed: a zero-padded copy keeps a short value from reading past it.
+        buf = ffi.new("char[]", max(len(view), _ATTR_SLACK))
+        ffi.buffer(buf, len(view))[:] = view
     _attr_ioctl(fd, "KVM_SET_DEVICE_ATTR", lib.KVM_SET_DEVICE_ATTR,
-                _attr(group, attr, buf, flags), where, cap)
+                _attr(group, attr, buf, flags), where)
 
 
 def get_device_attr(fd: _Fd, group: int, attr: int, size: int = 8, *, flags: int = 0,
-                    where: str = "the device", cap: str = "") -> bytes:
+                    where: str = "the device") -> bytes:
     """``KVM_GET_DEVICE_ATTR`` on ``fd``: the ``size`` bytes the kernel writes
     for ``(group, attr)`` (8 for the usual ``__u64``)."""
     if isinstance(size, bool) or not isinstance(size, int):
         raise ArgumentTypeError(f"size must be an integer number of bytes, not {size!r}")
     if not 1 <= size <= 1 << 20:
         raise ArgumentError(f"size must be 1 byte to 1 MiB, not {size}")
-    buf = ffi.new("char[]", size)
+    # The kernel writes as many bytes as the attribute has, whatever size
+    # says: the slack keeps a too-small size from overrunning the buffer.
+    buf = ffi.new("char[]", max(size, _ATTR_SLACK))
     _attr_ioctl(fd, "KVM_GET_DEVICE_ATTR", lib.KVM_GET_DEVICE_ATTR,
-                _attr(group, attr, buf, flags), where, cap)
-    return bytes(ffi.buffer(buf))
+                _attr(group, attr, buf, flags), where)
+    return bytes(ffi.buffer(buf, size))
 
 
 def has_device_attr(fd: _Fd, group: int, attr: int, *, flags: int = 0,
-                    where: str = "the device", cap: str = "") -> bool:
+                    where: str = "the device") -> bool:
     """``KVM_HAS_DEVICE_ATTR`` on ``fd``: whether ``(group, attr)`` exists
     (the kernel's ENXIO is False; other failures raise)."""
     try:
         _attr_ioctl(fd, "KVM_HAS_DEVICE_ATTR", lib.KVM_HAS_DEVICE_ATTR,
-                    _attr(group, attr, None, flags), where, cap)
+                    _attr(group, attr, None, flags), where)
     except KvmError as e:
         if e.errno == errno.ENXIO:
             return False
@@ -105,14 +112,15 @@ class DeviceFd(_Fd):
 
     def __init__(self, vm, fd: int, device_type: int):
         self.vm = vm
-        self.type = device_type
+        #: The ``KVM_DEV_TYPE_*`` it was made as.
+        self.device_type = device_type
         self._fd = fd
 
     def __repr__(self) -> str:
-        return f"<DeviceFd {device_type_name(self.type)} fd={self._fd}>"
+        return f"<DeviceFd {device_type_name(self.device_type)} fd={self._fd}>"
 
     def _where(self) -> str:
-        return f"this {device_type_name(self.type)} device"
+        return f"this {device_type_name(self.device_type)} device"
 
     def set_device_attr(self, group: int, attr: int, data=None, *, flags: int = 0) -> None:
         """``KVM_SET_DEVICE_ATTR`` (api.rst 4.80 KVM_SET_DEVICE_ATTR/KVM_GET_DEVICE_ATTR):

@@ -283,6 +283,10 @@ def test_vcpu_has_the_tsc_offset_attribute(vm):
         assert not vcpu.has_device_attr(lib.KVM_VCPU_TSC_CTRL, 99)
         with pytest.raises(pyvt.KvmError, match="vCPU 0 has no group 7 attribute 0"):
             vcpu.get_device_attr(7, 0)
+        # Shorter than the attribute's __u64: padded and cut, never overrun.
+        tsc = (lib.KVM_VCPU_TSC_CTRL, lib.KVM_VCPU_TSC_OFFSET)
+        assert len(vcpu.get_device_attr(*tsc, size=1)) == 1
+        vcpu.set_device_attr(*tsc, b"\0")
     finally:
         vcpu.close()
 
@@ -334,6 +338,8 @@ def test_memory_encryption_arguments_validated(vm):
         vm.memory_encrypt_op(42)
     with pytest.raises(pyvt.ArgumentTypeError, match="kvm_sev_cmd"):
         vm.memory_encrypt_op(b"read-only bytes")
+    with pytest.raises(pyvt.ArgumentError, match="at least 24 bytes"):
+        vm.memory_encrypt_op(bytearray(8))
     with pytest.raises(pyvt.ArgumentError, match="size"):
         vm.memory_encrypt_reg_region(0x10000, 0)
     with pytest.raises(pyvt.ArgumentError, match="addr"):
