@@ -12,7 +12,7 @@ import os
 import pytest
 
 import pyvt
-from pyvt.caps.collect import query_kvm
+from pyvt.caps.collect import header_capabilities, query_kvm
 from pyvt.kvm import DeviceFd, Kvm, ffi, lib
 
 pytestmark = pytest.mark.requires_kvm
@@ -79,6 +79,9 @@ def test_newer_capabilities_are_known_and_reported(kvm):
     for name, number, _version in NEWER_CAPABILITIES:
         assert pyvt.kvm.caps[name] == number
         assert kvm.check_extension(name) == kvm.check_extension(number)
+    # pyvt caps reads them from pyvt.kvm.caps, or without the build from the header.
+    assert {name: number for name, number, _ in NEWER_CAPABILITIES}.items() <= \
+        header_capabilities().items()
     raw, _, _ = query_kvm(kvm.path)
     assert {name for name, _, _ in NEWER_CAPABILITIES} <= set(raw.capabilities)
     assert raw.capabilities["KVM_CAP_USER_MEMORY2"] == kvm.check_extension("USER_MEMORY2")
