@@ -694,7 +694,7 @@ class VmFd(_Fd):
         (``struct kvm_sev_cmd *`` on SEV) or a writable buffer holding it.
         Returns ``command``, which the kernel may have written to (e.g. ``error``)."""
         if isinstance(command, ffi.CData) and ffi.typeof(command).kind == "pointer":
-            arg = command
+            arg, size = command, ffi.sizeof(ffi.typeof(command).item)
         else:
             try:
                 arg = ffi.from_buffer(command, require_writable=True)
@@ -702,11 +702,12 @@ class VmFd(_Fd):
                 raise ArgumentTypeError(
                     f"KVM_MEMORY_ENCRYPT_OP takes a cffi pointer to the command struct "
                     f"(struct kvm_sev_cmd * on SEV) or a writable buffer, not {command!r}") from None
-            # The kernel reads and writes a whole command (SEV's and TDX's are both
-            # this size): a shorter buffer would let it run past the end.
-            if len(arg) < ffi.sizeof("struct kvm_sev_cmd"):
-                raise ArgumentError(f"a KVM_MEMORY_ENCRYPT_OP command is at least "
-                                    f"{ffi.sizeof('struct kvm_sev_cmd')} bytes, not {len(arg)}")
+            size = len(arg)
+        # The kernel reads and writes a whole command (SEV's and TDX's are both
+        # this size): a smaller one would let it run past the end.
+        if size < ffi.sizeof("struct kvm_sev_cmd"):
+            raise ArgumentError(f"a KVM_MEMORY_ENCRYPT_OP command is at least "
+                                f"{ffi.sizeof('struct kvm_sev_cmd')} bytes, not {size}")
         self._memory_encrypt("KVM_MEMORY_ENCRYPT_OP", lib.KVM_MEMORY_ENCRYPT_OP, arg)
         return command
 

@@ -343,6 +343,8 @@ def test_memory_encryption_arguments_validated(vm):
         vm.memory_encrypt_op(b"read-only bytes")
     with pytest.raises(pyvt.ArgumentError, match="at least 24 bytes"):
         vm.memory_encrypt_op(bytearray(8))
+    with pytest.raises(pyvt.ArgumentError, match="at least 24 bytes"):
+        vm.memory_encrypt_op(ffi.new("__u32 *"))
     with pytest.raises(pyvt.ArgumentError, match="size"):
         vm.memory_encrypt_reg_region(0x10000, 0)
     with pytest.raises(pyvt.ArgumentError, match="addr"):
