@@ -38,11 +38,16 @@ def filter_ranges(spans: Iterable[Tuple[int, int]]) -> List[Tuple[int, int, int,
     ``VmFd.x86_set_msr_filter`` takes them, that deny exactly the MSRs in
     ``spans`` (``(start, length)`` pairs that do not overlap) and allow the
     rest.  Raises ArgumentError if KVM's limit of ranges is not enough."""
+    limit = lib.KVM_MSR_FILTER_MAX_RANGES
     # Greedy, from the lowest MSR: each range reaches as far as it can.
     windows: List[Tuple[int, int, List[Tuple[int, int]]]] = []  # (base, nmsrs, handled)
     for start, length in sorted(spans):
         while length:
             if not windows or start - windows[-1][0] >= RANGE_MSRS:
+                if len(windows) == limit:
+                    raise ArgumentError(
+                        f"these MSR handlers need more than {limit} MSR filter ranges, KVM's "
+                        f"limit (of {RANGE_MSRS:#x} MSRs each): handle fewer, or closer, MSRs")
                 windows.append((start, 0, []))
             base, _, handled = windows[-1]
             end = min(start + length, base + RANGE_MSRS)
@@ -50,11 +55,6 @@ def filter_ranges(spans: Iterable[Tuple[int, int]]) -> List[Tuple[int, int, int,
             windows[-1] = (base, end - base, handled)
             length -= end - start
             start = end
-    limit = lib.KVM_MSR_FILTER_MAX_RANGES
-    if len(windows) > limit:
-        raise ArgumentError(
-            f"these MSR handlers need {len(windows)} MSR filter ranges; KVM allows {limit} "
-            f"of at most {RANGE_MSRS:#x} MSRs each: handle fewer, or closer, MSRs")
     flags = lib.KVM_MSR_FILTER_READ | lib.KVM_MSR_FILTER_WRITE
     return [(base, nmsrs, flags, _bitmap(base, nmsrs, handled))
             for base, nmsrs, handled in windows]

@@ -331,6 +331,8 @@ def test_filter_ranges_pack_nearby_msrs_into_one_range():
     assert [(base, nmsrs) for base, nmsrs, _, _ in long_one] == [(0, RANGE_MSRS), (RANGE_MSRS, 1)]
     assert long_one[0][3] == bytes(RANGE_MSRS // 8)
     assert filter_ranges([]) == []
+    with pytest.raises(pyvt.ArgumentError, match="more than 16"):
+        filter_ranges([(0, 1 << 32)])
 
 
 def test_x86_set_msr_filter_checks_its_arguments(vm):
