@@ -31,6 +31,7 @@ from .errors import (
     OutOfRangeError,
     RegionOverlapError,
     TripleFault,
+    UnmappedAddressError,
     VcpuIndexError,
 )
 from .memory import GuestMemory, parse_size
@@ -53,5 +54,6 @@ __all__ = [
     "ApiVersionMismatch", "KvmError", "MemoryConfigError", "RegionOverlapError",
     "OutOfRangeError", "InvalidModeError", "VcpuIndexError", "ClosedError",
     "ArgumentError", "ArgumentTypeError", "GuestError", "TripleFault", "EntryFailed", "InternalError",
+    "UnmappedAddressError",
     "Snapshot", "SnapshotError", "SnapshotFileError", "SnapshotFileNotFound",
 ]

@@ -117,6 +117,10 @@ class SnapshotFileNotFound(SnapshotFileError, FileNotFoundError):
     """``Snapshot.load()`` of a file that does not exist."""
 
 
+class UnmappedAddressError(Error, LookupError):
+    """A guest-virtual address the guest's page tables do not map."""
+
+
 def check(ret: int, ioctl: str, hint: str = "") -> int:
     """Turns a C-style return (-1 with errno set) into a KvmError."""
     if ret < 0:

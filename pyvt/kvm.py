@@ -994,8 +994,9 @@ class VcpuFd(_Fd):
     def translate(self, linear_address: int):
         """``KVM_TRANSLATE`` (4.15) -> ``struct kvm_translation``: walks the
         guest's page tables (its current CR3 and paging mode) for
-        ``linear_address``; ``valid`` says whether it is mapped, then
-        ``physical_address``, ``writeable`` and ``usermode`` say how."""
+        ``linear_address``: ``valid`` says whether it is mapped, and
+        ``physical_address`` where.  On x86, KVM always reports
+        ``writeable`` 1 and ``usermode`` 0, whatever the page tables say."""
         tr = ffi.new("struct kvm_translation *",
                      {"linear_address": _u64(linear_address, "linear address")})
         self._ioctl("KVM_TRANSLATE", lib.KVM_TRANSLATE, tr)
