@@ -60,6 +60,7 @@ class Vcpu:
         # Vectors interrupt() queued until the guest can take them (no irqchip).
         self._queued_vectors: collections.deque = collections.deque()
         self._vector_handed_over = False
+        self._window_requested = False
         # Checked before KVM_CREATE_VCPU: KVM cannot create an index twice.
         if setup:
             modes.write_setup_area(vm.memory, mode)
@@ -467,24 +468,28 @@ class Vcpu:
         """Hands KVM the next queued vector if the guest can take it now
         (one per run: KVM holds a single one), and asks for the interrupt
         window while more wait.  True if ``stop`` is an exit the caller does
-        not see, so run() goes on: the window opening, or a hlt that the
-        vector handed over now wakes (as a CPU with an interrupt pending
-        does not halt)."""
+        not see, so run() goes on: the window pyvt asked for opening, or a
+        hlt that the vector handed over now wakes (as a CPU with an
+        interrupt pending does not halt)."""
+        if stop in (_native.STOP_EXIT, _native.STOP_DEVICE):
+            # KVM_RUN returned: KVM took the vector it held, and the run page's
+            # ready_for_interrupt_injection is current again.
+            self._vector_handed_over = False
+        if not self._queued_vectors and not self._window_requested:
+            return False
         run = self.fd.run_struct
         if run is None:  # closed from a handler during the run
             return False
         kvm_exit = run.exit_reason if stop == _native.STOP_EXIT else None
-        window_exit = (kvm_exit == lib.KVM_EXIT_IRQ_WINDOW_OPEN
-                       and run.request_interrupt_window)
-        if stop is not None:
-            self._vector_handed_over = False  # KVM took the last one on entry
+        window_exit = kvm_exit == lib.KVM_EXIT_IRQ_WINDOW_OPEN and self._window_requested
         handed_over = False
         if (self._queued_vectors and not self._vector_handed_over
                 and run.ready_for_interrupt_injection):
             # KVM only queues it: a pending I/O access still completes first.
             self.fd.interrupt(self._queued_vectors.popleft())
             self._vector_handed_over = handed_over = True
-        run.request_interrupt_window = 1 if self._queued_vectors else 0
+        self._window_requested = bool(self._queued_vectors)
+        run.request_interrupt_window = 1 if self._window_requested else 0
         return window_exit or (handed_over and kvm_exit == lib.KVM_EXIT_HLT)
 
     def nmi(self) -> None:

@@ -110,6 +110,53 @@ def test_interrupt_raised_before_the_guest_can_take_it_waits_for_its_window(vm):
     assert not cpu.fd.run_struct.request_interrupt_window
 
 
+def test_interrupts_raised_together_arrive_one_window_each_in_order(vm):
+    # Two gates (0x40, 0x48); each handler reports its vector and counts;
+    # the main line spins with interrupts on until it has seen both.
+    gates = "".join(f"""
+        .org idt + {vector * 16}
+        .word handler_{vector:x}, {modes.CODE64_SELECTOR}
+        .byte 0, 0x8e
+        .word 0
+        .long 0, 0""" for vector in (0x40, 0x48))
+    handlers = "".join(f"""
+    handler_{vector:x}:
+        push %rax
+        push %rdx
+        mov ${vector}, %al
+        mov ${HANDLER_PORT}, %dx
+        out %al, %dx
+        incb seen(%rip)
+        pop %rdx
+        pop %rax
+        iretq""" for vector in (0x40, 0x48))
+    image = pyvt.assemble(f"""
+        lidt idt_descriptor(%rip)
+        sti
+    1:  cmpb $2, seen(%rip)
+        jne 1b
+        mov $0xd0, %al
+        mov ${DONE_PORT}, %dx
+        out %al, %dx
+        hlt
+    {handlers}
+    seen: .byte 0
+    .balign 16
+    idt:
+    {gates}
+    idt_end:
+    idt_descriptor:
+        .word idt_end - idt - 1
+        .quad idt
+    """, at=CODE)
+    cpu = load_idt_guest(vm, image)
+    cpu.interrupt(0x48)
+    cpu.interrupt(0x40)
+    expect_out(cpu, HANDLER_PORT, 0x48)
+    expect_out(cpu, HANDLER_PORT, 0x40)
+    expect_out(cpu, DONE_PORT, 0xD0)
+
+
 def test_interrupt_is_not_taken_while_the_guest_has_interrupts_off(vm):
     # The guest never sets IF: the vector stays queued, the guest runs on.
     cpu = load_idt_guest(vm, idt_guest(0x42, wait="nop"))
