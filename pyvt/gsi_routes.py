@@ -96,11 +96,8 @@ def routing_table(routes: Iterable, max_gsi: int = 0):
     """A cffi ``struct kvm_irq_routing *`` holding ``routes`` (validated;
     ``max_gsi``: the backend's KVM_CAP_IRQ_ROUTING, 0 for no check)."""
     routes = _as_list(routes, "GSI routes", "IrqchipRoute/MsiRoute")
-    buf = ffi.new("char[]", ffi.sizeof("struct kvm_irq_routing")
-                  + len(routes) * ffi.sizeof("struct kvm_irq_routing_entry"))
-    table = ffi.cast("struct kvm_irq_routing *", buf)
-    table.nr = len(routes)
+    # cffi sizes the flexible entries[] from the length given for it.
+    table = ffi.new("struct kvm_irq_routing *", {"nr": len(routes), "entries": len(routes)})
     for i, route in enumerate(routes):
         _fill_entry(table.entries[i], route, max_gsi)
-    # The table points into buf: keep buf alive as long as the table.
-    return ffi.gc(table, lambda _t, _keep=buf: None)
+    return table
