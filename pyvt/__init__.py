@@ -32,6 +32,7 @@ from .errors import (
     OutOfRangeError,
     RegionOverlapError,
     TripleFault,
+    UnmappedAddressError,
     VcpuIndexError,
 )
 from .memory import GuestMemory, parse_size
@@ -53,6 +54,7 @@ __all__ = [
     "Error", "BackendError", "BackendNotFound", "BackendPermissionError",
     "ApiVersionMismatch", "KvmError", "MemoryConfigError", "RegionOverlapError",
     "OutOfRangeError", "InvalidModeError", "VcpuIndexError", "ClosedError",
-    "ArgumentError", "ArgumentTypeError", "MsrFault", "GuestError", "TripleFault", "EntryFailed", "InternalError",
+    "ArgumentError", "ArgumentTypeError", "MsrFault", "GuestError", "TripleFault", "EntryFailed",
+    "InternalError", "UnmappedAddressError",
     "Snapshot", "SnapshotError", "SnapshotFileError", "SnapshotFileNotFound",
 ]

@@ -123,6 +123,10 @@ class MsrFault(Error):
     MSR the CPU does not have.  pyvt catches it; ``run()`` goes on."""
 
 
+class UnmappedAddressError(Error, LookupError):
+    """A guest-virtual address the guest's page tables do not map."""
+
+
 def check(ret: int, ioctl: str, hint: str = "") -> int:
     """Turns a C-style return (-1 with errno set) into a KvmError."""
     if ret < 0:

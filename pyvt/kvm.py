@@ -133,6 +133,16 @@ def _cap_number(cap: Union[int, str]) -> int:
     return _u32(cap, "capability number")
 
 
+def _enable_cap_struct(cap: Union[int, str], args: Sequence[int], flags: int):
+    """The ``struct kvm_enable_cap`` of ``enable_cap`` (VM and vCPU alike)."""
+    if len(args) > 4:
+        raise ArgumentError("KVM_ENABLE_CAP takes at most 4 arguments")
+    return ffi.new("struct kvm_enable_cap *", {
+        "cap": _cap_number(cap), "flags": _u32(flags, "flags"),
+        "args": [_u64(a, "argument") for a in args] + [0] * (4 - len(args)),
+    })
+
+
 def _arg(value: int):
     return ffi.cast("unsigned long", value)
 
@@ -280,6 +290,16 @@ class Kvm(_Fd):
     def get_emulated_cpuid(self) -> List[CpuidEntry]:
         """``KVM_GET_EMULATED_CPUID``: features KVM emulates in software."""
         return self._get_cpuid("KVM_GET_EMULATED_CPUID", lib.KVM_GET_EMULATED_CPUID)
+
+    def get_supported_hv_cpuid(self) -> List[CpuidEntry]:
+        """``KVM_GET_SUPPORTED_HV_CPUID`` on the system fd (4.118, needs
+        KVM_CAP_SYS_HYPERV_CPUID): the Hyper-V CPUID leaves KVM can show a
+        guest.  Older kernels have only the vCPU variant
+        (:meth:`VcpuFd.get_supported_hv_cpuid`, KVM_CAP_HYPERV_CPUID)."""
+        _require_cap(self, "KVM_CAP_SYS_HYPERV_CPUID", "KVM_GET_SUPPORTED_HV_CPUID",
+                     "the vCPU variant (VcpuFd.get_supported_hv_cpuid) needs "
+                     "KVM_CAP_HYPERV_CPUID")
+        return self._get_cpuid("KVM_GET_SUPPORTED_HV_CPUID", lib.KVM_GET_SUPPORTED_HV_CPUID)
 
     def _msr_list(self, name: str, request: int) -> List[int]:
         head = ffi.new("struct kvm_msr_list *")
@@ -442,6 +462,16 @@ def _u64(value, what: str) -> int:
     return _uint(value, what, 64)
 
 
+def _require_cap(kvm: "Kvm", cap: str, ioctl: str, hint: str = "") -> int:
+    """The backend's answer for ``cap``; a KvmError naming it (ENOTTY, as the
+    kernel would answer the ioctl) where the backend or the headers lack it."""
+    have = kvm.check_extension(cap) if cap in caps else 0
+    if not have:
+        raise KvmError(ioctl, errno.ENOTTY, f"{kvm.path} lacks {cap}"
+                       + (f"; {hint}" if hint else ""))
+    return have
+
+
 class VmFd(_Fd):
     """A VM file descriptor, made by :meth:`Kvm.create_vm`."""
 
@@ -550,11 +580,23 @@ class VmFd(_Fd):
         })
         self._ioctl("KVM_IOEVENTFD", lib.KVM_IOEVENTFD, event)
 
-    def irqfd(self, fd: int, gsi: int, *, deassign: bool = False) -> None:
-        """``KVM_IRQFD``: signalling eventfd ``fd`` raises interrupt ``gsi``."""
+    def irqfd(self, fd: int, gsi: int, *, deassign: bool = False,
+              resamplefd: Optional[int] = None) -> None:
+        """``KVM_IRQFD`` (4.75): signalling eventfd ``fd`` raises interrupt ``gsi``.
+
+        With ``resamplefd`` (KVM_IRQFD_FLAG_RESAMPLE, KVM_CAP_IRQFD_RESAMPLE)
+        the line is level-triggered: it stays asserted until the guest EOIs
+        the interrupt, which de-asserts it and signals eventfd ``resamplefd``
+        (the device then re-raises ``fd`` if it still needs service)."""
+        flags = lib.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
+        if resamplefd is not None:
+            if deassign:
+                raise ArgumentError("KVM_IRQFD: deassign takes no resamplefd "
+                                    "(deassigning fd from gsi drops its resampler too)")
+            flags |= lib.KVM_IRQFD_FLAG_RESAMPLE
         irqfd = ffi.new("struct kvm_irqfd *", {
-            "fd": _u32(fd, "fd"), "gsi": _u32(gsi, "gsi"),
-            "flags": lib.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0,
+            "fd": _u32(fd, "fd"), "gsi": _u32(gsi, "gsi"), "flags": flags,
+            "resamplefd": 0 if resamplefd is None else _u32(resamplefd, "resamplefd"),
         })
         self._ioctl("KVM_IRQFD", lib.KVM_IRQFD, irqfd)
 
@@ -568,13 +610,7 @@ class VmFd(_Fd):
 
     def enable_cap(self, cap: Union[int, str], *args: int, flags: int = 0) -> None:
         """``KVM_ENABLE_CAP`` on the VM."""
-        if len(args) > 4:
-            raise ArgumentError("KVM_ENABLE_CAP takes at most 4 arguments")
-        enable = ffi.new("struct kvm_enable_cap *", {
-            "cap": _cap_number(cap), "flags": _u32(flags, "flags"),
-            "args": [_u64(a, "argument") for a in args] + [0] * (4 - len(args)),
-        })
-        self._ioctl("KVM_ENABLE_CAP", lib.KVM_ENABLE_CAP, enable)
+        self._ioctl("KVM_ENABLE_CAP", lib.KVM_ENABLE_CAP, _enable_cap_struct(cap, args, flags))
 
     def register_coalesced_mmio(self, addr: int, size: int, pio: bool = False) -> None:
         """``KVM_REGISTER_COALESCED_MMIO``: guest writes there are queued in a
@@ -591,6 +627,63 @@ class VmFd(_Fd):
 
     # -- interrupts, NMI/SMI, MSI and GSI routing, translation, the clocks, nested state, sregs2 (issue 12) ---
     # (section A: its methods go below this line, above the next section)
+
+    def get_clock(self):
+        """``KVM_GET_CLOCK`` (4.29, KVM_CAP_ADJUST_CLOCK) -> ``struct kvm_clock_data``:
+        the guests' kvmclock in ns (``clock``), with ``realtime`` and
+        ``host_tsc`` where ``flags`` has KVM_CLOCK_REALTIME / KVM_CLOCK_HOST_TSC."""
+        _require_cap(self.kvm, "KVM_CAP_ADJUST_CLOCK", "KVM_GET_CLOCK")
+        data = ffi.new("struct kvm_clock_data *")
+        self._ioctl("KVM_GET_CLOCK", lib.KVM_GET_CLOCK, data)
+        return data
+
+    def set_clock(self, clock: Union[int, object], flags: int = 0, realtime: int = 0) -> None:
+        """``KVM_SET_CLOCK`` (4.30): sets the kvmclock to ``clock`` ns, or from a
+        ``struct kvm_clock_data`` (as :meth:`get_clock` returns, whose flags
+        and realtime are used).  With ``flags=KVM_CLOCK_REALTIME`` KVM adds the
+        time elapsed since ``realtime`` (CLOCK_REALTIME ns)."""
+        _require_cap(self.kvm, "KVM_CAP_ADJUST_CLOCK", "KVM_SET_CLOCK")
+        if isinstance(clock, ffi.CData):
+            data = _struct_pointer(clock, "struct kvm_clock_data", "KVM_SET_CLOCK")
+        else:
+            data = ffi.new("struct kvm_clock_data *", {
+                "clock": _u64(clock, "clock"), "flags": _u32(flags, "flags"),
+                "realtime": _u64(realtime, "realtime")})
+        self._ioctl("KVM_SET_CLOCK", lib.KVM_SET_CLOCK, data)
+
+    def signal_msi(self, address: int, data: int, flags: int = 0, devid: int = 0) -> int:
+        """``KVM_SIGNAL_MSI`` (4.71, KVM_CAP_SIGNAL_MSI): delivers one MSI
+        message to the in-kernel LAPICs.  Returns how many LAPICs took it
+        (0: the guest blocked it, e.g. a software-disabled LAPIC)."""
+        _require_cap(self.kvm, "KVM_CAP_SIGNAL_MSI", "KVM_SIGNAL_MSI")
+        address = _u64(address, "MSI address")
+        msi = ffi.new("struct kvm_msi *", {
+            "address_lo": address & 0xFFFFFFFF, "address_hi": address >> 32,
+            "data": _u32(data, "MSI data"), "flags": _u32(flags, "flags"),
+            "devid": _u32(devid, "devid")})
+        return self._ioctl("KVM_SIGNAL_MSI", lib.KVM_SIGNAL_MSI, msi,
+                           hint="no LAPIC took it: the VM needs the in-kernel irqchip "
+                                "(KVM_CREATE_IRQCHIP) and a vCPU whose APIC ID the "
+                                "address names")
+
+    def set_gsi_routing(self, entries) -> None:
+        """``KVM_SET_GSI_ROUTING`` (4.52, KVM_CAP_IRQ_ROUTING): replaces the whole
+        GSI routing table (the irqchip's default routes too: see
+        :func:`pyvt.gsi_routes.irqchip_routes`).  ``entries`` is an iterable of
+        :class:`pyvt.gsi_routes.IrqchipRoute`, :class:`pyvt.gsi_routes.MsiRoute`
+        or cffi ``struct kvm_irq_routing_entry``; or a whole cffi
+        ``struct kvm_irq_routing *``.  Needs the in-kernel irqchip."""
+        from .gsi_routes import routing_table
+
+        _require_cap(self.kvm, "KVM_CAP_IRQ_ROUTING", "KVM_SET_GSI_ROUTING")
+        if isinstance(entries, ffi.CData) and ffi.typeof(entries) is ffi.typeof(
+                "struct kvm_irq_routing *"):
+            table = entries
+        else:
+            table = routing_table(entries, self.kvm.check_extension("KVM_CAP_IRQ_ROUTING"))
+        self._ioctl("KVM_SET_GSI_ROUTING", lib.KVM_SET_GSI_ROUTING, table,
+                    hint="routes need the in-kernel irqchip (KVM_CREATE_IRQCHIP), "
+                         "valid irqchip pins and GSIs below KVM_CAP_IRQ_ROUTING")
 
     # -- memory slots v2, guest_memfd, memory attributes, devices, memory encryption (issue 12) ---
     # (section B: its methods go below this line, above the next section)
@@ -1137,6 +1230,133 @@ class VcpuFd(_Fd):
 
     # -- interrupts, NMI/SMI, MSI and GSI routing, translation, the clocks, nested state, sregs2 (issue 12) ---
     # (section A: its methods go below this line, above the next section)
+
+    def interrupt(self, vector: int) -> None:
+        """``KVM_INTERRUPT`` (4.16): queues external interrupt ``vector`` for
+        the next KVM_RUN.  Only for VMs WITHOUT the in-kernel irqchip (with
+        it, KVM refuses: ENXIO).  KVM injects it on entry whatever the
+        guest's RFLAGS.IF, so a VMM calls it only when the last exit said
+        ``run_struct.ready_for_interrupt_injection``, else sets
+        ``run_struct.request_interrupt_window`` and waits for
+        KVM_EXIT_IRQ_WINDOW_OPEN (:meth:`pyvt.Vcpu.interrupt` does this)."""
+        vector = _u32(vector, "interrupt vector")
+        if vector > 0xFF:
+            raise ArgumentError(f"an x86 interrupt vector is 0-255, not {vector}")
+        irq = ffi.new("struct kvm_interrupt *", {"irq": vector})
+        try:
+            self._ioctl("KVM_INTERRUPT", lib.KVM_INTERRUPT, irq)
+        except KvmError as e:
+            if e.errno == errno.ENXIO:
+                raise KvmError("KVM_INTERRUPT", e.errno,
+                               "this VM has the in-kernel irqchip, which delivers interrupts "
+                               "itself: raise them with irq_line, irqfd or signal_msi") from None
+            if e.errno == errno.EEXIST:
+                raise KvmError("KVM_INTERRUPT", e.errno, "an interrupt is already queued: "
+                               "run the vCPU to deliver it first") from None
+            raise
+
+    def nmi(self) -> None:
+        """``KVM_NMI`` (4.64, KVM_CAP_USER_NMI): queues an NMI.  Meant for VMs
+        without the in-kernel irqchip; with it KVM still injects the NMI
+        into the vCPU directly (bypassing the LAPIC's LINT1 LVT)."""
+        _require_cap(self.vm.kvm, "KVM_CAP_USER_NMI", "KVM_NMI")
+        self._ioctl("KVM_NMI", lib.KVM_NMI)
+
+    def smi(self) -> None:
+        """``KVM_SMI`` (4.96, KVM_CAP_X86_SMM): queues a system management interrupt."""
+        _require_cap(self.vm.kvm, "KVM_CAP_X86_SMM", "KVM_SMI",
+                     "its KVM was built without SMM support (CONFIG_KVM_SMM)")
+        self._ioctl("KVM_SMI", lib.KVM_SMI)
+
+    def translate(self, linear_address: int):
+        """``KVM_TRANSLATE`` (4.15) -> ``struct kvm_translation``: walks the
+        guest's page tables (its current CR3 and paging mode) for
+        ``linear_address``: ``valid`` says whether it is mapped, and
+        ``physical_address`` where.  On x86, KVM always reports
+        ``writeable`` 1 and ``usermode`` 0, whatever the page tables say."""
+        tr = ffi.new("struct kvm_translation *",
+                     {"linear_address": _u64(linear_address, "linear address")})
+        self._ioctl("KVM_TRANSLATE", lib.KVM_TRANSLATE, tr)
+        return tr
+
+    def kvmclock_ctrl(self) -> None:
+        """``KVM_KVMCLOCK_CTRL`` (4.70, KVM_CAP_KVMCLOCK_CTRL): tells the guest,
+        through its kvmclock page (PVCLOCK_GUEST_STOPPED), that the host
+        paused it, so its soft-lockup watchdog does not fire.  Needs a
+        guest that enabled kvmclock (EINVAL otherwise)."""
+        _require_cap(self.vm.kvm, "KVM_CAP_KVMCLOCK_CTRL", "KVM_KVMCLOCK_CTRL")
+        self._ioctl("KVM_KVMCLOCK_CTRL", lib.KVM_KVMCLOCK_CTRL,
+                    hint="the guest has not enabled kvmclock (MSR_KVM_SYSTEM_TIME_NEW)")
+
+    def get_tsc_khz(self) -> int:
+        """``KVM_GET_TSC_KHZ`` (4.56, KVM_CAP_GET_TSC_KHZ): the guest's TSC rate in kHz."""
+        _require_cap(self.vm.kvm, "KVM_CAP_GET_TSC_KHZ", "KVM_GET_TSC_KHZ")
+        return self._ioctl("KVM_GET_TSC_KHZ", lib.KVM_GET_TSC_KHZ)
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """``KVM_SET_TSC_KHZ`` (4.55, KVM_CAP_TSC_CONTROL): sets the guest's TSC
+        rate in kHz (0: the host's).  Kernels since 5.16 refuse every rate
+        (EINVAL) where the CPU cannot scale the TSC (KVM_CAP_TSC_CONTROL 0)."""
+        khz = _u32(khz, "TSC rate (kHz)")
+        hint = ""
+        if not self.vm.kvm.check_extension("KVM_CAP_TSC_CONTROL"):
+            hint = (f"{self.vm.kvm.path} lacks KVM_CAP_TSC_CONTROL, which setting "
+                    "the guest's TSC rate needs")
+        self._ioctl("KVM_SET_TSC_KHZ", lib.KVM_SET_TSC_KHZ, _arg(khz), hint=hint)
+
+    def _nested_state_size(self, ioctl: str) -> int:
+        return _require_cap(self.vm.kvm, "KVM_CAP_NESTED_STATE", ioctl,
+                            "nested virtualization state needs a host with nested "
+                            "VMX/SVM (kvm_intel/kvm_amd nested=1)")
+
+    def get_nested_state(self) -> bytes:
+        """``KVM_GET_NESTED_STATE`` (4.114, KVM_CAP_NESTED_STATE): the vCPU's
+        nested-virtualization state, a ``struct kvm_nested_state`` and its
+        data, as bytes (``size`` bytes long)."""
+        room = self._nested_state_size("KVM_GET_NESTED_STATE")
+        buf = ffi.new("char[]", max(room, ffi.sizeof("struct kvm_nested_state")))
+        state = ffi.cast("struct kvm_nested_state *", buf)
+        state.size = len(buf)
+        self._ioctl("KVM_GET_NESTED_STATE", lib.KVM_GET_NESTED_STATE, state)
+        return bytes(ffi.buffer(buf, min(state.size, len(buf))))
+
+    def set_nested_state(self, state: bytes) -> None:
+        """``KVM_SET_NESTED_STATE`` (4.115) from :meth:`get_nested_state`'s bytes."""
+        self._nested_state_size("KVM_SET_NESTED_STATE")
+        if not isinstance(state, (bytes, bytearray)):
+            raise ArgumentTypeError(f"nested state must be bytes, not {type(state).__name__}")
+        header = ffi.sizeof("struct kvm_nested_state")
+        buf = ffi.new("char[]", max(len(state), header))
+        ffi.buffer(buf, len(state))[:] = state
+        size = ffi.cast("struct kvm_nested_state *", buf).size
+        if len(state) < header or size > len(state):
+            raise ArgumentError(f"nested state must hold its {header}-byte header and the "
+                                f"size it names ({size}); it has {len(state)} bytes")
+        self._ioctl("KVM_SET_NESTED_STATE", lib.KVM_SET_NESTED_STATE, buf)
+
+    def enable_cap(self, cap: Union[int, str], *args: int, flags: int = 0) -> None:
+        """``KVM_ENABLE_CAP`` (4.37) on the vCPU (e.g. KVM_CAP_ENFORCE_PV_FEATURE_CPUID,
+        KVM_CAP_HYPERV_SYNIC)."""
+        self._ioctl("KVM_ENABLE_CAP", lib.KVM_ENABLE_CAP, _enable_cap_struct(cap, args, flags))
+
+    def get_sregs2(self):
+        """``KVM_GET_SREGS2`` (4.131, KVM_CAP_SREGS2) -> ``struct kvm_sregs2``:
+        the special registers with the PAE PDPTRs (``pdptrs``, valid when
+        ``flags`` has KVM_SREGS2_FLAGS_PDPTRS_VALID) and no interrupt bitmap."""
+        _require_cap(self.vm.kvm, "KVM_CAP_SREGS2", "KVM_GET_SREGS2")
+        return self._get("KVM_GET_SREGS2", lib.KVM_GET_SREGS2, "struct kvm_sregs2 *")
+
+    def set_sregs2(self, sregs2) -> None:
+        """``KVM_SET_SREGS2`` (4.132)."""
+        _require_cap(self.vm.kvm, "KVM_CAP_SREGS2", "KVM_SET_SREGS2")
+        self._ioctl("KVM_SET_SREGS2", lib.KVM_SET_SREGS2,
+                    _struct_pointer(sregs2, "struct kvm_sregs2", "KVM_SET_SREGS2"))
+
+    def get_supported_hv_cpuid(self) -> List[CpuidEntry]:
+        """``KVM_GET_SUPPORTED_HV_CPUID`` on the vCPU (4.118, KVM_CAP_HYPERV_CPUID;
+        deprecated in favour of :meth:`Kvm.get_supported_hv_cpuid`)."""
+        _require_cap(self.vm.kvm, "KVM_CAP_HYPERV_CPUID", "KVM_GET_SUPPORTED_HV_CPUID")
+        return _read_cpuid(self, "KVM_GET_SUPPORTED_HV_CPUID", lib.KVM_GET_SUPPORTED_HV_CPUID)
 
     # -- the dirty ring (issue 12) -----------------------------------------------------
     # (section C: its methods go below this line, above the next section)

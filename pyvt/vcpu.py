@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
 import math
@@ -11,7 +12,15 @@ from typing import Dict, Iterable, List, Mapping, Optional
 
 from . import _native, exits, modes
 from ._kvm import ffi, lib
-from .errors import ArgumentError, BackendError, ClosedError, Error, KvmError, OutOfRangeError
+from .errors import (
+    ArgumentError,
+    BackendError,
+    ClosedError,
+    Error,
+    KvmError,
+    OutOfRangeError,
+    UnmappedAddressError,
+)
 from .kvm import PAGE_SIZE, CpuidEntry
 from .registers import (
     FPU_FIELDS,
@@ -48,6 +57,10 @@ class Vcpu:
         self._running_thread: Optional[int] = None
         self._close_pending = False
         self._loop: Optional[_native.VcpuLoop] = None
+        # Vectors interrupt() queued until the guest can take them (no irqchip).
+        self._queued_vectors: collections.deque = collections.deque()
+        self._vector_handed_over = False
+        self._window_requested = False
         # Checked before KVM_CREATE_VCPU: KVM cannot create an index twice.
         if setup:
             modes.write_setup_area(vm.memory, mode)
@@ -226,6 +239,8 @@ class Vcpu:
             with self._stop_lock:
                 self._running_thread = threading.get_ident()
             stop, code, port = loop.run(seconds, tick)
+            while self._offer_queued_vector(stop):  # the interrupt window opened
+                stop, code, port = loop.run(seconds, tick)
         finally:
             with self._stop_lock:
                 self._running_thread = None
@@ -437,6 +452,79 @@ class Vcpu:
 
     # -- interrupts, NMI/SMI, MSI and GSI routing, translation, the clocks, nested state, sregs2 (issue 12) ---
     # (section A: its methods go below this line, above the next section)
+
+    def interrupt(self, vector: int) -> None:
+        """Raises external interrupt ``vector`` (32-255) in a VM WITHOUT the
+        in-kernel irqchip (``KVM_INTERRUPT``), as a PIC would.
+
+        The guest takes it when it can (RFLAGS.IF set, no interrupt shadow):
+        if the last exit said it can, KVM gets the vector now, for the next
+        run(); otherwise it is queued and run() asks KVM for an exit when the
+        guest becomes interruptible, hands it over and goes on running, so the
+        exit is never seen.  Vectors raised meanwhile queue in order.  With the
+        in-kernel irqchip KVM refuses KVM_INTERRUPT: raise interrupts through
+        it instead (``vm.fd.irq_line``, ``vm.fd.irqfd``, :meth:`pyvt.Vm.signal_msi`)."""
+        self._check_open()
+        if self._vm.fd.has_irqchip:
+            raise Error(f"vCPU {self.index}: this VM has the in-kernel irqchip, which "
+                        "refuses KVM_INTERRUPT: raise the interrupt through it "
+                        "(vm.fd.irq_line, vm.fd.irqfd or vm.signal_msi)")
+        if isinstance(vector, bool) or not isinstance(vector, int) or not 0 <= vector <= 0xFF:
+            raise ArgumentError(f"an interrupt vector is an int in 0-255, not {vector!r}")
+        if vector < 32:
+            raise ArgumentError(f"vectors 0-31 are CPU exceptions, not interrupts: "
+                                f"use 32-255, not {vector}")
+        self._queued_vectors.append(vector)
+        self._offer_queued_vector(None)
+
+    def _offer_queued_vector(self, stop) -> bool:
+        """Hands KVM the next queued vector if the guest can take it now
+        (one per run: KVM holds a single one), and asks for the interrupt
+        window while more wait.  True if ``stop`` is an exit the caller does
+        not see, so run() goes on: the window pyvt asked for opening, or a
+        hlt that the vector handed over now wakes (as a CPU with an
+        interrupt pending does not halt)."""
+        if stop in (_native.STOP_EXIT, _native.STOP_DEVICE):
+            # KVM_RUN returned: KVM took the vector it held, and the run page's
+            # ready_for_interrupt_injection is current again.
+            self._vector_handed_over = False
+        if not self._queued_vectors and not self._window_requested:
+            return False
+        run = self.fd.run_struct
+        if run is None:  # closed from a handler during the run
+            return False
+        kvm_exit = run.exit_reason if stop == _native.STOP_EXIT else None
+        window_exit = kvm_exit == lib.KVM_EXIT_IRQ_WINDOW_OPEN and self._window_requested
+        handed_over = False
+        if (self._queued_vectors and not self._vector_handed_over
+                and run.ready_for_interrupt_injection):
+            # KVM only queues it: a pending I/O access still completes first.
+            self.fd.interrupt(self._queued_vectors.popleft())
+            self._vector_handed_over = handed_over = True
+        self._window_requested = bool(self._queued_vectors)
+        run.request_interrupt_window = 1 if self._window_requested else 0
+        return window_exit or (handed_over and kvm_exit == lib.KVM_EXIT_HLT)
+
+    def nmi(self) -> None:
+        """Raises a non-maskable interrupt (``KVM_NMI``): the guest takes it
+        through IDT vector 2 on the next run(), whatever RFLAGS.IF.  Meant for
+        VMs without the in-kernel irqchip (where it stands for the LINT1 pin);
+        with it, KVM still injects the NMI straight into this vCPU."""
+        self._check_open()
+        self.fd.nmi()
+
+    def translate(self, address: int) -> int:
+        """The guest-physical address guest-virtual ``address`` maps to now,
+        through the guest's own page tables (``KVM_TRANSLATE``); with paging
+        off, the same address.  Raises :class:`pyvt.UnmappedAddressError`
+        where nothing is mapped."""
+        self._check_open()
+        result = self.fd.translate(address)
+        if not result.valid:
+            raise UnmappedAddressError(
+                f"vCPU {self.index}: guest-virtual address {address:#x} is not mapped by "
+                f"the guest's page tables (CR3 {self.sregs.cr3:#x})")
+        return result.physical_address
 
     # -- binary statistics (issue 12) --------------------------------------------------
     # (section D: its methods go below this line, above the next section)

@@ -21,7 +21,7 @@ from .errors import (
     RegionOverlapError,
     VcpuIndexError,
 )
-from .kvm import DEFAULT_DEVICE, PYVT_DEVICE, Kvm
+from .kvm import DEFAULT_DEVICE, PYVT_DEVICE, Kvm, _as_list
 from .memory import GuestMemory, parse_size
 from .vcpu import Vcpu
 
@@ -449,6 +449,40 @@ class Vm:
 
     # -- interrupts, NMI/SMI, MSI and GSI routing, translation, the clocks, nested state, sregs2 (issue 12) ---
     # (section A: its methods go below this line, above the next section)
+
+    def signal_msi(self, address: int, data: int) -> int:
+        """Sends one MSI message (``KVM_SIGNAL_MSI``) to the in-kernel LAPICs,
+        as a PCI device would: ``address`` 0xfee00000 | destination APIC ID
+        << 12, ``data`` the vector (fixed delivery, edge).  Returns how many
+        LAPICs accepted it (0: blocked, e.g. the guest has not enabled its
+        LAPIC).  Needs the in-kernel irqchip (``vm.fd.create_irqchip()``
+        before the vCPUs)."""
+        self._check_open()
+        self._require_irqchip("an MSI")
+        return self.fd.signal_msi(address, data)
+
+    @property
+    def gsi_routing(self) -> tuple:
+        """The GSI routing table last set here (``()`` until then: the kernel's
+        default, :func:`pyvt.gsi_routes.irqchip_routes`).  Assign a list of
+        :class:`pyvt.gsi_routes.IrqchipRoute` / :class:`~pyvt.gsi_routes.MsiRoute`
+        to replace the whole table (``KVM_SET_GSI_ROUTING``); then ``irq_line``
+        or an ``irqfd`` on an MSI route's GSI sends its message."""
+        self._check_open()
+        return getattr(self, "_gsi_routes", ())
+
+    @gsi_routing.setter
+    def gsi_routing(self, routes) -> None:
+        self._check_open()
+        self._require_irqchip("GSI routing")
+        routes = tuple(_as_list(routes, "GSI routes", "IrqchipRoute/MsiRoute"))
+        self.fd.set_gsi_routing(routes)
+        self._gsi_routes = routes
+
+    def _require_irqchip(self, what: str) -> None:
+        if not self.fd.has_irqchip:
+            raise Error(f"{what} needs the in-kernel irqchip: call vm.fd.create_irqchip() "
+                        "before creating the vCPUs")
 
     # -- the dirty ring (issue 12) -----------------------------------------------------
     # (section C: its methods go below this line, above the next section)
