@@ -601,6 +601,15 @@ class VmFd(_Fd):
     # -- binary statistics (issue 12) --------------------------------------------------
     # (section D: its methods go below this line, above the next section)
 
+    def get_stats_fd(self):
+        """``KVM_GET_STATS_FD`` on the VM (api.rst "4.133 KVM_GET_STATS_FD",
+        needs KVM_CAP_BINARY_STATS_FD): a new :class:`pyvt.kvm_stats.StatsFd`
+        of the VM's statistics, with its header and descriptors decoded.
+        The caller owns it: close it (or use ``with``) when done."""
+        from .kvm_stats import open_stats_fd
+
+        return open_stats_fd(self, self.kvm, "VM")
+
     # -- MSR filters and user-space MSR exits (issue 12) -------------------------------
     # (section E: its methods go below this line, above the next section)
 
@@ -866,3 +875,12 @@ class VcpuFd(_Fd):
 
     # -- binary statistics (issue 12) --------------------------------------------------
     # (section D: its methods go below this line, above the next section)
+
+    def get_stats_fd(self):
+        """``KVM_GET_STATS_FD`` on the vCPU (api.rst "4.133 KVM_GET_STATS_FD",
+        needs KVM_CAP_BINARY_STATS_FD): a new :class:`pyvt.kvm_stats.StatsFd`
+        of this vCPU's statistics (``exits``, ``io_exits``, ``halt_exits``...).
+        The caller owns it: close it (or use ``with``) when done."""
+        from .kvm_stats import open_stats_fd
+
+        return open_stats_fd(self, self.vm.kvm, f"vCPU {self.index}")
