@@ -19,13 +19,14 @@ statistics); what a value means is in its :class:`StatsDescriptor`:
 from __future__ import annotations
 
 import errno
+import math
 import os
 import threading
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from ._kvm import ffi, lib
-from .errors import BackendError, ClosedError, KvmError
+from .errors import ArgumentError, BackendError, ClosedError, KvmError
 from .kvm import _Fd
 
 CAPABILITY = "KVM_CAP_BINARY_STATS_FD"
@@ -60,12 +61,10 @@ class StatsDescriptor:
     ``"unknown (0x..)"`` for a value newer than pyvt (``flags`` has it raw).
 
     ``scale`` (``base ** exponent``) turns a value into ``unit``s:
-    ``halt_wait_ns`` counts 10**-9 seconds.  For a histogram the scale
-    applies to the bucket boundaries, not to the counts in the buckets:
-    linear bucket i holds values in [i, i + 1) * ``bucket_size``; log bucket
-    0 holds the value 0 and bucket i > 0 values in [2**(i-1), 2**i).
-    ``offset`` is the byte offset in the stats fd's data block (None for
-    pyvt's own counters, which no stats fd holds)."""
+    ``halt_wait_ns`` counts 10**-9 seconds.  A histogram's items count
+    samples; its unit and scale apply to the bucket ranges
+    (:meth:`bucket_ranges`).  ``offset`` is the byte offset in the stats
+    fd's data block (None for pyvt's own counters, which no stats fd holds)."""
 
     name: str
     type: str = "cumulative"
@@ -85,6 +84,19 @@ class StatsDescriptor:
     def scale(self) -> Union[int, float]:
         """``base ** exponent``: an int for exponent >= 0, else a float."""
         return self.base ** self.exponent
+
+    def bucket_ranges(self) -> List[Tuple[int, float]]:
+        """A histogram's bucket ranges ``[(low, high), ...]`` (low included,
+        high not), unscaled, as api.rst defines them: linear bucket i covers
+        [i, i + 1) * ``bucket_size``; log bucket 0 covers [0, 1) and bucket
+        i > 0 [2**(i-1), 2**i).  The last bucket reaches infinity."""
+        if self.type == "linear_histogram":
+            lows = [i * self.bucket_size for i in range(self.size)]
+        elif self.type == "log_histogram":
+            lows = [0] + [1 << (i - 1) for i in range(1, self.size)]
+        else:
+            raise ArgumentError(f"{self.name} is a {self.type} statistic, not a histogram")
+        return [(low, float(high)) for low, high in zip(lows, lows[1:] + [math.inf], strict=True)]
 
     @classmethod
     def from_struct(cls, desc) -> "StatsDescriptor":

@@ -450,8 +450,10 @@ class Vcpu:
 
     @property
     def stats_descriptors(self) -> Dict[str, StatsDescriptor]:
-        """``{name: pyvt.kvm_stats.StatsDescriptor}`` for every key of
-        :attr:`stats`: its type, unit and scale."""
+        """What each key of :attr:`stats` is: ``{name:
+        pyvt.kvm_stats.StatsDescriptor}`` with its type, unit and scale
+        (``halt_wait_ns`` counts 1e-9 seconds; ``halt_wait_hist`` is a log
+        histogram of them).  pyvt's run-loop counters are plain counts."""
         self._check_open()
         return self._kvm_stats.descriptors()
 

@@ -480,8 +480,10 @@ class Vm:
 
     @property
     def stats_descriptors(self) -> Dict[str, StatsDescriptor]:
-        """``{name: pyvt.kvm_stats.StatsDescriptor}`` for every key of
-        :attr:`stats`: its type, unit and scale."""
+        """What each key of :attr:`stats` is, as
+        :attr:`pyvt.Vcpu.stats_descriptors` says for a vCPU's: KVM's VM
+        statistics are mostly cumulative counts; ``pages_4k`` and the like
+        are instant values, ``max_mmu_rmap_size`` and the like peaks."""
         self._check_open()
         return self._kvm_stats.descriptors()
 

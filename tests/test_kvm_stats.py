@@ -98,6 +98,14 @@ def test_descriptors_decode_names_types_and_units(vm):
     hist = descriptors["halt_wait_hist"]
     assert (hist.type, hist.unit, hist.is_histogram) == ("log_histogram", "seconds", True)
     assert hist.size > 1
+    ranges = hist.bucket_ranges()
+    assert len(ranges) == hist.size
+    assert ranges[:4] == [(0, 1.0), (1, 2.0), (2, 4.0), (4, 8.0)]
+    assert ranges[-1] == (1 << (hist.size - 2), float("inf"))
+    linear = StatsDescriptor("x", "linear_histogram", size=3, bucket_size=10)
+    assert linear.bucket_ranges() == [(0, 10.0), (10, 20.0), (20, float("inf"))]
+    with pytest.raises(pyvt.ArgumentError, match="exits is a cumulative statistic"):
+        descriptors["exits"].bucket_ranges()
     # Every descriptor decoded to a known type and unit (none "unknown").
     kvm_names = [d for d in descriptors.values() if d.offset is not None]
     assert {d.type for d in kvm_names} <= {"cumulative", "instant", "peak",
