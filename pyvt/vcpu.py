@@ -440,7 +440,8 @@ class Vcpu:
         (writes replayed from KVM's coalesced ring).  Values are ints, lists
         of ints for histograms; what each one counts, in which unit and
         scale, is in :attr:`stats_descriptors`.  ``{}`` once the VM is closed.
-        The stats fd is opened by the first read and closed with the VM."""
+        The stats fd is opened by the first read and closed with the VM;
+        each read is a pread on it (other threads may run meanwhile)."""
         loop = self._loop
         if loop is None:
             return {}
