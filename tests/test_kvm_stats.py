@@ -7,6 +7,7 @@ import pytest
 
 import pyvt
 from pyvt import exits
+from pyvt._kvm import ffi, lib
 from pyvt.kvm_stats import StatsDescriptor, StatsFd
 from pyvt.modes import LOAD_ADDRESS
 from pyvt.vcpu import RUN_LOOP_COUNTERS
@@ -219,3 +220,60 @@ def test_backend_without_binary_stats_gives_pyvts_counters(vm, monkeypatch):
     with pytest.raises(pyvt.KvmError, match="KVM_CAP_BINARY_STATS_FD"):
         cpu.fd.get_stats_fd()
     assert stats_fds() == before
+
+
+def stats_file(descriptors, data, name_size=16, truncate=0) -> int:
+    """A memfd laid out as a stats fd: header, id, descriptors, data.
+    ``descriptors``: (name, flags, exponent, size, offset, bucket_size)."""
+    header = ffi.new("struct kvm_stats_header *")
+    stride = ffi.sizeof("struct kvm_stats_desc") + name_size
+    header.name_size = name_size
+    header.num_desc = len(descriptors)
+    header.id_offset = ffi.sizeof(header[0])
+    header.desc_offset = header.id_offset + name_size
+    header.data_offset = header.desc_offset + stride * len(descriptors)
+    blob = bytearray(bytes(ffi.buffer(header)) + b"test-id".ljust(name_size, b"\0"))
+    for name, flags, exponent, size, offset, bucket_size in descriptors:
+        raw = ffi.new("char[]", stride)
+        desc = ffi.cast("struct kvm_stats_desc *", raw)
+        desc.flags, desc.exponent, desc.size = flags, exponent, size
+        desc.offset, desc.bucket_size = offset, bucket_size
+        blob += bytes(ffi.buffer(raw))[:ffi.sizeof("struct kvm_stats_desc")] + \
+            name.encode().ljust(name_size, b"\0")
+    blob += b"".join(value.to_bytes(8, "little") for value in data)
+    fd = os.memfd_create("fake-stats")
+    os.write(fd, bytes(blob[:len(blob) - truncate]))
+    return fd
+
+
+def test_stats_fd_decodes_every_kind_of_statistic():
+    """What this host's KVM has none of (linear histograms, bytes, cycles,
+    powers of two, a kind newer than pyvt), from a file laid out the same way."""
+    linear = lib.KVM_STATS_TYPE_LINEAR_HIST | lib.KVM_STATS_UNIT_BYTES | lib.KVM_STATS_BASE_POW2
+    cycles = lib.KVM_STATS_TYPE_PEAK | lib.KVM_STATS_UNIT_CYCLES
+    with StatsFd(stats_file([("sizes", linear, 10, 3, 16, 4),
+                             ("busiest", cycles, 0, 1, 0, 0),
+                             ("future", 0xF | 0xF0, 0, 1, 8, 0)],
+                            [7, 9, 1, 2, 3])) as stats:
+        assert stats.id == "test-id"
+        assert stats.read() == {"sizes": [1, 2, 3], "busiest": 7, "future": 9}
+        sizes = stats.descriptors["sizes"]
+        assert (sizes.type, sizes.unit, sizes.base, sizes.exponent, sizes.scale) == \
+            ("linear_histogram", "bytes", 2, 10, 1024)
+        assert sizes.bucket_ranges() == [(0, 4.0), (4, 8.0), (8, float("inf"))]
+        assert (stats.descriptors["busiest"].type, stats.descriptors["busiest"].unit) == \
+            ("peak", "cycles")
+        future = stats.descriptors["future"]
+        assert (future.type, future.unit) == ("unknown (0xf)", "unknown (0xf0)")
+
+
+def test_a_stats_fd_shorter_than_its_header_says_is_refused():
+    fd = stats_file([("a", 0, 0, 1, 0, 0), ("b", 0, 0, 1, 8, 0)], [1, 2], truncate=8)
+    with StatsFd(fd) as stats:
+        with pytest.raises(pyvt.BackendError, match="gave 8 of the 16 bytes"):
+            stats.read()
+    fd = stats_file([("a", 0, 0, 1, 0, 0)], [1], truncate=8 + 20)
+    with pytest.raises(pyvt.BackendError, match="bytes at offset"):
+        StatsFd(fd)
+    with pytest.raises(OSError):
+        os.fstat(fd)  # StatsFd closed it
