@@ -21,6 +21,74 @@ RUN_UNION_MEMBERS = [
     "internal", "emulation_failure", "system_event", "msr", "s",
 ]
 
+# KVM_CAP_* numbers newer than this machine's <linux/kvm.h> (Linux 6.1) that
+# pyvt uses, from the kernel's uapi header: (name, number, Linux version that
+# added it).  The one list: SOURCE defines each where the header lacks it, and
+# capability_names() adds them, so pyvt.kvm.caps and `pyvt caps` list them.
+NEWER_CAPABILITIES = [
+    ("KVM_CAP_USER_MEMORY2", 231, "6.8"),
+    ("KVM_CAP_MEMORY_FAULT_INFO", 232, "6.8"),
+    ("KVM_CAP_MEMORY_ATTRIBUTES", 233, "6.8"),
+    ("KVM_CAP_GUEST_MEMFD", 234, "6.8"),
+    ("KVM_CAP_VM_TYPES", 235, "6.8"),
+    ("KVM_CAP_GUEST_MEMFD_FLAGS", 244, "6.18"),
+]
+
+# Memory slots v2, guest_memfd and memory attributes (Linux 6.8; the
+# guest_memfd mmap flags 6.18), from the documented ABI
+# (Documentation/virt/kvm/api.rst 4.140-4.142, include/uapi/linux/kvm.h),
+# for headers older than that.  Each block is skipped where the header has it.
+NEWER_ABI = """
+#ifndef KVM_SET_USER_MEMORY_REGION2  /* Linux 6.8 */
+struct kvm_userspace_memory_region2 {
+    __u32 slot;
+    __u32 flags;
+    __u64 guest_phys_addr;
+    __u64 memory_size;
+    __u64 userspace_addr;
+    __u64 guest_memfd_offset;
+    __u32 guest_memfd;
+    __u32 pad1;
+    __u64 pad2[14];
+};
+#define KVM_SET_USER_MEMORY_REGION2 _IOW(KVMIO, 0x49, struct kvm_userspace_memory_region2)
+#endif
+#ifndef KVM_MEM_GUEST_MEMFD  /* Linux 6.8 */
+#define KVM_MEM_GUEST_MEMFD (1UL << 2)
+#endif
+#ifndef KVM_CREATE_GUEST_MEMFD  /* Linux 6.8 */
+struct kvm_create_guest_memfd {
+    __u64 size;
+    __u64 flags;
+    __u64 reserved[6];
+};
+#define KVM_CREATE_GUEST_MEMFD _IOWR(KVMIO, 0xd4, struct kvm_create_guest_memfd)
+#endif
+#ifndef GUEST_MEMFD_FLAG_MMAP  /* Linux 6.18 */
+#define GUEST_MEMFD_FLAG_MMAP (1ULL << 0)
+#endif
+#ifndef GUEST_MEMFD_FLAG_INIT_SHARED  /* Linux 6.18 */
+#define GUEST_MEMFD_FLAG_INIT_SHARED (1ULL << 1)
+#endif
+#ifndef KVM_SET_MEMORY_ATTRIBUTES  /* Linux 6.8 */
+struct kvm_memory_attributes {
+    __u64 address;
+    __u64 size;
+    __u64 attributes;
+    __u64 flags;
+};
+#define KVM_SET_MEMORY_ATTRIBUTES _IOW(KVMIO, 0xd2, struct kvm_memory_attributes)
+#define KVM_MEMORY_ATTRIBUTE_PRIVATE (1ULL << 3)
+#endif
+#ifndef KVM_X86_DEFAULT_VM  /* Linux 6.8: VM types, bits of KVM_CAP_VM_TYPES */
+#define KVM_X86_DEFAULT_VM 0
+#define KVM_X86_SW_PROTECTED_VM 1
+#endif
+""" + "".join(
+    f"#ifndef {name}  /* Linux {version} */\n#define {name} {number}\n#endif\n"
+    for name, number, version in NEWER_CAPABILITIES
+)
+
 SOURCE = "\n".join(
     [
         "#include <linux/kvm.h>",
@@ -39,6 +107,7 @@ SOURCE = "\n".join(
         "#define KVM_GET_XSAVE2 0",
         "#endif",
         "",
+        NEWER_ABI,
     ]
     + [
         f"typedef __typeof__(((struct kvm_run *)0)->{m}) pvt_run_{m};"
@@ -182,6 +251,39 @@ CONSTANTS = """
 
 /* -- memory slots v2, guest_memfd, memory attributes, devices, memory encryption (issue 12) -- */
 /* (section B: its constants go below this line, above the next section) */
+#define KVM_SET_USER_MEMORY_REGION2 ...  /* Linux 6.8: NEWER_ABI where the header lacks it */
+#define KVM_MEM_GUEST_MEMFD ...
+#define KVM_CREATE_GUEST_MEMFD ...
+#define GUEST_MEMFD_FLAG_MMAP ...
+#define GUEST_MEMFD_FLAG_INIT_SHARED ...
+#define KVM_SET_MEMORY_ATTRIBUTES ...
+#define KVM_MEMORY_ATTRIBUTE_PRIVATE ...
+#define KVM_X86_DEFAULT_VM ...
+#define KVM_X86_SW_PROTECTED_VM ...
+#define KVM_MEMORY_ENCRYPT_OP ...
+#define KVM_MEMORY_ENCRYPT_REG_REGION ...
+#define KVM_MEMORY_ENCRYPT_UNREG_REGION ...
+#define KVM_CREATE_DEVICE ...
+#define KVM_CREATE_DEVICE_TEST ...
+#define KVM_SET_DEVICE_ATTR ...
+#define KVM_GET_DEVICE_ATTR ...
+#define KVM_HAS_DEVICE_ATTR ...
+#define KVM_DEV_TYPE_FSL_MPIC_20 ...
+#define KVM_DEV_TYPE_FSL_MPIC_42 ...
+#define KVM_DEV_TYPE_XICS ...
+#define KVM_DEV_TYPE_VFIO ...
+#define KVM_DEV_TYPE_ARM_VGIC_V2 ...
+#define KVM_DEV_TYPE_FLIC ...
+#define KVM_DEV_TYPE_ARM_VGIC_V3 ...
+#define KVM_DEV_TYPE_ARM_VGIC_ITS ...
+#define KVM_DEV_TYPE_XIVE ...
+#define KVM_DEV_TYPE_ARM_PV_TIME ...
+#define KVM_DEV_VFIO_GROUP ...
+#define KVM_DEV_VFIO_GROUP_ADD ...
+#define KVM_DEV_VFIO_GROUP_DEL ...
+#define KVM_VCPU_TSC_CTRL ...
+#define KVM_VCPU_TSC_OFFSET ...
+#define KVM_X86_XCOMP_GUEST_SUPP ...
 
 /* -- the dirty ring (issue 12) -- */
 /* (section C: its constants go below this line, above the next section) */
@@ -330,6 +432,17 @@ struct kvm_coalesced_mmio_ring {
 
 /* -- memory slots v2, guest_memfd, memory attributes, devices, memory encryption (issue 12) -- */
 /* (section B: its structs go below this line, above the next section) */
+struct kvm_userspace_memory_region2 {
+    __u32 slot, flags; __u64 guest_phys_addr, memory_size, userspace_addr;
+    __u64 guest_memfd_offset; __u32 guest_memfd;
+    ...;
+};
+struct kvm_create_guest_memfd { __u64 size, flags; ...; };
+struct kvm_memory_attributes { __u64 address, size, attributes, flags; ...; };
+struct kvm_enc_region { __u64 addr, size; ...; };
+struct kvm_sev_cmd { __u32 id; __u64 data; __u32 error, sev_fd; ...; };
+struct kvm_create_device { __u32 type, fd, flags; ...; };
+struct kvm_device_attr { __u32 flags, group; __u64 attr, addr; ...; };
 
 /* -- the dirty ring (issue 12) -- */
 /* (section C: its structs go below this line, above the next section) */
@@ -391,7 +504,8 @@ void pvt_host_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t out[4]);
 
 
 def capability_names(header="/usr/include/linux/kvm.h"):
-    """Every KVM_CAP_* the installed header defines, in header order."""
+    """Every KVM_CAP_* the installed header defines, in header order, then
+    those of NEWER_CAPABILITIES it lacks."""
     import re
 
     names = []
@@ -400,7 +514,7 @@ def capability_names(header="/usr/include/linux/kvm.h"):
             m = re.match(r"#define\s+(KVM_CAP_[A-Z0-9_]+)\s+\d+", line)
             if m:
                 names.append(m.group(1))
-    return names
+    return names + [name for name, _, _ in NEWER_CAPABILITIES if name not in names]
 
 
 ffibuilder = FFI()

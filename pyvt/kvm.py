@@ -595,20 +595,177 @@ class VmFd(_Fd):
     # -- memory slots v2, guest_memfd, memory attributes, devices, memory encryption (issue 12) ---
     # (section B: its methods go below this line, above the next section)
 
+    def _require(self, cap: str, ioctl: str) -> int:
+        """``cap``'s value on this VM (KVM_CHECK_EXTENSION on the VM fd); a
+        KvmError naming it where the running kernel lacks it."""
+        value = self.check_extension(cap)
+        if not value:
+            raise KvmError(ioctl, errno.ENOTTY,
+                           f"{self.kvm.path} lacks {cap}: the running kernel does not offer "
+                           f"{ioctl} here")
+        return value
+
+    def set_user_memory_region2(self, slot: int, guest_phys_addr: int, memory_size: int,
+                                userspace_addr: int, flags: int = 0, *,
+                                guest_memfd: int = 0, guest_memfd_offset: int = 0) -> None:
+        """``KVM_SET_USER_MEMORY_REGION2`` (api.rst 4.140, Linux 6.8; needs
+        KVM_CAP_USER_MEMORY2): :meth:`set_user_memory_region` plus a
+        guest_memfd range, used where ``flags`` has ``KVM_MEM_GUEST_MEMFD``.
+
+        Safety: as for :meth:`set_user_memory_region`, ``userspace_addr``
+        must stay mapped for ``memory_size`` bytes as long as the slot exists.
+        """
+        region = ffi.new("struct kvm_userspace_memory_region2 *", {
+            "slot": _u32(slot, "slot"), "flags": _u32(flags, "flags"),
+            "guest_phys_addr": _u64(guest_phys_addr, "guest_phys_addr"),
+            "memory_size": _u64(memory_size, "memory_size"),
+            "userspace_addr": _u64(userspace_addr, "userspace_addr"),
+            "guest_memfd_offset": _u64(guest_memfd_offset, "guest_memfd_offset"),
+            "guest_memfd": _u32(guest_memfd, "guest_memfd"),
+        })
+        self._require("KVM_CAP_USER_MEMORY2", "KVM_SET_USER_MEMORY_REGION2")
+        hint = ""
+        if flags & lib.KVM_MEM_GUEST_MEMFD:
+            hint = ("a KVM_MEM_GUEST_MEMFD slot needs guest_memfd from this VM's "
+                    "create_guest_memfd(), a page-aligned range inside it not bound to "
+                    "another slot, and a VM type that takes guest_memfd (KVM_CAP_GUEST_MEMFD)")
+        self._ioctl("KVM_SET_USER_MEMORY_REGION2", lib.KVM_SET_USER_MEMORY_REGION2, region,
+                    hint=hint)
+
+    def create_guest_memfd(self, size: int, flags: int = 0) -> int:
+        """``KVM_CREATE_GUEST_MEMFD`` (api.rst 4.142, Linux 6.8; needs
+        KVM_CAP_GUEST_MEMFD): a new guest_memfd file of ``size`` bytes (a
+        multiple of the page size) for this VM's private memory.  ``flags``
+        are ``GUEST_MEMFD_FLAG_*`` (those KVM_CAP_GUEST_MEMFD_FLAGS lists;
+        ``GUEST_MEMFD_FLAG_MMAP`` lets the host mmap it, Linux 6.18).
+
+        Returns the file descriptor; the caller owns it (``os.close``).
+        """
+        size = _u64(size, "size")
+        flags = _u64(flags, "flags")
+        if size == 0 or size % PAGE_SIZE:
+            raise ArgumentError(f"a guest_memfd's size must be a positive multiple of "
+                                f"{PAGE_SIZE} bytes, not {size}")
+        self._require("KVM_CAP_GUEST_MEMFD", "KVM_CREATE_GUEST_MEMFD")
+        if flags:
+            supported = self.check_extension("KVM_CAP_GUEST_MEMFD_FLAGS")
+            if flags & ~supported:
+                raise KvmError("KVM_CREATE_GUEST_MEMFD", errno.EINVAL,
+                               f"flags {flags:#x}: this VM's KVM_CAP_GUEST_MEMFD_FLAGS offers "
+                               f"only {supported:#x}")
+        create = ffi.new("struct kvm_create_guest_memfd *", {"size": size, "flags": flags})
+        return self._ioctl("KVM_CREATE_GUEST_MEMFD", lib.KVM_CREATE_GUEST_MEMFD, create)
+
+    def set_memory_attributes(self, address: int, size: int, attributes: int,
+                              flags: int = 0) -> None:
+        """``KVM_SET_MEMORY_ATTRIBUTES`` (api.rst 4.141, Linux 6.8; needs
+        KVM_CAP_MEMORY_ATTRIBUTES): sets ``attributes`` (``KVM_MEMORY_ATTRIBUTE_*``,
+        e.g. PRIVATE) on the guest-physical pages ``[address, address + size)``.
+        ``flags`` must be 0."""
+        attrs = ffi.new("struct kvm_memory_attributes *", {
+            "address": _u64(address, "address"), "size": _u64(size, "size"),
+            "attributes": _u64(attributes, "attributes"), "flags": _u64(flags, "flags"),
+        })
+        if size == 0 or size % PAGE_SIZE or address % PAGE_SIZE:
+            raise ArgumentError(f"memory attributes cover whole pages: address {address:#x} "
+                                f"and size {size:#x} must be multiples of {PAGE_SIZE:#x}, "
+                                f"the size not 0")
+        supported = self._require("KVM_CAP_MEMORY_ATTRIBUTES", "KVM_SET_MEMORY_ATTRIBUTES")
+        if attributes & ~supported:
+            raise KvmError("KVM_SET_MEMORY_ATTRIBUTES", errno.EINVAL,
+                           f"attributes {attributes:#x}: this VM's KVM_CAP_MEMORY_ATTRIBUTES "
+                           f"offers only {supported:#x}")
+        self._ioctl("KVM_SET_MEMORY_ATTRIBUTES", lib.KVM_SET_MEMORY_ATTRIBUTES, attrs)
+
+    def _memory_encrypt(self, name: str, request: int, arg) -> int:
+        try:
+            return self._ioctl(name, request, arg)
+        except KvmError as e:
+            if e.errno in (errno.ENOTTY, errno.EINVAL) and not _memory_encryption_host():
+                raise KvmError(name, e.errno,
+                               f"{name} is for hosts with memory encryption (AMD SEV/SEV-ES/"
+                               f"SEV-SNP with kvm_amd sev=1, or Intel TDX): {self.kvm.path} "
+                               f"has none") from None
+            raise
+
+    def memory_encrypt_op(self, command):
+        """``KVM_MEMORY_ENCRYPT_OP`` (api.rst 4.110; SEV or TDX hosts only): runs
+        a vendor command, ``command`` being a cffi pointer to its struct
+        (``struct kvm_sev_cmd *`` on SEV) or a writable buffer holding it.
+        Returns ``command``, which the kernel may have written to (e.g. ``error``)."""
+        if isinstance(command, ffi.CData) and ffi.typeof(command).kind == "pointer":
+            arg, size = command, ffi.sizeof(ffi.typeof(command).item)
+        else:
+            try:
+                arg = ffi.from_buffer(command, require_writable=True)
+            except (TypeError, BufferError):
+                raise ArgumentTypeError(
+                    f"KVM_MEMORY_ENCRYPT_OP takes a cffi pointer to the command struct "
+                    f"(struct kvm_sev_cmd * on SEV) or a writable buffer, not {command!r}") from None
+            size = len(arg)
+        # The kernel reads and writes a whole command (SEV's and TDX's are both
+        # this size): a smaller one would let it run past the end.
+        if size < ffi.sizeof("struct kvm_sev_cmd"):
+            raise ArgumentError(f"a KVM_MEMORY_ENCRYPT_OP command is at least "
+                                f"{ffi.sizeof('struct kvm_sev_cmd')} bytes, not {size}")
+        self._memory_encrypt("KVM_MEMORY_ENCRYPT_OP", lib.KVM_MEMORY_ENCRYPT_OP, arg)
+        return command
+
+    def _enc_region(self, addr: int, size: int):
+        if _u64(size, "size") == 0:
+            raise ArgumentError("an encrypted region's size must not be 0")
+        return ffi.new("struct kvm_enc_region *", {"addr": _u64(addr, "addr"), "size": size})
+
+    def memory_encrypt_reg_region(self, addr: int, size: int) -> None:
+        """``KVM_MEMORY_ENCRYPT_REG_REGION`` (api.rst 4.111; SEV hosts only): pins
+        the host memory ``[addr, addr + size)`` that holds encrypted guest memory."""
+        self._memory_encrypt("KVM_MEMORY_ENCRYPT_REG_REGION",
+                             lib.KVM_MEMORY_ENCRYPT_REG_REGION, self._enc_region(addr, size))
+
+    def memory_encrypt_unreg_region(self, addr: int, size: int) -> None:
+        """``KVM_MEMORY_ENCRYPT_UNREG_REGION`` (api.rst 4.112; SEV hosts only):
+        undoes :meth:`memory_encrypt_reg_region` for the same range."""
+        self._memory_encrypt("KVM_MEMORY_ENCRYPT_UNREG_REGION",
+                             lib.KVM_MEMORY_ENCRYPT_UNREG_REGION, self._enc_region(addr, size))
+
+    def create_device(self, device_type: int, test: bool = False) -> "Optional[DeviceFd]":
+        """``KVM_CREATE_DEVICE`` (api.rst 4.79; needs KVM_CAP_DEVICE_CTRL): a new
+        in-kernel device of ``device_type`` (``KVM_DEV_TYPE_*``) as a
+        :class:`DeviceFd`.  ``test=True`` sets ``KVM_CREATE_DEVICE_TEST``: it
+        only checks that the host can make that type (raising if not) and
+        returns None."""
+        return _create_device(self, device_type, test)
+
+    def set_device_attr(self, group: int, attr: int, data=None, *, flags: int = 0) -> None:
+        """``KVM_SET_DEVICE_ATTR`` on the VM (api.rst 4.80; needs
+        KVM_CAP_VM_ATTRIBUTES): writes ``data`` (bytes-like, or None)."""
+        self._require("KVM_CAP_VM_ATTRIBUTES", "KVM_SET_DEVICE_ATTR")
+        _set_device_attr(self, group, attr, data, flags=flags, where="this VM")
+
+    def get_device_attr(self, group: int, attr: int, size: int = 8, *, flags: int = 0) -> bytes:
+        """``KVM_GET_DEVICE_ATTR`` on the VM (api.rst 4.80; needs
+        KVM_CAP_VM_ATTRIBUTES): the attribute's ``size`` bytes."""
+        self._require("KVM_CAP_VM_ATTRIBUTES", "KVM_GET_DEVICE_ATTR")
+        return _get_device_attr(self, group, attr, size, flags=flags, where="this VM")
+
+    def has_device_attr(self, group: int, attr: int, *, flags: int = 0) -> bool:
+        """``KVM_HAS_DEVICE_ATTR`` on the VM (api.rst 4.81; needs
+        KVM_CAP_VM_ATTRIBUTES): whether the VM has that attribute."""
+        self._require("KVM_CAP_VM_ATTRIBUTES", "KVM_HAS_DEVICE_ATTR")
+        return _has_device_attr(self, group, attr, flags=flags, where="this VM")
+
     # -- the dirty ring (issue 12) -----------------------------------------------------
     # (section C: its methods go below this line, above the next section)
 
     # -- binary statistics (issue 12) --------------------------------------------------
     # (section D: its methods go below this line, above the next section)
 
-    def get_stats_fd(self):
+    def get_stats_fd(self) -> "StatsFd":
         """``KVM_GET_STATS_FD`` on the VM (api.rst "4.133 KVM_GET_STATS_FD",
         needs KVM_CAP_BINARY_STATS_FD): a new :class:`pyvt.kvm_stats.StatsFd`
         of the VM's statistics, with its header and descriptors decoded.
         The caller owns it: close it (or use ``with``) when done."""
-        from .kvm_stats import open_stats_fd
-
-        return open_stats_fd(self, self.kvm, "VM")
+        return _open_stats_fd(self, self.kvm, "VM")
 
     # -- MSR filters and user-space MSR exits (issue 12) -------------------------------
     # (section E: its methods go below this line, above the next section)
@@ -867,6 +1024,29 @@ class VcpuFd(_Fd):
         ffi.buffer(area, len(state))[:] = state
         self._ioctl("KVM_SET_XSAVE", lib.KVM_SET_XSAVE, area)
 
+    # -- device attributes of the vCPU (issue 12, section B) --------------------------
+
+    def _require_vcpu_attributes(self, ioctl: str) -> None:
+        self.vm._require("KVM_CAP_VCPU_ATTRIBUTES", ioctl)
+
+    def set_device_attr(self, group: int, attr: int, data=None, *, flags: int = 0) -> None:
+        """``KVM_SET_DEVICE_ATTR`` on the vCPU (api.rst 4.80; needs
+        KVM_CAP_VCPU_ATTRIBUTES), e.g. x86's ``KVM_VCPU_TSC_CTRL`` /
+        ``KVM_VCPU_TSC_OFFSET``: writes ``data`` (bytes-like, or None)."""
+        self._require_vcpu_attributes("KVM_SET_DEVICE_ATTR")
+        _set_device_attr(self, group, attr, data, flags=flags, where=f"vCPU {self.index}")
+
+    def get_device_attr(self, group: int, attr: int, size: int = 8, *, flags: int = 0) -> bytes:
+        """``KVM_GET_DEVICE_ATTR`` on the vCPU (api.rst 4.80): ``size`` bytes."""
+        self._require_vcpu_attributes("KVM_GET_DEVICE_ATTR")
+        return _get_device_attr(self, group, attr, size, flags=flags,
+                                where=f"vCPU {self.index}")
+
+    def has_device_attr(self, group: int, attr: int, *, flags: int = 0) -> bool:
+        """``KVM_HAS_DEVICE_ATTR`` on the vCPU (api.rst 4.81)."""
+        self._require_vcpu_attributes("KVM_HAS_DEVICE_ATTR")
+        return _has_device_attr(self, group, attr, flags=flags, where=f"vCPU {self.index}")
+
     # -- interrupts, NMI/SMI, MSI and GSI routing, translation, the clocks, nested state, sregs2 (issue 12) ---
     # (section A: its methods go below this line, above the next section)
 
@@ -876,11 +1056,34 @@ class VcpuFd(_Fd):
     # -- binary statistics (issue 12) --------------------------------------------------
     # (section D: its methods go below this line, above the next section)
 
-    def get_stats_fd(self):
+    def get_stats_fd(self) -> "StatsFd":
         """``KVM_GET_STATS_FD`` on the vCPU (api.rst "4.133 KVM_GET_STATS_FD",
         needs KVM_CAP_BINARY_STATS_FD): a new :class:`pyvt.kvm_stats.StatsFd`
         of this vCPU's statistics (``exits``, ``io_exits``, ``halt_exits``...).
         The caller owns it: close it (or use ``with``) when done."""
-        from .kvm_stats import open_stats_fd
+        return _open_stats_fd(self, self.vm.kvm, f"vCPU {self.index}")
 
-        return open_stats_fd(self, self.vm.kvm, f"vCPU {self.index}")
+
+def _memory_encryption_host() -> bool:
+    """Whether this host's KVM was set up for encrypted guests (kvm_amd's sev
+    or kvm_intel's tdx parameter on)."""
+    for parameter in ("/sys/module/kvm_amd/parameters/sev",
+                      "/sys/module/kvm_intel/parameters/tdx"):
+        try:
+            with open(parameter) as f:
+                if f.read().strip() in ("Y", "1"):
+                    return True
+        except OSError:
+            pass
+    return False
+
+
+# In-kernel devices build on _Fd above, so they are imported last (issue 12, section B).
+from .kvm_device import DeviceFd  # noqa: E402
+from .kvm_device import create_device as _create_device  # noqa: E402
+from .kvm_device import get_device_attr as _get_device_attr  # noqa: E402
+from .kvm_device import has_device_attr as _has_device_attr  # noqa: E402
+from .kvm_device import set_device_attr as _set_device_attr  # noqa: E402
+# The binary statistics reader builds on _Fd too (issue 12, section D).
+from .kvm_stats import StatsFd  # noqa: E402
+from .kvm_stats import open_stats_fd as _open_stats_fd  # noqa: E402
