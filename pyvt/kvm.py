@@ -853,6 +853,13 @@ class VmFd(_Fd):
     # -- binary statistics (issue 12) --------------------------------------------------
     # (section D: its methods go below this line, above the next section)
 
+    def get_stats_fd(self) -> "StatsFd":
+        """``KVM_GET_STATS_FD`` on the VM (api.rst "4.133 KVM_GET_STATS_FD",
+        needs KVM_CAP_BINARY_STATS_FD): a new :class:`pyvt.kvm_stats.StatsFd`
+        of the VM's statistics, with its header and descriptors decoded.
+        The caller owns it: close it (or use ``with``) when done."""
+        return _open_stats_fd(self, self.kvm, "VM")
+
     # -- MSR filters and user-space MSR exits (issue 12) -------------------------------
     # (section E: its methods go below this line, above the next section)
 
@@ -1364,6 +1371,13 @@ class VcpuFd(_Fd):
     # -- binary statistics (issue 12) --------------------------------------------------
     # (section D: its methods go below this line, above the next section)
 
+    def get_stats_fd(self) -> "StatsFd":
+        """``KVM_GET_STATS_FD`` on the vCPU (api.rst "4.133 KVM_GET_STATS_FD",
+        needs KVM_CAP_BINARY_STATS_FD): a new :class:`pyvt.kvm_stats.StatsFd`
+        of this vCPU's statistics (``exits``, ``io_exits``, ``halt_exits``...).
+        The caller owns it: close it (or use ``with``) when done."""
+        return _open_stats_fd(self, self.vm.kvm, f"vCPU {self.index}")
+
 
 def _memory_encryption_host() -> bool:
     """Whether this host's KVM was set up for encrypted guests (kvm_amd's sev
@@ -1385,3 +1399,6 @@ from .kvm_device import create_device as _create_device  # noqa: E402
 from .kvm_device import get_device_attr as _get_device_attr  # noqa: E402
 from .kvm_device import has_device_attr as _has_device_attr  # noqa: E402
 from .kvm_device import set_device_attr as _set_device_attr  # noqa: E402
+# The binary statistics reader builds on _Fd too (issue 12, section D).
+from .kvm_stats import StatsFd  # noqa: E402
+from .kvm_stats import open_stats_fd as _open_stats_fd  # noqa: E402

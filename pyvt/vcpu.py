@@ -22,6 +22,7 @@ from .errors import (
     UnmappedAddressError,
 )
 from .kvm import PAGE_SIZE, CpuidEntry
+from .kvm_stats import CachedStats, StatsDescriptor, StatValue
 from .registers import (
     FPU_FIELDS,
     GENERAL_FIELDS,
@@ -36,6 +37,10 @@ from .registers import (
 MAIN_THREAD_TICK = 0.05
 
 _DIRECTIONS = {lib.KVM_EXIT_IO_IN: "in", lib.KVM_EXIT_IO_OUT: "out"}
+
+#: The run loop's own counters (pyvt._native.VcpuLoop.stats), all plain
+#: event counts: part of ``Vcpu.stats`` and, summed, of ``Vm.stats``.
+RUN_LOOP_COUNTERS = ("kvm_exits", "native_exits", "coalesced_writes")
 
 
 class Vcpu:
@@ -65,6 +70,7 @@ class Vcpu:
         if setup:
             modes.write_setup_area(vm.memory, mode)
         self.fd = vm.fd.create_vcpu(index)
+        self._kvm_stats = CachedStats(self.fd, vm.kvm, f"vCPU {index}", RUN_LOOP_COUNTERS)
         try:
             self._setup(vm, mode, setup)
         except BaseException:
@@ -445,11 +451,6 @@ class Vcpu:
         if isinstance(exit, exits.Msr):
             run.msr.error = 0  # answered, even after a refuse_msr()
 
-    @property
-    def stats(self) -> dict:
-        """Run-loop counters: KVM exits, those handled natively, coalesced writes."""
-        return self._loop.stats if self._loop is not None else {}
-
     # -- interrupts, NMI/SMI, MSI and GSI routing, translation, the clocks, nested state, sregs2 (issue 12) ---
     # (section A: its methods go below this line, above the next section)
 
@@ -529,6 +530,39 @@ class Vcpu:
     # -- binary statistics (issue 12) --------------------------------------------------
     # (section D: its methods go below this line, above the next section)
 
+    @property
+    def stats(self) -> Dict[str, StatValue]:
+        """This vCPU's counters, ``{name: value}``: KVM's binary statistics
+        (``exits``, ``io_exits``, ``halt_exits``... where the backend has
+        KVM_CAP_BINARY_STATS_FD; not on pyvt.ko) merged with pyvt's run-loop
+        counters, which keep their names if KVM ever uses them too:
+        ``kvm_exits`` (KVM_RUN returns the run loop saw), ``native_exits``
+        (those native devices served without Python) and ``coalesced_writes``
+        (writes replayed from KVM's coalesced ring).  Values are ints, lists
+        of ints for histograms; what each one counts, in which unit and
+        scale, is in :attr:`stats_descriptors`.  ``{}`` once the VM is closed.
+        The stats fd is opened by the first read and closed with the VM;
+        each read is a pread on it (other threads may run meanwhile)."""
+        loop = self._loop
+        if loop is None:
+            return {}
+        values = self._kvm_stats.read()
+        values.update(loop.stats)
+        return values
+
+    @property
+    def stats_descriptors(self) -> Dict[str, StatsDescriptor]:
+        """What each key of :attr:`stats` is: ``{name:
+        pyvt.kvm_stats.StatsDescriptor}`` with its type, unit and scale
+        (``halt_wait_ns`` counts 1e-9 seconds; ``halt_wait_hist`` is a log
+        histogram of them).  pyvt's run-loop counters are plain counts."""
+        self._check_open()
+        return self._kvm_stats.descriptors()
+
+    def _run_loop_stats(self) -> Dict[str, int]:
+        loop = self._loop
+        return loop.stats if loop is not None else {}
+
     # -- MSR filters and user-space MSR exits (issue 12) -------------------------------
     # (section E: its methods go below this line, above the next section)
 
@@ -557,6 +591,7 @@ class Vcpu:
         if self._loop is not None:
             self._loop.close()
             self._loop = None
+        self._kvm_stats.close()
         self.fd.close()
 
 

@@ -22,8 +22,9 @@ from .errors import (
     VcpuIndexError,
 )
 from .kvm import DEFAULT_DEVICE, PYVT_DEVICE, Kvm, _as_list
+from .kvm_stats import CachedStats, StatsDescriptor, StatValue
 from .memory import GuestMemory, parse_size
-from .vcpu import Vcpu
+from .vcpu import RUN_LOOP_COUNTERS, Vcpu
 
 if TYPE_CHECKING:
     from .snapshot import Snapshot
@@ -122,6 +123,7 @@ class Vm:
         self.backend = select_backend(backend)
         self.kvm = Kvm.shared(self.backend)
         self.fd = self.kvm.create_vm()
+        self._kvm_stats = CachedStats(self.fd, self.kvm, "VM", RUN_LOOP_COUNTERS)
         self._released = False
         self._closed = False
         self._lock = threading.Lock()
@@ -255,6 +257,7 @@ class Vm:
         for console in (getattr(self, "console", None), getattr(self, "debugcon", None)):
             if console is not None:
                 console.stream(None)  # closes pyvt's duplicate of the stream's fd
+        self._kvm_stats.close()
         self.fd.close()
         memory = getattr(self, "memory", None)
         if memory is not None:
@@ -489,6 +492,35 @@ class Vm:
 
     # -- binary statistics (issue 12) --------------------------------------------------
     # (section D: its methods go below this line, above the next section)
+
+    @property
+    def stats(self) -> Dict[str, StatValue]:
+        """VM-wide counters, ``{name: value}``: KVM's VM statistics
+        (``remote_tlb_flush``, ``pages_4k``, ``max_mmu_rmap_size``... where
+        the backend has KVM_CAP_BINARY_STATS_FD; not on pyvt.ko) merged with
+        pyvt's run-loop counters summed over the vCPUs (``kvm_exits``,
+        ``native_exits``, ``coalesced_writes``: see :attr:`pyvt.Vcpu.stats`).
+        Values are ints, lists of ints for histograms; units and scales are
+        in :attr:`stats_descriptors`.  Per-vCPU statistics (``exits``...) are
+        in each ``vcpu.stats``.  The stats fd is opened by the first read
+        and closed with the VM."""
+        self._check_open()
+        values = self._kvm_stats.read()
+        totals = dict.fromkeys(RUN_LOOP_COUNTERS, 0)
+        for vcpu in list(self.vcpus.values()):
+            for name, value in vcpu._run_loop_stats().items():
+                totals[name] = totals.get(name, 0) + value
+        values.update(totals)
+        return values
+
+    @property
+    def stats_descriptors(self) -> Dict[str, StatsDescriptor]:
+        """What each key of :attr:`stats` is, as
+        :attr:`pyvt.Vcpu.stats_descriptors` says for a vCPU's: KVM's VM
+        statistics are mostly cumulative counts; ``pages_4k`` and the like
+        are instant values, ``max_mmu_rmap_size`` and the like peaks."""
+        self._check_open()
+        return self._kvm_stats.descriptors()
 
     # -- MSR filters and user-space MSR exits (issue 12) -------------------------------
     # (section E: its methods go below this line, above the next section)
