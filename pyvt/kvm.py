@@ -462,12 +462,14 @@ def _u64(value, what: str) -> int:
     return _uint(value, what, 64)
 
 
-def _require_cap(kvm: "Kvm", cap: str, ioctl: str, hint: str = "") -> int:
-    """The backend's answer for ``cap``; a KvmError naming it (ENOTTY, as the
-    kernel would answer the ioctl) where the backend or the headers lack it."""
-    have = kvm.check_extension(cap) if cap in caps else 0
+def _require_cap(fd, cap: str, ioctl: str, hint: str = "") -> int:
+    """``fd``'s answer for ``cap`` (a :class:`Kvm`, or a :class:`VmFd`, which
+    answers for its VM's type); a KvmError naming it (ENOTTY, as the kernel
+    would answer the ioctl) where the backend or the headers lack it."""
+    have = fd.check_extension(cap) if cap in caps else 0
     if not have:
-        raise KvmError(ioctl, errno.ENOTTY, f"{kvm.path} lacks {cap}"
+        path = fd.path if isinstance(fd, Kvm) else fd.kvm.path
+        raise KvmError(ioctl, errno.ENOTTY, f"{path} lacks {cap}"
                        + (f"; {hint}" if hint else ""))
     return have
 
@@ -688,16 +690,6 @@ class VmFd(_Fd):
     # -- memory slots v2, guest_memfd, memory attributes, devices, memory encryption (issue 12) ---
     # (section B: its methods go below this line, above the next section)
 
-    def _require(self, cap: str, ioctl: str) -> int:
-        """``cap``'s value on this VM (KVM_CHECK_EXTENSION on the VM fd); a
-        KvmError naming it where the running kernel lacks it."""
-        value = self.check_extension(cap)
-        if not value:
-            raise KvmError(ioctl, errno.ENOTTY,
-                           f"{self.kvm.path} lacks {cap}: the running kernel does not offer "
-                           f"{ioctl} here")
-        return value
-
     def set_user_memory_region2(self, slot: int, guest_phys_addr: int, memory_size: int,
                                 userspace_addr: int, flags: int = 0, *,
                                 guest_memfd: int = 0, guest_memfd_offset: int = 0) -> None:
@@ -716,7 +708,7 @@ class VmFd(_Fd):
             "guest_memfd_offset": _u64(guest_memfd_offset, "guest_memfd_offset"),
             "guest_memfd": _u32(guest_memfd, "guest_memfd"),
         })
-        self._require("KVM_CAP_USER_MEMORY2", "KVM_SET_USER_MEMORY_REGION2")
+        _require_cap(self, "KVM_CAP_USER_MEMORY2", "KVM_SET_USER_MEMORY_REGION2")
         hint = ""
         if flags & lib.KVM_MEM_GUEST_MEMFD:
             hint = ("a KVM_MEM_GUEST_MEMFD slot needs guest_memfd from this VM's "
@@ -739,7 +731,7 @@ class VmFd(_Fd):
         if size == 0 or size % PAGE_SIZE:
             raise ArgumentError(f"a guest_memfd's size must be a positive multiple of "
                                 f"{PAGE_SIZE} bytes, not {size}")
-        self._require("KVM_CAP_GUEST_MEMFD", "KVM_CREATE_GUEST_MEMFD")
+        _require_cap(self, "KVM_CAP_GUEST_MEMFD", "KVM_CREATE_GUEST_MEMFD")
         if flags:
             supported = self.check_extension("KVM_CAP_GUEST_MEMFD_FLAGS")
             if flags & ~supported:
@@ -763,7 +755,7 @@ class VmFd(_Fd):
             raise ArgumentError(f"memory attributes cover whole pages: address {address:#x} "
                                 f"and size {size:#x} must be multiples of {PAGE_SIZE:#x}, "
                                 f"the size not 0")
-        supported = self._require("KVM_CAP_MEMORY_ATTRIBUTES", "KVM_SET_MEMORY_ATTRIBUTES")
+        supported = _require_cap(self, "KVM_CAP_MEMORY_ATTRIBUTES", "KVM_SET_MEMORY_ATTRIBUTES")
         if attributes & ~supported:
             raise KvmError("KVM_SET_MEMORY_ATTRIBUTES", errno.EINVAL,
                            f"attributes {attributes:#x}: this VM's KVM_CAP_MEMORY_ATTRIBUTES "
@@ -832,19 +824,19 @@ class VmFd(_Fd):
     def set_device_attr(self, group: int, attr: int, data=None, *, flags: int = 0) -> None:
         """``KVM_SET_DEVICE_ATTR`` on the VM (api.rst 4.80; needs
         KVM_CAP_VM_ATTRIBUTES): writes ``data`` (bytes-like, or None)."""
-        self._require("KVM_CAP_VM_ATTRIBUTES", "KVM_SET_DEVICE_ATTR")
+        _require_cap(self, "KVM_CAP_VM_ATTRIBUTES", "KVM_SET_DEVICE_ATTR")
         _set_device_attr(self, group, attr, data, flags=flags, where="this VM")
 
     def get_device_attr(self, group: int, attr: int, size: int = 8, *, flags: int = 0) -> bytes:
         """``KVM_GET_DEVICE_ATTR`` on the VM (api.rst 4.80; needs
         KVM_CAP_VM_ATTRIBUTES): the attribute's ``size`` bytes."""
-        self._require("KVM_CAP_VM_ATTRIBUTES", "KVM_GET_DEVICE_ATTR")
+        _require_cap(self, "KVM_CAP_VM_ATTRIBUTES", "KVM_GET_DEVICE_ATTR")
         return _get_device_attr(self, group, attr, size, flags=flags, where="this VM")
 
     def has_device_attr(self, group: int, attr: int, *, flags: int = 0) -> bool:
         """``KVM_HAS_DEVICE_ATTR`` on the VM (api.rst 4.81; needs
         KVM_CAP_VM_ATTRIBUTES): whether the VM has that attribute."""
-        self._require("KVM_CAP_VM_ATTRIBUTES", "KVM_HAS_DEVICE_ATTR")
+        _require_cap(self, "KVM_CAP_VM_ATTRIBUTES", "KVM_HAS_DEVICE_ATTR")
         return _has_device_attr(self, group, attr, flags=flags, where="this VM")
 
     # -- the dirty ring (issue 12) -----------------------------------------------------
@@ -1215,7 +1207,7 @@ class VcpuFd(_Fd):
     # -- device attributes of the vCPU (issue 12, section B) --------------------------
 
     def _require_vcpu_attributes(self, ioctl: str) -> None:
-        self.vm._require("KVM_CAP_VCPU_ATTRIBUTES", ioctl)
+        _require_cap(self.vm, "KVM_CAP_VCPU_ATTRIBUTES", ioctl)
 
     def set_device_attr(self, group: int, attr: int, data=None, *, flags: int = 0) -> None:
         """``KVM_SET_DEVICE_ATTR`` on the vCPU (api.rst 4.80; needs
