@@ -475,6 +475,9 @@ class Vcpu:
         if vector < 32:
             raise ArgumentError(f"vectors 0-31 are CPU exceptions, not interrupts: "
                                 f"use 32-255, not {vector}")
+        if not self.fd.has_interrupt():  # else queued vectors would wait forever
+            raise KvmError("KVM_INTERRUPT", errno.ENOTTY,
+                           f"{self._vm.backend} does not implement it (pyvt.ko does not)")
         self._queued_vectors.append(vector)
         self._offer_queued_vector(None)
 

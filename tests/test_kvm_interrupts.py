@@ -3,6 +3,7 @@ state and sregs2 (issue 12, section A): the thin-layer ioctls and
 cpu.interrupt / cpu.nmi / cpu.translate / vm.signal_msi / vm.gsi_routing,
 with real guests wherever the guest can see the effect."""
 
+import errno
 import os
 import struct
 
@@ -20,6 +21,28 @@ HANDLER_PORT = 0x500  # the handler writes its vector here
 DONE_PORT = 0x501  # the main line writes here once the handler returned
 APIC_BASE = 0xFEE00000
 IOAPIC_BASE = 0xFEC00000
+
+
+@pytest.fixture
+def interrupts(vm):
+    """Skips where the backend lacks KVM_INTERRUPT (pyvt.ko), which no
+    capability announces."""
+    with pyvt.Vm("1M", backend=vm.backend, pc_devices=False) as probe:
+        if not probe.vcpu(0).fd.has_interrupt():
+            pytest.skip(f"{vm.backend} does not implement KVM_INTERRUPT")
+
+
+@pytest.fixture
+def translation(vm):
+    """Skips where the backend lacks KVM_TRANSLATE (pyvt.ko), which no
+    capability announces."""
+    with pyvt.Vm("1M", backend=vm.backend, pc_devices=False) as probe:
+        try:
+            probe.vcpu(0).fd.translate(0)
+        except pyvt.KvmError as e:
+            if e.errno == errno.ENOTTY:
+                pytest.skip(f"{vm.backend} does not implement KVM_TRANSLATE")
+            raise
 
 
 def idt_guest(vector: int, prologue: str = "", wait: str = "sti\n    hlt") -> bytes:
@@ -90,7 +113,7 @@ def expect_handler_then_done(cpu, vector: int) -> None:
 # -- KVM_INTERRUPT and KVM_NMI, without the in-kernel irqchip ----------------
 
 
-def test_interrupt_reaches_the_idt_handler_of_a_halted_guest(vm):
+def test_interrupt_reaches_the_idt_handler_of_a_halted_guest(vm, interrupts):
     cpu = load_idt_guest(vm, idt_guest(0x30))
     exit = cpu.run(timeout=30)
     assert isinstance(exit, exits.Hlt), exit  # sti; hlt: waiting, interruptible
@@ -99,7 +122,7 @@ def test_interrupt_reaches_the_idt_handler_of_a_halted_guest(vm):
     expect_handler_then_done(cpu, 0x30)
 
 
-def test_interrupt_raised_before_the_guest_can_take_it_waits_for_its_window(vm):
+def test_interrupt_raised_before_the_guest_can_take_it_waits_for_its_window(vm, interrupts):
     # Raised while IF is still 0 (before the guest's sti): KVM must not get
     # it yet; run() asks for the interrupt window and hands it over there.
     cpu = load_idt_guest(vm, idt_guest(0x41))
@@ -110,7 +133,7 @@ def test_interrupt_raised_before_the_guest_can_take_it_waits_for_its_window(vm):
     assert not cpu.fd.run_struct.request_interrupt_window
 
 
-def test_interrupts_raised_together_arrive_one_window_each_in_order(vm):
+def test_interrupts_raised_together_arrive_one_window_each_in_order(vm, interrupts):
     # Two gates (0x40, 0x48); each handler reports its vector and counts;
     # the main line spins with interrupts on until it has seen both.
     gates = "".join(f"""
@@ -157,7 +180,7 @@ def test_interrupts_raised_together_arrive_one_window_each_in_order(vm):
     expect_out(cpu, DONE_PORT, 0xD0)
 
 
-def test_interrupt_is_not_taken_while_the_guest_has_interrupts_off(vm):
+def test_interrupt_is_not_taken_while_the_guest_has_interrupts_off(vm, interrupts):
     # The guest never sets IF: the vector stays queued, the guest runs on.
     cpu = load_idt_guest(vm, idt_guest(0x42, wait="nop"))
     cpu.interrupt(0x42)
@@ -165,6 +188,7 @@ def test_interrupt_is_not_taken_while_the_guest_has_interrupts_off(vm):
     assert isinstance(cpu.run(timeout=30), exits.Hlt)
 
 
+@pytest.mark.requires_cap("USER_NMI")
 def test_nmi_reaches_vector_2_with_interrupts_off(vm):
     cpu = load_idt_guest(vm, idt_guest(2, wait="hlt"))  # IF stays 0
     exit = cpu.run(timeout=30)
@@ -331,7 +355,7 @@ def add_4k_mapping(vm, va: int, pa: int, tables: int = 0x20000) -> None:
     vm.memory.write(pt + 8 * index[3], struct.pack("<Q", pa | modes.PTE_PRESENT))
 
 
-def test_translate_walks_the_guest_page_tables(vm):
+def test_translate_walks_the_guest_page_tables(vm, translation):
     cpu = vm.vcpu(0, mode="long")
     for address in (0, 0x1234, modes.PML4_ADDRESS, 0x3FFF_FFFF):
         assert cpu.translate(address) == address  # pyvt's identity map
@@ -357,7 +381,7 @@ def test_translate_walks_the_guest_page_tables(vm):
     expect_out(cpu, 0xF0, 0x5A)
 
 
-def test_translate_without_paging_is_the_identity(vm):
+def test_translate_without_paging_is_the_identity(vm, translation):
     cpu = vm.vcpu(0, mode="protected")
     assert cpu.translate(0x12345678) == 0x12345678
 
