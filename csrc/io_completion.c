@@ -10,14 +10,29 @@ static int answer_alone(struct pvt_vcpu *vcpu)
 {
 	struct kvm_run *run = vcpu->run;
 
-	if (run->exit_reason == KVM_EXIT_IO) {
+	switch (run->exit_reason) {
+	case KVM_EXIT_IO:
 		if (!pvt_vcpu_io_data_valid(vcpu))
 			return -EPROTO;
 		if (run->io.direction == KVM_EXIT_IO_IN)
 			memset((uint8_t *)run + run->io.data_offset, 0xff,
 			       (size_t)run->io.size * run->io.count);
-	} else if (!run->mmio.is_write) {
-		memset(run->mmio.data, 0xff, sizeof(run->mmio.data));
+		break;
+	case KVM_EXIT_MMIO:
+		if (!run->mmio.is_write)
+			memset(run->mmio.data, 0xff, sizeof(run->mmio.data));
+		break;
+	case KVM_EXIT_X86_RDMSR:
+		/*
+		 * KVM completes RDMSR in one round trip, so this is another
+		 * instruction's: answered as the run loop answers an MSR
+		 * nobody claims.
+		 */
+		run->msr.error = 0;
+		run->msr.data = UINT64_MAX;
+		break;
+	default: /* a write: KVM retires it as it is */
+		break;
 	}
 	return 0;
 }

@@ -2,12 +2,13 @@
 /*
  * Settling an I/O exit outside the run loop.
  *
- * After a port-I/O or MMIO exit, KVM finishes the instruction on the next
- * KVM_RUN: a read's data goes from kvm_run into the registers and RIP moves
- * past the instruction.  Register writes made in between race with that
- * completion (KVM's emulator writes its own copy of the registers back on
- * top of them), and a snapshot or restore must not leave it for later.  So
- * pyvt settles a pending access first, by one of:
+ * After a port-I/O, MMIO or user-space MSR exit, KVM finishes the
+ * instruction on the next KVM_RUN: a read's data goes from kvm_run into the
+ * registers and RIP moves past the instruction (an MSR access whose
+ * msr.error is set takes #GP instead).  Register writes made in between
+ * race with that completion (KVM's emulator writes its own copy of the
+ * registers back on top of them), and a snapshot or restore must not leave
+ * it for later.  So pyvt settles a pending access first, by one of:
  *
  *   finish:  KVM_RUN with immediate_exit completes the access with what is
  *            in kvm_run (a reply, or all ones) and returns before any guest

@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * One I/O bus per address space (port I/O, MMIO).  Native devices and the
- * Python handlers registered with vm.on_io()/vm.on_mmio() are both clients:
+ * One I/O bus per address space (port I/O, MMIO, MSR indices).  Native
+ * devices and the Python handlers registered with vm.on_io()/vm.on_mmio()/
+ * vm.on_msr() are both clients:
  * a range is either served by a C callback or tagged with a user id that the
  * run loop hands back to the Cython layer.
  */

@@ -40,7 +40,9 @@ void pvt_kick_disarm(void);
  * run starts (a system call only the first time on a thread), and after
  * KVM_RUN returns EINTR, pvt_kick_consume() takes the kick off the queue
  * (still blocked, it would end every later KVM_RUN at once).  A kick that
- * comes while user code runs waits, and ends the next KVM_RUN.
+ * comes while user code runs waits, and ends the next KVM_RUN.  The kick
+ * (SIGRTMIN+5, pyvt's own) stays blocked on a thread that ran a vCPU, and
+ * processes it forks inherit that; nothing else uses the signal.
  *
  * Elsewhere (pyvt.ko), the kick stays unblocked and its handler sets
  * immediate_exit; pvt_kick_hold()/pvt_kick_release() block it around user

@@ -40,12 +40,13 @@ void pvt_vcpu_destroy(struct pvt_vcpu *vcpu)
 /*
  * The range holding an access.  A port access belongs to the range holding
  * its first port, whatever its width (outl to 0xf4 is one access to port
- * 0xf4, as in kvmtool); an MMIO access must fit in its range.
+ * 0xf4, as in kvmtool), and an MSR access to the range holding its index;
+ * an MMIO access must fit in its range.
  */
 static bool find_range(struct pvt_machine *machine, struct pvt_bus *bus,
 		       uint64_t addr, uint32_t len, struct pvt_bus_range *range)
 {
-	return pvt_bus_find(bus, addr, bus == &machine->pio ? 1 : len, range);
+	return pvt_bus_find(bus, addr, bus == &machine->mmio ? len : 1, range);
 }
 
 /* Serves one access with the range find_range() gave (NULL: none). */
@@ -172,6 +173,29 @@ static enum claim handle_mmio(struct pvt_vcpu *vcpu,
 			run->mmio.is_write, info);
 }
 
+/*
+ * A RDMSR/WRMSR that KVM sent to user space (KVM_CAP_X86_USER_SPACE_MSR):
+ * msr.data is the 8-byte little-endian value, as on the other buses.  An
+ * MSR nobody claims always goes to the caller (only the caller asked KVM
+ * for these exits): a PC's empty bus has no word for MSRs.
+ */
+static enum claim handle_msr(struct pvt_vcpu *vcpu, struct pvt_stop_info *info)
+{
+	struct kvm_run *run = vcpu->run;
+	struct pvt_machine *machine = vcpu->machine;
+	bool is_write = run->exit_reason == KVM_EXIT_X86_WRMSR;
+	struct pvt_bus_range range;
+
+	if (!find_range(machine, &machine->msr, run->msr.index, 1, &range)) {
+		/* Unless the caller answers it (Vcpu.reply()): all ones. */
+		if (!is_write)
+			run->msr.data = UINT64_MAX;
+		return CLAIM_NONE;
+	}
+	return serve(machine, &range, run->msr.index, (uint8_t *)&run->msr.data,
+		     sizeof(run->msr.data), is_write, info);
+}
+
 static int stop_for(enum claim claim, int user_stop)
 {
 	switch (claim) {
@@ -194,6 +218,10 @@ enum pvt_pending_io pvt_vcpu_exit_pending_io(const struct kvm_run *run)
 	case KVM_EXIT_MMIO:
 		return run->mmio.is_write ? PVT_PENDING_WRITE :
 					    PVT_PENDING_READ;
+	case KVM_EXIT_X86_RDMSR:
+		return PVT_PENDING_READ;
+	case KVM_EXIT_X86_WRMSR:
+		return PVT_PENDING_WRITE;
 	default:
 		return PVT_PENDING_NONE;
 	}
@@ -239,6 +267,12 @@ int pvt_vcpu_run(struct pvt_vcpu *vcpu, struct pvt_stop_info *info)
 			if (claim == CLAIM_DONE)
 				break;
 			return stop_for(claim, PVT_STOP_USER_MMIO);
+		case KVM_EXIT_X86_RDMSR:
+		case KVM_EXIT_X86_WRMSR:
+			claim = handle_msr(vcpu, info);
+			if (claim == CLAIM_DONE)
+				break;
+			return stop_for(claim, PVT_STOP_USER_MSR);
 		case KVM_EXIT_INTR:
 			run->immediate_exit = 0;
 			if (vcpu->kick_masked)

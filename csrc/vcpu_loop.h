@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * The vCPU run loop: KVM_RUN, drain coalesced writes, dispatch port I/O and
- * MMIO to native devices, and return to the caller only for what it must
+ * The vCPU run loop: KVM_RUN, drain coalesced writes, dispatch port I/O,
+ * MMIO and MSR accesses to their buses, and return to the caller only for what it must
  * see (an exit nobody claimed, a Python handler's range, a device that
  * stops the run, or a kick).
  */
@@ -23,17 +23,19 @@ enum pvt_stop {
 	PVT_STOP_DEVICE = 3,      /* a native device stopped: see stop_code */
 	PVT_STOP_INTERRUPTED = 4, /* a signal or kick ended KVM_RUN */
 	PVT_STOP_BAD_EXIT = 5,    /* the backend reported I/O data outside kvm_run */
+	PVT_STOP_USER_MSR = 6,    /* RDMSR/WRMSR for Python handler user_id */
 };
 
 /*
- * What KVM still owes the last exit: after a port-I/O or MMIO exit, the
- * instruction is only finished by the next KVM_RUN (a read copies its data
- * from kvm_run into the registers; both advance RIP).  See io_completion.h.
+ * What KVM still owes the last exit: after a port-I/O, MMIO or user-space
+ * MSR exit, the instruction is only finished by the next KVM_RUN (a read
+ * copies its data from kvm_run into the registers; both advance RIP, or an
+ * MSR access with msr.error set takes #GP).  See io_completion.h.
  */
 enum pvt_pending_io {
 	PVT_PENDING_NONE = 0,
-	PVT_PENDING_READ = 1,  /* an in / MMIO read waits for its data */
-	PVT_PENDING_WRITE = 2, /* an out / MMIO write waits to be retired */
+	PVT_PENDING_READ = 1,  /* an in / MMIO read / rdmsr waits for its data */
+	PVT_PENDING_WRITE = 2, /* an out / MMIO write / wrmsr waits to be retired */
 };
 
 struct pvt_stop_info {

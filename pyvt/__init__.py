@@ -28,9 +28,11 @@ from .errors import (
     InvalidModeError,
     KvmError,
     MemoryConfigError,
+    MsrFault,
     OutOfRangeError,
     RegionOverlapError,
     TripleFault,
+    UnmappedAddressError,
     VcpuIndexError,
 )
 from .memory import GuestMemory, parse_size
@@ -52,6 +54,7 @@ __all__ = [
     "Error", "BackendError", "BackendNotFound", "BackendPermissionError",
     "ApiVersionMismatch", "KvmError", "MemoryConfigError", "RegionOverlapError",
     "OutOfRangeError", "InvalidModeError", "VcpuIndexError", "ClosedError",
-    "ArgumentError", "ArgumentTypeError", "GuestError", "TripleFault", "EntryFailed", "InternalError",
+    "ArgumentError", "ArgumentTypeError", "MsrFault", "GuestError", "TripleFault", "EntryFailed",
+    "InternalError", "UnmappedAddressError",
     "Snapshot", "SnapshotError", "SnapshotFileError", "SnapshotFileNotFound",
 ]

@@ -10,6 +10,7 @@ STOP_BAD_EXIT: int
 KICK_SIGNAL: int
 SPACE_PIO: int
 SPACE_MMIO: int
+SPACE_MSR: int
 UART_PORT_COUNT: int
 DEBUG_EXIT_PORT_COUNT: int
 
@@ -43,6 +44,27 @@ class Mmio:
     def value(self) -> Optional[int]: ...
     def describe(self) -> str: ...
     def raise_for_failure(self) -> "Mmio": ...
+
+class Msr:
+    REASON_INVAL: int
+    REASON_UNKNOWN: int
+    REASON_FILTER: int
+    index: int
+    is_write: bool
+    value: Optional[int]
+    reason: int
+    rip: Optional[int]
+    failed: bool
+    def __init__(self, index: int, is_write: bool, value: Optional[int] = ..., reason: int = ...,
+                 rip: Optional[int] = ...) -> None: ...
+    @property
+    def direction(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def reason_name(self) -> str: ...
+    def describe(self) -> str: ...
+    def raise_for_failure(self) -> "Msr": ...
 
 class Machine:
     handlers: Dict[int, Callable[..., Any]]

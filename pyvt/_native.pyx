@@ -19,7 +19,7 @@ from pyvt.includes.core cimport *
 import os
 import reprlib
 
-from pyvt.errors import ArgumentError, ArgumentTypeError, Error
+from pyvt.errors import ArgumentError, ArgumentTypeError, Error, MsrFault
 
 # What VcpuLoop.run() reports, besides the enum pvt_stop values.
 STOP_EXIT = PVT_STOP_EXIT
@@ -38,6 +38,7 @@ KICK_SIGNAL = pvt_kick_signal()
 
 SPACE_PIO = 0
 SPACE_MMIO = 1
+SPACE_MSR = 2
 
 UART_PORT_COUNT = PVT_UART_PORT_COUNT
 DEBUG_EXIT_PORT_COUNT = PVT_DEBUG_EXIT_PORT_COUNT
@@ -47,7 +48,7 @@ cdef str _hex(object value):
     return "?" if value is None else f"{value:#x}"
 
 
-# Io and Mmio are pyvt.exits.Io / pyvt.exits.Mmio (re-exported there).  They
+# Io, Mmio and Msr are pyvt.exits.Io / Mmio / Msr (re-exported there).  They
 # live here, as C types, because one is built for every exit that reaches a
 # Python handler.  Measured on the PVM development host: building a frozen
 # dataclass per exit added about 4 us to a handler's round trip, though it
@@ -173,6 +174,83 @@ cdef class Mmio:
         return self
 
 
+_MSR_REASONS = {KVM_MSR_EXIT_REASON_INVAL: "inval", KVM_MSR_EXIT_REASON_UNKNOWN: "unknown",
+                KVM_MSR_EXIT_REASON_FILTER: "filter"}
+
+
+cdef class Msr:
+    """``KVM_EXIT_X86_RDMSR`` / ``KVM_EXIT_X86_WRMSR``: an ``rdmsr`` or
+    ``wrmsr`` that KVM sent to user space (``KVM_CAP_X86_USER_SPACE_MSR``).
+
+    ``index`` is the MSR (ECX); ``value`` the 64-bit value written
+    (EDX:EAX; None for a read); ``reason`` why KVM sent it, one of
+    ``REASON_FILTER`` (the MSR filter denied it: what ``vm.on_msr``
+    arranges), ``REASON_UNKNOWN`` (KVM does not know the MSR) or
+    ``REASON_INVAL`` (KVM refused the access).
+    """
+
+    REASON_INVAL = KVM_MSR_EXIT_REASON_INVAL
+    REASON_UNKNOWN = KVM_MSR_EXIT_REASON_UNKNOWN
+    REASON_FILTER = KVM_MSR_EXIT_REASON_FILTER
+
+    cdef readonly unsigned int index
+    cdef readonly bint is_write
+    cdef readonly object value
+    cdef readonly unsigned int reason
+    cdef readonly object rip
+
+    failed = False
+    error_class = None
+
+    def __init__(self, unsigned int index, bint is_write, value=None,
+                 unsigned int reason=KVM_MSR_EXIT_REASON_FILTER, rip=None):
+        self.index = index
+        self.is_write = is_write
+        self.value = value
+        self.reason = reason
+        self.rip = rip
+
+    @property
+    def direction(self):
+        """``"rdmsr"`` or ``"wrmsr"``."""
+        return "wrmsr" if self.is_write else "rdmsr"
+
+    @property
+    def size(self):
+        """Bytes an answer to a read takes (``Vcpu.reply``): always 8."""
+        return 8
+
+    @property
+    def reason_name(self):
+        """``"filter"``, ``"unknown"`` or ``"inval"``."""
+        return _MSR_REASONS.get(self.reason, f"{self.reason:#x}")
+
+    def _key(self):
+        return (self.index, self.is_write, self.value, self.reason, self.rip)
+
+    def __eq__(self, other):
+        if type(other) is not Msr:
+            return NotImplemented
+        return self._key() == (<Msr>other)._key()
+
+    def __hash__(self):
+        return hash(("Msr",) + self._key())
+
+    def __reduce__(self):
+        return (Msr, self._key())
+
+    def __repr__(self):
+        value = "" if self.value is None else f", value={self.value:#x}"
+        return (f"Msr({self.direction} index={self.index:#x}{value}, "
+                f"reason={self.reason_name}, rip={_hex(self.rip)})")
+
+    def describe(self):
+        return repr(self)
+
+    def raise_for_failure(self):
+        return self
+
+
 cdef Io new_io(int port, int size, bint is_write, bytes data, object rip):
     cdef Io exit = Io.__new__(Io)
     exit.port = port
@@ -191,6 +269,17 @@ cdef Mmio new_mmio(unsigned long long address, int size, bint is_write, bytes da
     exit.size = size
     exit.is_write = is_write
     exit.data = data
+    exit.rip = rip
+    return exit
+
+
+cdef Msr new_msr(unsigned int index, bint is_write, object value, unsigned int reason,
+                 object rip):
+    cdef Msr exit = Msr.__new__(Msr)
+    exit.index = index
+    exit.is_write = is_write
+    exit.value = value
+    exit.reason = reason
     exit.rip = rip
     return exit
 
@@ -247,7 +336,9 @@ cdef class Machine:
         pass
 
     cdef pvt_bus *bus(self, int space):
-        return &self.m.pio if space == SPACE_PIO else &self.m.mmio
+        if space == SPACE_PIO:
+            return &self.m.pio
+        return &self.m.mmio if space == SPACE_MMIO else &self.m.msr
 
     cdef int new_handler_id(self) except -1:
         # Ids count up, wrapping only after 2**31 registrations and skipping
@@ -618,17 +709,36 @@ cdef class VcpuLoop:
             memcpy(run.mmio.data, PyBytes_AS_STRING(answer), size)
         return 0
 
+    cdef int call_msr(self, int user_id) except -1:
+        cdef kvm_run *run = self.v.run
+        cdef bint is_write = run.exit_reason == KVM_EXIT_X86_WRMSR
+        handler = self.machine.handlers[user_id]
+        exit = new_msr(run.msr.index, is_write, run.msr.data if is_write else None,
+                       run.msr.reason, self.rip())
+        if not is_write:
+            run.msr.data = 0xFFFFFFFFFFFFFFFF  # defined data, whatever the handler does
+        try:
+            answer = handler(exit)
+        except MsrFault:
+            run.msr.error = 1  # the next KVM_RUN injects #GP
+            return 0
+        if not is_write:
+            run.msr.data = int.from_bytes(read_answer(answer, 8, "MSR", exit.index), "little")
+        return 0
+
     cdef int call_handler(self, int stop) except -1:
-        """Runs the Python handler of a USER_IO/USER_MMIO stop.  The kick
-        never reaches it (csrc/kick.h); if the handler raises, its read is
-        abandoned (the instruction runs again next time) or its write
-        retired (csrc/io_completion.h)."""
+        """Runs the Python handler of a USER_IO/USER_MMIO/USER_MSR stop.
+        The kick never reaches it (csrc/kick.h); if the handler raises, its
+        read is abandoned (the instruction runs again next time) or its
+        write retired (csrc/io_completion.h)."""
         self.hold_kick()
         try:
             if stop == PVT_STOP_USER_IO:
                 self.call_io(self.info.user_id)
-            else:
+            elif stop == PVT_STOP_USER_MMIO:
                 self.call_mmio(self.info.user_id)
+            else:
+                self.call_msr(self.info.user_id)
         except BaseException:
             pvt_vcpu_abandon_io(&self.v)
             raise
@@ -711,7 +821,7 @@ cdef class VcpuLoop:
                 memset(&self.info, 0, sizeof(self.info))
                 with nogil:
                     rc = pvt_vcpu_run(&self.v, &self.info)
-                if rc == PVT_STOP_USER_IO or rc == PVT_STOP_USER_MMIO:
+                if rc == PVT_STOP_USER_IO or rc == PVT_STOP_USER_MMIO or rc == PVT_STOP_USER_MSR:
                     self.call_handler(rc)
                 elif rc == PVT_STOP_INTERRUPTED:
                     self.check_signals()

@@ -117,6 +117,16 @@ class SnapshotFileNotFound(SnapshotFileError, FileNotFoundError):
     """``Snapshot.load()`` of a file that does not exist."""
 
 
+class MsrFault(Error):
+    """Raised by a ``vm.on_msr`` handler to refuse the guest's access: its
+    ``rdmsr``/``wrmsr`` takes a general-protection fault (#GP), as for an
+    MSR the CPU does not have.  pyvt catches it; ``run()`` goes on."""
+
+
+class UnmappedAddressError(Error, LookupError):
+    """A guest-virtual address the guest's page tables do not map."""
+
+
 def check(ret: int, ioctl: str, hint: str = "") -> int:
     """Turns a C-style return (-1 with errno set) into a KvmError."""
     if ret < 0:

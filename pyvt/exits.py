@@ -54,15 +54,17 @@ class Hlt(Exit):
         return f"Hlt(rip={_hex(self.rip)})"
 
 
-# Io and Mmio are C types (see pyvt/_native.pyx for why): the exits most
-# often built, one per exit that reaches a Python handler.
+# Io, Mmio and Msr are C types (see pyvt/_native.pyx for why): the exits
+# most often built, one per exit that reaches a Python handler.
 Io = _native.Io
 Mmio = _native.Mmio
+Msr = _native.Msr
 Exit.register(Io)
 Exit.register(Mmio)
+Exit.register(Msr)
 
-#: What ``Vcpu.run()`` returns, for type checkers (Io and Mmio are C types).
-AnyExit = Union[Exit, Io, Mmio]
+#: What ``Vcpu.run()`` returns, for type checkers (Io, Mmio, Msr are C types).
+AnyExit = Union[Exit, Io, Mmio, Msr]
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -287,7 +289,7 @@ class Unhandled(Exit):
 
 
 __all__ = [
-    "Exit", "Hlt", "Io", "Mmio", "DebugExit", "Timeout", "Shutdown", "FailEntry",
+    "Exit", "Hlt", "Io", "Mmio", "Msr", "DebugExit", "Timeout", "Shutdown", "FailEntry",
     "InternalError", "Debug", "GuestException", "SystemEvent", "Hypercall", "Unhandled",
     "describe_entry_failure",
 ]

@@ -137,6 +137,16 @@ def _cap_number(cap: Union[int, str]) -> int:
     return _u32(cap, "capability number")
 
 
+def _enable_cap_struct(cap: Union[int, str], args: Sequence[int], flags: int):
+    """The ``struct kvm_enable_cap`` of ``enable_cap`` (VM and vCPU alike)."""
+    if len(args) > 4:
+        raise ArgumentError("KVM_ENABLE_CAP takes at most 4 arguments")
+    return ffi.new("struct kvm_enable_cap *", {
+        "cap": _cap_number(cap), "flags": _u32(flags, "flags"),
+        "args": [_u64(a, "argument") for a in args] + [0] * (4 - len(args)),
+    })
+
+
 def _arg(value: int):
     return ffi.cast("unsigned long", value)
 
@@ -284,6 +294,16 @@ class Kvm(_Fd):
     def get_emulated_cpuid(self) -> List[CpuidEntry]:
         """``KVM_GET_EMULATED_CPUID``: features KVM emulates in software."""
         return self._get_cpuid("KVM_GET_EMULATED_CPUID", lib.KVM_GET_EMULATED_CPUID)
+
+    def get_supported_hv_cpuid(self) -> List[CpuidEntry]:
+        """``KVM_GET_SUPPORTED_HV_CPUID`` on the system fd (4.118, needs
+        KVM_CAP_SYS_HYPERV_CPUID): the Hyper-V CPUID leaves KVM can show a
+        guest.  Older kernels have only the vCPU variant
+        (:meth:`VcpuFd.get_supported_hv_cpuid`, KVM_CAP_HYPERV_CPUID)."""
+        _require_cap(self, "KVM_CAP_SYS_HYPERV_CPUID", "KVM_GET_SUPPORTED_HV_CPUID",
+                     "the vCPU variant (VcpuFd.get_supported_hv_cpuid) needs "
+                     "KVM_CAP_HYPERV_CPUID")
+        return self._get_cpuid("KVM_GET_SUPPORTED_HV_CPUID", lib.KVM_GET_SUPPORTED_HV_CPUID)
 
     def _msr_list(self, name: str, request: int) -> List[int]:
         head = ffi.new("struct kvm_msr_list *")
@@ -446,6 +466,22 @@ def _u64(value, what: str) -> int:
     return _uint(value, what, 64)
 
 
+#: Device path -> whether its backend implements KVM_INTERRUPT.
+_INTERRUPT_IOCTL: Dict[str, bool] = {}
+
+
+def _require_cap(fd, cap: str, ioctl: str, hint: str = "") -> int:
+    """``fd``'s answer for ``cap`` (a :class:`Kvm`, or a :class:`VmFd`, which
+    answers for its VM's type); a KvmError naming it (ENOTTY, as the kernel
+    would answer the ioctl) where the backend or the headers lack it."""
+    have = fd.check_extension(cap) if cap in caps else 0
+    if not have:
+        path = fd.path if isinstance(fd, Kvm) else fd.kvm.path
+        raise KvmError(ioctl, errno.ENOTTY, f"{path} lacks {cap}"
+                       + (f"; {hint}" if hint else ""))
+    return have
+
+
 class VmFd(_Fd):
     """A VM file descriptor, made by :meth:`Kvm.create_vm`."""
 
@@ -556,11 +592,23 @@ class VmFd(_Fd):
         })
         self._ioctl("KVM_IOEVENTFD", lib.KVM_IOEVENTFD, event)
 
-    def irqfd(self, fd: int, gsi: int, *, deassign: bool = False) -> None:
-        """``KVM_IRQFD``: signalling eventfd ``fd`` raises interrupt ``gsi``."""
+    def irqfd(self, fd: int, gsi: int, *, deassign: bool = False,
+              resamplefd: Optional[int] = None) -> None:
+        """``KVM_IRQFD`` (4.75): signalling eventfd ``fd`` raises interrupt ``gsi``.
+
+        With ``resamplefd`` (KVM_IRQFD_FLAG_RESAMPLE, KVM_CAP_IRQFD_RESAMPLE)
+        the line is level-triggered: it stays asserted until the guest EOIs
+        the interrupt, which de-asserts it and signals eventfd ``resamplefd``
+        (the device then re-raises ``fd`` if it still needs service)."""
+        flags = lib.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
+        if resamplefd is not None:
+            if deassign:
+                raise ArgumentError("KVM_IRQFD: deassign takes no resamplefd "
+                                    "(deassigning fd from gsi drops its resampler too)")
+            flags |= lib.KVM_IRQFD_FLAG_RESAMPLE
         irqfd = ffi.new("struct kvm_irqfd *", {
-            "fd": _u32(fd, "fd"), "gsi": _u32(gsi, "gsi"),
-            "flags": lib.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0,
+            "fd": _u32(fd, "fd"), "gsi": _u32(gsi, "gsi"), "flags": flags,
+            "resamplefd": 0 if resamplefd is None else _u32(resamplefd, "resamplefd"),
         })
         self._ioctl("KVM_IRQFD", lib.KVM_IRQFD, irqfd)
 
@@ -574,13 +622,7 @@ class VmFd(_Fd):
 
     def enable_cap(self, cap: Union[int, str], *args: int, flags: int = 0) -> None:
         """``KVM_ENABLE_CAP`` on the VM."""
-        if len(args) > 4:
-            raise ArgumentError("KVM_ENABLE_CAP takes at most 4 arguments")
-        enable = ffi.new("struct kvm_enable_cap *", {
-            "cap": _cap_number(cap), "flags": _u32(flags, "flags"),
-            "args": [_u64(a, "argument") for a in args] + [0] * (4 - len(args)),
-        })
-        self._ioctl("KVM_ENABLE_CAP", lib.KVM_ENABLE_CAP, enable)
+        self._ioctl("KVM_ENABLE_CAP", lib.KVM_ENABLE_CAP, _enable_cap_struct(cap, args, flags))
 
     def register_coalesced_mmio(self, addr: int, size: int, pio: bool = False) -> None:
         """``KVM_REGISTER_COALESCED_MMIO``: guest writes there are queued in a
@@ -598,8 +640,214 @@ class VmFd(_Fd):
     # -- interrupts, NMI/SMI, MSI and GSI routing, translation, the clocks, nested state, sregs2 (issue 12) ---
     # (section A: its methods go below this line, above the next section)
 
+    def get_clock(self):
+        """``KVM_GET_CLOCK`` (4.29, KVM_CAP_ADJUST_CLOCK) -> ``struct kvm_clock_data``:
+        the guests' kvmclock in ns (``clock``), with ``realtime`` and
+        ``host_tsc`` where ``flags`` has KVM_CLOCK_REALTIME / KVM_CLOCK_HOST_TSC."""
+        _require_cap(self.kvm, "KVM_CAP_ADJUST_CLOCK", "KVM_GET_CLOCK")
+        data = ffi.new("struct kvm_clock_data *")
+        self._ioctl("KVM_GET_CLOCK", lib.KVM_GET_CLOCK, data)
+        return data
+
+    def set_clock(self, clock: Union[int, object], flags: int = 0, realtime: int = 0) -> None:
+        """``KVM_SET_CLOCK`` (4.30): sets the kvmclock to ``clock`` ns, or from a
+        ``struct kvm_clock_data`` (as :meth:`get_clock` returns, whose flags
+        and realtime are used).  With ``flags=KVM_CLOCK_REALTIME`` KVM adds the
+        time elapsed since ``realtime`` (CLOCK_REALTIME ns)."""
+        _require_cap(self.kvm, "KVM_CAP_ADJUST_CLOCK", "KVM_SET_CLOCK")
+        if isinstance(clock, ffi.CData):
+            data = _struct_pointer(clock, "struct kvm_clock_data", "KVM_SET_CLOCK")
+        else:
+            data = ffi.new("struct kvm_clock_data *", {
+                "clock": _u64(clock, "clock"), "flags": _u32(flags, "flags"),
+                "realtime": _u64(realtime, "realtime")})
+        self._ioctl("KVM_SET_CLOCK", lib.KVM_SET_CLOCK, data)
+
+    def signal_msi(self, address: int, data: int, flags: int = 0, devid: int = 0) -> int:
+        """``KVM_SIGNAL_MSI`` (4.71, KVM_CAP_SIGNAL_MSI): delivers one MSI
+        message to the in-kernel LAPICs.  Returns how many LAPICs took it
+        (0: the guest blocked it, e.g. a software-disabled LAPIC)."""
+        _require_cap(self.kvm, "KVM_CAP_SIGNAL_MSI", "KVM_SIGNAL_MSI")
+        address = _u64(address, "MSI address")
+        msi = ffi.new("struct kvm_msi *", {
+            "address_lo": address & 0xFFFFFFFF, "address_hi": address >> 32,
+            "data": _u32(data, "MSI data"), "flags": _u32(flags, "flags"),
+            "devid": _u32(devid, "devid")})
+        return self._ioctl("KVM_SIGNAL_MSI", lib.KVM_SIGNAL_MSI, msi,
+                           hint="no LAPIC took it: the VM needs the in-kernel irqchip "
+                                "(KVM_CREATE_IRQCHIP) and a vCPU whose APIC ID the "
+                                "address names")
+
+    def set_gsi_routing(self, entries) -> None:
+        """``KVM_SET_GSI_ROUTING`` (4.52, KVM_CAP_IRQ_ROUTING): replaces the whole
+        GSI routing table (the irqchip's default routes too: see
+        :func:`pyvt.gsi_routes.irqchip_routes`).  ``entries`` is an iterable of
+        :class:`pyvt.gsi_routes.IrqchipRoute`, :class:`pyvt.gsi_routes.MsiRoute`
+        or cffi ``struct kvm_irq_routing_entry``; or a whole cffi
+        ``struct kvm_irq_routing *``.  Needs the in-kernel irqchip."""
+        from .gsi_routes import routing_table
+
+        _require_cap(self.kvm, "KVM_CAP_IRQ_ROUTING", "KVM_SET_GSI_ROUTING")
+        if isinstance(entries, ffi.CData) and ffi.typeof(entries) is ffi.typeof(
+                "struct kvm_irq_routing *"):
+            table = entries
+        else:
+            table = routing_table(entries, self.kvm.check_extension("KVM_CAP_IRQ_ROUTING"))
+        self._ioctl("KVM_SET_GSI_ROUTING", lib.KVM_SET_GSI_ROUTING, table,
+                    hint="routes need the in-kernel irqchip (KVM_CREATE_IRQCHIP), "
+                         "valid irqchip pins and GSIs below KVM_CAP_IRQ_ROUTING")
+
     # -- memory slots v2, guest_memfd, memory attributes, devices, memory encryption (issue 12) ---
     # (section B: its methods go below this line, above the next section)
+
+    def set_user_memory_region2(self, slot: int, guest_phys_addr: int, memory_size: int,
+                                userspace_addr: int, flags: int = 0, *,
+                                guest_memfd: int = 0, guest_memfd_offset: int = 0) -> None:
+        """``KVM_SET_USER_MEMORY_REGION2`` (api.rst 4.140, Linux 6.8; needs
+        KVM_CAP_USER_MEMORY2): :meth:`set_user_memory_region` plus a
+        guest_memfd range, used where ``flags`` has ``KVM_MEM_GUEST_MEMFD``.
+
+        Safety: as for :meth:`set_user_memory_region`, ``userspace_addr``
+        must stay mapped for ``memory_size`` bytes as long as the slot exists.
+        """
+        region = ffi.new("struct kvm_userspace_memory_region2 *", {
+            "slot": _u32(slot, "slot"), "flags": _u32(flags, "flags"),
+            "guest_phys_addr": _u64(guest_phys_addr, "guest_phys_addr"),
+            "memory_size": _u64(memory_size, "memory_size"),
+            "userspace_addr": _u64(userspace_addr, "userspace_addr"),
+            "guest_memfd_offset": _u64(guest_memfd_offset, "guest_memfd_offset"),
+            "guest_memfd": _u32(guest_memfd, "guest_memfd"),
+        })
+        _require_cap(self, "KVM_CAP_USER_MEMORY2", "KVM_SET_USER_MEMORY_REGION2")
+        hint = ""
+        if flags & lib.KVM_MEM_GUEST_MEMFD:
+            hint = ("a KVM_MEM_GUEST_MEMFD slot needs guest_memfd from this VM's "
+                    "create_guest_memfd(), a page-aligned range inside it not bound to "
+                    "another slot, and a VM type that takes guest_memfd (KVM_CAP_GUEST_MEMFD)")
+        self._ioctl("KVM_SET_USER_MEMORY_REGION2", lib.KVM_SET_USER_MEMORY_REGION2, region,
+                    hint=hint)
+
+    def create_guest_memfd(self, size: int, flags: int = 0) -> int:
+        """``KVM_CREATE_GUEST_MEMFD`` (api.rst 4.142, Linux 6.8; needs
+        KVM_CAP_GUEST_MEMFD): a new guest_memfd file of ``size`` bytes (a
+        multiple of the page size) for this VM's private memory.  ``flags``
+        are ``GUEST_MEMFD_FLAG_*`` (those KVM_CAP_GUEST_MEMFD_FLAGS lists;
+        ``GUEST_MEMFD_FLAG_MMAP`` lets the host mmap it, Linux 6.18).
+
+        Returns the file descriptor; the caller owns it (``os.close``).
+        """
+        size = _u64(size, "size")
+        flags = _u64(flags, "flags")
+        if size == 0 or size % PAGE_SIZE:
+            raise ArgumentError(f"a guest_memfd's size must be a positive multiple of "
+                                f"{PAGE_SIZE} bytes, not {size}")
+        _require_cap(self, "KVM_CAP_GUEST_MEMFD", "KVM_CREATE_GUEST_MEMFD")
+        if flags:
+            supported = self.check_extension("KVM_CAP_GUEST_MEMFD_FLAGS")
+            if flags & ~supported:
+                raise KvmError("KVM_CREATE_GUEST_MEMFD", errno.EINVAL,
+                               f"flags {flags:#x}: this VM's KVM_CAP_GUEST_MEMFD_FLAGS offers "
+                               f"only {supported:#x}")
+        create = ffi.new("struct kvm_create_guest_memfd *", {"size": size, "flags": flags})
+        return self._ioctl("KVM_CREATE_GUEST_MEMFD", lib.KVM_CREATE_GUEST_MEMFD, create)
+
+    def set_memory_attributes(self, address: int, size: int, attributes: int,
+                              flags: int = 0) -> None:
+        """``KVM_SET_MEMORY_ATTRIBUTES`` (api.rst 4.141, Linux 6.8; needs
+        KVM_CAP_MEMORY_ATTRIBUTES): sets ``attributes`` (``KVM_MEMORY_ATTRIBUTE_*``,
+        e.g. PRIVATE) on the guest-physical pages ``[address, address + size)``.
+        ``flags`` must be 0."""
+        attrs = ffi.new("struct kvm_memory_attributes *", {
+            "address": _u64(address, "address"), "size": _u64(size, "size"),
+            "attributes": _u64(attributes, "attributes"), "flags": _u64(flags, "flags"),
+        })
+        if size == 0 or size % PAGE_SIZE or address % PAGE_SIZE:
+            raise ArgumentError(f"memory attributes cover whole pages: address {address:#x} "
+                                f"and size {size:#x} must be multiples of {PAGE_SIZE:#x}, "
+                                f"the size not 0")
+        supported = _require_cap(self, "KVM_CAP_MEMORY_ATTRIBUTES", "KVM_SET_MEMORY_ATTRIBUTES")
+        if attributes & ~supported:
+            raise KvmError("KVM_SET_MEMORY_ATTRIBUTES", errno.EINVAL,
+                           f"attributes {attributes:#x}: this VM's KVM_CAP_MEMORY_ATTRIBUTES "
+                           f"offers only {supported:#x}")
+        self._ioctl("KVM_SET_MEMORY_ATTRIBUTES", lib.KVM_SET_MEMORY_ATTRIBUTES, attrs)
+
+    def _memory_encrypt(self, name: str, request: int, arg) -> int:
+        try:
+            return self._ioctl(name, request, arg)
+        except KvmError as e:
+            if e.errno in (errno.ENOTTY, errno.EINVAL) and not _memory_encryption_host():
+                raise KvmError(name, e.errno,
+                               f"{name} is for hosts with memory encryption (AMD SEV/SEV-ES/"
+                               f"SEV-SNP with kvm_amd sev=1, or Intel TDX): {self.kvm.path} "
+                               f"has none") from None
+            raise
+
+    def memory_encrypt_op(self, command):
+        """``KVM_MEMORY_ENCRYPT_OP`` (api.rst 4.110; SEV or TDX hosts only): runs
+        a vendor command, ``command`` being a cffi pointer to its struct
+        (``struct kvm_sev_cmd *`` on SEV) or a writable buffer holding it.
+        Returns ``command``, which the kernel may have written to (e.g. ``error``)."""
+        if isinstance(command, ffi.CData) and ffi.typeof(command).kind == "pointer":
+            arg, size = command, ffi.sizeof(ffi.typeof(command).item)
+        else:
+            try:
+                arg = ffi.from_buffer(command, require_writable=True)
+            except (TypeError, BufferError):
+                raise ArgumentTypeError(
+                    f"KVM_MEMORY_ENCRYPT_OP takes a cffi pointer to the command struct "
+                    f"(struct kvm_sev_cmd * on SEV) or a writable buffer, not {command!r}") from None
+            size = len(arg)
+        # The kernel reads and writes a whole command (SEV's and TDX's are both
+        # this size): a smaller one would let it run past the end.
+        if size < ffi.sizeof("struct kvm_sev_cmd"):
+            raise ArgumentError(f"a KVM_MEMORY_ENCRYPT_OP command is at least "
+                                f"{ffi.sizeof('struct kvm_sev_cmd')} bytes, not {size}")
+        self._memory_encrypt("KVM_MEMORY_ENCRYPT_OP", lib.KVM_MEMORY_ENCRYPT_OP, arg)
+        return command
+
+    def _enc_region(self, addr: int, size: int):
+        if _u64(size, "size") == 0:
+            raise ArgumentError("an encrypted region's size must not be 0")
+        return ffi.new("struct kvm_enc_region *", {"addr": _u64(addr, "addr"), "size": size})
+
+    def memory_encrypt_reg_region(self, addr: int, size: int) -> None:
+        """``KVM_MEMORY_ENCRYPT_REG_REGION`` (api.rst 4.111; SEV hosts only): pins
+        the host memory ``[addr, addr + size)`` that holds encrypted guest memory."""
+        self._memory_encrypt("KVM_MEMORY_ENCRYPT_REG_REGION",
+                             lib.KVM_MEMORY_ENCRYPT_REG_REGION, self._enc_region(addr, size))
+
+    def memory_encrypt_unreg_region(self, addr: int, size: int) -> None:
+        """``KVM_MEMORY_ENCRYPT_UNREG_REGION`` (api.rst 4.112; SEV hosts only):
+        undoes :meth:`memory_encrypt_reg_region` for the same range."""
+        self._memory_encrypt("KVM_MEMORY_ENCRYPT_UNREG_REGION",
+                             lib.KVM_MEMORY_ENCRYPT_UNREG_REGION, self._enc_region(addr, size))
+
+    def create_device(self, device_type: int, test: bool = False) -> "Optional[DeviceFd]":
+        """``KVM_CREATE_DEVICE`` (api.rst 4.79; needs KVM_CAP_DEVICE_CTRL): a new
+        in-kernel device of ``device_type`` (``KVM_DEV_TYPE_*``) as a
+        :class:`DeviceFd`.  ``test=True`` sets ``KVM_CREATE_DEVICE_TEST``: it
+        only checks that the host can make that type (raising if not) and
+        returns None."""
+        return _create_device(self, device_type, test)
+
+    def set_device_attr(self, group: int, attr: int, data=None, *, flags: int = 0) -> None:
+        """``KVM_SET_DEVICE_ATTR`` on the VM (api.rst 4.80; needs
+        KVM_CAP_VM_ATTRIBUTES): writes ``data`` (bytes-like, or None)."""
+        _require_cap(self, "KVM_CAP_VM_ATTRIBUTES", "KVM_SET_DEVICE_ATTR")
+        _set_device_attr(self, group, attr, data, flags=flags, where="this VM")
+
+    def get_device_attr(self, group: int, attr: int, size: int = 8, *, flags: int = 0) -> bytes:
+        """``KVM_GET_DEVICE_ATTR`` on the VM (api.rst 4.80; needs
+        KVM_CAP_VM_ATTRIBUTES): the attribute's ``size`` bytes."""
+        _require_cap(self, "KVM_CAP_VM_ATTRIBUTES", "KVM_GET_DEVICE_ATTR")
+        return _get_device_attr(self, group, attr, size, flags=flags, where="this VM")
+
+    def has_device_attr(self, group: int, attr: int, *, flags: int = 0) -> bool:
+        """``KVM_HAS_DEVICE_ATTR`` on the VM (api.rst 4.81; needs
+        KVM_CAP_VM_ATTRIBUTES): whether the VM has that attribute."""
+        _require_cap(self, "KVM_CAP_VM_ATTRIBUTES", "KVM_HAS_DEVICE_ATTR")
+        return _has_device_attr(self, group, attr, flags=flags, where="this VM")
 
     # -- the dirty ring (issue 12) -----------------------------------------------------
     # (section C: its methods go below this line, above the next section)
@@ -684,8 +932,110 @@ class VmFd(_Fd):
     # -- binary statistics (issue 12) --------------------------------------------------
     # (section D: its methods go below this line, above the next section)
 
+    def get_stats_fd(self) -> "StatsFd":
+        """``KVM_GET_STATS_FD`` on the VM (api.rst "4.133 KVM_GET_STATS_FD",
+        needs KVM_CAP_BINARY_STATS_FD): a new :class:`pyvt.kvm_stats.StatsFd`
+        of the VM's statistics, with its header and descriptors decoded.
+        The caller owns it: close it (or use ``with``) when done."""
+        return _open_stats_fd(self, self.kvm, "VM")
+
     # -- MSR filters and user-space MSR exits (issue 12) -------------------------------
     # (section E: its methods go below this line, above the next section)
+
+    def x86_set_msr_filter(self, ranges=(), *, default_deny: bool = False) -> None:
+        """``KVM_X86_SET_MSR_FILTER`` (needs KVM_CAP_X86_MSR_FILTER): which
+        guest ``rdmsr``/``wrmsr`` KVM allows.  See the KVM API documentation,
+        "4.97 KVM_X86_SET_MSR_FILTER".
+
+        ``ranges`` holds up to ``KVM_MSR_FILTER_MAX_RANGES`` (16) tuples
+        ``(base, nmsrs, flags, allowed)``: the range covers MSRs ``base`` to
+        ``base + nmsrs - 1`` (``nmsrs`` at most ``8 *
+        KVM_MSR_FILTER_MAX_BITMAP_SIZE``) for the accesses in ``flags``
+        (``KVM_MSR_FILTER_READ | KVM_MSR_FILTER_WRITE``); ``allowed`` is the
+        bitmap, bytes whose bit ``i`` allows MSR ``base + i`` (at least
+        ``(nmsrs + 7) // 8`` of them), or an iterable of the MSR indices
+        allowed (the others in the range are denied).  An access no range
+        covers gets the default: allowed, or denied with ``default_deny``.
+        No ranges and no ``default_deny`` removes the filter.
+
+        A denied access raises #GP in the guest, or exits to user space as
+        :class:`pyvt.exits.Msr` once ``enable_cap("KVM_CAP_X86_USER_SPACE_MSR",
+        KVM_MSR_EXIT_REASON_FILTER)`` asked for that ("7.21
+        KVM_CAP_X86_USER_SPACE_MSR").  ``ranges`` may also be a cffi
+        ``struct kvm_msr_filter`` (or pointer), passed as it is.
+        """
+        if isinstance(ranges, ffi.CData):
+            if default_deny:
+                raise ArgumentError("default_deny goes in the flags of the struct kvm_msr_filter "
+                                    "passed, not as an argument")
+            msr_filter, keep = _struct_pointer(ranges, "struct kvm_msr_filter",
+                                               "KVM_X86_SET_MSR_FILTER"), ()
+        else:
+            msr_filter, keep = self._msr_filter_struct(ranges, default_deny)
+        try:
+            self._ioctl("KVM_X86_SET_MSR_FILTER", lib.KVM_X86_SET_MSR_FILTER, msr_filter)
+        except KvmError as e:
+            if self.check_extension("KVM_CAP_X86_MSR_FILTER"):
+                raise
+            raise KvmError("KVM_X86_SET_MSR_FILTER", e.errno,
+                           "this KVM lacks KVM_CAP_X86_MSR_FILTER") from None
+        del keep  # the bitmaps: KVM has copied them
+
+    @staticmethod
+    def _msr_filter_struct(ranges, default_deny: bool):
+        """(struct kvm_msr_filter *, its bitmaps) from x86_set_msr_filter's
+        plain ranges, validated."""
+        ranges = _as_list(ranges, "MSR filter ranges", "(base, nmsrs, flags, allowed) tuples")
+        limit = lib.KVM_MSR_FILTER_MAX_RANGES
+        if len(ranges) > limit:
+            raise ArgumentError(f"an MSR filter holds at most {limit} ranges, not {len(ranges)}")
+        msr_filter = ffi.new("struct kvm_msr_filter *", {
+            "flags": lib.KVM_MSR_FILTER_DEFAULT_DENY if default_deny
+            else lib.KVM_MSR_FILTER_DEFAULT_ALLOW})
+        bitmaps = []
+        valid_flags = lib.KVM_MSR_FILTER_READ | lib.KVM_MSR_FILTER_WRITE
+        max_msrs = 8 * lib.KVM_MSR_FILTER_MAX_BITMAP_SIZE
+        for n, spec in enumerate(ranges):
+            if not isinstance(spec, tuple) or len(spec) != 4:
+                raise ArgumentTypeError(f"MSR filter range {n} must be a tuple (base, nmsrs, flags, "
+                                        f"allowed), not {spec!r}")
+            base, nmsrs, flags, allowed = spec
+            base = _u32(base, "MSR filter range base")
+            if isinstance(nmsrs, bool) or not isinstance(nmsrs, int) or not 1 <= nmsrs <= max_msrs:
+                raise ArgumentError(f"MSR filter range {base:#x}: nmsrs must be 1-{max_msrs} "
+                                    f"(KVM_MSR_FILTER_MAX_BITMAP_SIZE bytes of bitmap), not {nmsrs!r}")
+            if base + nmsrs > 1 << 32:
+                raise ArgumentError(f"MSR filter range {base:#x}+{nmsrs:#x} runs past MSR 0xffffffff")
+            flags = _u32(flags, "MSR filter range flags")
+            if not flags or flags & ~valid_flags:
+                raise ArgumentError(f"MSR filter range {base:#x}: flags must be KVM_MSR_FILTER_READ, "
+                                    f"KVM_MSR_FILTER_WRITE or both, not {flags:#x}")
+            # KVM copies whole longs of bitmap: allocate that much, zeroed.
+            bitmap = ffi.new("__u8[]", (nmsrs + 63) // 64 * 8)
+            VmFd._fill_msr_bitmap(bitmap, base, nmsrs, allowed)
+            bitmaps.append(bitmap)
+            msr_filter.ranges[n] = {"flags": flags, "nmsrs": nmsrs, "base": base, "bitmap": bitmap}
+        return msr_filter, bitmaps
+
+    @staticmethod
+    def _fill_msr_bitmap(bitmap, base: int, nmsrs: int, allowed) -> None:
+        """Sets the bits of ``allowed`` (bytes, or MSR indices) in ``bitmap``."""
+        need = (nmsrs + 7) // 8
+        if isinstance(allowed, (bytes, bytearray, memoryview)):
+            raw = bytes(allowed)
+            if len(raw) < need:
+                raise ArgumentError(f"MSR filter range {base:#x}: {nmsrs} MSRs need a bitmap of "
+                                    f"{need} bytes, not {len(raw)}")
+            ffi.buffer(bitmap, need)[:] = raw[:need]
+            return
+        for index in _as_list(allowed, f"MSR filter range {base:#x}'s allowed MSRs",
+                              "MSR indices (or a bytes bitmap)"):
+            if isinstance(index, bool) or not isinstance(index, int) \
+                    or not base <= index < base + nmsrs:
+                raise ArgumentError(f"MSR filter range {base:#x}+{nmsrs:#x}: allowed MSR {index!r} "
+                                    "is outside the range")
+            bit = index - base
+            bitmap[bit // 8] |= 1 << (bit % 8)
 
 
 class VcpuFd(_Fd):
@@ -942,8 +1292,171 @@ class VcpuFd(_Fd):
         ffi.buffer(area, len(state))[:] = state
         self._ioctl("KVM_SET_XSAVE", lib.KVM_SET_XSAVE, area)
 
+    # -- device attributes of the vCPU (issue 12, section B) --------------------------
+
+    def _require_vcpu_attributes(self, ioctl: str) -> None:
+        _require_cap(self.vm, "KVM_CAP_VCPU_ATTRIBUTES", ioctl)
+
+    def set_device_attr(self, group: int, attr: int, data=None, *, flags: int = 0) -> None:
+        """``KVM_SET_DEVICE_ATTR`` on the vCPU (api.rst 4.80; needs
+        KVM_CAP_VCPU_ATTRIBUTES), e.g. x86's ``KVM_VCPU_TSC_CTRL`` /
+        ``KVM_VCPU_TSC_OFFSET``: writes ``data`` (bytes-like, or None)."""
+        self._require_vcpu_attributes("KVM_SET_DEVICE_ATTR")
+        _set_device_attr(self, group, attr, data, flags=flags, where=f"vCPU {self.index}")
+
+    def get_device_attr(self, group: int, attr: int, size: int = 8, *, flags: int = 0) -> bytes:
+        """``KVM_GET_DEVICE_ATTR`` on the vCPU (api.rst 4.80): ``size`` bytes."""
+        self._require_vcpu_attributes("KVM_GET_DEVICE_ATTR")
+        return _get_device_attr(self, group, attr, size, flags=flags,
+                                where=f"vCPU {self.index}")
+
+    def has_device_attr(self, group: int, attr: int, *, flags: int = 0) -> bool:
+        """``KVM_HAS_DEVICE_ATTR`` on the vCPU (api.rst 4.81)."""
+        self._require_vcpu_attributes("KVM_HAS_DEVICE_ATTR")
+        return _has_device_attr(self, group, attr, flags=flags, where=f"vCPU {self.index}")
+
     # -- interrupts, NMI/SMI, MSI and GSI routing, translation, the clocks, nested state, sregs2 (issue 12) ---
     # (section A: its methods go below this line, above the next section)
+
+    def interrupt(self, vector: int) -> None:
+        """``KVM_INTERRUPT`` (4.16): queues external interrupt ``vector`` for
+        the next KVM_RUN.  Only for VMs WITHOUT the in-kernel irqchip (with
+        it, KVM refuses: ENXIO).  KVM injects it on entry whatever the
+        guest's RFLAGS.IF, so a VMM calls it only when the last exit said
+        ``run_struct.ready_for_interrupt_injection``, else sets
+        ``run_struct.request_interrupt_window`` and waits for
+        KVM_EXIT_IRQ_WINDOW_OPEN (:meth:`pyvt.Vcpu.interrupt` does this)."""
+        vector = _u32(vector, "interrupt vector")
+        if vector > 0xFF:
+            raise ArgumentError(f"an x86 interrupt vector is 0-255, not {vector}")
+        irq = ffi.new("struct kvm_interrupt *", {"irq": vector})
+        try:
+            self._ioctl("KVM_INTERRUPT", lib.KVM_INTERRUPT, irq)
+        except KvmError as e:
+            if e.errno == errno.ENXIO:
+                raise KvmError("KVM_INTERRUPT", e.errno,
+                               "this VM has the in-kernel irqchip, which delivers interrupts "
+                               "itself: raise them with irq_line, irqfd or signal_msi") from None
+            if e.errno == errno.EEXIST:
+                raise KvmError("KVM_INTERRUPT", e.errno, "an interrupt is already queued: "
+                               "run the vCPU to deliver it first") from None
+            raise
+
+    def has_interrupt(self) -> bool:
+        """Whether this backend implements ``KVM_INTERRUPT``, which no
+        capability announces (KVM has always had it on x86; pyvt.ko has
+        not).  Asked once per device with vector 256, which KVM refuses
+        (EINVAL) before it looks at anything else, so nothing is queued."""
+        known = _INTERRUPT_IOCTL.get(self.vm.kvm.path)
+        if known is None:
+            irq = ffi.new("struct kvm_interrupt *", {"irq": 256})
+            known = lib.ioctl(self._fd, lib.KVM_INTERRUPT, irq) < 0 and ffi.errno != errno.ENOTTY
+            _INTERRUPT_IOCTL[self.vm.kvm.path] = known
+        return known
+
+    def nmi(self) -> None:
+        """``KVM_NMI`` (4.64, KVM_CAP_USER_NMI): queues an NMI.  Meant for VMs
+        without the in-kernel irqchip; with it KVM still injects the NMI
+        into the vCPU directly (bypassing the LAPIC's LINT1 LVT)."""
+        _require_cap(self.vm.kvm, "KVM_CAP_USER_NMI", "KVM_NMI")
+        self._ioctl("KVM_NMI", lib.KVM_NMI)
+
+    def smi(self) -> None:
+        """``KVM_SMI`` (4.96, KVM_CAP_X86_SMM): queues a system management interrupt."""
+        _require_cap(self.vm.kvm, "KVM_CAP_X86_SMM", "KVM_SMI",
+                     "its KVM was built without SMM support (CONFIG_KVM_SMM)")
+        self._ioctl("KVM_SMI", lib.KVM_SMI)
+
+    def translate(self, linear_address: int):
+        """``KVM_TRANSLATE`` (4.15) -> ``struct kvm_translation``: walks the
+        guest's page tables (its current CR3 and paging mode) for
+        ``linear_address``: ``valid`` says whether it is mapped, and
+        ``physical_address`` where.  On x86, KVM always reports
+        ``writeable`` 1 and ``usermode`` 0, whatever the page tables say."""
+        tr = ffi.new("struct kvm_translation *",
+                     {"linear_address": _u64(linear_address, "linear address")})
+        self._ioctl("KVM_TRANSLATE", lib.KVM_TRANSLATE, tr,
+                    hint=f"{self.vm.kvm.path} does not implement it (pyvt.ko does not)")
+        return tr
+
+    def kvmclock_ctrl(self) -> None:
+        """``KVM_KVMCLOCK_CTRL`` (4.70, KVM_CAP_KVMCLOCK_CTRL): tells the guest,
+        through its kvmclock page (PVCLOCK_GUEST_STOPPED), that the host
+        paused it, so its soft-lockup watchdog does not fire.  Needs a
+        guest that enabled kvmclock (EINVAL otherwise)."""
+        _require_cap(self.vm.kvm, "KVM_CAP_KVMCLOCK_CTRL", "KVM_KVMCLOCK_CTRL")
+        self._ioctl("KVM_KVMCLOCK_CTRL", lib.KVM_KVMCLOCK_CTRL,
+                    hint="the guest has not enabled kvmclock (MSR_KVM_SYSTEM_TIME_NEW)")
+
+    def get_tsc_khz(self) -> int:
+        """``KVM_GET_TSC_KHZ`` (4.56, KVM_CAP_GET_TSC_KHZ): the guest's TSC rate in kHz."""
+        _require_cap(self.vm.kvm, "KVM_CAP_GET_TSC_KHZ", "KVM_GET_TSC_KHZ")
+        return self._ioctl("KVM_GET_TSC_KHZ", lib.KVM_GET_TSC_KHZ)
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """``KVM_SET_TSC_KHZ`` (4.55, KVM_CAP_TSC_CONTROL): sets the guest's TSC
+        rate in kHz (0: the host's).  Kernels since 5.16 refuse every rate
+        (EINVAL) where the CPU cannot scale the TSC (KVM_CAP_TSC_CONTROL 0)."""
+        khz = _u32(khz, "TSC rate (kHz)")
+        hint = ""
+        if not self.vm.kvm.check_extension("KVM_CAP_TSC_CONTROL"):
+            hint = (f"{self.vm.kvm.path} lacks KVM_CAP_TSC_CONTROL, which setting "
+                    "the guest's TSC rate needs")
+        self._ioctl("KVM_SET_TSC_KHZ", lib.KVM_SET_TSC_KHZ, _arg(khz), hint=hint)
+
+    def _nested_state_size(self, ioctl: str) -> int:
+        return _require_cap(self.vm.kvm, "KVM_CAP_NESTED_STATE", ioctl,
+                            "nested virtualization state needs a host with nested "
+                            "VMX/SVM (kvm_intel/kvm_amd nested=1)")
+
+    def get_nested_state(self) -> bytes:
+        """``KVM_GET_NESTED_STATE`` (4.114, KVM_CAP_NESTED_STATE): the vCPU's
+        nested-virtualization state, a ``struct kvm_nested_state`` and its
+        data, as bytes (``size`` bytes long)."""
+        room = self._nested_state_size("KVM_GET_NESTED_STATE")
+        buf = ffi.new("char[]", max(room, ffi.sizeof("struct kvm_nested_state")))
+        state = ffi.cast("struct kvm_nested_state *", buf)
+        state.size = len(buf)
+        self._ioctl("KVM_GET_NESTED_STATE", lib.KVM_GET_NESTED_STATE, state)
+        return bytes(ffi.buffer(buf, min(state.size, len(buf))))
+
+    def set_nested_state(self, state: bytes) -> None:
+        """``KVM_SET_NESTED_STATE`` (4.115) from :meth:`get_nested_state`'s bytes."""
+        self._nested_state_size("KVM_SET_NESTED_STATE")
+        if not isinstance(state, (bytes, bytearray)):
+            raise ArgumentTypeError(f"nested state must be bytes, not {type(state).__name__}")
+        header = ffi.sizeof("struct kvm_nested_state")
+        buf = ffi.new("char[]", max(len(state), header))
+        ffi.buffer(buf, len(state))[:] = state
+        size = ffi.cast("struct kvm_nested_state *", buf).size
+        if len(state) < header or size > len(state):
+            raise ArgumentError(f"nested state must hold its {header}-byte header and the "
+                                f"size it names ({size}); it has {len(state)} bytes")
+        self._ioctl("KVM_SET_NESTED_STATE", lib.KVM_SET_NESTED_STATE, buf)
+
+    def enable_cap(self, cap: Union[int, str], *args: int, flags: int = 0) -> None:
+        """``KVM_ENABLE_CAP`` (4.37) on the vCPU (e.g. KVM_CAP_ENFORCE_PV_FEATURE_CPUID,
+        KVM_CAP_HYPERV_SYNIC)."""
+        self._ioctl("KVM_ENABLE_CAP", lib.KVM_ENABLE_CAP, _enable_cap_struct(cap, args, flags))
+
+    def get_sregs2(self):
+        """``KVM_GET_SREGS2`` (4.131, KVM_CAP_SREGS2) -> ``struct kvm_sregs2``:
+        the special registers with the PAE PDPTRs (``pdptrs``, valid when
+        ``flags`` has KVM_SREGS2_FLAGS_PDPTRS_VALID) and no interrupt bitmap."""
+        _require_cap(self.vm.kvm, "KVM_CAP_SREGS2", "KVM_GET_SREGS2")
+        return self._get("KVM_GET_SREGS2", lib.KVM_GET_SREGS2, "struct kvm_sregs2 *")
+
+    def set_sregs2(self, sregs2) -> None:
+        """``KVM_SET_SREGS2`` (4.132)."""
+        _require_cap(self.vm.kvm, "KVM_CAP_SREGS2", "KVM_SET_SREGS2")
+        self._ioctl("KVM_SET_SREGS2", lib.KVM_SET_SREGS2,
+                    _struct_pointer(sregs2, "struct kvm_sregs2", "KVM_SET_SREGS2"))
+
+    def get_supported_hv_cpuid(self) -> List[CpuidEntry]:
+        """``KVM_GET_SUPPORTED_HV_CPUID`` on the vCPU (4.118, KVM_CAP_HYPERV_CPUID;
+        deprecated in favour of :meth:`Kvm.get_supported_hv_cpuid`)."""
+        _require_cap(self.vm.kvm, "KVM_CAP_HYPERV_CPUID", "KVM_GET_SUPPORTED_HV_CPUID")
+        return _read_cpuid(self, "KVM_GET_SUPPORTED_HV_CPUID", lib.KVM_GET_SUPPORTED_HV_CPUID)
 
     # -- the dirty ring (issue 12) -----------------------------------------------------
     # (section C: its methods go below this line, above the next section)
@@ -972,3 +1485,35 @@ class VcpuFd(_Fd):
 
     # -- binary statistics (issue 12) --------------------------------------------------
     # (section D: its methods go below this line, above the next section)
+
+    def get_stats_fd(self) -> "StatsFd":
+        """``KVM_GET_STATS_FD`` on the vCPU (api.rst "4.133 KVM_GET_STATS_FD",
+        needs KVM_CAP_BINARY_STATS_FD): a new :class:`pyvt.kvm_stats.StatsFd`
+        of this vCPU's statistics (``exits``, ``io_exits``, ``halt_exits``...).
+        The caller owns it: close it (or use ``with``) when done."""
+        return _open_stats_fd(self, self.vm.kvm, f"vCPU {self.index}")
+
+
+def _memory_encryption_host() -> bool:
+    """Whether this host's KVM was set up for encrypted guests (kvm_amd's sev
+    or kvm_intel's tdx parameter on)."""
+    for parameter in ("/sys/module/kvm_amd/parameters/sev",
+                      "/sys/module/kvm_intel/parameters/tdx"):
+        try:
+            with open(parameter) as f:
+                if f.read().strip() in ("Y", "1"):
+                    return True
+        except OSError:
+            pass
+    return False
+
+
+# In-kernel devices build on _Fd above, so they are imported last (issue 12, section B).
+from .kvm_device import DeviceFd  # noqa: E402
+from .kvm_device import create_device as _create_device  # noqa: E402
+from .kvm_device import get_device_attr as _get_device_attr  # noqa: E402
+from .kvm_device import has_device_attr as _has_device_attr  # noqa: E402
+from .kvm_device import set_device_attr as _set_device_attr  # noqa: E402
+# The binary statistics reader builds on _Fd too (issue 12, section D).
+from .kvm_stats import StatsFd  # noqa: E402
+from .kvm_stats import open_stats_fd as _open_stats_fd  # noqa: E402

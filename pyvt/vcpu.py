@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
 import math
@@ -11,8 +12,17 @@ from typing import Dict, Iterable, List, Mapping, Optional
 
 from . import _native, exits, modes
 from ._kvm import ffi, lib
-from .errors import ArgumentError, BackendError, ClosedError, Error, KvmError, OutOfRangeError
+from .errors import (
+    ArgumentError,
+    BackendError,
+    ClosedError,
+    Error,
+    KvmError,
+    OutOfRangeError,
+    UnmappedAddressError,
+)
 from .kvm import PAGE_SIZE, CpuidEntry
+from .kvm_stats import CachedStats, StatsDescriptor, StatValue
 from .registers import (
     FPU_FIELDS,
     GENERAL_FIELDS,
@@ -27,6 +37,10 @@ from .registers import (
 MAIN_THREAD_TICK = 0.05
 
 _DIRECTIONS = {lib.KVM_EXIT_IO_IN: "in", lib.KVM_EXIT_IO_OUT: "out"}
+
+#: The run loop's own counters (pyvt._native.VcpuLoop.stats), all plain
+#: event counts: part of ``Vcpu.stats`` and, summed, of ``Vm.stats``.
+RUN_LOOP_COUNTERS = ("kvm_exits", "native_exits", "coalesced_writes", "dirty_ring_full_exits")
 
 
 class Vcpu:
@@ -48,10 +62,15 @@ class Vcpu:
         self._running_thread: Optional[int] = None
         self._close_pending = False
         self._loop: Optional[_native.VcpuLoop] = None
+        # Vectors interrupt() queued until the guest can take them (no irqchip).
+        self._queued_vectors: collections.deque = collections.deque()
+        self._vector_handed_over = False
+        self._window_requested = False
         # Checked before KVM_CREATE_VCPU: KVM cannot create an index twice.
         if setup:
             modes.write_setup_area(vm.memory, mode)
         self.fd = vm.fd.create_vcpu(index)
+        self._kvm_stats = CachedStats(self.fd, vm.kvm, f"vCPU {index}", RUN_LOOP_COUNTERS)
         try:
             self._setup(vm, mode, setup)
         except BaseException:
@@ -205,7 +224,8 @@ class Vcpu:
         """Runs the vCPU until something needs the caller; returns the exit.
 
         Port I/O and MMIO claimed by native devices or by handlers registered
-        with ``vm.on_io``/``vm.on_mmio`` are served without returning.
+        with ``vm.on_io``/``vm.on_mmio``, and MSRs with a ``vm.on_msr``
+        handler, are served without returning.
         ``timeout`` (seconds; None or ``inf``: no limit) stops a guest that
         runs too long and returns :class:`pyvt.exits.Timeout`; the vCPU can
         be run again.  A handler's exception and Ctrl-C propagate out of
@@ -228,6 +248,8 @@ class Vcpu:
             with self._stop_lock:
                 self._running_thread = threading.get_ident()
             stop, code, port = loop.run(seconds, tick)
+            while self._offer_queued_vector(stop):  # the interrupt window opened
+                stop, code, port = loop.run(seconds, tick)
         finally:
             with self._stop_lock:
                 self._running_thread = None
@@ -340,6 +362,10 @@ class Vcpu:
             size = min(mmio.len, 8)
             data = bytes(mmio.data[0:size]) if mmio.is_write else b""
             return exits.Mmio(mmio.phys_addr, mmio.len, bool(mmio.is_write), data, rip)
+        if reason in (lib.KVM_EXIT_X86_RDMSR, lib.KVM_EXIT_X86_WRMSR):
+            msr = run.msr
+            is_write = reason == lib.KVM_EXIT_X86_WRMSR
+            return exits.Msr(msr.index, is_write, msr.data if is_write else None, msr.reason, rip)
         if reason == lib.KVM_EXIT_HLT:
             return exits.Hlt(rip)
         if reason == lib.KVM_EXIT_SHUTDOWN:
@@ -389,8 +415,9 @@ class Vcpu:
                                    self._snapshot_regs(), rip)
 
     def reply(self, value) -> None:
-        """Answers the read that the last exit (an unclaimed ``Io`` in, or
-        ``Mmio`` read) is waiting for.
+        """Answers the read that the last exit (an unclaimed ``Io`` in,
+        ``Mmio`` read, or ``Msr`` rdmsr: the 64-bit value for EDX:EAX) is
+        waiting for.
 
         The pending read is completed exactly once: by the next ``run()``,
         or earlier by a register write, which completes it first so that
@@ -412,27 +439,156 @@ class Vcpu:
         elif isinstance(exit, exits.Mmio) and not exit.is_write:
             size = exit.size
             target = ffi.buffer(run.mmio.data, size)
+        elif isinstance(exit, exits.Msr) and not exit.is_write:
+            size = exit.size
+            target = ffi.buffer(ffi.addressof(run.msr, "data"), size)
         else:
             raise Error(f"reply() answers a pending read, but the last exit was {exit!r}")
         if isinstance(exit, exits.Io):
             space, where = "reply() to port", exit.port
-        else:
+        elif isinstance(exit, exits.Mmio):
             space, where = "reply() to MMIO address", exit.address
+        else:
+            space, where = "reply() to MSR", exit.index
         target[:] = _native.read_answer(value, size, space, where)
-
-    @property
-    def stats(self) -> dict:
-        """Run-loop counters: KVM exits, those handled natively, coalesced writes."""
-        return self._loop.stats if self._loop is not None else {}
+        if isinstance(exit, exits.Msr):
+            run.msr.error = 0  # answered, even after a refuse_msr()
 
     # -- interrupts, NMI/SMI, MSI and GSI routing, translation, the clocks, nested state, sregs2 (issue 12) ---
     # (section A: its methods go below this line, above the next section)
 
+    def interrupt(self, vector: int) -> None:
+        """Raises external interrupt ``vector`` (32-255) in a VM WITHOUT the
+        in-kernel irqchip (``KVM_INTERRUPT``), as a PIC would.
+
+        The guest takes it when it can (RFLAGS.IF set, no interrupt shadow):
+        if the last exit said it can, KVM gets the vector now, for the next
+        run(); otherwise it is queued and run() asks KVM for an exit when the
+        guest becomes interruptible, hands it over and goes on running, so the
+        exit is never seen.  Vectors raised meanwhile queue in order.  With the
+        in-kernel irqchip KVM refuses KVM_INTERRUPT: raise interrupts through
+        it instead (``vm.fd.irq_line``, ``vm.fd.irqfd``, :meth:`pyvt.Vm.signal_msi`)."""
+        self._check_open()
+        if self._vm.fd.has_irqchip:
+            raise Error(f"vCPU {self.index}: this VM has the in-kernel irqchip, which "
+                        "refuses KVM_INTERRUPT: raise the interrupt through it "
+                        "(vm.fd.irq_line, vm.fd.irqfd or vm.signal_msi)")
+        if isinstance(vector, bool) or not isinstance(vector, int) or not 0 <= vector <= 0xFF:
+            raise ArgumentError(f"an interrupt vector is an int in 0-255, not {vector!r}")
+        if vector < 32:
+            raise ArgumentError(f"vectors 0-31 are CPU exceptions, not interrupts: "
+                                f"use 32-255, not {vector}")
+        if not self.fd.has_interrupt():  # else queued vectors would wait forever
+            raise KvmError("KVM_INTERRUPT", errno.ENOTTY,
+                           f"{self._vm.backend} does not implement it (pyvt.ko does not)")
+        self._queued_vectors.append(vector)
+        self._offer_queued_vector(None)
+
+    def _offer_queued_vector(self, stop) -> bool:
+        """Hands KVM the next queued vector if the guest can take it now
+        (one per run: KVM holds a single one), and asks for the interrupt
+        window while more wait.  True if ``stop`` is an exit the caller does
+        not see, so run() goes on: the window pyvt asked for opening, or a
+        hlt that the vector handed over now wakes (as a CPU with an
+        interrupt pending does not halt)."""
+        if stop in (_native.STOP_EXIT, _native.STOP_DEVICE):
+            # KVM_RUN returned: KVM took the vector it held, and the run page's
+            # ready_for_interrupt_injection is current again.
+            self._vector_handed_over = False
+        if not self._queued_vectors and not self._window_requested:
+            return False
+        run = self.fd.run_struct
+        if run is None:  # closed from a handler during the run
+            return False
+        kvm_exit = run.exit_reason if stop == _native.STOP_EXIT else None
+        window_exit = kvm_exit == lib.KVM_EXIT_IRQ_WINDOW_OPEN and self._window_requested
+        handed_over = False
+        if (self._queued_vectors and not self._vector_handed_over
+                and run.ready_for_interrupt_injection):
+            # KVM only queues it: a pending I/O access still completes first.
+            self.fd.interrupt(self._queued_vectors.popleft())
+            self._vector_handed_over = handed_over = True
+        self._window_requested = bool(self._queued_vectors)
+        run.request_interrupt_window = 1 if self._window_requested else 0
+        return window_exit or (handed_over and kvm_exit == lib.KVM_EXIT_HLT)
+
+    def nmi(self) -> None:
+        """Raises a non-maskable interrupt (``KVM_NMI``): the guest takes it
+        through IDT vector 2 on the next run(), whatever RFLAGS.IF.  Meant for
+        VMs without the in-kernel irqchip (where it stands for the LINT1 pin);
+        with it, KVM still injects the NMI straight into this vCPU."""
+        self._check_open()
+        self.fd.nmi()
+
+    def translate(self, address: int) -> int:
+        """The guest-physical address guest-virtual ``address`` maps to now,
+        through the guest's own page tables (``KVM_TRANSLATE``); with paging
+        off, the same address.  Raises :class:`pyvt.UnmappedAddressError`
+        where nothing is mapped."""
+        self._check_open()
+        result = self.fd.translate(address)
+        if not result.valid:
+            raise UnmappedAddressError(
+                f"vCPU {self.index}: guest-virtual address {address:#x} is not mapped by "
+                f"the guest's page tables (CR3 {self.sregs.cr3:#x})")
+        return result.physical_address
+
     # -- binary statistics (issue 12) --------------------------------------------------
     # (section D: its methods go below this line, above the next section)
 
+    @property
+    def stats(self) -> Dict[str, StatValue]:
+        """This vCPU's counters, ``{name: value}``: KVM's binary statistics
+        (``exits``, ``io_exits``, ``halt_exits``... where the backend has
+        KVM_CAP_BINARY_STATS_FD; not on pyvt.ko) merged with pyvt's run-loop
+        counters, which keep their names if KVM ever uses them too:
+        ``kvm_exits`` (KVM_RUN returns the run loop saw), ``native_exits``
+        (those native devices served without Python), ``coalesced_writes``
+        (writes replayed from KVM's coalesced ring) and
+        ``dirty_ring_full_exits`` (full dirty rings emptied on the way).  Values are ints, lists
+        of ints for histograms; what each one counts, in which unit and
+        scale, is in :attr:`stats_descriptors`.  ``{}`` once the VM is closed.
+        The stats fd is opened by the first read and closed with the VM;
+        each read is a pread on it (other threads may run meanwhile)."""
+        loop = self._loop
+        if loop is None:
+            return {}
+        values = self._kvm_stats.read()
+        values.update(loop.stats)
+        return values
+
+    @property
+    def stats_descriptors(self) -> Dict[str, StatsDescriptor]:
+        """What each key of :attr:`stats` is: ``{name:
+        pyvt.kvm_stats.StatsDescriptor}`` with its type, unit and scale
+        (``halt_wait_ns`` counts 1e-9 seconds; ``halt_wait_hist`` is a log
+        histogram of them).  pyvt's run-loop counters are plain counts."""
+        self._check_open()
+        return self._kvm_stats.descriptors()
+
+    def _run_loop_stats(self) -> Dict[str, int]:
+        loop = self._loop
+        return loop.stats if loop is not None else {}
+
     # -- MSR filters and user-space MSR exits (issue 12) -------------------------------
     # (section E: its methods go below this line, above the next section)
+
+    def refuse_msr(self) -> None:
+        """Makes the ``rdmsr``/``wrmsr`` that the last exit (an unclaimed
+        :class:`pyvt.exits.Msr`) is waiting on take #GP in the guest, as
+        raising :class:`pyvt.MsrFault` does in a ``vm.on_msr`` handler.
+
+        Like :meth:`reply`, it acts on the pending access (completed by the
+        next ``run()`` or register write); a later ``reply()`` to a read
+        answers it instead."""
+        self._check_open()
+        exit = self.last_exit
+        if (self._loop is None or self._loop.pending_io is None
+                or not isinstance(exit, exits.Msr)):
+            raise Error(f"refuse_msr() refuses a pending rdmsr or wrmsr, but none is pending "
+                        f"(the last exit was {exit!r}; a run(), register write or restore "
+                        "since then completed or abandoned it)")
+        self.fd.run_struct.msr.error = 1
 
     def _drain(self) -> None:
         if self._loop is not None and not self.fd.closed:
@@ -442,6 +598,7 @@ class Vcpu:
         if self._loop is not None:
             self._loop.close()
             self._loop = None
+        self._kvm_stats.close()
         self.fd.close()
 
 

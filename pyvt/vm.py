@@ -8,7 +8,8 @@ import os
 import threading
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
 
-from . import _native, exits, modes, pc
+from . import _native, exits, modes, msr_filter, pc
+from ._kvm import lib as _kvm_lib
 from .devices import DEFAULT_OUTPUT_LIMIT, Console, DebugExitDevice
 from .errors import (
     ArgumentError,
@@ -20,9 +21,10 @@ from .errors import (
     RegionOverlapError,
     VcpuIndexError,
 )
-from .kvm import DEFAULT_DEVICE, PYVT_DEVICE, Kvm
+from .kvm import DEFAULT_DEVICE, PYVT_DEVICE, Kvm, _as_list
+from .kvm_stats import CachedStats, StatsDescriptor, StatValue
 from .memory import GuestMemory, parse_size
-from .vcpu import Vcpu
+from .vcpu import RUN_LOOP_COUNTERS, Vcpu
 
 if TYPE_CHECKING:
     from .snapshot import Snapshot
@@ -144,6 +146,7 @@ class Vm:
         self.backend = select_backend(backend)
         self.kvm = Kvm.shared(self.backend)
         self.fd = self.kvm.create_vm()
+        self._kvm_stats = CachedStats(self.fd, self.kvm, "VM", RUN_LOOP_COUNTERS)
         self._released = False
         self._closed = False
         self._lock = threading.Lock()
@@ -279,6 +282,7 @@ class Vm:
         for console in (getattr(self, "console", None), getattr(self, "debugcon", None)):
             if console is not None:
                 console.stream(None)  # closes pyvt's duplicate of the stream's fd
+        self._kvm_stats.close()
         self.fd.close()
         memory = getattr(self, "memory", None)
         if memory is not None:
@@ -474,6 +478,40 @@ class Vm:
     # -- interrupts, NMI/SMI, MSI and GSI routing, translation, the clocks, nested state, sregs2 (issue 12) ---
     # (section A: its methods go below this line, above the next section)
 
+    def signal_msi(self, address: int, data: int) -> int:
+        """Sends one MSI message (``KVM_SIGNAL_MSI``) to the in-kernel LAPICs,
+        as a PCI device would: ``address`` 0xfee00000 | destination APIC ID
+        << 12, ``data`` the vector (fixed delivery, edge).  Returns how many
+        LAPICs accepted it (0: blocked, e.g. the guest has not enabled its
+        LAPIC).  Needs the in-kernel irqchip (``vm.fd.create_irqchip()``
+        before the vCPUs)."""
+        self._check_open()
+        self._require_irqchip("an MSI")
+        return self.fd.signal_msi(address, data)
+
+    @property
+    def gsi_routing(self) -> tuple:
+        """The GSI routing table last set here (``()`` until then: the kernel's
+        default, :func:`pyvt.gsi_routes.irqchip_routes`).  Assign a list of
+        :class:`pyvt.gsi_routes.IrqchipRoute` / :class:`~pyvt.gsi_routes.MsiRoute`
+        to replace the whole table (``KVM_SET_GSI_ROUTING``); then ``irq_line``
+        or an ``irqfd`` on an MSI route's GSI sends its message."""
+        self._check_open()
+        return getattr(self, "_gsi_routes", ())
+
+    @gsi_routing.setter
+    def gsi_routing(self, routes) -> None:
+        self._check_open()
+        self._require_irqchip("GSI routing")
+        routes = tuple(_as_list(routes, "GSI routes", "IrqchipRoute/MsiRoute"))
+        self.fd.set_gsi_routing(routes)
+        self._gsi_routes = routes
+
+    def _require_irqchip(self, what: str) -> None:
+        if not self.fd.has_irqchip:
+            raise Error(f"{what} needs the in-kernel irqchip: call vm.fd.create_irqchip() "
+                        "before creating the vCPUs")
+
     # -- the dirty ring (issue 12) -----------------------------------------------------
     # (section C: its methods go below this line, above the next section)
 
@@ -487,5 +525,96 @@ class Vm:
     # -- binary statistics (issue 12) --------------------------------------------------
     # (section D: its methods go below this line, above the next section)
 
+    @property
+    def stats(self) -> Dict[str, StatValue]:
+        """VM-wide counters, ``{name: value}``: KVM's VM statistics
+        (``remote_tlb_flush``, ``pages_4k``, ``max_mmu_rmap_size``... where
+        the backend has KVM_CAP_BINARY_STATS_FD; not on pyvt.ko) merged with
+        pyvt's run-loop counters summed over the vCPUs (``kvm_exits``,
+        ``native_exits``, ``coalesced_writes``: see :attr:`pyvt.Vcpu.stats`).
+        Values are ints, lists of ints for histograms; units and scales are
+        in :attr:`stats_descriptors`.  Per-vCPU statistics (``exits``...) are
+        in each ``vcpu.stats``.  The stats fd is opened by the first read
+        and closed with the VM."""
+        self._check_open()
+        values = self._kvm_stats.read()
+        totals = dict.fromkeys(RUN_LOOP_COUNTERS, 0)
+        for vcpu in list(self.vcpus.values()):
+            for name, value in vcpu._run_loop_stats().items():
+                totals[name] = totals.get(name, 0) + value
+        values.update(totals)
+        return values
+
+    @property
+    def stats_descriptors(self) -> Dict[str, StatsDescriptor]:
+        """What each key of :attr:`stats` is, as
+        :attr:`pyvt.Vcpu.stats_descriptors` says for a vCPU's: KVM's VM
+        statistics are mostly cumulative counts; ``pages_4k`` and the like
+        are instant values, ``max_mmu_rmap_size`` and the like peaks."""
+        self._check_open()
+        return self._kvm_stats.descriptors()
+
     # -- MSR filters and user-space MSR exits (issue 12) -------------------------------
     # (section E: its methods go below this line, above the next section)
+
+    def on_msr(self, msrs: PortRange, handler: Handler) -> None:
+        """Calls ``handler(exit)`` for the guest's ``rdmsr``/``wrmsr`` of
+        ``msrs`` (an MSR index, a ``range``, or ``(start, count)``), instead
+        of KVM.  ``exit`` is a :class:`pyvt.exits.Msr`; for a read the
+        handler returns the 64-bit value (EDX:EAX), for a write it gets
+        ``exit.value``.  Raising :class:`pyvt.MsrFault` refuses the access:
+        the guest takes #GP.  Any other exception propagates out of
+        ``run()`` as from ``on_io`` handlers (a read runs again next time,
+        a write is not made twice).
+
+        The first handler enables ``KVM_CAP_X86_USER_SPACE_MSR`` (exits for
+        ``KVM_MSR_EXIT_REASON_FILTER`` only: this replaces a reason mask set
+        before through ``vm.fd.enable_cap``); each on_msr/off_msr installs an MSR
+        filter that sends exactly the handled MSRs to user space
+        (:mod:`pyvt.msr_filter`; it replaces one set with
+        ``vm.fd.x86_set_msr_filter``).  KVM's filter holds 16 ranges of
+        12288 MSRs, which bounds how scattered the handled MSRs may be; the
+        x2APIC MSRs (0x800-0x8ff) cannot be filtered."""
+        self._check_open()
+        start, length = _as_range(msrs, "MSR index", 1 << 32)
+        msr_filter.check_filterable(start, length)
+        self._check_range_free(_native.SPACE_MSR, start, length)
+        ranges = msr_filter.filter_ranges(self._msr_spans() + [(start, length)])
+        self._enable_msr_exits()
+        # On the bus before KVM sends the MSR: a vCPU may exit to it at once.
+        self._add_handler(_native.SPACE_MSR, start, length, handler, "MSR")
+        try:
+            self.fd.x86_set_msr_filter(ranges)
+        except BaseException:
+            self._remove_handler(_native.SPACE_MSR, start)
+            raise
+
+    def off_msr(self, msrs: PortRange) -> None:
+        """Removes the MSR handler whose range starts at ``msrs``; KVM
+        handles those MSRs again (with no handler left, the filter goes)."""
+        self._check_open()
+        start = _as_range(msrs, "MSR index", 1 << 32)[0]
+        claim = self._claims.get((_native.SPACE_MSR, start))
+        if claim is None:
+            raise ArgumentError(f"no MSR handler starts at {start:#x}")
+        # KVM stops sending the MSRs before their handler goes.
+        self.fd.x86_set_msr_filter(msr_filter.filter_ranges(
+            span for span in self._msr_spans() if span[0] != start))
+        self._remove_handler(_native.SPACE_MSR, start)
+
+    def _msr_spans(self) -> List[Tuple[int, int]]:
+        """(start, length) of every MSR handler."""
+        return [(start, length) for (space, start), (length, _) in self._claims.items()
+                if space == _native.SPACE_MSR]
+
+    def _enable_msr_exits(self) -> None:
+        """KVM_CAP_X86_USER_SPACE_MSR for filtered MSRs, once per VM."""
+        if getattr(self, "_msr_exits_enabled", False):
+            return
+        cap = "KVM_CAP_X86_USER_SPACE_MSR"
+        for needed in (cap, "KVM_CAP_X86_MSR_FILTER"):
+            if not self.fd.check_extension(needed):
+                raise KvmError("KVM_CHECK_EXTENSION", errno.ENOTSUP,
+                               f"{self.backend} lacks {needed}, which vm.on_msr needs")
+        self.fd.enable_cap(cap, _kvm_lib.KVM_MSR_EXIT_REASON_FILTER)
+        self._msr_exits_enabled = True

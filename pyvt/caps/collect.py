@@ -128,7 +128,8 @@ def read_modules(root: str = "/sys/module") -> dict[str, dict[str, str]]:
 # --- KVM -------------------------------------------------------------------------
 
 def header_capabilities(path: str = KVM_HEADER) -> dict[str, int]:
-    """Every ``KVM_CAP_*`` the installed <linux/kvm.h> defines."""
+    """Every ``KVM_CAP_*`` the installed <linux/kvm.h> defines, and the newer
+    ones pyvt uses (``NEWER_CAPABILITIES``, as in the built ``pyvt.kvm.caps``)."""
     caps: dict[str, int] = {}
     try:
         with open(path) as f:
@@ -136,6 +137,12 @@ def header_capabilities(path: str = KVM_HEADER) -> dict[str, int]:
                 caps[m.group(1)] = int(m.group(2))
     except OSError:
         pass
+    try:
+        from pyvt._kvm_build import NEWER_CAPABILITIES
+    except Exception:  # no cffi or no header: the header's list is all there is
+        NEWER_CAPABILITIES = []
+    for name, number, _version in NEWER_CAPABILITIES:
+        caps.setdefault(name, number)
     return caps
 
 

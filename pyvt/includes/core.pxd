@@ -19,6 +19,12 @@ cdef extern from "<linux/kvm.h>" nogil:
         uint32_t len
         uint8_t is_write
 
+    cdef struct pvt_kvm_run_msr "kvm_run_msr_member":
+        uint8_t error
+        uint32_t reason
+        uint32_t index
+        uint64_t data
+
     cdef struct kvm_regs:
         uint64_t rip
 
@@ -34,9 +40,14 @@ cdef extern from "<linux/kvm.h>" nogil:
         uint64_t kvm_valid_regs
         pvt_kvm_run_io io
         pvt_kvm_run_mmio mmio
+        pvt_kvm_run_msr msr
         pvt_kvm_run_s s
 
     int KVM_EXIT_IO_OUT
+    int KVM_EXIT_X86_WRMSR
+    int KVM_MSR_EXIT_REASON_INVAL
+    int KVM_MSR_EXIT_REASON_UNKNOWN
+    int KVM_MSR_EXIT_REASON_FILTER
     int KVM_SYNC_X86_REGS
     unsigned long KVM_GET_REGS
 
@@ -78,6 +89,7 @@ cdef extern from "machine.h" nogil:
     cdef struct pvt_machine:
         pvt_bus pio
         pvt_bus mmio
+        pvt_bus msr
         bint unclaimed_as_pc
 
     int pvt_machine_init(pvt_machine *machine)
@@ -133,6 +145,7 @@ cdef extern from "vcpu_loop.h" nogil:
         PVT_STOP_DEVICE
         PVT_STOP_INTERRUPTED
         PVT_STOP_BAD_EXIT
+        PVT_STOP_USER_MSR
 
     cdef struct pvt_stop_info:
         int user_id
