@@ -248,8 +248,7 @@ CONSTANTS = """
 #define KVM_SYNC_X86_SREGS ...
 #define KVM_SYNC_X86_EVENTS ...
 
-/* -- interrupts, NMI/SMI, MSI and GSI routing, translation, the clocks, nested state, sregs2 (issue 12) -- */
-/* (section A: its constants go below this line, above the next section) */
+/* -- interrupts, MSI and GSI routing, translation, clocks, nested state, sregs2 -- */
 #define KVM_INTERRUPT ...
 #define KVM_NMI ...
 #define KVM_SMI ...
@@ -275,8 +274,7 @@ CONSTANTS = """
 #define KVM_IRQFD_FLAG_RESAMPLE ...
 #define KVM_GET_SUPPORTED_HV_CPUID ...
 
-/* -- memory slots v2, guest_memfd, memory attributes, devices, memory encryption (issue 12) -- */
-/* (section B: its constants go below this line, above the next section) */
+/* -- memory slots v2, guest_memfd, devices, memory encryption -- */
 #define KVM_SET_USER_MEMORY_REGION2 ...  /* Linux 6.8: NEWER_ABI where the header lacks it */
 #define KVM_MEM_GUEST_MEMFD ...
 #define KVM_CREATE_GUEST_MEMFD ...
@@ -311,16 +309,14 @@ CONSTANTS = """
 #define KVM_VCPU_TSC_OFFSET ...
 #define KVM_X86_XCOMP_GUEST_SUPP ...
 
-/* -- the dirty ring (issue 12) -- */
-/* (section C: its constants go below this line, above the next section) */
+/* -- the dirty ring -- */
 #define KVM_RESET_DIRTY_RINGS ...
 #define KVM_DIRTY_LOG_PAGE_OFFSET ...
 #define KVM_DIRTY_GFN_F_DIRTY ...
 #define KVM_DIRTY_GFN_F_RESET ...
 #define KVM_DIRTY_GFN_F_MASK ...
 
-/* -- binary statistics (issue 12) -- */
-/* (section D: its constants go below this line, above the next section) */
+/* -- binary statistics -- */
 #define KVM_GET_STATS_FD ...
 #define KVM_STATS_TYPE_SHIFT ...
 #define KVM_STATS_TYPE_MASK ...
@@ -341,8 +337,7 @@ CONSTANTS = """
 #define KVM_STATS_BASE_POW10 ...
 #define KVM_STATS_BASE_POW2 ...
 
-/* -- MSR filters and user-space MSR exits (issue 12) -- */
-/* (section E: its constants go below this line, above the next section) */
+/* -- MSR filters and user-space MSR exits -- */
 #define KVM_X86_SET_MSR_FILTER ...
 #define KVM_MSR_FILTER_READ ...
 #define KVM_MSR_FILTER_WRITE ...
@@ -468,8 +463,7 @@ struct kvm_coalesced_mmio_ring {
     __u32 first, last; struct kvm_coalesced_mmio coalesced_mmio[]; ...;
 };
 
-/* -- interrupts, NMI/SMI, MSI and GSI routing, translation, the clocks, nested state, sregs2 (issue 12) -- */
-/* (section A: its structs go below this line, above the next section) */
+/* -- interrupts, MSI and GSI routing, translation, clocks, nested state, sregs2 -- */
 struct kvm_interrupt { __u32 irq; ...; };
 struct kvm_translation {
     __u64 linear_address, physical_address; __u8 valid, writeable, usermode;
@@ -497,8 +491,7 @@ typedef union {
 struct kvm_irq_routing_entry { __u32 gsi, type, flags; pvt_irq_routing_u u; ...; };
 struct kvm_irq_routing { __u32 nr, flags; struct kvm_irq_routing_entry entries[]; ...; };
 
-/* -- memory slots v2, guest_memfd, memory attributes, devices, memory encryption (issue 12) -- */
-/* (section B: its structs go below this line, above the next section) */
+/* -- memory slots v2, guest_memfd, devices, memory encryption -- */
 struct kvm_userspace_memory_region2 {
     __u32 slot, flags; __u64 guest_phys_addr, memory_size, userspace_addr;
     __u64 guest_memfd_offset; __u32 guest_memfd;
@@ -511,12 +504,10 @@ struct kvm_sev_cmd { __u32 id; __u64 data; __u32 error, sev_fd; ...; };
 struct kvm_create_device { __u32 type, fd, flags; ...; };
 struct kvm_device_attr { __u32 flags, group; __u64 attr, addr; ...; };
 
-/* -- the dirty ring (issue 12) -- */
-/* (section C: its structs go below this line, above the next section) */
+/* -- the dirty ring -- */
 struct kvm_dirty_gfn { __u32 flags; __u32 slot; __u64 offset; ...; };
 
-/* -- binary statistics (issue 12) -- */
-/* (section D: its structs go below this line, above the next section) */
+/* -- binary statistics -- */
 struct kvm_stats_header {
     __u32 flags, name_size, num_desc, id_offset, desc_offset, data_offset;
     ...;
@@ -530,8 +521,7 @@ struct kvm_stats_desc {
     ...;
 };
 
-/* -- MSR filters and user-space MSR exits (issue 12) -- */
-/* (section E: its structs go below this line, above the next section) */
+/* -- MSR filters and user-space MSR exits -- */
 struct kvm_msr_filter_range { __u32 flags; __u32 nmsrs; __u32 base; __u8 *bitmap; ...; };
 struct kvm_msr_filter { __u32 flags; struct kvm_msr_filter_range ranges[...]; ...; };
 """

@@ -637,8 +637,7 @@ class VmFd(_Fd):
             "addr": _u64(addr, "addr"), "size": _u32(size, "size"), "pio": int(pio)})
         self._ioctl("KVM_UNREGISTER_COALESCED_MMIO", lib.KVM_UNREGISTER_COALESCED_MMIO, zone)
 
-    # -- interrupts, NMI/SMI, MSI and GSI routing, translation, the clocks, nested state, sregs2 (issue 12) ---
-    # (section A: its methods go below this line, above the next section)
+    # -- interrupts, MSI and GSI routing, translation, clocks, nested state, sregs2 ---
 
     def get_clock(self):
         """``KVM_GET_CLOCK`` (4.29, KVM_CAP_ADJUST_CLOCK) -> ``struct kvm_clock_data``:
@@ -697,8 +696,7 @@ class VmFd(_Fd):
                     hint="routes need the in-kernel irqchip (KVM_CREATE_IRQCHIP), "
                          "valid irqchip pins and GSIs below KVM_CAP_IRQ_ROUTING")
 
-    # -- memory slots v2, guest_memfd, memory attributes, devices, memory encryption (issue 12) ---
-    # (section B: its methods go below this line, above the next section)
+    # -- memory slots v2, guest_memfd, devices, memory encryption --------------
 
     def set_user_memory_region2(self, slot: int, guest_phys_addr: int, memory_size: int,
                                 userspace_addr: int, flags: int = 0, *,
@@ -849,8 +847,7 @@ class VmFd(_Fd):
         _require_cap(self, "KVM_CAP_VM_ATTRIBUTES", "KVM_HAS_DEVICE_ATTR")
         return _has_device_attr(self, group, attr, flags=flags, where="this VM")
 
-    # -- the dirty ring (issue 12) -----------------------------------------------------
-    # (section C: its methods go below this line, above the next section)
+    # -- the dirty ring --------------------------------------------------------
 
     #: The dirty ring's size in bytes once enable_dirty_log_ring() succeeded, else 0.
     dirty_ring_size = 0
@@ -929,8 +926,7 @@ class VmFd(_Fd):
             rings[:] = [ring for ring in rings if not ring.closed]
         return list(rings)
 
-    # -- binary statistics (issue 12) --------------------------------------------------
-    # (section D: its methods go below this line, above the next section)
+    # -- binary statistics -----------------------------------------------------
 
     def get_stats_fd(self) -> "StatsFd":
         """``KVM_GET_STATS_FD`` on the VM (api.rst "4.133 KVM_GET_STATS_FD",
@@ -939,8 +935,7 @@ class VmFd(_Fd):
         The caller owns it: close it (or use ``with``) when done."""
         return _open_stats_fd(self, self.kvm, "VM")
 
-    # -- MSR filters and user-space MSR exits (issue 12) -------------------------------
-    # (section E: its methods go below this line, above the next section)
+    # -- MSR filters and user-space MSR exits ----------------------------------
 
     def x86_set_msr_filter(self, ranges=(), *, default_deny: bool = False) -> None:
         """``KVM_X86_SET_MSR_FILTER`` (needs KVM_CAP_X86_MSR_FILTER): which
@@ -1315,8 +1310,7 @@ class VcpuFd(_Fd):
         self._require_vcpu_attributes("KVM_HAS_DEVICE_ATTR")
         return _has_device_attr(self, group, attr, flags=flags, where=f"vCPU {self.index}")
 
-    # -- interrupts, NMI/SMI, MSI and GSI routing, translation, the clocks, nested state, sregs2 (issue 12) ---
-    # (section A: its methods go below this line, above the next section)
+    # -- interrupts, MSI and GSI routing, translation, clocks, nested state, sregs2 ---
 
     def interrupt(self, vector: int) -> None:
         """``KVM_INTERRUPT`` (4.16): queues external interrupt ``vector`` for
@@ -1458,8 +1452,7 @@ class VcpuFd(_Fd):
         _require_cap(self.vm.kvm, "KVM_CAP_HYPERV_CPUID", "KVM_GET_SUPPORTED_HV_CPUID")
         return _read_cpuid(self, "KVM_GET_SUPPORTED_HV_CPUID", lib.KVM_GET_SUPPORTED_HV_CPUID)
 
-    # -- the dirty ring (issue 12) -----------------------------------------------------
-    # (section C: its methods go below this line, above the next section)
+    # -- the dirty ring --------------------------------------------------------
 
     _dirty_ring: Optional["DirtyRing"] = None
 
@@ -1483,8 +1476,7 @@ class VcpuFd(_Fd):
         if ring is not None:
             ring.close()
 
-    # -- binary statistics (issue 12) --------------------------------------------------
-    # (section D: its methods go below this line, above the next section)
+    # -- binary statistics -----------------------------------------------------
 
     def get_stats_fd(self) -> "StatsFd":
         """``KVM_GET_STATS_FD`` on the vCPU (api.rst "4.133 KVM_GET_STATS_FD",

@@ -454,8 +454,7 @@ class Vcpu:
         if isinstance(exit, exits.Msr):
             run.msr.error = 0  # answered, even after a refuse_msr()
 
-    # -- interrupts, NMI/SMI, MSI and GSI routing, translation, the clocks, nested state, sregs2 (issue 12) ---
-    # (section A: its methods go below this line, above the next section)
+    # -- interrupts, MSI and GSI routing, translation, clocks, nested state, sregs2 ---
 
     def interrupt(self, vector: int) -> None:
         """Raises external interrupt ``vector`` (32-255) in a VM WITHOUT the
@@ -533,8 +532,7 @@ class Vcpu:
                 f"the guest's page tables (CR3 {self.sregs.cr3:#x})")
         return result.physical_address
 
-    # -- binary statistics (issue 12) --------------------------------------------------
-    # (section D: its methods go below this line, above the next section)
+    # -- binary statistics -----------------------------------------------------
 
     @property
     def stats(self) -> Dict[str, StatValue]:
@@ -570,8 +568,7 @@ class Vcpu:
         loop = self._loop
         return loop.stats if loop is not None else {}
 
-    # -- MSR filters and user-space MSR exits (issue 12) -------------------------------
-    # (section E: its methods go below this line, above the next section)
+    # -- MSR filters and user-space MSR exits ----------------------------------
 
     def refuse_msr(self) -> None:
         """Makes the ``rdmsr``/``wrmsr`` that the last exit (an unclaimed

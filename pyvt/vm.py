@@ -475,8 +475,7 @@ class Vm:
 
         return snapshot.clone(snap, backend=backend, vm_class=cls)
 
-    # -- interrupts, NMI/SMI, MSI and GSI routing, translation, the clocks, nested state, sregs2 (issue 12) ---
-    # (section A: its methods go below this line, above the next section)
+    # -- interrupts, MSI and GSI routing, translation, clocks, nested state, sregs2 ---
 
     def signal_msi(self, address: int, data: int) -> int:
         """Sends one MSI message (``KVM_SIGNAL_MSI``) to the in-kernel LAPICs,
@@ -512,8 +511,7 @@ class Vm:
             raise Error(f"{what} needs the in-kernel irqchip: call vm.fd.create_irqchip() "
                         "before creating the vCPUs")
 
-    # -- the dirty ring (issue 12) -----------------------------------------------------
-    # (section C: its methods go below this line, above the next section)
+    # -- the dirty ring --------------------------------------------------------
 
     @property
     def dirty_ring(self) -> int:
@@ -522,8 +520,7 @@ class Vm:
         self._check_open()
         return self.fd.dirty_ring_size
 
-    # -- binary statistics (issue 12) --------------------------------------------------
-    # (section D: its methods go below this line, above the next section)
+    # -- binary statistics -----------------------------------------------------
 
     @property
     def stats(self) -> Dict[str, StatValue]:
@@ -554,8 +551,7 @@ class Vm:
         self._check_open()
         return self._kvm_stats.descriptors()
 
-    # -- MSR filters and user-space MSR exits (issue 12) -------------------------------
-    # (section E: its methods go below this line, above the next section)
+    # -- MSR filters and user-space MSR exits ----------------------------------
 
     def on_msr(self, msrs: PortRange, handler: Handler) -> None:
         """Calls ``handler(exit)`` for the guest's ``rdmsr``/``wrmsr`` of
