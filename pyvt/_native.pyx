@@ -295,21 +295,11 @@ def _removed_handler(exit):
     return None if exit.is_write else -1
 
 
-class _HandlerTable(dict):
-    """user_id -> handler.  A missing id is a handler removed while a vCPU
-    was on its way to it (see _removed_handler): never a KeyError in run()."""
-
-    def __missing__(self, user_id):
-        return _removed_handler
-
-
 cdef class Machine:
     """The native VM: I/O buses, registered handlers and devices."""
 
     cdef pvt_machine *m
-    # Typed object, not dict: the run loop's handlers[user_id] must go
-    # through _HandlerTable.__missing__.
-    cdef readonly object handlers
+    cdef readonly dict handlers  # user_id -> handler; see handler()
     cdef dict handler_ids  # (space, base) -> user_id of the handler there
     cdef long long next_handler_id
     cdef list devices
@@ -323,7 +313,7 @@ cdef class Machine:
             free(self.m)
             self.m = NULL
             raise Error(f"cannot set up the native machine: {os.strerror(-rc)}")
-        self.handlers = _HandlerTable()
+        self.handlers = {}
         self.handler_ids = {}
         self.devices = []
 
@@ -334,6 +324,13 @@ cdef class Machine:
 
     def __init__(self):
         pass
+
+    cdef object handler(self, int user_id):
+        """The handler for user_id; a missing id is a handler removed while
+        a vCPU was on its way to it (see _removed_handler): never a
+        KeyError in run()."""
+        handler = self.handlers.get(user_id)
+        return _removed_handler if handler is None else handler
 
     cdef pvt_bus *bus(self, int space):
         if space == SPACE_PIO:
@@ -382,7 +379,7 @@ cdef class Machine:
 
     def close(self):
         """Drops the references to handlers and devices (cycles)."""
-        self.handlers = _HandlerTable()
+        self.handlers = {}
         self.handler_ids = {}
         self.devices = []
 
@@ -565,7 +562,9 @@ cpdef bytes read_answer(object value, uint32_t size, str space, unsigned long lo
     cdef object bits = 8 * size  # a Python int: 1 << 64 must not wrap in C
     if isinstance(value, int) and not isinstance(value, bool):
         try:
-            return value.to_bytes(size, "little", signed=value < 0)
+            if value >= 0:  # the usual answer: no keyword call on the hot path
+                return value.to_bytes(size, "little")
+            return value.to_bytes(size, "little", signed=True)
         except OverflowError:
             raise ArgumentError(
                 f"{space} {where:#x}: {value:#x} does not fit in a {size}-byte read; answer "
@@ -679,7 +678,7 @@ cdef class VcpuLoop:
         cdef uint32_t i
         cdef bint is_write = run.io.direction == KVM_EXIT_IO_OUT
         cdef int port = run.io.port
-        handler = self.machine.handlers[user_id]
+        handler = self.machine.handler(user_id)
         rip = self.rip()
         if not is_write:
             # Whatever the handler does, a read completes with defined data.
@@ -697,7 +696,7 @@ cdef class VcpuLoop:
     cdef int call_mmio(self, int user_id) except -1:
         cdef kvm_run *run = self.v.run
         cdef uint32_t size = run.mmio.len
-        handler = self.machine.handlers[user_id]
+        handler = self.machine.handler(user_id)
         if run.mmio.is_write:
             handler(new_mmio(run.mmio.phys_addr, size, True, run.mmio.data[:size],
                              self.rip()))
@@ -712,7 +711,7 @@ cdef class VcpuLoop:
     cdef int call_msr(self, int user_id) except -1:
         cdef kvm_run *run = self.v.run
         cdef bint is_write = run.exit_reason == KVM_EXIT_X86_WRMSR
-        handler = self.machine.handlers[user_id]
+        handler = self.machine.handler(user_id)
         exit = new_msr(run.msr.index, is_write, run.msr.data if is_write else None,
                        run.msr.reason, self.rip())
         if not is_write:
