@@ -227,7 +227,18 @@ enum pvt_pending_io pvt_vcpu_exit_pending_io(const struct kvm_run *run)
 	}
 }
 
-int pvt_vcpu_run(struct pvt_vcpu *vcpu, struct pvt_stop_info *info)
+/* A signal or kick ended KVM_RUN. */
+static int interrupted(struct pvt_vcpu *vcpu)
+{
+	vcpu->run->immediate_exit = 0;
+	/* Still blocked outside KVM_RUN, it would end the next one at once. */
+	if (vcpu->kick_masked)
+		pvt_kick_consume();
+	return PVT_STOP_INTERRUPTED;
+}
+
+/* pvt_vcpu_run() without its bookkeeping of the pending access. */
+static int run_until_stop(struct pvt_vcpu *vcpu, struct pvt_stop_info *info)
 {
 	struct kvm_run *run = vcpu->run;
 
@@ -237,20 +248,13 @@ int pvt_vcpu_run(struct pvt_vcpu *vcpu, struct pvt_stop_info *info)
 		int err = errno;
 
 		vcpu->kvm_exits++;
-		/* This KVM_RUN completed what the last exit left pending. */
-		vcpu->pending_io = ret < 0 ? PVT_PENDING_NONE :
-					     pvt_vcpu_exit_pending_io(run);
 		/* Coalesced writes happened before this exit: replay them first. */
 		pvt_vcpu_drain_coalesced(vcpu);
 		if (ret < 0) {
 			if (err == EAGAIN)
 				continue;
-			if (err == EINTR) {
-				run->immediate_exit = 0;
-				if (vcpu->kick_masked)
-					pvt_kick_consume();
-				return PVT_STOP_INTERRUPTED;
-			}
+			if (err == EINTR)
+				return interrupted(vcpu);
 			return -err;
 		}
 
@@ -274,13 +278,25 @@ int pvt_vcpu_run(struct pvt_vcpu *vcpu, struct pvt_stop_info *info)
 				break;
 			return stop_for(claim, PVT_STOP_USER_MSR);
 		case KVM_EXIT_INTR:
-			run->immediate_exit = 0;
-			if (vcpu->kick_masked)
-				pvt_kick_consume();
-			return PVT_STOP_INTERRUPTED;
+			return interrupted(vcpu);
 		default:
 			return PVT_STOP_EXIT;
 		}
 		vcpu->native_exits++;
 	}
+}
+
+int pvt_vcpu_run(struct pvt_vcpu *vcpu, struct pvt_stop_info *info)
+{
+	int stop = run_until_stop(vcpu, info);
+
+	/*
+	 * Every KVM_RUN completed what the exit before it left pending; only
+	 * the exit the loop stops at can leave something (set here, once, not
+	 * on each exit the loop serves).
+	 */
+	vcpu->pending_io = stop < 0 || stop == PVT_STOP_INTERRUPTED ?
+				   PVT_PENDING_NONE :
+				   pvt_vcpu_exit_pending_io(vcpu->run);
+	return stop;
 }

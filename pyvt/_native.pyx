@@ -680,9 +680,8 @@ cdef class VcpuLoop:
         cdef int port = run.io.port
         handler = self.machine.handler(user_id)
         rip = self.rip()
-        if not is_write:
-            # Whatever the handler does, a read completes with defined data.
-            memset(data, 0xff, size * count)
+        # A read gets its data from each answer; if a handler raises instead,
+        # call_handler abandons the read, so no stale data reaches the guest.
         for i in range(count):
             element = data + i * size
             if is_write:
@@ -701,7 +700,6 @@ cdef class VcpuLoop:
             handler(new_mmio(run.mmio.phys_addr, size, True, run.mmio.data[:size],
                              self.rip()))
         else:
-            memset(run.mmio.data, 0xff, 8)
             answer = read_answer(
                 handler(new_mmio(run.mmio.phys_addr, size, False, b"", self.rip())),
                 size, "MMIO", run.mmio.phys_addr)
@@ -714,8 +712,6 @@ cdef class VcpuLoop:
         handler = self.machine.handler(user_id)
         exit = new_msr(run.msr.index, is_write, run.msr.data if is_write else None,
                        run.msr.reason, self.rip())
-        if not is_write:
-            run.msr.data = 0xFFFFFFFFFFFFFFFF  # defined data, whatever the handler does
         try:
             answer = handler(exit)
         except MsrFault:

@@ -426,33 +426,33 @@ class Vcpu:
         (a restore or clone runs it again) and keeps the read pending here.
         A restore abandons it.  reply() may be called again to change the
         answer until the read is completed; afterwards it raises."""
-        self._check_open()
-        exit = self.last_exit
+        exit = self._pending_exit("reply()", "read", "read")
         run = self.fd.run_struct
-        if self._loop is None or self._loop.pending_io != "read":
-            raise Error(f"reply() answers a pending read, but none is pending "
-                        f"(the last exit was {exit!r}; a run(), register write or "
-                        "restore since then completed or abandoned it)")
         if isinstance(exit, exits.Io) and exit.direction == "in":
-            size = exit.size * exit.count
+            size, space, where = exit.size * exit.count, "reply() to port", exit.port
             target = ffi.buffer(ffi.cast("char *", run) + run.io.data_offset, size)
         elif isinstance(exit, exits.Mmio) and not exit.is_write:
-            size = exit.size
+            size, space, where = exit.size, "reply() to MMIO address", exit.address
             target = ffi.buffer(run.mmio.data, size)
         elif isinstance(exit, exits.Msr) and not exit.is_write:
-            size = exit.size
+            size, space, where = exit.size, "reply() to MSR", exit.index
             target = ffi.buffer(ffi.addressof(run.msr, "data"), size)
         else:
             raise Error(f"reply() answers a pending read, but the last exit was {exit!r}")
-        if isinstance(exit, exits.Io):
-            space, where = "reply() to port", exit.port
-        elif isinstance(exit, exits.Mmio):
-            space, where = "reply() to MMIO address", exit.address
-        else:
-            space, where = "reply() to MSR", exit.index
         target[:] = _native.read_answer(value, size, space, where)
         if isinstance(exit, exits.Msr):
             run.msr.error = 0  # answered, even after a refuse_msr()
+
+    def _pending_exit(self, call: str, kind: Optional[str], what: str):
+        """The last exit, if its access (a ``kind`` one, or any for None) is
+        still pending; else an Error saying why ``call`` has nothing to act on."""
+        self._check_open()
+        pending = self._loop.pending_io if self._loop is not None else None
+        if pending is None or (kind is not None and pending != kind):
+            raise Error(f"{call} acts on a pending {what}, but none is pending "
+                        f"(the last exit was {self.last_exit!r}; a run(), register write or "
+                        "restore since then completed or abandoned it)")
+        return self.last_exit
 
     # -- interrupts, MSI and GSI routing, translation, clocks, nested state, sregs2 ---
 
@@ -578,13 +578,10 @@ class Vcpu:
         Like :meth:`reply`, it acts on the pending access (completed by the
         next ``run()`` or register write); a later ``reply()`` to a read
         answers it instead."""
-        self._check_open()
-        exit = self.last_exit
-        if (self._loop is None or self._loop.pending_io is None
-                or not isinstance(exit, exits.Msr)):
-            raise Error(f"refuse_msr() refuses a pending rdmsr or wrmsr, but none is pending "
-                        f"(the last exit was {exit!r}; a run(), register write or restore "
-                        "since then completed or abandoned it)")
+        exit = self._pending_exit("refuse_msr()", None, "rdmsr or wrmsr")
+        if not isinstance(exit, exits.Msr):
+            raise Error(f"refuse_msr() refuses a pending rdmsr or wrmsr, but the last exit "
+                        f"was {exit!r}")
         self.fd.run_struct.msr.error = 1
 
     def _drain(self) -> None:
