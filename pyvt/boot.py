@@ -97,15 +97,14 @@ def boot(vm, kernel: KernelSource, *, cmdline: Union[str, bytes] = "", initrd: O
         blob, ipath = _read(initrd, "initrd", vm.memory.size)
         mods.append((blob, ipath))
     for entry in modules:
-        if not (isinstance(entry, tuple) and len(entry) == 2
-                and isinstance(entry[1], (str, bytes))):
+        if not (isinstance(entry, tuple) and len(entry) == 2):  # load_multiboot checks the string
             raise ArgumentError("modules must be (data or path, string) pairs")
         blob, _ = _read(entry[0], "module", vm.memory.size)
         mods.append((blob, entry[1]))
 
     kind = format or detect(data)
     if kind == "multiboot":
-        image = load_multiboot(vm.memory, data, cmdline,
+        image = load_multiboot(vm.memory, data, raw_cmdline,
                                kernel_name if kernel_name is not None else path, mods)
     elif len(mods) > len(([initrd] if initrd is not None else [])):
         raise BootError(f"the kernel is {kind}, not multiboot: only a multiboot kernel gets "

@@ -217,8 +217,8 @@ def _boot(args) -> int:
         vm.debugcon.stream(sys.stdout)
         if not args.no_stdin:
             _feed_stdin(vm.console)
-        # The command line as the user's bytes, which argv decoded (PEP 383).
-        vm.boot(args.kernel, cmdline=os.fsencode(args.append), initrd=args.initrd, smp=args.smp,
+        # guest_string() gives the guest argv's original bytes (PEP 383).
+        vm.boot(args.kernel, cmdline=args.append, initrd=args.initrd, smp=args.smp,
                 irqchip=not args.no_irqchip, strict_io=args.strict_io)
         exit = vm.run(timeout=args.timeout, trace_io=sys.stderr if args.trace_io else None)
         sys.stdout.flush()

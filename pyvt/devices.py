@@ -47,7 +47,8 @@ class Console:
         self.port = port
         #: True when KVM queues the data-register writes (coalesced PIO).
         self.coalesced = coalesced
-        self.limit = limit
+        if limit != DEFAULT_OUTPUT_LIMIT:  # the sink starts with the default
+            self.limit = limit
 
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"

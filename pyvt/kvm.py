@@ -196,6 +196,8 @@ class Kvm(_Fd):
 
     _shared: Dict[str, "Kvm"] = {}
     _shared_lock = threading.Lock()
+    #: Whether the backend implements KVM_INTERRUPT (VcpuFd.has_interrupt).
+    _has_interrupt: Optional[bool] = None
 
     def __init__(self, path: str = DEFAULT_DEVICE):
         self.path = _device_path(path)
@@ -466,10 +468,6 @@ def _u64(value, what: str) -> int:
     return _uint(value, what, 64)
 
 
-#: Device path -> whether its backend implements KVM_INTERRUPT.
-_INTERRUPT_IOCTL: Dict[str, bool] = {}
-
-
 def _require_cap(fd, cap: str, ioctl: str, hint: str = "") -> int:
     """``fd``'s answer for ``cap`` (a :class:`Kvm`, or a :class:`VmFd`, which
     answers for its VM's type); a KvmError naming it (ENOTTY, as the kernel
@@ -686,12 +684,12 @@ class VmFd(_Fd):
         ``struct kvm_irq_routing *``.  Needs the in-kernel irqchip."""
         from .gsi_routes import routing_table
 
-        _require_cap(self.kvm, "KVM_CAP_IRQ_ROUTING", "KVM_SET_GSI_ROUTING")
+        max_gsi = _require_cap(self.kvm, "KVM_CAP_IRQ_ROUTING", "KVM_SET_GSI_ROUTING")
         if isinstance(entries, ffi.CData) and ffi.typeof(entries) is ffi.typeof(
                 "struct kvm_irq_routing *"):
             table = entries
         else:
-            table = routing_table(entries, self.kvm.check_extension("KVM_CAP_IRQ_ROUTING"))
+            table = routing_table(entries, max_gsi)
         self._ioctl("KVM_SET_GSI_ROUTING", lib.KVM_SET_GSI_ROUTING, table,
                     hint="routes need the in-kernel irqchip (KVM_CREATE_IRQCHIP), "
                          "valid irqchip pins and GSIs below KVM_CAP_IRQ_ROUTING")
@@ -989,7 +987,7 @@ class VmFd(_Fd):
             else lib.KVM_MSR_FILTER_DEFAULT_ALLOW})
         bitmaps = []
         valid_flags = lib.KVM_MSR_FILTER_READ | lib.KVM_MSR_FILTER_WRITE
-        max_msrs = 8 * lib.KVM_MSR_FILTER_MAX_BITMAP_SIZE
+        from .msr_filter import RANGE_MSRS as max_msrs
         for n, spec in enumerate(ranges):
             if not isinstance(spec, tuple) or len(spec) != 4:
                 raise ArgumentTypeError(f"MSR filter range {n} must be a tuple (base, nmsrs, flags, "
@@ -1341,11 +1339,12 @@ class VcpuFd(_Fd):
         capability announces (KVM has always had it on x86; pyvt.ko has
         not).  Asked once per device with vector 256, which KVM refuses
         (EINVAL) before it looks at anything else, so nothing is queued."""
-        known = _INTERRUPT_IOCTL.get(self.vm.kvm.path)
+        kvm = self.vm.kvm  # shared per device: the answer is the backend's
+        known = kvm._has_interrupt
         if known is None:
             irq = ffi.new("struct kvm_interrupt *", {"irq": 256})
             known = lib.ioctl(self._fd, lib.KVM_INTERRUPT, irq) < 0 and ffi.errno != errno.ENOTTY
-            _INTERRUPT_IOCTL[self.vm.kvm.path] = known
+            kvm._has_interrupt = known
         return known
 
     def nmi(self) -> None:

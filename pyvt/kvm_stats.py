@@ -18,7 +18,6 @@ statistics); what a value means is in its :class:`StatsDescriptor`:
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 import threading
@@ -27,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from ._kvm import ffi, lib
 from .errors import ArgumentError, BackendError, ClosedError, KvmError
-from .kvm import _Fd
+from .kvm import _Fd, _require_cap
 
 CAPABILITY = "KVM_CAP_BINARY_STATS_FD"
 
@@ -198,10 +197,8 @@ class StatsFd(_Fd):
 def open_stats_fd(source: _Fd, kvm, what: str) -> StatsFd:
     """``KVM_GET_STATS_FD`` on ``source`` (a VmFd or VcpuFd) of system fd
     ``kvm``; ``what`` ("VM", "vCPU 0") names it in errors."""
-    if not kvm.check_extension(CAPABILITY):
-        raise KvmError("KVM_GET_STATS_FD", errno.ENOTTY,
-                       f"{kvm.path} lacks {CAPABILITY}: it has no binary statistics "
-                       f"for the {what}")
+    _require_cap(kvm, CAPABILITY, "KVM_GET_STATS_FD",
+                 f"it has no binary statistics for the {what}")
     fd = source._ioctl("KVM_GET_STATS_FD", lib.KVM_GET_STATS_FD,
                        hint=f"the {what}'s statistics fd could not be made")
     return StatsFd(fd)
