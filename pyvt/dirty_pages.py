@@ -51,7 +51,7 @@ class DirtyPages:
                              self.gpa + (first + count) * PAGE_SIZE, PAGE_SIZE)
 
     def __len__(self) -> int:
-        return bin(self.pages).count("1")
+        return self.pages.bit_count()
 
     def __bool__(self) -> bool:
         return self.pages != 0

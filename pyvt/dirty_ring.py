@@ -175,8 +175,8 @@ class DirtyRing:
         vCPU for a full ring: then it is at least that one entry ahead."""
         if not self._overrun_suspected or self.gfn(self.fetch).flags != 0:
             return False
-        at = (self.fetch % self.entries) * ENTRY_SIZE
-        self.mapping[at:at + 4] = lib.KVM_DIRTY_GFN_F_RESET.to_bytes(4, "little")
+        # With the release store KVM_CAP_DIRTY_LOG_RING_ACQ_REL asks for.
+        _native.dirty_ring_mark_harvested(self.mapping, self.entries, self.fetch, 1)
         self.fetch = (self.fetch + 1) & 0xFFFFFFFF
         self.lost = True
         return True

@@ -407,10 +407,10 @@ class GuestMemory:
         with self._dirty_lock:
             self._collect([region])
 
-    def harvest_dirty_rings(self, full_ring: Optional["DirtyRing"] = None) -> None:
-        """Empties the vCPUs' dirty rings (or only ``full_ring``) into the
-        baselines and :meth:`dirty_pages`.  The run loop calls it when
-        ``full_ring``'s vCPU stopped with ``KVM_EXIT_DIRTY_RING_FULL``: only
+    def harvest_dirty_rings(self, full_ring: "DirtyRing") -> None:
+        """Empties ``full_ring`` into the baselines and :meth:`dirty_pages`.
+        The run loop calls it when ``full_ring``'s vCPU stopped with
+        ``KVM_EXIT_DIRTY_RING_FULL``: only
         that ring, whose vCPU is not running, is read (a backend that
         overruns rings could write over entries of a running vCPU's ring
         while they are harvested).  If that ring gives nothing
@@ -419,9 +419,6 @@ class GuestMemory:
         them, until KVM lets the vCPU run.  Raises rather than loop forever."""
         self._check_open()
         with self._dirty_lock:
-            if full_ring is None:
-                self._collect(self.regions)
-                return
             before = full_ring.fetch
             self._collect(self.regions, [full_ring])
             if full_ring.fetch != before:

@@ -106,7 +106,7 @@ class _RegionData:
 def save(snap, path) -> None:
     """Implements :meth:`pyvt.Snapshot.save`."""
     path = _as_path(path)
-    if any(region.closed for region in snap.regions):
+    if snap.closed:
         raise SnapshotError("this snapshot was closed: its memory is gone (save it before "
                             "closing it)")
     blobs: List[Any] = []  # bytes, or _RegionData
