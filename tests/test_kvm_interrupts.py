@@ -186,6 +186,8 @@ def test_interrupt_is_not_taken_while_the_guest_has_interrupts_off(vm, interrupt
     cpu.interrupt(0x42)
     expect_out(cpu, DONE_PORT, 0xD0)
     assert isinstance(cpu.run(timeout=30), exits.Hlt)
+    assert list(cpu._queued_vectors) == [0x42]        # not dropped: still queued
+    assert cpu.fd.run_struct.request_interrupt_window  # pyvt still waits to hand it over
 
 
 @pytest.mark.requires_cap("USER_NMI")

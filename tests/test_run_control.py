@@ -232,8 +232,10 @@ def test_run_waits_for_a_snapshot_in_another_thread(vm):
     assert inside.wait(10)
     releaser = threading.Timer(0.2, proceed.set)
     releaser.start()
-    assert cpu.run(timeout=10) == exits.Hlt(0x2001)  # waited, then ran
+    assert cpu.run(timeout=10) == exits.Hlt(0x2001)
+    assert proceed.is_set()  # it waited for the snapshot to be let go
     snapshotter.join()
     releaser.join()
-    assert taken and taken[0].vcpus[0].index == 0
+    regs = pyvt.kvm.ffi.from_buffer("struct kvm_regs *", taken[0].vcpus[0].regs)
+    assert regs.rip == 0x2000  # taken before the run, not during it
     taken[0].close()
