@@ -401,11 +401,12 @@ class GuestMemory:
                 region.unreported = 0
         return found
 
-    def fold(self, region: Region) -> None:
-        """Adds the pages written since the last fold to every baseline."""
+    def fold(self) -> None:
+        """Adds the pages written since the last fold to every baseline, in
+        every region (one collection: a dirty ring mixes them all)."""
         self._check_open()
         with self._dirty_lock:
-            self._collect([region])
+            self._collect(self.regions)
 
     def harvest_dirty_rings(self, full_ring: "DirtyRing") -> None:
         """Empties ``full_ring`` into the baselines and :meth:`dirty_pages`.
@@ -464,10 +465,10 @@ class GuestMemory:
     def changed_since(self, region: Region, baseline) -> Optional[int]:
         """The pages (a :mod:`pyvt.pageset`) of ``region`` that may differ
         from snapshot image ``baseline``, or None when the region's relation
-        to it is unknown (never equal to it while tracked)."""
+        to it is unknown (never equal to it while tracked).  Call
+        :meth:`fold` first: writes not folded in yet are not counted."""
         if not region.tracked:
             return None
-        self.fold(region)
         return region.baselines.get(baseline)
 
     def note_written(self, region: Region, pages: int) -> None:

@@ -273,10 +273,10 @@ def _take_memory(vm) -> List[RegionImage]:
     memory is known against them (the baselines a restore uses)."""
     memory = vm.memory
     memory.track_dirty_pages()
+    memory.fold()  # what came before goes to the older baselines
     images: List[RegionImage] = []
     try:
         for region in memory.regions:
-            memory.fold(region)  # what came before goes to the older baselines
             images.append(snapshot_memory.capture(region))
     except BaseException:
         for image in images:
@@ -421,6 +421,7 @@ def _restore_memory(vm, snap: Snapshot) -> None:
     """Makes every region hold exactly the snapshot's contents, copying only
     the pages that may differ (see pyvt.snapshot_memory)."""
     memory = vm.memory
+    memory.fold()  # every write so far reaches the baselines, in one collection
     pairs = list(zip(memory.regions, snap.regions, strict=True))
     for region, image in pairs:
         snapshot_memory.restore_region(memory, region, image)

@@ -288,7 +288,8 @@ def copy_back(region, image: RegionImage, pages: int) -> None:
 
 def restore_region(memory, region, image: RegionImage) -> None:
     """Makes ``region`` hold exactly ``image``'s contents, copying only the
-    pages that may differ (see the module docstring for how they are found)."""
+    pages that may differ (see the module docstring for how they are found).
+    The caller folds the writes so far in first (``memory.fold()``)."""
     pages = memory.changed_since(region, image)
     if pages is None and region.origin is image:
         pages = private_pages(region)
