@@ -146,16 +146,11 @@ def exit_status(exit: exits.AnyExit) -> int:
 
 
 def _assemble_source(path: str, at: int, limit: int) -> bytes:
-    from .assemble import assemble
+    from .assemble import assemble_source_bytes
     from .loaders.common import read_image_file
 
     raw = read_image_file(path, "assembly source", limit)
-    try:
-        source = raw.decode()
-    except UnicodeDecodeError as e:
-        raise ArgumentError(f"{path} is not UTF-8 text (byte {raw[e.start]:#04x} at offset "
-                            f"{e.start}): write the assembly source in UTF-8") from None
-    return assemble(source, at=at, name=os.path.splitext(os.path.basename(path))[0])
+    return assemble_source_bytes(raw, path, at)
 
 
 def _run(args) -> int:
