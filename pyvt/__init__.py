@@ -31,6 +31,9 @@ from .errors import (
     MsrFault,
     OutOfRangeError,
     RegionOverlapError,
+    SandboxError,
+    GuestFault,
+    SandboxTimeout,
     TripleFault,
     UnmappedAddressError,
     VcpuIndexError,
@@ -42,6 +45,7 @@ from .runner import LOAD_ADDRESS, Result, run
 from .snapshot import Snapshot, SnapshotError, SnapshotFileError, SnapshotFileNotFound
 from .vcpu import Vcpu
 from .vm import Vm, select_backend
+from .sandbox import Sandbox, get_include
 
 try:
     from ._version import version as __version__
@@ -57,4 +61,5 @@ __all__ = [
     "ArgumentError", "ArgumentTypeError", "MsrFault", "GuestError", "TripleFault", "EntryFailed",
     "InternalError", "UnmappedAddressError",
     "Snapshot", "SnapshotError", "SnapshotFileError", "SnapshotFileNotFound",
+    "Sandbox", "get_include", "SandboxError", "GuestFault", "SandboxTimeout",
 ]

@@ -134,3 +134,34 @@ def check(ret: int, ioctl: str, hint: str = "") -> int:
 
         raise KvmError(ioctl, ffi.errno, hint)
     return ret
+
+
+# -- Sandbox (guest function calls, pyvt.sandbox) ----------------------------
+
+
+class SandboxError(Error):
+    """A :class:`pyvt.Sandbox` call did not return normally: the guest
+    halted, called a host function nobody registered, or stopped otherwise
+    (the message says how).  The sandbox is back at its snapshot."""
+
+
+class GuestFault(SandboxError):
+    """The guest function took an exception (or, at ring 0, triple-faulted).
+    ``exit`` is the run's exit, ``regs`` the registers at the faulting
+    instruction, ``instruction`` its bytes and ``disassembly`` the
+    instruction as text (when ``capstone`` is installed), ``location`` the
+    function and offset it lies in.  The sandbox is back at its snapshot."""
+
+    def __init__(self, message: str, exit=None, regs=None, instruction: bytes = b"",
+                 disassembly: str = "", location: str = ""):
+        super().__init__(message)
+        self.exit = exit
+        self.regs = regs
+        self.instruction = instruction
+        self.disassembly = disassembly
+        self.location = location
+
+
+class SandboxTimeout(SandboxError, TimeoutError):
+    """A :class:`pyvt.Sandbox` call ran past its ``timeout``; the guest was
+    stopped and the sandbox is back at its snapshot."""

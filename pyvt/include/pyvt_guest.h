@@ -1,0 +1,77 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * pyvt_guest.h: what a freestanding guest of pyvt.Sandbox may use.
+ *
+ * Plain functions need nothing from here: pyvt.Sandbox calls any global
+ * function of a static, non-PIE x86-64 ELF by name (SysV ABI, up to six
+ * integer or pointer arguments, the result in rax).  This header adds:
+ *
+ *   - pyvt_host_call(name, args...): calls the Python function registered
+ *     with sb.host_function(name, fn) (or Sandbox(host_functions=...)) with
+ *     up to six integer or pointer arguments, and returns what it returns;
+ *   - pyvt_init(): define it, and pyvt calls it once after loading, before
+ *     the snapshot that every call starts from (tables, allocators...).
+ *
+ * Build a guest with, e.g.:
+ *   cc -ffreestanding -nostdlib -static -fno-pie -no-pie -O2 \
+ *      -I"$(python3 -c 'import pyvt; print(pyvt.get_include())')" \
+ *      -Wl,-e,0 -o guest.elf guest.c
+ * (-Wl,-e,0: a guest has no _start, pyvt enters it by symbol.)
+ */
+#ifndef PYVT_GUEST_H
+#define PYVT_GUEST_H
+
+/*
+ * The port a host call writes to.  pyvt.sandbox reads this line, so the
+ * value has one source.  rax holds the name's address, rdi, rsi, rdx, rcx,
+ * r8, r9 the arguments (the SysV order, rcx for the fourth); the host puts
+ * the result in rax.
+ */
+#define PYVT_HOST_CALL_PORT 0xf0
+
+void pyvt_init(void);
+
+static inline unsigned long pyvt_host_call6(const char *name, unsigned long a0,
+					    unsigned long a1, unsigned long a2,
+					    unsigned long a3, unsigned long a4,
+					    unsigned long a5)
+{
+	register unsigned long r8 __asm__("r8") = a4;
+	register unsigned long r9 __asm__("r9") = a5;
+	unsigned long result;
+
+	/* "memory": the host may read what the arguments point to, and write. */
+	__asm__ volatile("outb %%al, %[port]"
+			 : "=a"(result)
+			 : "a"(name), "D"(a0), "S"(a1), "d"(a2), "c"(a3), "r"(r8),
+			   "r"(r9), [port] "i"(PYVT_HOST_CALL_PORT)
+			 : "memory");
+	return result;
+}
+
+#define PYVT__U(x) ((unsigned long)(x))
+#define PYVT__CALL0(n) pyvt_host_call6(n, 0, 0, 0, 0, 0, 0)
+#define PYVT__CALL1(n, a) pyvt_host_call6(n, PYVT__U(a), 0, 0, 0, 0, 0)
+#define PYVT__CALL2(n, a, b) pyvt_host_call6(n, PYVT__U(a), PYVT__U(b), 0, 0, 0, 0)
+#define PYVT__CALL3(n, a, b, c) \
+	pyvt_host_call6(n, PYVT__U(a), PYVT__U(b), PYVT__U(c), 0, 0, 0)
+#define PYVT__CALL4(n, a, b, c, d) \
+	pyvt_host_call6(n, PYVT__U(a), PYVT__U(b), PYVT__U(c), PYVT__U(d), 0, 0)
+#define PYVT__CALL5(n, a, b, c, d, e) \
+	pyvt_host_call6(n, PYVT__U(a), PYVT__U(b), PYVT__U(c), PYVT__U(d), PYVT__U(e), 0)
+#define PYVT__CALL6(n, a, b, c, d, e, f) \
+	pyvt_host_call6(n, PYVT__U(a), PYVT__U(b), PYVT__U(c), PYVT__U(d), PYVT__U(e), \
+			PYVT__U(f))
+#define PYVT__PICK(_1, _2, _3, _4, _5, _6, _7, _8, NAME, ...) NAME
+
+/*
+ * pyvt_host_call("log", message) -> unsigned long.  More than six arguments
+ * do not compile (the name pyvt_host_call_takes_at_most_6_arguments is
+ * undefined): the host reads only the six argument registers.
+ */
+#define pyvt_host_call(...)                                                        \
+	PYVT__PICK(__VA_ARGS__, pyvt_host_call_takes_at_most_6_arguments, PYVT__CALL6, \
+		   PYVT__CALL5, PYVT__CALL4, PYVT__CALL3, PYVT__CALL2, PYVT__CALL1,    \
+		   PYVT__CALL0, )(__VA_ARGS__)
+
+#endif /* PYVT_GUEST_H */

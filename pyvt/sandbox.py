@@ -1,0 +1,499 @@
+"""``pyvt.Sandbox``: call the functions of a freestanding x86-64 ELF by name,
+each call starting from the same snapshot.
+
+    with pyvt.Sandbox("guest.elf", memory="16M", ring=3) as sb:
+        crc = sb.call("crc32", b"data", 4)
+        sb.host_function("log", lambda text: print(text), args=(str,))
+
+A small layer over :class:`pyvt.Vm`, snapshots and a long-mode vCPU (at
+``ring=3`` the guest runs natively on software-assisted KVMs such as PVM):
+
+- the ELF's ``PT_LOAD`` segments are loaded 1:1, its global function symbols
+  become callable (:mod:`pyvt.loaders.elf_symbols`); nothing from pyvt is
+  needed in the guest for plain functions;
+- at the top of guest RAM pyvt keeps, from the bottom up, the argument
+  arena, the stack and a page holding the return trampoline.  A call sets
+  the SysV argument registers (rdi, rsi, rdx, rcx, r8, r9: integer and
+  pointer arguments only, at most six), copies bytes-like arguments into the
+  arena and passes their addresses, and enters the function with the
+  trampoline's address as its return address.  The trampoline writes to the
+  VM's native debug-exit port, which ends the run without any Python on the
+  way; the result is rax;
+- guests that include ``pyvt_guest.h`` (:func:`pyvt.get_include`) may call
+  host functions (``pyvt_host_call``), which write to
+  ``HOST_CALL_PORT``: that port has no handler, so the run returns to
+  :meth:`Sandbox.call`, which calls the Python function and puts its result
+  in rax; and may define ``pyvt_init()``, called once before the snapshot;
+- after each call the VM is restored to the snapshot (only the pages the
+  call dirtied are copied back), unless ``reset=False`` or
+  ``keep_state=True``.  A fault, a timeout or an exception from a host
+  function always restores it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+import re
+import struct
+import time
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from . import exits, modes
+from .errors import ArgumentError, ArgumentTypeError, GuestFault, SandboxError, SandboxTimeout
+from .loaders.common import RESERVED, LoaderError, check_placement, read_image_file, write_segments
+from .loaders.elf import EM_X86_64, parse_elf
+from .loaders.elf_symbols import FunctionSymbol, check_identity_linked, function_symbols
+from .memory import parse_size
+from .vcpu import disassemble
+from .vm import Vm
+
+INCLUDE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "include")
+HEADER = os.path.join(INCLUDE_DIR, "pyvt_guest.h")
+
+
+def _header_define(name: str) -> int:
+    """The value of ``#define name`` in pyvt_guest.h (one source for both sides)."""
+    with open(HEADER, encoding="ascii") as header:
+        match = re.search(rf"^#define {name} (0x[0-9a-fA-F]+|\d+)$", header.read(), re.M)
+    if match is None:
+        raise ImportError(f"{HEADER} does not define {name}: the pyvt installation is broken")
+    return int(match.group(1), 0)
+
+
+#: The port ``pyvt_host_call`` writes to (from pyvt_guest.h).
+HOST_CALL_PORT = _header_define("PYVT_HOST_CALL_PORT")
+#: The guest function called once, if the ELF defines it, before the snapshot.
+INIT_SYMBOL = "pyvt_init"
+#: SysV x86-64 passes the first six integer/pointer arguments in these.
+ARGUMENT_REGISTERS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
+
+PAGE = 0x1000
+ARENA_ALIGNMENT = 16
+#: ``out %al, $port`` to the debug-exit port, then ``hlt; jmp .-1`` in case
+#: the run is resumed: the return address of every call.
+_TRAMPOLINE_OUT = 2
+
+#: The longest string a host function may be handed (``args=(str,)``).
+MAX_STRING = 1 << 20
+_MASK64 = (1 << 64) - 1
+
+Argument = Union[int, bytes, bytearray, memoryview, None]
+HostArgType = type  # int, str or bytes
+
+
+def get_include() -> str:
+    """The directory holding ``pyvt_guest.h``, for ``cc -I``."""
+    return INCLUDE_DIR
+
+
+class Sandbox:
+    """A freestanding x86-64 ELF in a VM of its own, whose functions Python
+    calls by name.
+
+    ``elf`` is a path or the file's bytes: a static, non-PIE x86-64
+    executable with its symbol table (not stripped).  ``memory`` is the
+    VM's RAM; ``arena`` and ``stack`` the sizes of the argument arena and of
+    the stack, both at the top of RAM.  ``ring`` is the privilege level the
+    guest runs at (3: natively on PVM hosts; 0: emulated there, slow).
+    ``reset`` (default True): every call starts from the snapshot taken
+    after loading (and ``pyvt_init()``); False: each call starts where the
+    last one left the VM (:meth:`reset` goes back).  ``timeout`` is the
+    default per-call limit in seconds (None: none).  ``host_functions``
+    maps names to functions (or ``(function, args)`` pairs) that the guest,
+    including its ``pyvt_init()``, may call: see :meth:`host_function`.
+    """
+
+    def __init__(self, elf: Union[str, os.PathLike, bytes], memory: Union[int, str] = "16M",
+                 ring: int = 3, *, reset: bool = True, timeout: Optional[float] = None,
+                 arena: Union[int, str] = "1M", stack: Union[int, str] = "256K",
+                 host_functions: Optional[Mapping[str, object]] = None, backend=None):
+        self._host: Dict[str, Tuple[Callable, Tuple[HostArgType, ...]]] = {}
+        self.vm: Optional[Vm] = None
+        self._snapshot = None
+        self.reset_after_call = bool(reset)
+        self.timeout = timeout
+        size = parse_size(memory)
+        data = elf if isinstance(elf, (bytes, bytearray, memoryview)) else \
+            read_image_file(elf, "guest ELF", size)
+        self.path = None if isinstance(elf, (bytes, bytearray, memoryview)) else os.fspath(elf)
+        self._layout(size, parse_size(arena), parse_size(stack))
+        image = parse_elf(data, "guest ELF")
+        if image.bits != 64 or image.machine != EM_X86_64:
+            raise LoaderError("guest ELF is not an x86-64 executable: build it for x86-64 "
+                              "(cc -m64)")
+        check_identity_linked(bytes(data), "guest ELF")
+        check_placement(image.segments, size, "guest ELF",
+                        RESERVED + [(self.arena_address, size,
+                                     "the sandbox's argument arena, stack and return "
+                                     "trampoline (give it more memory, or a smaller arena)")])
+        #: {name: FunctionSymbol} of every callable function.
+        self.functions: Dict[str, FunctionSymbol] = function_symbols(data, "guest ELF")
+        for name, spec in (host_functions or {}).items():
+            function, args = spec if isinstance(spec, tuple) else (spec, None)
+            self.host_function(name, function, args=args)
+        self.vm = Vm(size, backend, pc_devices=False)
+        try:
+            self.ring = ring
+            self.vcpu = self.vm.vcpu(0, mode="long", **({"ring": ring} if ring != 0 else {}))
+            write_segments(self.vm.memory, image.segments)
+            self.vm.memory.write(self.trampoline_address, bytes(
+                (0xE6, self.vm.debug_exit.port, 0xF4, 0xEB, 0xFD)))
+            # The return address every call finds at its entry RSP.
+            self.vm.memory.write(self._entry_rsp, struct.pack("<Q", self.trampoline_address))
+            if INIT_SYMBOL in self.functions:
+                self._call(self.functions[INIT_SYMBOL], (), timeout, restore=False)
+            self._snapshot = self.vm.snapshot()
+        except BaseException:
+            self.close()
+            raise
+
+    def _layout(self, size: int, arena: int, stack: int) -> None:
+        """Places the arena, the stack and the trampoline page at the top of RAM."""
+        if arena < 0 or stack < PAGE:
+            raise ArgumentError(f"the sandbox needs a stack of at least {PAGE} bytes and "
+                                f"an arena of 0 or more, not stack={stack}, arena={arena}")
+        self.trampoline_address = size - PAGE
+        self.stack_top = self.trampoline_address
+        self._entry_rsp = self.stack_top - 8  # SysV: rsp + 8 is 16-byte aligned at entry
+        self.arena_size = arena - arena % ARENA_ALIGNMENT
+        self.arena_address = (self.stack_top - stack) & ~(PAGE - 1)
+        self.arena_address -= self.arena_size
+        if self.arena_address < modes.SETUP_AREA_END:
+            raise ArgumentError(
+                f"{size:#x} bytes of memory cannot hold the sandbox's arena ({arena:#x}), "
+                f"stack ({stack:#x}) and trampoline above pyvt's reserved area: give it "
+                "more memory")
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def close(self) -> None:
+        """Frees the VM and the snapshot.  Idempotent."""
+        if self._snapshot is not None:
+            self._snapshot.close()
+            self._snapshot = None
+        if self.vm is not None:
+            self.vm.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.vm is None or self.vm.closed
+
+    def __enter__(self) -> "Sandbox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        what = self.path or "ELF from bytes"
+        if self.closed:
+            return f"<Sandbox {what}, closed>"
+        return (f"<Sandbox {what}, {len(self.functions)} functions, ring {self.ring}, "
+                f"{self.vm.memory.size >> 20} MiB>")
+
+    def reset(self) -> None:
+        """Puts the VM back to the snapshot taken after loading (for
+        ``reset=False`` sandboxes, or after ``keep_state=True`` calls)."""
+        self._check_open()
+        self.vm.restore(self._snapshot)
+
+    def _check_open(self) -> None:
+        if self.closed or self._snapshot is None:
+            from .errors import ClosedError
+
+            raise ClosedError("this Sandbox is closed")
+
+    # -- host functions ----------------------------------------------------------
+
+    def host_function(self, name: str, function: Callable,
+                      args: Optional[Sequence[HostArgType]] = None) -> None:
+        """Lets the guest call ``function`` as ``pyvt_host_call(name, ...)``
+        (pyvt_guest.h).
+
+        ``args`` says what each of the guest's arguments is, in order:
+        ``int`` (the register as an unsigned 64-bit int), ``str`` (a
+        NUL-terminated UTF-8 string the register points to) or ``bytes``
+        (two registers: a pointer, then a length).  By default they come
+        from ``function``'s annotations (``def log(text: str)``), and an
+        unannotated parameter is an ``int``.  At most six registers.
+        ``function`` returns an int (or a bool, or None for 0), which the
+        guest gets; an exception propagates out of :meth:`call` (the
+        sandbox is restored).  Registering a name again replaces it."""
+        if not isinstance(name, str) or not name:
+            raise ArgumentTypeError(f"a host function's name is a non-empty str, not {name!r}")
+        if not callable(function):
+            raise ArgumentTypeError(f"host function {name!r} must be callable, not "
+                                    f"{function!r}")
+        kinds = _host_arg_types(name, function) if args is None else tuple(args)
+        for kind in kinds:
+            if kind not in (int, str, bytes):
+                raise ArgumentTypeError(f"host function {name!r}: each of args is int, str "
+                                        f"or bytes, not {kind!r}")
+        registers = sum(2 if kind is bytes else 1 for kind in kinds)
+        if registers > len(ARGUMENT_REGISTERS):
+            raise ArgumentError(f"host function {name!r} takes {registers} registers of "
+                                f"arguments (bytes take two); the guest passes at most "
+                                f"{len(ARGUMENT_REGISTERS)}")
+        self._host[name] = (function, kinds)
+
+    # -- calls -----------------------------------------------------------------
+
+    def call(self, function: str, *args: Argument, timeout: Optional[float] = None,
+             keep_state: bool = False) -> int:
+        """Calls the guest's ``function`` with ``args`` (SysV x86-64, at most
+        six: ints, None for NULL, and bytes/bytearray/memoryview, copied into
+        the arena and passed as pointers; a bytearray or writable memoryview
+        gets the guest's changes back) and returns rax as an unsigned 64-bit
+        int (mask it for narrower return types).
+
+        ``timeout`` (seconds; default: the sandbox's) stops a guest that runs
+        too long with :class:`pyvt.SandboxTimeout`.  A fault raises
+        :class:`pyvt.GuestFault` with the registers and the instruction.  In
+        every case the VM is then back at the snapshot, unless the call
+        returned and ``keep_state`` is True (or the sandbox has
+        ``reset=False``): then the next call starts from the state this one
+        left.  Bad arguments raise :class:`pyvt.ArgumentError` before any
+        guest code runs."""
+        self._check_open()
+        symbol = self._lookup(function)
+        registers, writebacks = self._marshal(function, args)
+        restore = self.reset_after_call and not keep_state
+        result = self._call(symbol, registers, self.timeout if timeout is None else timeout,
+                            restore=restore, writebacks=writebacks)
+        return result
+
+    def _lookup(self, function: str) -> FunctionSymbol:
+        if not isinstance(function, str):
+            raise ArgumentTypeError(f"the function to call is named by a str, not {function!r}")
+        symbol = self.functions.get(function)
+        if symbol is None:
+            close = difflib.get_close_matches(function, self.functions, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ArgumentError(f"the guest has no global function {function!r}{hint}; it "
+                                f"defines {len(self.functions)}: see sandbox.functions")
+        return symbol
+
+    def _marshal(self, function: str, args: Sequence[Argument]):
+        """(register values, [(address, buffer, size)] to copy back)."""
+        if len(args) > len(ARGUMENT_REGISTERS):
+            raise ArgumentError(
+                f"{function}() got {len(args)} arguments; SysV x86-64 passes the first "
+                f"{len(ARGUMENT_REGISTERS)} in registers and pyvt's Sandbox supports only "
+                "those (pass a struct in bytes for more)")
+        values: List[int] = []
+        copies: List[Tuple[int, bytes]] = []
+        writebacks = []
+        cursor = self.arena_address
+        for position, arg in enumerate(args, 1):
+            if arg is None:
+                values.append(0)
+            elif isinstance(arg, int):
+                if not -(1 << 63) <= arg <= _MASK64:
+                    raise ArgumentError(f"{function}() argument {position}: {arg} does not "
+                                        "fit in a 64-bit register")
+                values.append(arg & _MASK64)
+            elif isinstance(arg, (bytes, bytearray, memoryview)):
+                view = memoryview(arg)
+                if not view.c_contiguous:
+                    raise ArgumentError(f"{function}() argument {position}: the memoryview "
+                                        "is not contiguous")
+                view = view.cast("B")
+                end = cursor + len(view)
+                if end > self.arena_address + self.arena_size:
+                    raise ArgumentError(
+                        f"{function}() arguments need more than the arena's "
+                        f"{self.arena_size} bytes (argument {position} ends at byte "
+                        f"{end - self.arena_address}): make it larger, "
+                        "Sandbox(..., arena='4M')")
+                copies.append((cursor, bytes(view)))
+                values.append(cursor)
+                if not view.readonly:
+                    writebacks.append((cursor, view))
+                cursor = -(-end // ARENA_ALIGNMENT) * ARENA_ALIGNMENT
+            else:
+                hint = (": encode it (text.encode() + b'\\0' for a C string)"
+                        if isinstance(arg, str) else
+                        "; pyvt passes only integer and pointer arguments"
+                        if isinstance(arg, float) else "")
+                raise ArgumentTypeError(f"{function}() argument {position} is a "
+                                        f"{type(arg).__name__}; pass an int, None or "
+                                        f"bytes-like object{hint}")
+        for address, data in copies:
+            self.vm.memory.write(address, data)
+        return values, writebacks
+
+    def _call(self, symbol: FunctionSymbol, registers: Sequence[int],
+              timeout: Optional[float], restore: bool, writebacks=()) -> int:
+        cpu = self.vcpu
+        regs = cpu.regs
+        regs.rip = symbol.address
+        regs.rsp = self._entry_rsp
+        for name, value in zip(ARGUMENT_REGISTERS, registers):
+            setattr(regs, name, value)
+        if not self.reset_after_call:  # a previous call may have overwritten it
+            self.vm.memory.write(self._entry_rsp, struct.pack("<Q", self.trampoline_address))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                exit = cpu.run(timeout=left)
+                if isinstance(exit, exits.DebugExit) and self._returned(exit):
+                    break
+                if (isinstance(exit, exits.Io) and exit.port == HOST_CALL_PORT
+                        and exit.direction == "out"):
+                    regs.rax = self._host_call()
+                    continue
+                raise self._failure(symbol, exit, timeout)
+            result = regs.rax
+            for address, view in writebacks:
+                view[:] = self.vm.memory.read(address, len(view))
+        except BaseException:
+            if self._snapshot is not None:  # else loading failed: nothing to go back to
+                self.vm.restore(self._snapshot)
+            raise
+        if restore:
+            self.vm.restore(self._snapshot)
+        return result
+
+    def _returned(self, exit: exits.DebugExit) -> bool:
+        """True for the trampoline's write (not one of the guest's own)."""
+        rip = exit.rip
+        return rip is not None and self.trampoline_address <= rip <= \
+            self.trampoline_address + _TRAMPOLINE_OUT
+
+    def _host_call(self) -> int:
+        regs = self.vcpu.regs
+        name = self._read_string(regs.rax, "the host function's name", 256)
+        entry = self._host.get(name)
+        if entry is None:
+            known = ", ".join(sorted(self._host)) or "none"
+            raise SandboxError(f"the guest called host function {name!r}, which is not "
+                               f"registered (registered: {known}): "
+                               f"sb.host_function({name!r}, fn)")
+        function, kinds = entry
+        raw = iter([getattr(regs, register) for register in ARGUMENT_REGISTERS])
+        values = []
+        for kind in kinds:
+            if kind is int:
+                values.append(next(raw))
+            elif kind is str:
+                values.append(self._read_string(next(raw), f"{name}()'s string argument",
+                                                MAX_STRING))
+            else:
+                address, length = next(raw), next(raw)
+                values.append(self._read(address, length, f"{name}()'s bytes argument"))
+        result = function(*values)
+        if result is None:
+            return 0
+        if not isinstance(result, int) or not -(1 << 63) <= result <= _MASK64:
+            raise ArgumentTypeError(f"host function {name!r} returned {result!r}; it must "
+                                    "return an int that fits in 64 bits (or None for 0)")
+        return result & _MASK64
+
+    def _read(self, address: int, length: int, what: str) -> bytes:
+        memory = self.vm.memory
+        if address + length > memory.size or length > MAX_STRING * 16:
+            raise SandboxError(f"{what} at {address:#x}, {length} bytes, lies outside "
+                               "guest memory")
+        return memory.read(address, length)
+
+    def _read_string(self, address: int, what: str, limit: int) -> str:
+        memory = self.vm.memory
+        end = min(address + limit, memory.size)
+        if address >= end:
+            raise SandboxError(f"{what} at {address:#x} lies outside guest memory")
+        chunk = 256
+        data = b""
+        while address + len(data) < end:
+            data += memory.read(address + len(data), min(chunk, end - address - len(data)))
+            nul = data.find(b"\0")
+            if nul >= 0:
+                return data[:nul].decode("utf-8", "replace")
+            chunk *= 4
+        raise SandboxError(f"{what} at {address:#x} has no NUL in its first "
+                           f"{end - address} bytes")
+
+    # -- failures ----------------------------------------------------------------
+
+    def locate(self, address: int) -> str:
+        """``function+0xoffset`` for a guest code address, or its hex."""
+        for symbol in self.functions.values():
+            if address in symbol:
+                return f"{symbol.name}+{address - symbol.address:#x}"
+        return f"{address:#x}"
+
+    def _failure(self, symbol: FunctionSymbol, exit, timeout) -> Exception:
+        call = f"{symbol.name}()"
+        if isinstance(exit, exits.Timeout):
+            rip = exit.rip
+            where = f" at {self.locate(rip)}" if rip is not None else ""
+            return SandboxTimeout(f"{call} ran longer than its timeout of {timeout:g} s "
+                                  f"(stopped{where}); the sandbox is back at its snapshot")
+        if isinstance(exit, (exits.GuestException, exits.Shutdown, exits.InternalError)):
+            return self._fault(call, exit)
+        if isinstance(exit, exits.Hlt):
+            return SandboxError(f"{call} executed hlt (at {self.locate((exit.rip or 1) - 1)}) "
+                                "instead of returning")
+        if isinstance(exit, exits.DebugExit):
+            return SandboxError(f"{call} wrote {exit.code:#x} to the debug-exit port at "
+                                f"{self.locate(exit.rip or 0)} instead of returning")
+        return SandboxError(f"{call} stopped with {exit!r} instead of returning")
+
+    def _fault(self, call: str, exit) -> GuestFault:
+        if isinstance(exit, exits.Shutdown):
+            regs = exit.regs
+            what = ("triple-faulted (at ring 0 pyvt has no IDT to tell which exception; "
+                    "ring=3 reports it)")
+        elif isinstance(exit, exits.InternalError):
+            regs = exit.regs
+            what = (f"stopped KVM ({exit.describe()}; a KVM that emulates ring-0 code, "
+                    "such as PVM, may lack the instruction: ring=3 runs it natively, or "
+                    "build the guest with -mgeneral-regs-only)")
+        else:
+            regs = self.vcpu.regs.snapshot()
+            name = exits.GuestException.NAMES.get(exit.exception, f"vector {exit.exception}")
+            what = f"took {name} (vector {exit.exception}, error code {exit.error_code:#x})"
+            if exit.cr2 is not None:
+                what += f" accessing {exit.cr2:#x}"
+        rip = exit.rip if exit.rip is not None else (regs.rip if regs else 0)
+        memory = self.vm.memory
+        instruction = memory.read(rip, min(15, memory.size - rip)) if rip < memory.size else b""
+        text = disassemble(instruction, rip, 64)
+        location = self.locate(rip)
+        message = (f"{call} {what} at {location}: "
+                   f"{text or instruction.hex(' ') or '(outside guest memory)'}"
+                   "; the sandbox is back at its snapshot")
+        if regs is not None:
+            message += "\n" + regs.dump()
+        return GuestFault(message, exit, regs, instruction, text, location)
+
+
+def _host_arg_types(name: str, function: Callable) -> Tuple[HostArgType, ...]:
+    """The guest argument types of ``function``, from its annotations."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        raise ArgumentError(f"cannot tell which arguments host function {name!r} "
+                            f"({function!r}) takes: pass args=(int, str, bytes...)") from None
+    by_name = {"int": int, "str": str, "bytes": bytes}
+    kinds = []
+    for parameter in parameters:
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD,
+                              parameter.KEYWORD_ONLY):
+            if parameter.kind == parameter.KEYWORD_ONLY and parameter.default is not \
+                    parameter.empty:
+                continue
+            raise ArgumentError(f"host function {name!r} takes *args, **kwargs or "
+                                "keyword-only arguments: pass args=(...) to say what the "
+                                "guest passes")
+        annotation = parameter.annotation
+        if isinstance(annotation, str):
+            annotation = by_name.get(annotation, annotation)
+        kinds.append(annotation if annotation in (int, str, bytes) else int)
+    return tuple(kinds)
+
+
+__all__ = ["Sandbox", "get_include", "HOST_CALL_PORT", "INIT_SYMBOL", "ARGUMENT_REGISTERS"]
+
