@@ -257,10 +257,19 @@ class GuestException(Exit):
         8: "#DF", 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF",
         17: "#AC", 18: "#MC", 19: "#XM", 20: "#VE", 21: "#CP"}
 
+    failed: ClassVar[bool] = True
+    error_class: ClassVar[type] = errors.GuestError
+
     @property
     def vector(self) -> int:
         """The exception vector (same as ``exception``)."""
         return self.exception
+
+    def describe(self) -> str:
+        name = self.NAMES.get(self.exception, f"vector {self.exception}")
+        text = (f"guest exception {name} (vector {self.exception}, error code "
+                f"{self.error_code:#x}) at rip={_hex(self.rip)}")
+        return text + (f", cr2={self.cr2:#x}" if self.cr2 is not None else "")
 
     def __repr__(self) -> str:
         name = self.NAMES.get(self.exception, "")

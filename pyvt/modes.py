@@ -150,6 +150,8 @@ def _page_tables() -> Dict[int, bytes]:
 
 #: Vectors for which the CPU pushes an error code (SDM Vol. 3, 6.13).
 _ERROR_CODE_VECTORS = frozenset((8, 10, 11, 12, 13, 14, 17, 21, 29, 30))
+#: #BP (int3) and #OF (into): software exceptions ring 3 may raise.
+_USER_RAISED_VECTORS = frozenset((3, 4))
 
 
 def exception_stubs(port: int) -> Tuple[bytes, bytes]:
@@ -165,8 +167,10 @@ def exception_stubs(port: int) -> Tuple[bytes, bytes]:
         stubs += bytes((0x6A, vector,  # push $vector
                         0xE6, port,  # out %al, $port
                         0xEB, 0xFE))  # jmp . (never reached: the run ends)
-        # A 64-bit interrupt gate, DPL 0, no IST.
-        idt += struct.pack("<HHBBHII", entry & 0xFFFF, CODE64_SELECTOR, 0, 0x8E,
+        # A 64-bit interrupt gate, no IST; DPL 3 for int3 and into, which
+        # ring 3 may raise itself (as Linux does), DPL 0 for the rest.
+        gate = 0xEE if vector in _USER_RAISED_VECTORS else 0x8E
+        idt += struct.pack("<HHBBHII", entry & 0xFFFF, CODE64_SELECTOR, 0, gate,
                            (entry >> 16) & 0xFFFF, entry >> 32, 0)
     return bytes(idt), bytes(stubs)
 

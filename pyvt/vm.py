@@ -8,7 +8,7 @@ import os
 import threading
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
 
-from . import _native, exits, modes, msr_filter, pc
+from . import _native, exits, guest_exceptions, modes, msr_filter, pc
 from ._kvm import lib as _kvm_lib
 from .devices import DEFAULT_OUTPUT_LIMIT, Console, DebugExitDevice
 from .errors import (
@@ -181,6 +181,11 @@ class Vm:
                 self._attach(native, _native.SPACE_PIO, port, _native.DEBUG_EXIT_PORT_COUNT,
                              "debug-exit")
                 self.debug_exit = DebugExitDevice(self, native, port)
+            # Where the exception stubs of ring-3 vCPUs report (pyvt.guest_exceptions):
+            # a native stop, like the debug-exit's.
+            native = _native.DebugExit(self._machine, guest_exceptions.EXCEPTION_PORT)
+            self._attach(native, _native.SPACE_PIO, guest_exceptions.EXCEPTION_PORT,
+                         _native.DEBUG_EXIT_PORT_COUNT, "guest-exceptions")
             if pc_devices:
                 pc.add_pc_devices(self)
         except BaseException:
@@ -232,10 +237,14 @@ class Vm:
             raise _bus_error(rc, f"detaching {device.name}")
         self._claims.pop((_native.SPACE_PIO, device.port), None)
 
-    def _device_exit(self, code: int, port: int, rip) -> exits.Exit:
-        """The exit for a native device that stopped the run."""
+    def _device_exit(self, code: int, port: int, vcpu) -> exits.Exit:
+        """The exit for a native device that stopped ``vcpu``'s run."""
+        rip = vcpu._rip()
         if self.debug_exit is not None and self.debug_exit.port <= port < self.debug_exit.port + 4:
             return exits.DebugExit(code, self.debug_exit.port, rip)
+        exceptions = guest_exceptions.EXCEPTION_PORT
+        if exceptions <= port < exceptions + _native.DEBUG_EXIT_PORT_COUNT:
+            return guest_exceptions.exit_from_frame(vcpu)
         if (self.i8042 is not None and port in (self.i8042.port, self.i8042.data_port)
                 and code == _native.I8042_STOP_RESET):
             return exits.Reset("i8042", port, rip)
@@ -316,16 +325,24 @@ class Vm:
                                or self.fd.check_extension("KVM_CAP_NR_VCPUS") or 1)
         return self._max_vcpus
 
-    def vcpu(self, index: int = 0, mode: str = "real") -> Vcpu:
+    def vcpu(self, index: int = 0, mode: str = "real", ring: int = 0) -> Vcpu:
         """Creates vCPU ``index`` (``KVM_CREATE_VCPU``) in ``mode``: "real",
         "protected" or "long", ready to run flat code (see :mod:`pyvt.modes`
-        for the reserved area the GDT and page tables use)."""
-        return self._new_vcpu(index, mode)
+        for the reserved area the GDT and page tables use).
 
-    def _new_vcpu(self, index: int, mode: str, setup: bool = True) -> Vcpu:
+        ``ring=3`` (long mode) starts the vCPU at CPL 3 in the same flat
+        address space, with port I/O allowed: on software-assisted KVM
+        (PVM) ring-3 code runs natively while ring-0 code is emulated.  An
+        exception ends ``run()`` with :class:`pyvt.exits.GuestException`
+        (vector, error code, rip, cr2), and ``hlt`` with
+        :class:`pyvt.exits.Hlt` as at CPL 0 (see :mod:`pyvt.guest_exceptions`)."""
+        return self._new_vcpu(index, mode, ring=ring)
+
+    def _new_vcpu(self, index: int, mode: str, setup: bool = True, ring: int = 0) -> Vcpu:
         """vcpu(); setup=False leaves CPUID and registers unset (clones)."""
         self._check_open()
         modes.check_mode(mode)
+        modes.check_ring(ring, mode)
         if isinstance(index, bool) or not isinstance(index, int):
             raise VcpuIndexError(f"vCPU index must be an int, not {index!r}")
         limit = self.max_vcpus
@@ -334,7 +351,7 @@ class Vm:
         with self._lock:
             if index in self.vcpus:
                 raise VcpuIndexError(f"vCPU {index} exists already: use vm.vcpus[{index}]")
-            vcpu = Vcpu(self, index, mode, setup=setup)
+            vcpu = Vcpu(self, index, mode, setup=setup, ring=ring)
             self.vcpus[index] = vcpu
             if self.fw_cfg is not None and self.fw_cfg.cpu_count < len(self.vcpus):
                 self.fw_cfg.cpu_count = len(self.vcpus)

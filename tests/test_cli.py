@@ -108,6 +108,29 @@ def _address_space_limit():
     resource.setrlimit(resource.RLIMIT_AS, (400 << 20, 400 << 20))
 
 
+def test_run_ring_3_runs_the_example_at_cpl_3(tmp_path):
+    out = pyvt_cli("run", EXAMPLE, "--ring", "3")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "hello from a pyvt guest\n"
+    assert "Hlt" in out.stderr
+
+
+def test_run_ring_3_reports_a_guest_exception_and_fails(tmp_path):
+    (tmp_path / "fault.S").write_text("_start: movabs $0x123456789000, %rax\nmovq $1, (%rax)\n")
+    out = pyvt_cli("run", tmp_path / "fault.S", "--ring", "3")
+    line = one_line_error(out, status=1)
+    assert "#PF" in line and "cr2=0x123456789000" in line and "rip=0x100a" in line
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ring", "3", "--mode", "real"], "ring 3 needs mode='long'"),
+    (["--ring", "1"], "invalid choice: 1"),
+])
+def test_run_refuses_a_bad_ring(tmp_path, args, message):
+    out = pyvt_cli("run", EXAMPLE, *args)
+    assert message in one_line_error(out)
+
+
 @pytest.mark.requires_kvm
 @pytest.mark.parametrize("args,message", [
     (["run", "/dev/zero"], "guest code /dev/zero is larger than the 0xfff000 bytes"),
