@@ -37,6 +37,7 @@ import inspect
 import os
 import re
 import struct
+import subprocess
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -88,6 +89,37 @@ def get_include() -> str:
     return INCLUDE_DIR
 
 
+#: How a guest is compiled and linked (as pyvt_guest.h says): freestanding,
+#: static, not position-independent, no _start (pyvt enters by symbol).
+GUEST_CFLAGS = ("-ffreestanding", "-nostdlib", "-static", "-fno-pie", "-no-pie", "-O2",
+                "-fno-stack-protector", "-Wl,-e,0", "-Wl,--build-id=none")
+
+
+def build_guest(sources: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
+                output: Union[str, os.PathLike], *, cc: str = "cc",
+                flags: Sequence[str] = ()) -> str:
+    """Compiles C (or assembly) ``sources`` into a guest ELF at ``output``
+    with the system compiler, :data:`GUEST_CFLAGS`, ``pyvt_guest.h`` on the
+    include path and ``flags`` after them (e.g. ``-mgeneral-regs-only`` for
+    ring-0 guests on hosts that emulate ring 0 without SSE).  Returns
+    ``output``; raises :class:`pyvt.AssemblerError` with the compiler's
+    message if the toolchain is missing or rejects the sources."""
+    from .assemble import AssemblerError
+
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    argv = [cc, *GUEST_CFLAGS, f"-I{INCLUDE_DIR}", *flags, *map(os.fspath, sources),
+            "-o", os.fspath(output)]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True)
+    except OSError as e:
+        raise AssemblerError(f"cannot run {cc}: {e.strerror or e}; install a C compiler "
+                             "(apt-get install gcc)") from None
+    if done.returncode:
+        raise AssemblerError(f"{' '.join(argv)} failed:\n{done.stderr.strip()}")
+    return os.fspath(output)
+
+
 class Sandbox:
     """A freestanding x86-64 ELF in a VM of its own, whose functions Python
     calls by name.
@@ -136,7 +168,7 @@ class Sandbox:
         self.vm = Vm(size, backend, pc_devices=False)
         try:
             self.ring = ring
-            self.vcpu = self.vm.vcpu(0, mode="long", **({"ring": ring} if ring != 0 else {}))
+            self.vcpu = self.vm.vcpu(0, mode="long", ring=ring)
             write_segments(self.vm.memory, image.segments)
             self.vm.memory.write(self.trampoline_address, bytes(
                 (0xE6, self.vm.debug_exit.port, 0xF4, 0xEB, 0xFD)))
@@ -495,5 +527,5 @@ def _host_arg_types(name: str, function: Callable) -> Tuple[HostArgType, ...]:
     return tuple(kinds)
 
 
-__all__ = ["Sandbox", "get_include", "HOST_CALL_PORT", "INIT_SYMBOL", "ARGUMENT_REGISTERS"]
+__all__ = ["Sandbox", "get_include", "build_guest", "GUEST_CFLAGS", "HOST_CALL_PORT", "INIT_SYMBOL", "ARGUMENT_REGISTERS"]
 
