@@ -39,16 +39,26 @@ import re
 import struct
 import subprocess
 import time
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import exits, modes
-from .errors import ArgumentError, ArgumentTypeError, GuestFault, SandboxError, SandboxTimeout
+from .errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    ClosedError,
+    GuestFault,
+    SandboxError,
+    SandboxTimeout,
+)
 from .loaders.common import RESERVED, LoaderError, check_placement, read_image_file, write_segments
 from .loaders.elf import EM_X86_64, parse_elf
 from .loaders.elf_symbols import FunctionSymbol, check_identity_linked, function_symbols
 from .memory import parse_size
 from .vcpu import disassemble
-from .vm import Vm
+from .vm import DEBUG_EXIT_PORT, Vm
+
+if TYPE_CHECKING:
+    from .snapshot import Snapshot
 
 INCLUDE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "include")
 HEADER = os.path.join(INCLUDE_DIR, "pyvt_guest.h")
@@ -108,8 +118,8 @@ def build_guest(sources: Union[str, os.PathLike, Sequence[Union[str, os.PathLike
 
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
-    argv = [cc, *GUEST_CFLAGS, f"-I{INCLUDE_DIR}", *flags, *map(os.fspath, sources),
-            "-o", os.fspath(output)]
+    argv = [cc, *GUEST_CFLAGS, f"-I{INCLUDE_DIR}", *flags,
+            *[os.fspath(source) for source in sources], "-o", os.fspath(output)]
     try:
         done = subprocess.run(argv, capture_output=True, text=True)
     except OSError as e:
@@ -142,8 +152,7 @@ class Sandbox:
                  arena: Union[int, str] = "1M", stack: Union[int, str] = "256K",
                  host_functions: Optional[Mapping[str, object]] = None, backend=None):
         self._host: Dict[str, Tuple[Callable, Tuple[HostArgType, ...]]] = {}
-        self.vm: Optional[Vm] = None
-        self._snapshot = None
+        self._snapshot: Optional["Snapshot"] = None
         self.reset_after_call = bool(reset)
         self.timeout = timeout
         size = parse_size(memory)
@@ -165,13 +174,13 @@ class Sandbox:
         for name, spec in (host_functions or {}).items():
             function, args = spec if isinstance(spec, tuple) else (spec, None)
             self.host_function(name, function, args=args)
-        self.vm = Vm(size, backend, pc_devices=False)
+        self.vm = Vm(size, backend, pc_devices=False, debug_exit_port=DEBUG_EXIT_PORT)
         try:
             self.ring = ring
             self.vcpu = self.vm.vcpu(0, mode="long", ring=ring)
             write_segments(self.vm.memory, image.segments)
             self.vm.memory.write(self.trampoline_address, bytes(
-                (0xE6, self.vm.debug_exit.port, 0xF4, 0xEB, 0xFD)))
+                (0xE6, DEBUG_EXIT_PORT, 0xF4, 0xEB, 0xFD)))
             # The return address every call finds at its entry RSP.
             self.vm.memory.write(self._entry_rsp, struct.pack("<Q", self.trampoline_address))
             if INIT_SYMBOL in self.functions:
@@ -205,12 +214,13 @@ class Sandbox:
         if self._snapshot is not None:
             self._snapshot.close()
             self._snapshot = None
-        if self.vm is not None:
-            self.vm.close()
+        vm = getattr(self, "vm", None)  # None: loading failed before the VM
+        if vm is not None:
+            vm.close()
 
     @property
     def closed(self) -> bool:
-        return self.vm is None or self.vm.closed
+        return self._snapshot is None
 
     def __enter__(self) -> "Sandbox":
         return self
@@ -228,14 +238,13 @@ class Sandbox:
     def reset(self) -> None:
         """Puts the VM back to the snapshot taken after loading (for
         ``reset=False`` sandboxes, or after ``keep_state=True`` calls)."""
-        self._check_open()
-        self.vm.restore(self._snapshot)
+        self.vm.restore(self._clean_state())
 
-    def _check_open(self) -> None:
-        if self.closed or self._snapshot is None:
-            from .errors import ClosedError
-
+    def _clean_state(self) -> "Snapshot":
+        """The snapshot every call starts from; raises ClosedError once closed."""
+        if self._snapshot is None:
             raise ClosedError("this Sandbox is closed")
+        return self._snapshot
 
     # -- host functions ----------------------------------------------------------
 
@@ -288,7 +297,7 @@ class Sandbox:
         ``reset=False``): then the next call starts from the state this one
         left.  Bad arguments raise :class:`pyvt.ArgumentError` before any
         guest code runs."""
-        self._check_open()
+        self._clean_state()
         symbol = self._lookup(function)
         registers, writebacks = self._marshal(function, args)
         restore = self.reset_after_call and not keep_state
@@ -362,7 +371,7 @@ class Sandbox:
         regs = cpu.regs
         regs.rip = symbol.address
         regs.rsp = self._entry_rsp
-        for name, value in zip(ARGUMENT_REGISTERS, registers):
+        for name, value in zip(ARGUMENT_REGISTERS, registers, strict=False):
             setattr(regs, name, value)
         if not self.reset_after_call:  # a previous call may have overwritten it
             self.vm.memory.write(self._entry_rsp, struct.pack("<Q", self.trampoline_address))
@@ -386,7 +395,7 @@ class Sandbox:
                 self.vm.restore(self._snapshot)
             raise
         if restore:
-            self.vm.restore(self._snapshot)
+            self.vm.restore(self._clean_state())
         return result
 
     def _returned(self, exit: exits.DebugExit) -> bool:

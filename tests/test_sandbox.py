@@ -3,6 +3,7 @@ functions Python calls by name, at ring 3 (native on PVM) and ring 0."""
 
 from __future__ import annotations
 
+import runpy
 import shutil
 import subprocess
 import zlib
@@ -13,7 +14,7 @@ import pytest
 import pyvt
 from pyvt import exits
 from pyvt.loaders import LoaderError
-from pyvt.sandbox import ARGUMENT_REGISTERS, HOST_CALL_PORT, build_guest
+from pyvt.sandbox import HOST_CALL_PORT, build_guest
 
 GUESTS = Path(__file__).parent / "guests"
 
@@ -301,4 +302,17 @@ def test_a_closed_sandbox_refuses_calls(guest_elf):
 
 def test_the_include_directory_ships_the_header():
     assert (Path(pyvt.get_include()) / "pyvt_guest.h").is_file()
-    assert len(ARGUMENT_REGISTERS) == 6
+
+
+def test_the_example_runs(capsys):
+    example = Path(__file__).resolve().parent.parent / "examples" / "sandbox" / "run.py"
+    if not example.exists():
+        pytest.skip("examples/ is not beside the tests")
+    namespace = runpy.run_path(str(example))
+    namespace["main"]()
+    out = capsys.readouterr().out
+    assert "crc32 guest: table ready" in out
+    assert "= 0x414fa339 (zlib: 0x414fa339)" in out
+    assert "262144/262144" in out
+    assert "as expected: crc32() took #PF" in out
+    assert "calls/s of an empty function" in out
