@@ -3,7 +3,7 @@ each call starting from the same snapshot.
 
     with pyvt.Sandbox("guest.elf", memory="16M", ring=3) as sb:
         crc = sb.call("crc32", b"data", 4)
-        sb.host_function("log", lambda text: print(text), args=(str,))
+        sb.host_function("log", lambda text: print(text))
 
 A small layer over :class:`pyvt.Vm`, snapshots and a long-mode vCPU (at
 ``ring=3`` the guest runs natively on software-assisted KVMs such as PVM):
@@ -33,7 +33,6 @@ A small layer over :class:`pyvt.Vm`, snapshots and a long-mode vCPU (at
 from __future__ import annotations
 
 import difflib
-import inspect
 import os
 import re
 import struct
@@ -75,6 +74,9 @@ def _header_define(name: str) -> int:
 
 #: The port ``pyvt_host_call`` writes to (from pyvt_guest.h).
 HOST_CALL_PORT = _header_define("PYVT_HOST_CALL_PORT")
+#: In r10 of a host call: the argument count below this bit, then one bit
+#: per argument that is a ``char *`` (from pyvt_guest.h).
+STRING_ARGUMENTS_SHIFT = _header_define("PYVT_STRING_ARGUMENTS_SHIFT")
 #: The guest function called once, if the ELF defines it, before the snapshot.
 INIT_SYMBOL = "pyvt_init"
 #: SysV x86-64 passes the first six integer/pointer arguments in these.
@@ -92,6 +94,22 @@ _MASK64 = (1 << 64) - 1
 
 Argument = Union[int, bytes, bytearray, memoryview, None]
 HostArgType = type  # int, str or bytes
+
+
+def _registers(kinds: Sequence[HostArgType]) -> int:
+    """How many guest arguments a host function's ``args`` take."""
+    return sum(2 if kind is bytes else 1 for kind in kinds)
+
+
+def _check_timeout(timeout: Optional[float]) -> Optional[float]:
+    """``timeout`` if it is None or a non-negative number of seconds."""
+    if timeout is None:
+        return None
+    if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+            or not timeout >= 0):
+        raise ArgumentError(f"timeout must be a non-negative number of seconds or None, "
+                            f"not {timeout!r}")
+    return timeout
 
 
 def get_include() -> str:
@@ -151,10 +169,11 @@ class Sandbox:
                  ring: int = 3, *, reset: bool = True, timeout: Optional[float] = None,
                  arena: Union[int, str] = "1M", stack: Union[int, str] = "256K",
                  host_functions: Optional[Mapping[str, object]] = None, backend=None):
-        self._host: Dict[str, Tuple[Callable, Tuple[HostArgType, ...]]] = {}
+        self._host: Dict[str, Tuple[Callable, Optional[Tuple[HostArgType, ...]]]] = {}
         self._snapshot: Optional["Snapshot"] = None
+        self._calling = False
         self.reset_after_call = bool(reset)
-        self.timeout = timeout
+        self.timeout = _check_timeout(timeout)
         size = parse_size(memory)
         data = elf if isinstance(elf, (bytes, bytearray, memoryview)) else \
             read_image_file(elf, "guest ELF", size)
@@ -253,29 +272,29 @@ class Sandbox:
         """Lets the guest call ``function`` as ``pyvt_host_call(name, ...)``
         (pyvt_guest.h).
 
-        ``args`` says what each of the guest's arguments is, in order:
-        ``int`` (the register as an unsigned 64-bit int), ``str`` (a
-        NUL-terminated UTF-8 string the register points to) or ``bytes``
-        (two registers: a pointer, then a length).  By default they come
-        from ``function``'s annotations (``def log(text: str)``), and an
-        unannotated parameter is an ``int``.  At most six registers.
-        ``function`` returns an int (or a bool, or None for 0), which the
-        guest gets; an exception propagates out of :meth:`call` (the
-        sandbox is restored).  Registering a name again replaces it."""
+        ``function`` gets the guest's arguments as the guest passed them
+        (the header says which are ``char *``): a ``str`` for a C string (a
+        NUL-terminated UTF-8 string), an ``int`` (unsigned 64-bit) for any
+        other integer or pointer.  ``args`` says otherwise, one entry per
+        parameter: ``int``, ``str`` (the register points to a C string) or
+        ``bytes`` (two guest arguments: a pointer, then a length); the guest
+        must then pass that many registers' worth.  ``function`` returns an
+        int (or a bool, or None for 0), which the guest gets; an exception
+        propagates out of :meth:`call` (the sandbox is restored).
+        Registering a name again replaces it."""
         if not isinstance(name, str) or not name:
             raise ArgumentTypeError(f"a host function's name is a non-empty str, not {name!r}")
         if not callable(function):
             raise ArgumentTypeError(f"host function {name!r} must be callable, not "
                                     f"{function!r}")
-        kinds = _host_arg_types(name, function) if args is None else tuple(args)
-        for kind in kinds:
+        kinds = None if args is None else tuple(args)
+        for kind in kinds or ():
             if kind not in (int, str, bytes):
                 raise ArgumentTypeError(f"host function {name!r}: each of args is int, str "
                                         f"or bytes, not {kind!r}")
-        registers = sum(2 if kind is bytes else 1 for kind in kinds)
-        if registers > len(ARGUMENT_REGISTERS):
-            raise ArgumentError(f"host function {name!r} takes {registers} registers of "
-                                f"arguments (bytes take two); the guest passes at most "
+        if kinds is not None and _registers(kinds) > len(ARGUMENT_REGISTERS):
+            raise ArgumentError(f"host function {name!r} takes {_registers(kinds)} registers "
+                                f"of arguments (bytes take two); the guest passes at most "
                                 f"{len(ARGUMENT_REGISTERS)}")
         self._host[name] = (function, kinds)
 
@@ -298,12 +317,19 @@ class Sandbox:
         left.  Bad arguments raise :class:`pyvt.ArgumentError` before any
         guest code runs."""
         self._clean_state()
+        if self._calling:
+            raise SandboxError("Sandbox.call() is not reentrant: a host function cannot call "
+                               "into the guest while the guest waits for it")
         symbol = self._lookup(function)
+        seconds = _check_timeout(self.timeout if timeout is None else timeout)
         registers, writebacks = self._marshal(function, args)
-        restore = self.reset_after_call and not keep_state
-        result = self._call(symbol, registers, self.timeout if timeout is None else timeout,
-                            restore=restore, writebacks=writebacks)
-        return result
+        self._calling = True
+        try:
+            return self._call(symbol, registers, seconds,
+                              restore=self.reset_after_call and not keep_state,
+                              writebacks=writebacks)
+        finally:
+            self._calling = False
 
     def _lookup(self, function: str) -> FunctionSymbol:
         if not isinstance(function, str):
@@ -414,8 +440,20 @@ class Sandbox:
                                f"registered (registered: {known}): "
                                f"sb.host_function({name!r}, fn)")
         function, kinds = entry
-        raw = iter([getattr(regs, register) for register in ARGUMENT_REGISTERS])
-        values = []
+        described = regs.r10
+        count = described & ((1 << STRING_ARGUMENTS_SHIFT) - 1)
+        if count > len(ARGUMENT_REGISTERS):
+            raise SandboxError(f"the guest's call of host function {name!r} says it passes "
+                               f"{count} arguments (r10 = {described:#x}): call it with "
+                               "pyvt_host_call() from pyvt_guest.h")
+        if kinds is None:
+            kinds = tuple(str if described >> (STRING_ARGUMENTS_SHIFT + i) & 1 else int
+                          for i in range(count))
+        elif _registers(kinds) != count:
+            raise SandboxError(f"the guest passed {count} argument(s) to host function "
+                               f"{name!r}, whose args= take {_registers(kinds)}")
+        raw = iter([getattr(regs, register) for register in ARGUMENT_REGISTERS[:count]])
+        values: List[object] = []
         for kind in kinds:
             if kind is int:
                 values.append(next(raw))
@@ -509,31 +547,6 @@ class Sandbox:
         if regs is not None:
             message += "\n" + regs.dump()
         return GuestFault(message, exit, regs, instruction, text, location)
-
-
-def _host_arg_types(name: str, function: Callable) -> Tuple[HostArgType, ...]:
-    """The guest argument types of ``function``, from its annotations."""
-    try:
-        parameters = inspect.signature(function).parameters.values()
-    except (TypeError, ValueError):
-        raise ArgumentError(f"cannot tell which arguments host function {name!r} "
-                            f"({function!r}) takes: pass args=(int, str, bytes...)") from None
-    by_name = {"int": int, "str": str, "bytes": bytes}
-    kinds = []
-    for parameter in parameters:
-        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD,
-                              parameter.KEYWORD_ONLY):
-            if parameter.kind == parameter.KEYWORD_ONLY and parameter.default is not \
-                    parameter.empty:
-                continue
-            raise ArgumentError(f"host function {name!r} takes *args, **kwargs or "
-                                "keyword-only arguments: pass args=(...) to say what the "
-                                "guest passes")
-        annotation = parameter.annotation
-        if isinstance(annotation, str):
-            annotation = by_name.get(annotation, annotation)
-        kinds.append(annotation if annotation in (int, str, bytes) else int)
-    return tuple(kinds)
 
 
 __all__ = ["Sandbox", "get_include", "build_guest", "GUEST_CFLAGS", "HOST_CALL_PORT", "INIT_SYMBOL", "ARGUMENT_REGISTERS"]

@@ -8,11 +8,12 @@
  *
  *   - pyvt_host_call(name, args...): calls the Python function registered
  *     with sb.host_function(name, fn) (or Sandbox(host_functions=...)) with
- *     up to six integer or pointer arguments, and returns what it returns;
+ *     up to six integer or pointer arguments (a char * arrives as a str),
+ *     and returns what it returns;
  *   - pyvt_init(): define it, and pyvt calls it once after loading, before
  *     the snapshot that every call starts from (tables, allocators...).
  *
- * Build a guest with, e.g.:
+ * Build a guest (C11) with pyvt.sandbox.build_guest(), or by hand:
  *   cc -ffreestanding -nostdlib -static -fno-pie -no-pie -O2 \
  *      -I"$(python3 -c 'import pyvt; print(pyvt.get_include())')" \
  *      -Wl,-e,0 -o guest.elf guest.c
@@ -22,51 +23,69 @@
 #define PYVT_GUEST_H
 
 /*
- * The port a host call writes to.  pyvt.sandbox reads this line, so the
- * value has one source.  rax holds the name's address, rdi, rsi, rdx, rcx,
- * r8, r9 the arguments (the SysV order, rcx for the fourth); the host puts
- * the result in rax.
+ * A host call is a write to this port (pyvt.sandbox reads these lines, so
+ * each value has one source).  rax holds the name's address; rdi, rsi, rdx,
+ * rcx, r8, r9 the arguments (the SysV order, rcx for the fourth); r10 says
+ * what they are: their count in bits 0-2 and, from PYVT_STRING_ARGUMENTS_SHIFT
+ * on, one bit per argument that is a char * (the host reads it as a
+ * string).  The host puts the result in rax.
  */
 #define PYVT_HOST_CALL_PORT 0xf0
+#define PYVT_STRING_ARGUMENTS_SHIFT 3
 
 void pyvt_init(void);
 
-static inline unsigned long pyvt_host_call6(const char *name, unsigned long a0,
-					    unsigned long a1, unsigned long a2,
-					    unsigned long a3, unsigned long a4,
-					    unsigned long a5)
+static inline unsigned long pyvt_host_call6(const char *name, unsigned long kinds,
+					    unsigned long a0, unsigned long a1,
+					    unsigned long a2, unsigned long a3,
+					    unsigned long a4, unsigned long a5)
 {
 	register unsigned long r8 __asm__("r8") = a4;
 	register unsigned long r9 __asm__("r9") = a5;
+	register unsigned long r10 __asm__("r10") = kinds;
 	unsigned long result;
 
 	/* "memory": the host may read what the arguments point to, and write. */
 	__asm__ volatile("outb %%al, %[port]"
 			 : "=a"(result)
 			 : "a"(name), "D"(a0), "S"(a1), "d"(a2), "c"(a3), "r"(r8),
-			   "r"(r9), [port] "i"(PYVT_HOST_CALL_PORT)
+			   "r"(r9), "r"(r10), [port] "i"(PYVT_HOST_CALL_PORT)
 			 : "memory");
 	return result;
 }
 
 #define PYVT__U(x) ((unsigned long)(x))
-#define PYVT__CALL0(n) pyvt_host_call6(n, 0, 0, 0, 0, 0, 0)
-#define PYVT__CALL1(n, a) pyvt_host_call6(n, PYVT__U(a), 0, 0, 0, 0, 0)
-#define PYVT__CALL2(n, a, b) pyvt_host_call6(n, PYVT__U(a), PYVT__U(b), 0, 0, 0, 0)
+/* 1 for a C string (char *, a string literal), else 0; at argument i's bit. */
+#define PYVT__S(x, i) \
+	((unsigned long)_Generic((x), char *: 1, const char *: 1, default: 0) \
+	 << (PYVT_STRING_ARGUMENTS_SHIFT + (i)))
+#define PYVT__CALL0(n) pyvt_host_call6(n, 0, 0, 0, 0, 0, 0, 0)
+#define PYVT__CALL1(n, a) \
+	pyvt_host_call6(n, 1 | PYVT__S(a, 0), PYVT__U(a), 0, 0, 0, 0, 0)
+#define PYVT__CALL2(n, a, b) \
+	pyvt_host_call6(n, 2 | PYVT__S(a, 0) | PYVT__S(b, 1), PYVT__U(a), PYVT__U(b), \
+			0, 0, 0, 0)
 #define PYVT__CALL3(n, a, b, c) \
-	pyvt_host_call6(n, PYVT__U(a), PYVT__U(b), PYVT__U(c), 0, 0, 0)
+	pyvt_host_call6(n, 3 | PYVT__S(a, 0) | PYVT__S(b, 1) | PYVT__S(c, 2), \
+			PYVT__U(a), PYVT__U(b), PYVT__U(c), 0, 0, 0)
 #define PYVT__CALL4(n, a, b, c, d) \
-	pyvt_host_call6(n, PYVT__U(a), PYVT__U(b), PYVT__U(c), PYVT__U(d), 0, 0)
+	pyvt_host_call6(n, 4 | PYVT__S(a, 0) | PYVT__S(b, 1) | PYVT__S(c, 2) | \
+			PYVT__S(d, 3), PYVT__U(a), PYVT__U(b), PYVT__U(c), PYVT__U(d), 0, 0)
 #define PYVT__CALL5(n, a, b, c, d, e) \
-	pyvt_host_call6(n, PYVT__U(a), PYVT__U(b), PYVT__U(c), PYVT__U(d), PYVT__U(e), 0)
+	pyvt_host_call6(n, 5 | PYVT__S(a, 0) | PYVT__S(b, 1) | PYVT__S(c, 2) | \
+			PYVT__S(d, 3) | PYVT__S(e, 4), PYVT__U(a), PYVT__U(b), \
+			PYVT__U(c), PYVT__U(d), PYVT__U(e), 0)
 #define PYVT__CALL6(n, a, b, c, d, e, f) \
-	pyvt_host_call6(n, PYVT__U(a), PYVT__U(b), PYVT__U(c), PYVT__U(d), PYVT__U(e), \
-			PYVT__U(f))
+	pyvt_host_call6(n, 6 | PYVT__S(a, 0) | PYVT__S(b, 1) | PYVT__S(c, 2) | \
+			PYVT__S(d, 3) | PYVT__S(e, 4) | PYVT__S(f, 5), PYVT__U(a), \
+			PYVT__U(b), PYVT__U(c), PYVT__U(d), PYVT__U(e), PYVT__U(f))
 #define PYVT__PICK(_1, _2, _3, _4, _5, _6, _7, _8, NAME, ...) NAME
 
 /*
- * pyvt_host_call("log", message) -> unsigned long.  More than six arguments
- * do not compile (the name pyvt_host_call_takes_at_most_6_arguments is
+ * pyvt_host_call("log", message) -> unsigned long.  Arguments are integers
+ * or pointers; a char * reaches Python as a str, anything else as an int
+ * (unless sb.host_function(..., args=...) says otherwise).  More than six
+ * arguments do not compile (pyvt_host_call_takes_at_most_6_arguments is
  * undefined): the host reads only the six argument registers.
  */
 #define pyvt_host_call(...)                                                        \
