@@ -163,6 +163,12 @@ class Sandbox:
     default per-call limit in seconds (None: none).  ``host_functions``
     maps names to functions (or ``(function, args)`` pairs) that the guest,
     including its ``pyvt_init()``, may call: see :meth:`host_function`.
+
+    Attributes: ``vm`` and ``vcpu`` (the :class:`pyvt.Vm` and its
+    :class:`pyvt.Vcpu`), ``functions`` (``{name: FunctionSymbol}``),
+    ``arena_address``/``arena_size``, ``stack_top`` (a function is entered
+    with RSP = ``stack_top - 8``, where its return address is) and
+    ``trampoline_address``.  One thread at a time.
     """
 
     def __init__(self, elf: Union[str, os.PathLike, bytes], memory: Union[int, str] = "16M",
@@ -172,6 +178,7 @@ class Sandbox:
         self._host: Dict[str, Tuple[Callable, Optional[Tuple[HostArgType, ...]]]] = {}
         self._snapshot: Optional["Snapshot"] = None
         self._calling = False
+        self._at_snapshot = True  # the return address is in place
         self.reset_after_call = bool(reset)
         self.timeout = _check_timeout(timeout)
         size = parse_size(memory)
@@ -203,8 +210,9 @@ class Sandbox:
             # The return address every call finds at its entry RSP.
             self.vm.memory.write(self._entry_rsp, struct.pack("<Q", self.trampoline_address))
             if INIT_SYMBOL in self.functions:
-                self._call(self.functions[INIT_SYMBOL], (), timeout, restore=False)
+                self._call(self.functions[INIT_SYMBOL], (), self.timeout, restore=False)
             self._snapshot = self.vm.snapshot()
+            self._at_snapshot = True
         except BaseException:
             self.close()
             raise
@@ -214,6 +222,9 @@ class Sandbox:
         if arena < 0 or stack < PAGE:
             raise ArgumentError(f"the sandbox needs a stack of at least {PAGE} bytes and "
                                 f"an arena of 0 or more, not stack={stack}, arena={arena}")
+        if size > modes.IDENTITY_MAPPED:
+            raise ArgumentError(f"a sandbox's memory must lie in pyvt's identity-mapped "
+                                f"{modes.IDENTITY_MAPPED >> 30} GiB, not {size:#x} bytes")
         self.trampoline_address = size - PAGE
         self.stack_top = self.trampoline_address
         self._entry_rsp = self.stack_top - 8  # SysV: rsp + 8 is 16-byte aligned at entry
@@ -258,6 +269,7 @@ class Sandbox:
         """Puts the VM back to the snapshot taken after loading (for
         ``reset=False`` sandboxes, or after ``keep_state=True`` calls)."""
         self.vm.restore(self._clean_state())
+        self._at_snapshot = True
 
     def _clean_state(self) -> "Snapshot":
         """The snapshot every call starts from; raises ClosedError once closed."""
@@ -343,7 +355,7 @@ class Sandbox:
         return symbol
 
     def _marshal(self, function: str, args: Sequence[Argument]):
-        """(register values, [(address, buffer, size)] to copy back)."""
+        """(register values, [(arena address, view)] to copy back after the call)."""
         if len(args) > len(ARGUMENT_REGISTERS):
             raise ArgumentError(
                 f"{function}() got {len(args)} arguments; SysV x86-64 passes the first "
@@ -351,7 +363,7 @@ class Sandbox:
                 "those (pass a struct in bytes for more)")
         values: List[int] = []
         copies: List[Tuple[int, bytes]] = []
-        writebacks = []
+        writebacks: List[Tuple[int, memoryview]] = []
         cursor = self.arena_address
         for position, arg in enumerate(args, 1):
             if arg is None:
@@ -392,17 +404,23 @@ class Sandbox:
         return values, writebacks
 
     def _call(self, symbol: FunctionSymbol, registers: Sequence[int],
-              timeout: Optional[float], restore: bool, writebacks=()) -> int:
+              timeout: Optional[float], restore: bool,
+              writebacks: Sequence[Tuple[int, memoryview]] = ()) -> int:
+        """Runs ``symbol`` with ``registers`` to its return (serving host
+        calls); restores the snapshot afterwards if ``restore``, and on any
+        failure once there is one."""
         cpu = self.vcpu
         regs = cpu.regs
-        regs.rip = symbol.address
-        regs.rsp = self._entry_rsp
-        for name, value in zip(ARGUMENT_REGISTERS, registers, strict=False):
-            setattr(regs, name, value)
-        if not self.reset_after_call:  # a previous call may have overwritten it
-            self.vm.memory.write(self._entry_rsp, struct.pack("<Q", self.trampoline_address))
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
+            regs.rip = symbol.address
+            regs.rsp = self._entry_rsp
+            for name, value in zip(ARGUMENT_REGISTERS, registers, strict=False):
+                setattr(regs, name, value)
+            if not self._at_snapshot:  # a kept call may have overwritten the return address
+                self.vm.memory.write(self._entry_rsp,
+                                     struct.pack("<Q", self.trampoline_address))
+            self._at_snapshot = False
             while True:
                 left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
                 exit = cpu.run(timeout=left)
@@ -418,10 +436,10 @@ class Sandbox:
                 view[:] = self.vm.memory.read(address, len(view))
         except BaseException:
             if self._snapshot is not None:  # else loading failed: nothing to go back to
-                self.vm.restore(self._snapshot)
+                self.reset()
             raise
         if restore:
-            self.vm.restore(self._clean_state())
+            self.reset()
         return result
 
     def _returned(self, exit: exits.DebugExit) -> bool:
