@@ -137,14 +137,15 @@ def report(rounds: int = 5, calls: int = 500) -> None:
     def med(function, i):
         return statistics.median(row[i] for row in rows[function])
 
-    print(f"\nsandbox calls (examples/sandbox/crc32.c at ring 3, {rounds} rounds of "
-          f"{calls} calls, medians; each call starts from the snapshot)")
+    print(f"\nsandbox calls at ring 3 (examples/sandbox/crc32.c, {rounds} rounds of {calls} "
+          "calls, medians), each from the snapshot: Sandbox.call vs raw C (set registers, "
+          "KVM_RUN to the exit, copy back the dirtied pages)")
     for function, what in (("ping", "empty function"), ("crc32", "CRC-32 of 4 KiB")):
         pyvt_calls, raw_calls, restore = med(function, 0), med(function, 1), med(function, 2)
-        print(f"{what + ': Sandbox.call vs raw C (regs, KVM_RUN, dirty pages)':<64} "
+        print(f"{'calls/s, ' + what:<64} "
               f"{pyvt_calls:8.0f} {raw_calls:8.0f} /s {raw_calls / pyvt_calls:6.2f}x  "
               f"(target <= {TARGET}x)")
-        print(f"{'  of which vm.restore() per call, vs raw C whole call':<64} "
+        print(f"{'  per call: vm.restore() in pyvt, the whole call in raw C':<64} "
               f"{restore * 1e6:8.1f} {1e6 / raw_calls:8.1f} us")
 
 
