@@ -22,8 +22,9 @@ A small layer over :class:`pyvt.Vm`, snapshots and a long-mode vCPU (at
 - guests that include ``pyvt_guest.h`` (:func:`pyvt.get_include`) may call
   host functions (``pyvt_host_call``), which write to
   ``HOST_CALL_PORT``: that port has no handler, so the run returns to
-  :meth:`Sandbox.call`, which calls the Python function and puts its result
-  in rax; and may define ``pyvt_init()``, called once before the snapshot;
+  :meth:`Sandbox.call`, which calls the Python function and writes its
+  result into the guest's ``struct pyvt_host_call``; and may define
+  ``pyvt_init()``, called once before the snapshot;
 - after each call the VM is restored to the snapshot (only the pages the
   call dirtied are copied back), unless ``reset=False`` or
   ``keep_state=True``.  A fault, a timeout or an exception from a host
@@ -74,9 +75,12 @@ def _header_define(name: str) -> int:
 
 #: The port ``pyvt_host_call`` writes to (from pyvt_guest.h).
 HOST_CALL_PORT = _header_define("PYVT_HOST_CALL_PORT")
-#: In r10 of a host call: the argument count below this bit, then one bit
-#: per argument that is a ``char *`` (from pyvt_guest.h).
+#: In a host call's ``described``: the argument count below this bit, then
+#: one bit per argument that is a ``char *`` (from pyvt_guest.h).
 STRING_ARGUMENTS_SHIFT = _header_define("PYVT_STRING_ARGUMENTS_SHIFT")
+#: struct pyvt_host_call (pyvt_guest.h): name, described, result.
+_HOST_CALL = struct.Struct("<QQQ")
+_HOST_CALL_RESULT = 16
 #: The guest function called once, if the ELF defines it, before the snapshot.
 INIT_SYMBOL = "pyvt_init"
 #: SysV x86-64 passes the first six integer/pointer arguments in these.
@@ -428,7 +432,7 @@ class Sandbox:
                     break
                 if (isinstance(exit, exits.Io) and exit.port == HOST_CALL_PORT
                         and exit.direction == "out"):
-                    regs.rax = self._host_call()
+                    self._host_call()
                     continue
                 raise self._failure(symbol, exit, timeout)
             result = regs.rax
@@ -448,9 +452,14 @@ class Sandbox:
         return rip is not None and self.trampoline_address <= rip <= \
             self.trampoline_address + _TRAMPOLINE_OUT
 
-    def _host_call(self) -> int:
+    def _host_call(self) -> None:
+        """Serves the guest's pyvt_host_call(): rax points at its struct
+        pyvt_host_call, where the result goes."""
         regs = self.vcpu.regs
-        name = self._read_string(regs.rax, "the host function's name", 256)
+        frame = regs.rax
+        name_address, described, _ = _HOST_CALL.unpack(
+            self._read(frame, _HOST_CALL.size, "a host call's struct pyvt_host_call"))
+        name = self._read_string(name_address, "the host function's name", 256)
         entry = self._host.get(name)
         if entry is None:
             known = ", ".join(sorted(self._host)) or "none"
@@ -458,11 +467,10 @@ class Sandbox:
                                f"registered (registered: {known}): "
                                f"sb.host_function({name!r}, fn)")
         function, kinds = entry
-        described = regs.r10
         count = described & ((1 << STRING_ARGUMENTS_SHIFT) - 1)
         if count > len(ARGUMENT_REGISTERS):
             raise SandboxError(f"the guest's call of host function {name!r} says it passes "
-                               f"{count} arguments (r10 = {described:#x}): call it with "
+                               f"{count} arguments ({described:#x}): call it with "
                                "pyvt_host_call() from pyvt_guest.h")
         if kinds is None:
             kinds = tuple(str if described >> (STRING_ARGUMENTS_SHIFT + i) & 1 else int
@@ -483,15 +491,15 @@ class Sandbox:
                 values.append(self._read(address, length, f"{name}()'s bytes argument"))
         result = function(*values)
         if result is None:
-            return 0
+            result = 0
         if not isinstance(result, int) or not -(1 << 63) <= result <= _MASK64:
             raise ArgumentTypeError(f"host function {name!r} returned {result!r}; it must "
                                     "return an int that fits in 64 bits (or None for 0)")
-        return result & _MASK64
+        self.vm.memory.write(frame + _HOST_CALL_RESULT, struct.pack("<Q", result & _MASK64))
 
     def _read(self, address: int, length: int, what: str) -> bytes:
         memory = self.vm.memory
-        if address + length > memory.size or length > MAX_STRING * 16:
+        if address + length > memory.size:
             raise SandboxError(f"{what} at {address:#x}, {length} bytes, lies outside "
                                "guest memory")
         return memory.read(address, length)

@@ -24,34 +24,40 @@
 
 /*
  * A host call is a write to this port (pyvt.sandbox reads these lines, so
- * each value has one source).  rax holds the name's address; rdi, rsi, rdx,
- * rcx, r8, r9 the arguments (the SysV order, rcx for the fourth); r10 says
- * what they are: their count in bits 0-2 and, from PYVT_STRING_ARGUMENTS_SHIFT
- * on, one bit per argument that is a char * (the host reads it as a
- * string).  The host puts the result in rax.
+ * each value has one source), with rax pointing at a struct pyvt_host_call
+ * and the arguments in rdi, rsi, rdx, rcx, r8, r9 (the SysV order, rcx for
+ * the fourth).  The host writes the result into the struct: writing guest
+ * memory, unlike a register, lets the vCPU go on without another entry.
  */
 #define PYVT_HOST_CALL_PORT 0xf0
 #define PYVT_STRING_ARGUMENTS_SHIFT 3
 
+struct pyvt_host_call {
+	const char *name;
+	/* The argument count in bits 0-2, then (from PYVT_STRING_ARGUMENTS_SHIFT)
+	 * one bit per argument that is a char *: the host reads it as a string. */
+	unsigned long described;
+	unsigned long result;	/* written by the host */
+};
+
 void pyvt_init(void);
 
-static inline unsigned long pyvt_host_call6(const char *name, unsigned long kinds,
+static inline unsigned long pyvt_host_call6(const char *name, unsigned long described,
 					    unsigned long a0, unsigned long a1,
 					    unsigned long a2, unsigned long a3,
 					    unsigned long a4, unsigned long a5)
 {
+	struct pyvt_host_call call = { name, described, 0 };
 	register unsigned long r8 __asm__("r8") = a4;
 	register unsigned long r9 __asm__("r9") = a5;
-	register unsigned long r10 __asm__("r10") = kinds;
-	unsigned long result;
 
-	/* "memory": the host may read what the arguments point to, and write. */
+	/* "memory": the host reads what the arguments point to, and writes. */
 	__asm__ volatile("outb %%al, %[port]"
-			 : "=a"(result)
-			 : "a"(name), "D"(a0), "S"(a1), "d"(a2), "c"(a3), "r"(r8),
-			   "r"(r9), "r"(r10), [port] "i"(PYVT_HOST_CALL_PORT)
+			 :
+			 : "a"(&call), "D"(a0), "S"(a1), "d"(a2), "c"(a3), "r"(r8),
+			   "r"(r9), [port] "i"(PYVT_HOST_CALL_PORT)
 			 : "memory");
-	return result;
+	return call.result;
 }
 
 #define PYVT__U(x) ((unsigned long)(x))
