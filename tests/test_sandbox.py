@@ -14,7 +14,7 @@ import pytest
 import pyvt
 from pyvt import exits
 from pyvt.loaders import LoaderError
-from pyvt.sandbox import HOST_CALL_PORT, build_guest
+from pyvt.sandbox import HOST_CALL_PORT, MAX_STRING, build_guest
 
 GUESTS = Path(__file__).parent / "guests"
 
@@ -160,6 +160,13 @@ def test_an_unregistered_host_function_is_a_clear_error(sandbox):
     with pytest.raises(pyvt.SandboxError, match="'nobody_registered_this', which is not "
                        r"registered .*sb.host_function"):
         sandbox.call("call_unregistered")
+    sandbox.host_function("log", print)
+    with pytest.raises(pyvt.SandboxError, match="string argument at 0x10000000000 lies "
+                       "outside guest memory"):
+        sandbox.call("greet", 1 << 40)
+    with pytest.raises(pyvt.SandboxError, match="string argument at .* has no NUL in its "
+                       "first 1048576 bytes"):
+        sandbox.call("greet", b"x" * MAX_STRING)  # as large as the default arena
     assert sandbox.call("weigh6", 1, 1, 0, 0, 0, 0) == 11
 
 
