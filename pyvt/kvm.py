@@ -16,6 +16,7 @@ import errno
 import mmap
 import os
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional, Sequence, Union
@@ -407,6 +408,22 @@ def _msrs_struct(indices: Sequence[int]):
     return buf, msrs
 
 
+def msrs_struct(values: Mapping[int, int]):
+    """A ``struct kvm_msrs *`` (cffi) holding ``values`` ({index: value}),
+    validated: what :meth:`VcpuFd.set_msrs` takes, for a caller that writes
+    the same MSRs many times (a restore loop) and builds the block once."""
+    if not isinstance(values, Mapping):
+        raise ArgumentTypeError(f"KVM_SET_MSRS takes a mapping {{index: value}}, not {values!r}")
+    items = [(_u32(i, "MSR index"), _u64(v, "MSR value")) for i, v in values.items()]
+    msrs = _variable_struct("struct kvm_msrs", ffi.sizeof("struct kvm_msrs")
+                            + len(items) * ffi.sizeof("struct kvm_msr_entry"))
+    msrs.nmsrs = len(items)
+    for n, (index, value) in enumerate(items):
+        msrs.entries[n].index = index
+        msrs.entries[n].data = value
+    return msrs
+
+
 def _get_msrs(fd: _Fd, indices: Iterable[int], name: str) -> Dict[int, int]:
     indices = [_u32(i, "MSR index") for i in _as_list(indices, "MSR indices", "ints")]
     _buf, msrs = _msrs_struct(indices)
@@ -418,10 +435,45 @@ def _fill(struct, state: bytes, ctype: str) -> None:
     """Copies ``state`` into a cffi struct, refusing a size from another build."""
     target = ffi.buffer(struct)
     if not isinstance(state, (bytes, bytearray)):
-        raise ArgumentTypeError(f"{ctype} state must be bytes, not {type(state).__name__}")
+        raise ArgumentTypeError(f"{ctype} state must be a cffi {ctype} * or its bytes, "
+                                f"not {type(state).__name__}")
     if len(state) != len(target):
         raise ArgumentError(f"{ctype} state must be {len(target)} bytes, not {len(state)}")
     target[:] = state
+
+
+#: The whole length of the variable-size structs the getters return (an
+#: XSAVE2 area, nested state, an MSR block), which ``ffi.buffer`` cannot
+#: see past the fixed part of the C struct.
+_LENGTHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _variable_struct(ctype: str, length: int):
+    """A zeroed ``ctype *`` over ``length`` bytes (owned by the pointer),
+    whose length :func:`struct_bytes` knows."""
+    struct = ffi.from_buffer(ctype + " *", bytearray(length))
+    _LENGTHS[struct] = length
+    return struct
+
+
+def struct_bytes(struct) -> bytes:
+    """The bytes of a kernel struct a getter returned (a cffi pointer or the
+    struct), all of them: an XSAVE2 area or nested state runs past the fixed
+    part of its C struct.  Setters take these bytes back too."""
+    if not isinstance(struct, ffi.CData):
+        raise ArgumentTypeError(f"struct_bytes takes a cffi kernel struct, not {struct!r}")
+    length = _LENGTHS.get(struct)
+    return bytes(ffi.buffer(struct) if length is None else ffi.buffer(struct, length))
+
+
+def _struct_arg(value, ctype: str, ioctl: str):
+    """What a setter hands its ioctl: the ``ctype *`` its getter returned
+    (or the struct itself), or that struct's bytes (as snapshots keep them)."""
+    if isinstance(value, ffi.CData):
+        return _struct_pointer(value, ctype, ioctl)
+    struct = ffi.new(ctype + " *")
+    _fill(struct, value, ctype)
+    return struct
 
 
 def _device_path(path) -> str:
@@ -466,6 +518,10 @@ def _u32(value, what: str) -> int:
 
 def _u64(value, what: str) -> int:
     return _uint(value, what, 64)
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"{old} is deprecated: use {new}", DeprecationWarning, stacklevel=3)
 
 
 def _require_cap(fd, cap: str, ioctl: str, hint: str = "") -> int:
@@ -542,30 +598,29 @@ class VmFd(_Fd):
         self._ioctl("KVM_CREATE_PIT2", lib.KVM_CREATE_PIT2, config)
         self.has_pit = True
 
-    def get_irqchip(self, chip_id: int) -> bytes:
-        """``KVM_GET_IRQCHIP``: the state of one in-kernel interrupt controller
-        (``KVM_IRQCHIP_PIC_MASTER``, ``_PIC_SLAVE``, ``_IOAPIC``), as bytes."""
+    def get_irqchip(self, chip_id: int):
+        """``KVM_GET_IRQCHIP`` -> ``struct kvm_irqchip``: the state of one
+        in-kernel interrupt controller (``KVM_IRQCHIP_PIC_MASTER``,
+        ``_PIC_SLAVE``, ``_IOAPIC``); :func:`struct_bytes` gives its bytes."""
         chip = ffi.new("struct kvm_irqchip *", {"chip_id": _u32(chip_id, "chip_id")})
         self._ioctl("KVM_GET_IRQCHIP", lib.KVM_GET_IRQCHIP, chip)
-        return bytes(ffi.buffer(chip))
+        return chip
 
-    def set_irqchip(self, state: bytes) -> None:
-        """``KVM_SET_IRQCHIP`` from :meth:`get_irqchip`'s bytes."""
-        chip = ffi.new("struct kvm_irqchip *")
-        _fill(chip, state, "struct kvm_irqchip")
-        self._ioctl("KVM_SET_IRQCHIP", lib.KVM_SET_IRQCHIP, chip)
+    def set_irqchip(self, state) -> None:
+        """``KVM_SET_IRQCHIP`` from :meth:`get_irqchip`'s struct (or its bytes)."""
+        self._ioctl("KVM_SET_IRQCHIP", lib.KVM_SET_IRQCHIP,
+                    _struct_arg(state, "struct kvm_irqchip", "KVM_SET_IRQCHIP"))
 
-    def get_pit2(self) -> bytes:
-        """``KVM_GET_PIT2``: the in-kernel PIT's state, as bytes."""
+    def get_pit2(self):
+        """``KVM_GET_PIT2`` -> ``struct kvm_pit_state2``: the in-kernel PIT's state."""
         pit = ffi.new("struct kvm_pit_state2 *")
         self._ioctl("KVM_GET_PIT2", lib.KVM_GET_PIT2, pit)
-        return bytes(ffi.buffer(pit))
+        return pit
 
-    def set_pit2(self, state: bytes) -> None:
-        """``KVM_SET_PIT2`` from :meth:`get_pit2`'s bytes."""
-        pit = ffi.new("struct kvm_pit_state2 *")
-        _fill(pit, state, "struct kvm_pit_state2")
-        self._ioctl("KVM_SET_PIT2", lib.KVM_SET_PIT2, pit)
+    def set_pit2(self, state) -> None:
+        """``KVM_SET_PIT2`` from :meth:`get_pit2`'s struct (or its bytes)."""
+        self._ioctl("KVM_SET_PIT2", lib.KVM_SET_PIT2,
+                    _struct_arg(state, "struct kvm_pit_state2", "KVM_SET_PIT2"))
 
     def irq_line(self, irq: int, level: int) -> None:
         """``KVM_IRQ_LINE``: drive an interrupt line of the in-kernel irqchip."""
@@ -573,16 +628,25 @@ class VmFd(_Fd):
                                                   "level": 1 if level else 0})
         self._ioctl("KVM_IRQ_LINE", lib.KVM_IRQ_LINE, line)
 
-    def ioeventfd(self, fd: int, addr: int, length: int = 0, *, pio: bool = False,
-                  datamatch: Optional[int] = None, deassign: bool = False) -> None:
-        """``KVM_IOEVENTFD``: a guest write to ``addr`` signals eventfd ``fd``."""
-        flags = 0
+    def register_ioeventfd(self, fd: int, addr: int, length: int = 0, *, pio: bool = False,
+                           datamatch: Optional[int] = None) -> None:
+        """``KVM_IOEVENTFD`` (4.59): a guest write of ``length`` bytes (0: any)
+        to ``addr`` (a port with ``pio``), of value ``datamatch`` if given,
+        signals eventfd ``fd`` instead of exiting."""
+        self._ioeventfd(fd, addr, length, pio, datamatch, 0)
+
+    def unregister_ioeventfd(self, fd: int, addr: int, length: int = 0, *, pio: bool = False,
+                             datamatch: Optional[int] = None) -> None:
+        """``KVM_IOEVENTFD`` with ``KVM_IOEVENTFD_FLAG_DEASSIGN``: undoes the
+        :meth:`register_ioeventfd` made with the same arguments."""
+        self._ioeventfd(fd, addr, length, pio, datamatch, lib.KVM_IOEVENTFD_FLAG_DEASSIGN)
+
+    def _ioeventfd(self, fd: int, addr: int, length: int, pio: bool,
+                   datamatch: Optional[int], flags: int) -> None:
         if pio:
             flags |= lib.KVM_IOEVENTFD_FLAG_PIO
         if datamatch is not None:
             flags |= lib.KVM_IOEVENTFD_FLAG_DATAMATCH
-        if deassign:
-            flags |= lib.KVM_IOEVENTFD_FLAG_DEASSIGN
         event = ffi.new("struct kvm_ioeventfd *", {
             "datamatch": _u64(datamatch or 0, "datamatch"),
             "addr": _u64(addr, "addr"), "len": _u32(length, "length"),
@@ -590,25 +654,49 @@ class VmFd(_Fd):
         })
         self._ioctl("KVM_IOEVENTFD", lib.KVM_IOEVENTFD, event)
 
-    def irqfd(self, fd: int, gsi: int, *, deassign: bool = False,
-              resamplefd: Optional[int] = None) -> None:
+    def ioeventfd(self, fd: int, addr: int, length: int = 0, *, pio: bool = False,
+                  datamatch: Optional[int] = None, deassign: bool = False) -> None:
+        """Deprecated: :meth:`register_ioeventfd`, or with ``deassign=True``
+        :meth:`unregister_ioeventfd`."""
+        _deprecated("VmFd.ioeventfd(..., deassign=)",
+                    "register_ioeventfd() / unregister_ioeventfd()")
+        register = self.unregister_ioeventfd if deassign else self.register_ioeventfd
+        register(fd, addr, length, pio=pio, datamatch=datamatch)
+
+    def register_irqfd(self, fd: int, gsi: int, *, resamplefd: Optional[int] = None) -> None:
         """``KVM_IRQFD`` (4.75): signalling eventfd ``fd`` raises interrupt ``gsi``.
 
         With ``resamplefd`` (KVM_IRQFD_FLAG_RESAMPLE, KVM_CAP_IRQFD_RESAMPLE)
         the line is level-triggered: it stays asserted until the guest EOIs
         the interrupt, which de-asserts it and signals eventfd ``resamplefd``
         (the device then re-raises ``fd`` if it still needs service)."""
-        flags = lib.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
-        if resamplefd is not None:
-            if deassign:
-                raise ArgumentError("KVM_IRQFD: deassign takes no resamplefd "
-                                    "(deassigning fd from gsi drops its resampler too)")
-            flags |= lib.KVM_IRQFD_FLAG_RESAMPLE
+        flags = 0 if resamplefd is None else lib.KVM_IRQFD_FLAG_RESAMPLE
+        self._irqfd(fd, gsi, flags, 0 if resamplefd is None else _u32(resamplefd, "resamplefd"))
+
+    def unregister_irqfd(self, fd: int, gsi: int) -> None:
+        """``KVM_IRQFD`` with ``KVM_IRQFD_FLAG_DEASSIGN``: eventfd ``fd`` no
+        longer raises ``gsi`` (its resampler, if any, goes with it)."""
+        self._irqfd(fd, gsi, lib.KVM_IRQFD_FLAG_DEASSIGN, 0)
+
+    def _irqfd(self, fd: int, gsi: int, flags: int, resamplefd: int) -> None:
         irqfd = ffi.new("struct kvm_irqfd *", {
             "fd": _u32(fd, "fd"), "gsi": _u32(gsi, "gsi"), "flags": flags,
-            "resamplefd": 0 if resamplefd is None else _u32(resamplefd, "resamplefd"),
+            "resamplefd": resamplefd,
         })
         self._ioctl("KVM_IRQFD", lib.KVM_IRQFD, irqfd)
+
+    def irqfd(self, fd: int, gsi: int, *, deassign: bool = False,
+              resamplefd: Optional[int] = None) -> None:
+        """Deprecated: :meth:`register_irqfd`, or with ``deassign=True``
+        :meth:`unregister_irqfd`."""
+        _deprecated("VmFd.irqfd(..., deassign=)", "register_irqfd() / unregister_irqfd()")
+        if not deassign:
+            self.register_irqfd(fd, gsi, resamplefd=resamplefd)
+        elif resamplefd is not None:
+            raise ArgumentError("KVM_IRQFD: deassign takes no resamplefd "
+                                "(deassigning fd from gsi drops its resampler too)")
+        else:
+            self.unregister_irqfd(fd, gsi)
 
     def get_dirty_log(self, slot: int, pages: int) -> bytes:
         """``KVM_GET_DIRTY_LOG``: the slot's dirty bitmap (one bit per page)."""
@@ -1140,28 +1228,36 @@ class VcpuFd(_Fd):
         self._ioctl("KVM_SET_FPU", lib.KVM_SET_FPU,
                     _struct_pointer(fpu, "struct kvm_fpu", "KVM_SET_FPU"))
 
-    def get_msrs(self, indices: Iterable[int]) -> Dict[int, int]:
-        """``KVM_GET_MSRS``: {index: value}; raises if any MSR cannot be read."""
+    def get_msrs(self, indices: Iterable[int], partial: bool = False) -> Dict[int, int]:
+        """``KVM_GET_MSRS``: {index: value}.  KVM reads them in order and stops
+        at the first it cannot read: that raises, unless ``partial=True``,
+        which returns those read before it."""
         indices = _as_list(indices, "MSR indices", "ints")
         values = _get_msrs(self, indices, "KVM_GET_MSRS")
-        if len(values) < len(indices):
+        if len(values) < len(indices) and not partial:
             bad = indices[len(values)]
             raise KvmError("KVM_GET_MSRS", errno.EINVAL,
                            f"MSR {bad:#x} cannot be read on this vCPU")
         return values
 
-    def set_msrs(self, values: Mapping[int, int]) -> None:
-        """``KVM_SET_MSRS``; raises naming the first MSR KVM refused."""
-        if not isinstance(values, Mapping):
-            raise ArgumentTypeError(f"KVM_SET_MSRS takes a mapping {{index: value}}, not {values!r}")
-        items = [(_u32(i, "MSR index"), _u64(v, "MSR value")) for i, v in values.items()]
-        _buf, msrs = _msrs_struct([i for i, _ in items])
-        for n, (_, value) in enumerate(items):
-            msrs.entries[n].data = value
+    def set_msrs(self, values, partial: bool = False) -> Optional[int]:
+        """``KVM_SET_MSRS`` from ``{index: value}`` (or a ``struct kvm_msrs *``
+        from :func:`msrs_struct`, passed as it is).  KVM writes them in order
+        and stops at the first it refuses: that raises, naming it, unless
+        ``partial=True``, which returns how many KVM took (the refused one is
+        ``entries[n]``)."""
+        if isinstance(values, ffi.CData):
+            msrs = _struct_pointer(values, "struct kvm_msrs", "KVM_SET_MSRS")
+        else:
+            msrs = msrs_struct(values)
         done = self._ioctl("KVM_SET_MSRS", lib.KVM_SET_MSRS, msrs)
-        if done < len(items):
+        if partial:
+            return done
+        if done < msrs.nmsrs:
+            refused = msrs.entries[done]
             raise KvmError("KVM_SET_MSRS", errno.EINVAL,
-                           f"MSR {items[done][0]:#x} refused the value {items[done][1]:#x}")
+                           f"MSR {refused.index:#x} refused the value {refused.data:#x}")
+        return None
 
     def get_cpuid2(self) -> List[CpuidEntry]:
         """``KVM_GET_CPUID2``: the CPUID table this vCPU shows its guest."""
@@ -1199,16 +1295,15 @@ class VcpuFd(_Fd):
         mp = ffi.new("struct kvm_mp_state *", {"mp_state": _u32(state, "state")})
         self._ioctl("KVM_SET_MP_STATE", lib.KVM_SET_MP_STATE, mp)
 
-    def get_lapic(self) -> bytes:
-        """``KVM_GET_LAPIC``: the local APIC's register page."""
-        lapic = self._get("KVM_GET_LAPIC", lib.KVM_GET_LAPIC, "struct kvm_lapic_state *")
-        return bytes(ffi.buffer(lapic))
+    def get_lapic(self):
+        """``KVM_GET_LAPIC`` -> ``struct kvm_lapic_state``: the local APIC's
+        register page (``regs``)."""
+        return self._get("KVM_GET_LAPIC", lib.KVM_GET_LAPIC, "struct kvm_lapic_state *")
 
-    def set_lapic(self, state: bytes) -> None:
-        """``KVM_SET_LAPIC``."""
-        lapic = ffi.new("struct kvm_lapic_state *")
-        _fill(lapic, state, "struct kvm_lapic_state")
-        self._ioctl("KVM_SET_LAPIC", lib.KVM_SET_LAPIC, lapic)
+    def set_lapic(self, state) -> None:
+        """``KVM_SET_LAPIC`` from :meth:`get_lapic`'s struct (or its bytes)."""
+        self._ioctl("KVM_SET_LAPIC", lib.KVM_SET_LAPIC,
+                    _struct_arg(state, "struct kvm_lapic_state", "KVM_SET_LAPIC"))
 
     def get_vcpu_events(self):
         """``KVM_GET_VCPU_EVENTS`` -> ``struct kvm_vcpu_events``."""
@@ -1249,35 +1344,43 @@ class VcpuFd(_Fd):
             self._xsave_size = max(size, ffi.sizeof("struct kvm_xsave"))
         return self._xsave_size
 
-    def get_xsave(self) -> bytes:
-        """``KVM_GET_XSAVE`` (needs KVM_CAP_XSAVE): the first 4096 bytes of the
-        vCPU's XSAVE area in the standard (non-compacted) format: x87, SSE,
-        AVX and the other components up to there, with the XSAVE header
-        (XSTATE_BV) at offset 512.  Components beyond 4096 bytes (AMX tiles)
-        need :meth:`get_xsave2`."""
-        area = self._get("KVM_GET_XSAVE", lib.KVM_GET_XSAVE, "struct kvm_xsave *")
-        return bytes(ffi.buffer(area))
+    def get_xsave(self):
+        """``KVM_GET_XSAVE`` (needs KVM_CAP_XSAVE) -> ``struct kvm_xsave``: the
+        first 4096 bytes of the vCPU's XSAVE area (``region``) in the standard
+        (non-compacted) format: x87, SSE, AVX and the other components up to
+        there, with the XSAVE header (XSTATE_BV) at offset 512.  Components
+        beyond 4096 bytes (AMX tiles) need :meth:`get_xsave2`."""
+        return self._get("KVM_GET_XSAVE", lib.KVM_GET_XSAVE, "struct kvm_xsave *")
 
-    def get_xsave2(self) -> bytes:
-        """``KVM_GET_XSAVE2`` (needs KVM_CAP_XSAVE2): the whole XSAVE area, as
-        :meth:`get_xsave` but :meth:`xsave_size` bytes long."""
+    def get_xsave2(self):
+        """``KVM_GET_XSAVE2`` (needs KVM_CAP_XSAVE2) -> ``struct kvm_xsave``
+        holding the whole XSAVE area, :meth:`xsave_size` bytes long
+        (:func:`struct_bytes` gives them all)."""
         if not lib.PVT_HAVE_KVM_GET_XSAVE2:
             raise KvmError("KVM_GET_XSAVE2", errno.ENOTTY,
                            "pyvt was built against <linux/kvm.h> older than Linux 5.17, "
                            "which lacks it; use get_xsave()")
-        area = ffi.new("char[]", self.xsave_size())
+        area = _variable_struct("struct kvm_xsave", self.xsave_size())
         self._ioctl("KVM_GET_XSAVE2", lib.KVM_GET_XSAVE2, area)
-        return bytes(ffi.buffer(area))
+        return area
 
-    def set_xsave(self, state: bytes) -> None:
-        """``KVM_SET_XSAVE`` from :meth:`get_xsave` or :meth:`get_xsave2`'s bytes.
+    def set_xsave(self, state) -> None:
+        """``KVM_SET_XSAVE`` from :meth:`get_xsave` or :meth:`get_xsave2`'s
+        struct, or its bytes.
 
         KVM reads :meth:`xsave_size` bytes: a shorter area (4096 bytes from
         ``get_xsave``) is passed zero-padded, so the components it lacks
         are those its XSTATE_BV leaves in their initial state."""
         size = self.xsave_size()
+        if isinstance(state, ffi.CData):
+            area = _struct_pointer(state, "struct kvm_xsave", "KVM_SET_XSAVE")
+            if _LENGTHS.get(area, ffi.sizeof("struct kvm_xsave")) >= size:
+                self._ioctl("KVM_SET_XSAVE", lib.KVM_SET_XSAVE, area)
+                return
+            state = struct_bytes(area)
         if not isinstance(state, (bytes, bytearray)):
-            raise ArgumentTypeError(f"XSAVE state must be bytes, not {type(state).__name__}")
+            raise ArgumentTypeError(f"XSAVE state must be a struct kvm_xsave (get_xsave()) or "
+                                    f"its bytes, not {type(state).__name__}")
         if not ffi.sizeof("struct kvm_xsave") <= len(state) <= size:
             raise ArgumentError(f"XSAVE state must be {ffi.sizeof('struct kvm_xsave')}-{size} "
                                 f"bytes for this vCPU, not {len(state)}")
@@ -1402,22 +1505,29 @@ class VcpuFd(_Fd):
                             "nested virtualization state needs a host with nested "
                             "VMX/SVM (kvm_intel/kvm_amd nested=1)")
 
-    def get_nested_state(self) -> bytes:
-        """``KVM_GET_NESTED_STATE`` (4.114, KVM_CAP_NESTED_STATE): the vCPU's
-        nested-virtualization state, a ``struct kvm_nested_state`` and its
-        data, as bytes (``size`` bytes long)."""
+    def get_nested_state(self):
+        """``KVM_GET_NESTED_STATE`` (4.114, KVM_CAP_NESTED_STATE) -> ``struct
+        kvm_nested_state`` followed by its data, ``size`` bytes in all
+        (:func:`struct_bytes` gives them)."""
         room = self._nested_state_size("KVM_GET_NESTED_STATE")
-        buf = ffi.new("char[]", max(room, ffi.sizeof("struct kvm_nested_state")))
-        state = ffi.cast("struct kvm_nested_state *", buf)
-        state.size = len(buf)
+        room = max(room, ffi.sizeof("struct kvm_nested_state"))
+        state = _variable_struct("struct kvm_nested_state", room)
+        state.size = room
         self._ioctl("KVM_GET_NESTED_STATE", lib.KVM_GET_NESTED_STATE, state)
-        return bytes(ffi.buffer(buf, min(state.size, len(buf))))
+        _LENGTHS[state] = min(state.size, room)
+        return state
 
-    def set_nested_state(self, state: bytes) -> None:
-        """``KVM_SET_NESTED_STATE`` (4.115) from :meth:`get_nested_state`'s bytes."""
+    def set_nested_state(self, state) -> None:
+        """``KVM_SET_NESTED_STATE`` (4.115) from :meth:`get_nested_state`'s
+        struct (or its bytes)."""
         self._nested_state_size("KVM_SET_NESTED_STATE")
+        if isinstance(state, ffi.CData):
+            state = struct_bytes(_struct_pointer(state, "struct kvm_nested_state",
+                                                 "KVM_SET_NESTED_STATE"))
         if not isinstance(state, (bytes, bytearray)):
-            raise ArgumentTypeError(f"nested state must be bytes, not {type(state).__name__}")
+            raise ArgumentTypeError(f"nested state must be a struct kvm_nested_state "
+                                    f"(get_nested_state()) or its bytes, not "
+                                    f"{type(state).__name__}")
         header = ffi.sizeof("struct kvm_nested_state")
         buf = ffi.new("char[]", max(len(state), header))
         ffi.buffer(buf, len(state))[:] = state

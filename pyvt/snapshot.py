@@ -40,7 +40,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from . import pc, snapshot_file, snapshot_memory
 from ._kvm import ffi, lib
 from .errors import Error, SnapshotError, SnapshotFileError, SnapshotFileNotFound
-from .kvm import _get_msrs, _msrs_struct, caps
+from .kvm import _get_msrs, _msrs_struct, caps, struct_bytes
 from .snapshot_file import FORMAT_VERSION, IRQCHIPS, MAGIC, STRUCTS
 from .snapshot_memory import PAGE_SIZE, RegionImage
 
@@ -252,9 +252,9 @@ def take(vm) -> Snapshot:
         regions = _take_memory(vm)
         try:
             vcpus = [_take_vcpu(vm, v) for v in sorted(vm.vcpus.values(), key=lambda v: v.index)]
-            irqchip = ([vm.fd.get_irqchip(getattr(lib, name)) for name in IRQCHIPS]
+            irqchip = ([_bytes(vm.fd.get_irqchip(getattr(lib, name))) for name in IRQCHIPS]
                        if vm.fd.has_irqchip else None)
-            pit = vm.fd.get_pit2() if vm.fd.has_pit else None
+            pit = _bytes(vm.fd.get_pit2()) if vm.fd.has_pit else None
             devices = {name: (dev._native.save_state(), dev._native.output())
                        for name, dev in _char_devices(vm).items()}
             pc_state = pc.save_state(vm) if vm.fw_cfg is not None else None
@@ -303,7 +303,7 @@ def _take_vcpu(vm, vcpu) -> VcpuImage:
         mp_state=fd.get_mp_state() if has("KVM_CAP_MP_STATE") else None,
         cpuid=_cpuid_bytes(fd), msrs=fd.get_msrs(_readable_msrs(vm, vcpu)),
         xcrs=_bytes(fd.get_xcrs()) if has("KVM_CAP_XCRS") else None,
-        lapic=fd.get_lapic() if vm.fd.has_irqchip else None,
+        lapic=_bytes(fd.get_lapic()) if vm.fd.has_irqchip else None,
         xsave=_get_xsave(vm, fd))
 
 
@@ -312,8 +312,8 @@ def _get_xsave(vm, fd) -> Optional[bytes]:
     backend have it), or None for a backend without XSAVE."""
     has = vm.kvm.check_extension
     if lib.PVT_HAVE_KVM_GET_XSAVE2 and "KVM_CAP_XSAVE2" in caps and has("KVM_CAP_XSAVE2"):
-        return fd.get_xsave2()
-    return fd.get_xsave() if has("KVM_CAP_XSAVE") else None
+        return struct_bytes(fd.get_xsave2())
+    return _bytes(fd.get_xsave()) if has("KVM_CAP_XSAVE") else None
 
 
 def _cpuid_bytes(fd) -> bytes:
