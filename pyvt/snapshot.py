@@ -1,9 +1,14 @@
 """Snapshots: everything needed to put a VM back exactly where it was.
 
-``snap = vm.snapshot()`` copies guest memory and every vCPU's state (general,
-special and FPU registers, the XSAVE area (AVX and later state), XCRs, MSRs,
-events, MP state, debug registers, the LAPIC and the in-kernel irqchip and
-PIT when present) and the native devices' state.  ``vm.restore(snap)`` puts
+``snap = vm.snapshot()`` copies guest memory, every vCPU's state (what
+:meth:`pyvt.Vcpu.save_state` returns: registers, the XSAVE area, XCRs, MSRs
+with the TSC, events, MP state, debug registers, the LAPIC, nested state
+where supported; see :mod:`pyvt.vcpu_state`), the VM's KVM clock and
+in-kernel irqchip and PIT when present (``Vm.save_clock``, ``save_irqchip``,
+``save_pit``) and the native devices' state.  This module only orchestrates:
+it pauses the VM, asks each owner for its state and gives it back; the
+file format is :mod:`pyvt.snapshot_file`'s, the CPUID check
+:mod:`pyvt.cpu_features`'.  ``vm.restore(snap)`` puts
 the same VM back in place.  ``pyvt.Vm.from_snapshot(snap)`` makes a new VM
 whose memory is a copy-on-write mapping of the snapshot's: N clones cost only
 the pages each one writes.  ``snap.save(path)`` / ``Snapshot.load(path)``

@@ -1,6 +1,8 @@
 """State kept by its owners: Vcpu.save_state()/restore_state(), the VM's
 KVM clock, irqchip and PIT, and the order a restore puts them back in."""
 
+import contextlib
+
 import pytest
 from test_kvm_interrupts import (
     APIC_BASE,
@@ -24,6 +26,21 @@ pytestmark = pytest.mark.requires_kvm
 MSR_TSC_DEADLINE = 0x6E0
 ARMED_PORT = 0x502
 LVT_TIMER_TSC_DEADLINE = 2 << 17
+
+
+@contextlib.contextmanager
+def _resumed(vm, snap, how: str, tmp_path):
+    """A VM in ``snap``'s state: ``vm`` restored ("restore"), a clone
+    ("clone"), or a clone of the snapshot saved and loaded ("file")."""
+    if how == "restore":
+        vm.restore(snap)
+        yield vm
+        return
+    if how == "file":
+        snap.save(tmp_path / "state.snap")
+        snap = Snapshot.load(tmp_path / "state.snap")
+    with pyvt.Vm.from_snapshot(snap) as clone:
+        yield clone
 
 
 def _tsc_deadline_guest(vector: int, cycles: int) -> bytes:
@@ -62,21 +79,10 @@ def test_tsc_deadline_timer_armed_before_a_snapshot_fires_after_restore(kvm, how
         assert snap.vcpus[0].msrs[MSR_TSC_DEADLINE] != 0  # armed, not fired yet
         expect_handler_then_done(cpu, 0x66)  # the original fires
         assert cpu.get_msrs([MSR_TSC_DEADLINE]) == {MSR_TSC_DEADLINE: 0}  # spent
-        if how == "restore":
-            target = vm
-            vm.restore(snap)
-        else:
-            if how == "file":
-                snap.save(tmp_path / "timer.snap")
-                snap = Snapshot.load(tmp_path / "timer.snap")
-            target = pyvt.Vm.from_snapshot(snap)
-        try:
+        with _resumed(vm, snap, how, tmp_path) as target:
             guest = target.vcpus[0]
             assert guest.get_msrs([MSR_TSC_DEADLINE])[MSR_TSC_DEADLINE] != 0  # re-armed
             expect_handler_then_done(guest, 0x66)
-        finally:
-            if target is not vm:
-                target.close()
 
 
 # -- the YMM registers, set from the host ----------------------------------------
@@ -114,20 +120,9 @@ def test_ymm_registers_set_from_the_host_survive(how, tmp_path):
         assert isinstance(cpu.run(timeout=10), exits.DebugExit)  # the guest ran meanwhile
         raw[_avx_offset():_avx_offset() + len(pattern)] = bytes(len(pattern))
         cpu.fd.set_xsave(bytes(raw))  # the host clears them after the snapshot
-        if how == "restore":
-            target = vm
-            vm.restore(snap)
-        else:
-            if how == "file":
-                snap.save(tmp_path / "ymm.snap")
-                snap = Snapshot.load(tmp_path / "ymm.snap")
-            target = pyvt.Vm.from_snapshot(snap)
-        try:
+        with _resumed(vm, snap, how, tmp_path) as target:
             now = struct_bytes(target.vcpus[0].fd.get_xsave())
             assert now[_avx_offset():_avx_offset() + len(pattern)] == pattern
-        finally:
-            if target is not vm:
-                target.close()
 
 
 # -- Vcpu.save_state / restore_state ---------------------------------------------
