@@ -663,6 +663,8 @@ class paused:
     puts back).  Raises :class:`pyvt.SnapshotError` if a vCPU is running."""
 
     def __init__(self, vm, pending_io: str):
+        if pending_io not in ("complete writes", "abandon"):
+            raise ArgumentError(f"pending_io is 'complete writes' or 'abandon', not {pending_io!r}")
         self.pause_lock = vm._pause_lock
         self.vcpus = list(vm.vcpus.values())
         self.pending_io = pending_io
