@@ -262,7 +262,7 @@ def clone(snap: Snapshot, vm_class, backend=None):
         if snap.pit is not None:
             vm.fd.create_pit2()
         for state in snap.vcpus:
-            vcpu = vm._new_vcpu(state.index, state.mode, setup=False)
+            vcpu = vm._new_vcpu(state.index, state.mode, setup=False, ring=state.ring)
             vcpu.fd.set_cpuid2_table(state.cpuid)
         _restore_state(vm, snap)
     except BaseException:

@@ -138,7 +138,7 @@ def save(snap, path) -> None:
         "regions": regions,
         "clock": snap.clock,
         "vcpus": [{
-            "index": v.index, "mode": v.mode, "mp_state": v.mp_state,
+            "index": v.index, "mode": v.mode, "ring": v.ring, "mp_state": v.mp_state,
             "msrs": {str(k): val for k, val in v.msrs.items()},
             "regs": blob(v.regs), "sregs": optional(v.sregs), "sregs2": optional(v.sregs2),
             "fpu": blob(v.fpu), "events": optional(v.events),
@@ -264,7 +264,7 @@ class _Header:
 _TOP_FIELDS = ("format", "pyvt", "structs", "page_size", "backend", "debug_exit_port",
                "regions", "clock", "vcpus", "devices", "irqchip", "pit", "pc", "blobs")
 _REGION_FIELDS = ("gpa", "size", "readonly", "runs", "data")
-_VCPU_FIELDS = ("index", "mode", "mp_state", "msrs", "regs", "sregs", "sregs2", "fpu",
+_VCPU_FIELDS = ("index", "mode", "ring", "mp_state", "msrs", "regs", "sregs", "sregs2", "fpu",
                 "events", "debugregs", "cpuid", "xcrs", "lapic", "xsave", "nested")
 _DEVICES = ("console", "debugcon")
 
@@ -448,6 +448,9 @@ def _check_header(check: _Header, header: Dict[str, Any]) -> None:
         indices.add(index)
         if v["mode"] not in modes.MODES:
             check.fail(f"{where}.mode", f"is {v['mode']!r}, not one of {modes.MODES}")
+        if isinstance(v["ring"], bool) or v["ring"] not in modes.RINGS or (
+                v["ring"] == 3 and v["mode"] != "long"):
+            check.fail(f"{where}.ring", f"is {v['ring']!r}, not 0 or 3 (3 in long mode only)")
         if v["mp_state"] is not None:
             check.integer(v["mp_state"], f"{where}.mp_state", 0, (1 << 32) - 1)
         if not isinstance(v["msrs"], dict):
@@ -539,7 +542,7 @@ def _snapshot(header: Dict[str, Any], images: List[RegionImage], get):
     """The Snapshot a checked header describes."""
     from .snapshot import Snapshot
 
-    vcpus = [VcpuState(index=v["index"], mode=v["mode"], regs=get(v["regs"]),
+    vcpus = [VcpuState(index=v["index"], mode=v["mode"], ring=v["ring"], regs=get(v["regs"]),
                        sregs=get(v["sregs"]), sregs2=get(v["sregs2"]), fpu=get(v["fpu"]),
                        events=get(v["events"]), debugregs=get(v["debugregs"]),
                        mp_state=v["mp_state"], cpuid=get(v["cpuid"]),

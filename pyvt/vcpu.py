@@ -236,7 +236,8 @@ class Vcpu:
         be running: this raises :class:`pyvt.Error` if it is."""
         with self._stopped():
             self._settle_for_snapshot()
-            return vcpu_state.read(self.fd, self._load_regs(), self.index, self.mode)
+            return vcpu_state.read(self.fd, self._load_regs(), self.index, self.mode,
+                                   self.ring)
 
     def restore_state(self, state: VcpuState) -> None:
         """Puts back a state :meth:`save_state` returned (of this vCPU, or of
@@ -248,6 +249,7 @@ class Vcpu:
             vcpu_state.write(self.fd, state, self._put_regs)
             self._sregs = None
             self.mode = state.mode
+            self.ring = state.ring
             self.last_exit = None
 
     def _put_regs(self, data: bytes) -> None:

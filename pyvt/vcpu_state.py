@@ -74,6 +74,8 @@ class VcpuState:
     sregs2: Optional[bytes] = None
     #: KVM_GET_NESTED_STATE's struct and data, where the backend has it.
     nested: Optional[bytes] = None
+    #: The privilege level the vCPU was made for (``vm.vcpu(..., ring=3)``).
+    ring: int = 0
     #: The KVM_SET_MSRS block last built from ``msrs`` (see _write_msrs).
     _msr_block: Any = field(default=None, init=False, repr=False, compare=False)
 
@@ -108,13 +110,13 @@ def _bytes(struct) -> bytes:
     return bytes(ffi.buffer(struct))
 
 
-def read(fd, regs, index: int, mode: str) -> VcpuState:
+def read(fd, regs, index: int, mode: str, ring: int = 0) -> VcpuState:
     """The state of the vCPU behind VcpuFd ``fd``; ``regs`` is its current
     ``struct kvm_regs`` (the owner's cache or sync-regs page)."""
     has = fd.vm.kvm.check_extension
     sregs2 = has("KVM_CAP_SREGS2") if "KVM_CAP_SREGS2" in caps else 0
     return VcpuState(
-        index=index, mode=mode, regs=_bytes(ffi.addressof(regs)),
+        index=index, mode=mode, ring=ring, regs=_bytes(ffi.addressof(regs)),
         sregs=None if sregs2 else _bytes(fd.get_sregs()),
         sregs2=_bytes(fd.get_sregs2()) if sregs2 else None,
         fpu=_bytes(fd.get_fpu()),
