@@ -21,6 +21,8 @@ from .errors import (
     BackendNotFound,
     BackendPermissionError,
     ClosedError,
+    DeviceError,
+    DeviceStateError,
     EntryFailed,
     Error,
     GuestError,
@@ -55,6 +57,6 @@ __all__ = [
     "ApiVersionMismatch", "KvmError", "MemoryConfigError", "RegionOverlapError",
     "OutOfRangeError", "InvalidModeError", "VcpuIndexError", "ClosedError",
     "ArgumentError", "ArgumentTypeError", "MsrFault", "GuestError", "TripleFault", "EntryFailed",
-    "InternalError", "UnmappedAddressError",
+    "InternalError", "UnmappedAddressError", "DeviceError", "DeviceStateError",
     "Snapshot", "SnapshotError", "SnapshotFileError", "SnapshotFileNotFound",
 ]

@@ -37,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import pc, snapshot_file, snapshot_memory
+from . import device_model, snapshot_file, snapshot_memory
 from ._kvm import ffi, lib
 from .errors import Error, SnapshotError, SnapshotFileError, SnapshotFileNotFound
 from .kvm import _get_msrs, _msrs_struct, caps
@@ -82,13 +82,18 @@ class Snapshot:
     backend: str
     regions: List[RegionImage]
     vcpus: List[VcpuImage]
-    devices: Dict[str, Tuple[bytes, bytes]]  # name -> (registers, output so far)
+    #: Each native device's state, ``{name: device.save_state()}``: the
+    #: consoles' registers and output, fw_cfg (items, files, read position),
+    #: CMOS, i8042, POST code (the PC devices absent for pc_devices=False).
+    devices: Dict[str, Any]
     irqchip: Optional[List[bytes]] = None
     pit: Optional[bytes] = None
     debug_exit_port: Optional[int] = 0xF4
-    #: pyvt.pc.save_state(): fw_cfg (items, files, read position), CMOS,
-    #: i8042, POST code; None for a VM made with pc_devices=False.
-    pc: Optional[Dict[str, Any]] = None
+
+    @property
+    def pc_devices(self) -> bool:
+        """Whether the VM had the PC devices (``Vm(pc_devices=...)``)."""
+        return any(device_model.by_name(name).pc for name in self.devices)
 
     @property
     def memory_size(self) -> int:
@@ -238,10 +243,6 @@ class _Paused:
         self.pause_lock.release()
 
 
-def _char_devices(vm) -> Dict[str, Any]:
-    return {"console": vm.console, "debugcon": vm.debugcon}
-
-
 def take(vm) -> Snapshot:
     """Implements :meth:`pyvt.Vm.snapshot`."""
     vm._check_open()
@@ -255,17 +256,15 @@ def take(vm) -> Snapshot:
             irqchip = ([vm.fd.get_irqchip(getattr(lib, name)) for name in IRQCHIPS]
                        if vm.fd.has_irqchip else None)
             pit = vm.fd.get_pit2() if vm.fd.has_pit else None
-            devices = {name: (dev._native.save_state(), dev._native.output())
-                       for name, dev in _char_devices(vm).items()}
-            pc_state = pc.save_state(vm) if vm.fw_cfg is not None else None
+            devices = {name: device.save_state() for name, device in vm.devices.items()
+                       if device.has_state}
         except BaseException:
             for image in regions:
                 image.close()
             raise
     return Snapshot(backend=vm.backend, regions=regions, vcpus=vcpus, devices=devices,
                     irqchip=irqchip, pit=pit,
-                    debug_exit_port=vm.debug_exit.port if vm.debug_exit else None,
-                    pc=pc_state)
+                    debug_exit_port=vm.debug_exit.port if vm.debug_exit else None)
 
 
 def _take_memory(vm) -> List[RegionImage]:
@@ -439,15 +438,15 @@ def _restore_state(vm, snap: Snapshot) -> None:
         vm.fd.set_pit2(snap.pit)
     for image in snap.vcpus:
         _restore_vcpu(vm, vm.vcpus[image.index], image)
-    for name, dev in _char_devices(vm).items():
-        state, output = snap.devices[name]
-        if dev._native.load_state(state) or dev._native.replace_output(output):
-            raise SnapshotError(f"cannot restore the {name} device's state")
-    if snap.pc is not None:
+    for name, state in snap.devices.items():
+        device = vm.devices.get(name)
+        if device is None:
+            raise SnapshotError(f"the snapshot has a {name} device but this VM has none "
+                                "(made with pc_devices=False?)")
         try:
-            pc.load_state(vm, snap.pc)
+            device.load_state(state)
         except Error as e:
-            raise SnapshotError(f"cannot restore the PC devices: {e}") from None
+            raise SnapshotError(f"cannot restore the {name} device's state: {e}") from None
 
 
 def _check_open(snap: Snapshot) -> None:
@@ -479,7 +478,7 @@ def clone(snap: Snapshot, backend=None, vm_class=None):
     path = select_backend(backend if backend is not None else snap.backend)
     main = snap.regions[0]
     vm = (vm_class or Vm)(memory=main.size, backend=path, debug_exit_port=snap.debug_exit_port,
-                          pc_devices=snap.pc is not None, _memory_source=main.memfd)
+                          pc_devices=snap.pc_devices, _memory_source=main.memfd)
     try:
         vm.memory.regions[0].origin = main
         for saved in snap.regions[1:]:
