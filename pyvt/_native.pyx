@@ -26,6 +26,7 @@ from pyvt.errors import (
     DeviceError,
     DeviceStateError,
     Error,
+    KvmError,
     MsrFault,
     RegionOverlapError,
 )
@@ -723,15 +724,25 @@ cdef class VcpuLoop:
             return None
         return "read" if self.v.pending_io == PVT_PENDING_READ else "write"
 
-    def finish_io(self):
-        """Completes the pending access now, with what kvm_run holds;
-        returns 0 or -errno."""
-        return pvt_vcpu_finish_io(&self.v) if self.v.run != NULL else 0
+    def finish_io(self, str vcpu):
+        """Completes the pending access now, with what kvm_run holds
+        (``vcpu`` names the vCPU in an error)."""
+        if self.v.run != NULL:
+            self.check_settled(pvt_vcpu_finish_io(&self.v), vcpu, "complete")
 
-    def abandon_io(self):
+    def abandon_io(self, str vcpu):
         """Drops a pending read (the instruction runs again on the next
-        run) or retires a pending write; returns 0 or -errno."""
-        return pvt_vcpu_abandon_io(&self.v) if self.v.run != NULL else 0
+        run) or retires a pending write."""
+        if self.v.run != NULL:
+            self.check_settled(pvt_vcpu_abandon_io(&self.v), vcpu, "abandon")
+
+    cdef int check_settled(self, int rc, str vcpu, str what) except -1:
+        if rc == -errno.EPROTO:  # KVM_RUN exited instead of just completing
+            raise Error(f"{vcpu}: KVM reported exit reason {self.v.run.exit_reason} while "
+                        f"pyvt tried to {what} the pending I/O access; run() the vCPU to see it")
+        if rc:
+            raise KvmError("KVM_RUN", -rc, f"{vcpu} could not {what} its pending I/O access")
+        return 0
 
     @property
     def stats(self):

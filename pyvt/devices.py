@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type
 
@@ -352,9 +353,6 @@ class DebugExit(Device):
         return exits.DebugExit(code, self.port, rip)
 
 
-#: The name this class had before the device model (issue 13).
-DebugExitDevice = DebugExit
-
 #: The devices every VM has (``debug_exit`` unless ``debug_exit_port=None``).
 BASE_DEVICES = (
     DeviceDescriptor("console", _native.Uart, SerialConsole, _native.UART_PORT, coalesced=True),
@@ -363,3 +361,11 @@ BASE_DEVICES = (
     DeviceDescriptor("debug_exit", _native.DebugExit, DebugExit, _native.DEBUG_EXIT_PORT,
                      port_option="debug_exit_port"),
 )
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DebugExitDevice":  # its name before the device model (issue 13)
+        warnings.warn("pyvt.devices.DebugExitDevice is now pyvt.devices.DebugExit",
+                      DeprecationWarning, stacklevel=2)
+        return DebugExit
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
