@@ -23,6 +23,7 @@ import reprlib
 from pyvt.errors import (
     ArgumentError,
     ArgumentTypeError,
+    ClosedError,
     DeviceError,
     DeviceStateError,
     Error,
@@ -691,7 +692,7 @@ cdef class VcpuLoop:
         self.machine = machine
         self.page = run_page
         if ring_offset and ring_offset + page_size > self.page.shape[0]:
-            raise ValueError("the coalesced ring lies outside the vCPU mapping")
+            raise ArgumentError("the coalesced ring lies outside the vCPU mapping")
         pvt_vcpu_init(&self.v, fd, <kvm_run *>&self.page[0], self.page.shape[0], machine.m,
                       <void *>&self.page[ring_offset] if ring_offset else NULL,
                       page_size)
@@ -836,6 +837,8 @@ cdef class VcpuLoop:
             else:
                 self.call_msr(self.info.user_id)
         except BaseException:
+            # The handler's exception is what the caller must see; should
+            # abandoning fail too, the next run() reports KVM's state.
             pvt_vcpu_abandon_io(&self.v)
             raise
         finally:
@@ -889,10 +892,10 @@ cdef class VcpuLoop:
         cdef bint armed = False
 
         if self.v.run == NULL:
-            raise ValueError("the vCPU is closed")
+            raise ClosedError("the vCPU is closed")
         rc = pvt_kick_setup()
         if rc:
-            raise OSError(-rc, "cannot install the vCPU kick signal handler")
+            raise Error(f"cannot install the vCPU kick signal handler: {os.strerror(-rc)}")
         if timeout >= MAX_TIMEOUT_NS / 1e9:
             timeout = -1.0  # centuries: no deadline (and no uint64 overflow)
         if timeout >= 0:
@@ -908,7 +911,7 @@ cdef class VcpuLoop:
             if first:
                 rc = pvt_kick_arm(first, interval)
                 if rc:
-                    raise OSError(-rc, "cannot arm the vCPU kick timer")
+                    raise Error(f"cannot arm the vCPU kick timer: {os.strerror(-rc)}")
                 armed = True
             elif timeout >= 0:
                 # A zero timeout: run no guest code at all.
