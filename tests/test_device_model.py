@@ -279,28 +279,23 @@ def test_ports_and_counts_are_the_c_headers():
     if not (ROOT / "csrc").is_dir():
         pytest.skip("needs the source checkout")
     c = _header_defines()
-    assert {
-        "UART_PORT": c["PVT_UART_DEFAULT_PORT"], "UART_PORT_COUNT": c["PVT_UART_PORT_COUNT"],
-        "DEBUGCON_PORT": c["PVT_DEBUGCON_DEFAULT_PORT"],
-        "DEBUGCON_PORT_COUNT": c["PVT_DEBUGCON_PORT_COUNT"],
-        "DEBUG_EXIT_PORT": c["PVT_DEBUG_EXIT_DEFAULT_PORT"],
-        "DEBUG_EXIT_PORT_COUNT": c["PVT_DEBUG_EXIT_PORT_COUNT"],
-        "FW_CFG_PORT": c["PVT_FW_CFG_PORT"], "FW_CFG_PORT_COUNT": c["PVT_FW_CFG_PORT_COUNT"],
-        "CMOS_PORT": c["PVT_CMOS_PORT"], "CMOS_PORT_COUNT": c["PVT_CMOS_PORT_COUNT"],
-        "PM_TIMER_PORT": c["PVT_PM_TIMER_PORT"],
-        "PM_TIMER_PORT_COUNT": c["PVT_PM_TIMER_PORT_COUNT"],
-        "I8042_DATA_PORT": c["PVT_I8042_DATA_PORT"],
-        "I8042_COMMAND_PORT": c["PVT_I8042_COMMAND_PORT"],
-        "I8042_PORT_COUNT": c["PVT_I8042_PORT_COUNT"],
-        "POST_PORT": c["PVT_PORT80_PORT"], "POST_PORT_COUNT": c["PVT_PORT80_PORT_COUNT"],
-        "FW_CFG_FILE_DIR": c["PVT_FW_CFG_FILE_DIR"], "FW_CFG_KEY_COUNT": c["PVT_FW_CFG_KEY_COUNT"],
-        "I8042_CMD_PULSE_RESET": c["PVT_I8042_CMD_PULSE_RESET"],
-    } == {name: getattr(_native, name) for name in (
-        "UART_PORT", "UART_PORT_COUNT", "DEBUGCON_PORT", "DEBUGCON_PORT_COUNT",
-        "DEBUG_EXIT_PORT", "DEBUG_EXIT_PORT_COUNT", "FW_CFG_PORT", "FW_CFG_PORT_COUNT",
-        "CMOS_PORT", "CMOS_PORT_COUNT", "PM_TIMER_PORT", "PM_TIMER_PORT_COUNT",
-        "I8042_DATA_PORT", "I8042_COMMAND_PORT", "I8042_PORT_COUNT", "POST_PORT",
-        "POST_PORT_COUNT", "FW_CFG_FILE_DIR", "FW_CFG_KEY_COUNT", "I8042_CMD_PULSE_RESET")}
+    python_to_c = {
+        "UART_PORT": "PVT_UART_DEFAULT_PORT", "UART_PORT_COUNT": "PVT_UART_PORT_COUNT",
+        "DEBUGCON_PORT": "PVT_DEBUGCON_DEFAULT_PORT",
+        "DEBUGCON_PORT_COUNT": "PVT_DEBUGCON_PORT_COUNT",
+        "DEBUG_EXIT_PORT": "PVT_DEBUG_EXIT_DEFAULT_PORT",
+        "DEBUG_EXIT_PORT_COUNT": "PVT_DEBUG_EXIT_PORT_COUNT",
+        "FW_CFG_PORT": "PVT_FW_CFG_PORT", "FW_CFG_PORT_COUNT": "PVT_FW_CFG_PORT_COUNT",
+        "CMOS_PORT": "PVT_CMOS_PORT", "CMOS_PORT_COUNT": "PVT_CMOS_PORT_COUNT",
+        "PM_TIMER_PORT": "PVT_PM_TIMER_PORT", "PM_TIMER_PORT_COUNT": "PVT_PM_TIMER_PORT_COUNT",
+        "I8042_DATA_PORT": "PVT_I8042_DATA_PORT", "I8042_COMMAND_PORT": "PVT_I8042_COMMAND_PORT",
+        "I8042_PORT_COUNT": "PVT_I8042_PORT_COUNT",
+        "POST_PORT": "PVT_PORT80_PORT", "POST_PORT_COUNT": "PVT_PORT80_PORT_COUNT",
+        "FW_CFG_FILE_DIR": "PVT_FW_CFG_FILE_DIR", "FW_CFG_KEY_COUNT": "PVT_FW_CFG_KEY_COUNT",
+        "I8042_CMD_PULSE_RESET": "PVT_I8042_CMD_PULSE_RESET",
+    }
+    for python, macro in python_to_c.items():
+        assert getattr(_native, python) == c[macro], (python, macro)
     # Python's own names are the same objects, not numbers written again.
     assert (pc.FW_CFG_PORT, pc.CMOS_PORT, pc.PM_TIMER_PORT, pc.POST_PORT) == (
         _native.FW_CFG_PORT, _native.CMOS_PORT, _native.PM_TIMER_PORT, _native.POST_PORT)
