@@ -5,6 +5,7 @@
  *
  *   raw_kvm exits   GUEST COUNT PORT  one port-I/O exit per loop iteration
  *   raw_kvm spawn   GUEST COUNT       create VM, memory, vCPU, run to hlt
+ *   raw_kvm lifecycle GUEST COUNT     the same, then tear the VM down
  *   raw_kvm console GUEST COUNT       count bytes written to 0xe9 / 0x3f8
  *
  * GUEST is a flat real-mode binary loaded at 0x1000; the guest's loop count
@@ -12,7 +13,7 @@
  * the wall and user-CPU time of the measured part.
  *
  * Built with -DRAW_KVM_LIBRARY it is a shared object instead (raw_exits(),
- * raw_spawn()), so the benchmark can also run the baseline inside its own
+ * raw_spawn(), raw_lifecycle()), so the benchmark can also run the baseline inside its own
  * process: the kernel's cost of an exit grows with the caller's address
  * space on some hosts, and in-process figures isolate what pyvt adds.
  */
@@ -217,6 +218,23 @@ double raw_spawn(const uint8_t *code, size_t len, uint64_t count)
 	return total / 1e9 / count;
 }
 
+/* A whole VM lifecycle: create, run to the first hlt, tear down. */
+double raw_lifecycle(const uint8_t *code, size_t len, uint64_t count)
+{
+	uint64_t start, i;
+	struct vm vm;
+
+	if (!kvm_fd)
+		setup_system();
+	start = now_ns();
+	for (i = 0; i < count; i++) {
+		create_vm(&vm, code, len);
+		run_to_hlt(&vm, NULL);
+		destroy_vm(&vm);
+	}
+	return (now_ns() - start) / 1e9 / count;
+}
+
 #ifndef RAW_KVM_LIBRARY
 static uint8_t *read_guest(const char *path, size_t *len)
 {
@@ -238,7 +256,7 @@ int main(int argc, char **argv)
 	size_t len;
 
 	if (argc < 4) {
-		fprintf(stderr, "usage: raw_kvm exits|spawn|console GUEST COUNT [PORT]\n");
+		fprintf(stderr, "usage: raw_kvm exits|spawn|lifecycle|console GUEST COUNT [PORT]\n");
 		return 2;
 	}
 	setup_system();
@@ -247,6 +265,10 @@ int main(int argc, char **argv)
 
 	if (!strcmp(argv[1], "spawn")) {
 		printf("{\"seconds_per_spawn\": %.9f}\n", raw_spawn(code, len, count));
+		return 0;
+	}
+	if (!strcmp(argv[1], "lifecycle")) {
+		printf("{\"seconds_per_vm\": %.9f}\n", raw_lifecycle(code, len, count));
 		return 0;
 	}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import json
 import resource
 import statistics
@@ -55,6 +56,7 @@ class Baseline:
             double raw_exits(const uint8_t *code, size_t len, uint64_t count,
                              uint64_t port, double *user, uint64_t *exits);
             double raw_spawn(const uint8_t *code, size_t len, uint64_t count);
+            double raw_lifecycle(const uint8_t *code, size_t len, uint64_t count);
         """)
         self.lib = self.ffi.dlopen(str(library))
 
@@ -72,6 +74,9 @@ class Baseline:
 
     def spawn_here(self, code: bytes, count: int) -> float:
         return self.lib.raw_spawn(code, len(code), count)
+
+    def lifecycle_here(self, code: bytes, count: int) -> float:
+        return self.lib.raw_lifecycle(code, len(code), count)
 
 
 def guest_file(workdir: Path, name: str) -> Path:
@@ -144,6 +149,43 @@ def pyvt_spawn(code: bytes, count: int) -> dict:
     return {"seconds_per_spawn": total / count}
 
 
+def pyvt_lifecycle(code: bytes, count: int) -> float:
+    """Seconds per whole VM life: create, run to the first hlt, close."""
+    start = time.perf_counter()
+    for _ in range(count):
+        with pyvt.Vm("1M") as vm:
+            vm.memory.write(0x1000, code)
+            cpu = vm.vcpu(0, mode="real")
+            cpu.regs.rip = 0x1000
+            exit = cpu.run()
+            assert isinstance(exit, exits.Hlt), exit
+    return (time.perf_counter() - start) / count
+
+
+#: What forked scaling workers run: set before the pool forks.
+_LIFECYCLE = {}
+
+
+def _lifecycle_worker(count: int) -> float:
+    return _LIFECYCLE["run"](count)
+
+
+def vms_per_second(workers: int, count: int, one_batch) -> float:
+    """VM lifecycles per second, host-wide, with ``workers`` processes each
+    running ``one_batch(count)`` (which returns seconds per VM).  The
+    processes are forked before the clock starts."""
+    if workers == 1:
+        return 1 / one_batch(count)
+    import multiprocessing
+
+    _LIFECYCLE["run"] = one_batch
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        pool.map(_lifecycle_worker, [1] * workers)  # warm: every worker is up
+        start = time.perf_counter()
+        pool.map(_lifecycle_worker, [count] * workers, chunksize=1)
+        return workers * count / (time.perf_counter() - start)
+
+
 def pyvt_console(code: bytes, count: int, which: str) -> dict:
     with pyvt.Vm("1M") as vm:
         cpu = pyvt_vcpu(vm, code, count, 0)
@@ -166,9 +208,12 @@ def unicorn_compute(code: bytes, count: int) -> float:
     return time.perf_counter() - start
 
 
-def pyvt_compute(code: bytes, count: int) -> float:
+def pyvt_compute(code: bytes, count: int, ring: int = 0) -> float:
     with pyvt.Vm("16M") as vm:
-        cpu = pyvt_vcpu(vm, code, count, 0, mode="long")
+        vm.memory.write(0x1000, code)
+        cpu = vm.vcpu(0, mode="long", ring=ring)
+        cpu.regs.rip = 0x1000
+        cpu.regs.rcx = count
         return timed_run(cpu)[0]
 
 
@@ -212,6 +257,8 @@ def main() -> int:
     # Guest code is emulated instruction by instruction on software-assisted
     # KVM (PVM): keep the compute guest short enough for such hosts.
     console_count, compute_count = 100000 // scale, 500_000 // scale
+    # At CPL 3 it runs natively there: a longer run gives a steadier figure.
+    long_compute_count = 50_000_000 // scale
 
     r = {}
 
@@ -239,13 +286,23 @@ def main() -> int:
             add("spawn_process", base.run("spawn", guests["hlt"], spawn_count)["seconds_per_spawn"])
             add("spawn_here", base.spawn_here(code["hlt"], spawn_count))
             add("spawn", pyvt_spawn(code["hlt"], spawn_count)["seconds_per_spawn"])
+            add("life_here", base.lifecycle_here(code["hlt"], spawn_count))
+            add("life", pyvt_lifecycle(code["hlt"], spawn_count))
+            for workers in (1, 2):
+                add(f"rate_raw_{workers}", vms_per_second(
+                    workers, spawn_count, functools.partial(base.lifecycle_here, code["hlt"])))
+                add(f"rate_{workers}", vms_per_second(
+                    workers, spawn_count, functools.partial(pyvt_lifecycle, code["hlt"])))
             add("dcon_raw", base.run("console", guests["debugcon_print"], console_count)["seconds"])
             add("dcon", pyvt_console(code["debugcon_print"], console_count, "debugcon")["seconds"])
             add("uart_raw", base.run("console", guests["uart_print"], console_count)["seconds"])
             add("uart", pyvt_console(code["uart_print"], console_count, "console")["seconds"])
             add("compute", pyvt_compute(code["compute"], compute_count))
+            add("compute_ring3", pyvt_compute(code["compute"], compute_count, ring=3))
+            add("compute_ring3_long", pyvt_compute(code["compute"], long_compute_count, ring=3))
             if have_unicorn:
                 add("unicorn", unicorn_compute(code["compute"], compute_count))
+                add("unicorn_long", unicorn_compute(code["compute"], long_compute_count))
 
     print(f"pyvt {pyvt.__version__}, backend {pyvt.select_backend()}, {args.rounds} rounds, medians")
     print("raw C 'here': the baseline as a shared object in this process; "
@@ -266,12 +323,23 @@ def main() -> int:
     ratio_row("VM spawn to first hlt vs raw C here", r["spawn"], r["spawn_here"], "ms", 1e3,
               "(target <= 1.3x)")
     ratio_row("VM spawn to first hlt vs raw C own process", r["spawn"], r["spawn_process"], "ms", 1e3)
+    ratio_row("VM lifecycle: create, run to hlt, close vs raw C", r["life"], r["life_here"], "ms",
+              1e3, "(target <= 1.3x)")
+    for workers in (1, 2):
+        rate, raw = median(r[f"rate_{workers}"]), median(r[f"rate_raw_{workers}"])
+        print(f"{f'VM lifecycles per second, {workers} process(es)':<50} {rate:>9.0f} "
+              f"{raw:>9.0f} /s  {rate / raw:>6.2f}x of raw C")
     speedup_row(f"{console_count} chars to the debug console (0xe9)", r["dcon"], r["dcon_raw"],
                 "(target >= 5x)")
     speedup_row(f"{console_count} chars through the UART, LSR polled", r["uart"], r["uart_raw"],
                 "(target >= 1.5x)")
+    speedup_row(f"{compute_count} xorshift rounds, CPL 3 vs CPL 0 (ring=3)", r["compute_ring3"],
+                r["compute"])
     if "unicorn" in r:
-        speedup_row(f"{compute_count} xorshift rounds, pyvt vs unicorn", r["compute"], r["unicorn"])
+        speedup_row(f"{compute_count} xorshift rounds, CPL 0 vs unicorn", r["compute"],
+                    r["unicorn"])
+        speedup_row(f"{long_compute_count} xorshift rounds, CPL 3 vs unicorn",
+                    r["compute_ring3_long"], r["unicorn_long"], "(target >= 4x)")
     snapshots.report(rounds=args.rounds, calls=500 // scale)
     dirty_log.report(rounds=args.rounds)
     return 0

@@ -48,6 +48,18 @@ static void delete_thread_timer(void *timer)
 	free(timer);
 }
 
+/*
+ * POSIX timers are not inherited by fork(): in the child, the forking
+ * thread's timer id names nothing (timer_settime fails with EINVAL), so it
+ * makes a new one on first use.
+ */
+static void forget_timer_in_child(void)
+{
+	free(pthread_getspecific(timer_key));
+	pthread_setspecific(timer_key, NULL);
+	thread_timer_made = false;
+}
+
 static void setup(void)
 {
 	struct sigaction action;
@@ -61,6 +73,8 @@ static void setup(void)
 		setup_result = -errno;
 	else
 		setup_result = -pthread_key_create(&timer_key, delete_thread_timer);
+	if (!setup_result)
+		setup_result = -pthread_atfork(NULL, NULL, forget_timer_in_child);
 }
 
 int pvt_kick_setup(void)

@@ -99,8 +99,16 @@ def assemble_file(path, at: int = DEFAULT_ADDRESS) -> bytes:
         raise ArgumentTypeError(f"path must be a file path, not {path!r}")
     path = os.fsdecode(path)
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            source = f.read()
+        with open(path, "rb") as f:
+            raw = f.read()
     except OSError as e:
         raise AssemblerError(f"cannot read {path}: {e.strerror}") from None
+    return assemble_source_bytes(raw, path, at)
+
+
+def assemble_source_bytes(raw: bytes, path: str, at: int = DEFAULT_ADDRESS) -> bytes:
+    """Assembles the contents ``raw`` of the source file ``path``.  The
+    assembler reads bytes, so bytes that are not UTF-8 (a Latin-1 string
+    in ``.ascii``) reach the guest as they are in the file."""
+    source = raw.decode("utf-8", "surrogateescape")
     return assemble(source, at=at, name=os.path.splitext(os.path.basename(path))[0])

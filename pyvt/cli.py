@@ -1,6 +1,6 @@
 """The ``pyvt`` command line (also ``python -m pyvt``).
 
-    pyvt run FILE [--mode long] [--at ADDR] [--timeout S] [--memory 16M]
+    pyvt run FILE [--mode long] [--ring 0|3] [--at ADDR] [--timeout S] [--memory 16M]
                   (FILE: a flat binary, or assembly source ending in .S/.s)
     pyvt boot KERNEL [--smp N] [--memory 128M] [--append ARGS] [--initrd FILE]
                      [--timeout S] [--no-irqchip] [--strict-io] [--trace-io] [--no-stdin]
@@ -98,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("file", help="flat binary (raw machine code), or UTF-8 assembly source "
                      "(.S/.s); refused if larger than the guest RAM above --at")
     run.add_argument("--mode", choices=["real", "protected", "long"], default="long")
+    run.add_argument("--ring", type=int, choices=[0, 3], default=0,
+                     help="privilege level (3: CPL 3, long mode; native on PVM hosts)")
     run.add_argument("--at", type=_address, default=None, help="load address (default 0x1000)")
     run.add_argument("--timeout", type=_seconds, default=None, help=_TIMEOUT_HELP)
     run.add_argument("--memory", default="16M", help="guest RAM (default 16M)")
@@ -146,16 +148,11 @@ def exit_status(exit: exits.AnyExit) -> int:
 
 
 def _assemble_source(path: str, at: int, limit: int) -> bytes:
-    from .assemble import assemble
+    from .assemble import assemble_source_bytes
     from .loaders.common import read_image_file
 
     raw = read_image_file(path, "assembly source", limit)
-    try:
-        source = raw.decode()
-    except UnicodeDecodeError as e:
-        raise ArgumentError(f"{path} is not UTF-8 text (byte {raw[e.start]:#04x} at offset "
-                            f"{e.start}): write the assembly source in UTF-8") from None
-    return assemble(source, at=at, name=os.path.splitext(os.path.basename(path))[0])
+    return assemble_source_bytes(raw, path, at)
 
 
 def _run(args) -> int:
@@ -175,8 +172,7 @@ def _run(args) -> int:
         _report(f"{args.file} is empty")
         return EXIT_USAGE
     result = run(code, mode=args.mode, memory=args.memory, timeout=args.timeout,
-                 at=at, backend=args.backend,
-                 stream=sys.stdout)
+                 at=at, backend=args.backend, stream=sys.stdout, ring=args.ring)
     sys.stdout.flush()
     exit = result.exit
     _report(exit.describe() if exit.failed else repr(exit))

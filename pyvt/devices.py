@@ -18,7 +18,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type
 
-from . import _native, exits
+from . import _native, exits, guest_exceptions
 from .errors import ArgumentError, DeviceStateError
 
 #: How much output a console keeps by default: its last MiB.
@@ -152,9 +152,10 @@ class Device:
     def _close(self) -> None:
         """Lets go of what the device holds outside the VM (the VM closes)."""
 
-    def stop_exit(self, code: int, port: int, rip: Optional[int]) -> exits.Exit:
-        """The exit for a run this device stopped with ``code`` at ``port``."""
-        return exits.Unhandled(-1, code, rip)
+    def stop_exit(self, code: int, port: int, vcpu) -> exits.AnyExit:
+        """The exit for ``vcpu``'s run, which this device stopped with
+        ``code`` at ``port``."""
+        return exits.Unhandled(-1, code, vcpu._rip())
 
     # -- state, for snapshots and clones -------------------------------------
 
@@ -349,8 +350,17 @@ class DebugExit(Device):
     """QEMU's isa-debug-exit: a guest write of v stops ``run()`` with
     ``exits.DebugExit(code=v)``, whose ``status`` is ``(v << 1) | 1``."""
 
-    def stop_exit(self, code: int, port: int, rip: Optional[int]) -> exits.Exit:
-        return exits.DebugExit(code, self.port, rip)
+    def stop_exit(self, code: int, port: int, vcpu) -> exits.AnyExit:
+        return exits.DebugExit(code, self.port, vcpu._rip())
+
+
+class GuestExceptionPort(Device):
+    """Where the exception stubs of ring-3 vCPUs report (an isa-debug-exit
+    at ``guest_exceptions.EXCEPTION_PORT``): its stop becomes the exit
+    :func:`pyvt.guest_exceptions.exit_from_frame` reads from the frame."""
+
+    def stop_exit(self, code: int, port: int, vcpu) -> exits.AnyExit:
+        return guest_exceptions.exit_from_frame(vcpu)
 
 
 #: The devices every VM has (``debug_exit`` unless ``debug_exit_port=None``).
@@ -360,6 +370,8 @@ BASE_DEVICES = (
                      coalesced=True),
     DeviceDescriptor("debug_exit", _native.DebugExit, DebugExit, _native.DEBUG_EXIT_PORT,
                      port_option="debug_exit_port"),
+    DeviceDescriptor("guest_exceptions", _native.DebugExit, GuestExceptionPort,
+                     guest_exceptions.EXCEPTION_PORT),
 )
 
 

@@ -240,14 +240,42 @@ class Debug(Exit):
 
 @dataclass(frozen=True, slots=True, repr=False)
 class GuestException(Exit):
-    """``KVM_EXIT_EXCEPTION``: an exception KVM reflected to user space."""
+    """The guest took an exception it could not handle: ``KVM_EXIT_EXCEPTION``
+    (an exception KVM reflected to user space), or an exception at CPL 3 on
+    a ``ring=3`` vCPU, caught by pyvt's IDT (:mod:`pyvt.guest_exceptions`).
+    ``rip`` is the instruction that faulted (the vCPU's registers are put
+    back as they were there, so running again retries it); ``cr2`` is the
+    faulting address of a page fault (vector 14), else None."""
 
     exception: int
     error_code: int = 0
     rip: Optional[int] = None
+    cr2: Optional[int] = None
+
+    NAMES: ClassVar[dict] = {
+        0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM",
+        8: "#DF", 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF",
+        17: "#AC", 18: "#MC", 19: "#XM", 20: "#VE", 21: "#CP"}
+
+    failed: ClassVar[bool] = True
+    error_class: ClassVar[type] = errors.GuestError
+
+    @property
+    def vector(self) -> int:
+        """The exception vector (same as ``exception``)."""
+        return self.exception
+
+    def describe(self) -> str:
+        name = self.NAMES.get(self.exception, f"vector {self.exception}")
+        text = (f"guest exception {name} (vector {self.exception}, error code "
+                f"{self.error_code:#x}) at rip={_hex(self.rip)}")
+        return text + (f", cr2={self.cr2:#x}" if self.cr2 is not None else "")
 
     def __repr__(self) -> str:
-        return f"GuestException(vector={self.exception}, error_code={self.error_code:#x})"
+        name = self.NAMES.get(self.exception, "")
+        cr2 = f", cr2={self.cr2:#x}" if self.cr2 is not None else ""
+        return (f"GuestException(vector={self.exception}{' ' + name if name else ''}, "
+                f"error_code={self.error_code:#x}, rip={_hex(self.rip)}{cr2})")
 
 
 @dataclass(frozen=True, slots=True, repr=False)

@@ -238,10 +238,10 @@ class I8042(RegisterDevice):
     def data_port(self) -> int:
         return self._native.base
 
-    def stop_exit(self, code: int, port: int, rip: Optional[int]) -> exits.Exit:
+    def stop_exit(self, code: int, port: int, vcpu) -> exits.AnyExit:
         if code == _native.I8042_STOP_RESET:
-            return exits.Reset(self.name, port, rip)
-        return super().stop_exit(code, port, rip)
+            return exits.Reset(self.name, port, vcpu._rip())
+        return super().stop_exit(code, port, vcpu)
 
 
 class PostCode(RegisterDevice):

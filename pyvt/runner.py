@@ -39,9 +39,10 @@ class Result:
 
 def run(code: bytes, mode: str = "long", memory: Union[int, str] = "16M",
         timeout: Optional[float] = 5, *, at: int = LOAD_ADDRESS, backend=None,
-        stream=None) -> Result:
+        stream=None, ring: int = 0) -> Result:
     """Runs flat machine ``code`` loaded at ``at`` in ``mode`` until it stops
     (``hlt``, debug-exit, an I/O nobody handles, a failure or ``timeout``).
+    ``ring=3`` runs long-mode code at CPL 3 (see :meth:`pyvt.Vm.vcpu`).
 
     ``stream`` copies the output of the UART and of the debug console live
     to a file object (e.g. ``sys.stdout``).
@@ -55,7 +56,7 @@ def run(code: bytes, mode: str = "long", memory: Union[int, str] = "16M",
             raise MemoryConfigError(
                 f"{len(code)} bytes at {at:#x} do not fit in {vm.memory.size:#x} bytes of memory")
         vm.memory.write(at, code)
-        cpu = vm.vcpu(0, mode=mode)
+        cpu = vm.vcpu(0, mode=mode, ring=ring)
         if mode == "real":
             # CS:IP must reach the code: put CS at the 64 KiB page holding it.
             if at >= 1 << 20:

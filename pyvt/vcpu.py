@@ -10,7 +10,7 @@ import signal
 import threading
 from typing import Dict, Iterable, List, Mapping, Optional
 
-from . import _native, exits, modes
+from . import _native, exits, guest_exceptions, modes
 from ._kvm import ffi, lib
 from .errors import (
     ArgumentError,
@@ -50,10 +50,12 @@ class Vcpu:
     ``run()`` runs it until something needs the caller.
     """
 
-    def __init__(self, vm, index: int, mode: str, setup: bool = True):
+    def __init__(self, vm, index: int, mode: str, setup: bool = True, ring: int = 0):
         self._vm = vm
         self.index = index
         self.mode = modes.check_mode(mode)
+        #: The privilege level the vCPU started at (``vm.vcpu(..., ring=3)``).
+        self.ring = modes.check_ring(ring, mode)
         self.last_exit: Optional[exits.AnyExit] = None
         self._run_lock = threading.Lock()
         # Guards _running_thread against stop(): a stop() is for the run in
@@ -68,7 +70,7 @@ class Vcpu:
         self._window_requested = False
         # Checked before KVM_CREATE_VCPU: KVM cannot create an index twice.
         if setup:
-            modes.write_setup_area(vm.memory, mode)
+            modes.write_setup_area(vm.memory, mode, ring, guest_exceptions.EXCEPTION_PORT)
         self.fd = vm.fd.create_vcpu(index)
         self._kvm_stats = CachedStats(self.fd, vm.kvm, f"vCPU {index}", RUN_LOOP_COUNTERS)
         try:
@@ -94,10 +96,10 @@ class Vcpu:
         if setup:
             self._set_initial_cpuid(vm)
             sregs = self.fd.get_sregs()
-            ffi.buffer(sregs)[:] = _mode_sregs(mode, bytes(ffi.buffer(sregs)))
+            ffi.buffer(sregs)[:] = _mode_sregs(mode, self.ring, bytes(ffi.buffer(sregs)))
             self.fd.set_sregs(sregs)
             regs = self._load_regs()
-            modes.apply_regs(mode, regs)
+            modes.apply_regs(mode, regs, self.ring)
             self._store_regs(regs)
 
         self._loop = _native.VcpuLoop(
@@ -341,7 +343,7 @@ class Vcpu:
                 f"vCPU mapping (data_offset={io.data_offset:#x}, size={io.size}, "
                 f"count={io.count}): a bug in that backend; the exit was not handled")
         if stop == _native.STOP_DEVICE:
-            return self._vm._device_exit(code, port, self._rip())
+            return self._vm._device_exit(code, port, self)
         return self._decode_kvm_exit()
 
     def _decode_kvm_exit(self) -> exits.AnyExit:
@@ -629,11 +631,11 @@ def _initial_cpuid_table(kvm, index: int) -> bytes:
 
 
 @functools.lru_cache(maxsize=64)
-def _mode_sregs(mode: str, reset_sregs: bytes) -> bytes:
-    """``reset_sregs`` (a fresh vCPU's kvm_sregs) put in ``mode``."""
+def _mode_sregs(mode: str, ring: int, reset_sregs: bytes) -> bytes:
+    """``reset_sregs`` (a fresh vCPU's kvm_sregs) put in ``mode`` at ``ring``."""
     sregs = ffi.new("struct kvm_sregs *")
     ffi.buffer(sregs)[:] = reset_sregs
-    modes.apply_sregs(mode, sregs)
+    modes.apply_sregs(mode, sregs, ring)
     return bytes(ffi.buffer(sregs))
 
 

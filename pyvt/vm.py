@@ -17,6 +17,7 @@ from .devices import (
     Console,
     DebugExit,
     Device,
+    GuestExceptionPort,
     SerialConsole,
     check_output_limit,
 )
@@ -136,6 +137,7 @@ class Vm:
     console: SerialConsole
     debugcon: Console
     debug_exit: Optional[DebugExit]
+    guest_exceptions: GuestExceptionPort
     fw_cfg: Optional[pc.FwCfg]
     cmos: Optional[pc.Cmos]
     pm_timer: Optional[pc.PmTimer]
@@ -249,16 +251,17 @@ class Vm:
     @property
     def devices(self) -> Mapping[str, Device]:
         """The native devices this VM has, ``{name: handle}`` (read-only):
-        ``console``, ``debugcon``, ``debug_exit`` and the PC devices (see
+        ``console``, ``debugcon``, ``debug_exit``, ``guest_exceptions`` (the
+        port ring-3 vCPUs' exception stubs write) and the PC devices (see
         :mod:`pyvt.device_model`)."""
         return types.MappingProxyType(self._devices)
 
-    def _device_exit(self, code: int, port: int, rip) -> exits.Exit:
-        """The exit for a native device that stopped the run at ``port``."""
+    def _device_exit(self, code: int, port: int, vcpu) -> exits.AnyExit:
+        """The exit for a native device that stopped ``vcpu``'s run at ``port``."""
         for device in self._devices.values():
             if any(start <= port < start + length for start, length in device.ranges):
-                return device.stop_exit(code, port, rip)
-        return exits.Unhandled(-1, code, rip)
+                return device.stop_exit(code, port, vcpu)
+        return exits.Unhandled(-1, code, vcpu._rip())
 
     def _sync_devices(self) -> None:
         """Replays coalesced writes still queued in KVM's ring."""
@@ -334,16 +337,24 @@ class Vm:
                                or self.fd.check_extension("KVM_CAP_NR_VCPUS") or 1)
         return self._max_vcpus
 
-    def vcpu(self, index: int = 0, mode: str = "real") -> Vcpu:
+    def vcpu(self, index: int = 0, mode: str = "real", ring: int = 0) -> Vcpu:
         """Creates vCPU ``index`` (``KVM_CREATE_VCPU``) in ``mode``: "real",
         "protected" or "long", ready to run flat code (see :mod:`pyvt.modes`
-        for the reserved area the GDT and page tables use)."""
-        return self._new_vcpu(index, mode)
+        for the reserved area the GDT and page tables use).
 
-    def _new_vcpu(self, index: int, mode: str, setup: bool = True) -> Vcpu:
+        ``ring=3`` (long mode) starts the vCPU at CPL 3 in the same flat
+        address space, with port I/O allowed: on software-assisted KVM
+        (PVM) ring-3 code runs natively while ring-0 code is emulated.  An
+        exception ends ``run()`` with :class:`pyvt.exits.GuestException`
+        (vector, error code, rip, cr2), and ``hlt`` with
+        :class:`pyvt.exits.Hlt` as at CPL 0 (see :mod:`pyvt.guest_exceptions`)."""
+        return self._new_vcpu(index, mode, ring=ring)
+
+    def _new_vcpu(self, index: int, mode: str, setup: bool = True, ring: int = 0) -> Vcpu:
         """vcpu(); setup=False leaves CPUID and registers unset (clones)."""
         self._check_open()
         modes.check_mode(mode)
+        modes.check_ring(ring, mode)
         if isinstance(index, bool) or not isinstance(index, int):
             raise VcpuIndexError(f"vCPU index must be an int, not {index!r}")
         limit = self.max_vcpus
@@ -352,7 +363,7 @@ class Vm:
         with self._lock:
             if index in self.vcpus:
                 raise VcpuIndexError(f"vCPU {index} exists already: use vm.vcpus[{index}]")
-            vcpu = Vcpu(self, index, mode, setup=setup)
+            vcpu = Vcpu(self, index, mode, setup=setup, ring=ring)
             self.vcpus[index] = vcpu
             if self.fw_cfg is not None and self.fw_cfg.cpu_count < len(self.vcpus):
                 self.fw_cfg.cpu_count = len(self.vcpus)

@@ -108,6 +108,29 @@ def _address_space_limit():
     resource.setrlimit(resource.RLIMIT_AS, (400 << 20, 400 << 20))
 
 
+def test_run_ring_3_runs_the_example_at_cpl_3(tmp_path):
+    out = pyvt_cli("run", EXAMPLE, "--ring", "3")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "hello from a pyvt guest\n"
+    assert "Hlt" in out.stderr
+
+
+def test_run_ring_3_reports_a_guest_exception_and_fails(tmp_path):
+    (tmp_path / "fault.S").write_text("_start: movabs $0x123456789000, %rax\nmovq $1, (%rax)\n")
+    out = pyvt_cli("run", tmp_path / "fault.S", "--ring", "3")
+    line = one_line_error(out, status=1)
+    assert "#PF" in line and "cr2=0x123456789000" in line and "rip=0x100a" in line
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ring", "3", "--mode", "real"], "ring 3 needs mode='long'"),
+    (["--ring", "1"], "invalid choice: 1"),
+])
+def test_run_refuses_a_bad_ring(tmp_path, args, message):
+    out = pyvt_cli("run", EXAMPLE, *args)
+    assert message in one_line_error(out)
+
+
 @pytest.mark.requires_kvm
 @pytest.mark.parametrize("args,message", [
     (["run", "/dev/zero"], "guest code /dev/zero is larger than the 0xfff000 bytes"),
@@ -160,10 +183,15 @@ def test_run_a_file_whose_name_is_not_utf8(tmp_path, guest):
     assert out.returncode == 0 and b"Traceback" not in out.stderr, out.stderr
 
 
-def test_run_refuses_assembly_source_that_is_not_utf8(tmp_path):
-    (tmp_path / "latin1.S").write_bytes(b"_start: hlt  # caf\xe9\n")
-    out = pyvt_cli("run", tmp_path / "latin1.S")
-    assert "is not UTF-8 text (byte 0xe9 at offset 18)" in one_line_error(out)
+def test_run_passes_non_utf8_bytes_of_an_assembly_source_to_the_guest(tmp_path):
+    # One rule with pyvt.assemble_file: the assembler reads bytes, so a
+    # Latin-1 string reaches guest memory (and the UART) as it is in the file.
+    source = EXAMPLE.read_bytes().replace(b"hello from a pyvt guest", b"caf\xe9 # \xff")
+    assert b"caf\xe9" in source
+    (tmp_path / "latin1.S").write_bytes(source)
+    out = pyvt_cli("run", tmp_path / "latin1.S", text=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == b"caf\xe9 # \xff\n"
 
 
 # -- --timeout -------------------------------------------------------------------

@@ -37,8 +37,8 @@ def _run(vm, source: str, timeout: float = 10) -> exits.Exit:
 def test_every_device_is_listed_once_with_a_name_handle_and_native_class():
     names = [d.name for d in device_model.DEVICES]
     assert len(names) == len(set(names))
-    assert names == ["console", "debugcon", "debug_exit", "fw_cfg", "cmos", "pm_timer",
-                     "i8042", "post"]
+    assert names == ["console", "debugcon", "debug_exit", "guest_exceptions", "fw_cfg", "cmos",
+                     "pm_timer", "i8042", "post"]
     for d in device_model.DEVICES:
         assert isinstance(d, DeviceDescriptor)
         assert device_model.by_name(d.name) is d
@@ -56,6 +56,7 @@ def test_a_vm_attaches_every_range_of_every_device(vm):
     assert list(vm.devices) == [d.name for d in device_model.DEVICES]
     expected = {
         "console": ((0x3F8, 8),), "debugcon": ((0xE9, 1),), "debug_exit": ((0xF4, 4),),
+        "guest_exceptions": ((0xF8, 4),),
         "fw_cfg": ((0x510, 2),), "cmos": ((0x70, 2),), "pm_timer": ((0x608, 4),),
         "i8042": ((0x60, 1), (0x64, 1)), "post": ((0x80, 1),),
     }
@@ -74,7 +75,7 @@ def test_a_vm_attaches_every_range_of_every_device(vm):
 @kvm_only
 def test_without_pc_devices_or_debug_exit_they_are_none():
     with pyvt.Vm("16M", pc_devices=False, debug_exit_port=None) as vm:
-        assert list(vm.devices) == ["console", "debugcon"]
+        assert list(vm.devices) == ["console", "debugcon", "guest_exceptions"]
         for d in device_model.DEVICES:
             if d.name not in vm.devices:
                 assert getattr(vm, d.name) is None
@@ -293,6 +294,7 @@ def test_ports_and_counts_are_the_c_headers():
         "POST_PORT": "PVT_PORT80_PORT", "POST_PORT_COUNT": "PVT_PORT80_PORT_COUNT",
         "FW_CFG_FILE_DIR": "PVT_FW_CFG_FILE_DIR", "FW_CFG_KEY_COUNT": "PVT_FW_CFG_KEY_COUNT",
         "I8042_CMD_PULSE_RESET": "PVT_I8042_CMD_PULSE_RESET",
+        "GUEST_EXCEPTION_PORT": "PVT_GUEST_EXCEPTION_PORT",
     }
     for python, macro in python_to_c.items():
         assert getattr(_native, python) == c[macro], (python, macro)
@@ -301,7 +303,7 @@ def test_ports_and_counts_are_the_c_headers():
         _native.FW_CFG_PORT, _native.CMOS_PORT, _native.PM_TIMER_PORT, _native.POST_PORT)
     assert [d.port for d in device_model.DEVICES] == [
         c["PVT_UART_DEFAULT_PORT"], c["PVT_DEBUGCON_DEFAULT_PORT"],
-        c["PVT_DEBUG_EXIT_DEFAULT_PORT"], c["PVT_FW_CFG_PORT"], c["PVT_CMOS_PORT"],
+        c["PVT_DEBUG_EXIT_DEFAULT_PORT"], c["PVT_GUEST_EXCEPTION_PORT"], c["PVT_FW_CFG_PORT"], c["PVT_CMOS_PORT"],
         c["PVT_PM_TIMER_PORT"], c["PVT_I8042_DATA_PORT"], c["PVT_PORT80_PORT"]]
 
 

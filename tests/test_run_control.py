@@ -239,3 +239,24 @@ def test_run_waits_for_a_snapshot_in_another_thread(vm):
     regs = pyvt.kvm.ffi.from_buffer("struct kvm_regs *", taken[0].vcpus[0].regs)
     assert regs.rip == 0x2000  # taken before the run, not during it
     taken[0].close()
+
+
+def test_a_forked_child_runs_vcpus_with_timeouts(load, vm):
+    # The parent's run armed its thread's kick timer; POSIX timers do not
+    # survive fork(), so the child must make its own (it got EINVAL before).
+    cpu = load("spin", "long")
+    assert isinstance(cpu.run(timeout=0.05), exits.Timeout)
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit status only
+        status = 1
+        try:
+            with pyvt.Vm("16M") as child_vm:
+                child_vm.memory.write(0x1000, vm.memory.read(0x1000, 64))
+                child = child_vm.vcpu(0, mode="long")
+                child.regs.rip = cpu.regs.rip
+                status = 0 if isinstance(child.run(timeout=0.05), exits.Timeout) else 2
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert isinstance(cpu.run(timeout=0.05), exits.Timeout)  # the parent's timer still works

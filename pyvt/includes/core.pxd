@@ -122,6 +122,7 @@ cdef extern from "uart16550.h" nogil:
 cdef extern from "debug_exit.h" nogil:
     int PVT_DEBUG_EXIT_DEFAULT_PORT
     int PVT_DEBUG_EXIT_PORT_COUNT
+    int PVT_GUEST_EXCEPTION_PORT
     int pvt_debug_exit_io(void *opaque, uint64_t offset, uint8_t *data,
                           uint32_t len, bint is_write, uint64_t *stop_code)
 
