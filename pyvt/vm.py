@@ -213,10 +213,11 @@ class Vm:
         range of it on the bus and claims them, and makes its handle
         ``vm.devices[name]`` and ``vm.<name>``."""
         native = descriptor.native(self._machine, port)
-        for space, start, length in native.ranges:
+        ranges = native.ranges
+        for space, start, length in ranges:
             self._check_range_free(space, start, length)
         native.attach()
-        for space, start, length in native.ranges:
+        for space, start, length in ranges:
             self._claims[(space, start)] = (length, descriptor.name)
         device = descriptor.handle(self, native, descriptor.name)
         self._devices[descriptor.name] = device
