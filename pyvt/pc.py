@@ -110,8 +110,10 @@ class FwCfg(Device):
 
     def get(self, key: int) -> Optional[bytes]:
         """Item ``key`` as the guest reads it, or None if there is none."""
-        if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < 0x4000:
-            raise ArgumentError(f"fw_cfg key must be an int in 0-0x3fff, not {key!r}")
+        if (isinstance(key, bool) or not isinstance(key, int)
+                or not 0 <= key < _native.FW_CFG_KEY_COUNT):
+            raise ArgumentError(f"fw_cfg key must be an int in 0-"
+                                f"{_native.FW_CFG_KEY_COUNT - 1:#x}, not {key!r}")
         return self._native.get(key)
 
     def files(self) -> dict:
@@ -195,8 +197,10 @@ class Cmos(RegisterDevice):
         self._native.set_memory(below, size - below)
 
     def _check_index(self, index: int) -> None:
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < 0x80:
-            raise ArgumentError(f"CMOS index must be an int in 0-0x7f, not {index!r}")
+        if (isinstance(index, bool) or not isinstance(index, int)
+                or not 0 <= index < _native.CMOS_SIZE):
+            raise ArgumentError(f"CMOS index must be an int in 0-{_native.CMOS_SIZE - 1:#x}, "
+                                f"not {index!r}")
 
     def __getitem__(self, index: int) -> int:
         """The byte the guest reads at ``index`` (clock registers included)."""

@@ -37,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import device_model, snapshot_file, snapshot_memory
+from . import _native, device_model, snapshot_file, snapshot_memory
 from ._kvm import ffi, lib
 from .errors import Error, SnapshotError, SnapshotFileError, SnapshotFileNotFound
 from .kvm import _get_msrs, _msrs_struct, caps
@@ -88,7 +88,7 @@ class Snapshot:
     devices: Dict[str, Any]
     irqchip: Optional[List[bytes]] = None
     pit: Optional[bytes] = None
-    debug_exit_port: Optional[int] = 0xF4
+    debug_exit_port: Optional[int] = _native.DEBUG_EXIT_PORT
 
     @property
     def pc_devices(self) -> bool:

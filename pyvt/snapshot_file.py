@@ -61,7 +61,6 @@ MAX_CPUID_ENTRIES = 4096
 MAX_XSAVE_SIZE = 1 << 20
 
 
-
 def struct_sizes() -> Dict[str, int]:
     return {name: ffi.sizeof(name) for name in STRUCTS}
 

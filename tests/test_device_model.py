@@ -295,6 +295,7 @@ def test_ports_and_counts_are_the_c_headers():
         "FW_CFG_FILE_DIR": "PVT_FW_CFG_FILE_DIR", "FW_CFG_KEY_COUNT": "PVT_FW_CFG_KEY_COUNT",
         "I8042_CMD_PULSE_RESET": "PVT_I8042_CMD_PULSE_RESET",
         "GUEST_EXCEPTION_PORT": "PVT_GUEST_EXCEPTION_PORT",
+        "CMOS_SIZE": "PVT_CMOS_SIZE", "FW_CFG_NAME_SIZE": "PVT_FW_CFG_NAME_SIZE",
     }
     for python, macro in python_to_c.items():
         assert getattr(_native, python) == c[macro], (python, macro)

@@ -224,6 +224,7 @@ cdef extern from "fw_cfg.h" nogil:
 cdef extern from "cmos.h" nogil:
     int PVT_CMOS_PORT
     int PVT_CMOS_PORT_COUNT
+    int PVT_CMOS_SIZE
 
     cdef struct pvt_cmos:
         pass
