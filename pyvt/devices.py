@@ -3,8 +3,8 @@ how a VM builds each one.
 
 Every native device is a C pair in ``csrc/`` plus a class in
 ``pyvt/_native.pyx`` and runs with no Python on its path.  Its Python side is
-a :class:`Device` handle (this module: the consoles and isa-debug-exit;
-:mod:`pyvt.pc`: the PC devices) and one :class:`DeviceDescriptor` in
+a :class:`Device` handle (this module: the consoles, isa-debug-exit and the
+port of ring-3 exception stubs; :mod:`pyvt.pc`: the PC devices) and one :class:`DeviceDescriptor` in
 :data:`pyvt.device_model.DEVICES`, the table :class:`pyvt.Vm` and the
 snapshots iterate.  A handle reads the device, configures it, saves and
 loads its state, turns its stops into exits, and takes it off the bus.
@@ -16,7 +16,7 @@ import io
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type
+from typing import Any, ClassVar, Dict, List, NoReturn, Optional, Tuple, Type
 
 from . import _native, exits, guest_exceptions
 from .errors import ArgumentError, DeviceStateError
@@ -61,7 +61,7 @@ class DeviceDescriptor:
 
 # -- checking a device state strictly (snapshot files, load_state) ----------
 
-def _fail(where: str, what: str):
+def _fail(where: str, what: str) -> NoReturn:
     raise DeviceStateError(f"{where} {what}".strip())
 
 
