@@ -15,7 +15,7 @@ from typing import Optional
 
 from ._kvm import ffi, lib
 from .errors import ArgumentError, ArgumentTypeError, KvmError
-from .kvm import _Fd, _u32, _u64
+from .kvm_base import _Fd, _u32, _u64
 
 #: ``KVM_DEV_TYPE_*`` names by number (those the build headers define).
 DEVICE_TYPES = {

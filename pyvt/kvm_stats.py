@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from ._kvm import ffi, lib
 from .errors import ArgumentError, BackendError, ClosedError, KvmError
-from .kvm import _Fd, _require_cap
+from .kvm_base import _Fd, _require_cap
 
 CAPABILITY = "KVM_CAP_BINARY_STATS_FD"
 

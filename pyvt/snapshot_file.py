@@ -37,8 +37,11 @@ from .errors import (
     SnapshotFileNotFound,
 )
 from .snapshot_memory import PAGE_SIZE, RegionImage, new_image, write_pages
+from .vcpu_state import VcpuState
 
-FORMAT_VERSION = 2
+#: 3: vCPU state from its owner (pyvt.vcpu_state: sregs2, nested state), the
+#: KVM clock.  Older files lack state a restore needs: they are refused.
+FORMAT_VERSION = 3
 MAGIC = b"PYVTSNAP"
 _PREFIX = struct.Struct("<II")  # format version, header length
 _RUN = struct.Struct("<QQ")  # first page, page count
@@ -47,7 +50,8 @@ _CHUNK = 1 << 20
 
 #: Kernel structs whose bytes a snapshot stores: a file made with other
 #: layouts (other headers) is refused.
-STRUCTS = ("struct kvm_regs", "struct kvm_sregs", "struct kvm_fpu", "struct kvm_xcrs",
+STRUCTS = ("struct kvm_regs", "struct kvm_sregs", "struct kvm_sregs2", "struct kvm_fpu",
+           "struct kvm_xcrs", "struct kvm_nested_state",
            "struct kvm_xsave", "struct kvm_vcpu_events", "struct kvm_debugregs",
            "struct kvm_lapic_state", "struct kvm_irqchip", "struct kvm_pit_state2")
 
@@ -134,13 +138,15 @@ def save(snap, path) -> None:
         "backend": snap.backend,
         "debug_exit_port": snap.debug_exit_port,
         "regions": regions,
+        "clock": snap.clock,
         "vcpus": [{
-            "index": v.index, "mode": v.mode, "mp_state": v.mp_state,
+            "index": v.index, "mode": v.mode, "ring": v.ring, "mp_state": v.mp_state,
             "msrs": {str(k): val for k, val in v.msrs.items()},
-            "regs": blob(v.regs), "sregs": blob(v.sregs), "fpu": blob(v.fpu),
-            "events": optional(v.events), "debugregs": optional(v.debugregs),
-            "cpuid": blob(v.cpuid), "xcrs": optional(v.xcrs), "lapic": optional(v.lapic),
-            "xsave": optional(v.xsave),
+            "regs": blob(v.regs), "sregs": optional(v.sregs), "sregs2": optional(v.sregs2),
+            "fpu": blob(v.fpu), "events": optional(v.events),
+            "debugregs": optional(v.debugregs), "cpuid": blob(v.cpuid),
+            "xcrs": optional(v.xcrs), "lapic": optional(v.lapic),
+            "xsave": optional(v.xsave), "nested": optional(v.nested),
         } for v in snap.vcpus],
         "devices": {name: _encode_state(state, blob) for name, state in snap.devices.items()},
         "irqchip": None if snap.irqchip is None else [blob(c) for c in snap.irqchip],
@@ -260,10 +266,10 @@ class _Header:
 
 
 _TOP_FIELDS = ("format", "pyvt", "structs", "page_size", "backend", "debug_exit_port",
-               "regions", "vcpus", "devices", "irqchip", "pit", "blobs")
+               "regions", "clock", "vcpus", "devices", "irqchip", "pit", "blobs")
 _REGION_FIELDS = ("gpa", "size", "readonly", "runs", "data")
-_VCPU_FIELDS = ("index", "mode", "mp_state", "msrs", "regs", "sregs", "fpu", "events",
-                "debugregs", "cpuid", "xcrs", "lapic", "xsave")
+_VCPU_FIELDS = ("index", "mode", "ring", "mp_state", "msrs", "regs", "sregs", "sregs2", "fpu",
+                "events", "debugregs", "cpuid", "xcrs", "lapic", "xsave", "nested")
 
 
 class _Reader:
@@ -310,9 +316,14 @@ def _load(reader: _Reader, path: str, info: os.stat_result):
     if size < start + _DIGEST:
         raise SnapshotError(f"{path} is truncated")
     version, head_len = _PREFIX.unpack(reader.read(len(MAGIC), _PREFIX.size))
+    if version < FORMAT_VERSION:
+        raise SnapshotError(f"{path}: snapshot file format {version} is from an older pyvt; "
+                            f"this pyvt ({_pyvt_version()}) reads format {FORMAT_VERSION}: "
+                            "take the snapshot again")
     if version != FORMAT_VERSION:
-        raise SnapshotError(f"{path} has snapshot format {version}; this pyvt "
-                            f"({_pyvt_version()}) reads format {FORMAT_VERSION}")
+        raise SnapshotError(f"{path}: snapshot file format {version} is from a newer pyvt; "
+                            f"this pyvt ({_pyvt_version()}) reads format {FORMAT_VERSION}: "
+                            "load it with a pyvt that reads it")
     body = size - _DIGEST
     digest = hashlib.sha256()
     for at in range(0, body, _CHUNK):
@@ -395,6 +406,9 @@ def _check_header(check: _Header, header: Dict[str, Any]) -> None:
         check.integer(header["debug_exit_port"], "debug_exit_port", 0,
                   0x10000 - _native.DEBUG_EXIT_PORT_COUNT)
 
+    if header["clock"] is not None:
+        check.integer(header["clock"], "clock")
+
     regions = check.array(header["regions"], "regions")
     if not regions:
         check.fail("regions", "is empty: a VM has guest RAM at 0")
@@ -437,6 +451,9 @@ def _check_header(check: _Header, header: Dict[str, Any]) -> None:
         indices.add(index)
         if v["mode"] not in modes.MODES:
             check.fail(f"{where}.mode", f"is {v['mode']!r}, not one of {modes.MODES}")
+        if isinstance(v["ring"], bool) or v["ring"] not in modes.RINGS or (
+                v["ring"] == 3 and v["mode"] != "long"):
+            check.fail(f"{where}.ring", f"is {v['ring']!r}, not 0 or 3 (3 in long mode only)")
         if v["mp_state"] is not None:
             check.integer(v["mp_state"], f"{where}.mp_state", 0, (1 << 32) - 1)
         if not isinstance(v["msrs"], dict):
@@ -446,13 +463,21 @@ def _check_header(check: _Header, header: Dict[str, Any]) -> None:
                 check.fail(f"{where}.msrs", f"has the index {key!r}, not a u32 in decimal")
             check.integer(value, f"{where}.msrs[{key}]")
         for name, ctype, optional in (("regs", "struct kvm_regs", False),
-                                      ("sregs", "struct kvm_sregs", False),
+                                      ("sregs", "struct kvm_sregs", True),
+                                      ("sregs2", "struct kvm_sregs2", True),
                                       ("fpu", "struct kvm_fpu", False),
                                       ("events", "struct kvm_vcpu_events", True),
                                       ("debugregs", "struct kvm_debugregs", True),
                                       ("xcrs", "struct kvm_xcrs", True),
                                       ("lapic", "struct kvm_lapic_state", True)):
             check.struct_blob(v[name], f"{where}.{name}", ctype, optional)
+        if (v["sregs"] is None) == (v["sregs2"] is None):
+            check.fail(f"{where}.sregs", "and sregs2: exactly one must be there")
+        if v["nested"] is not None:
+            nested = check.blob(v["nested"], f"{where}.nested")
+            if check.blob_lengths[nested] < ffi.sizeof("struct kvm_nested_state"):
+                check.fail(f"{where}.nested", f"is {check.blob_lengths[nested]} bytes, "
+                           "shorter than struct kvm_nested_state")
         if (v["lapic"] is not None) != has_irqchip:
             check.fail(f"{where}.lapic", "must be there exactly when the irqchip is")
         if v["xsave"] is not None:
@@ -533,16 +558,18 @@ def _check_contents(check: _Header, snap) -> None:
 def _snapshot(header: Dict[str, Any], images: List[RegionImage], get,
               devices: Dict[str, Any]):
     """The Snapshot a checked header describes."""
-    from .snapshot import Snapshot, VcpuImage
+    from .snapshot import Snapshot
 
-    vcpus = [VcpuImage(index=v["index"], mode=v["mode"], regs=get(v["regs"]),
-                       sregs=get(v["sregs"]), fpu=get(v["fpu"]), events=get(v["events"]),
-                       debugregs=get(v["debugregs"]), mp_state=v["mp_state"],
-                       cpuid=get(v["cpuid"]),
+    vcpus = [VcpuState(index=v["index"], mode=v["mode"], ring=v["ring"], regs=get(v["regs"]),
+                       sregs=get(v["sregs"]), sregs2=get(v["sregs2"]), fpu=get(v["fpu"]),
+                       events=get(v["events"]), debugregs=get(v["debugregs"]),
+                       mp_state=v["mp_state"], cpuid=get(v["cpuid"]),
                        msrs={int(k): val for k, val in v["msrs"].items()},
-                       xcrs=get(v["xcrs"]), lapic=get(v["lapic"]), xsave=get(v["xsave"]))
+                       xcrs=get(v["xcrs"]), lapic=get(v["lapic"]), xsave=get(v["xsave"]),
+                       nested=get(v["nested"]))
              for v in header["vcpus"]]
     return Snapshot(backend=header["backend"], regions=images, vcpus=vcpus, devices=devices,
                     irqchip=None if header["irqchip"] is None
                     else [get(i) for i in header["irqchip"]],
-                    pit=get(header["pit"]), debug_exit_port=header["debug_exit_port"])
+                    pit=get(header["pit"]), debug_exit_port=header["debug_exit_port"],
+                    clock=header["clock"])

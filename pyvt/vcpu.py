@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import functools
 import math
@@ -10,7 +11,7 @@ import signal
 import threading
 from typing import Dict, Iterable, List, Mapping, Optional
 
-from . import _native, exits, guest_exceptions, modes
+from . import _native, exits, guest_exceptions, modes, vcpu_state
 from ._kvm import ffi, lib
 from .errors import (
     ArgumentError,
@@ -19,6 +20,7 @@ from .errors import (
     Error,
     KvmError,
     OutOfRangeError,
+    SnapshotError,
     UnmappedAddressError,
 )
 from .kvm import PAGE_SIZE, CpuidEntry
@@ -31,6 +33,7 @@ from .registers import (
     RegisterView,
     SpecialRegisterView,
 )
+from .vcpu_state import VcpuState
 
 #: While a guest runs on the main thread, it is kicked this often (seconds) so
 #: that Ctrl-C is noticed even if the guest never exits.
@@ -58,6 +61,8 @@ class Vcpu:
         self.ring = modes.check_ring(ring, mode)
         self.last_exit: Optional[exits.AnyExit] = None
         self._run_lock = threading.Lock()
+        # The thread that holds _run_lock through paused(), if any.
+        self._paused_by: Optional[int] = None
         # Guards _running_thread against stop(): a stop() is for the run in
         # progress, never for the next one.
         self._stop_lock = threading.Lock()
@@ -219,6 +224,60 @@ class Vcpu:
         self._check_open()
         self._settle_pending_io()
         self.fd.set_cpuid2(list(entries))
+
+    # -- state -------------------------------------------------------------
+
+    def save_state(self) -> VcpuState:
+        """This vCPU's whole architectural state (:class:`pyvt.vcpu_state.VcpuState`:
+        registers, XSAVE area, MSRs with the TSC, LAPIC, events...), as
+        :meth:`pyvt.Vm.snapshot` keeps it.  A pending port or MMIO write is
+        completed first (the guest has made it); a pending read stays
+        pending (restoring runs the instruction again).  The vCPU must not
+        be running: this raises :class:`pyvt.Error` if it is."""
+        with self._stopped():
+            self._settle_for_snapshot()
+            return vcpu_state.read(self.fd, self._load_regs(), self.index, self.mode,
+                                   self.ring)
+
+    def restore_state(self, state: VcpuState) -> None:
+        """Puts back a state :meth:`save_state` returned (of this vCPU, or of
+        one of another VM with the same CPUID), in the order
+        :func:`pyvt.vcpu_state.write` documents.  A pending access is
+        abandoned first.  The vCPU must not be running."""
+        with self._stopped():
+            self._abandon_pending_io()
+            vcpu_state.write(self.fd, state, self._put_regs)
+            self._sregs = None
+            self.mode = state.mode
+            self.ring = state.ring
+            self.last_exit = None
+
+    def _put_regs(self, data: bytes) -> None:
+        if self._sync_regs:
+            regs = self.fd.run_struct.s.regs.regs
+            ffi.buffer(ffi.addressof(regs))[:] = data
+            self._store_regs(regs)
+            return
+        regs = ffi.new("struct kvm_regs *")
+        ffi.buffer(regs)[:] = data
+        self._regs_stale = True
+        self.fd.set_regs(regs)
+
+    @contextlib.contextmanager
+    def _stopped(self):
+        """Holds the run lock for a state access, unless this thread holds
+        it already through :func:`paused`."""
+        self._check_open()
+        if self._paused_by == threading.get_ident():
+            yield
+            return
+        if not self._run_lock.acquire(blocking=False):
+            raise Error(f"vCPU {self.index} is running: stop it (cpu.stop()) before saving "
+                        "or restoring its state")
+        try:
+            yield
+        finally:
+            self._run_lock.release()
 
     # -- running -----------------------------------------------------------
 
@@ -595,6 +654,53 @@ class Vcpu:
             self._loop = None
         self._kvm_stats.close()
         self.fd.close()
+
+
+class paused:
+    """``with paused(vm):`` holds every vCPU of ``vm`` stopped, and the VM's
+    pause lock, while a snapshot or restore copies state; a run() that
+    comes meanwhile waits for it (see :meth:`Vcpu._acquire_run_lock`).
+    ``pending_io`` is what becomes of the access each vCPU's last exit left
+    pending: ``"complete writes"`` (a snapshot: the guest made them) or
+    ``"abandon"`` (a restore: nothing may complete on top of the state it
+    puts back).  Raises :class:`pyvt.SnapshotError` if a vCPU is running."""
+
+    def __init__(self, vm, pending_io: str):
+        if pending_io not in ("complete writes", "abandon"):
+            raise ArgumentError(f"pending_io is 'complete writes' or 'abandon', not {pending_io!r}")
+        self.pause_lock = vm._pause_lock
+        self.vcpus = list(vm.vcpus.values())
+        self.pending_io = pending_io
+
+    def __enter__(self):
+        self.pause_lock.acquire()
+        taken = []
+        for vcpu in self.vcpus:
+            if not vcpu._run_lock.acquire(blocking=False):
+                for t in taken:
+                    t._paused_by = None
+                    t._run_lock.release()
+                self.pause_lock.release()
+                raise SnapshotError("a vCPU is running: stop it (cpu.stop()) before a "
+                                    "snapshot or restore")
+            vcpu._paused_by = threading.get_ident()
+            taken.append(vcpu)
+        try:
+            for vcpu in self.vcpus:
+                if self.pending_io == "abandon":
+                    vcpu._abandon_pending_io()
+                else:
+                    vcpu._settle_for_snapshot()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        for vcpu in self.vcpus:
+            vcpu._paused_by = None
+            vcpu._run_lock.release()
+        self.pause_lock.release()
 
 
 def _timeout_seconds(timeout) -> float:

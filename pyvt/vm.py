@@ -4,12 +4,11 @@ I/O handlers and vCPUs, on any device speaking the KVM ABI."""
 from __future__ import annotations
 
 import errno
-import os
 import threading
 import types
-from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
-from . import _native, exits, modes, msr_filter, pc
+from . import _native, exits, modes, msr_filter, pc, snapshot, snapshot_file
 from ._kvm import lib as _kvm_lib
 from .device_model import DEVICES, DeviceDescriptor
 from .devices import (
@@ -24,20 +23,19 @@ from .devices import (
 from .errors import (
     ArgumentError,
     ArgumentTypeError,
-    BackendNotFound,
     ClosedError,
     Error,
     KvmError,
     RegionOverlapError,
     VcpuIndexError,
 )
-from .kvm import DEFAULT_DEVICE, PYVT_DEVICE, Kvm, _as_list
+from .backend import select_backend
+from .kvm import Kvm, _as_list, struct_bytes
 from .kvm_stats import CachedStats, StatsDescriptor, StatValue
 from .memory import GuestMemory, parse_size
 from .vcpu import RUN_LOOP_COUNTERS, Vcpu
 
-if TYPE_CHECKING:
-    from .snapshot import Snapshot
+from .snapshot import Snapshot
 
 #: Where KVM may put the three pages it needs for real mode on VMX without
 #: unrestricted guest (the address QEMU uses), when guest RAM leaves it free.
@@ -49,24 +47,6 @@ DEBUG_EXIT_PORT = _native.DEBUG_EXIT_PORT
 
 Handler = Callable[[exits.Exit], Optional[int]]
 PortRange = Union[int, range, Tuple[int, int]]
-
-
-def select_backend(backend=None) -> str:
-    """The device to use: ``backend`` if given, else ``$PYVT_BACKEND``, else
-    ``/dev/kvm``, else ``/dev/pyvt`` (the project's kernel module)."""
-    if backend is not None:
-        if not isinstance(backend, (str, os.PathLike)):
-            raise ArgumentError(f"backend must be a device path, not {backend!r}")
-        return os.fspath(backend)
-    env = os.environ.get("PYVT_BACKEND")
-    if env:
-        return env
-    for path in (DEFAULT_DEVICE, PYVT_DEVICE):
-        if os.path.exists(path):
-            return path
-    raise BackendNotFound(
-        2, f"neither {DEFAULT_DEVICE} nor {PYVT_DEVICE} exists: this host has no "
-        "KVM (load kvm-intel or kvm-amd, or pyvt.ko from kernel_module/)")
 
 
 #: The ring ``Vm(dirty_ring=True)`` gets: 4096 entries, what the KVM API
@@ -475,8 +455,6 @@ class Vm:
         """Everything needed to resume exactly here: memory, every vCPU's
         state, the irqchip and PIT when present, the native devices' state
         (see :mod:`pyvt.snapshot`).  No vCPU may be running."""
-        from . import snapshot
-
         return snapshot.take(self)
 
     def restore(self, snap: "Snapshot") -> None:
@@ -489,17 +467,13 @@ class Vm:
         through KVM's dirty log, the host's through ``vm.memory.write``; not
         writes through ``vm.memory.view``), and compares pages otherwise
         (see :mod:`pyvt.snapshot`)."""
-        from . import snapshot
-
         snapshot.restore(self, snap)
 
     @classmethod
     def from_snapshot(cls, snap: "Snapshot", backend=None) -> "Vm":
         """A new VM in ``snap``'s state whose memory maps the snapshot's
         copy-on-write: clones share every page none of them writes."""
-        from . import snapshot
-
-        return snapshot.clone(snap, backend=backend, vm_class=cls)
+        return snapshot.clone(snap, cls, backend=backend)
 
     # -- interrupts, MSI and GSI routing, translation, clocks, nested state, sregs2 ---
 
@@ -640,3 +614,49 @@ class Vm:
                                f"{self.backend} lacks {needed}, which vm.on_msr needs")
         self.fd.enable_cap(cap, _kvm_lib.KVM_MSR_EXIT_REASON_FILTER)
         self._msr_exits_enabled = True
+
+    # -- VM-wide state: KVM clock, irqchip, PIT --
+
+    def save_clock(self) -> Optional[int]:
+        """The guests' KVM clock (kvmclock) in ns, ``KVM_GET_CLOCK``; None
+        where the backend lacks KVM_CAP_ADJUST_CLOCK."""
+        self._check_open()
+        if not self.kvm.check_extension("KVM_CAP_ADJUST_CLOCK"):
+            return None
+        return self.fd.get_clock().clock
+
+    def restore_clock(self, ns: int) -> None:
+        """Sets the KVM clock back to ``ns`` (``KVM_SET_CLOCK``, without
+        KVM_CLOCK_REALTIME): the guests' kvmclock time continues from the
+        instant it was saved, as their TSCs do (see
+        :mod:`pyvt.vcpu_state`), however long ago that was.  KVM makes every
+        vCPU refresh its kvmclock page before it next runs."""
+        self._check_open()
+        self.fd.set_clock(ns)
+
+    def save_irqchip(self) -> Optional[List[bytes]]:
+        """The in-kernel PIC master, PIC slave and IOAPIC states
+        (``KVM_GET_IRQCHIP``, as bytes, in :data:`pyvt.snapshot_file.IRQCHIPS`
+        order); None without the in-kernel irqchip."""
+        self._check_open()
+        if not self.fd.has_irqchip:
+            return None
+        return [struct_bytes(self.fd.get_irqchip(getattr(_kvm_lib, name)))
+                for name in snapshot_file.IRQCHIPS]
+
+    def restore_irqchip(self, chips: List[bytes]) -> None:
+        """Puts back what :meth:`save_irqchip` returned (``KVM_SET_IRQCHIP``)."""
+        self._check_open()
+        for chip in chips:
+            self.fd.set_irqchip(chip)
+
+    def save_pit(self) -> Optional[bytes]:
+        """The in-kernel PIT's state (``KVM_GET_PIT2``, as bytes); None
+        without it."""
+        self._check_open()
+        return struct_bytes(self.fd.get_pit2()) if self.fd.has_pit else None
+
+    def restore_pit(self, state: bytes) -> None:
+        """Puts back what :meth:`save_pit` returned (``KVM_SET_PIT2``)."""
+        self._check_open()
+        self.fd.set_pit2(state)

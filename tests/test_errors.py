@@ -317,7 +317,7 @@ def test_kvm_layer_argument_errors_are_pyvt_errors(vm):
         (pyvt.ArgumentError, lambda: vm.kvm.check_extension(1 << 70)),
         (pyvt.ArgumentTypeError, lambda: vm.kvm.check_extension(1.5)),
         (pyvt.ArgumentTypeError, lambda: vm.kvm.create_vm("x")),
-        (pyvt.ArgumentError, lambda: vm.fd.ioeventfd(-1, 0x10)),
+        (pyvt.ArgumentError, lambda: vm.fd.register_ioeventfd(-1, 0x10)),
         (pyvt.ArgumentError, lambda: vm.fd.enable_cap("KVM_CAP_HALT_POLL", flags=-1)),
         (pyvt.ArgumentTypeError, lambda: pyvt.kvm.Kvm.shared(["/dev/kvm"])),
         (pyvt.ArgumentTypeError, lambda: pyvt.kvm.host_cpuid("0")),

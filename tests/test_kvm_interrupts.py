@@ -12,6 +12,7 @@ import pytest
 import pyvt
 from pyvt import exits, modes
 from pyvt._kvm import lib
+from pyvt.kvm import struct_bytes
 from pyvt.gsi_routes import IrqchipRoute, MsiRoute, irqchip_routes, routing_table
 
 pytestmark = pytest.mark.requires_kvm
@@ -260,11 +261,11 @@ def test_msi_route_sends_its_message_when_the_gsi_fires(kvm):
         assert vm.gsi_routing[-1] == MsiRoute(30, APIC_BASE, 0x62)
         event = os.eventfd(0)
         try:
-            vm.fd.irqfd(event, 30)
+            vm.fd.register_irqfd(event, 30)
             os.eventfd_write(event, 1)
             expect_handler_then_done(cpu, 0x62)
         finally:
-            vm.fd.irqfd(event, 30, deassign=True)
+            vm.fd.unregister_irqfd(event, 30)
             os.close(event)
 
 
@@ -288,28 +289,48 @@ def test_irqfd_resample_is_signalled_when_the_guest_eois(kvm):
         vm.gsi_routing = [IrqchipRoute(gsi, lib.KVM_IRQCHIP_IOAPIC, pin)]
         trigger, resample = os.eventfd(0), os.eventfd(0, os.EFD_NONBLOCK)
         try:
-            vm.fd.irqfd(trigger, gsi, resamplefd=resample)
+            vm.fd.register_irqfd(trigger, gsi, resamplefd=resample)
             with pytest.raises(BlockingIOError):
                 os.eventfd_read(resample)  # nothing EOI'd yet
             os.eventfd_write(trigger, 1)
             expect_handler_then_done(cpu, 0x73)
             assert os.eventfd_read(resample) == 1  # the guest's EOI
         finally:
-            vm.fd.irqfd(trigger, gsi, deassign=True)
+            vm.fd.unregister_irqfd(trigger, gsi)
             os.close(trigger)
             os.close(resample)
 
 
 def test_irqfd_keeps_its_old_signature_and_checks_resample(kvm):
+    """irqfd(deassign=) still works, deprecated, until the next release."""
     with irqchip_vm(kvm) as vm:
         event = os.eventfd(0)
         try:
-            vm.fd.irqfd(event, 4)
-            vm.fd.irqfd(event, 4, deassign=True)
-            with pytest.raises(pyvt.ArgumentError, match="resamplefd"):
+            with pytest.warns(DeprecationWarning, match="register_irqfd"):
+                vm.fd.irqfd(event, 4)
+            with pytest.warns(DeprecationWarning, match="unregister_irqfd"):
+                vm.fd.irqfd(event, 4, deassign=True)
+            vm.fd.register_irqfd(event, 4)  # it was unregistered: free again
+            vm.fd.unregister_irqfd(event, 4)
+            with pytest.raises(pyvt.ArgumentError, match="resamplefd"), \
+                    pytest.warns(DeprecationWarning):
                 vm.fd.irqfd(event, 4, deassign=True, resamplefd=event)
             with pytest.raises(pyvt.ArgumentError):
-                vm.fd.irqfd(event, 4, resamplefd=-1)
+                vm.fd.register_irqfd(event, 4, resamplefd=-1)
+        finally:
+            os.close(event)
+
+
+def test_irqfd_register_unregister_pair(kvm):
+    with irqchip_vm(kvm) as vm:
+        event = os.eventfd(0)
+        try:
+            vm.fd.register_irqfd(event, 4)
+            with pytest.raises(pyvt.KvmError):  # KVM refuses the same eventfd twice
+                vm.fd.register_irqfd(event, 4)
+            vm.fd.unregister_irqfd(event, 4)
+            vm.fd.register_irqfd(event, 4)  # free again
+            vm.fd.unregister_irqfd(event, 4)
         finally:
             os.close(event)
 
@@ -563,10 +584,11 @@ def test_a_missing_capability_is_named(vm, call, cap):
 def test_nested_state_round_trip(vm):
     cpu = vm.vcpu(0, mode="real")
     state = cpu.fd.get_nested_state()
-    assert len(state) >= 128
+    assert len(struct_bytes(state)) == state.size >= 128
     cpu.fd.set_nested_state(state)
+    cpu.fd.set_nested_state(struct_bytes(state))
     with pytest.raises(pyvt.ArgumentError):
-        cpu.fd.set_nested_state(state[:16])
+        cpu.fd.set_nested_state(struct_bytes(state)[:16])
 
 
 @pytest.mark.requires_cap("SYS_HYPERV_CPUID")

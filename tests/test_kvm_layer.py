@@ -9,7 +9,7 @@ import pytest
 
 import pyvt
 from pyvt import exits
-from pyvt.kvm import Kvm, lib
+from pyvt.kvm import Kvm, ffi, lib, struct_bytes
 
 pytestmark = pytest.mark.requires_kvm
 
@@ -107,11 +107,44 @@ def test_ioeventfd_signals_without_an_exit(kvm):
     vm, vcpu, memory = _real_mode_vm(kvm, bytes([0xB0, 0x05, 0xE6, 0x70, 0xF4]))
     efd = os.eventfd(0, os.EFD_NONBLOCK)
     try:
-        vm.ioeventfd(efd, 0x70, 1, pio=True)
+        vm.register_ioeventfd(efd, 0x70, 1, pio=True)
         assert vcpu.run() == lib.KVM_EXIT_HLT
         assert os.eventfd_read(efd) == 1
+        vm.unregister_ioeventfd(efd, 0x70, 1, pio=True)
+        with pytest.raises(pyvt.KvmError):  # gone: nothing left to unregister
+            vm.unregister_ioeventfd(efd, 0x70, 1, pio=True)
     finally:
         os.close(efd)
+
+
+@pytest.mark.requires_cap("IOEVENTFD")
+def test_ioeventfd_deassign_is_a_deprecated_alias(kvm):
+    vm, vcpu, memory = _real_mode_vm(kvm, bytes([0xB0, 0x05, 0xE6, 0x70, 0xF4]))
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        with pytest.warns(DeprecationWarning, match="register_ioeventfd"):
+            vm.ioeventfd(efd, 0x70, 1, pio=True)
+        with pytest.warns(DeprecationWarning, match="unregister_ioeventfd"):
+            vm.ioeventfd(efd, 0x70, 1, pio=True, deassign=True)
+        assert vcpu.run() == lib.KVM_EXIT_IO  # unregistered: the write exits again
+        assert vcpu.run_struct.io.port == 0x70
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(efd)
+    finally:
+        os.close(efd)
+
+
+def test_set_msrs_partial_returns_how_many_were_taken(kvm):
+    vm, vcpu, memory = _real_mode_vm(kvm, bytes([0xF4]))
+    sysenter_cs, bogus = 0x174, 0x4B564D99  # the second: no such MSR
+    with pytest.raises(pyvt.KvmError, match=f"{bogus:#x}"):
+        vcpu.set_msrs({sysenter_cs: 8, bogus: 1})
+    assert vcpu.set_msrs({sysenter_cs: 0x10, bogus: 1, 0x175: 0x2000}, partial=True) == 1
+    assert vcpu.get_msrs([sysenter_cs]) == {sysenter_cs: 0x10}  # the one before it went in
+    assert vcpu.get_msrs([sysenter_cs, bogus, 0x175], partial=True) == {sysenter_cs: 0x10}
+    block = pyvt.kvm.msrs_struct({sysenter_cs: 0x18, 0x175: 0x3000})
+    assert vcpu.set_msrs(block, partial=True) == 2  # a prepared block goes in as it is
+    assert vcpu.get_msrs([sysenter_cs, 0x175]) == {sysenter_cs: 0x18, 0x175: 0x3000}
 
 
 def test_irqchip_pit_and_irq_line(kvm):
@@ -125,8 +158,19 @@ def test_irqchip_pit_and_irq_line(kvm):
     vcpu = vm.create_vcpu(0)
     assert vcpu.get_mp_state() == lib.KVM_MP_STATE_RUNNABLE
     lapic = vcpu.get_lapic()
-    assert len(lapic) == 1024
+    assert ffi.typeof(lapic) is ffi.typeof("struct kvm_lapic_state *")
+    assert len(struct_bytes(lapic)) == 1024
     vcpu.set_lapic(lapic)
+    vcpu.set_lapic(struct_bytes(lapic))  # the bytes a snapshot keeps
+    assert struct_bytes(vcpu.get_lapic()) == struct_bytes(lapic)
+    chip = vm.get_irqchip(lib.KVM_IRQCHIP_IOAPIC)
+    assert chip.chip_id == lib.KVM_IRQCHIP_IOAPIC
+    vm.set_irqchip(chip)
+    vm.set_irqchip(struct_bytes(chip))
+    pit = vm.get_pit2()
+    assert ffi.typeof(pit) is ffi.typeof("struct kvm_pit_state2 *")
+    vm.set_pit2(pit)
+    vm.set_pit2(struct_bytes(pit))
 
 
 @pytest.mark.requires_cap("SET_GUEST_DEBUG")

@@ -130,6 +130,7 @@ def test_ring3_state_survives_snapshot_restore_and_clone(vm):
         assert isinstance(cpu.run(timeout=10), exits.Hlt) and cpu.regs.rbx == 2
         with pyvt.Vm.from_snapshot(snap) as clone:
             twin = clone.vcpus[0]
+            assert twin.ring == 3 and twin.save_state().ring == 3
             assert isinstance(twin.run(timeout=10), exits.Hlt) and twin.regs.rbx == 2
             twin.regs.rip = 0x123456789000  # off the map: a fetch fault, reported
             exit = twin.run(timeout=10)
@@ -137,6 +138,25 @@ def test_ring3_state_survives_snapshot_restore_and_clone(vm):
             assert exit.cr2 == exit.rip == 0x123456789000
     finally:
         snap.close()
+
+
+def test_a_saved_file_keeps_the_ring(vm, tmp_path):
+    cpu = ring3(vm, "hlt\n")
+    snap = vm.snapshot()
+    try:
+        snap.save(tmp_path / "ring3.snap")
+    finally:
+        snap.close()
+    loaded = pyvt.Snapshot.load(tmp_path / "ring3.snap")
+    try:
+        assert loaded.vcpus[0].ring == 3
+        with pyvt.Vm.from_snapshot(loaded) as clone:
+            assert clone.vcpus[0].ring == 3
+            assert isinstance(clone.vcpus[0].run(timeout=10), exits.Hlt)
+            assert clone.vcpus[0].regs.rip == CODE + 1
+    finally:
+        loaded.close()
+    assert cpu.ring == 3
 
 
 def test_ring0_and_ring3_vcpus_share_one_vm(vm):

@@ -7,6 +7,7 @@ from threadwait import wait_until_running
 
 import pyvt
 from pyvt import exits
+from pyvt.kvm import struct_bytes
 from pyvt.snapshot import Snapshot, SnapshotError
 
 pytestmark = pytest.mark.requires_kvm
@@ -286,7 +287,7 @@ def test_irqchip_pit_and_lapic_round_trip(guest):
         assert isinstance(exit, exits.DebugExit) and exit.code == 0x2A
         vm.restore(snap)
         assert cpus[0].regs.rip == 0x1000
-        assert cpus[1].fd.get_lapic() == snap.vcpus[1].lapic
+        assert struct_bytes(cpus[1].fd.get_lapic()) == snap.vcpus[1].lapic
         clone = pyvt.Vm.from_snapshot(snap)
         try:
             assert clone.fd.has_irqchip and clone.fd.has_pit

@@ -93,8 +93,15 @@ BAD_HEADERS = [
     ("blob -1", _vcpu("regs", -1), "names blob -1"),
     ("blob as text", _vcpu("regs", "3"), "names blob '3'"),
     ("blob as true", _vcpu("regs", True), "names blob True"),
-    ("regs is sregs", lambda h, b: h["vcpus"][0].__setitem__("regs", h["vcpus"][0]["sregs"]),
-     "regs is .* bytes, not"),
+    ("regs is sregs", lambda h, b: h["vcpus"][0].__setitem__(
+        "regs", h["vcpus"][0]["sregs"] if h["vcpus"][0]["sregs"] is not None
+        else h["vcpus"][0]["sregs2"]), "regs is .* bytes, not"),
+    ("no sregs", lambda h, b: h["vcpus"][0].update(sregs=None, sregs2=None), "exactly one"),
+    ("sregs twice", lambda h, b: h["vcpus"][0].update(
+        sregs=h["vcpus"][0]["sregs"] or 0, sregs2=h["vcpus"][0]["sregs2"] or 0), "exactly one|is .* bytes"),
+    ("clock as text", lambda h, b: h.__setitem__("clock", "now"), "clock is 'now'"),
+    ("short nested state", lambda h, b: h["vcpus"][0].__setitem__("nested", h["regions"][1]["runs"]),
+     "shorter than struct kvm_nested_state"),
     ("short fpu", _blob_of(("vcpus", 0, "fpu"), b"x"), "fpu is 1 bytes"),
     ("short lapic", _blob_of(("vcpus", 0, "lapic"), b"x" * 10), "lapic is 10 bytes"),
     ("lapic without irqchip", lambda h, b: h.update(irqchip=None, pit=None), "lapic must be"),
@@ -106,6 +113,10 @@ BAD_HEADERS = [
     ("cpuid size", _blob_of(("vcpus", 0, "cpuid"), bytes(13)), "not a CPUID table"),
     ("cpuid count", _blob_of(("vcpus", 0, "cpuid"), struct.pack("<II", 5, 0)), "says 5 entries"),
     ("mode", _vcpu("mode", "virtual-8086"), "mode is 'virtual-8086'"),
+    ("ring 1", _vcpu("ring", 1), "ring is 1, not 0 or 3"),
+    ("ring as bool", _vcpu("ring", True), "ring is True"),
+    ("ring 3 in real mode", lambda h, b: h["vcpus"][0].update(mode="real", ring=3),
+     "ring is 3, not 0 or 3 \\(3 in long mode only\\)"),
     ("index twice", lambda h, b: h["vcpus"][1].__setitem__("index", 0), "is there twice"),
     ("index as float", _vcpu("index", 0.0), "not an integer"),
     ("huge mp_state", _vcpu("mp_state", 1 << 70), "outside"),
@@ -210,10 +221,16 @@ def test_inconsistent_contents_are_refused_by_from_snapshot(good_file, tmp_path,
 @needs_good_file
 def test_other_format_versions_are_refused(good_file, tmp_path):
     header, blobs = _parts(good_file)
-    for version in (1, FORMAT_VERSION + 1):
+    assert FORMAT_VERSION == 3
+    for version in (1, 2):
         path = _write(tmp_path / "v.snap", json.dumps(header).encode(), blobs, version)
-        with pytest.raises(SnapshotError, match=f"format {version}; .* reads format {FORMAT_VERSION}"):
+        with pytest.raises(SnapshotError,
+                           match=f"snapshot file format {version} is from an older pyvt; this "
+                                 r"pyvt \(.*\) reads format 3: take the snapshot again"):
             Snapshot.load(path)
+    path = _write(tmp_path / "v.snap", json.dumps(header).encode(), blobs, FORMAT_VERSION + 1)
+    with pytest.raises(SnapshotError, match="format 4 is from a newer pyvt; .* reads format 3"):
+        Snapshot.load(path)
 
 
 def test_files_that_cannot_be_read(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 import pyvt
 from pyvt import exits, modes
-from pyvt.kvm import host_cpuid
+from pyvt.kvm import host_cpuid, struct_bytes
 from pyvt.snapshot import Snapshot
 
 pytestmark = [pytest.mark.requires_kvm, pytest.mark.requires_cap("XSAVE", "XCRS"),
@@ -36,8 +36,11 @@ _start:
 """
 
 
-def _ymm_high(area: bytes, register: int) -> bytes:
-    """The upper 128 bits of YMM ``register`` in an XSAVE area."""
+def _ymm_high(area, register: int) -> bytes:
+    """The upper 128 bits of YMM ``register`` in an XSAVE area (a struct
+    kvm_xsave or its bytes)."""
+    if not isinstance(area, bytes):
+        area = struct_bytes(area)
     offset = host_cpuid(0xD, 2)[1]  # where the AVX component lives (CPUID 0xD.2 EBX)
     return area[offset + 16 * register:offset + 16 * (register + 1)]
 
@@ -105,7 +108,7 @@ def test_ymm_upper_halves_survive(how, tmp_path):
 def test_set_xsave_round_trips(vm):
     """The thin layer: YMM state written from the host comes back."""
     cpu = vm.vcpu(0, mode="long")
-    area = bytearray(cpu.fd.get_xsave())
+    area = bytearray(struct_bytes(cpu.fd.get_xsave()))
     assert len(area) == 4096
     pattern = bytes(range(16))
     offset = host_cpuid(0xD, 2)[1] + 16 * 2
@@ -115,8 +118,10 @@ def test_set_xsave_round_trips(vm):
     assert _ymm_high(cpu.fd.get_xsave(), 2) == pattern
     if pyvt.kvm.lib.PVT_HAVE_KVM_GET_XSAVE2 and vm.kvm.check_extension("KVM_CAP_XSAVE2"):
         whole = cpu.fd.get_xsave2()
-        assert len(whole) == cpu.fd.xsave_size() >= 4096
+        assert len(struct_bytes(whole)) == cpu.fd.xsave_size() >= 4096
         assert _ymm_high(whole, 2) == pattern
+        cpu.fd.set_xsave(whole)  # the struct goes back as it came
+        assert _ymm_high(cpu.fd.get_xsave(), 2) == pattern
     for bad in (b"", bytes(100), bytes(cpu.fd.xsave_size() + 64), "text"):
         with pytest.raises(pyvt.ArgumentError, match="XSAVE state"):
             cpu.fd.set_xsave(bad)
