@@ -13,6 +13,7 @@
 #include "sink.h"
 
 #define PVT_DEBUGCON_DEFAULT_PORT 0xe9
+#define PVT_DEBUGCON_PORT_COUNT 1
 #define PVT_DEBUGCON_READBACK 0xe9
 
 int pvt_debugcon_io(void *opaque, uint64_t offset, uint8_t *data,

@@ -21,7 +21,6 @@
 #define CMD_ENABLE_KBD 0xae
 #define CMD_READ_OUTPUT_PORT 0xd0
 #define CMD_WRITE_OUTPUT_PORT 0xd1
-#define CMD_PULSE_RESET 0xfe
 
 #define CB_SYSTEM 0x04
 #define CB_KBD_DISABLED 0x10
@@ -85,7 +84,7 @@ static int command(struct pvt_i8042 *kbc, uint8_t cmd)
 	case CMD_READ_OUTPUT_PORT:
 		reply(kbc, kbc->output_port);
 		break;
-	case CMD_PULSE_RESET:
+	case PVT_I8042_CMD_PULSE_RESET:
 		return PVT_DEV_STOP;
 	default:
 		break; /* other commands (pulse lines 0xf0-0xfd...) do nothing */

@@ -15,6 +15,8 @@
 
 #define PVT_I8042_DATA_PORT 0x60
 #define PVT_I8042_COMMAND_PORT 0x64
+#define PVT_I8042_PORT_COUNT 1 /* each of the two */
+#define PVT_I8042_CMD_PULSE_RESET 0xfe /* to the command port: reset the CPU */
 #define PVT_I8042_STOP_RESET 0xfe /* stop_code of a reset */
 
 struct pvt_i8042 {

@@ -12,6 +12,7 @@
 #include <stdint.h>
 
 #define PVT_PORT80_PORT 0x80
+#define PVT_PORT80_PORT_COUNT 1
 
 struct pvt_port80 {
 	uint8_t last;     /* the last code written */

@@ -13,6 +13,7 @@
 
 #include "sink.h"
 
+#define PVT_UART_DEFAULT_PORT 0x3f8 /* COM1 */
 #define PVT_UART_PORT_COUNT 8
 #define PVT_UART_RX_CAPACITY 4096
 

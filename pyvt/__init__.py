@@ -21,6 +21,8 @@ from .errors import (
     BackendNotFound,
     BackendPermissionError,
     ClosedError,
+    DeviceError,
+    DeviceStateError,
     EntryFailed,
     Error,
     GuestError,
@@ -59,7 +61,7 @@ __all__ = [
     "ApiVersionMismatch", "KvmError", "MemoryConfigError", "RegionOverlapError",
     "OutOfRangeError", "InvalidModeError", "VcpuIndexError", "ClosedError",
     "ArgumentError", "ArgumentTypeError", "MsrFault", "GuestError", "TripleFault", "EntryFailed",
-    "InternalError", "UnmappedAddressError",
+    "InternalError", "UnmappedAddressError", "DeviceError", "DeviceStateError",
     "Snapshot", "SnapshotError", "SnapshotFileError", "SnapshotFileNotFound",
     "Sandbox", "get_include", "SandboxError", "GuestFault", "SandboxTimeout",
 ]

@@ -16,10 +16,21 @@ from cpython.exc cimport PyErr_CheckSignals
 
 from pyvt.includes.core cimport *
 
+import errno
 import os
 import reprlib
 
-from pyvt.errors import ArgumentError, ArgumentTypeError, Error, MsrFault
+from pyvt.errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    ClosedError,
+    DeviceError,
+    DeviceStateError,
+    Error,
+    KvmError,
+    MsrFault,
+    RegionOverlapError,
+)
 
 # What VcpuLoop.run() reports, besides the enum pvt_stop values.
 STOP_EXIT = PVT_STOP_EXIT
@@ -40,8 +51,56 @@ SPACE_PIO = 0
 SPACE_MMIO = 1
 SPACE_MSR = 2
 
+# Where each native device sits and how many ports it takes: the C headers'
+# numbers (pyvt/includes/core.pxd), the only place pyvt gets them from.
+UART_PORT = PVT_UART_DEFAULT_PORT
 UART_PORT_COUNT = PVT_UART_PORT_COUNT
+DEBUGCON_PORT = PVT_DEBUGCON_DEFAULT_PORT
+DEBUGCON_PORT_COUNT = PVT_DEBUGCON_PORT_COUNT
+DEBUG_EXIT_PORT = PVT_DEBUG_EXIT_DEFAULT_PORT
 DEBUG_EXIT_PORT_COUNT = PVT_DEBUG_EXIT_PORT_COUNT
+GUEST_EXCEPTION_PORT = PVT_GUEST_EXCEPTION_PORT
+FW_CFG_PORT = PVT_FW_CFG_PORT
+FW_CFG_PORT_COUNT = PVT_FW_CFG_PORT_COUNT
+CMOS_PORT = PVT_CMOS_PORT
+CMOS_PORT_COUNT = PVT_CMOS_PORT_COUNT
+PM_TIMER_PORT = PVT_PM_TIMER_PORT
+PM_TIMER_PORT_COUNT = PVT_PM_TIMER_PORT_COUNT
+I8042_DATA_PORT = PVT_I8042_DATA_PORT
+I8042_COMMAND_PORT = PVT_I8042_COMMAND_PORT
+I8042_PORT_COUNT = PVT_I8042_PORT_COUNT
+POST_PORT = PVT_PORT80_PORT
+POST_PORT_COUNT = PVT_PORT80_PORT_COUNT
+
+
+# -- errors: the one place a native -errno becomes an exception ---------------
+
+cdef int check_bus(int rc, str what) except -1:
+    """Raises the error for a native I/O bus's -errno.  No ioctl was made,
+    so never a KvmError; pyvt's own claim checks make these rare."""
+    if rc == 0:
+        return 0
+    if rc == -errno.EEXIST:
+        raise RegionOverlapError(f"{what}: the range overlaps one already on pyvt's bus")
+    if rc == -errno.ENOENT:
+        raise ArgumentError(f"{what}: nothing is registered at that address on pyvt's bus")
+    if rc == -errno.EINVAL:
+        raise ArgumentError(f"{what}: pyvt's bus cannot hold that range (empty or past 2**64)")
+    raise DeviceError(f"{what} failed: {os.strerror(-rc)}")
+
+
+cdef int check_device(int rc, str what, str hint="") except -1:
+    """Raises DeviceError for a native device's -errno."""
+    if rc == 0:
+        return 0
+    raise DeviceError(f"{what} failed: {os.strerror(-rc)}" + (f"; {hint}" if hint else ""))
+
+
+cdef int check_state_size(bytes state, size_t size, str device) except -1:
+    if <size_t>len(state) != size:
+        raise DeviceStateError(f"a {device} state is {size} bytes, not {len(state)}: "
+                               "it comes from another pyvt build")
+    return 0
 
 
 cdef str _hex(object value):
@@ -348,26 +407,24 @@ cdef class Machine:
         return user_id
 
     def add_handler(self, int space, uint64_t base, uint64_t length, handler):
-        """Claims a range for a Python handler; returns 0 or -errno."""
+        """Claims a range for a Python handler (raises if the bus refuses)."""
         user_id = self.new_handler_id()
         # In the table before the range exists: a vCPU may exit to it at once.
         self.handlers[user_id] = handler
         rc = pvt_bus_register(self.bus(space), base, length, NULL, NULL, user_id)
         if rc:
             del self.handlers[user_id]
-        else:
-            self.handler_ids[(space, base)] = user_id
-        return rc
+            check_bus(rc, f"registering a handler at {base:#x}")
+        self.handler_ids[(space, base)] = user_id
 
     def remove(self, int space, uint64_t base):
         """Releases the handler range starting at base and drops the
-        reference to its handler; returns 0 or -errno."""
-        rc = pvt_bus_unregister(self.bus(space), base)
-        if rc == 0:
-            user_id = self.handler_ids.pop((space, base), None)
-            if user_id is not None:
-                del self.handlers[user_id]
-        return rc
+        reference to its handler."""
+        check_bus(pvt_bus_unregister(self.bus(space), base),
+                  f"removing the handler at {base:#x}")
+        user_id = self.handler_ids.pop((space, base), None)
+        if user_id is not None:
+            del self.handlers[user_id]
 
     @property
     def unclaimed_as_pc(self):
@@ -400,29 +457,77 @@ cdef bytes sink_bytes(pvt_sink *sink):
         size = total  # a vCPU thread wrote or a clear() came in between: again
 
 
+cdef enum:
+    _MAX_RANGES = 4  # bus ranges one device may hold (the i8042 has 2)
+
+
 cdef class _Device:
-    """A native device registered on one bus range."""
+    """A native device on one or more ranges of the machine's buses, each
+    with its own C entry point (the i8042's data and command ports are two
+    ranges).  attach() puts every range on the bus or none; detach() takes
+    every range off.  ``ranges`` lists them as (space, start, length)."""
 
     cdef Machine machine
-    cdef readonly uint64_t base
-    cdef readonly uint64_t length
+    cdef int nranges
+    cdef int spaces[_MAX_RANGES]
+    cdef uint64_t starts[_MAX_RANGES]
+    cdef uint64_t lengths[_MAX_RANGES]
+    cdef pvt_io_fn fns[_MAX_RANGES]
+    cdef void *opaques[_MAX_RANGES]
     cdef readonly bint attached
 
-    cdef int attach(self, pvt_io_fn fn, void *opaque) except? -1:
-        rc = pvt_bus_register(&self.machine.m.pio, self.base, self.length, fn, opaque, -1)
-        if rc == 0:
-            self.attached = True
-            self.machine.devices.append(self)
-        return rc
+    cdef void add_range(self, uint64_t start, uint64_t length, pvt_io_fn fn,
+                        void *opaque, int space=SPACE_PIO) noexcept:
+        # Only the constructors below call this, at most _MAX_RANGES times.
+        self.spaces[self.nranges] = space
+        self.starts[self.nranges] = start
+        self.lengths[self.nranges] = length
+        self.fns[self.nranges] = fn
+        self.opaques[self.nranges] = opaque
+        self.nranges += 1
+
+    @property
+    def base(self):
+        """Where the first range starts (the device's port)."""
+        return self.starts[0]
+
+    @property
+    def ranges(self):
+        """((space, start, length), ...), one per bus range."""
+        return tuple((self.spaces[i], self.starts[i], self.lengths[i])
+                     for i in range(self.nranges))
+
+    cdef str where(self, int i):
+        return f"{type(self).__name__} at {self.starts[i]:#x}"
+
+    def attach(self):
+        """Puts every range on the bus (all or none)."""
+        cdef int i, j, rc
+        if self.attached:
+            return
+        for i in range(self.nranges):
+            rc = pvt_bus_register(self.machine.bus(self.spaces[i]), self.starts[i],
+                                  self.lengths[i], self.fns[i], self.opaques[i], PVT_NO_USER)
+            if rc:
+                for j in range(i):  # registered just now: they are there to remove
+                    check_bus(pvt_bus_unregister(self.machine.bus(self.spaces[j]),
+                                                 self.starts[j]), f"undoing {self.where(j)}")
+                check_bus(rc, f"attaching {self.where(i)}")
+        self.attached = True
+        self.machine.devices.append(self)
 
     def detach(self):
-        """Removes the device from its port range; returns 0 or -errno."""
+        """Takes every range off the bus."""
+        cdef int i, rc, failed = -1, first = 0
         if not self.attached:
-            return 0
-        rc = pvt_bus_unregister(&self.machine.m.pio, self.base)
-        if rc == 0:
-            self.attached = False
-        return rc
+            return
+        for i in range(self.nranges):  # all of them, even after a failure
+            rc = pvt_bus_unregister(self.machine.bus(self.spaces[i]), self.starts[i])
+            if rc and failed < 0:
+                failed, first = i, rc
+        self.attached = False
+        if failed >= 0:
+            check_bus(first, f"detaching {self.where(failed)}")
 
 
 cdef class _CharDevice(_Device):
@@ -438,8 +543,12 @@ cdef class _CharDevice(_Device):
         pvt_sink_clear(self.sink)
 
     def stream(self, int fd):
-        """Streams to a duplicate of ``fd`` (-1: stop); 0 or -errno."""
-        return pvt_sink_set_stream(self.sink, fd)
+        """Streams to a duplicate of ``fd`` (-1: stop)."""
+        rc = pvt_sink_set_stream(self.sink, fd)
+        if rc == -errno.EBADF:
+            raise ArgumentError(f"cannot stream to fd {fd}: it is not open")
+        check_device(rc, f"duplicating fd {fd} for the stream (F_DUPFD_CLOEXEC)",
+                     "close some files")
 
     @property
     def limit(self):
@@ -447,9 +556,9 @@ cdef class _CharDevice(_Device):
         return None if self.sink.limit == PVT_SINK_UNLIMITED else self.sink.limit
 
     def set_limit(self, limit):
-        """Keeps at most ``limit`` bytes (None: all); 0 or -errno."""
+        """Keeps at most ``limit`` bytes (None: all)."""
         cdef size_t value = PVT_SINK_UNLIMITED if limit is None else limit
-        return pvt_sink_set_limit(self.sink, value)
+        check_device(pvt_sink_set_limit(self.sink, value), f"keeping {limit} bytes of output")
 
     @property
     def dropped(self):
@@ -457,13 +566,15 @@ cdef class _CharDevice(_Device):
         return pvt_sink_dropped(self.sink)
 
     def replace_output(self, bytes data):
-        return pvt_sink_replace(self.sink, <const uint8_t *>PyBytes_AS_STRING(data), len(data))
+        check_device(pvt_sink_replace(self.sink, <const uint8_t *>PyBytes_AS_STRING(data),
+                                      len(data)), "replacing the output")
 
 
 cdef class Uart(_CharDevice):
-    """A native 16550A UART."""
+    """A native 16550A UART (the serial console)."""
 
     cdef pvt_uart *uart
+    STATE_SIZE = sizeof(pvt_uart_state)
 
     def __cinit__(self):
         self.uart = <pvt_uart *>calloc(1, sizeof(pvt_uart))
@@ -482,11 +593,7 @@ cdef class Uart(_CharDevice):
 
     def __init__(self, Machine machine, uint64_t base):
         self.machine = machine
-        self.base = base
-        self.length = PVT_UART_PORT_COUNT
-
-    def attach_to_bus(self):
-        return self.attach(pvt_uart_io, self.uart)
+        self.add_range(base, PVT_UART_PORT_COUNT, pvt_uart_io, self.uart)
 
     def feed(self, const uint8_t[:] data):
         if data.shape[0] == 0:
@@ -500,9 +607,9 @@ cdef class Uart(_CharDevice):
         return out
 
     def load_state(self, bytes state):
-        if len(state) != sizeof(pvt_uart_state):
-            return -22  # -EINVAL: from another build
-        return pvt_uart_load(self.uart, <const pvt_uart_state *>PyBytes_AS_STRING(state))
+        check_state_size(state, sizeof(pvt_uart_state), "UART")
+        if pvt_uart_load(self.uart, <const pvt_uart_state *>PyBytes_AS_STRING(state)):
+            raise DeviceStateError("the UART state holds more input than its receive FIFO")
 
 
 cdef class DebugCon(_CharDevice):
@@ -524,20 +631,10 @@ cdef class DebugCon(_CharDevice):
 
     def __init__(self, Machine machine, uint64_t base):
         self.machine = machine
-        self.base = base
-        self.length = 1
-
-    def attach_to_bus(self):
-        return self.attach(pvt_debugcon_io, self.sink)
+        self.add_range(base, PVT_DEBUGCON_PORT_COUNT, pvt_debugcon_io, self.sink)
 
     def feed(self, data):
-        raise TypeError("the debug console has no input")
-
-    def save_state(self):
-        return b""  # no registers: its output is all it has
-
-    def load_state(self, bytes state):
-        return 0
+        raise ArgumentTypeError("the debug console has no input")
 
 
 cdef class DebugExit(_Device):
@@ -545,11 +642,7 @@ cdef class DebugExit(_Device):
 
     def __init__(self, Machine machine, uint64_t base):
         self.machine = machine
-        self.base = base
-        self.length = PVT_DEBUG_EXIT_PORT_COUNT
-
-    def attach_to_bus(self):
-        return self.attach(pvt_debug_exit_io, NULL)
+        self.add_range(base, PVT_DEBUG_EXIT_PORT_COUNT, pvt_debug_exit_io, NULL)
 
 
 cpdef bytes read_answer(object value, uint32_t size, str space, unsigned long long where):
@@ -600,7 +693,7 @@ cdef class VcpuLoop:
         self.machine = machine
         self.page = run_page
         if ring_offset and ring_offset + page_size > self.page.shape[0]:
-            raise ValueError("the coalesced ring lies outside the vCPU mapping")
+            raise ArgumentError("the coalesced ring lies outside the vCPU mapping")
         pvt_vcpu_init(&self.v, fd, <kvm_run *>&self.page[0], self.page.shape[0], machine.m,
                       <void *>&self.page[ring_offset] if ring_offset else NULL,
                       page_size)
@@ -633,15 +726,25 @@ cdef class VcpuLoop:
             return None
         return "read" if self.v.pending_io == PVT_PENDING_READ else "write"
 
-    def finish_io(self):
-        """Completes the pending access now, with what kvm_run holds;
-        returns 0 or -errno."""
-        return pvt_vcpu_finish_io(&self.v) if self.v.run != NULL else 0
+    def finish_io(self, str vcpu):
+        """Completes the pending access now, with what kvm_run holds
+        (``vcpu`` names the vCPU in an error)."""
+        if self.v.run != NULL:
+            self.check_settled(pvt_vcpu_finish_io(&self.v), vcpu, "complete")
 
-    def abandon_io(self):
+    def abandon_io(self, str vcpu):
         """Drops a pending read (the instruction runs again on the next
-        run) or retires a pending write; returns 0 or -errno."""
-        return pvt_vcpu_abandon_io(&self.v) if self.v.run != NULL else 0
+        run) or retires a pending write."""
+        if self.v.run != NULL:
+            self.check_settled(pvt_vcpu_abandon_io(&self.v), vcpu, "abandon")
+
+    cdef int check_settled(self, int rc, str vcpu, str what) except -1:
+        if rc == -errno.EPROTO:  # KVM_RUN exited instead of just completing
+            raise Error(f"{vcpu}: KVM reported exit reason {self.v.run.exit_reason} while "
+                        f"pyvt tried to {what} the pending I/O access; run() the vCPU to see it")
+        if rc:
+            raise KvmError("KVM_RUN", -rc, f"{vcpu} could not {what} its pending I/O access")
+        return 0
 
     @property
     def stats(self):
@@ -735,6 +838,8 @@ cdef class VcpuLoop:
             else:
                 self.call_msr(self.info.user_id)
         except BaseException:
+            # The handler's exception is what the caller must see; should
+            # abandoning fail too, the next run() reports KVM's state.
             pvt_vcpu_abandon_io(&self.v)
             raise
         finally:
@@ -788,10 +893,10 @@ cdef class VcpuLoop:
         cdef bint armed = False
 
         if self.v.run == NULL:
-            raise ValueError("the vCPU is closed")
+            raise ClosedError("the vCPU is closed")
         rc = pvt_kick_setup()
         if rc:
-            raise OSError(-rc, "cannot install the vCPU kick signal handler")
+            raise Error(f"cannot install the vCPU kick signal handler: {os.strerror(-rc)}")
         if timeout >= MAX_TIMEOUT_NS / 1e9:
             timeout = -1.0  # centuries: no deadline (and no uint64 overflow)
         if timeout >= 0:
@@ -807,7 +912,7 @@ cdef class VcpuLoop:
             if first:
                 rc = pvt_kick_arm(first, interval)
                 if rc:
-                    raise OSError(-rc, "cannot arm the vCPU kick timer")
+                    raise Error(f"cannot arm the vCPU kick timer: {os.strerror(-rc)}")
                 armed = True
             elif timeout >= 0:
                 # A zero timeout: run no guest code at all.
@@ -841,20 +946,23 @@ cdef class VcpuLoop:
 
 # -- PC platform devices (csrc/fw_cfg.c, cmos.c, pm_timer.c, i8042.c, port80.c)
 
-FW_CFG_PORT_COUNT = PVT_FW_CFG_PORT_COUNT
+FW_CFG_SIGNATURE = PVT_FW_CFG_SIGNATURE
+FW_CFG_ID = PVT_FW_CFG_ID
 FW_CFG_RAM_SIZE = PVT_FW_CFG_RAM_SIZE
 FW_CFG_NB_CPUS = PVT_FW_CFG_NB_CPUS
 FW_CFG_MAX_CPUS = PVT_FW_CFG_MAX_CPUS
+FW_CFG_FILE_DIR = PVT_FW_CFG_FILE_DIR
 FW_CFG_FILE_FIRST = PVT_FW_CFG_FILE_FIRST
+FW_CFG_KEY_COUNT = PVT_FW_CFG_KEY_COUNT
 FW_CFG_NAME_SIZE = PVT_FW_CFG_NAME_SIZE
-CMOS_PORT_COUNT = PVT_CMOS_PORT_COUNT
-PM_TIMER_PORT_COUNT = PVT_PM_TIMER_PORT_COUNT
+CMOS_SIZE = PVT_CMOS_SIZE
 PM_TIMER_HZ = PVT_PM_TIMER_HZ
+I8042_CMD_PULSE_RESET = PVT_I8042_CMD_PULSE_RESET
 I8042_STOP_RESET = PVT_I8042_STOP_RESET
 
 
 cdef class FwCfg(_Device):
-    """QEMU's fw_cfg (selector/data ports).  Methods return 0/key or -errno."""
+    """QEMU's fw_cfg (selector/data ports)."""
 
     cdef pvt_fw_cfg *fw
 
@@ -874,25 +982,28 @@ cdef class FwCfg(_Device):
 
     def __init__(self, Machine machine, uint64_t base):
         self.machine = machine
-        self.base = base
-        self.length = PVT_FW_CFG_PORT_COUNT
-
-    def attach_to_bus(self):
-        return self.attach(pvt_fw_cfg_io, self.fw)
+        self.add_range(base, PVT_FW_CFG_PORT_COUNT, pvt_fw_cfg_io, self.fw)
 
     def set(self, uint16_t key, const uint8_t[:] data):
         cdef uint32_t n = <uint32_t>data.shape[0]
-        return pvt_fw_cfg_set(self.fw, key, &data[0] if n else NULL, n)
+        check_device(pvt_fw_cfg_set(self.fw, key, &data[0] if n else NULL, n),
+                     f"setting fw_cfg item {key:#x}")
 
     def set_u16(self, uint16_t key, uint16_t value):
-        return pvt_fw_cfg_set_u16(self.fw, key, value)
+        check_device(pvt_fw_cfg_set_u16(self.fw, key, value), f"setting fw_cfg item {key:#x}")
 
     def set_u64(self, uint16_t key, uint64_t value):
-        return pvt_fw_cfg_set_u64(self.fw, key, value)
+        check_device(pvt_fw_cfg_set_u64(self.fw, key, value), f"setting fw_cfg item {key:#x}")
 
     def add_file(self, bytes name, const uint8_t[:] data):
+        """Adds (or replaces) the file ``name``; returns its key."""
         cdef uint32_t n = <uint32_t>data.shape[0]
-        return pvt_fw_cfg_add_file(self.fw, name, &data[0] if n else NULL, n)
+        rc = pvt_fw_cfg_add_file(self.fw, name, &data[0] if n else NULL, n)
+        if rc == -errno.ENOSPC:
+            raise DeviceError(f"cannot add fw_cfg file {name!r}: no fw_cfg key is left")
+        if rc < 0:
+            check_device(rc, f"adding fw_cfg file {name!r}")
+        return rc
 
     def position(self):
         """(selected key, offset in it): where the guest's next read goes."""
@@ -918,6 +1029,7 @@ cdef class Cmos(_Device):
     """CMOS RAM and RTC (index/data ports)."""
 
     cdef pvt_cmos *cmos
+    STATE_SIZE = sizeof(pvt_cmos_state)
 
     def __cinit__(self):
         self.cmos = <pvt_cmos *>calloc(1, sizeof(pvt_cmos))
@@ -935,11 +1047,7 @@ cdef class Cmos(_Device):
 
     def __init__(self, Machine machine, uint64_t base):
         self.machine = machine
-        self.base = base
-        self.length = PVT_CMOS_PORT_COUNT
-
-    def attach_to_bus(self):
-        return self.attach(pvt_cmos_io, self.cmos)
+        self.add_range(base, PVT_CMOS_PORT_COUNT, pvt_cmos_io, self.cmos)
 
     def set_memory(self, uint64_t below_4g, uint64_t above_4g):
         pvt_cmos_set_memory(self.cmos, below_4g, above_4g)
@@ -957,10 +1065,8 @@ cdef class Cmos(_Device):
         return out
 
     def load_state(self, bytes state):
-        if len(state) != sizeof(pvt_cmos_state):
-            return -22  # -EINVAL: from another build
+        check_state_size(state, sizeof(pvt_cmos_state), "CMOS")
         pvt_cmos_load(self.cmos, <const pvt_cmos_state *>PyBytes_AS_STRING(state))
-        return 0
 
 
 cdef class PmTimer(_Device):
@@ -970,25 +1076,22 @@ cdef class PmTimer(_Device):
 
     def __init__(self, Machine machine, uint64_t base):
         self.machine = machine
-        self.base = base
-        self.length = PVT_PM_TIMER_PORT_COUNT
+        self.add_range(base, PVT_PM_TIMER_PORT_COUNT, pvt_pm_timer_io, &self.timer)
         rc = pvt_pm_timer_init(&self.timer)
         if rc:
-            raise OSError(-rc, "cannot read CLOCK_MONOTONIC")
-
-    def attach_to_bus(self):
-        return self.attach(pvt_pm_timer_io, &self.timer)
+            raise DeviceError(f"the PM timer cannot read CLOCK_MONOTONIC: {os.strerror(-rc)}")
 
     def value(self):
         return pvt_pm_timer_value(&self.timer)
 
 
 cdef class I8042(_Device):
-    """The keyboard controller's command/status port (0x64) and, as a
-    companion range, its data port (base - 4)."""
+    """The keyboard controller: two ranges, the data port at ``base`` and
+    the command/status port (PVT_I8042_COMMAND_PORT - PVT_I8042_DATA_PORT
+    above it), each with its own entry point into csrc/i8042.c."""
 
     cdef pvt_i8042 *kbc
-    cdef readonly bint data_attached
+    STATE_SIZE = sizeof(pvt_i8042_state)
 
     def __cinit__(self):
         self.kbc = <pvt_i8042 *>calloc(1, sizeof(pvt_i8042))
@@ -1006,26 +1109,9 @@ cdef class I8042(_Device):
 
     def __init__(self, Machine machine, uint64_t base):
         self.machine = machine
-        self.base = base
-        self.length = 1
-
-    def attach_data_port(self, uint64_t port):
-        rc = pvt_bus_register(&self.machine.m.pio, port, 1, pvt_i8042_data_io,
-                              self.kbc, -1)
-        if rc == 0:
-            self.data_attached = True
-        return rc
-
-    def detach_data_port(self, uint64_t port):
-        if not self.data_attached:
-            return 0
-        rc = pvt_bus_unregister(&self.machine.m.pio, port)
-        if rc == 0:
-            self.data_attached = False
-        return rc
-
-    def attach_to_bus(self):
-        return self.attach(pvt_i8042_command_io, self.kbc)
+        self.add_range(base, PVT_I8042_PORT_COUNT, pvt_i8042_data_io, self.kbc)
+        self.add_range(base + PVT_I8042_COMMAND_PORT - PVT_I8042_DATA_PORT,
+                       PVT_I8042_PORT_COUNT, pvt_i8042_command_io, self.kbc)
 
     @property
     def command_byte(self):
@@ -1038,24 +1124,19 @@ cdef class I8042(_Device):
         return out
 
     def load_state(self, bytes state):
-        if len(state) != sizeof(pvt_i8042_state):
-            return -22  # -EINVAL: from another build
+        check_state_size(state, sizeof(pvt_i8042_state), "i8042")
         pvt_i8042_load(self.kbc, <const pvt_i8042_state *>PyBytes_AS_STRING(state))
-        return 0
 
 
-cdef class Port80(_Device):
-    """The POST-code port: absorbs writes, reads back the last one."""
+cdef class PostCode(_Device):
+    """Port 0x80, the POST-code port: absorbs writes, reads back the last one."""
 
     cdef pvt_port80 post
+    STATE_SIZE = 9  # the last code (u8), the write count (u64, little-endian)
 
     def __init__(self, Machine machine, uint64_t base):
         self.machine = machine
-        self.base = base
-        self.length = 1
-
-    def attach_to_bus(self):
-        return self.attach(pvt_port80_io, &self.post)
+        self.add_range(base, PVT_PORT80_PORT_COUNT, pvt_port80_io, &self.post)
 
     @property
     def last(self):
@@ -1069,11 +1150,9 @@ cdef class Port80(_Device):
         return bytes([self.post.last]) + int(self.post.writes).to_bytes(8, "little")
 
     def load_state(self, bytes state):
-        if len(state) != 9:
-            return -22
+        check_state_size(state, PostCode.STATE_SIZE, "POST-code")
         self.post.last = state[0]
         self.post.writes = int.from_bytes(state[1:], "little")
-        return 0
 
 
 # -- the dirty ring (csrc/dirty_ring.c) ------------------------------------------

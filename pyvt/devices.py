@@ -1,23 +1,205 @@
-"""Python handles on the native devices every pyvt VM has.
+"""Python handles on pyvt's native devices, and the descriptor that says
+how a VM builds each one.
 
-The devices themselves are C (``csrc/uart16550.c``, ``debugcon.c``,
-``debug_exit.c``) and run without Python on their path; these classes only
-read their captured output, feed input and take them off the bus.
+Every native device is a C pair in ``csrc/`` plus a class in
+``pyvt/_native.pyx`` and runs with no Python on its path.  Its Python side is
+a :class:`Device` handle (this module: the consoles, isa-debug-exit and the
+port of ring-3 exception stubs; :mod:`pyvt.pc`: the PC devices) and one :class:`DeviceDescriptor` in
+:data:`pyvt.device_model.DEVICES`, the table :class:`pyvt.Vm` and the
+snapshots iterate.  A handle reads the device, configures it, saves and
+loads its state, turns its stops into exits, and takes it off the bus.
 """
 
 from __future__ import annotations
 
-import errno
 import io
 import sys
-from typing import Any, Optional
+import warnings
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, List, NoReturn, Optional, Tuple, Type
 
-from . import _native
-from .errors import ArgumentError, Error, KvmError
-
+from . import _native, exits, guest_exceptions
+from .errors import ArgumentError, DeviceStateError
 
 #: How much output a console keeps by default: its last MiB.
 DEFAULT_OUTPUT_LIMIT: int = _native.DEFAULT_OUTPUT_LIMIT
+
+
+@dataclass(frozen=True)
+class DeviceDescriptor:
+    """One native device, as a VM builds it: ``handle(vm, native(machine,
+    port), name)`` is attached with every range of the native device (a
+    native class may hold several, like the i8042's two ports), then becomes
+    ``vm.devices[name]`` and the attribute ``vm.<name>``.
+
+    Its state (:meth:`Device.save_state`, :meth:`Device.load_state`,
+    checked by :meth:`Device.check_state`) goes into snapshots under
+    ``name``; a run it stops becomes :meth:`Device.stop_exit`.
+    """
+
+    #: The device's one name: the ``vm`` attribute, the ``vm.devices`` key,
+    #: the snapshot key and the owner named when its ports are taken.
+    name: str
+    #: The class in pyvt._native that drives the C device.
+    native: Type[_native._Device]
+    #: The Python handle class.
+    handle: Type["Device"]
+    #: Where it goes unless ``port_option`` says otherwise (C headers' number).
+    port: int
+    #: One of the standard PC devices, which ``Vm(pc_devices=False)`` omits.
+    pc: bool = False
+    #: The ``Vm()`` keyword that moves the device (a port) or omits it (None).
+    port_option: Optional[str] = None
+    #: KVM may queue writes to its first port (coalesced PIO), replayed in order.
+    coalesced: bool = False
+
+    def check_state(self, state: Any) -> Any:
+        """``state`` if it is one this device's ``save_state()`` returns, else
+        :class:`pyvt.DeviceStateError` saying which part is wrong."""
+        return self.handle.check_state(state, self.native)
+
+
+# -- checking a device state strictly (snapshot files, load_state) ----------
+
+def _fail(where: str, what: str) -> NoReturn:
+    raise DeviceStateError(f"{where} {what}".strip())
+
+
+def state_fields(value, where: str, keys) -> Dict[str, Any]:
+    """``value`` if it is a dict with exactly ``keys``."""
+    if not isinstance(value, dict):
+        _fail(where, f"is {type(value).__name__}, not an object")
+    missing, extra = sorted(set(keys) - set(value)), sorted(set(value) - set(keys), key=str)
+    if missing:
+        _fail(where, f"lacks the field(s) {', '.join(missing)}")
+    if extra:
+        _fail(where, f"has unknown field(s) {', '.join(map(str, extra))}")
+    return value
+
+
+def state_items(value, where: str, length: Optional[int] = None) -> List[Any]:
+    """``value`` if it is a list or tuple (of ``length`` items)."""
+    if not isinstance(value, (list, tuple)):
+        _fail(where, f"is {type(value).__name__}, not a list")
+    if length is not None and len(value) != length:
+        _fail(where, f"has {len(value)} items, not {length}")
+    return list(value)
+
+
+def state_int(value, where: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(where, f"is {value!r}, not an integer")
+    if not low <= value <= high:
+        _fail(where, f"is {value:#x}, outside {low:#x}-{high:#x}")
+    return value
+
+
+def state_bytes(value, where: str, size: Optional[int] = None) -> bytes:
+    """``value`` if it is bytes (of ``size`` bytes)."""
+    if not isinstance(value, bytes):
+        _fail(where, f"is {type(value).__name__}, not bytes")
+    if size is not None and len(value) != size:
+        _fail(where, f"is {len(value)} bytes, not {size}: not this pyvt build's layout")
+    return value
+
+
+# -- the handles ---------------------------------------------------------------
+
+class Device:
+    """The Python handle on a native device of ``vm``: ``name``, where it
+    sits (``port``, ``ranges``), whether it is on the bus, and
+    :meth:`detach`.  Subclasses add what the device does."""
+
+    def __init__(self, vm, native, name: str):
+        self._vm = vm
+        self._native = native
+        #: The device's one name (see DeviceDescriptor.name).
+        self.name = name
+        #: True when KVM queues the writes to its first port (coalesced PIO:
+        #: a console's data register), replayed in order by the run loop.
+        self.coalesced = False
+
+    @property
+    def port(self) -> int:
+        """Where the device's first range starts."""
+        return self._native.base
+
+    @property
+    def ranges(self) -> Tuple[Tuple[int, int], ...]:
+        """``((start, length), ...)``: every port range the device holds."""
+        return tuple((start, length) for _, start, length in self._native.ranges)
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._native.attached)
+
+    def __repr__(self) -> str:
+        state = "attached" if self.attached else "detached"
+        ports = ", ".join(f"{start:#x}" if length == 1 else f"{start:#x}-{start + length - 1:#x}"
+                          for start, length in self.ranges)
+        return f"<{type(self).__name__} {self.name} at {ports}, {state}>"
+
+    def detach(self) -> None:
+        """Takes the device off every port it holds, so that Python handlers
+        (``vm.on_io``) can have them."""
+        self._vm._detach_device(self)
+
+    # -- what the VM calls ---------------------------------------------------
+
+    def _start(self) -> None:
+        """Sets the device up for its VM, once it is on the bus."""
+
+    def _close(self) -> None:
+        """Lets go of what the device holds outside the VM (the VM closes)."""
+
+    def stop_exit(self, code: int, port: int, vcpu) -> exits.AnyExit:
+        """The exit for ``vcpu``'s run, which this device stopped with
+        ``code`` at ``port``."""
+        return exits.Unhandled(-1, code, vcpu._rip())
+
+    # -- state, for snapshots and clones -------------------------------------
+
+    #: Whether the device has guest-visible state to save (False: the
+    #: PM timer, which counts host time; isa-debug-exit).
+    has_state: ClassVar[bool] = False
+
+    def save_state(self) -> Any:
+        """The device's guest-visible state: a value of dicts, lists, ints,
+        strs and bytes that :meth:`load_state` takes back (here or in another
+        VM) and a snapshot file stores."""
+        raise NotImplementedError(f"the {self.name} device has no state")
+
+    def load_state(self, state: Any) -> None:
+        """Puts back what :meth:`save_state` returned (checked strictly first:
+        :class:`pyvt.DeviceStateError` if it is not such a state)."""
+        raise NotImplementedError(f"the {self.name} device has no state")
+
+    @classmethod
+    def check_state(cls, state: Any, native: Any) -> Any:
+        """``state`` if it is what :meth:`save_state` of a handle on a
+        ``native`` device returns (lists may come as tuples and back), else
+        :class:`pyvt.DeviceStateError` saying which part is wrong."""
+        raise NotImplementedError(f"{cls.__name__} has no state")
+
+    def _checked(self, state: Any) -> Any:
+        return self.check_state(state, type(self._native))
+
+
+class RegisterDevice(Device):
+    """A device whose whole state is its registers, one C struct's bytes
+    (its native class's ``save_state``/``load_state`` and ``STATE_SIZE``)."""
+
+    has_state = True
+
+    def save_state(self) -> bytes:
+        return self._native.save_state()
+
+    def load_state(self, state: bytes) -> None:
+        self._native.load_state(self._checked(state))
+
+    @classmethod
+    def check_state(cls, state: Any, native: Any) -> bytes:
+        return state_bytes(state, "registers", native.STATE_SIZE)
 
 
 def check_output_limit(limit: Optional[int]) -> Optional[int]:
@@ -29,7 +211,7 @@ def check_output_limit(limit: Optional[int]) -> Optional[int]:
     return limit
 
 
-class Console:
+class Console(Device):
     """A character device whose guest output pyvt captures.
 
     ``output`` is the last ``limit`` bytes the guest wrote (1 MiB unless
@@ -39,16 +221,7 @@ class Console:
     byte there as it comes, whatever the limit.
     """
 
-    def __init__(self, vm, native, name: str, port: int, coalesced: bool,
-                 limit: Optional[int] = DEFAULT_OUTPUT_LIMIT):
-        self._vm = vm
-        self._native = native
-        self.name = name
-        self.port = port
-        #: True when KVM queues the data-register writes (coalesced PIO).
-        self.coalesced = coalesced
-        if limit != DEFAULT_OUTPUT_LIMIT:  # the sink starts with the default
-            self.limit = limit
+    has_state = True
 
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"
@@ -56,9 +229,12 @@ class Console:
         return (f"<Console {self.name} at {self.port:#x}, {state}, "
                 f"{len(self.output)} bytes{dropped}>")
 
-    @property
-    def attached(self) -> bool:
-        return bool(self._native.attached)
+    def _start(self) -> None:
+        if self._vm._output_limit != DEFAULT_OUTPUT_LIMIT:  # the sink starts with it
+            self.limit = self._vm._output_limit
+
+    def _close(self) -> None:
+        self.stream(None)  # closes pyvt's duplicate of the stream's fd
 
     @property
     def output(self) -> bytes:
@@ -81,8 +257,7 @@ class Console:
     @limit.setter
     def limit(self, limit: Optional[int]) -> None:
         self._vm._sync_devices()
-        if self._native.set_limit(check_output_limit(limit)):
-            raise Error(f"cannot keep {limit} bytes of {self.name} output: out of memory")
+        self._native.set_limit(check_output_limit(limit))
 
     @property
     def dropped(self) -> int:
@@ -134,35 +309,75 @@ class Console:
                 raise ArgumentError(
                     f"cannot stream to {target!r}: it needs an open file descriptor "
                     "(a file, a pipe, sys.stdout)") from None
-        rc = self._native.stream(fd) if 0 <= fd < 2**31 else -errno.EBADF
-        if rc == -errno.EBADF:
+        if not 0 <= fd < 2**31:
             raise ArgumentError(f"cannot stream to fd {fd}: it is not open")
-        if rc:
-            raise KvmError(f"duplicate fd {fd} for the {self.name} stream (F_DUPFD_CLOEXEC)",
-                           -rc, "close some files")
+        self._native.stream(fd)
 
-    def detach(self) -> None:
-        """Takes the device off its port so the port can get a Python handler."""
-        self._vm._detach_device(self)
+    # -- state: the output kept (the debug console has no registers) -------
+
+    def save_state(self) -> Dict[str, bytes]:
+        return {"output": self._native.output()}
+
+    def load_state(self, state: Dict[str, bytes]) -> None:
+        self._native.replace_output(self._checked(state)["output"])
+
+    @classmethod
+    def check_state(cls, state: Any, native: Any) -> Dict[str, bytes]:
+        state_fields(state, "", ("output",))
+        return {"output": state_bytes(state["output"], "output")}
 
 
-class DebugExitDevice:
+class SerialConsole(Console):
+    """The 16550 UART's console (``vm.console``): its state holds the UART's
+    registers and receive FIFO besides the output."""
+
+    def save_state(self) -> Dict[str, bytes]:
+        return {"registers": self._native.save_state(), "output": self._native.output()}
+
+    def load_state(self, state: Dict[str, bytes]) -> None:
+        state = self._checked(state)
+        self._native.load_state(state["registers"])
+        self._native.replace_output(state["output"])
+
+    @classmethod
+    def check_state(cls, state: Any, native: Any) -> Dict[str, bytes]:
+        state_fields(state, "", ("registers", "output"))
+        return {"registers": state_bytes(state["registers"], "registers", native.STATE_SIZE),
+                "output": state_bytes(state["output"], "output")}
+
+
+class DebugExit(Device):
     """QEMU's isa-debug-exit: a guest write of v stops ``run()`` with
     ``exits.DebugExit(code=v)``, whose ``status`` is ``(v << 1) | 1``."""
 
-    def __init__(self, vm, native, port: int):
-        self._vm = vm
-        self._native = native
-        self.port = port
-        self.name = "debug-exit"
+    def stop_exit(self, code: int, port: int, vcpu) -> exits.AnyExit:
+        return exits.DebugExit(code, self.port, vcpu._rip())
 
-    @property
-    def attached(self) -> bool:
-        return bool(self._native.attached)
 
-    def __repr__(self) -> str:
-        return f"<DebugExitDevice at {self.port:#x}>"
+class GuestExceptionPort(Device):
+    """Where the exception stubs of ring-3 vCPUs report (an isa-debug-exit
+    at ``guest_exceptions.EXCEPTION_PORT``): its stop becomes the exit
+    :func:`pyvt.guest_exceptions.exit_from_frame` reads from the frame."""
 
-    def detach(self) -> None:
-        """Takes the device off its port."""
-        self._vm._detach_device(self)
+    def stop_exit(self, code: int, port: int, vcpu) -> exits.AnyExit:
+        return guest_exceptions.exit_from_frame(vcpu)
+
+
+#: The devices every VM has (``debug_exit`` unless ``debug_exit_port=None``).
+BASE_DEVICES = (
+    DeviceDescriptor("console", _native.Uart, SerialConsole, _native.UART_PORT, coalesced=True),
+    DeviceDescriptor("debugcon", _native.DebugCon, Console, _native.DEBUGCON_PORT,
+                     coalesced=True),
+    DeviceDescriptor("debug_exit", _native.DebugExit, DebugExit, _native.DEBUG_EXIT_PORT,
+                     port_option="debug_exit_port"),
+    DeviceDescriptor("guest_exceptions", _native.DebugExit, GuestExceptionPort,
+                     guest_exceptions.EXCEPTION_PORT),
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DebugExitDevice":  # its name before the device model (issue 13)
+        warnings.warn("pyvt.devices.DebugExitDevice is now pyvt.devices.DebugExit",
+                      DeprecationWarning, stacklevel=2)
+        return DebugExit
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -165,3 +165,17 @@ class GuestFault(SandboxError):
 class SandboxTimeout(SandboxError, TimeoutError):
     """A :class:`pyvt.Sandbox` call ran past its ``timeout``; the guest was
     stopped and the sandbox is back at its snapshot."""
+
+
+# -- DEVICES (issue 13): failures of pyvt's native devices and I/O bus --------
+# No ioctl is involved in these, so they are not KvmErrors.
+
+
+class DeviceError(Error):
+    """A native device (or pyvt's native I/O bus) refused an operation: the
+    message says which and why."""
+
+
+class DeviceStateError(DeviceError, ArgumentError):
+    """A device state that does not fit the device: from another pyvt build,
+    or not what the device's ``save_state()`` returns."""

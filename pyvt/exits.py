@@ -73,7 +73,7 @@ class DebugExit(Exit):
     would exit with, ``(code << 1) | 1``."""
 
     code: int
-    port: int = 0xF4
+    port: int = _native.DEBUG_EXIT_PORT
     rip: Optional[int] = None
 
     @property
@@ -344,7 +344,7 @@ class Reset(Exit):
     too).  Like QEMU with ``-no-reboot``, pyvt stops instead of rebooting."""
 
     source: str
-    port: int = 0x64
+    port: int = _native.I8042_COMMAND_PORT
     rip: Optional[int] = None
 
     def __repr__(self) -> str:

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import struct
 
-from . import exits, modes
+from . import _native, exits, modes
 from .errors import OutOfRangeError, UnmappedAddressError
 
-#: The port the exception stubs write to (claimed by a native device for VMs
-#: with a ring-3 vCPU; ports 0xf8-0xff were the math coprocessor's on the PC).
-EXCEPTION_PORT = 0xF8
+#: The port the exception stubs write to, where every VM has a native
+#: isa-debug-exit (``vm.guest_exceptions``; csrc/debug_exit.h).
+EXCEPTION_PORT = _native.GUEST_EXCEPTION_PORT
 
 #: vector, error code, RIP, CS, RFLAGS, RSP, SS: the stack below
 #: EXCEPTION_STACK_TOP once a stub has pushed its vector.

@@ -21,59 +21,42 @@ handler (``vm.on_io``) can serve its ports instead.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Dict, Optional, Union
 
-from . import _native
-from .errors import ArgumentError, KvmError
+from . import _native, exits
+from .devices import (
+    Device,
+    DeviceDescriptor,
+    RegisterDevice,
+    state_bytes,
+    state_fields,
+    state_int,
+    state_items,
+)
+from .errors import ArgumentError, DeviceStateError
 
-FW_CFG_PORT = 0x510
-CMOS_PORT = 0x70
-PM_TIMER_PORT = 0x608
+# The C headers' numbers (csrc/*.h, through pyvt/includes/core.pxd).
+FW_CFG_PORT = _native.FW_CFG_PORT
+CMOS_PORT = _native.CMOS_PORT
+PM_TIMER_PORT = _native.PM_TIMER_PORT
 PM_TIMER_HZ = _native.PM_TIMER_HZ
-I8042_DATA_PORT = 0x60
-I8042_COMMAND_PORT = 0x64
-I8042_RESET_VALUE = 0xFE
-POST_PORT = 0x80
+I8042_DATA_PORT = _native.I8042_DATA_PORT
+I8042_COMMAND_PORT = _native.I8042_COMMAND_PORT
+I8042_RESET_VALUE = _native.I8042_CMD_PULSE_RESET
+POST_PORT = _native.POST_PORT
 
 #: The fw_cfg keys pyvt fills in (QEMU's numbers, hw/nvram/fw_cfg.h).
-FW_CFG_SIGNATURE = 0x00
-FW_CFG_ID = 0x01
+FW_CFG_SIGNATURE = _native.FW_CFG_SIGNATURE
+FW_CFG_ID = _native.FW_CFG_ID
 FW_CFG_RAM_SIZE = _native.FW_CFG_RAM_SIZE
 FW_CFG_NB_CPUS = _native.FW_CFG_NB_CPUS
 FW_CFG_MAX_CPUS = _native.FW_CFG_MAX_CPUS
-FW_CFG_FILE_DIR = 0x19
+FW_CFG_FILE_DIR = _native.FW_CFG_FILE_DIR
 FW_CFG_FILE_FIRST = _native.FW_CFG_FILE_FIRST
 _DEVICE_KEYS = (FW_CFG_SIGNATURE, FW_CFG_ID, FW_CFG_FILE_DIR)
-
-
-class _PlatformDevice:
-    """A native PC device on one port range of ``vm``."""
-
-    name = "device"
-
-    def __init__(self, vm, native, port: int, length: int):
-        self._vm = vm
-        self._native = native
-        self.port = port
-        self.length = length
-
-    @property
-    def attached(self) -> bool:
-        return bool(self._native.attached)
-
-    def __repr__(self) -> str:
-        state = "attached" if self.attached else "detached"
-        return f"<{type(self).__name__} at {self.port:#x}, {state}>"
-
-    def detach(self) -> None:
-        """Takes the device off its ports so a Python handler can have them."""
-        self._vm._check_open()
-        if not self._native.attached:
-            return
-        rc = self._native.detach()
-        if rc:
-            raise KvmError(f"detach {self.name}", -rc)
-        self._vm._claims.pop((_native.SPACE_PIO, self.port), None)
+#: The keys a saved fw_cfg state may set: numbered items, then files.
+_ITEM_KEYS = range(FW_CFG_ID + 1, FW_CFG_FILE_FIRST)
+_FILE_KEYS = range(FW_CFG_FILE_FIRST, _native.FW_CFG_KEY_COUNT)
 
 
 def _as_bytes(data, what: str) -> bytes:
@@ -87,7 +70,7 @@ def _as_bytes(data, what: str) -> bytes:
     return data
 
 
-class FwCfg(_PlatformDevice):
+class FwCfg(Device):
     """QEMU's fw_cfg at 0x510 (selector, 16-bit write) and 0x511 (data).
 
     The signature ("QEMU"), the interface ID, RAM size (key 0x03) and CPU
@@ -97,7 +80,11 @@ class FwCfg(_PlatformDevice):
     numbered item below 0x20.
     """
 
-    name = "fw_cfg"
+    has_state = True
+
+    def _start(self) -> None:
+        self._native.set_u64(FW_CFG_RAM_SIZE, self._vm.memory.size)
+        self.cpu_count = 1
 
     def set(self, key: int, data: Union[bytes, str]) -> None:
         """Sets numbered item ``key`` (0x02-0x1f, not 0x19) to ``data``."""
@@ -107,9 +94,7 @@ class FwCfg(_PlatformDevice):
             raise ArgumentError(
                 f"fw_cfg key {key:#x} cannot be set: numbered items are 0x02-0x1f except "
                 f"0x19 (the file directory); use add_file(name, data) for anything else")
-        rc = self._native.set(key, _as_bytes(data, "fw_cfg data"))
-        if rc:
-            raise KvmError("fw_cfg set", -rc)
+        self._native.set(key, _as_bytes(data, "fw_cfg data"))
 
     def add_file(self, name: str, data: Union[bytes, str]) -> int:
         """Publishes ``data`` as the file ``name`` (e.g. ``"opt/org.example/cfg"``;
@@ -121,16 +106,14 @@ class FwCfg(_PlatformDevice):
         limit = _native.FW_CFG_NAME_SIZE - 1
         if not raw or len(raw) > limit or b"\0" in raw:
             raise ArgumentError(f"fw_cfg file name {name!r} must be 1-{limit} bytes without NUL")
-        rc = self._native.add_file(raw, _as_bytes(data, "fw_cfg file data"))
-        if rc < 0:
-            raise KvmError("fw_cfg add_file", -rc,
-                           "no fw_cfg key is left" if rc == -28 else "")
-        return rc
+        return self._native.add_file(raw, _as_bytes(data, "fw_cfg file data"))
 
     def get(self, key: int) -> Optional[bytes]:
         """Item ``key`` as the guest reads it, or None if there is none."""
-        if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < 0x4000:
-            raise ArgumentError(f"fw_cfg key must be an int in 0-0x3fff, not {key!r}")
+        if (isinstance(key, bool) or not isinstance(key, int)
+                or not 0 <= key < _native.FW_CFG_KEY_COUNT):
+            raise ArgumentError(f"fw_cfg key must be an int in 0-"
+                                f"{_native.FW_CFG_KEY_COUNT - 1:#x}, not {key!r}")
         return self._native.get(key)
 
     def files(self) -> dict:
@@ -154,18 +137,70 @@ class FwCfg(_PlatformDevice):
         for key in (FW_CFG_NB_CPUS, FW_CFG_MAX_CPUS):
             self._native.set_u16(key, count)
 
-    def _set_ram_size(self, size: int) -> None:
-        self._native.set_u64(FW_CFG_RAM_SIZE, size)
+    # -- state: items, files (each keeps its key) and the read position -------
+
+    def save_state(self) -> Dict[str, Any]:
+        """``{"items": [[key, data]...], "files": [[key, name, data]...],
+        "position": [selector, offset]}``: what the guest can read."""
+        native = self._native
+        items = [[key, native.get(key)] for key in _ITEM_KEYS
+                 if key != FW_CFG_FILE_DIR and native.get(key)]
+        files = [[key, name, native.get(key)]
+                 for name, key in sorted(self.files().items(), key=lambda item: item[1])]
+        return {"items": items, "files": files, "position": list(native.position())}
+
+    def load_state(self, state: Dict[str, Any]) -> None:
+        """Restores a saved state into a fw_cfg that holds no files the saved
+        one lacks (so that every file keeps its key)."""
+        state = self._checked(state)
+        for key, data in state["items"]:
+            self._native.set(key, data)
+        for key, name, data in state["files"]:
+            got = self.add_file(name, data)
+            if got != key:
+                raise ArgumentError(
+                    f"fw_cfg file {name!r} got key {got:#x} here but had {key:#x}: load the "
+                    "state into a VM whose fw_cfg has no files of its own")
+        self._native.set_position(*state["position"])
+
+    @classmethod
+    def check_state(cls, state: Any, native: Any) -> Dict[str, Any]:
+        state_fields(state, "", ("items", "files", "position"))
+        items = []
+        for i, item in enumerate(state_items(state["items"], "items")):
+            key, data = state_items(item, f"items[{i}]", 2)
+            state_int(key, f"items[{i}] key", _ITEM_KEYS.start, _ITEM_KEYS.stop - 1)
+            if key == FW_CFG_FILE_DIR:
+                raise DeviceStateError(
+                    f"items[{i}] is the file directory, which fw_cfg makes itself")
+            items.append([key, state_bytes(data, f"items[{i}] data")])
+        files = []
+        for i, item in enumerate(state_items(state["files"], "files")):
+            key, name, data = state_items(item, f"files[{i}]", 3)
+            state_int(key, f"files[{i}] key", _FILE_KEYS.start, _FILE_KEYS.stop - 1)
+            raw = name.encode("utf-8", "surrogatepass") if isinstance(name, str) else b""
+            if not raw or len(raw) >= _native.FW_CFG_NAME_SIZE or b"\0" in raw:
+                raise DeviceStateError(f"files[{i}] name {name!r} is not a fw_cfg file name")
+            files.append([key, name, state_bytes(data, f"files[{i}] data")])
+        selector, offset = state_items(state["position"], "position", 2)
+        position = [state_int(selector, "position selector", 0, 0xFFFF),
+                    state_int(offset, "position offset", 0, (1 << 32) - 1)]
+        return {"items": items, "files": files, "position": position}
 
 
-class Cmos(_PlatformDevice):
+class Cmos(RegisterDevice):
     """CMOS RAM and the MC146818 RTC at 0x70 (index) / 0x71 (data)."""
 
-    name = "cmos"
+    def _start(self) -> None:
+        size = self._vm.memory.size
+        below = min(size, 1 << 32)
+        self._native.set_memory(below, size - below)
 
     def _check_index(self, index: int) -> None:
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < 0x80:
-            raise ArgumentError(f"CMOS index must be an int in 0-0x7f, not {index!r}")
+        if (isinstance(index, bool) or not isinstance(index, int)
+                or not 0 <= index < _native.CMOS_SIZE):
+            raise ArgumentError(f"CMOS index must be an int in 0-{_native.CMOS_SIZE - 1:#x}, "
+                                f"not {index!r}")
 
     def __getitem__(self, index: int) -> int:
         """The byte the guest reads at ``index`` (clock registers included)."""
@@ -179,15 +214,11 @@ class Cmos(_PlatformDevice):
             raise ArgumentError(f"CMOS value must be a byte, not {value!r}")
         self._native.write(index, value)
 
-    def _set_memory(self, size: int) -> None:
-        below = min(size, 1 << 32)
-        self._native.set_memory(below, size - below)
 
+class PmTimer(Device):
+    """The ACPI PM timer: 32-bit port ``port``, counting at 3.579545 MHz
+    (host time: no state to save)."""
 
-class PmTimer(_PlatformDevice):
-    """The ACPI PM timer: 32-bit port ``port``, counting at 3.579545 MHz."""
-
-    name = "pm_timer"
     hz = PM_TIMER_HZ
 
     @property
@@ -196,35 +227,29 @@ class PmTimer(_PlatformDevice):
         return self._native.value()
 
 
-class I8042(_PlatformDevice):
+class I8042(RegisterDevice):
     """The keyboard controller at 0x64 (status/command) and 0x60 (data),
     without a keyboard.  Writing 0xfe to 0x64 (or clearing the reset bit of
-    the output port) stops ``run()`` with :class:`pyvt.exits.Reset`."""
-
-    name = "i8042"
-
-    def __init__(self, vm, native, port: int, data_port: int):
-        super().__init__(vm, native, port, 1)
-        self.data_port = data_port
+    the output port) stops ``run()`` with :class:`pyvt.exits.Reset`.
+    ``port`` is the command port, ``data_port`` the data port; ``detach()``
+    takes both off the bus."""
 
     @property
-    def attached(self) -> bool:
-        return bool(self._native.attached or self._native.data_attached)
+    def port(self) -> int:
+        return self._native.base + I8042_COMMAND_PORT - I8042_DATA_PORT
 
-    def detach(self) -> None:
-        """Takes both ports off the bus."""
-        self._vm._check_open()
-        super().detach()
-        rc = self._native.detach_data_port(self.data_port)
-        if rc:
-            raise KvmError("detach i8042 data port", -rc)
-        self._vm._claims.pop((_native.SPACE_PIO, self.data_port), None)
+    @property
+    def data_port(self) -> int:
+        return self._native.base
+
+    def stop_exit(self, code: int, port: int, vcpu) -> exits.AnyExit:
+        if code == _native.I8042_STOP_RESET:
+            return exits.Reset(self.name, port, vcpu._rip())
+        return super().stop_exit(code, port, vcpu)
 
 
-class PostCode(_PlatformDevice):
+class PostCode(RegisterDevice):
     """Port 0x80: ``last`` is the last POST code the guest wrote."""
-
-    name = "post"
 
     @property
     def last(self) -> int:
@@ -235,88 +260,39 @@ class PostCode(_PlatformDevice):
         return self._native.writes
 
 
-def add_pc_devices(vm) -> None:
-    """Puts the PC devices on ``vm``'s port bus (called by :class:`pyvt.Vm`)."""
-    machine, pio = vm._machine, _native.SPACE_PIO
-    size = vm.memory.size
-
-    native = _native.FwCfg(machine, FW_CFG_PORT)
-    vm._attach(native, pio, FW_CFG_PORT, _native.FW_CFG_PORT_COUNT, "fw_cfg")
-    vm.fw_cfg = FwCfg(vm, native, FW_CFG_PORT, _native.FW_CFG_PORT_COUNT)
-    vm.fw_cfg._set_ram_size(size)
-    vm.fw_cfg.cpu_count = 1
-
-    native = _native.Cmos(machine, CMOS_PORT)
-    vm._attach(native, pio, CMOS_PORT, _native.CMOS_PORT_COUNT, "cmos")
-    vm.cmos = Cmos(vm, native, CMOS_PORT, _native.CMOS_PORT_COUNT)
-    vm.cmos._set_memory(size)
-
-    native = _native.PmTimer(machine, PM_TIMER_PORT)
-    vm._attach(native, pio, PM_TIMER_PORT, _native.PM_TIMER_PORT_COUNT, "pm_timer")
-    vm.pm_timer = PmTimer(vm, native, PM_TIMER_PORT, _native.PM_TIMER_PORT_COUNT)
-
-    native = _native.I8042(machine, I8042_COMMAND_PORT)
-    vm._attach(native, pio, I8042_COMMAND_PORT, 1, "i8042")
-    vm._check_range_free(pio, I8042_DATA_PORT, 1)
-    rc = native.attach_data_port(I8042_DATA_PORT)
-    if rc:
-        raise KvmError("attach i8042 data port", -rc)
-    vm._claims[(pio, I8042_DATA_PORT)] = (1, "i8042")
-    vm.i8042 = I8042(vm, native, I8042_COMMAND_PORT, I8042_DATA_PORT)
-
-    native = _native.Port80(machine, POST_PORT)
-    vm._attach(native, pio, POST_PORT, 1, "post")
-    vm.post = PostCode(vm, native, POST_PORT, 1)
+#: The PC devices, which ``Vm(pc_devices=False)`` leaves out.
+PC_DEVICES = (
+    DeviceDescriptor("fw_cfg", _native.FwCfg, FwCfg, FW_CFG_PORT, pc=True),
+    DeviceDescriptor("cmos", _native.Cmos, Cmos, CMOS_PORT, pc=True),
+    DeviceDescriptor("pm_timer", _native.PmTimer, PmTimer, PM_TIMER_PORT, pc=True),
+    DeviceDescriptor("i8042", _native.I8042, I8042, I8042_DATA_PORT, pc=True),
+    DeviceDescriptor("post", _native.PostCode, PostCode, POST_PORT, pc=True),
+)
+_STATEFUL = tuple(d for d in PC_DEVICES if d.handle.has_state)
 
 
 # -- state, for snapshots and clones -----------------------------------------
 
-def save_state(vm) -> dict:
-    """The PC devices' guest-visible state: fw_cfg items, files and read
-    position, CMOS RAM and clock offset, the i8042's registers, the last POST
-    code.  (The PM timer counts host time and has none.)  A device a VM lacks
-    is None.  :func:`load_state` puts it into another VM."""
-    fw = vm.fw_cfg
-    fw_state = None
-    if fw is not None:
-        native = fw._native
-        items = {key: native.get(key) for key in range(FW_CFG_ID + 1, FW_CFG_FILE_FIRST)
-                 if key != FW_CFG_FILE_DIR and native.get(key)}
-        files = sorted((key, name, native.get(key)) for name, key in fw.files().items())
-        fw_state = {"items": items, "files": files, "position": native.position()}
-    return {
-        "fw_cfg": fw_state,
-        "cmos": vm.cmos._native.save_state() if vm.cmos is not None else None,
-        "i8042": vm.i8042._native.save_state() if vm.i8042 is not None else None,
-        "post": vm.post._native.save_state() if vm.post is not None else None,
-    }
+def save_state(vm) -> Dict[str, Any]:
+    """The PC devices' guest-visible state, ``{name: state}``: fw_cfg items,
+    files and read position, CMOS RAM and clock offset, the i8042's
+    registers, the last POST code.  (The PM timer counts host time and has
+    none.)  A device a VM lacks is None.  :func:`load_state` puts it into
+    another VM."""
+    return {d.name: None if vm.devices.get(d.name) is None else vm.devices[d.name].save_state()
+            for d in _STATEFUL}
 
 
-def load_state(vm, state: dict) -> None:
+def load_state(vm, state: Dict[str, Any]) -> None:
     """Restores what :func:`save_state` returned into ``vm`` (whose fw_cfg
     must hold no files the saved one lacks, so that every file keeps its key)."""
-    if not isinstance(state, dict) or set(state) != {"fw_cfg", "cmos", "i8042", "post"}:
+    if not isinstance(state, dict) or set(state) != {d.name for d in _STATEFUL}:
         raise ArgumentError("load_state takes what pyvt.pc.save_state returned")
-    for name in ("cmos", "i8042", "post"):
-        device, saved = getattr(vm, name), state[name]
+    for d in _STATEFUL:
+        device, saved = vm.devices.get(d.name), state[d.name]
         if saved is None:
             continue
         if device is None:
-            raise ArgumentError(f"the saved state has a {name} but this VM has none "
+            raise ArgumentError(f"the saved state has a {d.name} but this VM has none "
                                 "(made with pc_devices=False?)")
-        if device._native.load_state(saved):
-            raise ArgumentError(f"the saved {name} state comes from another pyvt build")
-    saved = state["fw_cfg"]
-    if saved is None:
-        return
-    if vm.fw_cfg is None:
-        raise ArgumentError("the saved state has a fw_cfg but this VM has none")
-    for key, data in saved["items"].items():
-        vm.fw_cfg._native.set(key, data)
-    for key, name, data in saved["files"]:
-        got = vm.fw_cfg.add_file(name, data)
-        if got != key:
-            raise ArgumentError(
-                f"fw_cfg file {name!r} got key {got:#x} here but had {key:#x}: load the "
-                "state into a VM whose fw_cfg has no files of its own")
-    vm.fw_cfg._native.set_position(*saved["position"])
+        device.load_state(saved)

@@ -40,9 +40,9 @@ Clones keep what they map alive on their own.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
-from . import pc, snapshot_file, snapshot_memory
+from . import _native, device_model, snapshot_file, snapshot_memory
 from .backend import select_backend
 from .cpu_features import check_cpuid
 from .errors import Error, SnapshotError, SnapshotFileError, SnapshotFileNotFound
@@ -67,15 +67,20 @@ class Snapshot:
     backend: str
     regions: List[RegionImage]
     vcpus: List[VcpuState]
-    devices: Dict[str, Tuple[bytes, bytes]]  # name -> (registers, output so far)
+    #: Each native device's state, ``{name: device.save_state()}``: the
+    #: consoles' registers and output, fw_cfg (items, files, read position),
+    #: CMOS, i8042, POST code (the PC devices absent for pc_devices=False).
+    devices: Dict[str, Any]
     irqchip: Optional[List[bytes]] = None
     pit: Optional[bytes] = None
-    debug_exit_port: Optional[int] = 0xF4
-    #: pyvt.pc.save_state(): fw_cfg (items, files, read position), CMOS,
-    #: i8042, POST code; None for a VM made with pc_devices=False.
-    pc: Optional[Dict[str, Any]] = None
+    debug_exit_port: Optional[int] = _native.DEBUG_EXIT_PORT
     #: The KVM clock in ns (Vm.save_clock); None where the backend lacks it.
     clock: Optional[int] = None
+
+    @property
+    def pc_devices(self) -> bool:
+        """Whether the VM had the PC devices (``Vm(pc_devices=...)``)."""
+        return any(device_model.by_name(name).pc for name in self.devices)
 
     @property
     def memory_size(self) -> int:
@@ -130,10 +135,6 @@ class Snapshot:
 # -- taking and restoring ------------------------------------------------------
 
 
-def _char_devices(vm) -> Dict[str, Any]:
-    return {"console": vm.console, "debugcon": vm.debugcon}
-
-
 def take(vm) -> Snapshot:
     """Implements :meth:`pyvt.Vm.snapshot`."""
     vm._check_open()
@@ -143,9 +144,8 @@ def take(vm) -> Snapshot:
         try:
             vcpus = [v.save_state() for v in sorted(vm.vcpus.values(), key=lambda v: v.index)]
             irqchip, pit, clock = vm.save_irqchip(), vm.save_pit(), vm.save_clock()
-            devices = {name: (dev._native.save_state(), dev._native.output())
-                       for name, dev in _char_devices(vm).items()}
-            pc_state = pc.save_state(vm) if vm.fw_cfg is not None else None
+            devices = {name: device.save_state() for name, device in vm.devices.items()
+                       if device.has_state}
         except BaseException:
             for image in regions:
                 image.close()
@@ -153,7 +153,7 @@ def take(vm) -> Snapshot:
     return Snapshot(backend=vm.backend, regions=regions, vcpus=vcpus, devices=devices,
                     irqchip=irqchip, pit=pit,
                     debug_exit_port=vm.debug_exit.port if vm.debug_exit else None,
-                    pc=pc_state, clock=clock)
+                    clock=clock)
 
 
 def _take_memory(vm) -> List[RegionImage]:
@@ -212,15 +212,15 @@ def _restore_state(vm, snap: Snapshot) -> None:
         vm.vcpus[saved.index].restore_state(saved)
     if snap.clock is not None and vm.kvm.check_extension("KVM_CAP_ADJUST_CLOCK"):
         vm.restore_clock(snap.clock)
-    for name, dev in _char_devices(vm).items():
-        state, output = snap.devices[name]
-        if dev._native.load_state(state) or dev._native.replace_output(output):
-            raise SnapshotError(f"cannot restore the {name} device's state")
-    if snap.pc is not None:
+    for name, state in snap.devices.items():
+        device = vm.devices.get(name)
+        if device is None:
+            raise SnapshotError(f"the snapshot has a {name} device but this VM has none "
+                                "(made with pc_devices=False?)")
         try:
-            pc.load_state(vm, snap.pc)
+            device.load_state(state)
         except Error as e:
-            raise SnapshotError(f"cannot restore the PC devices: {e}") from None
+            raise SnapshotError(f"cannot restore the {name} device's state: {e}") from None
 
 
 def _check_open(snap: Snapshot) -> None:
@@ -250,7 +250,7 @@ def clone(snap: Snapshot, vm_class, backend=None):
     path = select_backend(backend if backend is not None else snap.backend)
     main = snap.regions[0]
     vm = vm_class(memory=main.size, backend=path, debug_exit_port=snap.debug_exit_port,
-                          pc_devices=snap.pc is not None, _memory_source=main.memfd)
+                  pc_devices=snap.pc_devices, _memory_source=main.memfd)
     try:
         vm.memory.regions[0].origin = main
         for saved in snap.regions[1:]:

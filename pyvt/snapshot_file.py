@@ -25,11 +25,17 @@ import json
 import os
 import stat
 import struct
-from typing import Any, Dict, List, NoReturn, Optional, Tuple
+from typing import Any, Dict, List, NoReturn, Optional
 
-from . import _native, modes, pageset
+from . import _native, device_model, modes, pageset
 from ._kvm import ffi, lib
-from .errors import ArgumentError, SnapshotError, SnapshotFileError, SnapshotFileNotFound
+from .errors import (
+    ArgumentError,
+    DeviceStateError,
+    SnapshotError,
+    SnapshotFileError,
+    SnapshotFileNotFound,
+)
 from .snapshot_memory import PAGE_SIZE, RegionImage, new_image, write_pages
 from .vcpu_state import VcpuState
 
@@ -57,10 +63,6 @@ IRQCHIPS = ("KVM_IRQCHIP_PIC_MASTER", "KVM_IRQCHIP_PIC_SLAVE", "KVM_IRQCHIP_IOAP
 MAX_PHYSICAL_ADDRESS = 1 << 52
 MAX_CPUID_ENTRIES = 4096
 MAX_XSAVE_SIZE = 1 << 20
-
-_FW_CFG_ITEM_KEYS = range(0x02, _native.FW_CFG_FILE_FIRST)  # after FW_CFG_ID
-_FW_CFG_FILE_DIR = 0x19
-_FW_CFG_FILE_KEYS = range(_native.FW_CFG_FILE_FIRST, 0x4000)
 
 
 def struct_sizes() -> Dict[str, int]:
@@ -146,11 +148,9 @@ def save(snap, path) -> None:
             "xcrs": optional(v.xcrs), "lapic": optional(v.lapic),
             "xsave": optional(v.xsave), "nested": optional(v.nested),
         } for v in snap.vcpus],
-        "devices": {name: [blob(state), blob(output)]
-                    for name, (state, output) in snap.devices.items()},
+        "devices": {name: _encode_state(state, blob) for name, state in snap.devices.items()},
         "irqchip": None if snap.irqchip is None else [blob(c) for c in snap.irqchip],
         "pit": optional(snap.pit),
-        "pc": None if snap.pc is None else _pc_to_header(snap.pc, blob),
     }
     header["blobs"] = [b.length if isinstance(b, _RegionData) else len(b) for b in blobs]
     head = json.dumps(header, sort_keys=True).encode()
@@ -182,17 +182,21 @@ def save(snap, path) -> None:
         raise
 
 
-def _pc_to_header(pc: Dict[str, Any], blob) -> Dict[str, Any]:
-    """pyvt.pc state for the JSON header, bytes as blob numbers."""
-    fw = pc["fw_cfg"]
-    return {
-        "fw_cfg": None if fw is None else {
-            "items": [[key, blob(data)] for key, data in sorted(fw["items"].items())],
-            "files": [[key, name, blob(data)] for key, name, data in fw["files"]],
-            "position": list(fw["position"]),
-        },
-        **{name: None if pc[name] is None else blob(pc[name]) for name in ("cmos", "i8042", "post")},
-    }
+def _encode_state(state: Any, blob) -> Any:
+    """A device state for the JSON header: bytes become ``{"blob": n}``,
+    tuples lists; dicts (str keys), lists, ints, strs, None stay."""
+    if isinstance(state, bytes):
+        return {"blob": blob(state)}
+    if isinstance(state, (list, tuple)):
+        return [_encode_state(item, blob) for item in state]
+    if isinstance(state, dict):
+        if "blob" in state or not all(isinstance(key, str) for key in state):
+            raise SnapshotError(f"a device state's dict keys must be strs other than "
+                                f"'blob', not {sorted(map(repr, state))}")
+        return {key: _encode_state(value, blob) for key, value in state.items()}
+    if state is None or isinstance(state, (bool, int, str)):
+        return state
+    raise SnapshotError(f"a device state cannot hold {type(state).__name__}")
 
 
 # -- loading -------------------------------------------------------------------------
@@ -262,11 +266,10 @@ class _Header:
 
 
 _TOP_FIELDS = ("format", "pyvt", "structs", "page_size", "backend", "debug_exit_port",
-               "regions", "clock", "vcpus", "devices", "irqchip", "pit", "pc", "blobs")
+               "regions", "clock", "vcpus", "devices", "irqchip", "pit", "blobs")
 _REGION_FIELDS = ("gpa", "size", "readonly", "runs", "data")
 _VCPU_FIELDS = ("index", "mode", "ring", "mp_state", "msrs", "regs", "sregs", "sregs2", "fpu",
                 "events", "debugregs", "cpuid", "xcrs", "lapic", "xsave", "nested")
-_DEVICES = ("console", "debugcon")
 
 
 class _Reader:
@@ -357,7 +360,7 @@ def _load(reader: _Reader, path: str, info: os.stat_result):
             runs = _runs(check, get(r["runs"]), image.pages, f"regions[{i}].runs")
             _load_pages(reader, image, runs, offsets[r["data"]], lengths[r["data"]],
                         check, f"regions[{i}].data")
-        snap = _snapshot(header, images, get)
+        snap = _snapshot(header, images, get, _device_states(check, header, get))
         _check_contents(check, snap)
         return snap
     except BaseException:
@@ -488,41 +491,55 @@ def _check_header(check: _Header, header: Dict[str, Any]) -> None:
         if entries < 0 or extra or entries > MAX_CPUID_ENTRIES:
             check.fail(f"{where}.cpuid", f"is {check.blob_lengths[cpuid]} bytes, not a CPUID table")
 
-    devices = check.fields(header["devices"], "devices", _DEVICES)
-    for name in _DEVICES:
-        for i, index in enumerate(check.array(devices[name], f"devices.{name}", 2)):
-            check.blob(index, f"devices.{name}[{i}]")
-
-    if header["pc"] is not None:
-        _check_pc(check, header["pc"])
+    _check_device_names(check, header["devices"])
+    for name, state in header["devices"].items():
+        _check_state_blobs(check, state, f"devices.{name}")
 
 
-def _check_pc(check: _Header, pc) -> None:
-    pc = check.fields(pc, "pc", ("fw_cfg", "cmos", "i8042", "post"))
-    for name in ("cmos", "i8042", "post"):
-        check.optional_blob(pc[name], f"pc.{name}")
-    fw = pc["fw_cfg"]
-    if fw is None:
-        return
-    fw = check.fields(fw, "pc.fw_cfg", ("items", "files", "position"))
-    for i, item in enumerate(check.array(fw["items"], "pc.fw_cfg.items")):
-        key, data = check.array(item, f"pc.fw_cfg.items[{i}]", 2)
-        check.integer(key, f"pc.fw_cfg.items[{i}] key", _FW_CFG_ITEM_KEYS.start,
-                  _FW_CFG_ITEM_KEYS.stop - 1)
-        if key == _FW_CFG_FILE_DIR:
-            check.fail(f"pc.fw_cfg.items[{i}]", "is the file directory, which fw_cfg makes itself")
-        check.blob(data, f"pc.fw_cfg.items[{i}] data")
-    for i, item in enumerate(check.array(fw["files"], "pc.fw_cfg.files")):
-        key, name, data = check.array(item, f"pc.fw_cfg.files[{i}]", 3)
-        check.integer(key, f"pc.fw_cfg.files[{i}] key", _FW_CFG_FILE_KEYS.start,
-                  _FW_CFG_FILE_KEYS.stop - 1)
-        raw = check.text(name, f"pc.fw_cfg.files[{i}] name").encode("utf-8", "surrogatepass")
-        if not raw or len(raw) >= _native.FW_CFG_NAME_SIZE or b"\0" in raw:
-            check.fail(f"pc.fw_cfg.files[{i}] name", f"{name!r} is not a fw_cfg file name")
-        check.blob(data, f"pc.fw_cfg.files[{i}] data")
-    selector, offset = check.array(fw["position"], "pc.fw_cfg.position", 2)
-    check.integer(selector, "pc.fw_cfg.position selector", 0, 0xFFFF)
-    check.integer(offset, "pc.fw_cfg.position offset", 0, (1 << 32) - 1)
+def _check_device_names(check: _Header, devices) -> None:
+    """Every device a VM always has, and the PC devices all or none."""
+    stateful = device_model.stateful()
+    names = {d.name for d in stateful if not d.pc}
+    if isinstance(devices, dict) and any(d.name in devices for d in stateful if d.pc):
+        names |= {d.name for d in stateful if d.pc}
+    check.fields(devices, "devices", names)
+
+
+def _check_state_blobs(check: _Header, value, where: str) -> None:
+    """Checks the blob numbers of an encoded device state (see
+    _encode_state); its shape is the device's to check, once decoded."""
+    if isinstance(value, dict) and "blob" in value:
+        check.fields(value, where, ("blob",))
+        check.blob(value["blob"], where)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_state_blobs(check, item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_state_blobs(check, item, f"{where}[{i}]")
+    elif not (value is None or isinstance(value, (bool, int, str))):
+        check.fail(where, f"is {value!r}, not part of a device state")
+
+
+def _decode_state(value, get) -> Any:
+    if isinstance(value, dict) and "blob" in value:
+        return get(value["blob"])
+    if isinstance(value, dict):
+        return {key: _decode_state(item, get) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_decode_state(item, get) for item in value]
+    return value
+
+
+def _device_states(check: _Header, header: Dict[str, Any], get) -> Dict[str, Any]:
+    """The devices' states, each checked by its device's descriptor."""
+    states = {}
+    for name, value in header["devices"].items():
+        try:
+            states[name] = device_model.by_name(name).check_state(_decode_state(value, get))
+        except DeviceStateError as e:
+            check.fail(f"devices.{name}", f"is not the {name} device's state: {e}")
+    return states
 
 
 def _check_contents(check: _Header, snap) -> None:
@@ -538,7 +555,8 @@ def _check_contents(check: _Header, snap) -> None:
             check.fail(f"vcpus[{i}].cpuid", f"says {nent} entries in {len(vcpu.cpuid)} bytes")
 
 
-def _snapshot(header: Dict[str, Any], images: List[RegionImage], get):
+def _snapshot(header: Dict[str, Any], images: List[RegionImage], get,
+              devices: Dict[str, Any]):
     """The Snapshot a checked header describes."""
     from .snapshot import Snapshot
 
@@ -550,21 +568,8 @@ def _snapshot(header: Dict[str, Any], images: List[RegionImage], get):
                        xcrs=get(v["xcrs"]), lapic=get(v["lapic"]), xsave=get(v["xsave"]),
                        nested=get(v["nested"]))
              for v in header["vcpus"]]
-    devices: Dict[str, Tuple[bytes, bytes]] = {
-        name: (get(state), get(output)) for name, (state, output) in header["devices"].items()}
-    pc = header["pc"]
-    if pc is not None:
-        fw = pc["fw_cfg"]
-        pc = {
-            "fw_cfg": None if fw is None else {
-                "items": {key: get(i) for key, i in fw["items"]},
-                "files": [(key, name, get(i)) for key, name, i in fw["files"]],
-                "position": tuple(fw["position"]),
-            },
-            **{name: get(pc[name]) for name in ("cmos", "i8042", "post")},
-        }
     return Snapshot(backend=header["backend"], regions=images, vcpus=vcpus, devices=devices,
                     irqchip=None if header["irqchip"] is None
                     else [get(i) for i in header["irqchip"]],
-                    pit=get(header["pit"]), debug_exit_port=header["debug_exit_port"], pc=pc,
+                    pit=get(header["pit"]), debug_exit_port=header["debug_exit_port"],
                     clock=header["clock"])

@@ -356,32 +356,31 @@ class Vcpu:
         """Completes a pending I/O access now (a read with its reply, or all
         ones), so that a register write made next is not undone by it."""
         if self._loop is not None and self._loop.pending_io is not None:
-            self._after_settle(self._loop.finish_io(), "complete")
+            self._settle(self._loop.finish_io)
 
     def _abandon_pending_io(self) -> None:
         """Drops a pending read (the registers stay as at the exit, so the
         instruction runs again) or retires a pending write: before a restore
         overwrites the state, nothing may complete on top of it."""
         if self._loop is not None and self._loop.pending_io is not None:
-            self._after_settle(self._loop.abandon_io(), "abandon")
+            self._settle(self._loop.abandon_io)
 
     def _settle_for_snapshot(self) -> None:
         """A snapshot starts after a pending write (the guest has done it)
         and before a pending read (not answered yet: restoring or cloning
         runs the instruction again, and reply() still reaches this vCPU)."""
         if self._loop is not None and self._loop.pending_io == "write":
-            self._after_settle(self._loop.finish_io(), "complete")
+            self._settle(self._loop.finish_io)
 
-    def _after_settle(self, rc: int, what: str) -> None:
-        self._regs_stale = True
-        self._sregs = None
-        if rc == -errno.EPROTO:
-            raise Error(f"vCPU {self.index}: KVM reported exit reason "
-                        f"{self.fd.run_struct.exit_reason} while pyvt tried to {what} the "
-                        "pending I/O access; run() the vCPU to see it")
-        if rc:
-            raise KvmError("KVM_RUN", -rc, f"vCPU {self.index} could not {what} its "
-                           "pending I/O access")
+    def _settle(self, step) -> None:
+        """Runs ``step`` (the loop's finish_io or abandon_io), which enters
+        KVM_RUN: the registers cached here are stale afterwards, even if it
+        raised."""
+        try:
+            step(f"vCPU {self.index}")
+        finally:
+            self._regs_stale = True
+            self._sregs = None
 
     def _rip(self) -> Optional[int]:
         try:

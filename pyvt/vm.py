@@ -4,13 +4,22 @@ I/O handlers and vCPUs, on any device speaking the KVM ABI."""
 from __future__ import annotations
 
 import errno
-import os
 import threading
-from typing import Callable, Dict, List, Optional, Tuple, Union
+import types
+from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
-from . import _native, exits, guest_exceptions, modes, msr_filter, pc, snapshot, snapshot_file
+from . import _native, exits, modes, msr_filter, pc, snapshot, snapshot_file
 from ._kvm import lib as _kvm_lib
-from .devices import DEFAULT_OUTPUT_LIMIT, Console, DebugExitDevice
+from .device_model import DEVICES, DeviceDescriptor
+from .devices import (
+    DEFAULT_OUTPUT_LIMIT,
+    Console,
+    DebugExit,
+    Device,
+    GuestExceptionPort,
+    SerialConsole,
+    check_output_limit,
+)
 from .errors import (
     ArgumentError,
     ArgumentTypeError,
@@ -32,9 +41,9 @@ from .snapshot import Snapshot
 #: unrestricted guest (the address QEMU uses), when guest RAM leaves it free.
 TSS_ADDRESS = 0xFFFBD000
 
-UART_PORT = 0x3F8
-DEBUGCON_PORT = 0xE9
-DEBUG_EXIT_PORT = 0xF4
+UART_PORT = _native.UART_PORT
+DEBUGCON_PORT = _native.DEBUGCON_PORT
+DEBUG_EXIT_PORT = _native.DEBUG_EXIT_PORT
 
 Handler = Callable[[exits.Exit], Optional[int]]
 PortRange = Union[int, range, Tuple[int, int]]
@@ -80,18 +89,6 @@ def _as_range(spec: PortRange, what: str, limit: int, space: str = "") -> Tuple[
     return start, length
 
 
-def _bus_error(rc: int, what: str) -> Error:
-    """The error for a native I/O bus's -errno.  No ioctl was made, so not a
-    KvmError; the callers' checks make these rare (state out of step)."""
-    if rc == -errno.EEXIST:
-        return RegionOverlapError(f"{what}: the range overlaps one already on pyvt's bus")
-    if rc == -errno.ENOENT:
-        return ArgumentError(f"{what}: nothing is registered at that address on pyvt's bus")
-    if rc == -errno.EINVAL:
-        return ArgumentError(f"{what}: pyvt's bus cannot hold that range (empty or past 2**64)")
-    return Error(f"{what} failed: {os.strerror(-rc)}")
-
-
 class Vm:
     """A virtual machine.
 
@@ -106,7 +103,8 @@ class Vm:
     With ``pc_devices`` (the default), also the standard PC devices of
     :mod:`pyvt.pc`: ``fw_cfg``, ``cmos``, ``pm_timer``, ``i8042`` (whose
     reset ends a run with :class:`pyvt.exits.Reset`) and ``post`` (port 0x80);
-    without, those attributes are None.
+    without, those attributes are None.  ``devices`` maps each device's name
+    to its handle (:mod:`pyvt.device_model` lists them all).
     ``output_limit`` is how many bytes of output ``console`` and ``debugcon``
     each keep (their last ones; None: all): see :class:`pyvt.devices.Console`.
     ``dirty_ring`` (False, True for 64 KiB, or a size like ``"256K"``: a
@@ -114,6 +112,17 @@ class Vm:
     ring per vCPU instead of a bitmap, from creation on: see
     :meth:`pyvt.memory.GuestMemory.dirty_pages` and :mod:`pyvt.dirty_pages`.
     """
+
+    # The native devices, set from pyvt.device_model.DEVICES (None: absent).
+    console: SerialConsole
+    debugcon: Console
+    debug_exit: Optional[DebugExit]
+    guest_exceptions: GuestExceptionPort
+    fw_cfg: Optional[pc.FwCfg]
+    cmos: Optional[pc.Cmos]
+    pm_timer: Optional[pc.PmTimer]
+    i8042: Optional[pc.I8042]
+    post: Optional[pc.PostCode]
 
     def __init__(self, memory: Union[int, str] = "64M", backend=None, *,
                  debug_exit_port: Optional[int] = DEBUG_EXIT_PORT,
@@ -135,10 +144,12 @@ class Vm:
         # on it instead of failing while they hold the vCPUs' run locks.
         self._pause_lock = threading.Lock()
         self._claims: Dict[Tuple[int, int], Tuple[int, str]] = {}  # (space, start) -> (length, owner)
-        self._devices: List = []
-        self._coalesced_zones: Dict[object, Tuple[int, int]] = {}
+        self._devices: Dict[str, Device] = {}  # name -> handle, in DEVICES order
+        self._coalesced_zones: Dict[Device, Tuple[int, int]] = {}
         self._max_vcpus: Optional[int] = None
-        self.fw_cfg = self.cmos = self.pm_timer = self.i8042 = self.post = None
+        self._output_limit = output_limit
+        for descriptor in DEVICES:  # a device the VM lacks is None
+            setattr(self, descriptor.name, None)
         try:
             if dirty_ring is not False:  # before any vCPU or memory slot
                 self.fd.enable_dirty_log_ring(dirty_ring_size(dirty_ring))
@@ -149,26 +160,18 @@ class Vm:
                                       copy_on_write_of=_memory_source)
             self._machine = _native.Machine()
             self._coalescing = bool(self.kvm.check_extension("KVM_CAP_COALESCED_PIO"))
-            self.console = self._add_console(_native.Uart, "uart", UART_PORT,
-                                             _native.UART_PORT_COUNT, coalesce_first=True,
-                                             output_limit=output_limit)
-            self.debugcon = self._add_console(_native.DebugCon, "debugcon", DEBUGCON_PORT,
-                                              1, coalesce_first=True,
-                                              output_limit=output_limit)
-            self.debug_exit = None
-            if debug_exit_port is not None:
-                port, _ = _as_range(debug_exit_port, "debug_exit_port", 0x10000)
-                native = _native.DebugExit(self._machine, port)
-                self._attach(native, _native.SPACE_PIO, port, _native.DEBUG_EXIT_PORT_COUNT,
-                             "debug-exit")
-                self.debug_exit = DebugExitDevice(self, native, port)
-            # Where the exception stubs of ring-3 vCPUs report (pyvt.guest_exceptions):
-            # a native stop, like the debug-exit's.
-            native = _native.DebugExit(self._machine, guest_exceptions.EXCEPTION_PORT)
-            self._attach(native, _native.SPACE_PIO, guest_exceptions.EXCEPTION_PORT,
-                         _native.DEBUG_EXIT_PORT_COUNT, "guest-exceptions")
-            if pc_devices:
-                pc.add_pc_devices(self)
+            check_output_limit(output_limit)
+            port_options = {"debug_exit_port": debug_exit_port}
+            for descriptor in DEVICES:
+                if descriptor.pc and not pc_devices:
+                    continue
+                port = descriptor.port
+                if descriptor.port_option is not None:
+                    spec = port_options[descriptor.port_option]
+                    if spec is None:
+                        continue  # e.g. debug_exit_port=None: no isa-debug-exit
+                    port, _ = _as_range(spec, descriptor.port_option, 0x10000)
+                self._attach_device(descriptor, port)
         except BaseException:
             self.close()
             raise
@@ -183,53 +186,63 @@ class Vm:
             pass
         return 1 << 36  # the architectural minimum with PAE
 
-    def _attach(self, native, space: int, port: int, length: int, owner: str) -> None:
-        self._check_range_free(space, port, length)
-        rc = native.attach_to_bus()
-        if rc:
-            raise _bus_error(rc, f"attaching {owner} at {port:#x}")
-        self._claims[(space, port)] = (length, owner)
-        self._devices.append(native)
+    # -- native devices (pyvt.device_model) -----------------------------------
 
-    def _add_console(self, kind, name: str, port: int, length: int,
-                     coalesce_first: bool, output_limit: Optional[int]) -> Console:
-        native = kind(self._machine, port)
-        self._attach(native, _native.SPACE_PIO, port, length, name)
-        coalesced = False
-        if self._coalescing and coalesce_first:
-            # Writes to the data register never need the vCPU to stop: KVM
-            # queues them and the run loop replays them in order.
+    def _attach_device(self, descriptor: DeviceDescriptor, port: int) -> Device:
+        """Builds the device ``descriptor`` describes at ``port``, puts every
+        range of it on the bus and claims them, and makes its handle
+        ``vm.devices[name]`` and ``vm.<name>``."""
+        native = descriptor.native(self._machine, port)
+        ranges = native.ranges
+        for space, start, length in ranges:
+            self._check_range_free(space, start, length)
+        native.attach()
+        for space, start, length in ranges:
+            self._claims[(space, start)] = (length, descriptor.name)
+        device = descriptor.handle(self, native, descriptor.name)
+        self._devices[descriptor.name] = device
+        setattr(self, descriptor.name, device)
+        if descriptor.coalesced and self._coalescing:
+            # Writes to the first port (a console's data register) never
+            # need the vCPU to stop: KVM queues them and the run loop
+            # replays them in order.
             self.fd.register_coalesced_mmio(port, 1, pio=True)
-            self._coalesced_zones[native] = (port, 1)
-            coalesced = True
-        return Console(self, native, name, port, coalesced, output_limit)
+            self._coalesced_zones[device] = (port, 1)
+            device.coalesced = True
+        device._start()
+        return device
 
-    def _detach_device(self, device) -> None:
+    def _detach_device(self, device: Device) -> None:
+        """Takes ``device`` off the bus: its coalesced zone goes (after the
+        writes queued there reach it), then every range, then the claims."""
         self._check_open()
-        native = device._native
-        if not native.attached:
+        if not device.attached:
             return
-        zone = self._coalesced_zones.pop(native, None)
+        zone = self._coalesced_zones.pop(device, None)
         if zone is not None:
             self._sync_devices()
             self.fd.unregister_coalesced_mmio(zone[0], zone[1], pio=True)
-        rc = native.detach()
-        if rc:
-            raise _bus_error(rc, f"detaching {device.name}")
-        self._claims.pop((_native.SPACE_PIO, device.port), None)
+        ranges = device._native.ranges
+        try:
+            device._native.detach()
+        finally:
+            for space, start, _ in ranges:
+                self._claims.pop((space, start), None)
 
-    def _device_exit(self, code: int, port: int, vcpu) -> exits.Exit:
-        """The exit for a native device that stopped ``vcpu``'s run."""
-        rip = vcpu._rip()
-        if self.debug_exit is not None and self.debug_exit.port <= port < self.debug_exit.port + 4:
-            return exits.DebugExit(code, self.debug_exit.port, rip)
-        exceptions = guest_exceptions.EXCEPTION_PORT
-        if exceptions <= port < exceptions + _native.DEBUG_EXIT_PORT_COUNT:
-            return guest_exceptions.exit_from_frame(vcpu)
-        if (self.i8042 is not None and port in (self.i8042.port, self.i8042.data_port)
-                and code == _native.I8042_STOP_RESET):
-            return exits.Reset("i8042", port, rip)
-        return exits.Unhandled(-1, code, rip)
+    @property
+    def devices(self) -> Mapping[str, Device]:
+        """The native devices this VM has, ``{name: handle}`` (read-only):
+        ``console``, ``debugcon``, ``debug_exit``, ``guest_exceptions`` (the
+        port ring-3 vCPUs' exception stubs write) and the PC devices (see
+        :mod:`pyvt.device_model`)."""
+        return types.MappingProxyType(self._devices)
+
+    def _device_exit(self, code: int, port: int, vcpu) -> exits.AnyExit:
+        """The exit for a native device that stopped ``vcpu``'s run at ``port``."""
+        for device in self._devices.values():
+            if any(start <= port < start + length for start, length in device.ranges):
+                return device.stop_exit(code, port, vcpu)
+        return exits.Unhandled(-1, code, vcpu._rip())
 
     def _sync_devices(self) -> None:
         """Replays coalesced writes still queued in KVM's ring."""
@@ -269,9 +282,8 @@ class Vm:
         machine = getattr(self, "_machine", None)
         if machine is not None:
             machine.close()
-        for console in (getattr(self, "console", None), getattr(self, "debugcon", None)):
-            if console is not None:
-                console.stream(None)  # closes pyvt's duplicate of the stream's fd
+        for device in getattr(self, "_devices", {}).values():
+            device._close()
         self._kvm_stats.close()
         self.fd.close()
         memory = getattr(self, "memory", None)
@@ -354,9 +366,7 @@ class Vm:
         if not callable(handler):
             raise ArgumentTypeError(f"handler must be callable, not {handler!r}")
         self._check_range_free(space, start, length)
-        rc = self._machine.add_handler(space, start, length, handler)
-        if rc:
-            raise _bus_error(rc, f"registering a {what} handler at {start:#x}")
+        self._machine.add_handler(space, start, length, handler)
         # The name only, not the handler: removing it must free it.
         name = getattr(handler, "__name__", type(handler).__name__)
         self._claims[(space, start)] = (length, f"handler {name}")
@@ -387,9 +397,7 @@ class Vm:
         claim = self._claims.get((space, start))
         if claim is None or not claim[1].startswith("handler"):
             raise ArgumentError(f"no handler starts at {start:#x}")
-        rc = self._machine.remove(space, start)
-        if rc:
-            raise _bus_error(rc, f"removing the handler at {start:#x}")
+        self._machine.remove(space, start)
         del self._claims[(space, start)]
 
     def off_io(self, ports: PortRange) -> None:

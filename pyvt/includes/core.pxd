@@ -1,5 +1,7 @@
 # Declarations of the native core (csrc/) used by _native.pyx: only what the
-# Cython layer touches.  The C headers are the source of truth.
+# Cython layer touches.  The C headers are the source of truth: port numbers,
+# port counts and keys reach Python only through these names (_native.pyx
+# exports them), never as literals written again in pyvt/.
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
@@ -74,6 +76,8 @@ cdef extern from "sink.h" nogil:
 
 
 cdef extern from "iobus.h" nogil:
+    int PVT_NO_USER
+
     ctypedef int (*pvt_io_fn)(void *opaque, uint64_t offset, uint8_t *data,
                               uint32_t len, bint is_write, uint64_t *stop_code)
 
@@ -97,6 +101,7 @@ cdef extern from "machine.h" nogil:
 
 
 cdef extern from "uart16550.h" nogil:
+    int PVT_UART_DEFAULT_PORT
     int PVT_UART_PORT_COUNT
 
     cdef struct pvt_uart:
@@ -115,12 +120,16 @@ cdef extern from "uart16550.h" nogil:
 
 
 cdef extern from "debug_exit.h" nogil:
+    int PVT_DEBUG_EXIT_DEFAULT_PORT
     int PVT_DEBUG_EXIT_PORT_COUNT
+    int PVT_GUEST_EXCEPTION_PORT
     int pvt_debug_exit_io(void *opaque, uint64_t offset, uint8_t *data,
                           uint32_t len, bint is_write, uint64_t *stop_code)
 
 
 cdef extern from "debugcon.h" nogil:
+    int PVT_DEBUGCON_DEFAULT_PORT
+    int PVT_DEBUGCON_PORT_COUNT
     int pvt_debugcon_io(void *opaque, uint64_t offset, uint8_t *data,
                         uint32_t len, bint is_write, uint64_t *stop_code)
 
@@ -183,11 +192,16 @@ cdef extern from "io_completion.h" nogil:
 # -- PC platform devices (issue 3) -------------------------------------------
 
 cdef extern from "fw_cfg.h" nogil:
+    int PVT_FW_CFG_PORT
     int PVT_FW_CFG_PORT_COUNT
+    int PVT_FW_CFG_SIGNATURE
+    int PVT_FW_CFG_ID
     int PVT_FW_CFG_RAM_SIZE
     int PVT_FW_CFG_NB_CPUS
     int PVT_FW_CFG_MAX_CPUS
+    int PVT_FW_CFG_FILE_DIR
     int PVT_FW_CFG_FILE_FIRST
+    int PVT_FW_CFG_KEY_COUNT
     int PVT_FW_CFG_NAME_SIZE
 
     cdef struct pvt_fw_cfg:
@@ -208,7 +222,9 @@ cdef extern from "fw_cfg.h" nogil:
 
 
 cdef extern from "cmos.h" nogil:
+    int PVT_CMOS_PORT
     int PVT_CMOS_PORT_COUNT
+    int PVT_CMOS_SIZE
 
     cdef struct pvt_cmos:
         pass
@@ -229,6 +245,7 @@ cdef extern from "cmos.h" nogil:
 
 
 cdef extern from "pm_timer.h" nogil:
+    int PVT_PM_TIMER_PORT
     int PVT_PM_TIMER_PORT_COUNT
     unsigned long long PVT_PM_TIMER_HZ
 
@@ -242,6 +259,10 @@ cdef extern from "pm_timer.h" nogil:
 
 
 cdef extern from "i8042.h" nogil:
+    int PVT_I8042_DATA_PORT
+    int PVT_I8042_COMMAND_PORT
+    int PVT_I8042_PORT_COUNT
+    int PVT_I8042_CMD_PULSE_RESET
     int PVT_I8042_STOP_RESET
 
     cdef struct pvt_i8042:
@@ -262,6 +283,9 @@ cdef extern from "i8042.h" nogil:
 
 
 cdef extern from "port80.h" nogil:
+    int PVT_PORT80_PORT
+    int PVT_PORT80_PORT_COUNT
+
     cdef struct pvt_port80:
         uint8_t last
         uint64_t writes
