@@ -24,7 +24,6 @@
 #include <asm/tlbflush.h>
 #include <asm/tsc.h>
 #include "vmx.h"
-#include "vmx_ops.h"
 
 DEFINE_PER_CPU(struct vmx_cpu, vmx_cpu);
 

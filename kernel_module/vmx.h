@@ -15,8 +15,8 @@
 #include <linux/list.h>
 #include <linux/percpu.h>
 #include <linux/types.h>
-#include <asm/vmx.h>
 #include "core.h"
+#include "vmx_ops.h"
 
 #define VM_INSTRUCTION_ERROR_FIELD	0x4400
 #define VM_EXIT_REASON_FIELD	0x4402
@@ -25,7 +25,7 @@
 /* The syscall MSRs VMX does not switch: loaded and stored by lists. */
 #define NR_AUTOLOAD		5
 #define AUTOLOAD_KERNEL_GS	0
-extern const u32 autoload_msrs[];
+extern const u32 vmx_autoload_msrs[];
 
 /* What the capability MSRs allow, settled once at load. */
 struct vmx_config {
@@ -38,6 +38,7 @@ struct vmx_config {
 	u32 time_slice;		/* VMX-preemption timer ticks in 1 ms */
 	int invept_type;
 };
+
 extern struct vmx_config vmx_conf;
 
 struct vmx_cpu {
@@ -77,8 +78,8 @@ struct vmx_vcpu {
 	unsigned long host_cr3, host_cr4, host_fs_base;
 };
 
-extern struct page *msr_bitmap;
-extern struct ida vpid_ida;
+extern struct page *vmx_msr_bitmap;
+extern struct ida vmx_vpid_ida;
 
 static inline struct vmx_vcpu *to_vmx(struct pyvt_vcpu *vcpu)
 {
@@ -104,12 +105,13 @@ void vmcs_clear_here(void *arg);
 bool vmx_load(struct vmx_vcpu *vmx);
 void vmx_get(struct vmx_vcpu *vmx);
 void vmx_put(void);
-u64 guest_cr0(void);
-u64 guest_cr4(void);
-void set_cr0(u64 cr0);
-void set_cr4(u64 cr4);
-void set_efer(u64 efer);
-int load_pdptrs(struct pyvt_vcpu *vcpu, u64 cr0, u64 cr4, u64 efer, u64 cr3);
+u64 vmx_guest_cr0(void);
+u64 vmx_guest_cr4(void);
+void vmx_set_cr0(u64 cr0);
+void vmx_set_cr4(u64 cr4);
+void vmx_set_efer(u64 efer);
+int vmx_load_pdptrs(struct pyvt_vcpu *vcpu, u64 cr0, u64 cr4, u64 efer,
+		    u64 cr3);
 int vmx_vcpu_create(struct pyvt_vcpu *vcpu);
 void vmx_vcpu_free(struct pyvt_vcpu *vcpu);
 void vmx_get_sregs(struct pyvt_vcpu *vcpu, struct kvm_sregs *k);

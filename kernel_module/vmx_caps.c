@@ -15,7 +15,7 @@
 /* What the capability MSRs allow, settled once at load. */
 struct vmx_config vmx_conf;
 
-struct page *msr_bitmap;
+struct page *vmx_msr_bitmap;
 
 /*
  * Settle one control field: @want bits are required, @may bits are used
@@ -180,25 +180,26 @@ int vmx_probe(void)
 	if (ret)
 		return ret;
 
-	msr_bitmap = alloc_page(GFP_KERNEL);
-	if (!msr_bitmap)
+	vmx_msr_bitmap = alloc_page(GFP_KERNEL);
+	if (!vmx_msr_bitmap)
 		return -ENOMEM;
-	memset(page_address(msr_bitmap), 0xff, PAGE_SIZE);
+	memset(page_address(vmx_msr_bitmap), 0xff, PAGE_SIZE);
 	/* Switched by the VMCS (bases, SYSENTER) or the MSR lists. */
-	msr_bitmap_allow(page_address(msr_bitmap), MSR_FS_BASE);
-	msr_bitmap_allow(page_address(msr_bitmap), MSR_GS_BASE);
-	msr_bitmap_allow(page_address(msr_bitmap), MSR_IA32_SYSENTER_CS);
-	msr_bitmap_allow(page_address(msr_bitmap), MSR_IA32_SYSENTER_ESP);
-	msr_bitmap_allow(page_address(msr_bitmap), MSR_IA32_SYSENTER_EIP);
+	msr_bitmap_allow(page_address(vmx_msr_bitmap), MSR_FS_BASE);
+	msr_bitmap_allow(page_address(vmx_msr_bitmap), MSR_GS_BASE);
+	msr_bitmap_allow(page_address(vmx_msr_bitmap), MSR_IA32_SYSENTER_CS);
+	msr_bitmap_allow(page_address(vmx_msr_bitmap), MSR_IA32_SYSENTER_ESP);
+	msr_bitmap_allow(page_address(vmx_msr_bitmap), MSR_IA32_SYSENTER_EIP);
 	for (i = 0; i < NR_AUTOLOAD; i++)
-		msr_bitmap_allow(page_address(msr_bitmap), autoload_msrs[i]);
+		msr_bitmap_allow(page_address(vmx_msr_bitmap),
+				 vmx_autoload_msrs[i]);
 	return 0;
 }
 
 void vmx_cleanup(void)
 {
-	__free_page(msr_bitmap);
-	ida_destroy(&vpid_ida);
+	__free_page(vmx_msr_bitmap);
+	ida_destroy(&vmx_vpid_ida);
 }
 
 void vmx_read_caps(struct pyvt_cpu_caps *caps)

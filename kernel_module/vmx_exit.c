@@ -11,7 +11,6 @@
 #include <asm/processor-flags.h>
 #include <asm/traps.h>
 #include "vmx.h"
-#include "vmx_ops.h"
 
 static bool dump_invalid_vmcs;
 module_param(dump_invalid_vmcs, bool, 0644);
@@ -77,7 +76,7 @@ static void skip_insn(struct pyvt_vcpu *vcpu)
 	vcpu->rip += to_vmx(vcpu)->insn_len;
 }
 
-static int exception_interception(struct pyvt_vcpu *vcpu)
+static int handle_exception_nmi(struct pyvt_vcpu *vcpu)
 {
 	u32 info = to_vmx(vcpu)->exit_intr_info;
 
@@ -93,26 +92,26 @@ static int exception_interception(struct pyvt_vcpu *vcpu)
 	}
 }
 
-static int triple_fault_interception(struct pyvt_vcpu *vcpu)
+static int handle_triple_fault(struct pyvt_vcpu *vcpu)
 {
 	vcpu->run->exit_reason = KVM_EXIT_SHUTDOWN;
 	return 0;
 }
 
-static int cpuid_interception(struct pyvt_vcpu *vcpu)
+static int handle_cpuid(struct pyvt_vcpu *vcpu)
 {
 	pyvt_set_cpuid_result(vcpu);
 	skip_insn(vcpu);
 	return 1;
 }
 
-static int skip_interception(struct pyvt_vcpu *vcpu)
+static int handle_invd(struct pyvt_vcpu *vcpu)
 {
 	skip_insn(vcpu);	/* INVD: never drop dirty host cache lines */
 	return 1;
 }
 
-static int invlpg_interception(struct pyvt_vcpu *vcpu)
+static int handle_invlpg(struct pyvt_vcpu *vcpu)
 {
 	struct vmx_vcpu *vmx = to_vmx(vcpu);
 
@@ -126,7 +125,7 @@ static int invlpg_interception(struct pyvt_vcpu *vcpu)
 	return 1;
 }
 
-static int halt_interception(struct pyvt_vcpu *vcpu)
+static int handle_halt(struct pyvt_vcpu *vcpu)
 {
 	skip_insn(vcpu);
 	vcpu->run->exit_reason = KVM_EXIT_HLT;
@@ -136,7 +135,7 @@ static int halt_interception(struct pyvt_vcpu *vcpu)
 /* MOV to CR0, CLTS or LMSW touching a bit the host owns.  VMCS current. */
 static int emulate_cr0(struct pyvt_vcpu *vcpu, u64 val)
 {
-	u64 old = guest_cr0(), cr4 = guest_cr4();
+	u64 old = vmx_guest_cr0(), cr4 = vmx_guest_cr4();
 	u64 efer = vmcs_read(GUEST_IA32_EFER);
 
 	val |= X86_CR0_ET;
@@ -145,16 +144,16 @@ static int emulate_cr0(struct pyvt_vcpu *vcpu, u64 val)
 	if (!(old & X86_CR0_PG) && (val & X86_CR0_PG) && (efer & EFER_LME)) {
 		if (!(cr4 & X86_CR4_PAE))
 			return -EINVAL;
-		set_efer(efer | EFER_LMA);
+		vmx_set_efer(efer | EFER_LMA);
 		efer |= EFER_LMA;
 	} else if ((old & X86_CR0_PG) && !(val & X86_CR0_PG) &&
 		   (efer & EFER_LMA)) {
-		set_efer(efer & ~EFER_LMA);
+		vmx_set_efer(efer & ~EFER_LMA);
 		efer &= ~EFER_LMA;
 	}
-	if (load_pdptrs(vcpu, val, cr4, efer, vmcs_read(GUEST_CR3)))
+	if (vmx_load_pdptrs(vcpu, val, cr4, efer, vmcs_read(GUEST_CR3)))
 		return -EINVAL;
-	set_cr0(val);
+	vmx_set_cr0(val);
 	return 0;
 }
 
@@ -166,13 +165,14 @@ static int emulate_cr4(struct pyvt_vcpu *vcpu, u64 val)
 
 	if ((val & ~allowed) || ((efer & EFER_LMA) && !(val & X86_CR4_PAE)))
 		return -EINVAL;
-	if (load_pdptrs(vcpu, guest_cr0(), val, efer, vmcs_read(GUEST_CR3)))
+	if (vmx_load_pdptrs(vcpu, vmx_guest_cr0(), val, efer,
+			    vmcs_read(GUEST_CR3)))
 		return -EINVAL;
-	set_cr4(val);
+	vmx_set_cr4(val);
 	return 0;
 }
 
-static int cr_interception(struct pyvt_vcpu *vcpu)
+static int handle_cr(struct pyvt_vcpu *vcpu)
 {
 	struct vmx_vcpu *vmx = to_vmx(vcpu);
 	u64 q = vmx->exit_qual;
@@ -200,11 +200,11 @@ static int cr_interception(struct pyvt_vcpu *vcpu)
 			*gpr = vmx->cr8;
 		break;
 	case CR_ACCESS_CLTS:
-		set_cr0(guest_cr0() & ~(u64)X86_CR0_TS);
+		vmx_set_cr0(vmx_guest_cr0() & ~(u64)X86_CR0_TS);
 		break;
 	case CR_ACCESS_LMSW:
 		/* LMSW sets PE, MP, EM and TS; it cannot clear PE. */
-		ret = emulate_cr0(vcpu, (guest_cr0() & ~0xeULL) |
+		ret = emulate_cr0(vcpu, (vmx_guest_cr0() & ~0xeULL) |
 				  ((q >> 16) & 0xf));
 		break;
 	}
@@ -215,7 +215,7 @@ static int cr_interception(struct pyvt_vcpu *vcpu)
 	return 1;
 }
 
-static int io_interception(struct pyvt_vcpu *vcpu)
+static int handle_io(struct pyvt_vcpu *vcpu)
 {
 	struct vmx_vcpu *vmx = to_vmx(vcpu);
 	u64 q = vmx->exit_qual;
@@ -237,7 +237,7 @@ static int io_interception(struct pyvt_vcpu *vcpu)
 			       q & 32, asize, vcpu->rip + vmx->insn_len);
 }
 
-static int msr_interception(struct pyvt_vcpu *vcpu, bool write)
+static int handle_msr(struct pyvt_vcpu *vcpu, bool write)
 {
 	if (!pyvt_emulate_msr(vcpu, write))
 		return pyvt_exit_gp(vcpu);
@@ -245,17 +245,17 @@ static int msr_interception(struct pyvt_vcpu *vcpu, bool write)
 	return 1;
 }
 
-static int rdmsr_interception(struct pyvt_vcpu *vcpu)
+static int handle_rdmsr(struct pyvt_vcpu *vcpu)
 {
-	return msr_interception(vcpu, false);
+	return handle_msr(vcpu, false);
 }
 
-static int wrmsr_interception(struct pyvt_vcpu *vcpu)
+static int handle_wrmsr(struct pyvt_vcpu *vcpu)
 {
-	return msr_interception(vcpu, true);
+	return handle_msr(vcpu, true);
 }
 
-static int ept_violation_interception(struct pyvt_vcpu *vcpu)
+static int handle_ept_violation(struct pyvt_vcpu *vcpu)
 {
 	struct vmx_vcpu *vmx = to_vmx(vcpu);
 	u64 q = vmx->exit_qual, gpa = vmx->exit_gpa;
@@ -279,19 +279,19 @@ static int ept_violation_interception(struct pyvt_vcpu *vcpu)
 }
 
 static int (*const vmx_exit_handlers[])(struct pyvt_vcpu *vcpu) = {
-	[EXIT_REASON_EXCEPTION_NMI]		= exception_interception,
+	[EXIT_REASON_EXCEPTION_NMI]		= handle_exception_nmi,
 	/*
 	 * An interrupt (the host took it once interrupts were back on) or
 	 * the end of a time slice: go round, checking for signals.
 	 */
 	[EXIT_REASON_EXTERNAL_INTERRUPT]	= pyvt_exit_resume,
 	[EXIT_REASON_PREEMPTION_TIMER]		= pyvt_exit_resume,
-	[EXIT_REASON_TRIPLE_FAULT]		= triple_fault_interception,
-	[EXIT_REASON_CPUID]			= cpuid_interception,
+	[EXIT_REASON_TRIPLE_FAULT]		= handle_triple_fault,
+	[EXIT_REASON_CPUID]			= handle_cpuid,
 	[EXIT_REASON_GETSEC]			= pyvt_exit_ud,
-	[EXIT_REASON_HLT]			= halt_interception,
-	[EXIT_REASON_INVD]			= skip_interception,
-	[EXIT_REASON_INVLPG]			= invlpg_interception,
+	[EXIT_REASON_HLT]			= handle_halt,
+	[EXIT_REASON_INVD]			= handle_invd,
+	[EXIT_REASON_INVLPG]			= handle_invlpg,
 	[EXIT_REASON_RDPMC]			= pyvt_exit_gp,
 	[EXIT_REASON_VMCALL]			= pyvt_exit_ud,
 	[EXIT_REASON_VMCLEAR]			= pyvt_exit_ud,
@@ -303,13 +303,13 @@ static int (*const vmx_exit_handlers[])(struct pyvt_vcpu *vcpu) = {
 	[EXIT_REASON_VMWRITE]			= pyvt_exit_ud,
 	[EXIT_REASON_VMOFF]			= pyvt_exit_ud,
 	[EXIT_REASON_VMON]			= pyvt_exit_ud,
-	[EXIT_REASON_CR_ACCESS]			= cr_interception,
-	[EXIT_REASON_IO_INSTRUCTION]		= io_interception,
-	[EXIT_REASON_MSR_READ]			= rdmsr_interception,
-	[EXIT_REASON_MSR_WRITE]			= wrmsr_interception,
+	[EXIT_REASON_CR_ACCESS]			= handle_cr,
+	[EXIT_REASON_IO_INSTRUCTION]		= handle_io,
+	[EXIT_REASON_MSR_READ]			= handle_rdmsr,
+	[EXIT_REASON_MSR_WRITE]			= handle_wrmsr,
 	[EXIT_REASON_MWAIT_INSTRUCTION]		= pyvt_exit_ud,
 	[EXIT_REASON_MONITOR_INSTRUCTION]	= pyvt_exit_ud,
-	[EXIT_REASON_EPT_VIOLATION]		= ept_violation_interception,
+	[EXIT_REASON_EPT_VIOLATION]		= handle_ept_violation,
 	[EXIT_REASON_INVEPT]			= pyvt_exit_ud,
 	[EXIT_REASON_INVVPID]			= pyvt_exit_ud,
 	[EXIT_REASON_VMFUNC]			= pyvt_exit_ud,

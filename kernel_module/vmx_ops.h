@@ -1,12 +1,13 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * The VMX instructions pyvt uses, as inline wrappers (after Linux's
- * arch/x86/kvm/vmx/vmx_ops.h).  VMREAD/VMWRITE act on the current VMCS.
+ * The VMX instructions pyvt uses, as inline wrappers, as Linux's KVM
+ * keeps them.  VMREAD/VMWRITE act on the current VMCS.
  */
 #ifndef PYVT_VMX_OPS_H
 #define PYVT_VMX_OPS_H
 
 #include <linux/types.h>
+#include <asm/vmx.h>
 
 static __always_inline u64 vmcs_read(unsigned long field)
 {

@@ -24,16 +24,16 @@
 #include <asm/cpu_entry_area.h>
 #include <asm/processor-flags.h>
 #include "vmx.h"
-#include "vmx_ops.h"
 
 #define DEFAULT_PAT		0x0007040600070406ULL
 
-const u32 autoload_msrs[] = {
+const u32 vmx_autoload_msrs[] = {
 	MSR_KERNEL_GS_BASE, MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_SYSCALL_MASK,
 };
-static_assert(ARRAY_SIZE(autoload_msrs) == NR_AUTOLOAD);
 
-DEFINE_IDA(vpid_ida);
+static_assert(ARRAY_SIZE(vmx_autoload_msrs) == NR_AUTOLOAD);
+
+DEFINE_IDA(vmx_vpid_ida);
 
 /* The four VMCS fields of each guest segment, and its kvm_sregs member. */
 struct seg_fields {
@@ -206,21 +206,21 @@ static u64 cr4_host_bits(void)
 }
 
 /* The guest's view of CR0/CR4, from the VMCS and the read shadows. */
-u64 guest_cr0(void)
+u64 vmx_guest_cr0(void)
 {
 	u64 mask = cr0_host_bits();
 
 	return (vmcs_read(GUEST_CR0) & ~mask) | (vmcs_read(CR0_READ_SHADOW) & mask);
 }
 
-u64 guest_cr4(void)
+u64 vmx_guest_cr4(void)
 {
 	u64 mask = cr4_host_bits();
 
 	return (vmcs_read(GUEST_CR4) & ~mask) | (vmcs_read(CR4_READ_SHADOW) & mask);
 }
 
-void set_cr0(u64 cr0)
+void vmx_set_cr0(u64 cr0)
 {
 	u64 fixed = vmx_conf.cr0_fixed0 & ~(u64)(X86_CR0_PE | X86_CR0_PG);
 
@@ -228,13 +228,13 @@ void set_cr0(u64 cr0)
 	vmcs_write(GUEST_CR0, (cr0 & ~(u64)(X86_CR0_CD | X86_CR0_NW)) | fixed);
 }
 
-void set_cr4(u64 cr4)
+void vmx_set_cr4(u64 cr4)
 {
 	vmcs_write(CR4_READ_SHADOW, cr4);
 	vmcs_write(GUEST_CR4, cr4 | vmx_conf.cr4_fixed0);
 }
 
-void set_efer(u64 efer)
+void vmx_set_efer(u64 efer)
 {
 	u32 entry = vmcs_read(VM_ENTRY_CONTROLS) & ~VM_ENTRY_IA32E_MODE;
 
@@ -248,8 +248,8 @@ void set_efer(u64 efer)
  * from memory: load them whenever the guest enters PAE paging from
  * outside (KVM_SET_SREGS, an emulated CR write).  -EINVAL if one is bad.
  */
-int load_pdptrs(struct pyvt_vcpu *vcpu, u64 cr0, u64 cr4, u64 efer,
-		       u64 cr3)
+int vmx_load_pdptrs(struct pyvt_vcpu *vcpu, u64 cr0, u64 cr4, u64 efer,
+		    u64 cr3)
 {
 	u64 pdpte[4];
 	int i;
@@ -293,10 +293,10 @@ static void vmx_reset_guest(struct pyvt_vcpu *vcpu)
 	vmcs_write(GUEST_GDTR_LIMIT, 0xffff);
 	vmcs_write(GUEST_IDTR_BASE, 0);
 	vmcs_write(GUEST_IDTR_LIMIT, 0xffff);
-	set_cr0(X86_CR0_NW | X86_CR0_CD | X86_CR0_ET);
-	set_cr4(0);
+	vmx_set_cr0(X86_CR0_NW | X86_CR0_CD | X86_CR0_ET);
+	vmx_set_cr4(0);
 	vmcs_write(GUEST_CR3, 0);
-	set_efer(0);
+	vmx_set_efer(0);
 	vmcs_write(GUEST_IA32_PAT, DEFAULT_PAT);
 	vmcs_write(GUEST_DR7, 0x400);
 	vmcs_write(GUEST_IA32_DEBUGCTL, 0);
@@ -336,7 +336,7 @@ static void vmx_setup_vmcs(struct pyvt_vcpu *vcpu)
 	vmcs_write(CR3_TARGET_COUNT, 0);
 	vmcs_write(CR0_GUEST_HOST_MASK, cr0_host_bits());
 	vmcs_write(CR4_GUEST_HOST_MASK, cr4_host_bits());
-	vmcs_write(MSR_BITMAP, page_to_phys(msr_bitmap));
+	vmcs_write(MSR_BITMAP, page_to_phys(vmx_msr_bitmap));
 	vmcs_write(EPT_POINTER, eptp_of(vcpu->vm));
 	if (vmx_conf.proc2 & SECONDARY_EXEC_ENABLE_VPID)
 		vmcs_write(VIRTUAL_PROCESSOR_ID, vmx->vpid);
@@ -382,7 +382,7 @@ int vmx_vcpu_create(struct pyvt_vcpu *vcpu)
 		return -ENOMEM;
 	if (vmx_conf.proc2 & SECONDARY_EXEC_ENABLE_VPID) {
 		/* VPID 0 is the host's and not allowed for a guest. */
-		vpid = ida_alloc_range(&vpid_ida, 1, 0xffff, GFP_KERNEL);
+		vpid = ida_alloc_range(&vmx_vpid_ida, 1, 0xffff, GFP_KERNEL);
 		if (vpid < 0) {
 			kfree(vmx);
 			return vpid;
@@ -395,7 +395,7 @@ int vmx_vcpu_create(struct pyvt_vcpu *vcpu)
 		pyvt_free_page(vmx->vmcs);
 		pyvt_free_page(vmx->msr_page);
 		if (vpid)
-			ida_free(&vpid_ida, vpid);
+			ida_free(&vmx_vpid_ida, vpid);
 		kfree(vmx);
 		return -ENOMEM;
 	}
@@ -404,10 +404,10 @@ int vmx_vcpu_create(struct pyvt_vcpu *vcpu)
 	vmx->guest_msrs = page_address(vmx->msr_page);
 	vmx->host_msrs = vmx->guest_msrs + NR_AUTOLOAD;
 	for (i = 0; i < NR_AUTOLOAD; i++) {
-		vmx->guest_msrs[i].index = autoload_msrs[i];
-		vmx->host_msrs[i].index = autoload_msrs[i];
+		vmx->guest_msrs[i].index = vmx_autoload_msrs[i];
+		vmx->host_msrs[i].index = vmx_autoload_msrs[i];
 		/* The same on every CPU; KERNEL_GS_BASE is read per entry. */
-		rdmsrl(autoload_msrs[i], vmx->host_msrs[i].value);
+		rdmsrl(vmx_autoload_msrs[i], vmx->host_msrs[i].value);
 	}
 	vmx->cpu = -1;
 	vmx->vcpu = vcpu;
@@ -432,7 +432,7 @@ void vmx_vcpu_free(struct pyvt_vcpu *vcpu)
 		smp_call_function_single(cpu, vmcs_clear_here, vmx, 1);
 	/* An offline CPU cleared its VMCSs on the way out. */
 	if (vmx->vpid)
-		ida_free(&vpid_ida, vmx->vpid);
+		ida_free(&vmx_vpid_ida, vmx->vpid);
 	pyvt_free_page(vmx->vmcs);
 	pyvt_free_page(vmx->msr_page);
 	kfree(vmx);
@@ -452,9 +452,9 @@ void vmx_get_sregs(struct pyvt_vcpu *vcpu, struct kvm_sregs *k)
 	k->gdt.limit = vmcs_read(GUEST_GDTR_LIMIT);
 	k->idt.base = vmcs_read(GUEST_IDTR_BASE);
 	k->idt.limit = vmcs_read(GUEST_IDTR_LIMIT);
-	k->cr0 = guest_cr0();
+	k->cr0 = vmx_guest_cr0();
 	k->cr3 = vmcs_read(GUEST_CR3);
-	k->cr4 = guest_cr4();
+	k->cr4 = vmx_guest_cr4();
 	k->efer = vmcs_read(GUEST_IA32_EFER);
 	vmx_put();
 	k->cr2 = vmx->cr2;
@@ -470,7 +470,7 @@ int vmx_set_sregs(struct pyvt_vcpu *vcpu, const struct kvm_sregs *k)
 	/* The PDPTEs are read from guest memory: keep the slots still. */
 	down_read(&vcpu->vm->slots_lock);
 	vmx_get(vmx);
-	ret = load_pdptrs(vcpu, k->cr0, k->cr4, k->efer, k->cr3);
+	ret = vmx_load_pdptrs(vcpu, k->cr0, k->cr4, k->efer, k->cr3);
 	if (ret) {
 		vmx_put();
 		up_read(&vcpu->vm->slots_lock);
@@ -482,10 +482,10 @@ int vmx_set_sregs(struct pyvt_vcpu *vcpu, const struct kvm_sregs *k)
 	vmcs_write(GUEST_GDTR_LIMIT, k->gdt.limit);
 	vmcs_write(GUEST_IDTR_BASE, k->idt.base);
 	vmcs_write(GUEST_IDTR_LIMIT, k->idt.limit);
-	set_cr0(k->cr0);
+	vmx_set_cr0(k->cr0);
 	vmcs_write(GUEST_CR3, k->cr3);
-	set_cr4(k->cr4);
-	set_efer(k->efer);
+	vmx_set_cr4(k->cr4);
+	vmx_set_efer(k->efer);
 	vmx_put();
 	up_read(&vcpu->vm->slots_lock);
 	vmx->cr2 = k->cr2;
@@ -495,7 +495,7 @@ int vmx_set_sregs(struct pyvt_vcpu *vcpu, const struct kvm_sregs *k)
 }
 
 void vmx_queue_exception(struct pyvt_vcpu *vcpu, u8 vector,
-				bool has_error, u32 error)
+			 bool has_error, u32 error)
 {
 	struct vmx_vcpu *vmx = to_vmx(vcpu);
 
@@ -518,7 +518,7 @@ static u64 *autoload_value(struct vmx_vcpu *vmx, u32 msr)
 	int i;
 
 	for (i = 0; i < NR_AUTOLOAD; i++)
-		if (autoload_msrs[i] == msr)
+		if (vmx_autoload_msrs[i] == msr)
 			return &vmx->guest_msrs[i].value;
 	return NULL;
 }
@@ -597,9 +597,9 @@ int vmx_set_msr(struct pyvt_vcpu *vcpu, u32 msr, u64 val)
 	if (msr == MSR_EFER) {
 		u64 efer = vmcs_read(GUEST_IA32_EFER);
 
-		ret = pyvt_efer_write(efer, guest_cr0(), val, &efer);
+		ret = pyvt_efer_write(efer, vmx_guest_cr0(), val, &efer);
 		if (!ret)
-			set_efer(efer);
+			vmx_set_efer(efer);
 	} else if (msr == MSR_IA32_TSC) {
 		if (vmx_conf.proc & CPU_BASED_USE_TSC_OFFSETTING)
 			vmcs_write(TSC_OFFSET, val - rdtsc());
