@@ -379,4 +379,5 @@ const struct pyvt_vendor_ops pyvt_vmx_ops = {
 	.set_msr		= vmx_set_msr,
 	.measure_roundtrip	= vmx_measure_roundtrip,
 	.read_caps		= vmx_read_caps,
+	.dump_state		= dump_vmcs,
 };

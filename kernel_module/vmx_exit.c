@@ -258,24 +258,18 @@ static int handle_wrmsr(struct pyvt_vcpu *vcpu)
 static int handle_ept_violation(struct pyvt_vcpu *vcpu)
 {
 	struct vmx_vcpu *vmx = to_vmx(vcpu);
-	u64 q = vmx->exit_qual, gpa = vmx->exit_gpa;
-	bool walk = (q & EPT_QUAL_LINEAR_VALID) && !(q & EPT_QUAL_TRANSLATED);
+	u64 q = vmx->exit_qual;
+	unsigned int access = 0;
 
-	/* A write to a read-only slot is reported as MMIO, as in KVM. */
-	if ((q & EPT_QUAL_WRITE) && !walk &&
-	    pyvt_gpa_is_readonly(vcpu->vm, gpa))
-		return pyvt_emulate_mmio(vcpu, gpa);
-	/* Page tables or code outside RAM, or a fault on RAM: not MMIO. */
-	if (walk || (q & EPT_QUAL_FETCH) || pyvt_gpa_is_ram(vcpu->vm, gpa)) {
-		u64 data[3] = { EXIT_REASON_EPT_VIOLATION, q, gpa };
-
-		dump_vmcs(vcpu, "EPT violation");
-		pyvt_internal_error(vcpu,
-				    KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON,
-				    3, data);
-		return 0;
-	}
-	return pyvt_emulate_mmio(vcpu, gpa);
+	if (q & EPT_QUAL_WRITE)
+		access |= PYVT_NPF_WRITE;
+	if (q & EPT_QUAL_FETCH)
+		access |= PYVT_NPF_FETCH;
+	/* A linear address that did not translate: the guest's walk. */
+	if ((q & EPT_QUAL_LINEAR_VALID) && !(q & EPT_QUAL_TRANSLATED))
+		access |= PYVT_NPF_GUEST_WALK;
+	return pyvt_handle_npf(vcpu, vmx->exit_gpa, access,
+			       EXIT_REASON_EPT_VIOLATION, q);
 }
 
 static int (*const vmx_exit_handlers[])(struct pyvt_vcpu *vcpu) = {
