@@ -133,6 +133,8 @@ struct pyvt_vendor_ops {
 	 */
 	int (*measure_roundtrip)(struct pyvt_roundtrip *rt, u64 *samples);
 	void (*read_caps)(struct pyvt_cpu_caps *caps);	/* on that CPU */
+	/* Log the guest state if the vendor's dump_invalid_* asks for it. */
+	void (*dump_state)(struct pyvt_vcpu *vcpu, const char *why);
 };
 
 extern const struct pyvt_vendor_ops pyvt_svm_ops;
@@ -157,13 +159,21 @@ void pyvt_npt_destroy(struct pyvt_vm *vm);
 int pyvt_set_memory_region(struct pyvt_vm *vm,
 			   const struct kvm_userspace_memory_region *mr);
 void pyvt_free_memslots(struct pyvt_vm *vm);
-bool pyvt_gpa_is_ram(struct pyvt_vm *vm, u64 gpa);
-bool pyvt_gpa_is_readonly(struct pyvt_vm *vm, u64 gpa);
 int pyvt_read_gpa(struct pyvt_vm *vm, u64 gpa, void *buf, unsigned int len);
 int pyvt_write_gpa(struct pyvt_vm *vm, u64 gpa, const void *buf,
 		   unsigned int len);
 struct page *pyvt_alloc_page(void);
 void pyvt_free_page(struct page *page);
+
+/*
+ * A nested page fault (AMD NPF, Intel EPT violation) as the vendor
+ * decoded it: PYVT_NPF_* bits of what the access was.
+ */
+#define PYVT_NPF_WRITE		BIT(0)
+#define PYVT_NPF_FETCH		BIT(1)
+#define PYVT_NPF_GUEST_WALK	BIT(2)	/* in the guest's own page walk */
+int pyvt_handle_npf(struct pyvt_vcpu *vcpu, u64 gpa, unsigned int access,
+		    u64 exit_code, u64 exit_info);
 
 /* vcpu.c */
 int pyvt_create_vcpu(struct pyvt_vm *vm, unsigned long id);

@@ -263,16 +263,43 @@ static struct pyvt_memslot *gpa_to_slot(struct pyvt_vm *vm, u64 gpa)
 	return NULL;
 }
 
-bool pyvt_gpa_is_ram(struct pyvt_vm *vm, u64 gpa)
+static bool gpa_is_ram(struct pyvt_vm *vm, u64 gpa)
 {
 	return gpa_to_slot(vm, gpa) != NULL;
 }
 
-bool pyvt_gpa_is_readonly(struct pyvt_vm *vm, u64 gpa)
+static bool gpa_is_readonly(struct pyvt_vm *vm, u64 gpa)
 {
 	struct pyvt_memslot *s = gpa_to_slot(vm, gpa);
 
 	return s && (s->flags & KVM_MEM_READONLY);
+}
+
+/*
+ * One policy for a nested page fault on either vendor.  Every slot is
+ * mapped when it is set, so a guest faults only on an address outside
+ * RAM, which is MMIO, or on a write to a read-only slot, which is
+ * reported as MMIO too, as in KVM.  MMIO is emulated only for data
+ * accesses: the guest's page tables or code outside RAM, or any other
+ * fault on RAM, end the run with an internal error carrying the
+ * vendor's @exit_code, @exit_info and @gpa.  Returns what an exit
+ * handler returns.
+ */
+int pyvt_handle_npf(struct pyvt_vcpu *vcpu, u64 gpa, unsigned int access,
+		    u64 exit_code, u64 exit_info)
+{
+	bool walk = access & PYVT_NPF_GUEST_WALK;
+	u64 data[3] = { exit_code, exit_info, gpa };
+
+	if ((access & PYVT_NPF_WRITE) && !walk &&
+	    gpa_is_readonly(vcpu->vm, gpa))
+		return pyvt_emulate_mmio(vcpu, gpa);
+	if (!walk && !(access & PYVT_NPF_FETCH) && !gpa_is_ram(vcpu->vm, gpa))
+		return pyvt_emulate_mmio(vcpu, gpa);
+	pyvt_ops->dump_state(vcpu, "nested page fault");
+	pyvt_internal_error(vcpu, KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON,
+			    3, data);
+	return 0;
 }
 
 static int access_gpa(struct pyvt_vm *vm, u64 gpa, void *buf,

@@ -592,28 +592,21 @@ static int msr_interception(struct pyvt_vcpu *vcpu)
 #define NPF_FETCH		BIT_ULL(4)
 #define NPF_WRITE		BIT_ULL(1)
 
+/* EXITINFO1 is the fault's error code, EXITINFO2 the GPA. */
 static int npf_interception(struct pyvt_vcpu *vcpu)
 {
 	struct vmcb *vmcb = to_svm(vcpu)->vmcb;
 	u64 error = vmcb->control.exit_info_1;
-	u64 gpa = vmcb->control.exit_info_2;
+	unsigned int access = 0;
 
-	/* A write to a read-only slot is reported as MMIO, as in KVM. */
-	if ((error & NPF_WRITE) && !(error & NPF_GUEST_PAGE_WALK) &&
-	    pyvt_gpa_is_readonly(vcpu->vm, gpa))
-		return pyvt_emulate_mmio(vcpu, gpa);
-	/* Page tables or code outside RAM, or a fault on RAM: not MMIO. */
-	if ((error & (NPF_GUEST_PAGE_WALK | NPF_FETCH)) ||
-	    pyvt_gpa_is_ram(vcpu->vm, gpa)) {
-		u64 data[3] = { SVM_EXIT_NPF, error, gpa };
-
-		dump_vmcb(vcpu, "nested page fault");
-		pyvt_internal_error(vcpu,
-				    KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON,
-				    3, data);
-		return 0;
-	}
-	return pyvt_emulate_mmio(vcpu, gpa);
+	if (error & NPF_WRITE)
+		access |= PYVT_NPF_WRITE;
+	if (error & NPF_FETCH)
+		access |= PYVT_NPF_FETCH;
+	if (error & NPF_GUEST_PAGE_WALK)
+		access |= PYVT_NPF_GUEST_WALK;
+	return pyvt_handle_npf(vcpu, vmcb->control.exit_info_2, access,
+			       SVM_EXIT_NPF, error);
 }
 
 static int (*const svm_exit_handlers[])(struct pyvt_vcpu *vcpu) = {
@@ -845,4 +838,5 @@ const struct pyvt_vendor_ops pyvt_svm_ops = {
 	.set_msr		= msr_write,
 	.measure_roundtrip	= svm_measure_roundtrip,
 	.read_caps		= svm_read_caps,
+	.dump_state		= dump_vmcb,
 };

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
+from .._kvm import lib as uapi
 from . import svm as svm_mod
 from . import vmx as vmx_mod
 from .feature_control import IA32_FEATURE_CONTROL
@@ -281,18 +282,17 @@ def parse_hw_caps(doc: Any) -> dict:
 
     ``{"abi_version", "vendor", "nr_cpus", "npt_levels", "cpus": [{"cpu", "flags",
     "ext_ecx", "feat_ecx", "svm_eax", "svm_ebx", "svm_ecx", "svm_edx", "vm_cr",
-    "feature_control", "vmx_msrs": [18 integers]}, ...]}``, every value an
+    "feature_control", "vmx_msrs": [PYVT_VMX_NR_MSRS integers]}, ...]}``, every value an
     unsigned integer. Raises :class:`HwCapsFileError` saying what is wrong.
     """
-    from .report import PYVT_ABI_VERSION, PYVT_VMX_NR_MSRS
     if not isinstance(doc, dict):
         raise HwCapsFileError("expected a JSON object")
     for key in ("abi_version", "vendor", "nr_cpus", "npt_levels"):
         if not _is_uint(doc.get(key)):
             raise HwCapsFileError(f"{key!r} must be an unsigned integer")
-    if doc["abi_version"] != PYVT_ABI_VERSION:
+    if doc["abi_version"] != uapi.PYVT_ABI_VERSION:
         raise HwCapsFileError(f"written by a pyvt.ko speaking ABI {doc['abi_version']}; "
-                              f"this pyvt reads ABI {PYVT_ABI_VERSION}")
+                              f"this pyvt reads ABI {uapi.PYVT_ABI_VERSION}")
     cpus = doc.get("cpus")
     if not isinstance(cpus, list) or not cpus:
         raise HwCapsFileError("'cpus' must be a non-empty list")
@@ -303,8 +303,8 @@ def parse_hw_caps(doc: Any) -> dict:
             if not _is_uint(cpu.get(key)):
                 raise HwCapsFileError(f"cpus[{i}].{key} must be an unsigned integer")
         msrs = cpu.get("vmx_msrs")
-        if not isinstance(msrs, list) or len(msrs) != PYVT_VMX_NR_MSRS or not all(map(_is_uint, msrs)):
-            raise HwCapsFileError(f"cpus[{i}].vmx_msrs must be a list of {PYVT_VMX_NR_MSRS} unsigned integers")
+        if not isinstance(msrs, list) or len(msrs) != uapi.PYVT_VMX_NR_MSRS or not all(map(_is_uint, msrs)):
+            raise HwCapsFileError(f"cpus[{i}].vmx_msrs must be a list of {uapi.PYVT_VMX_NR_MSRS} unsigned integers")
     return {"abi_version": doc["abi_version"], "vendor": doc["vendor"], "nr_cpus": doc["nr_cpus"],
             "npt_levels": doc["npt_levels"],
             "cpus": [{**{k: cpu[k] for k in _CPU_CAPS_FIELDS}, "vmx_msrs": list(cpu["vmx_msrs"])}

@@ -14,6 +14,7 @@ import datetime
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from .._kvm import lib as uapi
 from . import cpuid as cpuid_mod
 from . import svm as svm_mod
 from . import vmx as vmx_mod
@@ -82,13 +83,12 @@ class RawCaps:
 
 # --- helpers ----------------------------------------------------------------
 
-#: pyvt_cpu_caps.flags bits (kernel_module/include/uapi/pyvt.h).
-PYVT_ABI_VERSION = 1
-PYVT_VMX_NR_MSRS = 18
-PYVT_CPU_CAPS_VM_CR_VALID = 1 << 0
-PYVT_CPU_CAPS_VMX_VALID = 1 << 1
-PYVT_VMX_MSR_FIRST = 0x480
-PYVT_VENDORS = {0: "unknown", 1: "AMD", 2: "Intel"}
+# pyvt.ko's uapi constants (kernel_module/include/uapi/pyvt.h) come from one
+# place, the cffi module, which takes their values from the header at build
+# time (``uapi.PYVT_*``; tests/caps/test_caps_uapi.py checks them).
+
+#: ``pyvt_hw_caps.vendor`` as the report names it.
+PYVT_VENDORS = {uapi.PYVT_VENDOR_UNKNOWN: "unknown", uapi.PYVT_VENDOR_AMD: "AMD", uapi.PYVT_VENDOR_INTEL: "Intel"}
 
 
 def _field(obj: Any, name: str, default: Any = None) -> Any:
@@ -101,12 +101,12 @@ def _cpu_caps_msrs(cpu: Any, vendor: int) -> dict[int, int]:
     """MSRs of one ``struct pyvt_cpu_caps``, only those its flags say were read."""
     flags = int(_field(cpu, "flags", 0))
     out: dict[int, int] = {}
-    if flags & PYVT_CPU_CAPS_VMX_VALID:
+    if flags & uapi.PYVT_CPU_CAPS_VMX_VALID:
         for i, value in enumerate(_field(cpu, "vmx_msrs", ()) or ()):
-            out[PYVT_VMX_MSR_FIRST + i] = int(value)
-    if vendor == 2 or flags & PYVT_CPU_CAPS_VMX_VALID:
+            out[uapi.PYVT_VMX_MSR_FIRST + i] = int(value)
+    if vendor == uapi.PYVT_VENDOR_INTEL or flags & uapi.PYVT_CPU_CAPS_VMX_VALID:
         out[IA32_FEATURE_CONTROL] = int(_field(cpu, "feature_control", 0))
-    if flags & PYVT_CPU_CAPS_VM_CR_VALID:
+    if flags & uapi.PYVT_CPU_CAPS_VM_CR_VALID:
         out[svm_mod.MSR_VM_CR] = int(_field(cpu, "vm_cr", 0))
     return out
 

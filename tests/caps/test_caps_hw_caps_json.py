@@ -15,6 +15,7 @@ import pathlib
 import pytest
 from capsfixtures import cpuid_fixture, vmx_fixture
 
+from pyvt._kvm import lib as uapi
 from pyvt.caps import report as rep
 from pyvt.caps.cli import main
 from pyvt.caps.feature_control import IA32_FEATURE_CONTROL
@@ -34,7 +35,7 @@ def hwcaps_json_text(abi_version: int = 1, nr_msrs: int = 18) -> str:
     for cpu in range(CPUS):
         vmx = ", ".join(str(msrs.get(0x480 + i, 0)) for i in range(nr_msrs))
         lines.append(
-            f'  {{"cpu": {cpu}, "flags": {rep.PYVT_CPU_CAPS_VMX_VALID}, "ext_ecx": {cpuid[(0x80000001, 0)][2]},'
+            f'  {{"cpu": {cpu}, "flags": {uapi.PYVT_CPU_CAPS_VMX_VALID}, "ext_ecx": {cpuid[(0x80000001, 0)][2]},'
             f' "feat_ecx": {cpuid[(1, 0)][2]}, "svm_eax": 0, "svm_ebx": 0, "svm_ecx": 0, "svm_edx": 0,'
             f' "vm_cr": 0, "feature_control": {msrs[IA32_FEATURE_CONTROL]}, "vmx_msrs": [{vmx}]}}'
             + ("," if cpu + 1 < CPUS else ""))

@@ -7,6 +7,7 @@ import pathlib
 import pytest
 from capsfixtures import cpuid_fixture, vmx_fixture
 
+from pyvt._kvm import lib as uapi
 from pyvt.caps import report as rep
 from pyvt.caps.feature_control import IA32_FEATURE_CONTROL
 from pyvt.caps.report import (
@@ -205,7 +206,7 @@ def test_evaluate_requirements_directly():
 
 def hw_caps_struct(msrs: dict, cpus: int = 2) -> dict:
     """A PYVT_GET_HW_CAPS result in the ioctl's own shape (kernel_module/include/uapi/pyvt.h)."""
-    cpu = {"flags": rep.PYVT_CPU_CAPS_VMX_VALID, "feat_ecx": 1 << 5, "ext_ecx": 0,
+    cpu = {"flags": uapi.PYVT_CPU_CAPS_VMX_VALID, "feat_ecx": 1 << 5, "ext_ecx": 0,
            "svm_eax": 0, "svm_ebx": 0, "svm_ecx": 0, "svm_edx": 0, "vm_cr": 0,
            "feature_control": msrs[IA32_FEATURE_CONTROL],
            "vmx_msrs": [msrs.get(0x480 + i, 0) for i in range(18)]}
