@@ -475,6 +475,13 @@ cdef class _Device:
     cdef pvt_io_fn fns[_MAX_RANGES]
     cdef void *opaques[_MAX_RANGES]
     cdef readonly bint attached
+    # Set by coalesce_lazily(): wraps the first range's entry point.
+    cdef pvt_lazy_coalesce *lazy
+
+    def __dealloc__(self):
+        if self.lazy != NULL:
+            pvt_lazy_coalesce_destroy(self.lazy)
+            free(self.lazy)
 
     cdef void add_range(self, uint64_t start, uint64_t length, pvt_io_fn fn,
                         void *opaque, int space=SPACE_PIO) noexcept:
@@ -499,6 +506,40 @@ cdef class _Device:
 
     cdef str where(self, int i):
         return f"{type(self).__name__} at {self.starts[i]:#x}"
+
+    def coalesce_lazily(self, int vm_fd):
+        """Makes KVM queue the guest's writes to the first port (a console's
+        data register) in the coalesced ring, from the guest's first write
+        to it on (csrc/lazy_coalesce.h says why not at once).  Before
+        attach(), once."""
+        if self.attached or self.lazy != NULL:
+            raise DeviceError(f"{self.where(0)}: coalesce_lazily() comes once, before attach()")
+        self.lazy = <pvt_lazy_coalesce *>calloc(1, sizeof(pvt_lazy_coalesce))
+        if self.lazy == NULL:
+            raise MemoryError()
+        pvt_lazy_coalesce_init(self.lazy, vm_fd, self.starts[0], self.fns[0], self.opaques[0])
+        self.fns[0] = pvt_lazy_coalesce_io
+        self.opaques[0] = self.lazy
+
+    @property
+    def coalescing(self):
+        """"armed" (from the next write on), "registered" (KVM queues the
+        writes) or None (not coalesced)."""
+        if self.lazy == NULL:
+            return None
+        state = pvt_lazy_coalesce_state(self.lazy)
+        if state == PVT_COALESCE_ARMED:
+            return "armed"
+        return "registered" if state == PVT_COALESCE_REGISTERED else None
+
+    def stop_coalescing(self):
+        """No more coalescing; unregisters the zone if the guest's writes
+        had registered it (replay the ring first: Vm._sync_devices)."""
+        if self.lazy != NULL:
+            rc = pvt_lazy_coalesce_disable(self.lazy)
+            if rc:
+                raise KvmError("KVM_UNREGISTER_COALESCED_MMIO", -rc,
+                               f"{self.where(0)} stays coalesced")
 
     def attach(self):
         """Puts every range on the bus (all or none)."""

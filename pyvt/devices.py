@@ -115,9 +115,13 @@ class Device:
         self._native = native
         #: The device's one name (see DeviceDescriptor.name).
         self.name = name
-        #: True when KVM queues the writes to its first port (coalesced PIO:
-        #: a console's data register), replayed in order by the run loop.
-        self.coalesced = False
+
+    @property
+    def coalesced(self) -> bool:
+        """True when KVM queues the guest's writes to the first port
+        (coalesced PIO: a console's data register; from the guest's first
+        write there on), replayed in order by the run loop."""
+        return self._native.coalescing is not None
 
     @property
     def port(self) -> int:

@@ -145,7 +145,6 @@ class Vm:
         self._pause_lock = threading.Lock()
         self._claims: Dict[Tuple[int, int], Tuple[int, str]] = {}  # (space, start) -> (length, owner)
         self._devices: Dict[str, Device] = {}  # name -> handle, in DEVICES order
-        self._coalesced_zones: Dict[Device, Tuple[int, int]] = {}
         self._max_vcpus: Optional[int] = None
         self._output_limit = output_limit
         for descriptor in DEVICES:  # a device the VM lacks is None
@@ -196,19 +195,18 @@ class Vm:
         ranges = native.ranges
         for space, start, length in ranges:
             self._check_range_free(space, start, length)
+        if descriptor.coalesced and self._coalescing:
+            # Writes to the first port (a console's data register) never
+            # need the vCPU to stop: KVM queues them, from the guest's first
+            # write on, and the run loop replays them in order (at creation
+            # the zone would make a quick close wait ~15 ms: lazy_coalesce.h).
+            native.coalesce_lazily(self.fd.fileno())
         native.attach()
         for space, start, length in ranges:
             self._claims[(space, start)] = (length, descriptor.name)
         device = descriptor.handle(self, native, descriptor.name)
         self._devices[descriptor.name] = device
         setattr(self, descriptor.name, device)
-        if descriptor.coalesced and self._coalescing:
-            # Writes to the first port (a console's data register) never
-            # need the vCPU to stop: KVM queues them and the run loop
-            # replays them in order.
-            self.fd.register_coalesced_mmio(port, 1, pio=True)
-            self._coalesced_zones[device] = (port, 1)
-            device.coalesced = True
         device._start()
         return device
 
@@ -218,10 +216,9 @@ class Vm:
         self._check_open()
         if not device.attached:
             return
-        zone = self._coalesced_zones.pop(device, None)
-        if zone is not None:
-            self._sync_devices()
-            self.fd.unregister_coalesced_mmio(zone[0], zone[1], pio=True)
+        if device._native.coalescing is not None:
+            self._sync_devices()  # the queued writes reach it before it goes
+            device._native.stop_coalescing()
         ranges = device._native.ranges
         try:
             device._native.detach()

@@ -113,9 +113,9 @@ def test_detaching_the_i8042_frees_both_ports_for_python(vm):
 @kvm_only
 def test_detaching_a_coalesced_console_drops_its_zone_first(vm):
     _run(vm, "mov $0xe9, %dx\nmov $0x41, %al\nout %al, %dx")
-    assert vm.debugcon in vm._coalesced_zones or not vm.debugcon.coalesced
+    assert vm.debugcon._native.coalescing == ("registered" if vm.debugcon.coalesced else None)
     vm.debugcon.detach()
-    assert vm.debugcon not in vm._coalesced_zones
+    assert vm.debugcon._native.coalescing is None and not vm.debugcon.coalesced
     assert vm.debugcon.output == b"A"  # the queued write reached it before it left
     got = []
     vm.on_io(0xE9, lambda e: got.append(e.value))
@@ -378,3 +378,29 @@ def test_mypy_sees_every_device_class_and_no_other(tmp_path):
     errors = [line for line in out.stdout.splitlines()
               if ": error:" in line and line.startswith(str(code))]
     assert len(errors) == 1 and '"Port80"' in errors[0], out.stdout + out.stderr
+
+
+@kvm_only
+def test_a_console_zone_is_registered_by_the_first_write_only(vm):
+    # Registering a coalesced zone at creation made a quick close wait for
+    # the kernel's grace period (~15 ms): it waits for the guest's first write.
+    if not vm.debugcon.coalesced:
+        pytest.skip(f"{vm.backend} has no KVM_CAP_COALESCED_PIO")
+    assert vm.debugcon._native.coalescing == "armed"
+    assert vm.console._native.coalescing == "armed"
+    _run(vm, "mov $0xe9, %dx\nmov $0x41, %al\nout %al, %dx\nout %al, %dx\nout %al, %dx")
+    assert vm.debugcon._native.coalescing == "registered"
+    assert vm.console._native.coalescing == "armed"  # the guest never wrote to it
+    assert vm.debugcon.output == b"AAA"
+    # The first write exited (and registered the zone); the others were queued.
+    assert vm.vcpus[0].stats["coalesced_writes"] == 2
+
+
+@kvm_only
+def test_a_console_zone_armed_but_never_registered_detaches_cleanly(vm):
+    vm.console.detach()
+    assert vm.console._native.coalescing is None
+    got = []
+    vm.on_io(0x3F8, lambda e: got.append(e.value))
+    _run(vm, "mov $0x3f8, %dx\nmov $0x42, %al\nout %al, %dx")
+    assert got == [0x42] and vm.console.output == b""

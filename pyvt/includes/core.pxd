@@ -89,6 +89,23 @@ cdef extern from "iobus.h" nogil:
     int pvt_bus_unregister(pvt_bus *bus, uint64_t base)
 
 
+cdef extern from "lazy_coalesce.h" nogil:
+    int PVT_COALESCE_ARMED
+    int PVT_COALESCE_REGISTERED
+    int PVT_COALESCE_OFF
+
+    cdef struct pvt_lazy_coalesce:
+        pass
+
+    void pvt_lazy_coalesce_init(pvt_lazy_coalesce *lazy, int vm_fd, uint64_t port,
+                                pvt_io_fn fn, void *opaque)
+    void pvt_lazy_coalesce_destroy(pvt_lazy_coalesce *lazy)
+    int pvt_lazy_coalesce_io(void *opaque, uint64_t offset, uint8_t *data,
+                             uint32_t len, bint is_write, uint64_t *stop_code)
+    int pvt_lazy_coalesce_disable(pvt_lazy_coalesce *lazy)
+    int pvt_lazy_coalesce_state(pvt_lazy_coalesce *lazy)
+
+
 cdef extern from "machine.h" nogil:
     cdef struct pvt_machine:
         pvt_bus pio
