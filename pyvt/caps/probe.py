@@ -28,6 +28,14 @@ NOP_NOP_HLT = bytes([0x90, 0x90, 0xF4])
 
 PIO_ROUND_TRIPS = 200
 
+# mov ecx, N (patched) ; l: xor eax, ecx ; rol eax, 7 ; dec ecx ; jnz l ; hlt   (64-bit)
+_SPIN = bytes([0xB9, 0, 0, 0, 0, 0x31, 0xC8, 0xC1, 0xC0, 0x07, 0xFF, 0xC9, 0x75, 0xF7, 0xF4])
+#: Rounds of _SPIN per ring: few at CPL 0, which software-assisted KVMs
+#: (PVM) emulate at about a microsecond an instruction.
+CPL_ROUNDS = {0: 2000, 3: 200_000}
+#: CPL 0 this many times slower per round than CPL 3 counts as emulated.
+EMULATED_RATIO = 20
+
 
 def _result(name: str, status: str, detail: str, **extra: Any) -> dict:
     return {"name": name, "status": status, "detail": detail, **extra}
@@ -162,6 +170,38 @@ class _Probe:
             return _result("single_step", "ok", "one NOP executed, Debug exit at the next instruction")
 
 
+    def _ns_per_round(self, ring: int, rounds: int) -> float:
+        """Guest time of one _SPIN round at ``ring``: a run of ``rounds``
+        minus an empty run, so that the exit's own cost drops out."""
+        def timed(n: int) -> int:
+            with self.vm() as vm:
+                vm.memory.write(CODE_ADDR, _SPIN[:1] + max(n, 1).to_bytes(4, "little") + _SPIN[5:])
+                cpu = vm.vcpu(0, mode="long", ring=ring)
+                cpu.regs.rip = CODE_ADDR
+                cpu.run(timeout=1.0)  # warm: the first run maps pages in
+                cpu.regs.rip = CODE_ADDR
+                t0 = time.perf_counter_ns()
+                ex = cpu.run(timeout=10.0)
+                elapsed = time.perf_counter_ns() - t0
+                if not self._isinstance(ex, "Hlt"):
+                    raise RuntimeError(f"the CPL {ring} loop ended with {ex!r}, not Hlt")
+                return elapsed
+        return max(statistics.median(timed(rounds) - timed(1) for _ in range(3)), 1) / rounds
+
+    def ring3(self) -> dict:
+        """Ring-3 vCPUs run, and how fast CPL 0 and CPL 3 code runs: on
+        software-assisted KVM (PVM) CPL 0 is emulated, CPL 3 native."""
+        cpl0 = self._ns_per_round(0, CPL_ROUNDS[0])
+        cpl3 = self._ns_per_round(3, CPL_ROUNDS[3])
+        emulated = cpl0 > EMULATED_RATIO * cpl3
+        how = ("CPL 0 is emulated, CPL 3 runs natively: use vm.vcpu(..., ring=3) for speed"
+               if emulated else "CPL 0 and CPL 3 both run natively")
+        return _result("ring3", "ok",
+                       f"{how} ({cpl0:.1f} ns per loop round at CPL 0, {cpl3:.2f} at CPL 3)",
+                       cpl0_ns_per_round=round(cpl0, 2), cpl3_ns_per_round=round(cpl3, 3),
+                       cpl0_emulated=emulated)
+
+
 def run_probe(device: str, only: list[str] | None = None) -> list[dict]:
     """Run every probe (or the names in *only*) against *device*."""
     try:
@@ -178,6 +218,7 @@ def run_probe(device: str, only: list[str] | None = None) -> list[dict]:
         ("pio_exit", p.pio_exit),
         ("mmio_exit", p.mmio_exit),
         ("single_step", p.single_step),
+        ("ring3", p.ring3),
     ]
     results = []
     for name, fn in table:

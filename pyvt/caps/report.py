@@ -37,7 +37,8 @@ SOURCE_PROBE = "probe"
 MSR_SOURCE_ORDER = (SOURCE_PYVT_HW_CAPS, SOURCE_MSR_DEVICE, SOURCE_KVM_FEATURE_MSRS)
 
 #: Features only a running guest can show; ``--require`` of one runs the probe.
-PROBE_ONLY_FEATURES = ("real_mode", "protected_mode", "pio_exit", "mmio_exit", "single_step")
+PROBE_ONLY_FEATURES = ("real_mode", "protected_mode", "pio_exit", "mmio_exit", "single_step",
+                       "ring3")
 #: Probe results that replace the static guess of the same feature when the probe ran.
 PROBE_FEATURES = PROBE_ONLY_FEATURES + ("long_mode", "irqchip", "smp")
 

@@ -25,11 +25,16 @@ def test_every_probe_passes_on_this_machine(real_kvm):
     """This machine's KVM runs all three modes, an irqchip, 2 vCPUs, PIO/MMIO exits and single-step."""
     results = {r["name"]: r for r in probe.run_probe(real_kvm)}
     assert sorted(results) == sorted(["real_mode", "protected_mode", "long_mode", "irqchip", "smp",
-                                      "pio_exit", "mmio_exit", "single_step"])
+                                      "pio_exit", "mmio_exit", "single_step", "ring3"])
     not_ok = {n: r["detail"] for n, r in results.items() if r["status"] != "ok"}
     assert not not_ok
     assert results["pio_exit"]["median_round_trip_us"] > 0  # a measurement, never a time limit
     assert results["pio_exit"]["samples"] == probe.PIO_ROUND_TRIPS - 1
+    ring3 = results["ring3"]
+    assert ring3["cpl0_ns_per_round"] > 0 and ring3["cpl3_ns_per_round"] > 0
+    assert ring3["cpl0_emulated"] == (
+        ring3["cpl0_ns_per_round"] > probe.EMULATED_RATIO * ring3["cpl3_ns_per_round"])
+    assert ("CPL 0 is emulated" in ring3["detail"]) == ring3["cpl0_emulated"]
 
 
 @needs_vm_api
@@ -78,3 +83,9 @@ def test_guest_code_bytes():
     assert probe.OUT_THEN_HLT == bytes.fromhex("b042e610f4")
     # mov byte [0x00400000], 0x42 ; hlt
     assert probe.MMIO_WRITE_THEN_HLT == bytes.fromhex("c6050000400042f4")
+
+
+def test_spin_loop_bytes_are_what_the_assembler_makes():
+    import pyvt
+    source = "mov $0, %ecx\n1: xor %ecx, %eax\nrol $7, %eax\ndec %ecx\njnz 1b\nhlt\n"
+    assert probe._SPIN == pyvt.assemble(source, bits=64)
