@@ -201,6 +201,12 @@ def test_a_fault_raises_guest_fault_with_registers_and_the_instruction(sandbox):
     with pytest.raises(pyvt.GuestFault) as caught:
         sandbox.call("deref", unmapped)
     fault = caught.value
+    if sandbox.ring == 0 and "resets the vCPU at a triple fault" in str(fault):
+        # AMD-V backends (kvm-amd, pyvt.ko on AMD) reset the vCPU at a
+        # shutdown: the fault's registers are gone, and the message says so.
+        assert isinstance(fault.exit, exits.Shutdown) and fault.regs.rip == 0xFFF0
+        assert sandbox.call("weigh6", 2, 0, 0, 0, 0, 0) == 2  # restored, usable
+        return
     assert fault.location.startswith("deref+")
     assert fault.regs.rdi == unmapped
     assert fault.instruction and sandbox.vm.memory.read(fault.regs.rip, 2) == fault.instruction[:2]
