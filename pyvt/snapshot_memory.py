@@ -295,5 +295,11 @@ def restore_region(memory, region, image: RegionImage) -> None:
         pages = private_pages(region)
     if pages is None:
         pages = differing_pages(region, image)
+    if pages and not region.host_writable:
+        raise SnapshotError(
+            f"cannot restore {region!r}: it maps host memory that is read-only on the host "
+            f"too, and {pages.bit_count()} of its pages differ from the snapshot's (the "
+            "file or buffer was changed outside pyvt).  The VM is half restored (the "
+            "regions below this one): restore a snapshot that matches the file")
     memory.note_written(region, pages)
     copy_back(region, image, pages)
