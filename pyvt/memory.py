@@ -132,7 +132,7 @@ class Region:
         return self.gpa + self.size
 
     @property
-    def buffer(self) -> mmap.mmap:
+    def buffer(self) -> Union[mmap.mmap, memoryview]:
         """The region's host mapping; ClosedError once the VM is closed."""
         if self.mapping is None:
             raise ClosedError(f"the memory of {self!r} is gone: the VM was closed "

@@ -233,7 +233,7 @@ def test_remove_region_then_the_guest_exits_there_and_the_slot_is_reused(vm):
     with pytest.raises(pyvt.OutOfRangeError):
         vm.memory.read(MAPPED, 1)
     with pytest.raises(pyvt.ClosedError, match="removed"):
-        first.buffer
+        _ = first.buffer
 
     again = vm.memory.map(MAPPED, mm)  # the freed slot, and the same object again
     assert again.slot == 1
