@@ -180,10 +180,10 @@ class GuestMemory:
         # One harvest at a time: a full dirty ring is emptied from its vCPU's
         # thread while others run (pyvt.dirty_pages).
         self._dirty_lock = threading.Lock()
-        #: The VM's I/O claims, ``{(space, start): (length, owner)}`` (its
-        #: Vm hands them over): regions that are not read-only stay clear
-        #: of MMIO handlers.
-        self.io_claims: dict = {}
+        # The VM's I/O claims, {(space, start): (length, owner)}, which its
+        # Vm hands over: regions that are not read-only stay clear of MMIO
+        # handlers (the guest would never exit there).
+        self._io_claims: dict = {}
         self._main = self.add_region(0, size, copy_on_write_of=copy_on_write_of)
 
     @property
@@ -280,7 +280,10 @@ class GuestMemory:
         Snapshots copy the region's contents like any other region's and
         restore them into ``obj``; since the host can write ``obj`` behind
         pyvt's back, a restore compares the region's pages with the
-        snapshot's instead of trusting the dirty log.  A clone
+        snapshot's instead of trusting the dirty log (it reads the whole
+        region each time, where other regions copy only the pages written
+        since).  A snapshot of a read-only file that changed outside pyvt
+        cannot be restored (SnapshotError).  A clone
         (``Vm.from_snapshot``) gets an ordinary region with the contents.
         Returns the new :class:`Region`.
         """
@@ -307,16 +310,17 @@ class GuestMemory:
         KVM allows this while vCPUs run (it waits until none uses the slot
         any more), and so does pyvt: the guest sees the memory vanish
         between two instructions.  A ``vm.memory.read()`` racing with it in
-        another thread gets a pyvt error, never freed memory.  Snapshots
+        another thread gets an exception, never freed memory.  Snapshots
         taken before no longer fit this VM: ``restore()`` refuses them (the
         memory's shape changed); ``Vm.from_snapshot`` still works."""
         self._check_open()
-        region = next((r for r in self.regions
-                       if not isinstance(gpa, bool) and r.gpa == gpa), None)
-        if region is None:
+        index = next((i for i, r in enumerate(self.regions)
+                      if not isinstance(gpa, bool) and r.gpa == gpa), None)
+        if index is None:
             raise ArgumentError(
                 f"no memory region starts at {gpa!r}: regions start at "
                 f"{', '.join(f'{r.gpa:#x}' for r in self.regions)}")
+        region = self.regions[index]
         if region is self._main:
             raise MemoryConfigError(
                 "the main RAM at guest-physical 0 cannot be removed (it is the VM's "
@@ -328,7 +332,7 @@ class GuestMemory:
                 self._collect(self.regions)
             self._vm_fd.set_user_memory_region(region.slot, region.gpa, 0,
                                                region.host_address, 0)
-            self.regions.remove(region)
+            del self.regions[index]  # by position: Regions compare by value
         _release(region.mapping)
         region.mapping = None
         region.source = None
@@ -354,7 +358,7 @@ class GuestMemory:
                 raise RegionOverlapError(
                     f"region {gpa:#x}-{gpa + size - 1:#x} overlaps {region!r}")
         if not readonly:
-            for (space, start), (length, owner) in list(self.io_claims.items()):
+            for (space, start), (length, owner) in list(self._io_claims.items()):
                 if space == _native.SPACE_MMIO and gpa < start + length and start < gpa + size:
                     raise RegionOverlapError(
                         f"region {gpa:#x}-{gpa + size - 1:#x} overlaps MMIO "

@@ -341,9 +341,9 @@ def test_placement_is_checked(vm):
 
 
 def test_mmio_handlers_and_mapped_memory_stay_apart(vm):
-    # Vm hands its I/O claims to its memory (vm.memory.io_claims); done
+    # Vm hands its I/O claims to its memory (GuestMemory._io_claims); done
     # here explicitly so that this test checks GuestMemory's own logic.
-    vm.memory.io_claims = vm._claims
+    vm.memory._io_claims = vm._claims
     vm.on_mmio(range(MAPPED, MAPPED + PAGE), lambda exit: 0)
     mm = mmap.mmap(-1, 2 * PAGE)
     with pytest.raises(pyvt.RegionOverlapError, match="MMIO .*handler"):
@@ -357,7 +357,7 @@ def test_mmio_handlers_and_mapped_memory_stay_apart(vm):
 
 
 @pytest.mark.xfail(strict=True, reason="needs Vm.__init__ to hand its claims to its memory "
-                   "(vm.py: self.memory.io_claims = self._claims)")
+                   "(vm.py: self.memory._io_claims = self._claims)")
 def test_vm_hands_its_mmio_claims_to_its_memory(vm):
     vm.on_mmio(range(MAPPED, MAPPED + PAGE), lambda exit: 0)
     with pytest.raises(pyvt.RegionOverlapError):
