@@ -12,6 +12,7 @@ import pytest
 
 import pyvt
 from pyvt import exits
+from pyvt.snapshot import Snapshot
 
 pytestmark = pytest.mark.requires_kvm
 
@@ -377,6 +378,19 @@ def test_the_dirty_log_sees_guest_writes_to_mapped_memory(ring):
         found = {d.gpa: list(d) for d in vm.memory.dirty_pages()}
         assert found[MAPPED] == [MAPPED + 2 * PAGE]
 
+        # A removed region's last writes do not show up in the region that
+        # reuses its slot.
+        _peek_poke(cpu, MAPPED + 3 * PAGE, 6)
+        vm.memory.remove_region(MAPPED)
+        reuser = vm.memory.map(OTHER, mmap.mmap(-1, 4 * PAGE))
+        assert reuser.slot == 1
+        _peek_poke(cpu, OTHER + PAGE, 7)
+        found = {d.gpa: list(d) for d in vm.memory.dirty_pages()}
+        if ring:  # tracked from the start: nothing else was written
+            assert found[OTHER] == [OTHER + PAGE]
+        else:  # tracking starts now: every page may have been written before
+            assert found[OTHER] == [OTHER + page * PAGE for page in range(4)]
+
 
 def test_snapshots_capture_mapped_memory_and_restore_it_into_the_object(vm):
     cpu = _machine(vm)
@@ -404,6 +418,24 @@ def test_snapshots_capture_mapped_memory_and_restore_it_into_the_object(vm):
         assert isinstance(exit, exits.Hlt) and seen == 0x1234
         assert clone.memory.read_int(MAPPED + 8) == 0x31 and _u64(mm, 8) == 0
     snap.close()
+
+
+def test_a_snapshot_file_restores_into_mapped_memory(vm, tmp_path):
+    """A loaded snapshot has no baseline in this VM: its pages are compared
+    and copied into the mapped object."""
+    mm = mmap.mmap(-1, 2 * PAGE)
+    vm.memory.map(MAPPED, mm)
+    _machine(vm)
+    mm[PAGE:PAGE + 5] = b"saved"
+    vm.snapshot().save(tmp_path / "vm.snap")
+    mm[PAGE:PAGE + 5] = b"later"
+    mm[0] = 1
+    snap = Snapshot.load(tmp_path / "vm.snap")
+    try:
+        vm.restore(snap)
+    finally:
+        snap.close()
+    assert mm[PAGE:PAGE + 5] == b"saved" and mm[0] == 0
 
 
 def test_restore_after_remove_region_is_refused(vm):
