@@ -262,8 +262,10 @@ class GuestMemory:
         than ``offset + size`` is refused (past its end, accesses would
         fault): extend it first with ``os.ftruncate``.  Shrinking a mapped
         file later is the caller's mistake: the guest's accesses past the
-        new end fail ``run()`` with a ``KvmError`` (EFAULT), and pyvt's own
-        reads there would crash the process (SIGBUS), as with any mmap.
+        new end stop ``run()`` (an ``Mmio`` exit on PVM; KVM may fail the
+        run with EFAULT instead), and pyvt's own reads there would crash
+        the process (SIGBUS), as with any mmap.  The guest sees the file as
+        the kernel has it: flush a file object's buffered writes first.
 
         pyvt keeps ``obj`` alive and holds a buffer export of it (so a
         bytearray or numpy array cannot be resized or freed under the guest)
