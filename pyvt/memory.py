@@ -9,18 +9,20 @@ guest memory is ever touched.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import mmap
 import operator
 import os
 import re
+import stat
 import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Tuple, Union
 
 from . import dirty_pages as _dirty_pages
-from . import pageset, snapshot_memory
+from . import _native, pageset, snapshot_memory
 from ._kvm import ffi, lib
 from .dirty_pages import DirtyPages
 from .dirty_ring import DirtyRing
@@ -87,8 +89,10 @@ class Region:
     gpa: int
     size: int
     readonly: bool
-    memfd: int  # -1 for a copy-on-write view of a snapshot's memory
-    mapping: Optional[mmap.mmap]
+    memfd: int  # -1 for a copy-on-write view of a snapshot's memory, or mapped host memory
+    #: The host memory: pyvt's mmap, or for GuestMemory.map() the user's
+    #: memory (a memoryview export of it, or pyvt's mmap of their file).
+    mapping: Union[mmap.mmap, memoryview, None]
     host_address: int
     # Dirty tracking, for snapshot restore (see GuestMemory.track_dirty_pages).
     #: KVM logs the guest's writes (the slot has KVM_MEM_LOG_DIRTY_PAGES).
@@ -106,6 +110,12 @@ class Region:
         default_factory=weakref.WeakKeyDictionary)
     #: The snapshot image a copy-on-write region maps (set by pyvt.snapshot).
     origin: Any = None
+    #: For GuestMemory.map(): the user's object (mmap, buffer, file), kept
+    #: alive while mapped.  The host can write it behind pyvt's back.
+    source: Any = None
+    #: False where the host side is read-only too (a read-only buffer or
+    #: file): neither vm.memory.write nor a restore can change it.
+    host_writable: bool = True
 
     @property
     def tracked(self) -> bool:
@@ -122,15 +132,17 @@ class Region:
         return self.gpa + self.size
 
     @property
-    def buffer(self) -> mmap.mmap:
+    def buffer(self) -> Union[mmap.mmap, memoryview]:
         """The region's host mapping; ClosedError once the VM is closed."""
         if self.mapping is None:
-            raise ClosedError("guest memory is gone: the VM was closed")
+            raise ClosedError(f"the memory of {self!r} is gone: the VM was closed "
+                              "or the region removed")
         return self.mapping
 
     def __repr__(self) -> str:
         ro = ", readonly" if self.readonly else ""
-        return f"Region(slot={self.slot}, gpa={self.gpa:#x}, size={self.size:#x}{ro})"
+        mapped = f", maps a {type(self.source).__name__}" if self.source is not None else ""
+        return f"Region(slot={self.slot}, gpa={self.gpa:#x}, size={self.size:#x}{ro}{mapped})"
 
 
 def _byte_view(data) -> memoryview:
@@ -168,6 +180,10 @@ class GuestMemory:
         # One harvest at a time: a full dirty ring is emptied from its vCPU's
         # thread while others run (pyvt.dirty_pages).
         self._dirty_lock = threading.Lock()
+        # The VM's I/O claims, {(space, start): (length, owner)}, which its
+        # Vm hands over: regions that are not read-only stay clear of MMIO
+        # handlers (the guest would never exit there).
+        self._io_claims: dict = {}
         self._main = self.add_region(0, size, copy_on_write_of=copy_on_write_of)
 
     @property
@@ -197,25 +213,12 @@ class GuestMemory:
         """
         self._check_open()
         size = parse_size(size)
-        if isinstance(gpa, bool) or not isinstance(gpa, int) or gpa < 0:
-            raise MemoryConfigError(f"region address must be a non-negative int, not {gpa!r}")
-        if gpa % PAGE_SIZE:
-            raise MemoryConfigError(f"region address {gpa:#x} is not page-aligned ({PAGE_SIZE:#x})")
-        if gpa + size > self._max_address:
-            raise MemoryConfigError(
-                f"region {gpa:#x}-{gpa + size - 1:#x} is beyond the guest's physical "
-                f"address space (up to {self._max_address - 1:#x})")
-        for region in self.regions:
-            if gpa < region.end and region.gpa < gpa + size:
-                raise RegionOverlapError(
-                    f"region {gpa:#x}-{gpa + size - 1:#x} overlaps {region!r}")
+        self._check_placement(gpa, size, readonly)
         limit = _host_memory_limit()
         if sum(r.size for r in self.regions) + size > limit:
             raise MemoryConfigError(
                 f"{size:#x} bytes of guest memory cannot be allocated: this host has "
                 f"{limit >> 20} MiB of RAM and swap in all")
-        if readonly and not self._vm_fd.kvm.check_extension("KVM_CAP_READONLY_MEM"):
-            raise MemoryConfigError("this backend has no read-only memory (KVM_CAP_READONLY_MEM)")
 
         if copy_on_write_of is None:
             memfd = os.memfd_create(f"pyvt-guest-{gpa:#x}", os.MFD_CLOEXEC)
@@ -230,13 +233,9 @@ class GuestMemory:
             else:
                 mapping = mmap.mmap(copy_on_write_of, size, mmap.MAP_PRIVATE,
                                     mmap.PROT_READ | mmap.PROT_WRITE)
-            buf = ffi.from_buffer(mapping)
-            host_address = int(ffi.cast("uintptr_t", buf))
-            ffi.release(buf)
-            slot = max((r.slot for r in self.regions), default=-1) + 1
-            self._vm_fd.set_user_memory_region(
-                slot, gpa, size, host_address,
-                lib.KVM_MEM_READONLY if readonly else 0)
+            region = Region(self._free_slot(), gpa, size, readonly, memfd, mapping,
+                            _address_of(mapping))
+            self._install(region)
         except OSError as e:
             if mapping is not None:
                 mapping.close()
@@ -245,13 +244,147 @@ class GuestMemory:
             if isinstance(e, KvmError):
                 raise
             raise MemoryConfigError(f"cannot allocate {size:#x} bytes of guest memory: {e.strerror}") from None
-        region = Region(slot, gpa, size, readonly, memfd, mapping, host_address)
+        return region
+
+    def map(self, gpa: int, obj, readonly: bool = False, *,
+            size: Union[int, str, None] = None, offset: int = 0) -> Region:
+        """Maps host memory into the guest at guest-physical ``gpa``, without
+        copying (Unicorn's ``mem_map_ptr``): the guest's writes are in
+        ``obj`` at once, and the host's writes to ``obj`` in the guest.
+
+        ``obj`` is an ``mmap.mmap``, any C-contiguous buffer-protocol object
+        whose memory starts on a page boundary and is a whole number of
+        pages (a numpy array, a ctypes array, a memoryview slice...), or a
+        file descriptor (an int or an object with ``fileno()``), which is
+        mapped shared: the guest's writes land in the file.  ``offset`` and
+        ``size`` (bytes, page multiples) pick a part of it; by default all
+        of a buffer, or a file from ``offset`` to its end.  A file shorter
+        than ``offset + size`` is refused (past its end, accesses would
+        fault): extend it first with ``os.ftruncate``.  Shrinking a mapped
+        file later is the caller's mistake: the guest's accesses past the
+        new end stop ``run()`` (an ``Mmio`` exit on PVM; KVM may fail the
+        run with EFAULT instead), and pyvt's own reads there would crash
+        the process (SIGBUS), as with any mmap.  The guest sees the file as
+        the kernel has it: flush a file object's buffered writes first.
+
+        pyvt keeps ``obj`` alive and holds a buffer export of it (so a
+        bytearray or numpy array cannot be resized or freed under the guest)
+        until :meth:`remove_region` or the VM's close, which release it but
+        never close the user's mmap or file descriptor (a file is mapped
+        through pyvt's own mmap, which holds a duplicate of the descriptor).
+
+        ``readonly=True`` makes the slot read-only to the guest: its writes
+        come back as MMIO exits, as with :meth:`add_region`.  A read-only
+        host object (``bytes``, an ``ACCESS_READ`` mmap, a file opened
+        read-only) can only be mapped so; pyvt then cannot write it either
+        (``write()`` refuses, and so does a restore that would change it).
+
+        Snapshots copy the region's contents like any other region's and
+        restore them into ``obj``; since the host can write ``obj`` behind
+        pyvt's back, a restore compares the region's pages with the
+        snapshot's instead of trusting the dirty log (it reads the whole
+        region each time, where other regions copy only the pages written
+        since).  A snapshot of a read-only file that changed outside pyvt
+        cannot be restored (SnapshotError).  A clone
+        (``Vm.from_snapshot``) gets an ordinary region with the contents.
+        Returns the new :class:`Region`.
+        """
+        self._check_open()
+        mapping, length, host_writable = _host_memory(obj, readonly, size, offset)
+        try:
+            self._check_placement(gpa, length, readonly)
+            region = Region(self._free_slot(), gpa, length, readonly, -1, mapping,
+                            _address_of(mapping), source=obj, host_writable=host_writable)
+            self._install(region)
+        except BaseException:
+            _release(mapping)
+            raise
+        return region
+
+    def remove_region(self, gpa: int) -> None:
+        """Removes the region that starts at guest-physical ``gpa`` (made
+        by :meth:`add_region` or :meth:`map`; the main RAM at 0 stays):
+        ``KVM_SET_USER_MEMORY_REGION`` with size 0 deletes the slot, whose
+        number the next region reuses, and pyvt lets go of the memory (a
+        mapped object's export and reference; the user's mmap or file stays
+        open).  From then on the guest's accesses there are MMIO exits.
+
+        KVM allows this while vCPUs run (it waits until none uses the slot
+        any more), and so does pyvt: the guest sees the memory vanish
+        between two instructions.  A ``vm.memory.read()`` racing with it in
+        another thread gets an exception, never freed memory.  Snapshots
+        taken before no longer fit this VM: ``restore()`` refuses them (the
+        memory's shape changed); ``Vm.from_snapshot`` still works."""
+        self._check_open()
+        index = next((i for i, r in enumerate(self.regions)
+                      if not isinstance(gpa, bool) and r.gpa == gpa), None)
+        if index is None:
+            raise ArgumentError(
+                f"no memory region starts at {gpa!r}: regions start at "
+                f"{', '.join(f'{r.gpa:#x}' for r in self.regions)}")
+        region = self.regions[index]
+        if region is self._main:
+            raise MemoryConfigError(
+                "the main RAM at guest-physical 0 cannot be removed (it is the VM's "
+                "memory size); remove only regions added with add_region() or map()")
+        with self._dirty_lock:
+            if region.dirty_logging:
+                # The writes logged so far reach the other regions' baselines,
+                # and no ring entry for this slot is left to name its reuser.
+                self._collect(self.regions)
+            self._vm_fd.set_user_memory_region(region.slot, region.gpa, 0,
+                                               region.host_address, 0)
+            del self.regions[index]  # by position: Regions compare by value
+        _release(region.mapping)
+        region.mapping = None
+        region.source = None
+        region.baselines.clear()
+        if region.memfd >= 0:
+            os.close(region.memfd)
+            region.memfd = -1
+
+    def _check_placement(self, gpa: int, size: int, readonly: bool) -> None:
+        """A region of ``size`` bytes fits at ``gpa``: aligned, inside the
+        guest's physical address space, clear of every region (and, unless
+        read-only, of MMIO handlers, where the guest would never exit)."""
+        if isinstance(gpa, bool) or not isinstance(gpa, int) or gpa < 0:
+            raise MemoryConfigError(f"region address must be a non-negative int, not {gpa!r}")
+        if gpa % PAGE_SIZE:
+            raise MemoryConfigError(f"region address {gpa:#x} is not page-aligned ({PAGE_SIZE:#x})")
+        if gpa + size > self._max_address:
+            raise MemoryConfigError(
+                f"region {gpa:#x}-{gpa + size - 1:#x} is beyond the guest's physical "
+                f"address space (up to {self._max_address - 1:#x})")
+        for region in self.regions:
+            if gpa < region.end and region.gpa < gpa + size:
+                raise RegionOverlapError(
+                    f"region {gpa:#x}-{gpa + size - 1:#x} overlaps {region!r}")
+        if not readonly:
+            for (space, start), (length, owner) in list(self._io_claims.items()):
+                if space == _native.SPACE_MMIO and gpa < start + length and start < gpa + size:
+                    raise RegionOverlapError(
+                        f"region {gpa:#x}-{gpa + size - 1:#x} overlaps MMIO "
+                        f"{start:#x}-{start + length - 1:#x}, which {owner} holds: the guest "
+                        "would never exit there; remove it first (vm.off_mmio), or map "
+                        "the region readonly=True")
+        if readonly and not self._vm_fd.kvm.check_extension("KVM_CAP_READONLY_MEM"):
+            raise MemoryConfigError("this backend has no read-only memory (KVM_CAP_READONLY_MEM)")
+
+    def _free_slot(self) -> int:
+        """The lowest slot number no region uses (remove_region frees them)."""
+        used = {r.slot for r in self.regions}
+        return next(slot for slot in range(len(used) + 1) if slot not in used)
+
+    def _install(self, region: Region) -> None:
+        """Registers ``region``'s slot with KVM and adds it to the regions."""
+        self._vm_fd.set_user_memory_region(
+            region.slot, region.gpa, region.size, region.host_address,
+            lib.KVM_MEM_READONLY if region.readonly else 0)
         self.regions.append(region)
         self.regions.sort(key=lambda r: r.gpa)
         if self._vm_fd.dirty_ring_size:
             # A VM with a dirty ring tracks from the start: nothing written yet.
             self._start_tracking(region, unreported=0)
-        return region
 
     def _pieces(self, gpa: int, n: int) -> List[Tuple[Region, int, int]]:
         """(region, offset, length) covering [gpa, gpa+n), or OutOfRangeError."""
@@ -282,8 +415,15 @@ class GuestMemory:
     def write(self, gpa: int, data) -> None:
         """Writes bytes-like ``data`` to guest-physical memory at ``gpa``."""
         data = _byte_view(data)
+        pieces = self._pieces(gpa, len(data))
+        for region, _, _ in pieces:
+            if not region.host_writable:
+                raise ArgumentError(
+                    f"cannot write {gpa:#x}-{gpa + len(data) - 1:#x}: {region!r} maps "
+                    "host memory that is read-only on the host too (map a writable "
+                    "object to write it from the host)")
         done = 0
-        for region, offset, length in self._pieces(gpa, len(data)):
+        for region, offset, length in pieces:
             region.buffer[offset:offset + length] = data[done:done + length]
             if region.host_dirty is not None and length:
                 pageset.mark(region.host_dirty, offset // PAGE_SIZE,
@@ -467,8 +607,8 @@ class GuestMemory:
         from snapshot image ``baseline``, or None when the region's relation
         to it is unknown (never equal to it while tracked).  Call
         :meth:`fold` first: writes not folded in yet are not counted."""
-        if not region.tracked:
-            return None
+        if not region.tracked or region.source is not None:
+            return None  # mapped host memory: the host writes it unseen
         return region.baselines.get(baseline)
 
     def note_written(self, region: Region, pages: int) -> None:
@@ -492,18 +632,150 @@ class GuestMemory:
         stays mapped until that view is released (never a dangling pointer)."""
         self._vm_fd = None
         for region in self.regions:
-            if region.mapping is not None:
-                try:
-                    region.mapping.close()
-                except BufferError:
-                    pass  # a user's memoryview keeps it alive; GC unmaps it
-                region.mapping = None
+            _release(region.mapping)  # a user's memoryview may keep it alive; GC unmaps it
+            region.mapping = None
+            region.source = None
             if region.memfd >= 0:
                 os.close(region.memfd)
                 region.memfd = -1
 
     def __repr__(self) -> str:
         return f"GuestMemory({', '.join(map(repr, self.regions))})"
+
+
+# -- host memory for GuestMemory.map() ------------------------------------------
+
+
+def _address_of(memory) -> int:
+    """The host address of a buffer (an mmap or a memoryview)."""
+    buf = ffi.from_buffer(memory)
+    try:
+        return int(ffi.cast("uintptr_t", buf))
+    finally:
+        ffi.release(buf)
+
+
+def _release(mapping) -> None:
+    """Lets go of a region's host memory: unmaps pyvt's own mmap, releases
+    the export of a user's buffer.  If someone still exports it (a
+    memoryview of ``region.buffer``), the GC does it when they let go."""
+    if mapping is None:
+        return
+    try:
+        if isinstance(mapping, memoryview):
+            mapping.release()
+        else:
+            mapping.close()
+    except BufferError:
+        pass
+
+
+def _page_multiple(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ArgumentTypeError(f"{what} must be an int, not {value!r}")
+    if value < 0 or value % PAGE_SIZE:
+        raise MemoryConfigError(f"{what} {value:#x} is not a non-negative multiple of the "
+                                f"page size ({PAGE_SIZE:#x})")
+    return value
+
+
+def _host_memory(obj, readonly: bool, size, offset) -> Tuple[Union[mmap.mmap, memoryview], int, bool]:
+    """(mapping, length, host writable) for GuestMemory.map(obj): a buffer
+    export of a buffer-protocol object, or pyvt's own shared mmap of a file."""
+    offset = _page_multiple(offset, "offset")
+    size = None if size is None else parse_size(size)
+    if isinstance(obj, bool):
+        raise ArgumentTypeError("cannot map a bool: pass an mmap, a page-aligned buffer "
+                                "or a file descriptor")
+    if isinstance(obj, int) or (hasattr(obj, "fileno") and not isinstance(obj, mmap.mmap)
+                                and not _is_buffer(obj)):
+        return _map_file(obj, readonly, size, offset)
+    if isinstance(obj, mmap.mmap) and obj.closed:
+        raise ClosedError("cannot map a closed mmap")
+    try:
+        whole = memoryview(obj)
+    except TypeError:
+        raise ArgumentTypeError(
+            f"cannot map a {type(obj).__name__}: pass an mmap.mmap, a buffer-protocol "
+            "object with page-aligned memory (numpy array, ctypes array...) or a file "
+            "descriptor") from None
+    with whole:
+        if not whole.c_contiguous:
+            raise MemoryConfigError("cannot map a buffer that is not C-contiguous: the "
+                                    "guest sees one flat run of bytes")
+        with whole.cast("B") as flat:
+            size = len(flat) - offset if size is None else size
+            if size <= 0 or offset + size > len(flat):
+                raise MemoryConfigError(f"the buffer holds {len(flat):#x} bytes: there is no "
+                                        f"{size:#x}-byte piece of it at offset {offset:#x}")
+            # The slice outlives flat and whole: it is the export pyvt holds.
+            piece = flat[offset:offset + size]
+    try:
+        if size % PAGE_SIZE:
+            raise MemoryConfigError(
+                f"cannot map {size:#x} bytes: KVM maps whole pages; use a buffer of a "
+                f"multiple of {PAGE_SIZE:#x} bytes (or pass size=)")
+        address = _address_of(piece)
+        if address % PAGE_SIZE:
+            raise MemoryConfigError(
+                f"cannot map a buffer at host address {address:#x}: KVM maps whole pages, "
+                f"so it must start on a page boundary ({PAGE_SIZE:#x}); allocate it with "
+                "mmap.mmap(-1, n) (or numpy.frombuffer/ctypes from_buffer of one)")
+        if piece.readonly and not readonly:
+            raise MemoryConfigError(
+                f"the {type(obj).__name__} is read-only on the host, so the guest cannot "
+                "write it either: map it with readonly=True, or pass a writable buffer")
+    except BaseException:
+        piece.release()
+        raise
+    return piece, size, not piece.readonly
+
+
+def _is_buffer(obj) -> bool:
+    try:
+        memoryview(obj).release()
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _map_file(file, readonly: bool, size: Optional[int], offset: int) -> Tuple[mmap.mmap, int, bool]:
+    """pyvt's own shared mmap of a file (the whole file from ``offset`` by
+    default).  mmap holds a duplicate of the descriptor: the user's stays theirs."""
+    try:
+        fd = file if isinstance(file, int) else file.fileno()
+        info = os.fstat(fd)
+        access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    except (OSError, ValueError) as e:
+        raise ArgumentError(f"cannot map {file!r}: it is not an open file "
+                            f"({getattr(e, 'strerror', None) or e})") from None
+    if size is None:
+        size = info.st_size - offset
+        if size <= 0:
+            raise MemoryConfigError(
+                f"the file is {info.st_size:#x} bytes: nothing to map from offset {offset:#x} "
+                "(extend it with os.ftruncate, or pass size=)")
+    if stat.S_ISREG(info.st_mode) and offset + size > info.st_size:
+        raise MemoryConfigError(
+            f"the file is {info.st_size:#x} bytes, shorter than offset + size "
+            f"({offset + size:#x}): the guest's accesses past its end would fault; extend it "
+            f"first (os.ftruncate(fd, {offset + size:#x}))")
+    if size % PAGE_SIZE:
+        raise MemoryConfigError(
+            f"cannot map {size:#x} bytes: KVM maps whole pages; pass size= a multiple of "
+            f"{PAGE_SIZE:#x}, with the file at least that long")
+    writable = access == os.O_RDWR
+    if not readonly and not writable:
+        raise MemoryConfigError(
+            "the file is not open for reading and writing, so the guest could not write it: "
+            "open it with os.O_RDWR (or 'r+b'), or map it with readonly=True")
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    try:
+        mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, prot, offset=offset)
+    except (OSError, ValueError, OverflowError) as e:
+        raise MemoryConfigError(f"cannot map {size:#x} bytes of the file at offset "
+                                f"{offset:#x}: {getattr(e, 'strerror', None) or e}") from None
+    return mapping, size, writable
 
 
 def _written_so_far(region: Region) -> int:

@@ -231,6 +231,11 @@ def _span(first: int, count: int) -> slice:
 
 
 # -- taking ------------------------------------------------------------------------
+#
+# A region's buffer may be a memoryview (pyvt.memory.GuestMemory.map), whose
+# slices compare with bytes byte by byte: its chunks are read as bytes here
+# and in differing_pages (bytes() of an mmap's slice, already bytes, copies
+# nothing).
 
 
 def capture(region) -> RegionImage:
@@ -240,7 +245,7 @@ def capture(region) -> RegionImage:
     try:
         source = region.buffer
         for first, count in _chunks(possibly_nonzero(region)):
-            chunk = source[_span(first, count)]
+            chunk = bytes(source[_span(first, count)])
             for page, run in _nonzero_runs(chunk):
                 write_pages(image, first + page, memoryview(chunk)[_span(page, run)])
                 found.append((first + page, run))
@@ -263,13 +268,13 @@ def differing_pages(region, image: RegionImage) -> int:
     found: pageset.Runs = []
     here, there = region.buffer, image.mapping
     for first, count in _chunks(mine & image.data):
-        ours, theirs = here[_span(first, count)], there[_span(first, count)]
+        ours, theirs = bytes(here[_span(first, count)]), there[_span(first, count)]
         if ours != theirs:
             found.extend((first + page, 1) for page in range(count)
                          if ours[_span(page, 1)] != theirs[_span(page, 1)])
     for first, count in _chunks(mine & ~image.data):  # data here, zero there
         found.extend((first + page, run)
-                     for page, run in _nonzero_runs(here[_span(first, count)]))
+                     for page, run in _nonzero_runs(bytes(here[_span(first, count)])))
     return pageset.from_runs(found, region.pages) | (image.data & ~mine)
 
 
@@ -295,5 +300,11 @@ def restore_region(memory, region, image: RegionImage) -> None:
         pages = private_pages(region)
     if pages is None:
         pages = differing_pages(region, image)
+    if pages and not region.host_writable:
+        raise SnapshotError(
+            f"cannot restore {region!r}: it maps host memory that is read-only on the host "
+            f"too, and {pages.bit_count()} of its pages differ from the snapshot's (the "
+            "file or buffer was changed outside pyvt).  The VM is half restored (the "
+            "regions below this one): restore a snapshot that matches the file")
     memory.note_written(region, pages)
     copy_back(region, image, pages)
