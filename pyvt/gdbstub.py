@@ -299,7 +299,7 @@ class GdbServer:
         cpus = sorted(vm.vcpus)
         self._current = {"g": cpus[0], "c": cpus[0]}
         self._last_stop = self._stop_reply(SIGTRAP, cpus[0])
-        log.info("gdb stub listening on %s:%d", *self.address)
+        log.debug("gdb stub listening on %s:%d", *self.address)
 
     # -- serving ----------------------------------------------------------------
 
@@ -679,5 +679,23 @@ def ending_status(exit) -> Optional[int]:
     return None
 
 
-__all__ = ["GdbServer", "PacketReader", "checksum", "escape", "unescape", "frame",
+__all__ = ["GdbServer", "run_under_gdb", "PacketReader", "checksum", "escape", "unescape", "frame",
            "parse_address", "ending_status", "REGISTERS", "TARGET_XML"]
+
+
+def run_under_gdb(vm, address, run_on: Callable[[], exits.AnyExit]) -> exits.AnyExit:
+    """What ``pyvt run/boot --gdb`` does: serves gdb on ``address`` with the
+    VM stopped before its first instruction, and returns how the guest
+    ended.  If gdb detaches (or goes away), the guest runs on without it
+    (``run_on()``); if gdb kills it, the exit is :class:`pyvt.exits.Stopped`."""
+    server = GdbServer(vm, address)
+    log.warning("waiting for gdb on %s:%d (target remote %s:%d)", *server.address,
+                *server.address)
+    server.serve()
+    if server.outcome == "ended":
+        return server.final_exit
+    if server.outcome == "killed":
+        cpu = vm.vcpus[min(vm.vcpus)]
+        return exits.Stopped(cpu.regs.rip)
+    log.warning("gdb %s: the guest runs on", server.outcome)
+    return run_on()
