@@ -282,24 +282,71 @@ def test_cli_run_under_gdb_exits_with_the_guest_status(tmp_path):
     assert "the guest runs on" in err
 
 
+def _pyvt_under_gdb(args, *gdb_commands):
+    """Runs ``pyvt ARGS --gdb PORT`` and gdb against it; returns (pyvt's
+    status, its stderr, gdb's output)."""
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    process = subprocess.Popen([sys.executable, "-m", "pyvt", *map(str, args), "--gdb", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        err = ""
+        while "waiting for gdb" not in err:
+            line = process.stderr.readline()
+            assert line and time.monotonic() < deadline, f"pyvt never listened: {err}"
+            err += line
+        out = _gdb(port, *gdb_commands)
+        _, rest = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return process.returncode, err + rest, out
+
+
 @needs_gdb
 def test_cli_run_gdb_continue_to_the_end(tmp_path):
     source = tmp_path / "guest.S"
     source.write_text(GUEST.format(bits=64))
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    pyvt_process = subprocess.Popen(
-        [sys.executable, "-m", "pyvt", "run", str(source), "--gdb", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.monotonic() + 30
-        while "waiting for gdb" not in (line := pyvt_process.stderr.readline()):
-            assert line and time.monotonic() < deadline, "pyvt never listened"
-        out = _gdb(port, "stepi", "break *0x100a", "continue", "continue")
-        assert "Breakpoint 1, 0x000000000000100a" in out, out
-        assert "exited with code 0103" in out, out
-        pyvt_process.wait(60)
-    finally:
-        if pyvt_process.poll() is None:
-            pyvt_process.kill()
-    assert pyvt_process.returncode == 67
+    status, err, out = _pyvt_under_gdb(["run", source], "stepi", "break *0x100a",
+                                       "continue", "continue")
+    assert "Breakpoint 1, 0x000000000000100a" in out, out
+    assert "exited with code 0103" in out, out
+    assert status == 67, err
+    assert "DebugExit(code=0x21, status=67" in err
+
+
+@needs_gdb
+def test_ctrl_c_from_gdb_stops_a_spinning_guest(tmp_path):
+    """gdb's own Ctrl-C: a SIGINT to gdb while it waits in `continue`."""
+    source = tmp_path / "spin.S"
+    source.write_text("_start: jmp _start\n")
+    status, err, out = _pyvt_under_gdb(
+        ["run", source],
+        "python import threading, os, signal; "
+        "threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()",
+        "continue", "p/x $pc", "kill")
+    assert "Program received signal SIGINT" in out and "$1 = 0x1000" in out, out
+    assert status == 1 and "Stopped(rip=0x1000)" in err, err
+
+
+def _kernel(tmp_path, name):
+    from kernelbuild import build_kernel, toolchain_missing
+
+    missing = toolchain_missing()
+    if missing:
+        pytest.skip(f"cannot build test kernels: {missing}")
+    return build_kernel(name, tmp_path)
+
+
+@needs_gdb
+@pytest.mark.requires_cap("IRQCHIP")
+def test_cli_boot_smp_under_gdb_shows_both_vcpus_and_keeps_the_status(tmp_path):
+    kernel = _kernel(tmp_path, "smp")
+    status, err, out = _pyvt_under_gdb(
+        ["boot", kernel, "--smp", 2, "--memory", "32M", "--append", "ap-exit", "--no-stdin"],
+        "info threads", "thread 2", "p $rip", "continue")
+    assert "Thread 1 (vCPU 0)" in out and "Thread 2 (vCPU 1)" in out, out
+    assert "exited with code 013" in out, out  # debug-exit code 5: status 11
+    assert status == 11, err
