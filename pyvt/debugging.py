@@ -160,8 +160,9 @@ class Breakpoints(_Points):
         _check_address(address)
         if kind not in ("sw", "hw"):
             raise ArgumentError(f"a breakpoint's kind is 'sw' or 'hw', not {kind!r}")
-        if address in self._points:
-            return self._points[address]
+        existing = self.get(address)
+        if existing is not None:
+            return existing
         debugger = self._debugger
         if kind == "sw" and debugger.support.int3:
             point = debugger._insert_int3(address)
@@ -268,6 +269,7 @@ class Debugger:
         return Breakpoint(address, "sw", "int3", None, physical, saved)
 
     def _remove_int3(self, point: Breakpoint) -> None:
+        assert point.physical is not None and point.saved is not None  # an int3 one
         self.vm.memory.write(point.physical, bytes([point.saved]))
 
     def _read_virtual(self, address: int, length: int) -> bytes:
@@ -348,7 +350,7 @@ class Debugger:
                     return exits.Debug(1, rip, 0, 0, rip, breakpoint=rip)
                 if self._stop_requested.get(cpu.index):
                     return exits.Stopped(rip)
-                if deadline is not None and time.monotonic() >= deadline:
+                if timeout is not None and deadline is not None and time.monotonic() >= deadline:
                     return exits.Timeout(float(timeout), rip)
                 if not emulated:
                     break

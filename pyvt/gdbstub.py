@@ -19,7 +19,7 @@ import select
 import socket
 import struct
 import threading
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from . import debugging, exits
 from ._kvm import ffi
@@ -343,12 +343,14 @@ class GdbServer:
         return self.final_exit
 
     def _recv(self) -> bytes:
+        assert self._conn is not None  # serve() accepted it
         try:
             return self._conn.recv(65536)
         except OSError:
             return b""
 
     def _send(self, payload: bytes) -> None:
+        assert self._conn is not None
         try:
             self._conn.sendall(frame(payload))
         except OSError:
@@ -581,7 +583,7 @@ class GdbServer:
                                     name=f"pyvt-gdb-vcpu{cpu.index}") for cpu in cpus]
         for t in threads:
             t.start()
-        outcomes = []
+        outcomes: List[Tuple[int, object]] = []
         interrupted = False
         while not outcomes:
             try:
@@ -610,6 +612,7 @@ class GdbServer:
         return self._after(outcomes)
 
     def _interrupt_arrived(self) -> bool:
+        assert self._conn is not None
         ready, _, _ = select.select([self._conn], [], [], 0)
         if not ready:
             return False
@@ -692,7 +695,7 @@ def run_under_gdb(vm, address, run_on: Callable[[], exits.AnyExit]) -> exits.Any
     log.warning("waiting for gdb on %s:%d (target remote %s:%d)", *server.address,
                 *server.address)
     server.serve()
-    if server.outcome == "ended":
+    if server.outcome == "ended" and server.final_exit is not None:
         return server.final_exit
     if server.outcome == "killed":
         cpu = vm.vcpus[min(vm.vcpus)]
