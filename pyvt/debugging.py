@@ -25,6 +25,7 @@ import logging
 import struct
 import threading
 import time
+import weakref
 from typing import Dict, Iterator, List, Optional
 
 from . import exits
@@ -225,11 +226,20 @@ class Debugger:
     watchpoints, and the KVM_SET_GUEST_DEBUG setting each vCPU gets."""
 
     def __init__(self, vm):
-        self.vm = vm
+        # Weak: the VM holds its debugger, and a forgotten VM must still be
+        # freed at once, without waiting for the cycle collector.
+        self._vm = weakref.ref(vm)
         self.support = probe(vm.backend)
         self.breakpoints = Breakpoints(self)
         self.watchpoints = Watchpoints(self)
         self._stop_requested: Dict[int, bool] = {}
+
+    @property
+    def vm(self):
+        vm = self._vm()
+        if vm is None:
+            raise Error("this debugger's VM is gone")
+        return vm
 
     # -- debug registers and int3 ---------------------------------------------
 
