@@ -232,13 +232,15 @@ def test_step_breakpoint_watchpoint_api():
         assert isinstance(end, exits.DebugExit) and end.status == 67
 
 
-def test_failure_exits_carry_the_instruction():
+@pytest.mark.parametrize("ring, kind", [(0, exits.Shutdown), (3, exits.GuestException)])
+def test_failure_exits_carry_the_instruction(ring, kind):
+    """A ring-0 #UD triple-faults (no IDT); at ring 3 pyvt's IDT catches it."""
     with pyvt.Vm("2M") as vm:
         vm.memory.write(0x1000, b"\x90\x0f\x0b")  # nop; ud2
-        cpu = vm.vcpu(0, mode="long")
+        cpu = vm.vcpu(0, mode="long", ring=ring)
         cpu.regs.rip = 0x1000
         exit = cpu.run(timeout=10)
-        assert isinstance(exit, (exits.Shutdown, exits.GuestException)), exit
+        assert isinstance(exit, kind), exit
         assert exit.rip == 0x1001
         assert exit.instruction[:2] == b"\x0f\x0b"
         assert "0f 0b" in exit.describe()
