@@ -1,9 +1,11 @@
 """The ``pyvt`` command line (also ``python -m pyvt``).
 
     pyvt run FILE [--mode long] [--ring 0|3] [--at ADDR] [--timeout S] [--memory 16M]
+                  [--gdb [HOST:]PORT]
                   (FILE: a flat binary, or assembly source ending in .S/.s)
     pyvt boot KERNEL [--smp N] [--memory 128M] [--append ARGS] [--initrd FILE]
                      [--timeout S] [--no-irqchip] [--strict-io] [--trace-io] [--no-stdin]
+                     [--gdb [HOST:]PORT]
                   (KERNEL: multiboot or ELF; the console is stdin/stdout, like
                   qemu -kernel -nographic; a reset ends it with status 0)
     pyvt caps [--json] [--probe] [--require FEATURE ...]
@@ -21,7 +23,10 @@ runs on.
 
 Input is read only after its size is checked against guest RAM (FILE, the
 kernel, the initrd: a larger one is refused, a pipe or a device is read no
-further than that).  File names and ``--append`` may hold any bytes: the
+further than that).  ``--gdb [HOST:]PORT`` starts the VM stopped before its
+first instruction and waits for gdb there (localhost unless HOST is given);
+the guest runs when gdb continues, and pyvt exits with the status the guest
+would have had without it (1 if gdb kills it).  File names and ``--append`` may hold any bytes: the
 guest gets them unchanged.
 """
 
@@ -88,6 +93,25 @@ _STATUSES = ("Exit status: the guest's isa-debug-exit status (code << 1) | 1, as
              "it; 0 after hlt or a reset; 124 on timeout; 1 when the guest failed or stopped "
              "on an I/O nobody handles; 2 for bad arguments or input.")
 
+_GDB_HELP = ("wait for gdb (target remote [HOST:]PORT; HOST defaults to localhost) before "
+             "the first instruction; the timeout then applies only after gdb detaches")
+
+
+def _gdb_logging(address) -> None:
+    """With --gdb, the stub's log (where it listens, fallbacks) goes to
+    stderr as pyvt: lines."""
+    if address is None:
+        return
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("pyvt: %(message)s"))
+    for name in ("pyvt.gdbstub", "pyvt.debugging"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pyvt", description="Hardware virtualization from Python.")
@@ -104,6 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=_seconds, default=None, help=_TIMEOUT_HELP)
     run.add_argument("--memory", default="16M", help="guest RAM (default 16M)")
     run.add_argument("--backend", default=None, help="device path (default: /dev/kvm)")
+    run.add_argument("--gdb", metavar="[HOST:]PORT", default=None, help=_GDB_HELP)
 
     boot = sub.add_parser("boot", help="boot a kernel (multiboot, ELF or flat) like qemu -kernel",
                           description=f"Boots KERNEL with the serial console on stdout.  "
@@ -125,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument("--no-stdin", action="store_true",
                       help="do not pass standard input to the serial port")
     boot.add_argument("--backend", default=None, help="device path (default: /dev/kvm)")
+    boot.add_argument("--gdb", metavar="[HOST:]PORT", default=None, help=_GDB_HELP)
 
     # `caps` has its own parser (pyvt.caps.cli); main() hands it the rest.
     sub.add_parser("caps", help="report what virtualization this host can do",
@@ -171,8 +197,9 @@ def _run(args) -> int:
     if not code:
         _report(f"{args.file} is empty")
         return EXIT_USAGE
+    _gdb_logging(args.gdb)
     result = run(code, mode=args.mode, memory=args.memory, timeout=args.timeout,
-                 at=at, backend=args.backend, stream=sys.stdout, ring=args.ring)
+                 at=at, backend=args.backend, stream=sys.stdout, ring=args.ring, gdb=args.gdb)
     sys.stdout.flush()
     exit = result.exit
     _report(exit.describe() if exit.failed else repr(exit))
@@ -216,7 +243,14 @@ def _boot(args) -> int:
         # guest_string() gives the guest argv's original bytes (PEP 383).
         vm.boot(args.kernel, cmdline=args.append, initrd=args.initrd, smp=args.smp,
                 irqchip=not args.no_irqchip, strict_io=args.strict_io)
-        exit = vm.run(timeout=args.timeout, trace_io=sys.stderr if args.trace_io else None)
+        trace_io = sys.stderr if args.trace_io else None
+        if args.gdb is not None:
+            from .gdbstub import run_under_gdb
+
+            _gdb_logging(args.gdb)
+            exit = run_under_gdb(vm, args.gdb, lambda: vm.run(args.timeout, trace_io))
+        else:
+            exit = vm.run(timeout=args.timeout, trace_io=trace_io)
         sys.stdout.flush()
     _report(exit.describe() if exit.failed else repr(exit))
     return exit_status(exit)

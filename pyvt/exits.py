@@ -44,6 +44,23 @@ class Exit(abc.ABC):  # noqa: B024 (an ABC only so that the C types Io, Mmio reg
         return self
 
 
+def _fault_details(vector, error_code, cr2, instruction: bytes, disassembly: str) -> str:
+    """What a debugger shows of a fault: the vector, error code, CR2 (those
+    known) and the instruction at rip."""
+    text = ""
+    if vector is not None:
+        name = GuestException.NAMES.get(vector, f"vector {vector}")
+        text += f"; pending exception {name} (vector {vector}"
+        text += f", error code {error_code:#x})" if error_code is not None else ")"
+    if cr2 is not None:
+        text += f", cr2={cr2:#x}"
+    if instruction:
+        text += f"; instruction: {instruction.hex(' ')}"
+        if disassembly:
+            text += f" ({disassembly})"
+    return text
+
+
 @dataclass(frozen=True, slots=True, repr=False)
 class Hlt(Exit):
     """``KVM_EXIT_HLT``: the guest executed ``hlt`` (rip is past it)."""
@@ -103,11 +120,21 @@ class Shutdown(Exit):
 
     regs: Optional["Registers"] = None
     rip: Optional[int] = None
+    #: The exception pending when the CPU shut down (the one that could not
+    #: be delivered), its error code and CR2, where KVM reports them.
+    vector: Optional[int] = None
+    error_code: Optional[int] = None
+    cr2: Optional[int] = None
+    #: The bytes at rip and, with capstone installed, their first instruction.
+    instruction: bytes = b""
+    disassembly: str = ""
     failed: ClassVar[bool] = True
     error_class: ClassVar[type] = errors.TripleFault
 
     def describe(self) -> str:
         text = f"guest triple-faulted (KVM_EXIT_SHUTDOWN) at rip={_hex(self.rip)}"
+        text += _fault_details(self.vector, self.error_code, self.cr2,
+                               self.instruction, self.disassembly)
         if self.regs is not None:
             text += "\n" + self.regs.dump()
         return text
@@ -232,10 +259,32 @@ class Debug(Exit):
     dr6: int = 0
     dr7: int = 0
     rip: Optional[int] = None
+    #: The address of the breakpoint (``vm.breakpoints``) that fired, or None.
+    breakpoint: Optional[int] = None
+    #: The address of the watchpoint (``vm.watchpoints``) that fired, or None.
+    watchpoint: Optional[int] = None
+    #: True when a single step (``cpu.step()``) ended here.
+    step: bool = False
+
+    def describe(self) -> str:
+        if self.breakpoint is not None:
+            return f"breakpoint at {self.breakpoint:#x}"
+        if self.watchpoint is not None:
+            return f"watchpoint at {self.watchpoint:#x} hit at rip={_hex(self.rip)}"
+        if self.step:
+            return f"single step to rip={_hex(self.rip)}"
+        return repr(self)
 
     def __repr__(self) -> str:
+        what = ""
+        if self.breakpoint is not None:
+            what = f", breakpoint={self.breakpoint:#x}"
+        elif self.watchpoint is not None:
+            what = f", watchpoint={self.watchpoint:#x}"
+        elif self.step:
+            what = ", step"
         return (f"Debug(exception={self.exception}, pc={self.pc:#x}, "
-                f"dr6={self.dr6:#x}, dr7={self.dr7:#x})")
+                f"dr6={self.dr6:#x}, dr7={self.dr7:#x}{what})")
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -251,6 +300,9 @@ class GuestException(Exit):
     error_code: int = 0
     rip: Optional[int] = None
     cr2: Optional[int] = None
+    #: The bytes at rip and, with capstone installed, their first instruction.
+    instruction: bytes = b""
+    disassembly: str = ""
 
     NAMES: ClassVar[dict] = {
         0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM",
@@ -269,7 +321,8 @@ class GuestException(Exit):
         name = self.NAMES.get(self.exception, f"vector {self.exception}")
         text = (f"guest exception {name} (vector {self.exception}, error code "
                 f"{self.error_code:#x}) at rip={_hex(self.rip)}")
-        return text + (f", cr2={self.cr2:#x}" if self.cr2 is not None else "")
+        text += f", cr2={self.cr2:#x}" if self.cr2 is not None else ""
+        return text + _fault_details(None, None, None, self.instruction, self.disassembly)
 
     def __repr__(self) -> str:
         name = self.NAMES.get(self.exception, "")

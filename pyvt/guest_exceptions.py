@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import struct
 
-from . import _native, exits, modes
+from . import _native, debugging, exits, modes
 from .errors import OutOfRangeError, UnmappedAddressError
 
 #: The port the exception stubs write to, where every VM has a native
@@ -54,7 +54,8 @@ def exit_from_frame(vcpu) -> exits.Exit:
     if vector == _GP and error_code == 0 and _byte_at(memory, rip) == _HLT:
         regs.rip = rip + 1
         return exits.Hlt(rip + 1)
-    return exits.GuestException(vector, error_code, rip, cr2)
+    return exits.GuestException(vector, error_code, rip, cr2,
+                                *debugging.instruction_at(vcpu, rip))
 
 
 def _byte_at(memory, address: int):

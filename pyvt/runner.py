@@ -39,13 +39,15 @@ class Result:
 
 def run(code: bytes, mode: str = "long", memory: Union[int, str] = "16M",
         timeout: Optional[float] = 5, *, at: int = LOAD_ADDRESS, backend=None,
-        stream=None, ring: int = 0) -> Result:
+        stream=None, ring: int = 0, gdb=None) -> Result:
     """Runs flat machine ``code`` loaded at ``at`` in ``mode`` until it stops
     (``hlt``, debug-exit, an I/O nobody handles, a failure or ``timeout``).
     ``ring=3`` runs long-mode code at CPL 3 (see :meth:`pyvt.Vm.vcpu`).
 
     ``stream`` copies the output of the UART and of the debug console live
     to a file object (e.g. ``sys.stdout``).
+    ``gdb`` (``"[HOST:]PORT"``) waits for gdb there before the first
+    instruction and runs under it (:func:`pyvt.gdbstub.run_under_gdb`).
     """
     if not isinstance(code, (bytes, bytearray, memoryview)):
         raise ArgumentError(f"code must be bytes, not {type(code).__name__}")
@@ -69,5 +71,10 @@ def run(code: bytes, mode: str = "long", memory: Union[int, str] = "16M",
         if stream is not None:
             vm.console.stream(stream)
             vm.debugcon.stream(stream)
-        exit = cpu.run(timeout=timeout)
+        if gdb is not None:
+            from .gdbstub import run_under_gdb
+
+            exit = run_under_gdb(vm, gdb, lambda: cpu.run(timeout=timeout))
+        else:
+            exit = cpu.run(timeout=timeout)
         return Result(exit, cpu.regs.snapshot(), vm.console.output, vm.debugcon.output)

@@ -11,7 +11,7 @@ import signal
 import threading
 from typing import Dict, Iterable, List, Mapping, Optional
 
-from . import _native, exits, guest_exceptions, modes, vcpu_state
+from . import _native, debugging, exits, guest_exceptions, modes, vcpu_state
 from ._kvm import ffi, lib
 from .errors import (
     ArgumentError,
@@ -327,6 +327,15 @@ class Vcpu:
             exit.raise_for_failure()
         return exit
 
+    def step(self, timeout: Optional[float] = None) -> exits.AnyExit:
+        """Runs one instruction (``KVM_SET_GUEST_DEBUG`` single step) and
+        returns the exit: :class:`pyvt.exits.Debug` with ``step=True`` after
+        it, or whatever exit the instruction made (``Hlt``, an I/O nobody
+        handles...).  A software breakpoint at rip is stepped over; the
+        VM's breakpoints and watchpoints are back in force afterwards."""
+        self._check_open()
+        return debugging.debugger(self._vm).step(self, timeout)
+
     def _acquire_run_lock(self) -> None:
         if self._run_lock.acquire(blocking=False):
             return
@@ -429,7 +438,8 @@ class Vcpu:
         if reason == lib.KVM_EXIT_HLT:
             return exits.Hlt(rip)
         if reason == lib.KVM_EXIT_SHUTDOWN:
-            return exits.Shutdown(self._snapshot_regs(), rip)
+            return exits.Shutdown(self._snapshot_regs(), rip,
+                                  **debugging.fault_context(self, rip))
         if reason == lib.KVM_EXIT_FAIL_ENTRY:
             return exits.FailEntry(run.fail_entry.hardware_entry_failure_reason,
                                    run.fail_entry.cpu, self._snapshot_regs(), rip)
@@ -437,9 +447,13 @@ class Vcpu:
             return self._internal_error(run, rip)
         if reason == lib.KVM_EXIT_DEBUG:
             arch = run.debug.arch
-            return exits.Debug(arch.exception, arch.pc, arch.dr6, arch.dr7, rip)
+            return debugging.explain(
+                self, exits.Debug(arch.exception, arch.pc, arch.dr6, arch.dr7, rip))
         if reason == lib.KVM_EXIT_EXCEPTION:
-            return exits.GuestException(run.ex.exception, run.ex.error_code, rip)
+            instruction, disassembly = debugging.instruction_at(self, rip)
+            cr2 = self.sregs.cr2 if run.ex.exception == 14 else None
+            return exits.GuestException(run.ex.exception, run.ex.error_code, rip, cr2,
+                                        instruction, disassembly)
         if reason == lib.KVM_EXIT_SYSTEM_EVENT:
             return exits.SystemEvent(run.system_event.type, rip)
         if reason == lib.KVM_EXIT_HYPERCALL:

@@ -8,7 +8,7 @@ import threading
 import types
 from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
-from . import _native, exits, modes, msr_filter, pc, snapshot, snapshot_file
+from . import _native, debugging, exits, modes, msr_filter, pc, snapshot, snapshot_file
 from ._kvm import lib as _kvm_lib
 from .device_model import DEVICES, DeviceDescriptor
 from .devices import (
@@ -657,3 +657,43 @@ class Vm:
         """Puts back what :meth:`save_pit` returned (``KVM_SET_PIT2``)."""
         self._check_open()
         self.fd.set_pit2(state)
+
+    # -- debugging (pyvt.debugging, pyvt.gdbstub) -------------------------------
+
+    _debugger: Optional["debugging.Debugger"] = None
+
+    @property
+    def debugger(self) -> "debugging.Debugger":
+        """This VM's :class:`pyvt.debugging.Debugger`: breakpoints,
+        watchpoints, and ``resume(cpu)``, which runs a vCPU on past the
+        breakpoint it stopped at (the first use probes the backend once)."""
+        return debugging.debugger(self)
+
+    @property
+    def breakpoints(self) -> "debugging.Breakpoints":
+        """``vm.breakpoints.add(address, kind="sw"|"hw")`` / ``.remove(address)``:
+        see :class:`pyvt.debugging.Breakpoints`."""
+        return self.debugger.breakpoints
+
+    @property
+    def watchpoints(self) -> "debugging.Watchpoints":
+        """``vm.watchpoints.add(address, length, access="w"|"rw")`` / ``.remove(address)``:
+        see :class:`pyvt.debugging.Watchpoints`."""
+        return self.debugger.watchpoints
+
+    def gdb_server(self, address="localhost:1234", wait: bool = True):
+        """Serves this VM to gdb (``target remote HOST:PORT``) on ``address``
+        (``"[HOST:]PORT"``, a port number, or ``(host, port)``), the vCPUs
+        stopped until gdb continues them.  ``wait=True`` serves until gdb
+        detaches or the guest ends and returns the
+        :class:`pyvt.gdbstub.GdbServer` (its ``final_exit`` is how the guest
+        ended, if it did); ``wait=False`` serves from a daemon thread and
+        returns at once, listening."""
+        from . import gdbstub
+
+        server = gdbstub.GdbServer(self, address)
+        if wait:
+            server.serve()
+        else:
+            server.start()
+        return server

@@ -1,0 +1,119 @@
+"""The gdb stub's packet layer (checksums, escaping, framing, bad input),
+its register table and target description, and the int3 breakpoint path
+(forced where the backend cannot trap int3, as on PVM)."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import pytest
+
+import pyvt
+from pyvt import debugging, exits, gdbstub
+from pyvt.gdbstub import PacketReader, checksum, escape, frame, parse_address, unescape
+
+
+def test_checksum_and_frame():
+    assert checksum(b"") == 0
+    assert checksum(b"g") == 0x67
+    assert checksum(b"\xff\x02") == 0x01  # modulo 256
+    assert frame(b"OK") == b"$OK#9a"
+
+
+def test_escaping_round_trips_every_byte():
+    data = bytes(range(256))
+    escaped = escape(data)
+    for special in b"#$*":
+        assert special not in escaped
+    assert unescape(escaped) == data
+    assert escape(b"}") == b"}]" and escape(b"#") == b"}\x03"
+    with pytest.raises(pyvt.Error):
+        unescape(b"ab}")
+
+
+def test_reader_splits_packets_acks_interrupts_and_bad_checksums():
+    reader = PacketReader()
+    assert reader.feed(b"+$g#67") == [("packet", b"g")]
+    assert reader.feed(b"$m10") == []  # incomplete: waits for the rest
+    assert reader.feed(b"00,4#") == []
+    assert reader.feed(b"8e") == [("packet", b"m1000,4")]
+    assert reader.feed(b"\x03") == [("interrupt", None)]
+    assert reader.feed(b"$g#00") == [("bad", b"g")]
+    assert reader.feed(b"$g#zz-") == [("bad", b"g")]
+
+
+@pytest.mark.parametrize("junk", [b"\x00" * 100, b"$" * 50, b"#" * 10 + b"$#", b"$\xff\xfe#",
+                                  bytes(range(256)) * 4])
+def test_reader_never_raises_on_junk(junk):
+    reader = PacketReader()
+    for kind, _ in reader.feed(junk):
+        assert kind in ("packet", "interrupt", "bad")
+
+
+def test_reader_drops_a_packet_that_never_ends():
+    reader = PacketReader()
+    events = reader.feed(b"$" + b"a" * (3 * gdbstub.MAX_PACKET))
+    assert events and events[0][0] == "bad"
+    assert reader.feed(b"$g#67") == [("packet", b"g")]
+
+
+def test_parse_address():
+    assert parse_address("1234") == ("localhost", 1234)
+    assert parse_address(":1234") == ("localhost", 1234)
+    assert parse_address("0.0.0.0:99") == ("0.0.0.0", 99)
+    assert parse_address(5) == ("localhost", 5)
+    assert parse_address(("127.0.0.1", 0)) == ("127.0.0.1", 0)
+    for bad in ("host:port", "70000", 1.5, None, True):
+        with pytest.raises(pyvt.Error):
+            parse_address(bad)
+
+
+def test_target_description_matches_the_register_table():
+    root = ET.fromstring(gdbstub.TARGET_XML.split(b"\n", 2)[2])
+    assert root.findtext("architecture") == "i386:x86-64"
+    regs = root.iter("reg")
+    names = [(r.get("name"), int(r.get("bitsize")), int(r.get("regnum"))) for r in regs]
+    assert names == [(n, size * 8, i) for i, (n, size, _) in enumerate(gdbstub.REGISTERS)]
+    for wanted in ("rip", "eflags", "cs", "fs_base", "gs_base", "cr0", "cr3"):
+        assert any(n == wanted for n, _, _ in names)
+
+
+def test_int3_breakpoints_where_the_backend_traps_them(monkeypatch, vm):
+    """The int3 path, forced: the byte is written, hidden from gdb's reads,
+    lifted for a step over it, and put back on removal."""
+    monkeypatch.setitem(debugging._probed, vm.backend,
+                        debugging.BackendDebugSupport(int3=True, data_breakpoints=True))
+    code = pyvt.assemble("mov $1, %eax\nmov $2, %ebx\nhlt\n")
+    vm.memory.write(0x1000, code)
+    cpu = vm.vcpu(0, mode="long")
+    cpu.regs.rip = 0x1000
+    point = vm.breakpoints.add(0x1000)
+    assert point.via == "int3" and point.slot is None
+    assert vm.memory.read(0x1000, 1) == b"\xcc"
+    server = gdbstub.GdbServer(vm, ("127.0.0.1", 0))
+    assert server._read_memory(b"1000,2") == code[:2].hex().encode()
+    server._listener.close()
+    exit = cpu.step()  # runs mov $1, %eax, not the int3
+    assert isinstance(exit, exits.Debug) and exit.step and cpu.regs.rip == 0x1005
+    assert cpu.regs.rax == 1
+    assert vm.memory.read(0x1000, 1) == b"\xcc"
+    watch = vm.watchpoints.add(0x3000, 8, access="rw")
+    assert watch.slot == 0  # a debug register: the backend raises data breakpoints
+    vm.breakpoints.remove(0x1000)
+    assert vm.memory.read(0x1000, 5) == code[:5]
+
+
+def test_bad_breakpoint_and_watchpoint_arguments(vm):
+    vm.vcpu(0, mode="long")
+    with pytest.raises(pyvt.ArgumentError):
+        vm.breakpoints.add(0x1000, kind="soft")
+    with pytest.raises(pyvt.ArgumentError):
+        vm.breakpoints.add(-1)
+    with pytest.raises(pyvt.ArgumentError):
+        vm.watchpoints.add(0x3001, 4)  # unaligned
+    with pytest.raises(pyvt.ArgumentError):
+        vm.watchpoints.add(0x3000, 3)
+    with pytest.raises(pyvt.ArgumentError):
+        vm.watchpoints.add(0x3000, 4, access="r")
+    with pytest.raises(pyvt.ArgumentError, match="no breakpoint at 0x1000"):
+        vm.breakpoints.remove(0x1000)
