@@ -157,6 +157,7 @@ class Vm:
             # _memory_source: a snapshot's memfd to map copy-on-write (clones).
             self.memory = GuestMemory(self.fd, size, self._max_physical_address(),
                                       copy_on_write_of=_memory_source)
+            self.memory._io_claims = self._claims  # RAM stays clear of MMIO handlers
             self._machine = _native.Machine()
             self._coalescing = bool(self.kvm.check_extension("KVM_CAP_COALESCED_PIO"))
             check_output_limit(output_limit)

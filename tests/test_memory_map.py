@@ -357,8 +357,6 @@ def test_mmio_handlers_and_mapped_memory_stay_apart(vm):
         vm.on_mmio(range(OTHER, OTHER + 8), lambda exit: 0)
 
 
-@pytest.mark.xfail(strict=True, reason="needs Vm.__init__ to hand its claims to its memory "
-                   "(vm.py: self.memory._io_claims = self._claims)")
 def test_vm_hands_its_mmio_claims_to_its_memory(vm):
     vm.on_mmio(range(MAPPED, MAPPED + PAGE), lambda exit: 0)
     with pytest.raises(pyvt.RegionOverlapError):
