@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -19,7 +18,9 @@ from pyvt import exits
 
 GDB = shutil.which("gdb")
 needs_gdb = pytest.mark.skipif(GDB is None, reason="gdb is not installed (apt-get install gdb)")
-ROOT = Path(__file__).resolve().parent.parent
+# Children import the pyvt under test (installed or in place), never an
+# unbuilt checkout: they start beside the package this process imported.
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(pyvt.__file__))
 
 # One guest for every mode: two moves, a store the watchpoint sees, a load,
 # then isa-debug-exit with code 0x21 (status 67).  Labels sit at fixed
@@ -262,10 +263,10 @@ def test_cli_run_under_gdb_exits_with_the_guest_status(tmp_path):
     source = tmp_path / "guest.S"
     source.write_text(GUEST.format(bits=64))
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=PACKAGE_PARENT)
     pyvt_process = subprocess.Popen(
         [sys.executable, "-m", "pyvt", "run", str(source), "--gdb", f"127.0.0.1:{port}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=PACKAGE_PARENT)
     try:
         for _ in range(200):  # until it listens
             try:
@@ -288,10 +289,10 @@ def _pyvt_under_gdb(args, *gdb_commands):
     """Runs ``pyvt ARGS --gdb PORT`` and gdb against it; returns (pyvt's
     status, its stderr, gdb's output)."""
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=PACKAGE_PARENT)
     process = subprocess.Popen([sys.executable, "-m", "pyvt", *map(str, args), "--gdb", str(port)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=env, stdin=subprocess.DEVNULL)
+                               env=env, stdin=subprocess.DEVNULL, cwd=PACKAGE_PARENT)
     try:
         deadline = time.monotonic() + 30
         err = ""
