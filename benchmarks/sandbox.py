@@ -30,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 GUEST = HERE.parent / "examples" / "sandbox" / "crc32.c"
 CRC_BYTES = 4096
 TARGET = 1.5
+FAST = "--fast" in sys.argv
 
 _RAW_CDEF = """
     struct raw_call {
@@ -98,7 +99,7 @@ class RawCalls:
 
 
 def _sandbox(elf: str) -> pyvt.Sandbox:
-    return pyvt.Sandbox(elf, memory="16M", ring=3,
+    return pyvt.Sandbox(elf, memory="16M", ring=3, fast_reset=FAST,
                         host_functions={"log": (lambda text: None, (str,))})
 
 

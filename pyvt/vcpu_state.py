@@ -202,6 +202,70 @@ def write(fd, state: VcpuState, put_regs) -> None:
         fd.set_mp_state(state.mp_state)
 
 
+#: The fields a run or a write can change (all but the identity ones).
+_CONTENT_FIELDS = ("regs", "sregs", "sregs2", "fpu", "xsave", "xcrs", "lapic", "events",
+                   "debugregs", "mp_state", "nested", "cpuid", "mode", "ring")
+
+
+def fingerprint(state: VcpuState) -> tuple:
+    """What :func:`unchanged` compares: the objects ``state``'s fields hold
+    now (kept alive, so compared by identity) and its MSR values."""
+    return (state, tuple(getattr(state, name) for name in _CONTENT_FIELDS),
+            tuple(state.msrs.items()))
+
+
+def unchanged(print_: tuple, state: VcpuState) -> bool:
+    """True if ``state`` is the object ``print_`` was taken of, with the
+    same field objects and MSR values (a caller may reassign a field or
+    edit ``msrs`` in place)."""
+    held, fields, msrs = print_
+    return (held is state
+            and all(a is getattr(state, name) for a, name in zip(fields, _CONTENT_FIELDS))
+            and msrs == tuple(state.msrs.items()))
+
+
+def write_tsc(fd, state: VcpuState) -> None:
+    """IA32_TSC alone: what a vCPU that holds ``state`` and has not run
+    since still sees change (it counts on while the vCPU waits)."""
+    if MSR_IA32_TSC in state.msrs:
+        fd.set_msrs({MSR_IA32_TSC: state.msrs[MSR_IA32_TSC]})
+
+
+#: XSTATE_BV's x87 and SSE bits, at byte 512 of the XSAVE area.
+_XSTATE_BV_OFFSET = 512
+_XFEATURE_FP_SSE = 0x3
+
+
+def _fpu_in_xsave(xsave: Optional[bytes]) -> bool:
+    """True if KVM_SET_XSAVE of ``xsave`` writes every byte KVM_GET_FPU
+    reads (its XSTATE_BV names x87 and SSE), so KVM_SET_FPU adds nothing."""
+    if xsave is None or len(xsave) < _XSTATE_BV_OFFSET + 8:
+        return False
+    bv = int.from_bytes(xsave[_XSTATE_BV_OFFSET:_XSTATE_BV_OFFSET + 8], "little")
+    return bv & _XFEATURE_FP_SSE == _XFEATURE_FP_SSE
+
+
+def write_user_mode(fd, state: VcpuState, put_regs, current_sregs, current_events) -> None:
+    """Puts ``state`` back into a vCPU that held it and has since run only
+    CPL-3 code (see :meth:`pyvt.Vm.restore`'s ``user_mode_only``): what such
+    code can change is the general registers, the segment registers and
+    their bases (sregs), the x87/SSE/AVX/PKRU state (XSAVE, with its FPU
+    view) and the interrupt shadow (events).  ``current_sregs`` and
+    ``current_events`` are the vCPU's values as bytes, when known without an
+    ioctl (KVM_SYNC_X86_SREGS/EVENTS), else None: a part equal to the
+    state's is not written again."""
+    put_regs(state.regs)
+    sregs = state.sregs2 if state.sregs2 is not None else state.sregs
+    if current_sregs is None or current_sregs[:_SREGS_COMMON] != sregs[:_SREGS_COMMON]:
+        _write_sregs(fd, state)
+    if state.xsave is not None:
+        fd.set_xsave(state.xsave)
+    if not _fpu_in_xsave(state.xsave):
+        fd.set_fpu(_struct(state.fpu, "struct kvm_fpu"))
+    if state.events is not None and current_events != state.events:
+        fd.set_vcpu_events(_struct(state.events, "struct kvm_vcpu_events"))
+
+
 def _struct(data: bytes, ctype: str):
     value = ffi.new(ctype + " *")
     ffi.buffer(value)[:] = data
