@@ -33,6 +33,7 @@ snapshot's value give or take that.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -78,6 +79,8 @@ class VcpuState:
     ring: int = 0
     #: The KVM_SET_MSRS block last built from ``msrs`` (see _write_msrs).
     _msr_block: Any = field(default=None, init=False, repr=False, compare=False)
+    #: (TSC value, its KVM_SET_MSRS block), for write_tsc.
+    _tsc_block: Any = field(default=None, init=False, repr=False, compare=False)
 
 
 # -- reading --------------------------------------------------------------------
@@ -203,32 +206,37 @@ def write(fd, state: VcpuState, put_regs) -> None:
 
 
 #: The fields a run or a write can change (all but the identity ones).
-_CONTENT_FIELDS = ("regs", "sregs", "sregs2", "fpu", "xsave", "xcrs", "lapic", "events",
-                   "debugregs", "mp_state", "nested", "cpuid", "mode", "ring")
+_CONTENT_FIELDS = operator.attrgetter(
+    "regs", "sregs", "sregs2", "fpu", "xsave", "xcrs", "lapic", "events", "debugregs",
+    "mp_state", "nested", "cpuid", "mode", "ring")
 
 
 def fingerprint(state: VcpuState) -> tuple:
     """What :func:`unchanged` compares: the objects ``state``'s fields hold
-    now (kept alive, so compared by identity) and its MSR values."""
-    return (state, tuple(getattr(state, name) for name in _CONTENT_FIELDS),
-            tuple(state.msrs.items()))
+    now (kept alive, so compared by identity first) and its MSR values."""
+    return state, _CONTENT_FIELDS(state), tuple(state.msrs.items())
 
 
 def unchanged(print_: tuple, state: VcpuState) -> bool:
     """True if ``state`` is the object ``print_`` was taken of, with the
-    same field objects and MSR values (a caller may reassign a field or
-    edit ``msrs`` in place)."""
+    same field values and MSR values (a caller may reassign a field or edit
+    ``msrs`` in place)."""
     held, fields, msrs = print_
-    return (held is state
-            and all(a is getattr(state, name) for a, name in zip(fields, _CONTENT_FIELDS))
+    return (held is state and fields == _CONTENT_FIELDS(state)
             and msrs == tuple(state.msrs.items()))
 
 
 def write_tsc(fd, state: VcpuState) -> None:
     """IA32_TSC alone: what a vCPU that holds ``state`` and has not run
-    since still sees change (it counts on while the vCPU waits)."""
-    if MSR_IA32_TSC in state.msrs:
-        fd.set_msrs({MSR_IA32_TSC: state.msrs[MSR_IA32_TSC]})
+    since still sees change (it counts on while the vCPU waits).  The
+    KVM_SET_MSRS block is kept with the state."""
+    value = state.msrs.get(MSR_IA32_TSC)
+    if value is None:
+        return
+    cached = state._tsc_block
+    if cached is None or cached[0] != value:
+        cached = state._tsc_block = (value, msrs_struct({MSR_IA32_TSC: value}))
+    fd.set_msrs(cached[1])
 
 
 #: XSTATE_BV's x87 and SSE bits, at byte 512 of the XSAVE area.
@@ -256,7 +264,8 @@ def write_user_mode(fd, state: VcpuState, put_regs, current_sregs, current_event
     state's is not written again."""
     put_regs(state.regs)
     sregs = state.sregs2 if state.sregs2 is not None else state.sregs
-    if current_sregs is None or current_sregs[:_SREGS_COMMON] != sregs[:_SREGS_COMMON]:
+    if (sregs is None or current_sregs is None
+            or current_sregs[:_SREGS_COMMON] != sregs[:_SREGS_COMMON]):
         _write_sregs(fd, state)
     if state.xsave is not None:
         fd.set_xsave(state.xsave)
