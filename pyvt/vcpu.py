@@ -288,7 +288,10 @@ class Vcpu:
             else:
                 self._held = None
                 vcpu_state.write(self.fd, state, self._put_regs)
-            self._hold(state)
+            if held:
+                self._ran_since_held = False  # the fingerprint still holds
+            else:
+                self._hold(state)
             self._sregs = None
             self.mode = state.mode
             self.ring = state.ring

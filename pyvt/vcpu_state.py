@@ -40,6 +40,7 @@ from typing import Any, Dict, List, Optional
 from ._kvm import ffi, lib
 from .errors import SnapshotError
 from .kvm import caps, cpuid_table, msrs_struct, struct_bytes
+from .kvm_base import _variable_struct
 
 __all__ = ["VcpuState"]
 
@@ -81,6 +82,10 @@ class VcpuState:
     _msr_block: Any = field(default=None, init=False, repr=False, compare=False)
     #: (TSC value, its KVM_SET_MSRS block), for write_tsc.
     _tsc_block: Any = field(default=None, init=False, repr=False, compare=False)
+    #: The kernel structs last built from ``xsave`` and ``fpu`` (see
+    #: _cached_struct): a restore loop passes them again.
+    _structs: Dict[str, Any] = field(default_factory=dict, init=False, repr=False,
+                                     compare=False)
 
 
 # -- reading --------------------------------------------------------------------
@@ -190,8 +195,8 @@ def write(fd, state: VcpuState, put_regs) -> None:
                 f"vCPU {state.index}'s XSAVE area is {len(state.xsave)} bytes, more than this "
                 f"host's KVM takes ({fd.xsave_size()}): the snapshot comes from a host with "
                 "more XSAVE state (AMX?)")
-        fd.set_xsave(state.xsave)
-    fd.set_fpu(_struct(state.fpu, "struct kvm_fpu"))
+        fd.set_xsave(_xsave_struct(fd, state))
+    fd.set_fpu(_cached_struct(state, "fpu", "struct kvm_fpu"))
     if state.lapic is not None:
         fd.set_lapic(state.lapic)
     _write_msrs(fd, state)
@@ -268,11 +273,36 @@ def write_user_mode(fd, state: VcpuState, put_regs, current_sregs, current_event
             or current_sregs[:_SREGS_COMMON] != sregs[:_SREGS_COMMON]):
         _write_sregs(fd, state)
     if state.xsave is not None:
-        fd.set_xsave(state.xsave)
+        fd.set_xsave(_xsave_struct(fd, state))
     if not _fpu_in_xsave(state.xsave):
-        fd.set_fpu(_struct(state.fpu, "struct kvm_fpu"))
+        fd.set_fpu(_cached_struct(state, "fpu", "struct kvm_fpu"))
     if state.events is not None and current_events != state.events:
         fd.set_vcpu_events(_struct(state.events, "struct kvm_vcpu_events"))
+
+
+def _cached_struct(state: VcpuState, name: str, ctype: str, length: int = 0):
+    """A ``ctype *`` holding field ``name`` of ``state`` (over ``length``
+    bytes, zero-padded, for a variable-size struct), kept with the state
+    for as long as the field holds the same bytes object."""
+    data = getattr(state, name)
+    cached = state._structs.get(name)
+    if cached is not None and cached[0] is data and cached[1] == length:
+        return cached[2]
+    if length:
+        value = _variable_struct(ctype, length)
+        ffi.buffer(value, len(data))[:] = data
+    else:
+        value = _struct(data, ctype)
+    state._structs[name] = (data, length, value)
+    return value
+
+
+def _xsave_struct(fd, state: VcpuState):
+    """The XSAVE area as this vCPU's KVM_SET_XSAVE takes it: xsave_size()
+    bytes, the state's zero-padded (see VcpuFd.set_xsave)."""
+    if len(state.xsave) < ffi.sizeof("struct kvm_xsave"):
+        return state.xsave  # VcpuFd.set_xsave refuses it, saying why
+    return _cached_struct(state, "xsave", "struct kvm_xsave", fd.xsave_size())
 
 
 def _struct(data: bytes, ctype: str):
