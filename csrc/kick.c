@@ -22,8 +22,6 @@ static __thread struct kvm_run *volatile current_run;
 /* The calling thread's timer, made on first use. */
 static __thread timer_t thread_timer;
 static __thread bool thread_timer_made;
-/* The interval the thread's timer ticks at since pvt_kick_keep_ticking(), or 0. */
-static __thread uint64_t thread_ticking_ns;
 
 static pthread_once_t setup_once = PTHREAD_ONCE_INIT;
 static pthread_key_t timer_key; /* deletes a thread's timer when it exits */
@@ -60,7 +58,6 @@ static void forget_timer_in_child(void)
 	free(pthread_getspecific(timer_key));
 	pthread_setspecific(timer_key, NULL);
 	thread_timer_made = false;
-	thread_ticking_ns = 0;
 }
 
 static void setup(void)
@@ -132,8 +129,6 @@ int pvt_kick_arm(uint64_t first_ns, uint64_t interval_ns)
 	struct itimerspec when;
 	int ret;
 
-	thread_ticking_ns = 0;
-
 	if (!thread_timer_made) {
 		ret = make_thread_timer();
 		if (ret)
@@ -148,23 +143,10 @@ int pvt_kick_arm(uint64_t first_ns, uint64_t interval_ns)
 	return 0;
 }
 
-int pvt_kick_keep_ticking(uint64_t interval_ns)
-{
-	int ret;
-
-	if (thread_timer_made && thread_ticking_ns == interval_ns)
-		return 0;
-	ret = pvt_kick_arm(interval_ns, interval_ns);
-	if (!ret)
-		thread_ticking_ns = interval_ns;
-	return ret;
-}
-
 void pvt_kick_disarm(void)
 {
 	struct itimerspec off;
 
-	thread_ticking_ns = 0;
 	if (!thread_timer_made)
 		return;
 	memset(&off, 0, sizeof(off));

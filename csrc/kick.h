@@ -31,17 +31,6 @@ int pvt_kick_arm(uint64_t first_ns, uint64_t interval_ns);
 void pvt_kick_disarm(void);
 
 /*
- * Keeps the calling thread's timer ticking every interval_ns, arming it
- * only if it is not ticking so already: the Ctrl-C tick of runs without a
- * timeout, left running between them (two timer_settime calls fewer per
- * run).  Only for a thread whose kick is blocked outside KVM_RUN (see
- * below): there a tick that falls between runs stays pending and at worst
- * ends the next KVM_RUN early once.  pvt_kick_arm() and pvt_kick_disarm()
- * end the ticking.
- */
-int pvt_kick_keep_ticking(uint64_t interval_ns);
-
-/*
  * User code running on a vCPU's thread (a Python I/O handler, a signal
  * handler) must never see the kick: a C call there would fail with EINTR.
  *

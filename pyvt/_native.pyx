@@ -909,13 +909,7 @@ cdef class VcpuLoop:
         pvt_kick_block_outside_run(self.v.kick_masked)
         pvt_kick_set_current(self.v.run)
         try:
-            if deadline == 0 and interval and self.v.kick_masked:
-                # Only the Ctrl-C tick, on a thread where the kick waits
-                # outside KVM_RUN: the timer stays armed between runs.
-                rc = pvt_kick_keep_ticking(interval)
-                if rc:
-                    raise Error(f"cannot arm the vCPU kick timer: {os.strerror(-rc)}")
-            elif first:
+            if first:
                 rc = pvt_kick_arm(first, interval)
                 if rc:
                     raise Error(f"cannot arm the vCPU kick timer: {os.strerror(-rc)}")

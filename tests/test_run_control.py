@@ -187,29 +187,6 @@ def test_bad_timeouts_are_refused(vm, load, timeout):
     assert isinstance(cpu.run(timeout=0.05), exits.Timeout)  # still usable
 
 
-def test_the_tick_left_running_between_runs_reaches_no_code_and_keeps_ctrl_c(vm, load):
-    # On the main thread a run without a timeout leaves its 50 ms Ctrl-C tick
-    # armed for the next one (csrc/kick.h, pvt_kick_keep_ticking): between
-    # runs it must not interrupt blocking calls, and Ctrl-C and timeouts
-    # must keep working whatever order runs with and without one come in.
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    cpu = load("spin", "long")
-    vm.memory.write(0x2000, b"\xf4")
-    cpu.regs.rip = 0x2000
-    assert isinstance(cpu.run(), exits.Hlt)  # no timeout: the tick stays armed
-    assert libc.usleep(300_000) == 0 and ctypes.get_errno() == 0  # ~6 ticks went by
-    cpu.regs.rip = 0x1000  # spin
-    assert isinstance(cpu.run(timeout=0.1), exits.Timeout)
-    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        cpu.run()
-    timer.join()
-    assert isinstance(cpu.run(timeout=0.05), exits.Timeout)
-
-
 def test_blocking_calls_in_a_handler_are_not_interrupted(vm):
     # The main thread's 50 ms tick and a stop() from another thread must not
     # reach a handler: C calls that do not retry on EINTR would fail.

@@ -140,7 +140,6 @@ cdef extern from "kick.h" nogil:
     void pvt_kick_set_current(kvm_run *run)
     int pvt_kick_arm(uint64_t first_ns, uint64_t interval_ns)
     void pvt_kick_disarm()
-    int pvt_kick_keep_ticking(uint64_t interval_ns)
     void pvt_kick_block_outside_run(bint block)
     void pvt_kick_hold()
     void pvt_kick_release()
