@@ -77,7 +77,7 @@ class Vcpu:
         self._queued_vectors: collections.deque = collections.deque()
         self._vector_handed_over = False
         self._window_requested = False
-        # What lets restore_state() skip writes (see _state_may_differ): the
+        # What lets restore_state() skip writes (see its docstring): the
         # fingerprint (vcpu_state.fingerprint) of the VcpuState whose values
         # KVM holds for this vCPU since restore_state() wrote it or
         # save_state() read it, or None once anything may have changed it
