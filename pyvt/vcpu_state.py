@@ -300,7 +300,7 @@ def _cached_struct(state: VcpuState, name: str, ctype: str, length: int = 0):
 def _xsave_struct(fd, state: VcpuState):
     """The XSAVE area as this vCPU's KVM_SET_XSAVE takes it: xsave_size()
     bytes, the state's zero-padded (see VcpuFd.set_xsave)."""
-    if len(state.xsave) < ffi.sizeof("struct kvm_xsave"):
+    if state.xsave is None or len(state.xsave) < ffi.sizeof("struct kvm_xsave"):
         return state.xsave  # VcpuFd.set_xsave refuses it, saying why
     return _cached_struct(state, "xsave", "struct kvm_xsave", fd.xsave_size())
 
