@@ -167,6 +167,15 @@ class Sandbox:
     default per-call limit in seconds (None: none).  ``host_functions``
     maps names to functions (or ``(function, args)`` pairs) that the guest,
     including its ``pyvt_init()``, may call: see :meth:`host_function`.
+    ``fast_reset=True`` (ring 3 only) is a promise about the guest: its
+    functions run at CPL 3 only and never rewrite pyvt's page tables, GDT,
+    IDT or TSS (which lie in guest memory, writable from ring 3), so that
+    nothing but an exception, which ends the call, reaches CPL 0.  Then the
+    reset after a call that returned writes only what CPL-3 code can change
+    (``vm.restore(..., user_mode_only=True)``: registers, XSAVE state,
+    events; memory as always), and the TSC and KVM clock keep running
+    across calls.  A call that fails is still followed by a full reset.
+    Do not give it for guest code you do not trust.
 
     Attributes: ``vm`` and ``vcpu`` (the :class:`pyvt.Vm` and its
     :class:`pyvt.Vcpu`), ``functions`` (``{name: FunctionSymbol}``),
@@ -178,12 +187,18 @@ class Sandbox:
     def __init__(self, elf: Union[str, os.PathLike, bytes], memory: Union[int, str] = "16M",
                  ring: int = 3, *, reset: bool = True, timeout: Optional[float] = None,
                  arena: Union[int, str] = "1M", stack: Union[int, str] = "256K",
-                 host_functions: Optional[Mapping[str, object]] = None, backend=None):
+                 host_functions: Optional[Mapping[str, object]] = None, backend=None,
+                 fast_reset: bool = False):
         self._host: Dict[str, Tuple[Callable, Optional[Tuple[HostArgType, ...]]]] = {}
         self._snapshot: Optional["Snapshot"] = None
         self._calling = False
         self._at_snapshot = True  # the return address is in place
         self.reset_after_call = bool(reset)
+        if fast_reset and ring != 3:
+            raise ArgumentError(f"fast_reset=True is for ring-3 guests (ring=3), not "
+                                f"ring={ring!r}: "
+                                "at ring 0 a call can change any state")
+        self.fast_reset = bool(fast_reset)
         self.timeout = _check_timeout(timeout)
         size = parse_size(memory)
         data = elf if isinstance(elf, (bytes, bytearray, memoryview)) else \
@@ -208,6 +223,8 @@ class Sandbox:
         try:
             self.ring = ring
             self.vcpu = self.vm.vcpu(0, mode="long", ring=ring)
+            if self.fast_reset:
+                self.vcpu.track_user_mode_state()
             write_segments(self.vm.memory, image.segments)
             self.vm.memory.write(self.trampoline_address, bytes(
                 (0xE6, DEBUG_EXIT_PORT, 0xF4, 0xEB, 0xFD)))
@@ -272,7 +289,10 @@ class Sandbox:
     def reset(self) -> None:
         """Puts the VM back to the snapshot taken after loading (for
         ``reset=False`` sandboxes, or after ``keep_state=True`` calls)."""
-        self.vm.restore(self._clean_state())
+        self._reset(user_mode_only=False)
+
+    def _reset(self, user_mode_only: bool) -> None:
+        self.vm.restore(self._clean_state(), user_mode_only=user_mode_only)
         self._at_snapshot = True
 
     def _clean_state(self) -> "Snapshot":
@@ -443,7 +463,10 @@ class Sandbox:
                 self.reset()
             raise
         if restore:
-            self.reset()
+            # The call returned through the trampoline: with fast_reset, the
+            # guest kept to CPL 3 (the promise), as in every call since the
+            # last reset (a failed call resets in full).
+            self._reset(user_mode_only=self.fast_reset)
         return result
 
     def _returned(self, exit: exits.DebugExit) -> bool:

@@ -175,14 +175,14 @@ def _take_memory(vm) -> List[RegionImage]:
     return images
 
 
-def restore(vm, snap: Snapshot) -> None:
+def restore(vm, snap: Snapshot, user_mode_only: bool = False) -> None:
     """Implements :meth:`pyvt.Vm.restore`."""
     vm._check_open()
     _check_same_shape(vm, snap)
     with paused(vm, "abandon"):
         vm._sync_devices()
         _restore_memory(vm, snap)
-        _restore_state(vm, snap)
+        _restore_state(vm, snap, user_mode_only)
 
 
 def _restore_memory(vm, snap: Snapshot) -> None:
@@ -198,19 +198,20 @@ def _restore_memory(vm, snap: Snapshot) -> None:
         memory.now_equals(region, image)
 
 
-def _restore_state(vm, snap: Snapshot) -> None:
+def _restore_state(vm, snap: Snapshot, user_mode_only: bool = False) -> None:
     """Registers, interrupt controllers, the clock and devices (memory
     aside).  The interrupt controllers go first: the LAPICs a vCPU's state
     carries deliver through them.  The KVM clock goes after the vCPUs'
     TSCs (as QEMU does): KVM refreshes each vCPU's kvmclock page from both
-    before the vCPU runs."""
+    before the vCPU runs.  ``user_mode_only``: see :meth:`pyvt.Vm.restore`
+    (the clock keeps running, as the TSC does)."""
     if snap.irqchip is not None:
         vm.restore_irqchip(snap.irqchip)
     if snap.pit is not None:
         vm.restore_pit(snap.pit)
     for saved in snap.vcpus:
-        vm.vcpus[saved.index].restore_state(saved)
-    if snap.clock is not None and vm.kvm.check_extension("KVM_CAP_ADJUST_CLOCK"):
+        vm.vcpus[saved.index].restore_state(saved, user_mode_only)
+    if snap.clock is not None and not user_mode_only and vm.kvm.check_extension("KVM_CAP_ADJUST_CLOCK"):
         vm.restore_clock(snap.clock)
     for name, state in snap.devices.items():
         device = vm.devices.get(name)

@@ -39,6 +39,10 @@ from .vcpu_state import VcpuState
 #: that Ctrl-C is noticed even if the guest never exits.
 MAIN_THREAD_TICK = 0.05
 
+_SREGS_SIZE = ffi.sizeof("struct kvm_sregs")
+_EVENTS_SIZE = ffi.sizeof("struct kvm_vcpu_events")
+assert _SREGS_SIZE % 8 == 0
+
 _DIRECTIONS = {lib.KVM_EXIT_IO_IN: "in", lib.KVM_EXIT_IO_OUT: "out"}
 
 #: The run loop's own counters (pyvt._native.VcpuLoop.stats), all plain
@@ -73,6 +77,13 @@ class Vcpu:
         self._queued_vectors: collections.deque = collections.deque()
         self._vector_handed_over = False
         self._window_requested = False
+        # What lets restore_state() skip writes (see its docstring): the
+        # fingerprint (vcpu_state.fingerprint) of the VcpuState whose values
+        # KVM holds for this vCPU since restore_state() wrote it or
+        # save_state() read it, or None once anything may have changed it
+        # but a run; and whether the vCPU has run since.
+        self._held: Optional[tuple] = None
+        self._ran_since_held = False
         # Checked before KVM_CREATE_VCPU: KVM cannot create an index twice.
         if setup:
             modes.write_setup_area(vm.memory, mode, ring, guest_exceptions.EXCEPTION_PORT)
@@ -167,6 +178,7 @@ class Vcpu:
         return self._sregs[0]
 
     def _store_sregs(self, sregs) -> None:
+        self._held = None
         try:
             self.fd.set_sregs(ffi.addressof(sregs))
         except BaseException:
@@ -179,6 +191,7 @@ class Vcpu:
         return self._fpu[0]
 
     def _store_fpu(self, fpu) -> None:
+        self._held = None
         self.fd.set_fpu(ffi.addressof(fpu))
 
     @property
@@ -210,6 +223,7 @@ class Vcpu:
         if not isinstance(values, Mapping):
             raise ArgumentError("set_msrs takes a mapping {index: value}")
         self._settle_pending_io()
+        self._held = None
         self.fd.set_msrs(values)
 
     @property
@@ -223,6 +237,7 @@ class Vcpu:
     def cpuid(self, entries: Iterable[CpuidEntry]) -> None:
         self._check_open()
         self._settle_pending_io()
+        self._held = None
         self.fd.set_cpuid2(list(entries))
 
     # -- state -------------------------------------------------------------
@@ -236,21 +251,81 @@ class Vcpu:
         be running: this raises :class:`pyvt.Error` if it is."""
         with self._stopped():
             self._settle_for_snapshot()
-            return vcpu_state.read(self.fd, self._load_regs(), self.index, self.mode,
-                                   self.ring)
+            state = vcpu_state.read(self.fd, self._load_regs(), self.index, self.mode,
+                                    self.ring)
+            self._hold(state)
+            return state
 
-    def restore_state(self, state: VcpuState) -> None:
+    def restore_state(self, state: VcpuState, user_mode_only: bool = False) -> None:
         """Puts back a state :meth:`save_state` returned (of this vCPU, or of
         one of another VM with the same CPUID), in the order
         :func:`pyvt.vcpu_state.write` documents.  A pending access is
-        abandoned first.  The vCPU must not be running."""
+        abandoned first.  The vCPU must not be running.
+
+        It writes only what may differ.  If this vCPU holds ``state`` already
+        (the last restore_state() wrote it, or save_state() returned it, and
+        neither a run nor a write through this object's ``regs``/``sregs``/
+        ``fpu``/``set_msrs``/``cpuid``/``interrupt``/``nmi`` came since),
+        that is the general registers and the TSC, which counts on while the
+        vCPU waits (with the in-kernel irqchip also the LAPIC, MSRs, events
+        and MP state, which interrupts and timers change without a run).
+        ``user_mode_only=True`` is the caller's promise that every run since
+        then executed CPL-3 code only (no exception, interrupt or system
+        call reached CPL 0, nor any pyvt stub); then the general and segment
+        registers, the XSAVE/FPU state and the events are written, and the
+        TSC is not: it keeps counting.  Writes made through ``cpu.fd``
+        directly are not seen: after them, restore without the promise
+        after a run, or restore another VcpuState object."""
         with self._stopped():
             self._abandon_pending_io()
-            vcpu_state.write(self.fd, state, self._put_regs)
+            held = self._held is not None and vcpu_state.unchanged(self._held, state)
+            if held and not self._ran_since_held and not self._vm.fd.has_irqchip:
+                self._put_regs(state.regs)
+                vcpu_state.write_tsc(self.fd, state)
+            elif held and user_mode_only and not self._vm.fd.has_irqchip:
+                vcpu_state.write_user_mode(self.fd, state, self._put_regs,
+                                           *self._synced_sregs_and_events())
+            else:
+                self._held = None
+                vcpu_state.write(self.fd, state, self._put_regs)
+            if held:
+                self._ran_since_held = False  # the fingerprint still holds
+            else:
+                self._hold(state)
             self._sregs = None
             self.mode = state.mode
             self.ring = state.ring
             self.last_exit = None
+
+    def _hold(self, state: VcpuState) -> None:
+        self._held = vcpu_state.fingerprint(state)
+        self._ran_since_held = False
+
+    def track_user_mode_state(self) -> None:
+        """Has KVM copy this vCPU's segment registers and events into the
+        run page at each exit (KVM_SYNC_X86_SREGS and _EVENTS, where the
+        backend offers them), so that ``restore_state(...,
+        user_mode_only=True)`` skips writing those that did not change.
+        Costs a little on every exit: for vCPUs whose runs are mostly
+        calls (pyvt.Sandbox)."""
+        self._check_open()
+        wanted = lib.KVM_SYNC_X86_SREGS | lib.KVM_SYNC_X86_EVENTS
+        if self._sync_regs and self._vm.kvm.check_extension("KVM_CAP_SYNC_REGS") & wanted \
+                == wanted:
+            self.fd.run_struct.kvm_valid_regs |= wanted
+
+    def _synced_sregs_and_events(self):
+        """(sregs, events) as bytes from the run page, where KVM wrote them
+        at the last exit (track_user_mode_state); (None, None) otherwise."""
+        run = self.fd.run_struct
+        wanted = lib.KVM_SYNC_X86_SREGS | lib.KVM_SYNC_X86_EVENTS
+        if run.kvm_valid_regs & wanted != wanted or not self._ran_since_held:
+            return None, None
+        sregs = ffi.addressof(run.s.regs.sregs)
+        # struct kvm_sync_regs: regs, sregs, then events (the cffi
+        # declaration stops at sregs; kvm_sregs's size keeps 8-byte alignment).
+        events = ffi.cast("char *", sregs) + _SREGS_SIZE
+        return bytes(ffi.buffer(sregs)), bytes(ffi.buffer(events, _EVENTS_SIZE))
 
     def _put_regs(self, data: bytes) -> None:
         if self._sync_regs:
@@ -303,6 +378,7 @@ class Vcpu:
             tick = MAIN_THREAD_TICK if threading.current_thread() is threading.main_thread() else 0.0
             self._sregs = None
             self._regs_stale = True
+            self._ran_since_held = True
             loop = self._loop
             if loop is None:
                 raise ClosedError(f"vCPU {self.index} is closed (its VM was closed)")
@@ -390,6 +466,7 @@ class Vcpu:
         finally:
             self._regs_stale = True
             self._sregs = None
+            self._ran_since_held = True
 
     def _rip(self) -> Optional[int]:
         try:
@@ -579,6 +656,7 @@ class Vcpu:
         if (self._queued_vectors and not self._vector_handed_over
                 and run.ready_for_interrupt_injection):
             # KVM only queues it: a pending I/O access still completes first.
+            self._held = None
             self.fd.interrupt(self._queued_vectors.popleft())
             self._vector_handed_over = handed_over = True
         self._window_requested = bool(self._queued_vectors)
@@ -591,6 +669,7 @@ class Vcpu:
         VMs without the in-kernel irqchip (where it stands for the LINT1 pin);
         with it, KVM still injects the NMI straight into this vCPU."""
         self._check_open()
+        self._held = None
         self.fd.nmi()
 
     def translate(self, address: int) -> int:

@@ -33,12 +33,14 @@ snapshot's value give or take that.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from ._kvm import ffi, lib
 from .errors import SnapshotError
 from .kvm import caps, cpuid_table, msrs_struct, struct_bytes
+from .kvm_base import _variable_struct
 
 __all__ = ["VcpuState"]
 
@@ -78,6 +80,12 @@ class VcpuState:
     ring: int = 0
     #: The KVM_SET_MSRS block last built from ``msrs`` (see _write_msrs).
     _msr_block: Any = field(default=None, init=False, repr=False, compare=False)
+    #: (TSC value, its KVM_SET_MSRS block), for write_tsc.
+    _tsc_block: Any = field(default=None, init=False, repr=False, compare=False)
+    #: The kernel structs last built from ``xsave`` and ``fpu`` (see
+    #: _cached_struct): a restore loop passes them again.
+    _structs: Dict[str, Any] = field(default_factory=dict, init=False, repr=False,
+                                     compare=False)
 
 
 # -- reading --------------------------------------------------------------------
@@ -187,8 +195,8 @@ def write(fd, state: VcpuState, put_regs) -> None:
                 f"vCPU {state.index}'s XSAVE area is {len(state.xsave)} bytes, more than this "
                 f"host's KVM takes ({fd.xsave_size()}): the snapshot comes from a host with "
                 "more XSAVE state (AMX?)")
-        fd.set_xsave(state.xsave)
-    fd.set_fpu(_struct(state.fpu, "struct kvm_fpu"))
+        fd.set_xsave(_xsave_struct(fd, state))
+    fd.set_fpu(_cached_struct(state, "fpu", "struct kvm_fpu"))
     if state.lapic is not None:
         fd.set_lapic(state.lapic)
     _write_msrs(fd, state)
@@ -200,6 +208,101 @@ def write(fd, state: VcpuState, put_regs) -> None:
         fd.set_debugregs(_struct(state.debugregs, "struct kvm_debugregs"))
     if state.mp_state is not None:
         fd.set_mp_state(state.mp_state)
+
+
+#: The fields a run or a write can change (all but the identity ones).
+_CONTENT_FIELDS = operator.attrgetter(
+    "regs", "sregs", "sregs2", "fpu", "xsave", "xcrs", "lapic", "events", "debugregs",
+    "mp_state", "nested", "cpuid", "mode", "ring")
+
+
+def fingerprint(state: VcpuState) -> tuple:
+    """What :func:`unchanged` compares: the objects ``state``'s fields hold
+    now (kept alive, so compared by identity first) and its MSR values."""
+    return state, _CONTENT_FIELDS(state), tuple(state.msrs.items())
+
+
+def unchanged(print_: tuple, state: VcpuState) -> bool:
+    """True if ``state`` is the object ``print_`` was taken of, with the
+    same field values and MSR values (a caller may reassign a field or edit
+    ``msrs`` in place)."""
+    held, fields, msrs = print_
+    return (held is state and fields == _CONTENT_FIELDS(state)
+            and msrs == tuple(state.msrs.items()))
+
+
+def write_tsc(fd, state: VcpuState) -> None:
+    """IA32_TSC alone: what a vCPU that holds ``state`` and has not run
+    since still sees change (it counts on while the vCPU waits).  The
+    KVM_SET_MSRS block is kept with the state."""
+    value = state.msrs.get(MSR_IA32_TSC)
+    if value is None:
+        return
+    cached = state._tsc_block
+    if cached is None or cached[0] != value:
+        cached = state._tsc_block = (value, msrs_struct({MSR_IA32_TSC: value}))
+    fd.set_msrs(cached[1])
+
+
+#: XSTATE_BV's x87 and SSE bits, at byte 512 of the XSAVE area.
+_XSTATE_BV_OFFSET = 512
+_XFEATURE_FP_SSE = 0x3
+
+
+def _fpu_in_xsave(xsave: Optional[bytes]) -> bool:
+    """True if KVM_SET_XSAVE of ``xsave`` writes every byte KVM_GET_FPU
+    reads (its XSTATE_BV names x87 and SSE), so KVM_SET_FPU adds nothing."""
+    if xsave is None or len(xsave) < _XSTATE_BV_OFFSET + 8:
+        return False
+    bv = int.from_bytes(xsave[_XSTATE_BV_OFFSET:_XSTATE_BV_OFFSET + 8], "little")
+    return bv & _XFEATURE_FP_SSE == _XFEATURE_FP_SSE
+
+
+def write_user_mode(fd, state: VcpuState, put_regs, current_sregs, current_events) -> None:
+    """Puts ``state`` back into a vCPU that held it and has since run only
+    CPL-3 code (see :meth:`pyvt.Vm.restore`'s ``user_mode_only``): what such
+    code can change is the general registers, the segment registers and
+    their bases (sregs), the x87/SSE/AVX/PKRU state (XSAVE, with its FPU
+    view) and the interrupt shadow (events).  ``current_sregs`` and
+    ``current_events`` are the vCPU's values as bytes, when known without an
+    ioctl (KVM_SYNC_X86_SREGS/EVENTS), else None: a part equal to the
+    state's is not written again."""
+    put_regs(state.regs)
+    sregs = state.sregs2 if state.sregs2 is not None else state.sregs
+    if (sregs is None or current_sregs is None
+            or current_sregs[:_SREGS_COMMON] != sregs[:_SREGS_COMMON]):
+        _write_sregs(fd, state)
+    if state.xsave is not None:
+        fd.set_xsave(_xsave_struct(fd, state))
+    if not _fpu_in_xsave(state.xsave):
+        fd.set_fpu(_cached_struct(state, "fpu", "struct kvm_fpu"))
+    if state.events is not None and current_events != state.events:
+        fd.set_vcpu_events(_struct(state.events, "struct kvm_vcpu_events"))
+
+
+def _cached_struct(state: VcpuState, name: str, ctype: str, length: int = 0):
+    """A ``ctype *`` holding field ``name`` of ``state`` (over ``length``
+    bytes, zero-padded, for a variable-size struct), kept with the state
+    for as long as the field holds the same bytes object."""
+    data = getattr(state, name)
+    cached = state._structs.get(name)
+    if cached is not None and cached[0] is data and cached[1] == length:
+        return cached[2]
+    if length:
+        value = _variable_struct(ctype, length)
+        ffi.buffer(value, len(data))[:] = data
+    else:
+        value = _struct(data, ctype)
+    state._structs[name] = (data, length, value)
+    return value
+
+
+def _xsave_struct(fd, state: VcpuState):
+    """The XSAVE area as this vCPU's KVM_SET_XSAVE takes it: xsave_size()
+    bytes, the state's zero-padded (see VcpuFd.set_xsave)."""
+    if state.xsave is None or len(state.xsave) < ffi.sizeof("struct kvm_xsave"):
+        return state.xsave  # VcpuFd.set_xsave refuses it, saying why
+    return _cached_struct(state, "xsave", "struct kvm_xsave", fd.xsave_size())
 
 
 def _struct(data: bytes, ctype: str):

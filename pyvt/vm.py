@@ -455,7 +455,7 @@ class Vm:
         (see :mod:`pyvt.snapshot`).  No vCPU may be running."""
         return snapshot.take(self)
 
-    def restore(self, snap: "Snapshot") -> None:
+    def restore(self, snap: "Snapshot", user_mode_only: bool = False) -> None:
         """Puts this VM back to ``snap`` in place: afterwards its memory and
         every vCPU's and device's state are exactly ``snap``'s, whatever
         happened since (later snapshots and restores, host writes, read-only
@@ -464,8 +464,20 @@ class Vm:
         pages written since ``snap`` when this VM knows them (the guest's
         through KVM's dirty log, the host's through ``vm.memory.write``; not
         writes through ``vm.memory.view``), and compares pages otherwise
-        (see :mod:`pyvt.snapshot`)."""
-        snapshot.restore(self, snap)
+        (see :mod:`pyvt.snapshot`).
+
+        ``user_mode_only=True`` makes it faster where the caller can promise
+        that since each vCPU's state was last restored from ``snap`` (or
+        saved into it), the vCPUs ran CPL-3 code only: no exception,
+        interrupt or system call reached CPL 0 (ring-3 vCPUs whose guest
+        returns normally, as :class:`pyvt.Sandbox` calls with
+        ``fast_reset=True``).  Then only what CPL-3 code can change is
+        written (general and segment registers, the XSAVE/FPU state,
+        events), and the TSC and KVM clock keep running instead of going
+        back.  Without the promise kept, the state after it is undefined;
+        a vCPU that does not hold ``snap``'s state yet is restored in full
+        (see :meth:`pyvt.Vcpu.restore_state`)."""
+        snapshot.restore(self, snap, user_mode_only)
 
     @classmethod
     def from_snapshot(cls, snap: "Snapshot", backend=None) -> "Vm":

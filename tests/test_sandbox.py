@@ -48,9 +48,11 @@ def ring(request) -> int:
     return request.param
 
 
-@pytest.fixture
-def sandbox(guest_elf, ring):
-    with pyvt.Sandbox(guest_elf, memory="16M", ring=ring,
+@pytest.fixture(params=[(3, False), (0, False), (3, True)],
+                ids=["ring3", "ring0", "ring3-fast_reset"])
+def sandbox(guest_elf, request):
+    ring, fast_reset = request.param
+    with pyvt.Sandbox(guest_elf, memory="16M", ring=ring, fast_reset=fast_reset,
                       host_functions={"ready": Ready()}) as sb:
         yield sb
 
