@@ -27,6 +27,7 @@ from pathlib import Path
 
 import dirty_log
 import pyvt
+import sandbox
 import snapshots
 from pyvt import exits
 from pyvt.kvm import lib
@@ -380,6 +381,7 @@ def main() -> int:
         speedup_row(f"table-driven CRC-32 of {len(crc_data) >> 20} MiB, CPL 3 vs unicorn",
                     r["crc_ring3"], r["unicorn_crc"], "(target >= 4x)")
     snapshots.report(rounds=args.rounds, calls=500 // scale)
+    sandbox.report(rounds=args.rounds, calls=500 // scale)
     dirty_log.report(rounds=args.rounds)
     return 0
 

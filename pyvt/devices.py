@@ -176,6 +176,12 @@ class Device:
     def load_state(self, state: Any) -> None:
         """Puts back what :meth:`save_state` returned (checked strictly first:
         :class:`pyvt.DeviceStateError` if it is not such a state)."""
+        self._put_state(self._checked(state))
+
+    def _put_state(self, state: Any) -> None:
+        """Puts back a state already checked (:meth:`check_state`): a
+        snapshot's, checked when it was taken or read from its file, so that
+        a restore loop does not check it again each time."""
         raise NotImplementedError(f"the {self.name} device has no state")
 
     @classmethod
@@ -198,8 +204,8 @@ class RegisterDevice(Device):
     def save_state(self) -> bytes:
         return self._native.save_state()
 
-    def load_state(self, state: bytes) -> None:
-        self._native.load_state(self._checked(state))
+    def _put_state(self, state: bytes) -> None:
+        self._native.load_state(state)
 
     @classmethod
     def check_state(cls, state: Any, native: Any) -> bytes:
@@ -322,8 +328,8 @@ class Console(Device):
     def save_state(self) -> Dict[str, bytes]:
         return {"output": self._native.output()}
 
-    def load_state(self, state: Dict[str, bytes]) -> None:
-        self._native.replace_output(self._checked(state)["output"])
+    def _put_state(self, state: Dict[str, bytes]) -> None:
+        self._native.replace_output(state["output"])
 
     @classmethod
     def check_state(cls, state: Any, native: Any) -> Dict[str, bytes]:
@@ -338,8 +344,7 @@ class SerialConsole(Console):
     def save_state(self) -> Dict[str, bytes]:
         return {"registers": self._native.save_state(), "output": self._native.output()}
 
-    def load_state(self, state: Dict[str, bytes]) -> None:
-        state = self._checked(state)
+    def _put_state(self, state: Dict[str, bytes]) -> None:
         self._native.load_state(state["registers"])
         self._native.replace_output(state["output"])
 

@@ -149,10 +149,9 @@ class FwCfg(Device):
                  for name, key in sorted(self.files().items(), key=lambda item: item[1])]
         return {"items": items, "files": files, "position": list(native.position())}
 
-    def load_state(self, state: Dict[str, Any]) -> None:
+    def _put_state(self, state: Dict[str, Any]) -> None:
         """Restores a saved state into a fw_cfg that holds no files the saved
         one lacks (so that every file keeps its key)."""
-        state = self._checked(state)
         for key, data in state["items"]:
             self._native.set(key, data)
         for key, name, data in state["files"]:

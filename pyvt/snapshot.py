@@ -211,7 +211,8 @@ def _restore_state(vm, snap: Snapshot, user_mode_only: bool = False) -> None:
         vm.restore_pit(snap.pit)
     for saved in snap.vcpus:
         vm.vcpus[saved.index].restore_state(saved, user_mode_only)
-    if snap.clock is not None and not user_mode_only and vm.kvm.check_extension("KVM_CAP_ADJUST_CLOCK"):
+    if (snap.clock is not None and not user_mode_only and _uses_kvmclock(snap)
+            and vm.kvm.check_extension("KVM_CAP_ADJUST_CLOCK")):
         vm.restore_clock(snap.clock)
     for name, state in snap.devices.items():
         device = vm.devices.get(name)
@@ -219,9 +220,24 @@ def _restore_state(vm, snap: Snapshot, user_mode_only: bool = False) -> None:
             raise SnapshotError(f"the snapshot has a {name} device but this VM has none "
                                 "(made with pc_devices=False?)")
         try:
-            device.load_state(state)
+            # Checked already: by save_state (take) or by the file's reader.
+            device._put_state(state)
         except Error as e:
             raise SnapshotError(f"cannot restore the {name} device's state: {e}") from None
+
+
+#: The kvmclock MSRs (MSR_KVM_SYSTEM_TIME_NEW and the old number): bit 0
+#: of either enables the guest's kvmclock page.
+KVMCLOCK_MSRS = (0x4B564D01, 0x12)
+
+
+def _uses_kvmclock(snap: Snapshot) -> bool:
+    """Whether a vCPU of ``snap`` had enabled kvmclock.  The KVM clock is
+    what kvmclock pages show and nothing else a guest reads (its TSC travels
+    as IA32_TSC, its timers run on host time): where no vCPU uses it,
+    KVM_SET_CLOCK would change nothing the guest can see, so a restore
+    saves the ioctl."""
+    return any(state.msrs.get(msr, 0) & 1 for state in snap.vcpus for msr in KVMCLOCK_MSRS)
 
 
 def _check_open(snap: Snapshot) -> None:

@@ -16,7 +16,7 @@ from test_kvm_interrupts import (
 )
 
 import pyvt
-from pyvt import exits
+from pyvt import exits, snapshot
 from pyvt.kvm import ffi, host_cpuid, struct_bytes
 from pyvt.snapshot import Snapshot, VcpuImage
 from pyvt.vcpu_state import VcpuState
@@ -198,7 +198,8 @@ def test_the_kvm_clock_continues_from_the_snapshot(vm):
     it: guest kvmclock time continues from there, not from the host's now."""
     import time
 
-    vm.vcpu(0)
+    cpu = vm.vcpu(0)
+    cpu.set_msrs({snapshot.KVMCLOCK_MSRS[0]: 0x5000 | 1})  # the guest enabled kvmclock
     snap = vm.snapshot()
     assert snap.clock is not None
     time.sleep(1)  # the host's clock moves on
@@ -208,3 +209,16 @@ def test_the_kvm_clock_continues_from_the_snapshot(vm):
         assert snap.clock <= clone.save_clock() < later
     vm.restore(snap)
     assert snap.clock <= vm.save_clock() < later
+
+
+def test_a_restore_leaves_the_kvm_clock_alone_where_no_guest_uses_kvmclock(vm):
+    """Nothing a guest without kvmclock reads depends on the KVM clock: the
+    restore skips KVM_SET_CLOCK and the clock keeps the host's time."""
+    import time
+
+    vm.vcpu(0)
+    snap = vm.snapshot()
+    time.sleep(0.2)
+    before = vm.save_clock()
+    vm.restore(snap)
+    assert vm.save_clock() >= before > snap.clock
