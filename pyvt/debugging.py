@@ -21,6 +21,7 @@ A breakpoint keeps firing at its address until the vCPU moves past it:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import struct
 import threading
@@ -30,7 +31,7 @@ from typing import Dict, Iterator, List, Optional
 
 from . import exits
 from ._kvm import ffi, lib
-from .errors import ArgumentError, Error
+from .errors import ArgumentError, Error, KvmError, UnmappedAddressError
 
 log = logging.getLogger("pyvt.debugging")
 
@@ -434,10 +435,38 @@ def explain(vcpu, exit: exits.Debug) -> exits.Debug:
 
 def linear_to_physical(cpu, address: int) -> int:
     """The guest-physical address of guest-virtual ``address`` for ``cpu``:
-    through its page tables with paging on, the same address with it off."""
-    if not cpu.sregs.cr0 & (1 << 31):
+    through its page tables with paging on, the same address with it off.
+    KVM_TRANSLATE walks them; on a backend without it (pyvt.ko) pyvt walks
+    long-mode tables itself."""
+    sregs = cpu.sregs
+    if not sregs.cr0 & (1 << 31):
         return address
-    return cpu.translate(address)
+    try:
+        return cpu.translate(address)
+    except KvmError as e:
+        if e.errno != errno.ENOTTY or not sregs.efer & (1 << 10):  # EFER.LMA
+            raise
+    return walk_long_mode_tables(cpu._vm.memory, sregs.cr3, address)
+
+
+#: Where a page-table entry keeps the next table's (or the page's) address.
+_PTE_ADDRESS = 0x000F_FFFF_FFFF_F000
+
+
+def walk_long_mode_tables(memory, cr3: int, address: int) -> int:
+    """The physical address 4-level long-mode tables at ``cr3`` map
+    ``address`` to (4 KiB, 2 MiB and 1 GiB pages), or UnmappedAddressError."""
+    table = cr3 & _PTE_ADDRESS
+    for shift in (39, 30, 21, 12):
+        entry = memory.read_int(table + ((address >> shift) & 0x1FF) * 8)
+        if not entry & 1:  # not present
+            raise UnmappedAddressError(f"guest-virtual {address:#x} is not mapped "
+                                       "(the guest's page tables)")
+        if shift in (30, 21) and entry & 0x80:  # a 1 GiB or 2 MiB page
+            page = entry & _PTE_ADDRESS & ~((1 << shift) - 1)
+            return page | (address & ((1 << shift) - 1))
+        table = entry & _PTE_ADDRESS
+    return table | (address & 0xFFF)
 
 
 def read_virtual(cpu, address: int, length: int) -> bytes:

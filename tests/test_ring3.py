@@ -182,3 +182,31 @@ def test_bad_rings_are_refused_before_a_vcpu_exists(vm, mode, ring, error):
         vm.vcpu(0, mode=mode, ring=ring)
     assert not vm.vcpus
     vm.vcpu(0, mode="long", ring=3)  # index 0 is still free
+
+
+#: Where a reset vCPU starts (CS base 0xffff0000).
+RESET_IP = 0xFFF0
+
+
+@pytest.mark.parametrize("ring, kind", [(0, exits.Shutdown), (3, exits.GuestException)])
+def test_failure_exits_carry_the_instruction(ring, kind):
+    """A ring-0 #UD triple-faults (no IDT); at ring 3 pyvt's IDT catches it."""
+    with pyvt.Vm("2M") as vm:
+        vm.memory.write(0x1000, b"\x90\x0f\x0b")  # nop; ud2
+        cpu = vm.vcpu(0, mode="long", ring=ring)
+        cpu.regs.rip = 0x1000
+        exit = cpu.run(timeout=10)
+        assert isinstance(exit, kind), exit
+        if ring == 0 and exit.rip == RESET_IP:
+            # AMD-V backends (kvm-amd, pyvt.ko under AMD-V) reset the vCPU at
+            # a shutdown: there is no faulting instruction left to show.
+            assert "triple-faulted" in exit.describe()
+            return
+        assert exit.rip == 0x1001
+        assert exit.instruction[:2] == b"\x0f\x0b"
+        assert "0f 0b" in exit.describe()
+        try:
+            import capstone  # noqa: F401
+        except ImportError:
+            return
+        assert exit.disassembly == "ud2" and "(ud2)" in exit.describe()

@@ -211,6 +211,7 @@ def test_the_kvm_clock_continues_from_the_snapshot(vm):
     assert snap.clock <= vm.save_clock() < later
 
 
+@pytest.mark.requires_cap("ADJUST_CLOCK")
 def test_a_restore_leaves_the_kvm_clock_alone_where_no_guest_uses_kvmclock(vm):
     """Nothing a guest without kvmclock reads depends on the KVM clock: the
     restore skips KVM_SET_CLOCK and the clock keeps the host's time."""
