@@ -27,10 +27,24 @@ if TYPE_CHECKING:
     from .kvm_vm import VmFd
 
 
+#: ioctls that only read a vCPU's state (the rest may change it).
+_READING_IOCTLS = ("KVM_GET_", "KVM_CHECK_EXTENSION", "KVM_TRANSLATE", "KVM_HAS_DEVICE_ATTR")
+
+
 class VcpuFd(_Fd):
     """A vCPU file descriptor with its mmap'd ``struct kvm_run`` (``.run``)."""
 
     _mmap: Optional[mmap.mmap] = None
+    #: How many ioctls that may change the vCPU's state (all but reads) went
+    #: through this fd: pyvt.Vcpu's restore skips state it wrote itself only
+    #: while this count is the one it saw then, so a write through ``fd``
+    #: (not through the Vcpu) is never left in place by a restore.
+    writes = 0
+
+    def _ioctl(self, name: str, request: int, arg=None, hint: str = "") -> int:
+        if not name.startswith(_READING_IOCTLS):
+            self.writes += 1
+        return super()._ioctl(name, request, arg, hint)
 
     def __init__(self, vm: VmFd, fd: int, index: int):
         self.vm = vm

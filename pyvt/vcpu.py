@@ -83,6 +83,7 @@ class Vcpu:
         # save_state() read it, or None once anything may have changed it
         # but a run; and whether the vCPU has run since.
         self._held: Optional[tuple] = None
+        self._held_writes = 0  # self.fd.writes when _held was taken
         self._ran_since_held = False
         # Checked before KVM_CREATE_VCPU: KVM cannot create an index twice.
         if setup:
@@ -178,7 +179,6 @@ class Vcpu:
         return self._sregs[0]
 
     def _store_sregs(self, sregs) -> None:
-        self._held = None
         try:
             self.fd.set_sregs(ffi.addressof(sregs))
         except BaseException:
@@ -191,7 +191,6 @@ class Vcpu:
         return self._fpu[0]
 
     def _store_fpu(self, fpu) -> None:
-        self._held = None
         self.fd.set_fpu(ffi.addressof(fpu))
 
     @property
@@ -223,7 +222,6 @@ class Vcpu:
         if not isinstance(values, Mapping):
             raise ArgumentError("set_msrs takes a mapping {index: value}")
         self._settle_pending_io()
-        self._held = None
         self.fd.set_msrs(values)
 
     @property
@@ -237,7 +235,6 @@ class Vcpu:
     def cpuid(self, entries: Iterable[CpuidEntry]) -> None:
         self._check_open()
         self._settle_pending_io()
-        self._held = None
         self.fd.set_cpuid2(list(entries))
 
     # -- state -------------------------------------------------------------
@@ -273,12 +270,12 @@ class Vcpu:
         then executed CPL-3 code only (no exception, interrupt or system
         call reached CPL 0, nor any pyvt stub); then the general and segment
         registers, the XSAVE/FPU state and the events are written, and the
-        TSC is not: it keeps counting.  Writes made through ``cpu.fd``
-        directly are not seen: after them, restore without the promise
-        after a run, or restore another VcpuState object."""
+        TSC is not: it keeps counting.  A write through ``cpu.fd`` since
+        (any ioctl but a read: ``VcpuFd.writes``) makes the restore whole."""
         with self._stopped():
             self._abandon_pending_io()
-            held = self._held is not None and vcpu_state.unchanged(self._held, state)
+            held = (self._held is not None and self.fd.writes == self._held_writes
+                    and vcpu_state.unchanged(self._held, state))
             if held and not self._ran_since_held and not self._vm.fd.has_irqchip:
                 self._put_regs(state.regs)
                 vcpu_state.write_tsc(self.fd, state)
@@ -290,6 +287,7 @@ class Vcpu:
                 vcpu_state.write(self.fd, state, self._put_regs)
             if held:
                 self._ran_since_held = False  # the fingerprint still holds
+                self._held_writes = self.fd.writes  # counting what it just wrote
             else:
                 self._hold(state)
             self._sregs = None
@@ -299,6 +297,7 @@ class Vcpu:
 
     def _hold(self, state: VcpuState) -> None:
         self._held = vcpu_state.fingerprint(state)
+        self._held_writes = self.fd.writes
         self._ran_since_held = False
 
     def track_user_mode_state(self) -> None:
@@ -656,7 +655,6 @@ class Vcpu:
         if (self._queued_vectors and not self._vector_handed_over
                 and run.ready_for_interrupt_injection):
             # KVM only queues it: a pending I/O access still completes first.
-            self._held = None
             self.fd.interrupt(self._queued_vectors.popleft())
             self._vector_handed_over = handed_over = True
         self._window_requested = bool(self._queued_vectors)
@@ -669,7 +667,6 @@ class Vcpu:
         VMs without the in-kernel irqchip (where it stands for the LINT1 pin);
         with it, KVM still injects the NMI straight into this vCPU."""
         self._check_open()
-        self._held = None
         self.fd.nmi()
 
     def translate(self, address: int) -> int:

@@ -99,6 +99,28 @@ def test_writes_through_the_vcpu_are_undone_by_a_restore_without_a_run(vm):
     assert cpu.regs.rbx == 0
 
 
+def test_writes_through_the_thin_layer_are_undone_by_a_restore_without_a_run(vm):
+    """cpu.fd bypasses the Vcpu, but not the restore: any ioctl that may
+    change the vCPU (VcpuFd.writes) makes the next restore whole."""
+    vm.memory.write(CODE, pyvt.assemble("hlt", at=CODE, bits=64))
+    cpu = vm.vcpu(0, mode="long")
+    cpu.regs.rip = CODE
+    snap = vm.snapshot()
+    expected = _state_fields(snap.vcpus[0])
+    vm.restore(snap)  # nothing changed: the short path
+    writes = cpu.fd.writes
+    cpu.fd.set_msrs({KERNEL_GS_BASE: 0x7000})
+    sregs = cpu.fd.get_sregs()
+    sregs.cr2 = 0xBEEF000
+    cpu.fd.set_sregs(sregs)
+    assert cpu.fd.writes == writes + 2
+    cpu.fd.get_msrs([KERNEL_GS_BASE])  # a read does not count
+    assert cpu.fd.writes == writes + 2
+    vm.restore(snap)
+    assert _state_fields(cpu.save_state()) == expected
+    assert cpu.get_msrs([KERNEL_GS_BASE])[KERNEL_GS_BASE] != 0x7000
+
+
 def test_a_state_edited_in_place_is_written_again(vm):
     vm.memory.write(CODE, pyvt.assemble("hlt", at=CODE, bits=64))
     cpu = vm.vcpu(0, mode="long")
