@@ -38,3 +38,27 @@ class _Worker:
 
 class RngWorker(_Worker):
     def __init__(self, memory: MemoryTable) -> None: ...
+
+class BlkWorker(_Worker):
+    SEG_MAX: int
+    SECTOR_SIZE: int
+    def __init__(self, memory: MemoryTable, fd: Any, readonly: bool = False,
+                 sector_count: Optional[int] = None, serial: Union[bytes, str] = b"") -> None: ...
+    @property
+    def readonly(self) -> bool: ...
+    @property
+    def sector_count(self) -> int: ...
+
+class NetWorker(_Worker):
+    RX_QUEUE: int
+    TX_QUEUE: int
+    def __init__(self, memory: MemoryTable, tap_fd: Any, vnet_hdr_len: int = 12) -> None: ...
+    @property
+    def vnet_hdr_len(self) -> int: ...
+
+class ConsoleWorker(_Worker):
+    RX_QUEUE: int
+    TX_QUEUE: int
+    def __init__(self, memory: MemoryTable, in_fd: Any, out_fd: Any) -> None: ...
+    @property
+    def input_closed(self) -> bool: ...
