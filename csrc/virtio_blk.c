@@ -136,7 +136,9 @@ static void serve(struct pvt_vworker *w, unsigned q)
 		if (status != VIRTIO_BLK_S_OK)
 			vq->stats.errors++;
 		((volatile uint8_t *)last->host)[last->len - 1] = status;
-		pvt_vq_push(vq, e->head, written + 1);
+		pvt_vmem_mark(&w->mem, last->gpa + last->len - 1, 1);
+		/* The data, then the status (counted in the length, wherever it is). */
+		pvt_vq_complete(vq, e, written + 1);
 	}
 	pvt_vw_flush(w, q);
 }

@@ -16,7 +16,7 @@ static int receive(struct pvt_vworker *w)
 		;
 	if (got <= 0)
 		return got;
-	pvt_vq_push(&w->q[w->input_queue], w->elem.head, got);
+	pvt_vq_complete(&w->q[w->input_queue], &w->elem, got);
 	return 1;
 }
 

@@ -46,7 +46,7 @@ static void serve(struct pvt_vworker *w, unsigned q)
 			written = 0;
 		}
 		vq->stats.bytes += written;
-		pvt_vq_push(vq, e->head, written);
+		pvt_vq_complete(vq, e, written);
 	}
 	pvt_vw_flush(w, q);
 }

@@ -170,10 +170,47 @@ cdef class _Worker:
                 regions[i].gpa = gpa
                 regions[i].size = size
                 regions[i].host = <uint8_t *><size_t>host
+                regions[i].written = NULL
             check(pvt_vw_set_memory(w, regions, len(table)), f"{self.name}: set_memory")
         finally:
             free(regions)
         self.memory = table
+
+    def take_written(self):
+        """``[(region_gpa, pages)]``: the pages of guest RAM the device
+        wrote since the last call, per region of its memory table, as a
+        :mod:`pyvt.pageset` (bit n: the region's page n); regions with none
+        are left out.  KVM's dirty log sees only the guest's own writes: a
+        snapshot or migration must add these (:meth:`report_written`).
+        Safe while the worker runs (a page written meanwhile comes in this
+        call or the next)."""
+        cdef pvt_vworker *w = self._live()
+        result = []
+        cdef size_t words
+        cdef uint64_t *pages
+        for i, (gpa, size, _) in enumerate(self.memory):
+            words = ((size + PVT_VMEM_PAGE_SIZE - 1) // PVT_VMEM_PAGE_SIZE + 63) // 64
+            pages = <uint64_t *>calloc(words, 8)
+            if pages == NULL:
+                raise MemoryError()
+            try:
+                check(pvt_vw_take_written(w, i, pages, words), f"{self.name}: take_written")
+                written = int.from_bytes((<char *>pages)[:words * 8], "little")
+            finally:
+                free(pages)
+            if written:
+                result.append((gpa, written))
+        return result
+
+    def report_written(self, memory):
+        """Hands :meth:`take_written` to ``memory`` (the VM's
+        ``GuestMemory``): the pages reach its snapshot baselines and
+        ``dirty_pages()``, as host writes through ``memory.write`` do."""
+        regions = {r.gpa: r for r in memory.regions}
+        for gpa, pages in self.take_written():
+            region = regions.get(gpa)
+            if region is not None:
+                memory.note_written(region, pages)
 
     @property
     def queues(self):

@@ -5,9 +5,6 @@ used-ring entries are checked."""
 
 from __future__ import annotations
 
-import os
-import struct
-
 import pytest
 
 import pyvt
@@ -140,8 +137,9 @@ def test_stop_start_keeps_positions_and_reset_forgets(vm, queues, workers):
     q.wait_used()
     assert rng.queue_state(0) == (4, 4)
     rng.stop()
+    rng.start()
     with pytest.raises(pyvt.DeviceError, match="stop"):
-        rng.start(); rng.reset()
+        rng.reset()
     rng.stop()
     rng.reset()
     assert rng.features == 0
@@ -306,7 +304,7 @@ def test_stress_nothing_lost(vm, queues, workers):
     rng.set_features(V1 | 1 << VIRTIO_RING_F_EVENT_IDX)
     rng.start()
     total = 0
-    for round_ in range(40):
+    for _ in range(40):
         heads = [q.add([(DATA + 64 * i, 32, True)], kick=(i % 7 == 0)) for i in range(200)]
         q.kick()
         q.set_used_event((q.avail_idx - 1) & 0xFFFF)
@@ -346,3 +344,59 @@ _start:
     assert q.wait_used() == [(0, 32)]
     assert vm.memory.read(DATA, 32) != bytes(32)
     assert rng.stats[0]["kicks"] == 1
+
+
+# -- pages the device writes: KVM's dirty log does not see them ---------------
+
+
+def test_take_written_reports_the_device_writes(vm, queues, workers):
+    rng = workers(RngWorker(vm.memory))
+    q = queues()
+    q.attach(rng, 0)
+    rng.start()
+    q.add([(DATA + 0x1ff8, 16, True)])      # straddles two pages
+    q.wait_used()
+    rng.stop()
+    written = dict(rng.take_written())
+    ring_page, data_page = q.used // 4096, DATA // 4096
+    assert written == {0: 1 << ring_page | 1 << (data_page + 1) | 1 << (data_page + 2)}
+    assert rng.take_written() == []
+
+
+def test_report_written_reaches_dirty_pages_and_restore(vm, queues, workers):
+    rng = workers(RngWorker(vm.memory))
+    q = queues()
+    q.attach(rng, 0)
+    vm.memory.write(DATA, b"before" + bytes(26))
+    snap = vm.snapshot()
+    vm.memory.dirty_pages()                  # tracking from here
+    rng.start()
+    q.add([(DATA, 32, True)])
+    q.wait_used()
+    rng.stop()
+    assert DATA not in list(vm.memory.dirty_pages()[0])   # unseen by KVM
+    rng.report_written(vm.memory)
+    assert DATA in list(vm.memory.dirty_pages()[0])
+    assert vm.memory.read(DATA, 6) != b"before"
+    vm.restore(snap)
+    assert vm.memory.read(DATA, 6) == b"before"
+
+
+def test_set_memory_moves_queues_or_breaks_them(vm, queues, workers):
+    vm.memory.add_region(0x4000000, "1M")
+    rng = workers(RngWorker(vm.memory))
+    high = Queue(vm.memory, 0x4000000, 16)
+    try:
+        high.attach(rng, 0)
+        rng.set_memory(vm.memory)          # the same RAM: the queue stays
+        rng.start()
+        high.add([(DATA, 8, True)])
+        high.wait_used()
+        rng.stop()
+        vm.memory.remove_region(0x4000000)
+        rng.set_memory(vm.memory)          # its rings are gone: broken, never touched
+        assert rng.stats[0]["broken"]
+        rng.start()
+        rng.stop()
+    finally:
+        high.close()
