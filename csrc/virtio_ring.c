@@ -233,6 +233,14 @@ int pvt_vq_pop(struct pvt_vq *vq, const struct pvt_vmem *mem, uint64_t features,
 	return 1;
 }
 
+bool pvt_vq_next(struct pvt_vq *vq, uint64_t features, struct pvt_vq_elem *e)
+{
+	int rc;
+	while ((rc = pvt_vq_pop(vq, vq->mem, features, e)) == -EBADMSG)
+		;
+	return rc == 1;
+}
+
 void pvt_vq_unpop(struct pvt_vq *vq)
 {
 	vq->last_avail--;
@@ -391,4 +399,17 @@ size_t pvt_vq_read(const struct pvt_vq_elem *e, size_t offset, void *buf, size_t
 size_t pvt_vq_write(const struct pvt_vq_elem *e, size_t offset, const void *buf, size_t len)
 {
 	return copy(e, true, offset, (void *)buf, len);
+}
+
+void pvt_iov_advance(struct iovec **iov, int *n, size_t done)
+{
+	while (*n > 0 && done >= (*iov)->iov_len) {
+		done -= (*iov)->iov_len;
+		(*iov)++;
+		(*n)--;
+	}
+	if (*n > 0) {
+		(*iov)->iov_base = (uint8_t *)(*iov)->iov_base + done;
+		(*iov)->iov_len -= done;
+	}
 }

@@ -138,6 +138,13 @@ uint16_t pvt_vq_pending(const struct pvt_vq *vq);
 int pvt_vq_pop(struct pvt_vq *vq, const struct pvt_vmem *mem, uint64_t features,
 	       struct pvt_vq_elem *e);
 
+/*
+ * Takes the next usable chain (malformed ones are handed back and counted
+ * on the way): true with *e filled, false when there is none or the queue
+ * is broken.
+ */
+bool pvt_vq_next(struct pvt_vq *vq, uint64_t features, struct pvt_vq_elem *e);
+
 /* Puts the last popped chain back: it is taken again next time. */
 void pvt_vq_unpop(struct pvt_vq *vq);
 
@@ -187,5 +194,11 @@ size_t pvt_vq_write(const struct pvt_vq_elem *e, size_t offset, const void *buf,
  */
 int pvt_vq_iov(const struct pvt_vq_elem *e, bool writable, size_t offset, size_t len,
 	       struct iovec *iov, int max);
+
+/*
+ * Moves an iovec array past `done` bytes (after a short readv/writev):
+ * *iov and *n then describe what is left.
+ */
+void pvt_iov_advance(struct iovec **iov, int *n, size_t done);
 
 #endif

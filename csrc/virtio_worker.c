@@ -248,15 +248,7 @@ int pvt_vw_write_all(struct pvt_vworker *w, int fd, struct iovec *iov, int iovcn
 			continue;
 		}
 		/* A partial write (a pipe): go on after what was taken. */
-		while (iovcnt > 0 && (size_t)n >= iov->iov_len) {
-			n -= iov->iov_len;
-			iov++;
-			iovcnt--;
-		}
-		if (iovcnt > 0) {
-			iov->iov_base = (uint8_t *)iov->iov_base + n;
-			iov->iov_len -= n;
-		}
+		pvt_iov_advance(&iov, &iovcnt, n);
 	}
 	return 0;
 }

@@ -56,6 +56,21 @@ def workers():
         w.stop()
 
 
+@pytest.fixture
+def serving(vm, queues, workers):
+    """``serving(features)`` -> (a running RngWorker, its queue 0)."""
+
+    def make(features=V1):
+        rng = workers(RngWorker(vm.memory))
+        q = queues()
+        q.attach(rng, 0)
+        rng.set_features(features)
+        rng.start()
+        return rng, q
+
+    return make
+
+
 def test_host_regions_lists_the_ram_a_device_may_touch(vm):
     vm.memory.add_region(0x4000000, "1M")
     vm.memory.add_region(0x5000000, "1M", readonly=True)
@@ -86,24 +101,16 @@ def test_rng_fills_writable_buffers(vm, queues, workers):
     assert rng.queue_state(0) == (2, 2)
 
 
-def test_rng_indirect_chain(vm, queues, workers):
-    rng = workers(RngWorker(vm.memory))
-    q = queues()
-    q.attach(rng, 0)
-    rng.set_features(V1 | 1 << VIRTIO_RING_F_INDIRECT_DESC)
-    rng.start()
+def test_rng_indirect_chain(vm, serving):
+    rng, q = serving(V1 | 1 << VIRTIO_RING_F_INDIRECT_DESC)
     vm.memory.write(DATA, bytes(64))
     head = q.add_indirect([(DATA, 16, True), (DATA + 32, 16, True)], table=DATA + 0x1000)
     assert q.wait_used() == [(head, 32)]
     assert vm.memory.read(DATA, 16) != bytes(16) and vm.memory.read(DATA + 16, 16) == bytes(16)
 
 
-def test_indirect_refused_unless_negotiated(vm, queues, workers):
-    rng = workers(RngWorker(vm.memory))
-    q = queues()
-    q.attach(rng, 0)
-    rng.set_features(V1)
-    rng.start()
+def test_indirect_refused_unless_negotiated(vm, serving):
+    rng, q = serving()
     vm.memory.write(DATA, bytes(16))
     head = q.add_indirect([(DATA, 16, True)], table=DATA + 0x1000)
     assert q.wait_used() == [(head, 0)]
@@ -121,12 +128,8 @@ def test_requests_made_while_stopped_are_served_at_start(vm, queues, workers):
     assert [n for _, n in q.wait_used(2)] == [8, 8]
 
 
-def test_stop_start_keeps_positions_and_reset_forgets(vm, queues, workers):
-    rng = workers(RngWorker(vm.memory))
-    q = queues()
-    q.attach(rng, 0)
-    rng.set_features(V1)
-    rng.start()
+def test_stop_start_keeps_positions_and_reset_forgets(vm, serving):
+    rng, q = serving()
     for _ in range(3):
         q.add([(DATA, 8, True)])
         q.wait_used()
@@ -201,12 +204,8 @@ def test_event_idx_honours_used_event_and_sets_avail_event(vm, queues, workers):
     assert rng.stats[0]["notifies"] == 1
 
 
-def test_used_flags_ask_for_kicks_without_event_idx(vm, queues, workers):
-    rng = workers(RngWorker(vm.memory))
-    q = queues()
-    q.attach(rng, 0)
-    rng.set_features(V1)
-    rng.start()
+def test_used_flags_ask_for_kicks_without_event_idx(vm, serving):
+    rng, q = serving()
     q.add([(DATA, 8, True)])
     q.wait_used()
     rng.stop()
@@ -240,11 +239,8 @@ def test_queue_errors(vm, workers):
 # -- a guest that breaks the rules: the request fails, nothing crashes ----------
 
 
-def test_buffer_outside_ram_fails_the_request(vm, queues, workers):
-    rng = workers(RngWorker(vm.memory))
-    q = queues()
-    q.attach(rng, 0)
-    rng.start()
+def test_buffer_outside_ram_fails_the_request(vm, serving):
+    rng, q = serving()
     head = q.add([(DATA, 8, True), ((16 << 20) - 4, 8, True)])  # runs off the end of RAM
     assert q.wait_used() == [(head, 0)]
     head = q.add([(1 << 40, 8, True)])
@@ -254,11 +250,8 @@ def test_buffer_outside_ram_fails_the_request(vm, queues, workers):
     assert [n for _, n in q.wait_used()] == [8]  # the queue still works
 
 
-def test_descriptor_loop_is_handed_back(vm, queues, workers):
-    rng = workers(RngWorker(vm.memory))
-    q = queues()
-    q.attach(rng, 0)
-    rng.start()
+def test_descriptor_loop_is_handed_back(vm, serving):
+    rng, q = serving()
     q.write_desc(0, DATA, 8, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1)
     q.write_desc(1, DATA, 8, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 0)
     q.free.remove(0)
@@ -268,11 +261,8 @@ def test_descriptor_loop_is_handed_back(vm, queues, workers):
     assert rng.stats[0]["errors"] == 1 and not rng.stats[0]["broken"]
 
 
-def test_next_past_the_table_and_readable_after_writable(vm, queues, workers):
-    rng = workers(RngWorker(vm.memory))
-    q = queues()
-    q.attach(rng, 0)
-    rng.start()
+def test_next_past_the_table_and_readable_after_writable(vm, serving):
+    rng, q = serving()
     q.write_desc(0, DATA, 8, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 999)
     q.write_desc(1, DATA, 8, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 2)
     q.write_desc(2, DATA, 8, 0)
@@ -284,11 +274,8 @@ def test_next_past_the_table_and_readable_after_writable(vm, queues, workers):
     assert rng.stats[0]["errors"] == 2
 
 
-def test_head_past_the_table_breaks_the_queue(vm, queues, workers):
-    rng = workers(RngWorker(vm.memory))
-    q = queues()
-    q.attach(rng, 0)
-    rng.start()
+def test_head_past_the_table_breaks_the_queue(vm, serving):
+    rng, q = serving()
     q.publish(500)
     q.add([(DATA, 8, True)])
     rng.stop()
@@ -349,11 +336,8 @@ _start:
 # -- pages the device writes: KVM's dirty log does not see them ---------------
 
 
-def test_take_written_reports_the_device_writes(vm, queues, workers):
-    rng = workers(RngWorker(vm.memory))
-    q = queues()
-    q.attach(rng, 0)
-    rng.start()
+def test_take_written_reports_the_device_writes(vm, serving):
+    rng, q = serving()
     q.add([(DATA + 0x1ff8, 16, True)])      # straddles two pages
     q.wait_used()
     rng.stop()
