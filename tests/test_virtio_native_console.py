@@ -5,6 +5,7 @@ positions kept across stop/start."""
 from __future__ import annotations
 
 import os
+import select
 import time
 
 import pytest
@@ -134,3 +135,21 @@ def test_no_fds(vm):
     assert rx.used_idx == 0 and con.stats[0]["requests"] == 0
     with pytest.raises(pyvt.ArgumentError):
         ConsoleWorker(vm.memory, -1, None)
+
+
+def test_stop_returns_while_out_fd_is_full(vm):
+    """Nobody reads the output pipe: the worker waits for room, and
+    stop() still returns (the chain goes back to the ring, not lost)."""
+    out_r, out_w = os.pipe()
+    con = ConsoleWorker(vm.memory, None, out_w)
+    os.close(out_w)
+    tx = Queue(vm.memory, RING, 16)
+    tx.attach(con, ConsoleWorker.TX_QUEUE)
+    big = 1 << 20   # more than a pipe holds
+    tx.add([(TX_BUF, big, False)])
+    con.start()
+    assert select.select([out_r], [], [], 20)[0], "the worker wrote nothing"
+    con.stop()                     # returns: the worker waits for room in poll()
+    assert tx.used_idx == 0 and con.queue_state(1) == (0, 0)
+    os.close(out_r)
+    tx.close()
