@@ -67,7 +67,8 @@ static uint8_t handle(struct pvt_vblk *blk, struct pvt_vq *vq, struct pvt_vq_ele
 
 	switch (type) {
 	case VIRTIO_BLK_T_IN: {
-		if (!in_disk(blk, sector, data_in))
+		/* Data in a device-readable buffer would be a write to it. */
+		if (e->out_len != HEADER_SIZE || data_in == 0 || !in_disk(blk, sector, data_in))
 			return VIRTIO_BLK_S_IOERR;
 		int n = pvt_vq_iov(e, true, 0, data_in, w->iov, PVT_VQ_MAX_SEGS);
 		if (n < 0 || transfer(blk->fd, w->iov, n, sector * PVT_VBLK_SECTOR_SIZE, false))
@@ -78,7 +79,7 @@ static uint8_t handle(struct pvt_vblk *blk, struct pvt_vq *vq, struct pvt_vq_ele
 	}
 	case VIRTIO_BLK_T_OUT: {
 		uint64_t len = e->out_len - HEADER_SIZE;
-		if (blk->readonly || !in_disk(blk, sector, len))
+		if (blk->readonly || len == 0 || !in_disk(blk, sector, len))
 			return VIRTIO_BLK_S_IOERR;
 		int n = pvt_vq_iov(e, false, HEADER_SIZE, len, w->iov, PVT_VQ_MAX_SEGS);
 		if (n < 0 || transfer(blk->fd, w->iov, n, sector * PVT_VBLK_SECTOR_SIZE, true))
@@ -93,7 +94,7 @@ static uint8_t handle(struct pvt_vblk *blk, struct pvt_vq *vq, struct pvt_vq_ele
 	case VIRTIO_BLK_T_GET_ID: {
 		/* The serial, NUL-padded, as much as the buffer takes. */
 		size_t len = data_in < VIRTIO_BLK_ID_BYTES ? data_in : VIRTIO_BLK_ID_BYTES;
-		if (pvt_vq_write(e, 0, blk->serial, len) != len)
+		if (len == 0 || pvt_vq_write(e, 0, blk->serial, len) != len)
 			return VIRTIO_BLK_S_IOERR;
 		*written = len;
 		return VIRTIO_BLK_S_OK;

@@ -5,8 +5,9 @@
  * reads, the data, and a status byte the device writes last.  IN is
  * preadv, OUT pwritev (IOERR on a read-only disk), FLUSH fdatasync, GET_ID
  * the serial; any other type is UNSUPP.  A request that runs past the
- * disk, is not whole sectors, or names memory outside guest RAM gets
- * IOERR; one with no status byte to write is handed back unused.
+ * disk, is not whole sectors, moves no data, has its IN data in
+ * device-readable buffers, or names memory outside guest RAM gets IOERR;
+ * one with no status byte to write is handed back unused.
  */
 #ifndef PVT_VIRTIO_BLK_H
 #define PVT_VIRTIO_BLK_H

@@ -28,7 +28,8 @@ static void serve(struct pvt_vworker *w, unsigned q)
 
 	while (pvt_vq_next(vq, w->features, e)) {
 		uint32_t written = 0;
-		bool failed = e->unmapped;
+		/* Only device-writable buffers: a readable one is not ours to fill. */
+		bool failed = e->unmapped || e->nout > 0;
 		for (unsigned i = e->nout; i < e->nsegs && !failed; i++) {
 			if (fill_random(e->segs[i].host, e->segs[i].len))
 				failed = true;

@@ -415,3 +415,12 @@ def test_worker_keeps_the_ram_it_uses_mapped(kvm, tmp_path):
     q.close()
     assert ctypes.string_at(host + DATA, 8) == bytes(8)
     del rng
+
+
+def test_rng_refuses_a_device_readable_buffer(vm, serving):
+    rng, q = serving()
+    vm.memory.write(DATA, b"\x55" * 16)
+    head = q.add([(DATA, 16, False)])
+    assert q.wait_used() == [(head, 0)]
+    assert vm.memory.read(DATA, 16) == b"\x55" * 16
+    assert rng.stats[0]["errors"] == 1

@@ -220,3 +220,18 @@ def test_stress_many_requests(vm, disk, image):
             assert length == 513 and status(vm, i) == S_OK
             assert vm.memory.read(DATA + 512 * i, 512) == expected[sector * 512:(sector + 1) * 512]
     assert blk.stats[0]["requests"] == 1200 and blk.stats[0]["errors"] == 0
+
+
+def test_read_into_a_device_readable_buffer_is_an_ioerr(vm, disk):
+    blk, q = disk
+    vm.memory.write(DATA, b"\x55" * 512)
+    vm.memory.write(HDR, struct.pack("<IIQ", T_IN, 0, 0))
+    vm.memory.write(STATUS, b"\xee")
+    head = q.add([(HDR, 16, False), (DATA, 512, False), (STATUS, 1, True)])
+    assert q.wait_used() == [(head, 1)]
+    assert status(vm, 0) == S_IOERR
+    assert vm.memory.read(DATA, 512) == b"\x55" * 512
+    request(vm, q, 1, T_IN, 0, 0)          # no data at all
+    request(vm, q, 2, T_GET_ID, 0, 0)      # nowhere to put the serial
+    q.wait_used(2)
+    assert [status(vm, 1), status(vm, 2)] == [S_IOERR, S_IOERR]
