@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 
 import pytest
 
@@ -235,3 +236,53 @@ def test_read_into_a_device_readable_buffer_is_an_ioerr(vm, disk):
     request(vm, q, 2, T_GET_ID, 0, 0)      # nowhere to put the serial
     q.wait_used(2)
     assert [status(vm, 1), status(vm, 2)] == [S_IOERR, S_IOERR]
+
+
+def test_fuzzed_rings_never_crash_the_worker(vm, image):
+    """Random descriptor tables, available rings and indirect tables (flags,
+    lengths, addresses in, across the end of, and far outside RAM): every
+    chain is served or handed back, or the queue breaks; the used ring
+    names only real heads; the process lives."""
+    import random
+
+    rnd = random.Random(15)
+    fd = os.open(image, os.O_RDWR)
+    blk = BlkWorker(vm.memory, fd)
+    os.close(fd)
+    q = Queue(vm.memory, RING, 32)
+    try:
+        for _ in range(150):
+            blk.stop()
+            q.attach(blk, 0)
+            blk.set_features(rnd.choice([0, 1 << VIRTIO_RING_F_INDIRECT_DESC]) | 1 << VIRTIO_F_VERSION_1)
+            # Headers the chains may point at: a mix of valid and silly requests.
+            for i in range(8):
+                vm.memory.write(HDR + 16 * i, struct.pack(
+                    "<IIQ", rnd.choice([T_IN, T_IN, T_OUT, T_FLUSH, T_GET_ID, 99]), 0,
+                    rnd.choice([0, 1, SECTORS - 1, SECTORS, 1 << 63])))
+            places = [HDR + 16 * rnd.randrange(8), DATA + rnd.randrange(0, 0x10000),
+                      (16 << 20) - rnd.randrange(1, 600), rnd.randrange(1 << 64), 0x400000]
+            for index in range(32):
+                q.write_desc(index, rnd.choice(places), rnd.choice([0, 1, 16, 512, 513, 4096, 1 << 31]),
+                             rnd.randrange(8), rnd.randrange(40))
+            for index in range(16):   # an indirect table at 0x400000
+                q.write_desc(index, rnd.choice(places), rnd.choice([1, 16, 512]),
+                             rnd.randrange(8), rnd.randrange(20), table=0x400000)
+            count = rnd.randrange(1, 40)
+            ring = struct.pack(f"<{32}H", *[rnd.randrange(36) for _ in range(32)])
+            vm.memory.write(q.avail + 4, ring)
+            vm.memory.write_int(q.avail + 2, count, 2)
+            blk.start()
+            q.kick()
+            # Served, or the queue broke: either way the worker settles.
+            deadline = time.monotonic() + 20
+            while not (blk.stats[0]["broken"] or q.used_idx == count):
+                assert time.monotonic() < deadline, (count, q.used_idx, blk.stats)
+                time.sleep(0.001)
+            for slot in range(min(q.used_idx, 32)):
+                head = vm.memory.read_int(q.used + 4 + 8 * slot, 4)
+                assert head < 32
+        assert blk.stats[0]["errors"] > 0 and blk.stats[0]["requests"] > 0
+    finally:
+        blk.stop()
+        q.close()
