@@ -52,10 +52,11 @@ MMIO32_WINDOW = (0xC0000000, 0xFEC00000)
 MMIO64_WINDOW = (1 << 36, 1 << 37)
 #: Where I/O BARs go: [start, end), above every port a PC device uses.
 IO_WINDOW = (0x1000, 0x10000)
-#: Configuration mechanism #1: the address register, then the data window.
-CONFIG_ADDRESS_PORT = 0xCF8
-CONFIG_DATA_PORT = 0xCFC
-CONFIG_PORTS = 8
+#: Configuration mechanism #1 (served in Python: there is no C side):
+#: CONFIG_ADDRESS at 0xcf8, then the CONFIG_DATA window at 0xcfc-0xcff.
+CONFIG_IO = range(0xCF8, 0xD00)
+CONFIG_ADDRESS = CONFIG_IO.start
+CONFIG_DATA = CONFIG_IO.start + 4
 #: The first of the four GSIs INTA-INTD are swizzled onto (IOAPIC pins 16-19).
 INTX_GSI_BASE = 16
 #: The first GSI the bus gives MSI-X routes (0-23 are the irqchip's pins).
@@ -659,11 +660,11 @@ class PciBus:
         if vm.memory.size > ECAM_BASE:
             raise Error(f"a VM with a PCI bus has at most {ECAM_BASE >> 20} MiB of RAM: the "
                         f"ECAM window is at {ECAM_BASE:#x} (asked for {vm.memory.size >> 20} MiB)")
-        vm.on_io((CONFIG_ADDRESS_PORT, CONFIG_PORTS), self._config_io)
+        vm.on_io(CONFIG_IO, self._config_io)
         try:
             vm.on_mmio((ECAM_BASE, ECAM_SIZE), self._ecam)
         except BaseException:
-            vm.off_io(CONFIG_ADDRESS_PORT)
+            vm.off_io(CONFIG_IO)
             raise
         self.host_bridge = HostBridge()
         self.add(self.host_bridge, 0)
@@ -772,16 +773,16 @@ class PciBus:
 
     def _config_io(self, exit) -> Optional[int]:
         port, size = exit.port, exit.size
-        if port == CONFIG_ADDRESS_PORT and size == 4:
+        if port == CONFIG_ADDRESS and size == 4:
             if exit.is_write:
                 self._address = exit.value & 0x80FFFFFC
                 return None
             return self._address
-        if port < CONFIG_DATA_PORT:
+        if port < CONFIG_DATA:
             return None if exit.is_write else (1 << (8 * size)) - 1  # not a dword at 0xcf8
         address = self._address
         bus, slot, function = (address >> 16) & 0xFF, (address >> 11) & 0x1F, (address >> 8) & 7
-        offset = (address & 0xFC) + port - CONFIG_DATA_PORT
+        offset = (address & 0xFC) + port - CONFIG_DATA
         if not address & 0x80000000 or bus != 0 or offset + size > 0x100:
             return None if exit.is_write else (1 << (8 * size)) - 1
         if exit.is_write:

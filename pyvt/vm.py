@@ -121,6 +121,7 @@ class Vm:
     fw_cfg: Optional[pc.FwCfg]
     cmos: Optional[pc.Cmos]
     pm_timer: Optional[pc.PmTimer]
+    acpi_pm1: Optional[pc.AcpiPm1]
     i8042: Optional[pc.I8042]
     post: Optional[pc.PostCode]
 
