@@ -289,6 +289,8 @@ class PciDevice:
 
     def _update_bars(self) -> None:
         """Maps each BAR where its register says, if its decoder is on."""
+        if self.bus is None:
+            return  # not on a bus yet: add() maps them
         command = self.command
         for bar in self.bars.values():
             enabled = command & (COMMAND_IO if bar.is_io else COMMAND_MEMORY)
