@@ -157,7 +157,6 @@ def pci_root() -> bytes:
         "PCI0",
         aml.name("_HID", aml.eisa_id("PNP0A08")),
         aml.name("_CID", aml.eisa_id("PNP0A03")),
-        aml.name("_ADR", 0),
         aml.name("_SEG", 0),
         aml.name("_BBN", 0),
         aml.name("_UID", 0),
@@ -170,12 +169,13 @@ def pci_root() -> bytes:
         aml.name("_UID", 1),
         aml.name("_CRS", aml.resource_template(aml.memory32_fixed(pci.ECAM_BASE, pci.ECAM_SIZE))),
     )
-    return aml.scope("\\_SB", root, reserved)
+    # "_SB" at the table's top level is \\_SB (iasl drops the root prefix too).
+    return aml.scope("_SB", root, reserved)
 
 
 def dsdt(with_pci: bool = True) -> bytes:
     # \_S5: SLP_TYP values for PM1a_CNT and PM1b_CNT, then two reserved.
-    body = aml.name("\\_S5", aml.package(pc.SLP_TYP_S5, pc.SLP_TYP_S5, 0, 0))
+    body = aml.name("_S5", aml.package(pc.SLP_TYP_S5, pc.SLP_TYP_S5, 0, 0))
     if with_pci:
         body += pci_root()
     return _table(b"DSDT", 2, body)
