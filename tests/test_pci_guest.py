@@ -69,6 +69,16 @@ def _guest(slot: int, gsi: int) -> bytes:
     def cf8(offset):  # select (slot, offset) for 0xcfc
         return f"mov ${config_address(slot, offset):#x}, %eax\n    mov $0xcf8, %dx\n    out %eax, %dx"
 
+    def cf8_ebx(plus):  # select offset %ebx + plus (same dword); %dx: its data port
+        return f"""mov %ebx, %eax
+        and $0xfc, %eax
+        or ${config_address(slot, 0):#x}, %eax
+        mov $0xcf8, %dx
+        out %eax, %dx
+        mov %ebx, %edx
+        and $3, %edx
+        add ${0xCFC + plus:#x}, %edx"""
+
     def wait_for_interrupt():
         return "sti\n    hlt\n    cli"
 
@@ -169,14 +179,7 @@ def _guest(slot: int, gsi: int) -> bytes:
         mov $0xcfc, %dx
         in %dx, %al
         movzbl %al, %ebx
-    3:  mov %ebx, %eax
-        and $0xfc, %eax
-        or ${config_address(slot, 0):#x}, %eax
-        mov $0xcf8, %dx
-        out %eax, %dx
-        mov %ebx, %edx
-        and $3, %edx
-        add $0xcfc, %edx
+    3:  {cf8_ebx(0)}
         in %dx, %al                 /* the capability's ID */
         cmp $0x11, %al
         je 4f
@@ -195,14 +198,7 @@ def _guest(slot: int, gsi: int) -> bytes:
         movl ${APIC_BASE:#x}, {TABLE + 16}(%r12)
         movl $0, {TABLE + 20}(%r12)
         movl ${EVENTFD_VECTOR:#x}, {TABLE + 24}(%r12)
-        mov %ebx, %eax
-        and $0xfc, %eax
-        or ${config_address(slot, 0):#x}, %eax
-        mov $0xcf8, %dx
-        out %eax, %dx
-        mov %ebx, %edx
-        and $3, %edx
-        add $0xcfe, %edx            /* message control: the capability + 2 */
+        {cf8_ebx(2)}                /* message control: the capability + 2 */
         mov $0x8000, %ax
         out %ax, %dx
 
