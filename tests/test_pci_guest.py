@@ -2,7 +2,8 @@
 bus 0 through 0xcf8/0xcfc and through ECAM, sizes a BAR, reads and writes a
 Python device's memory and I/O BARs, walks the capability list to MSI-X,
 takes MSI-X interrupts (KVM_SIGNAL_MSI and an irqfd eventfd, masked and
-unmasked) and an INTx through the IOAPIC, and powers off through the ACPI
+unmasked) and INTx through the IOAPIC (KVM_IRQ_LINE, and an irqfd whose
+resample eventfd reports the guest's EOI), and powers off through the ACPI
 PM1a control block."""
 
 import os
@@ -13,8 +14,8 @@ import pytest
 import pyvt
 from pyvt import exits, modes, pci
 
-pytestmark = [pytest.mark.requires_kvm, pytest.mark.requires_cap("IRQCHIP", "SIGNAL_MSI",
-                                                                 "IRQ_ROUTING", "IRQFD")]
+pytestmark = [pytest.mark.requires_kvm, pytest.mark.requires_cap(
+    "IRQCHIP", "SIGNAL_MSI", "IRQ_ROUTING", "IRQFD", "IRQFD_RESAMPLE")]
 
 CODE = modes.LOAD_ADDRESS
 RESULTS = 0x6000
@@ -22,16 +23,16 @@ COUNTERS = 0x6300  # the interrupt handlers count here, one dword per vector
 APIC_BASE = 0xFEE00000
 IOAPIC_BASE = 0xFEC00000
 MSI_VECTOR, EVENTFD_VECTOR, INTX_VECTOR = 0x40, 0x42, 0x41
-SCRATCH, NOTIFY, INTX, EVENT = 0x0, 0x4, 0x8, 0xC  # the probe's BAR 0 registers
+SCRATCH, NOTIFY, INTX, EVENT, INTX_EVENT = 0x0, 0x4, 0x8, 0xC, 0x10  # the probe's BAR 0 registers
 TABLE, PBA = 0x800, 0xC00
 IO_ANSWER = 0xA55A
 
 
 class Probe(pci.PciDevice):
     """A device for the guest to find: BAR 0 (4 KiB) holds a scratch
-    register, three doorbells (MSI-X vector, INTx level, MSI-X vector
-    through its eventfd) and the MSI-X table and PBA; BAR 4 is 32 I/O
-    ports that read IO_ANSWER."""
+    register, four doorbells (MSI-X vector, INTx level, MSI-X vector
+    through its eventfd, INTx through its irqfd) and the MSI-X table and
+    PBA; BAR 4 is 32 I/O ports that read IO_ANSWER."""
 
     def __init__(self):
         super().__init__(0x1234, 0x11E8, 0xFF0000, revision=3)
@@ -55,6 +56,8 @@ class Probe(pci.PciDevice):
             self.set_intx(bool(value))
         elif offset == EVENT:
             os.eventfd_write(self.msix.eventfd(value), 1)  # as a native worker would
+        elif offset == INTX_EVENT:
+            os.eventfd_write(self.intx_eventfd(), 1)
 
     def on_bar_moved(self, index, old_address, new_address):
         self.moves.append((index, old_address, new_address))
@@ -232,6 +235,8 @@ def _guest(slot: int, gsi: int) -> bytes:
         movl ${INTX_VECTOR | 1 << 15:#x}, 0x10(%rdx)
         movl $1, {INTX}(%r12)           /* the device raises INTx */
         {wait_for_interrupt()}
+        movl $1, {INTX_EVENT}(%r12)     /* again, through the irqfd: the EOI lowers it */
+        {wait_for_interrupt()}
 
         /* 9. power off: SLP_TYP 0 (\\_S5) with SLP_EN */
         mov $0x604, %dx
@@ -284,7 +289,8 @@ def test_a_guest_finds_sizes_uses_and_interrupts_through_a_python_device(kvm):
         assert r(0x11C) == 0  # unmasking sent it and cleared the bit
         assert r(0x120) == 2  # the eventfd's vector, masked: pending
         counts = struct.unpack("<III", vm.memory.read(COUNTERS, 12))
-        assert counts == (2, 1, 2)  # MSI_VECTOR, INTX_VECTOR, EVENTFD_VECTOR
+        assert counts == (2, 2, 2)  # MSI_VECTOR, INTX_VECTOR, EVENTFD_VECTOR
+        assert os.eventfd_read(probe.intx_resample_eventfd) == 1  # KVM saw the EOI
         # Sizing with decoding off unmapped BAR 0 and the restore mapped it back.
         assert (0, bar0, None) in probe.moves and probe.moves[-1] in ((0, None, bar0), (4, None, io))
         assert probe.bars[0].address == bar0 and probe.bars[4].address == io
