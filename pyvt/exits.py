@@ -423,3 +423,21 @@ class PowerOff(Exit):
 
 
 __all__.append("PowerOff")
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Suspend(Exit):
+    """The guest suspended the machine to RAM (ACPI S3: ``\\_S3``'s sleep
+    type with SLP_EN written to the PM1a control block at ``port``).  The
+    vCPUs stay stopped; :func:`pyvt.acpi_sleep.resume` waits for the RTC
+    alarm the guest armed and restarts them at its FACS waking vector."""
+
+    source: str
+    port: int = _native.PM1_PORT + _native.PM1_EVENT_LENGTH
+    rip: Optional[int] = None
+
+    def __repr__(self) -> str:
+        return f"Suspend(source={self.source!r}, port={self.port:#x}, rip={_hex(self.rip)})"
+
+
+__all__.append("Suspend")

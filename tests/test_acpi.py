@@ -89,6 +89,7 @@ def _reference_asl() -> str:
     return f"""
 DefinitionBlock ("", "DSDT", 2, "PYVT  ", "PYVTMACH", 1)
 {{
+    Name (_S3, Package (4) {{ 1, 1, 0, 0 }})
     Name (_S5, Package (4) {{ 0, 0, 0, 0 }})
     Scope (\\_SB)
     {{
@@ -141,7 +142,8 @@ def test_the_dsdt_is_what_iasl_compiles_from_the_same_asl(tmp_path):
     assert (pci.ECAM_BASE, pci.ECAM_SIZE, pci.MMIO32_WINDOW, pci.MMIO64_WINDOW) == (
         0xB0000000, 1 << 20, (0xC0000000, 0xFEC00000), (1 << 36, 1 << 37))
     without = acpi.dsdt(with_pci=False)
-    assert b"PCI0" not in without and without[36:] == aml.name("_S5", aml.package(0, 0, 0, 0))
+    assert b"PCI0" not in without and without[36:] == (
+        aml.name("_S3", aml.package(1, 1, 0, 0)) + aml.name("_S5", aml.package(0, 0, 0, 0)))
 
 
 @needs_iasl
@@ -163,7 +165,7 @@ def test_iasl_disassembles_every_table_without_complaint(tmp_path):
     assert "PM1A Control Block Address : 00000604" in text["facp"]
     assert "FACS Address : 000E0200" in text["facp"]
     assert "Base Address : 00000000B0000000" in text["mcfg"]
-    assert text["dsdt"].count("Package (0x04)") == 1 + 32 * 4  # _S5 and the _PRT entries
+    assert text["dsdt"].count("Package (0x04)") == 2 + 32 * 4  # _S3, _S5, the _PRT entries
 
 
 # -- the tables ------------------------------------------------------------------
