@@ -424,3 +424,24 @@ def test_rng_refuses_a_device_readable_buffer(vm, serving):
     assert q.wait_used() == [(head, 0)]
     assert vm.memory.read(DATA, 16) == b"\x55" * 16
     assert rng.stats[0]["errors"] == 1
+
+
+def test_the_worker_never_needs_the_gil(vm, serving):
+    """This thread holds the GIL (a ctypes.PyDLL call keeps it) while it
+    waits in poll() for the worker's interrupt: a worker that took the GIL
+    anywhere on its path would never signal."""
+    import ctypes
+    import select as select_module
+
+    rng, q = serving()
+    libc = ctypes.PyDLL(None)   # PyDLL: the GIL stays held during calls
+    libc.poll.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int]
+
+    class PollFd(ctypes.Structure):
+        _fields_ = [("fd", ctypes.c_int), ("events", ctypes.c_short), ("revents", ctypes.c_short)]
+
+    wait = PollFd(q.call_fd, select_module.POLLIN, 0)
+    q.add([(DATA, 64, True)])
+    ready = libc.poll(ctypes.byref(wait), 1, 20000)
+    assert ready == 1 and wait.revents & select_module.POLLIN
+    assert q.wait_used() == [(0, 64)]
