@@ -67,3 +67,7 @@ __all__ = [
     "Sandbox", "get_include", "SandboxError", "GuestFault", "SandboxTimeout",
     "pci",
 ]
+
+# -- virtio native workers (pyvt._virtio) --
+from .errors import VirtqueueError  # noqa: E402
+__all__ += ["VirtqueueError"]

@@ -179,3 +179,12 @@ class DeviceError(Error):
 class DeviceStateError(DeviceError, ArgumentError):
     """A device state that does not fit the device: from another pyvt build,
     or not what the device's ``save_state()`` returns."""
+
+
+# -- VIRTIO NATIVE WORKERS (issue 15, pyvt._virtio) ---------------------------
+
+
+class VirtqueueError(DeviceError, ArgumentError):
+    """A virtqueue a native virtio worker cannot serve: its size is not a
+    power of two up to 32768, a ring is misaligned, or a ring lies outside
+    guest RAM.  The driver set it up wrong: the device needs a reset."""
