@@ -179,3 +179,25 @@ class DeviceError(Error):
 class DeviceStateError(DeviceError, ArgumentError):
     """A device state that does not fit the device: from another pyvt build,
     or not what the device's ``save_state()`` returns."""
+
+
+# -- virtio (pyvt.virtio) --
+
+class VirtioError(DeviceError):
+    """A virtio device (:mod:`pyvt.virtio`) cannot be made or used as asked."""
+
+
+class VirtqueueError(VirtioError):
+    """The guest's driver put a bad address, length or descriptor chain in a
+    virtqueue: the device stops serving it and asks for a reset
+    (DEVICE_NEEDS_RESET), as the virtio specification says."""
+
+
+class DiskImageError(_OSErrorMessage, VirtioError):
+    """``vm.add_disk()``: the disk image is missing, not a regular file or
+    block device, or cannot be opened as asked (``errno`` says why)."""
+
+
+class TapError(_OSErrorMessage, VirtioError):
+    """``vm.add_net(tap=...)``: the tap device does not exist or cannot be
+    attached (``errno`` says why)."""
