@@ -134,3 +134,11 @@ def install(vm, cpus: int, irqchip: bool = True) -> Dict[int, bytes]:
     for address, data in tables.items():
         vm.memory.write(address, data)
     return tables
+
+
+def pci_bus_created(vm) -> None:
+    """Called when ``vm.pci`` first appears: tables written before now
+    describe no PCI root, so write them again (see :func:`install`)."""
+    installed = getattr(vm, "_acpi_installed", None)
+    if installed is not None:
+        install(vm, *installed)
