@@ -14,6 +14,15 @@
 from .errors import DiskImageError, TapError, VirtioError, VirtqueueError
 from .virtqueue import Chain, Virtqueue
 from .guest_ram import GuestRam
+from .device import VirtioDevice
+from .pci_transport import VirtioPciDevice
+from .native import NativeVirtioDevice
+from .blk import BlockDevice
+from .net import NetDevice
+from .console import ConsoleDevice
+from .rng import RngDevice
+from . import constants
 
-__all__ = ["Chain", "Virtqueue", "GuestRam",
-           "VirtioError", "VirtqueueError", "DiskImageError", "TapError"]
+__all__ = ["Chain", "Virtqueue", "GuestRam", "VirtioDevice", "VirtioPciDevice",
+           "NativeVirtioDevice", "BlockDevice", "NetDevice", "ConsoleDevice", "RngDevice",
+           "constants", "VirtioError", "VirtqueueError", "DiskImageError", "TapError"]
