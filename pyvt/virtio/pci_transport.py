@@ -107,6 +107,7 @@ class VirtioPciDevice(PciDevice):
         self.offered = (device.features | device.ring_features | 1 << F_VERSION_1)
         self.queue_configs: List[QueueConfig] = []
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
+        self._no_irqchip_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         for size in device.queue_sizes:
             self.queue_configs.append(QueueConfig(size, os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)))
         # The registers are served under the PCI bus's lock (vCPU threads).
@@ -154,7 +155,7 @@ class VirtioPciDevice(PciDevice):
         """The eventfd of MSI-X ``vector`` if the driver enabled MSI-X and
         chose a vector; None: INTx.  Fetched on a vCPU's thread (the bus
         lock held) before the device's thread uses it."""
-        if vector == NO_VECTOR or not self.msix.enabled:
+        if vector == NO_VECTOR or not self.msix.enabled or not self.vm.fd.has_irqchip:
             return None
         fd = self._msix_fds.get(vector)
         if fd is None:
@@ -166,7 +167,15 @@ class VirtioPciDevice(PciDevice):
         native worker): its MSI-X vector's, or the INTx irqfd (the worker
         sets its ISR bits, which an ISR read takes)."""
         fd = self._vector_fd(self.queue_configs[index].msix_vector)
-        return self.intx_eventfd() if fd is None else fd
+        return self._intx_fd() if fd is None else fd
+
+    def _intx_fd(self) -> int:
+        """The INTx irqfd; in a VM without the in-kernel irqchip (no
+        interrupts at all), an eventfd the device's thread just drains: the
+        driver polls the used ring or the ISR."""
+        if self.vm.fd.has_irqchip:
+            return self.intx_eventfd()
+        return self._no_irqchip_fd
 
     def interrupt_queue(self, index: int) -> None:
         """Interrupts the guest for queue ``index`` (a Python device's
@@ -197,7 +206,7 @@ class VirtioPciDevice(PciDevice):
         """Sets ISR ``bits`` and asserts INTx (an irqfd: no bus lock)."""
         with self._isr_lock:
             self.isr |= bits
-        os.eventfd_write(self.intx_eventfd(), 1)
+        os.eventfd_write(self._intx_fd(), 1)
 
     def _resampled(self) -> None:
         """The guest EOIed INTx and KVM lowered it: raise it again while
@@ -206,7 +215,7 @@ class VirtioPciDevice(PciDevice):
             self.isr |= self.device.take_isr()
             pending = self.isr
         if pending:
-            os.eventfd_write(self.intx_eventfd(), 1)
+            os.eventfd_write(self._intx_fd(), 1)
 
     # -- BAR accesses (MMIO exits, on the vCPU's thread) ----------------------
 
@@ -373,7 +382,7 @@ class VirtioPciDevice(PciDevice):
         self._active_fds = {n: self._vector_fd(q.msix_vector)
                             for n, q in enumerate(self.queue_configs) if q.enabled}
         self._config_fd = self._vector_fd(self.config_msix_vector)
-        self.intx_eventfd()  # made here, on a vCPU thread: the device thread only writes it
+        self._intx_fd()  # made here, on a vCPU thread: the device thread only writes it
         try:
             self.device.activate(self)
         except VirtqueueError as error:
@@ -390,7 +399,9 @@ class VirtioPciDevice(PciDevice):
         """The device's thread: queue kicks for a Python device, and the
         INTx relay of a native worker's interrupts."""
         poller = select.poll()
-        fds = {self._stop_fd: None, self.intx_resample_eventfd: -1}
+        fds = {self._stop_fd: None, self._no_irqchip_fd: -2}
+        if self.vm.fd.has_irqchip:
+            fds[self.intx_resample_eventfd] = -1
         if self.device.serves_queues_in_python:
             for n, q in enumerate(self.queue_configs):
                 if q.enabled:
@@ -408,6 +419,7 @@ class VirtioPciDevice(PciDevice):
                 index = fds[fd]
                 if index == -1:
                     self._resampled()
+                if index < 0:
                     continue
                 try:
                     self.device.kicked(index)
@@ -442,7 +454,7 @@ class VirtioPciDevice(PciDevice):
         self.device.close()
         if getattr(self.vm, "closed", True) is False and self._ioeventfd_base is not None:
             self._register_ioeventfds(None)
-        for fd in [q.kick_fd for q in self.queue_configs] + [self._stop_fd]:
+        for fd in [q.kick_fd for q in self.queue_configs] + [self._stop_fd, self._no_irqchip_fd]:
             try:
                 os.close(fd)
             except OSError:
