@@ -65,3 +65,7 @@ __all__ = [
     "Snapshot", "SnapshotError", "SnapshotFileError", "SnapshotFileNotFound",
     "Sandbox", "get_include", "SandboxError", "GuestFault", "SandboxTimeout",
 ]
+
+# -- virtio native workers (pyvt._virtio) --
+from .errors import VirtqueueError  # noqa: E402
+__all__ += ["VirtqueueError"]

@@ -181,16 +181,18 @@ class DeviceStateError(DeviceError, ArgumentError):
     or not what the device's ``save_state()`` returns."""
 
 
-# -- virtio (pyvt.virtio) --
+# -- virtio (pyvt.virtio; the native workers, pyvt._virtio) --
 
 class VirtioError(DeviceError):
     """A virtio device (:mod:`pyvt.virtio`) cannot be made or used as asked."""
 
 
-class VirtqueueError(VirtioError):
-    """The guest's driver put a bad address, length or descriptor chain in a
-    virtqueue: the device stops serving it and asks for a reset
-    (DEVICE_NEEDS_RESET), as the virtio specification says."""
+class VirtqueueError(VirtioError, ArgumentError):
+    """A virtqueue that cannot be served: the guest's driver set it up wrong
+    (a size that is not a power of two up to 32768, a misaligned ring, a
+    ring or buffer outside guest RAM, a bad descriptor chain).  The device
+    stops serving it and asks for a reset (DEVICE_NEEDS_RESET), as the
+    virtio specification says."""
 
 
 class DiskImageError(_OSErrorMessage, VirtioError):

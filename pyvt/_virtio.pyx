@@ -1,0 +1,283 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Native virtio device workers: the virtio data path without the GIL.
+
+Each worker is a C thread (``csrc/virtio_worker.c``) serving one device's
+split virtqueues.  A queue's kick eventfd (registered by the PCI transport
+as a KVM ioeventfd) wakes it; it walks the chains in guest memory, does the
+I/O (a raw image, a tap, pipes, getrandom) and writes the queue's call
+eventfd (a KVM irqfd) when the guest wants an interrupt.  Python only sets
+queues up, starts and stops the thread, and reads the ISR and stats.
+
+Every guest address is checked against the memory table given to the
+worker (``GuestMemory.host_regions()``).  The worker holds raw host
+addresses: stop it before the VM closes or a region is removed.
+"""
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free
+
+from pyvt.includes.virtio cimport *
+
+import errno
+import os
+
+from pyvt.errors import ArgumentError, ArgumentTypeError, DeviceError, VirtqueueError
+
+#: The largest split virtqueue a worker serves.
+MAX_QUEUE_SIZE = PVT_VQ_MAX_SIZE
+#: The most buffers one request may have.
+MAX_SEGMENTS = PVT_VQ_MAX_SEGS
+#: The most RAM regions a worker's memory table holds.
+MAX_REGIONS = PVT_VMEM_MAX_REGIONS
+
+
+def _bits(*numbers):
+    """A feature mask with those bit numbers set."""
+    mask = 0
+    for n in numbers:
+        mask |= 1 << n
+    return mask
+
+
+#: Ring features every worker implements (virtio 1.x; split rings only).
+RING_FEATURES = _bits(VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC, VIRTIO_RING_F_EVENT_IDX)
+
+#: The ISR bit a worker sets when it interrupts the guest for a queue.
+ISR_QUEUE = 1
+
+
+# -- errors: a native -errno becomes an exception here, and only here ---------
+
+cdef int check(int rc, str what) except -1:
+    if rc == 0:
+        return 0
+    if rc == -errno.EBUSY:
+        raise DeviceError(f"{what}: the worker is running; stop() it first")
+    if rc == -errno.ENOENT:
+        raise ArgumentError(f"{what}: the device has no such queue")
+    if rc == -errno.ENODEV:
+        raise ArgumentError(f"{what}: that queue is not set up; set_queue() it first")
+    if rc == -errno.EFAULT:
+        raise VirtqueueError(f"{what}: a ring lies outside guest RAM")
+    if rc == -errno.EINVAL:
+        raise VirtqueueError(f"{what}: the queue size must be a power of two up to "
+                             f"{PVT_VQ_MAX_SIZE}, the descriptor table 16-byte aligned, the "
+                             "available ring 2-byte and the used ring 4-byte aligned")
+    raise DeviceError(f"{what} failed: {os.strerror(-rc)}")
+
+
+cdef uint64_t _uint(object value, str name, uint64_t limit) except? 0xFFFFFFFFFFFFFFFF:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ArgumentTypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < 0 or value > limit:
+        raise ArgumentError(f"{name} must be between 0 and {limit:#x}, not {value:#x}")
+    return value
+
+
+cdef int _fd(object value, str name, bint optional) except -2:
+    if value is None and optional:
+        return -1
+    if isinstance(value, bool) or not isinstance(value, int):
+        if hasattr(value, "fileno"):
+            value = value.fileno()
+        else:
+            raise ArgumentTypeError(f"{name} must be a file descriptor (an int), not "
+                                    f"{type(value).__name__}")
+    if value < 0:
+        raise ArgumentError(f"{name} must be an open file descriptor, not {value}")
+    try:
+        os.fstat(value)
+    except OSError:
+        raise ArgumentError(f"{name} {value} is not an open file descriptor") from None
+    return value
+
+
+def memory_table(memory):
+    """``memory`` as a checked list of ``(gpa, size, host_address)``: a
+    list of such tuples, or a ``GuestMemory`` (its ``host_regions()``)."""
+    if hasattr(memory, "host_regions"):
+        memory = memory.host_regions()
+    try:
+        regions = [tuple(r) for r in memory]
+    except TypeError:
+        raise ArgumentTypeError("memory must be a GuestMemory or a list of (gpa, size, "
+                                f"host_address), not {type(memory).__name__}") from None
+    if not regions:
+        raise ArgumentError("memory holds no RAM region: a worker needs guest RAM")
+    if len(regions) > PVT_VMEM_MAX_REGIONS:
+        raise ArgumentError(f"memory has {len(regions)} regions; a worker takes at most "
+                            f"{PVT_VMEM_MAX_REGIONS}")
+    table = []
+    for r in regions:
+        if len(r) != 3:
+            raise ArgumentError(f"a memory region is (gpa, size, host_address), not {r!r}")
+        gpa = _uint(r[0], "a region's gpa", 0xFFFFFFFFFFFFFFFF)
+        size = _uint(r[1], "a region's size", 0xFFFFFFFFFFFFFFFF)
+        host = _uint(r[2], "a region's host_address", 0xFFFFFFFFFFFFFFFF)
+        if size == 0 or gpa + size > 1 << 64 or host == 0:
+            raise ArgumentError(f"memory region {r!r} is empty, wraps or has no host address")
+        table.append((gpa, size, host))
+    return table
+
+
+cdef class _Worker:
+    """What every native virtio worker shares: queues, features, the thread."""
+
+    cdef pvt_vworker *w   # NULL until the device's C side is set up
+    cdef void *dev        # the device struct that holds *w
+    cdef readonly list memory
+    cdef readonly str name
+
+    #: Feature bits this worker implements (ring bits and device bits).
+    supported_features = RING_FEATURES
+
+    def __dealloc__(self):
+        if self.w != NULL:
+            with nogil:
+                pvt_vw_destroy(self.w)
+        free(self.dev)
+
+    cdef int _attach(self, void *dev, pvt_vworker *w, int rc, object memory) except -1:
+        """Takes the device struct `dev` its init returned `rc` for."""
+        if self.dev != NULL:
+            free(dev)
+            raise DeviceError(f"the {self.name} worker is set up already")
+        if rc:
+            free(dev)
+            check(rc, f"cannot set up the {self.name} worker")
+        self.dev = dev
+        self.w = w
+        self.set_memory(memory)
+        return 0
+
+    cdef pvt_vworker *_live(self) except NULL:
+        if self.w == NULL:
+            raise DeviceError(f"the {self.name} worker was not set up")
+        return self.w
+
+    def set_memory(self, memory):
+        """Replaces the memory table (after a region was added or removed);
+        only while stopped."""
+        cdef pvt_vworker *w = self._live()
+        table = memory_table(memory)
+        cdef pvt_vmem_region *regions = <pvt_vmem_region *>calloc(len(table),
+                                                                  sizeof(pvt_vmem_region))
+        if regions == NULL:
+            raise MemoryError()
+        try:
+            for i, (gpa, size, host) in enumerate(table):
+                regions[i].gpa = gpa
+                regions[i].size = size
+                regions[i].host = <uint8_t *><size_t>host
+            check(pvt_vw_set_memory(w, regions, len(table)), f"{self.name}: set_memory")
+        finally:
+            free(regions)
+        self.memory = table
+
+    @property
+    def queues(self):
+        """How many queues the device has."""
+        return self._live().nqueues
+
+    @property
+    def running(self):
+        return bool(self._live().running)
+
+    @property
+    def features(self):
+        """The negotiated features the worker was given."""
+        return self._live().features
+
+    def set_queue(self, index, size, desc_gpa, avail_gpa, used_gpa, kick_fd, call_fd):
+        """Sets queue ``index`` up at those guest-physical addresses; its
+        positions start at 0.  The worker keeps its own duplicates of
+        ``kick_fd`` (an eventfd, the ioeventfd) and ``call_fd`` (an eventfd
+        it writes for an interrupt, the irqfd); either may be None."""
+        cdef pvt_vworker *w = self._live()
+        cdef unsigned q = self._index(index)
+        cdef uint32_t n = _uint(size, "size", 0xFFFFFFFF)
+        cdef uint64_t desc = _uint(desc_gpa, "desc_gpa", 0xFFFFFFFFFFFFFFFF)
+        cdef uint64_t avail = _uint(avail_gpa, "avail_gpa", 0xFFFFFFFFFFFFFFFF)
+        cdef uint64_t used = _uint(used_gpa, "used_gpa", 0xFFFFFFFFFFFFFFFF)
+        cdef int kick = _fd(kick_fd, "kick_fd", True)
+        cdef int call = _fd(call_fd, "call_fd", True)
+        check(pvt_vw_set_queue(w, q, n, desc, avail, used, kick, call),
+              f"{self.name}: set_queue({index}, size={size}, desc={desc_gpa:#x}, "
+              f"avail={avail_gpa:#x}, used={used_gpa:#x})")
+
+    cdef unsigned _index(self, object index) except? 0xFFFFFFFF:
+        cdef unsigned q = _uint(index, "queue index", 0xFFFF)
+        if q >= self._live().nqueues:
+            raise ArgumentError(f"the {self.name} device has {self._live().nqueues} "
+                                f"queue(s); there is no queue {index}")
+        return q
+
+    def set_features(self, negotiated):
+        """The features the driver accepted.  Bits the worker does not
+        implement (config-space bits the transport handles) are ignored."""
+        check(pvt_vw_set_features(self._live(), _uint(negotiated, "features",
+                                                      0xFFFFFFFFFFFFFFFF)),
+              f"{self.name}: set_features")
+
+    def start(self):
+        """Starts the worker thread; it first serves what is already available."""
+        check(pvt_vw_start(self._live()), f"{self.name}: start")
+
+    def stop(self):
+        """Stops and joins the thread.  Queue positions are kept."""
+        cdef pvt_vworker *w = self._live()
+        with nogil:
+            pvt_vw_stop(w)
+
+    def reset(self):
+        """Forgets queues, features and the ISR (a device reset); stats stay."""
+        check(pvt_vw_reset(self._live()), f"{self.name}: reset")
+
+    def take_isr(self):
+        """Reads and clears the ISR bits (bit 0: a queue interrupt)."""
+        return pvt_vw_take_isr(self._live())
+
+    def queue_state(self, index):
+        """``(last_avail_idx, used_idx)`` of queue ``index``."""
+        cdef unsigned q = self._index(index)
+        cdef pvt_vq *vq = &self._live().q[q]
+        return (vq.last_avail, vq.used_idx)
+
+    def set_queue_state(self, index, last_avail_idx):
+        """Restores queue ``index``'s position (only while stopped): the
+        next chain taken is ``last_avail_idx``; the used index is read back
+        from the used ring in guest memory."""
+        cdef unsigned q = self._index(index)
+        check(pvt_vw_set_position(self._live(), q, _uint(last_avail_idx, "last_avail_idx",
+                                                         0xFFFF)),
+              f"{self.name}: set_queue_state({index})")
+
+    @property
+    def stats(self):
+        """``{queue index: {"requests", "bytes", "errors", "notifies",
+        "kicks", "broken"}}``; counts run over the worker's life."""
+        cdef pvt_vworker *w = self._live()
+        result = {}
+        for q in range(w.nqueues):
+            s = w.q[q].stats
+            result[q] = {"requests": s.requests, "bytes": s.bytes, "errors": s.errors,
+                         "notifies": s.notifies, "kicks": s.kicks,
+                         "broken": bool(w.q[q].broken)}
+        return result
+
+    def __repr__(self):
+        if self.w == NULL:
+            return f"<{type(self).__name__} (not set up)>"
+        state = "running" if self.w.running else "stopped"
+        return f"<{type(self).__name__} {state}, {self.w.nqueues} queue(s)>"
+
+
+cdef class RngWorker(_Worker):
+    """virtio-rng: one request queue, filled from getrandom()."""
+
+    def __init__(self, memory):
+        cdef pvt_vrng *rng = <pvt_vrng *>calloc(1, sizeof(pvt_vrng))
+        if rng == NULL:
+            raise MemoryError()
+        self.name = "virtio-rng"
+        self._attach(rng, &rng.w, pvt_vrng_init(rng), memory)
