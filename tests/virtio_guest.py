@@ -19,7 +19,7 @@ SOURCE = Path(__file__).parent / "guests" / "virtio_driver.c"
 CMD, RESULT = 0x7000, 0x6000
 DATA = 0x20000  # where the tests put request buffers
 MAX_REQUESTS, MAX_SEGMENTS = 8, 4
-FLAG_INDIRECT, FLAG_RESET_AFTER = 1, 2
+FLAG_INDIRECT, FLAG_RESET_AFTER, FLAG_MSIX = 1, 2, 4
 STAGE_DONE = 7
 STAGES = {1: "start", 2: "found", 3: "caps", 4: "features", 5: "queue", 6: "running",
           7: "done", 0x101: "no device", 0x102: "no virtio capabilities",
@@ -49,6 +49,8 @@ class Result:
     config_generation: int
     notify_multiplier: int
     config: bytes
+    msix_vector: int
+    pba: int
 
     @property
     def stage_name(self) -> str:
@@ -86,8 +88,10 @@ def run(vm: pyvt.Vm, elf: bytes, device_id: int, requests: Sequence[Sequence[Seg
     at += 8 * MAX_REQUESTS
     generation, multiplier = struct.unpack_from("<II", raw, at)
     config = raw[at + 8:at + 8 + 64]
+    msix_vector, pba = struct.unpack_from("<II", raw, at + 8 + 64)
     return Result(stage, slot, offered, accepted, status, qsize, nq, isr,
-                  list(zip(ids, lens))[:len(requests)], generation, multiplier, config)
+                  list(zip(ids, lens))[:len(requests)], generation, multiplier, config,
+                  msix_vector, pba)
 
 
 def new_vm(memory: str = "16M") -> pyvt.Vm:

@@ -24,6 +24,9 @@ def open_image(path, readonly: bool) -> int:
         fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
     except FileNotFoundError:
         raise DiskImageError(errno.ENOENT, f"disk image {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise DiskImageError(errno.EISDIR, f"disk image {path!r} is a directory: give a raw "
+                             "image file or a block device") from None
     except PermissionError:
         raise DiskImageError(errno.EACCES, f"disk image {path!r} cannot be opened "
                              f"{'for reading' if readonly else 'for reading and writing'} "

@@ -27,6 +27,7 @@ typedef unsigned long u64;
 
 #define FLAG_INDIRECT 1      /* each request through an indirect table */
 #define FLAG_RESET_AFTER 2   /* reset the device at the end (status 0) */
+#define FLAG_MSIX 4          /* enable MSI-X, vector 0 (masked) for the queue */
 
 struct segment { u64 addr; u32 len; u32 write; };
 struct request { u32 nseg; u32 pad; struct segment seg[MAX_SEGMENTS]; };
@@ -45,6 +46,8 @@ struct result {
     u32 used_id[MAX_REQUESTS], used_len[MAX_REQUESTS];
     u32 config_generation, notify_multiplier;
     u8 config[64];                /* the first bytes of the device configuration */
+    u32 msix_vector;              /* the queue's vector, read back */
+    u32 pba;                      /* the MSI-X pending bits after the requests */
 };
 
 enum { STAGE_START = 1, STAGE_FOUND, STAGE_CAPS, STAGE_FEATURES, STAGE_QUEUE,
@@ -53,6 +56,7 @@ enum { STAGE_START = 1, STAGE_FOUND, STAGE_CAPS, STAGE_FEATURES, STAGE_QUEUE,
 
 static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" :: "a"(v), "Nd"(port) : "memory"); }
 static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline void outw(u16 port, u16 v) { __asm__ volatile("outw %0, %1" :: "a"(v), "Nd"(port) : "memory"); }
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" :: "a"(v), "Nd"(port) : "memory"); }
 #define barrier() __asm__ volatile("" ::: "memory")
 #define R8(a) (*(volatile u8 *)(a))
@@ -63,6 +67,12 @@ static u32 cfg_read(u32 slot, u32 offset)
 {
     outl(0xcf8, 0x80000000u | slot << 11 | (offset & 0xfc));
     return inl(0xcfc) >> ((offset & 3) * 8);
+}
+
+static void cfg_write16(u32 slot, u32 offset, u16 value)
+{
+    outl(0xcf8, 0x80000000u | slot << 11 | (offset & 0xfc));
+    outw(0xcfc + (offset & 2), value);
 }
 
 static u64 bar_address(u32 slot, u32 bar)
@@ -86,7 +96,7 @@ void _start(void)
 {
     struct command *cmd = (struct command *)CMD_ADDRESS;
     struct result *res = (struct result *)RESULT_ADDRESS;
-    u64 common = 0, notify = 0, isr = 0, device = 0;
+    u64 common = 0, notify = 0, isr = 0, device = 0, pba = 0;
     u32 slot, multiplier = 0, i, j;
 
     res->stage = STAGE_START;
@@ -100,6 +110,11 @@ void _start(void)
 
     /* The vendor capabilities: cfg_type at +3, bar at +4, offset at +8. */
     for (u32 cap = cfg_read(slot, 0x34) & 0xff; cap; cap = cfg_read(slot, cap + 1) & 0xff) {
+        if ((cfg_read(slot, cap) & 0xff) == 0x11 && (cmd->flags & FLAG_MSIX)) {
+            u32 where = cfg_read(slot, cap + 8);  /* PBA offset | BIR */
+            pba = bar_address(slot, where & 7) + (where & ~7u);
+            cfg_write16(slot, cap + 2, 0x8000);   /* MSI-X enable; every vector masked */
+        }
         if ((cfg_read(slot, cap) & 0xff) != 0x09)
             continue;
         u32 type = cfg_read(slot, cap + 3) & 0xff;
@@ -147,6 +162,9 @@ void _start(void)
     R32(common + 32) = DESC_ADDRESS; R32(common + 36) = 0;
     R32(common + 40) = AVAIL_ADDRESS; R32(common + 44) = 0;
     R32(common + 48) = USED_ADDRESS; R32(common + 52) = 0;
+    if (cmd->flags & FLAG_MSIX)
+        R16(common + 26) = 0;                    /* queue_msix_vector */
+    res->msix_vector = R16(common + 26);
     R16(common + 28) = 1;                        /* queue_enable */
     res->stage = STAGE_QUEUE;
     R8(common + 20) = 1 | 2 | 8 | 4;             /* DRIVER_OK */
@@ -199,6 +217,8 @@ void _start(void)
         res->used_len[i] = elem[1];
     }
     res->isr = R8(isr);
+    if (pba)
+        res->pba = R32(pba);
     res->status = R8(common + 20);
     if (cmd->flags & FLAG_RESET_AFTER) {
         R8(common + 20) = 0;
