@@ -90,7 +90,7 @@ def run(vm: pyvt.Vm, elf: bytes, device_id: int, requests: Sequence[Sequence[Seg
     config = raw[at + 8:at + 8 + 64]
     msix_vector, pba = struct.unpack_from("<II", raw, at + 8 + 64)
     return Result(stage, slot, offered, accepted, status, qsize, nq, isr,
-                  list(zip(ids, lens))[:len(requests)], generation, multiplier, config,
+                  list(zip(ids, lens, strict=True))[:len(requests)], generation, multiplier, config,
                   msix_vector, pba)
 
 

@@ -12,6 +12,7 @@ hand the queues to a C worker instead.
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import TYPE_CHECKING, List, Optional, Sequence
 
@@ -107,7 +108,7 @@ class VirtioDevice:
                     ram, q.size, q.desc, q.avail, q.used, index=index,
                     event_idx=self.has_feature(F_RING_EVENT_IDX),
                     indirect=self.has_feature(F_RING_INDIRECT_DESC),
-                    interrupt=lambda index=index: transport.interrupt_queue(index)))
+                    interrupt=functools.partial(transport.interrupt_queue, index)))
             self.queues = queues
             self.on_activate()
 

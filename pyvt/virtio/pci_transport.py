@@ -32,14 +32,14 @@ import sys
 import threading
 import traceback
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from ..pci import PciDevice
 from .constants import (
     COMMON_CFG_SIZE, COMMON_CFGGENERATION, COMMON_DF, COMMON_DFSELECT, COMMON_GF,
-    COMMON_GFSELECT, COMMON_MSIX, COMMON_NUMQ, COMMON_Q_AVAILHI, COMMON_Q_AVAILLO,
-    COMMON_Q_DESCHI, COMMON_Q_DESCLO, COMMON_Q_ENABLE, COMMON_Q_MSIX, COMMON_Q_NOFF,
-    COMMON_Q_SELECT, COMMON_Q_SIZE, COMMON_Q_USEDHI, COMMON_Q_USEDLO, COMMON_STATUS,
+    COMMON_GFSELECT, COMMON_MSIX, COMMON_NUMQ, COMMON_Q_AVAILLO,
+    COMMON_Q_DESCLO, COMMON_Q_ENABLE, COMMON_Q_MSIX, COMMON_Q_NOFF,
+    COMMON_Q_SELECT, COMMON_Q_SIZE, COMMON_Q_USEDLO, COMMON_STATUS,
     F_VERSION_1, ISR_CONFIG, ISR_QUEUE, NO_VECTOR, PCI_CAP_COMMON_CFG,
     PCI_CAP_DEVICE_CFG, PCI_CAP_ISR_CFG, PCI_CAP_NOTIFY_CFG, PCI_CAP_VENDOR, PCI_CLASS,
     PCI_CLASS_OTHER, PCI_DEVICE_ID_BASE, PCI_REVISION, PCI_SUBSYSTEM_ID, PCI_VENDOR_ID,
@@ -122,7 +122,7 @@ class VirtioPciDevice(PciDevice):
         self.config_generation = 0
         self.add_bar(VIRTIO_BAR, VIRTIO_BAR_SIZE, kind="mem64", prefetchable=False)
         self.add_bar(MSIX_BAR, MSIX_BAR_SIZE, kind="mem32")
-        self.msix = self.enable_msix(len(self.queue_configs) + 1, MSIX_BAR, 0, MSIX_PBA_OFFSET)
+        self.vectors = self.enable_msix(len(self.queue_configs) + 1, MSIX_BAR, 0, MSIX_PBA_OFFSET)
         nqueues = len(self.queue_configs)
         self.add_capability(PCI_CAP_VENDOR, _cap(PCI_CAP_COMMON_CFG, COMMON_OFFSET, COMMON_CFG_SIZE))
         self.add_capability(PCI_CAP_VENDOR, _cap(PCI_CAP_NOTIFY_CFG, NOTIFY_OFFSET,
@@ -148,18 +148,24 @@ class VirtioPciDevice(PciDevice):
 
     # -- what devices call ---------------------------------------------------
 
+    @property
+    def _vm(self) -> Any:
+        if self.vm is None:
+            raise VirtioError(f"{self!r} is not on a VM's PCI bus: add it with vm.add_virtio()")
+        return self.vm
+
     def guest_ram(self) -> GuestRam:
-        return GuestRam(self.vm.memory)
+        return GuestRam(self._vm.memory)
 
     def _vector_fd(self, vector: int) -> Optional[int]:
         """The eventfd of MSI-X ``vector`` if the driver enabled MSI-X and
         chose a vector; None: INTx.  Fetched on a vCPU's thread (the bus
         lock held) before the device's thread uses it."""
-        if vector == NO_VECTOR or not self.msix.enabled or not self.vm.fd.has_irqchip:
+        if vector == NO_VECTOR or not self.vectors.enabled or not self._vm.fd.has_irqchip:
             return None
         fd = self._msix_fds.get(vector)
         if fd is None:
-            fd = self._msix_fds[vector] = self.msix.eventfd(vector)
+            fd = self._msix_fds[vector] = self.vectors.eventfd(vector)
         return fd
 
     def call_fd(self, index: int) -> int:
@@ -173,7 +179,7 @@ class VirtioPciDevice(PciDevice):
         """The INTx irqfd; in a VM without the in-kernel irqchip (no
         interrupts at all), an eventfd the device's thread just drains: the
         driver polls the used ring or the ISR."""
-        if self.vm.fd.has_irqchip:
+        if self._vm.fd.has_irqchip:
             return self.intx_eventfd()
         return self._no_irqchip_fd
 
@@ -183,7 +189,7 @@ class VirtioPciDevice(PciDevice):
         self._interrupt(self._active_fds.get(index), ISR_QUEUE)
 
     def _interrupt(self, fd: Optional[int], isr_bit: int) -> None:
-        if fd is not None and self.msix.enabled:
+        if fd is not None and self.vectors.enabled:
             os.eventfd_write(fd, 1)
         else:
             self._raise_isr(isr_bit)
@@ -258,7 +264,7 @@ class VirtioPciDevice(PciDevice):
     def _register_ioeventfds(self, base: Optional[int]) -> None:
         """Puts each queue's ioeventfd at its notify address under ``base``
         (None: the BAR is unassigned or decoding is off; none)."""
-        vm_fd = self.vm.fd
+        vm_fd = self._vm.fd
         if self._ioeventfd_base is not None:
             for n, q in enumerate(self.queue_configs):
                 vm_fd.unregister_ioeventfd(q.kick_fd, self._notify_address(self._ioeventfd_base, n), 2)
@@ -399,8 +405,8 @@ class VirtioPciDevice(PciDevice):
         """The device's thread: queue kicks for a Python device, and the
         INTx relay of a native worker's interrupts."""
         poller = select.poll()
-        fds = {self._stop_fd: None, self._no_irqchip_fd: -2}
-        if self.vm.fd.has_irqchip:
+        fds: Dict[int, int] = {self._stop_fd: -3, self._no_irqchip_fd: -2}
+        if self._vm.fd.has_irqchip:
             fds[self.intx_resample_eventfd] = -1
         if self.device.serves_queues_in_python:
             for n, q in enumerate(self.queue_configs):
@@ -452,7 +458,7 @@ class VirtioPciDevice(PciDevice):
         self._stop()
         self.device.deactivate()
         self.device.close()
-        if getattr(self.vm, "closed", True) is False and self._ioeventfd_base is not None:
+        if self.vm is not None and not self.vm.closed and self._ioeventfd_base is not None:
             self._register_ioeventfds(None)
         for fd in [q.kick_fd for q in self.queue_configs] + [self._stop_fd, self._no_irqchip_fd]:
             try:

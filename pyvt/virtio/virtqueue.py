@@ -253,7 +253,7 @@ class Virtqueue:
         slot = self.used_idx % self.size
         _USED_ELEM.pack_into(self._used, 4 + 8 * slot, chain.head, written)
         left = written
-        for view, gpa in zip(chain.writable, chain._writable_at):
+        for view, gpa in zip(chain.writable, chain._writable_at, strict=True):
             if left <= 0:
                 break
             self.ram.note_written(gpa, min(left, len(view)))
