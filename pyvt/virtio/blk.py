@@ -61,7 +61,7 @@ class BlockDevice(NativeVirtioDevice):
         if serial is not None and len(serial.encode()) > BLK_ID_BYTES:
             raise VirtioError(f"a virtio-blk serial has at most {BLK_ID_BYTES} bytes, not "
                               f"{len(serial.encode())} ({serial!r})")
-        self.fd = open_image(self.path, self.readonly)
+        self.fd = self.own(open_image(self.path, self.readonly))
         self.size = os.lseek(self.fd, 0, os.SEEK_END)
         self.features = 1 << BLK_F_FLUSH | 1 << BLK_F_SEG_MAX | 1 << BLK_F_BLK_SIZE \
             | (1 << BLK_F_RO if self.readonly else 0)
@@ -78,12 +78,6 @@ class BlockDevice(NativeVirtioDevice):
 
     def make_worker(self, memory):
         return native_module().BlkWorker(memory, self.fd, self.readonly, serial=self.serial)
-
-    def close(self) -> None:
-        super().close()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
     def __repr__(self) -> str:
         return f"BlockDevice({self.path!r}{', readonly' if self.readonly else ''})"

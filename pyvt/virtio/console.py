@@ -33,9 +33,10 @@ class ConsoleDevice(NativeVirtioDevice):
 
     def __init__(self, input=None, output=None):
         super().__init__()
-        self.in_fd = self.out_fd = -1
-        self.in_fd = os.dup(_fd(sys.stdin if input is None else input, "input"))
-        self.out_fd = os.dup(_fd(sys.stdout if output is None else output, "output"))
+        in_fd = _fd(sys.stdin if input is None else input, "input")
+        out_fd = _fd(sys.stdout if output is None else output, "output")
+        self.in_fd = self.own(os.dup(in_fd))
+        self.out_fd = self.own(os.dup(out_fd))
 
     def config(self) -> bytes:
         # struct virtio_console_config: cols, rows, max_nr_ports, emerg_wr
@@ -43,13 +44,6 @@ class ConsoleDevice(NativeVirtioDevice):
 
     def make_worker(self, memory):
         return native_module().ConsoleWorker(memory, self.in_fd, self.out_fd)
-
-    def close(self) -> None:
-        super().close()
-        for fd in (self.in_fd, self.out_fd):
-            if fd >= 0:
-                os.close(fd)
-        self.in_fd = self.out_fd = -1
 
     def __repr__(self) -> str:
         return f"ConsoleDevice(input={self.in_fd}, output={self.out_fd})"

@@ -9,7 +9,8 @@ negotiation and the device's configuration space.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Optional
+import os
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from .device import VirtioDevice
 from .errors import VirtioError
@@ -36,6 +37,8 @@ class NativeVirtioDevice(VirtioDevice):
     def __init__(self) -> None:
         super().__init__()
         self.worker: Optional[Any] = None
+        #: Host file descriptors the device owns (image, tap...), closed with it.
+        self.owned_fds: List[int] = []
 
     def make_worker(self, memory):
         """The worker for ``memory`` (``[(gpa, size, host_address)]``)."""
@@ -83,5 +86,13 @@ class NativeVirtioDevice(VirtioDevice):
         worker = self.worker
         return dict(worker.stats) if worker is not None else {}
 
+    def own(self, fd: int) -> int:
+        """Makes the device close ``fd`` when it closes; returns ``fd``."""
+        self.owned_fds.append(fd)
+        return fd
+
     def close(self) -> None:
         self.deactivate()
+        fds, self.owned_fds = self.owned_fds, []
+        for fd in fds:
+            os.close(fd)

@@ -41,7 +41,7 @@ class NetDevice(NativeVirtioDevice):
         super().__init__()
         self.mac = parse_mac(mac)
         self.tap = tap
-        self.fd = open_tap(tap)
+        self.fd = self.own(open_tap(tap))
 
     @property
     def mac_address(self) -> str:
@@ -53,12 +53,6 @@ class NetDevice(NativeVirtioDevice):
 
     def make_worker(self, memory):
         return native_module().NetWorker(memory, self.fd)
-
-    def close(self) -> None:
-        super().close()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
     def __repr__(self) -> str:
         return f"NetDevice(tap={self.tap!r}, mac={self.mac_address})"

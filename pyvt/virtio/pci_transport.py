@@ -60,6 +60,14 @@ MSIX_BAR_SIZE = 0x1000
 MSIX_PBA_OFFSET = 0x800
 
 
+#: Common configuration registers that read back an attribute as it is.
+_PLAIN_REGISTERS = {
+    COMMON_DFSELECT: "device_feature_select", COMMON_GFSELECT: "driver_feature_select",
+    COMMON_MSIX: "config_msix_vector", COMMON_STATUS: "status",
+    COMMON_CFGGENERATION: "config_generation", COMMON_Q_SELECT: "queue_select",
+}
+
+
 @dataclass
 class QueueConfig:
     """One queue's registers in the common configuration."""
@@ -285,26 +293,16 @@ class VirtioPciDevice(PciDevice):
 
     def _common_read(self, offset: int, size: int) -> int:
         q = self._selected()
-        if offset == COMMON_DFSELECT:
-            return self.device_feature_select
+        if offset in _PLAIN_REGISTERS:
+            return getattr(self, _PLAIN_REGISTERS[offset])
         if offset == COMMON_DF:
             return self.offered >> (32 * self.device_feature_select) & 0xFFFFFFFF \
                 if self.device_feature_select < 2 else 0
-        if offset == COMMON_GFSELECT:
-            return self.driver_feature_select
         if offset == COMMON_GF:
             return self.driver_features >> (32 * self.driver_feature_select) & 0xFFFFFFFF \
                 if self.driver_feature_select < 2 else 0
-        if offset == COMMON_MSIX:
-            return self.config_msix_vector
         if offset == COMMON_NUMQ:
             return len(self.queue_configs)
-        if offset == COMMON_STATUS:
-            return self.status
-        if offset == COMMON_CFGGENERATION:
-            return self.config_generation
-        if offset == COMMON_Q_SELECT:
-            return self.queue_select
         if q is None:
             return NO_VECTOR if offset == COMMON_Q_MSIX else 0
         if offset == COMMON_Q_SIZE:
