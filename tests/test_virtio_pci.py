@@ -4,6 +4,7 @@ freestanding virtio-pci driver at ring 3) finds each device through
 VirtioDevice, the example's Python rng, and the native rng and blk."""
 
 import importlib.util
+import os
 import struct
 from pathlib import Path
 
@@ -197,12 +198,13 @@ def write_header(vm, header, kind, sector, status, write_data=None, data=None):
         vm.memory.write(data, write_data)
 
 
-needs_blk_worker = pytest.mark.skipif(
-    not hasattr(pytest.importorskip("pyvt._virtio"), "BlkWorker"),
-    reason="pyvt._virtio has no BlkWorker yet (the native blk worker is another part)")
+def native_worker(name):
+    return pytest.mark.skipif(
+        not hasattr(pytest.importorskip("pyvt._virtio"), name),
+        reason=f"pyvt._virtio has no {name} yet (the native workers are another part)")
 
 
-@needs_blk_worker
+@native_worker("BlkWorker")
 def test_native_blk_read_write_flush_id(vm, elf, tmp_path):
     image = tmp_path / "disk.img"
     pattern = bytes(range(256)) * 8  # sectors 0-3
@@ -229,7 +231,7 @@ def test_native_blk_read_write_flush_id(vm, elf, tmp_path):
     assert disk.capacity == 8
 
 
-@needs_blk_worker
+@native_worker("BlkWorker")
 def test_native_blk_readonly_refuses_writes(vm, elf, tmp_path):
     image = tmp_path / "ro.img"
     image.write_bytes(b"R" * 4096)
@@ -273,3 +275,89 @@ def test_devices_stop_when_the_vm_closes(elf):
     assert thread is not None and thread.is_alive()
     vm.close()
     assert not thread.is_alive()
+
+
+@pytest.fixture
+def tap():
+    """A fresh tap interface, up, and an AF_PACKET socket on its host side."""
+    import shutil
+    import socket
+    import subprocess
+
+    name = f"pyvt{os.getpid() % 100000}"
+    if shutil.which("ip") is None or os.geteuid() != 0:
+        pytest.skip("making a tap needs root and iproute2")
+    made = subprocess.run(["ip", "tuntap", "add", "dev", name, "mode", "tap"],
+                          capture_output=True, text=True)
+    if made.returncode:
+        pytest.skip(f"cannot make a tap here: {made.stderr.strip()}")
+    try:
+        subprocess.run(["ip", "link", "set", name, "up"], check=True)
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        sock.bind((name, 0))
+        sock.settimeout(10)
+        yield name, sock
+        sock.close()
+    finally:
+        subprocess.run(["ip", "link", "del", name], capture_output=True)
+
+
+FRAME = bytes.fromhex("ffffffffffff525400abcdef88b5") + b"pyvt virtio-net frame".ljust(46, b".")
+
+
+def test_net_attaches_to_a_tap_with_the_virtio_header(vm, tap):
+    name, sock = tap
+    nic = vm.add_net(tap=name, mac="52:54:00:ab:cd:ef")
+    transport = nic.transport
+    assert nic.mac_address == "52:54:00:ab:cd:ef"
+    config = bytes(transport.on_bar_read(4, 0x2000 + i, 1) for i in range(8))
+    assert config == bytes.fromhex("525400abcdef") + struct.pack("<H", C.NET_S_LINK_UP)
+    assert transport.offered & (1 << C.NET_F_MAC)
+    # A frame sent into the interface reaches the device's fd after a
+    # 12-byte virtio_net_hdr (IFF_VNET_HDR, TUNSETVNETHDRSZ 12).
+    sock.send(FRAME)
+    import select
+
+    assert select.select([nic.fd], [], [], 10)[0]
+    got = os.read(nic.fd, 4096)
+    assert got[12:] == FRAME and len(got) == 12 + len(FRAME)
+    with pytest.raises(pyvt.VirtioError, match="52:54:00:12:34:56"):
+        vm.add_net(tap=name, mac="52:54:00:12:34")
+
+
+@native_worker("NetWorker")
+def test_native_net_sends_and_receives(vm, elf, tap):
+    name, sock = tap
+    vm.add_net(tap=name)
+    sock.send(FRAME)  # waits in the tap until the guest gives a receive buffer
+    r = g.run(vm, elf, 0x1040 + C.TYPE_NET, [[(DATA, 2048, True)]], queue=0)
+    assert r.stage_name == "done", r
+    assert r.used[0][1] == 12 + len(FRAME)
+    assert vm.memory.read(DATA + 12, len(FRAME)) == FRAME
+    outgoing = bytes.fromhex("ffffffffffff525400000001" "88b5") + b"from the guest".ljust(46, b"!")
+    vm.memory.write(DATA, bytes(12) + outgoing)
+    r = g.run(vm, elf, 0x1040 + C.TYPE_NET, [[(DATA, 12 + len(outgoing), False)]], queue=1)
+    assert r.stage_name == "done", r
+    while True:
+        frame = sock.recv(4096)
+        if frame == outgoing:
+            break
+
+
+@native_worker("ConsoleWorker")
+def test_native_console_both_ways(vm, elf):
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    try:
+        vm.add_console(input=in_r, output=out_w)
+        os.write(in_w, b"typed on the host")
+        r = g.run(vm, elf, 0x1040 + C.TYPE_CONSOLE, [[(DATA, 64, True)]], queue=0)
+        assert r.stage_name == "done", r
+        assert vm.memory.read(DATA, r.used[0][1]) == b"typed on the host"
+        vm.memory.write(DATA + 0x100, b"hello from hvc0\n")
+        r = g.run(vm, elf, 0x1040 + C.TYPE_CONSOLE, [[(DATA + 0x100, 16, False)]], queue=1)
+        assert r.stage_name == "done", r
+        assert os.read(out_r, 100) == b"hello from hvc0\n"
+    finally:
+        for fd in (in_r, in_w, out_r, out_w):
+            os.close(fd)
