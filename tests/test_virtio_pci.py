@@ -87,6 +87,8 @@ def test_python_device_chains_features_config(vm, elf):
     assert device.chains == [(0, 12, 64), (0, 14, 16)]
     # on_queue ran on the device's thread, not the vCPU's
     assert device.threads == {"virtio-Upper"}
+    # the kicks went through the ioeventfds at the notify addresses
+    assert transport._ioeventfd_base == transport.bars[4].address is not None
     assert r.isr & C.ISR_QUEUE  # no MSI-X: the ISR says the queue interrupted
 
 

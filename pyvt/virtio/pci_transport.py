@@ -34,6 +34,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+from ..errors import KvmError
 from ..pci import PciDevice
 from .constants import (
     COMMON_CFG_SIZE, COMMON_CFGGENERATION, COMMON_DF, COMMON_DFSELECT, COMMON_GF,
@@ -278,8 +279,19 @@ class VirtioPciDevice(PciDevice):
                 vm_fd.unregister_ioeventfd(q.kick_fd, self._notify_address(self._ioeventfd_base, n), 2)
             self._ioeventfd_base = None
         if base is not None:
-            for n, q in enumerate(self.queue_configs):
-                vm_fd.register_ioeventfd(q.kick_fd, self._notify_address(base, n), 2)
+            done = []
+            try:
+                for n, q in enumerate(self.queue_configs):
+                    vm_fd.register_ioeventfd(q.kick_fd, self._notify_address(base, n), 2)
+                    done.append(n)
+            except KvmError:
+                # No ioeventfd here (a backend without them, or out of
+                # slots): kicks come as MMIO exits to on_bar_write, which
+                # signals the same eventfds; slower, but the same path.
+                for n in done:
+                    vm_fd.unregister_ioeventfd(self.queue_configs[n].kick_fd,
+                                               self._notify_address(base, n), 2)
+                return
             self._ioeventfd_base = base
 
     @staticmethod
@@ -372,8 +384,9 @@ class VirtioPciDevice(PciDevice):
                 self.status &= ~STATUS_FEATURES_OK  # refused: the driver reads it back
             else:
                 self.negotiated = driver
-        if value & STATUS_FAILED:
+        if value & STATUS_FAILED:  # the driver gave up: serve nothing until a reset
             self._stop()
+            self.device.deactivate()
         elif value & STATUS_DRIVER_OK and not old & STATUS_DRIVER_OK:
             if not self.status & STATUS_FEATURES_OK:
                 self.status |= STATUS_DEVICE_NEEDS_RESET
