@@ -65,6 +65,8 @@ int pvt_vw_init(struct pvt_vworker *w, const struct pvt_vdev_ops *ops, unsigned 
 void pvt_vw_destroy(struct pvt_vworker *w)
 {
 	pvt_vw_stop(w);
+	if (w->ops && w->ops->release)
+		w->ops->release(w);
 	for (unsigned i = 0; i < PVT_VW_MAX_QUEUES; i++)
 		forget_queue(&w->q[i]);
 	close_fd(&w->input_fd);
@@ -223,7 +225,7 @@ static void serve_queue(struct pvt_vworker *w, unsigned q)
 	struct pvt_vq *vq = &w->q[q];
 	if (!vq->ready)
 		return;
-	if (w->input_fd >= 0 && q == w->input_queue) {
+	if (w->ops->input && q == w->input_queue) {
 		/* Buffers to receive into: read the input again. */
 		w->input_wanted = true;
 		pvt_vq_disable_kicks(vq, w->features);

@@ -38,6 +38,8 @@ struct pvt_vdev_ops {
 	 * buffer, -EPIPE at end of input or a read error (stop reading).
 	 */
 	int (*input)(struct pvt_vworker *w);
+	/* Closes what the device holds besides the worker's fds (may be NULL). */
+	void (*release)(struct pvt_vworker *w);
 };
 
 struct pvt_vworker {

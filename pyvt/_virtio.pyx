@@ -17,6 +17,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
 
 from pyvt.includes.virtio cimport *
+from libc.stddef cimport size_t
 
 import errno
 import os
@@ -281,3 +282,104 @@ cdef class RngWorker(_Worker):
             raise MemoryError()
         self.name = "virtio-rng"
         self._attach(rng, &rng.w, pvt_vrng_init(rng), memory)
+
+
+cdef class BlkWorker(_Worker):
+    """virtio-blk over a raw image: IN, OUT, FLUSH (fdatasync), GET_ID
+    (``serial``); other request types are UNSUPP, OUT on a read-only disk
+    IOERR.  ``sector_count`` (512-byte sectors) defaults to the image's
+    size; reads past the end of a shorter image read zeros.  The worker
+    keeps its own duplicate of ``fd``."""
+
+    supported_features = RING_FEATURES | _bits(VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_RO,
+                                               VIRTIO_BLK_F_FLUSH)
+    #: Data buffers per request the worker takes: the config's seg_max.
+    SEG_MAX = PVT_VBLK_SEG_MAX
+    SECTOR_SIZE = PVT_VBLK_SECTOR_SIZE
+
+    def __init__(self, memory, fd, readonly=False, sector_count=None, serial=b""):
+        self.name = "virtio-blk"
+        cdef int image = _fd(fd, "fd", False)
+        if sector_count is None:
+            try:
+                size = os.lseek(image, 0, os.SEEK_END)
+            except OSError as e:
+                raise ArgumentError(f"cannot find the size of disk image fd {image}: "
+                                    f"{e.strerror}") from None
+            if size % PVT_VBLK_SECTOR_SIZE:
+                raise ArgumentError(f"disk image fd {image} is {size} bytes, not a multiple of "
+                                    f"{PVT_VBLK_SECTOR_SIZE}: pass sector_count, or pad it")
+            sector_count = size // PVT_VBLK_SECTOR_SIZE
+        cdef uint64_t sectors = _uint(sector_count, "sector_count", (1 << 64) // 512 - 1)
+        if isinstance(serial, str):
+            serial = serial.encode()
+        if not isinstance(serial, bytes):
+            raise ArgumentTypeError(f"serial must be bytes or str, not {type(serial).__name__}")
+        if len(serial) > VIRTIO_BLK_ID_BYTES:
+            raise ArgumentError(f"a virtio-blk serial holds {VIRTIO_BLK_ID_BYTES} bytes; "
+                                f"{serial!r} is {len(serial)}")
+        cdef pvt_vblk *blk = <pvt_vblk *>calloc(1, sizeof(pvt_vblk))
+        if blk == NULL:
+            raise MemoryError()
+        self._attach(blk, &blk.w, pvt_vblk_init(blk, image, bool(readonly), sectors,
+                                                serial, len(serial)), memory)
+
+    @property
+    def readonly(self):
+        return bool((<pvt_vblk *>self.dev).readonly)
+
+    @property
+    def sector_count(self):
+        """The capacity, in 512-byte sectors (the config's ``capacity``)."""
+        return (<pvt_vblk *>self.dev).sectors
+
+
+cdef class NetWorker(_Worker):
+    """virtio-net over a tap opened with IFF_VNET_HDR (its TUNSETVNETHDRSZ
+    set to ``vnet_hdr_len``): receiveq 0 reads the tap, transmitq 1 writes
+    it; the header passes through as it is.  One packet per receive chain
+    (no VIRTIO_NET_F_MRG_RXBUF: num_buffers is 1), no control queue.  The
+    worker keeps its own duplicate of ``tap_fd``."""
+
+    supported_features = RING_FEATURES | _bits(VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM)
+    RX_QUEUE = PVT_VNET_RX_QUEUE
+    TX_QUEUE = PVT_VNET_TX_QUEUE
+
+    def __init__(self, memory, tap_fd, vnet_hdr_len=PVT_VNET_HDR_LEN):
+        self.name = "virtio-net"
+        cdef int tap = _fd(tap_fd, "tap_fd", False)
+        if vnet_hdr_len not in (PVT_VNET_HDR_LEN, PVT_VNET_LEGACY_HDR_LEN):
+            raise ArgumentError(f"vnet_hdr_len must be {PVT_VNET_HDR_LEN} (virtio 1.x) or "
+                                f"{PVT_VNET_LEGACY_HDR_LEN} (legacy), not {vnet_hdr_len!r}")
+        cdef pvt_vnet *net = <pvt_vnet *>calloc(1, sizeof(pvt_vnet))
+        if net == NULL:
+            raise MemoryError()
+        self._attach(net, &net.w, pvt_vnet_init(net, tap, vnet_hdr_len), memory)
+
+    @property
+    def vnet_hdr_len(self):
+        return (<pvt_vnet *>self.dev).hdr_len
+
+
+cdef class ConsoleWorker(_Worker):
+    """virtio-console, port 0 only: receiveq 0 takes what ``in_fd`` reads,
+    transmitq 1 goes to ``out_fd``.  Either may be None (no input; output
+    dropped).  At the end of input the worker stops reading ``in_fd``
+    (``input_closed``).  The worker keeps its own duplicates."""
+
+    RX_QUEUE = PVT_VCONSOLE_RX_QUEUE
+    TX_QUEUE = PVT_VCONSOLE_TX_QUEUE
+
+    def __init__(self, memory, in_fd, out_fd):
+        self.name = "virtio-console"
+        cdef int source = _fd(in_fd, "in_fd", True)
+        cdef int sink = _fd(out_fd, "out_fd", True)
+        cdef pvt_vconsole *con = <pvt_vconsole *>calloc(1, sizeof(pvt_vconsole))
+        if con == NULL:
+            raise MemoryError()
+        self._attach(con, &con.w, pvt_vconsole_init(con, source, sink), memory)
+
+    @property
+    def input_closed(self):
+        """in_fd reached its end (or failed): it is no longer read."""
+        return bool(self._live().input_closed)

@@ -84,3 +84,40 @@ cdef extern from "virtio_rng.h" nogil:
         pvt_vworker w
 
     int pvt_vrng_init(pvt_vrng *rng)
+
+
+cdef extern from "virtio_blk.h" nogil:
+    int PVT_VBLK_SECTOR_SIZE
+    int PVT_VBLK_SEG_MAX
+
+    struct pvt_vblk:
+        pvt_vworker w
+        bint readonly
+        uint64_t sectors
+        char serial[20]
+
+    int pvt_vblk_init(pvt_vblk *blk, int fd, bint readonly, uint64_t sectors,
+                      const char *serial, size_t serial_len)
+
+
+cdef extern from "virtio_net.h" nogil:
+    int PVT_VNET_RX_QUEUE
+    int PVT_VNET_TX_QUEUE
+    int PVT_VNET_HDR_LEN
+    int PVT_VNET_LEGACY_HDR_LEN
+
+    struct pvt_vnet:
+        pvt_vworker w
+        unsigned hdr_len
+
+    int pvt_vnet_init(pvt_vnet *net, int tap_fd, unsigned hdr_len)
+
+
+cdef extern from "virtio_console.h" nogil:
+    int PVT_VCONSOLE_RX_QUEUE
+    int PVT_VCONSOLE_TX_QUEUE
+
+    struct pvt_vconsole:
+        pvt_vworker w
+
+    int pvt_vconsole_init(pvt_vconsole *con, int in_fd, int out_fd)
