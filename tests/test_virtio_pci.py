@@ -294,6 +294,9 @@ def tap():
     if made.returncode:
         pytest.skip(f"cannot make a tap here: {made.stderr.strip()}")
     try:
+        # No IPv6 on it: the host's own neighbour discovery would reach the guest.
+        with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as knob:
+            knob.write("1")
         subprocess.run(["ip", "link", "set", name, "up"], check=True)
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
         sock.bind((name, 0))
@@ -304,12 +307,26 @@ def tap():
         subprocess.run(["ip", "link", "del", name], capture_output=True)
 
 
+def wait_until_up(name):
+    """Waits until the kernel sees the tap's carrier (the device's fd
+    attached): before, its queue discipline drops what is sent to it."""
+    import time
+
+    for _ in range(1000):
+        with open(f"/sys/class/net/{name}/operstate") as state:
+            if state.read().strip() == "up":
+                return
+        time.sleep(0.01)
+    pytest.fail(f"tap {name} never came up")
+
+
 FRAME = bytes.fromhex("ffffffffffff525400abcdef88b5") + b"pyvt virtio-net frame".ljust(46, b".")
 
 
 def test_net_attaches_to_a_tap_with_the_virtio_header(vm, tap):
     name, sock = tap
     nic = vm.add_net(tap=name, mac="52:54:00:ab:cd:ef")
+    wait_until_up(name)
     transport = nic.transport
     assert nic.mac_address == "52:54:00:ab:cd:ef"
     config = bytes(transport.on_bar_read(4, 0x2000 + i, 1) for i in range(8))
@@ -331,6 +348,7 @@ def test_net_attaches_to_a_tap_with_the_virtio_header(vm, tap):
 def test_native_net_sends_and_receives(vm, elf, tap):
     name, sock = tap
     vm.add_net(tap=name)
+    wait_until_up(name)
     sock.send(FRAME)  # waits in the tap until the guest gives a receive buffer
     r = g.run(vm, elf, 0x1040 + C.TYPE_NET, [[(DATA, 2048, True)]], queue=0)
     assert r.stage_name == "done", r

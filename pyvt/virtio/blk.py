@@ -9,8 +9,7 @@ import stat
 import struct
 from typing import Optional
 
-from .constants import (BLK_F_BLK_SIZE, BLK_F_FLUSH, BLK_F_RO, BLK_F_SEG_MAX, BLK_ID_BYTES,
-                        SECTOR_SIZE, TYPE_BLOCK)
+from .constants import BLK_F_FLUSH, BLK_F_RO, BLK_F_SEG_MAX, BLK_ID_BYTES, SECTOR_SIZE, TYPE_BLOCK
 from .errors import DiskImageError, VirtioError
 from .native import NativeVirtioDevice, native_module
 
@@ -51,6 +50,7 @@ class BlockDevice(NativeVirtioDevice):
 
     device_type = TYPE_BLOCK
     queue_sizes = (QUEUE_SIZE,)
+    worker_class = "BlkWorker"
 
     def __init__(self, path, readonly: bool = False, serial: Optional[str] = None):
         super().__init__()
@@ -63,8 +63,7 @@ class BlockDevice(NativeVirtioDevice):
                               f"{len(serial.encode())} ({serial!r})")
         self.fd = self.own(open_image(self.path, self.readonly))
         self.size = os.lseek(self.fd, 0, os.SEEK_END)
-        self.features = 1 << BLK_F_FLUSH | 1 << BLK_F_SEG_MAX | 1 << BLK_F_BLK_SIZE \
-            | (1 << BLK_F_RO if self.readonly else 0)
+        self.features = 1 << BLK_F_FLUSH | 1 << BLK_F_SEG_MAX | (1 << BLK_F_RO if self.readonly else 0)
 
     @property
     def capacity(self) -> int:
@@ -72,12 +71,15 @@ class BlockDevice(NativeVirtioDevice):
         return self.size // SECTOR_SIZE
 
     def config(self) -> bytes:
-        # struct virtio_blk_config: capacity, size_max, seg_max,
-        # geometry (cylinders, heads, sectors), blk_size
-        return struct.pack("<QIIHBBI", self.capacity, 0, QUEUE_SIZE - 2, 0, 0, 0, SECTOR_SIZE)
+        # struct virtio_blk_config: capacity, size_max, seg_max (data
+        # buffers per request, what the worker takes), then geometry and
+        # blk_size, which no feature bit offered makes valid
+        seg_max = native_module().BlkWorker.SEG_MAX
+        return struct.pack("<QII", self.capacity, 0, seg_max)
 
     def make_worker(self, memory):
-        return native_module().BlkWorker(memory, self.fd, self.readonly, serial=self.serial)
+        return native_module().BlkWorker(memory, self.fd, self.readonly,
+                                         sector_count=self.capacity, serial=self.serial)
 
     def __repr__(self) -> str:
         return f"BlockDevice({self.path!r}{', readonly' if self.readonly else ''})"

@@ -29,6 +29,7 @@ class ConsoleDevice(NativeVirtioDevice):
     descriptors are duplicated: the caller may close its own."""
 
     device_type = TYPE_CONSOLE
+    worker_class = "ConsoleWorker"
     queue_sizes = (64, 64)  # receiveq0, transmitq0
 
     def __init__(self, input=None, output=None):

@@ -31,8 +31,16 @@ def native_module():
 
 
 class NativeVirtioDevice(VirtioDevice):
-    """A virtio device served by a worker of pyvt._virtio.  Subclasses
-    implement :meth:`make_worker`."""
+    """A virtio device served by a worker of pyvt._virtio.  Subclasses name
+    the worker class (``worker_class``) and implement :meth:`make_worker`."""
+
+    worker_class: str = ""
+
+    @property
+    def ring_features(self) -> int:  # type: ignore[override]
+        """The ring features (INDIRECT_DESC, EVENT_IDX) the worker serves."""
+        worker = getattr(native_module(), self.worker_class)
+        return worker.supported_features & VirtioDevice.ring_features
 
     def __init__(self) -> None:
         super().__init__()

@@ -34,6 +34,7 @@ class NetDevice(NativeVirtioDevice):
     missing), with MAC address ``mac`` (default: random, 52:54:00:xx:xx:xx)."""
 
     device_type = TYPE_NET
+    worker_class = "NetWorker"
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)  # receiveq1, transmitq1
     features = 1 << NET_F_MAC | 1 << NET_F_STATUS
 

@@ -12,6 +12,7 @@ class RngDevice(NativeVirtioDevice):
     /dev/hwrng."""
 
     device_type = TYPE_ENTROPY
+    worker_class = "RngWorker"
     queue_sizes = (64,)
 
     def make_worker(self, memory):

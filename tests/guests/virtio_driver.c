@@ -159,6 +159,10 @@ void _start(void)
     R16(common + 24) = size;
     res->queue_size = size;
     u32 notify_off = R16(common + 30);
+    /* Fresh rings, as a driver allocates them: an earlier run's avail index
+     * must not offer its chains again. */
+    for (volatile u64 *p = (volatile u64 *)DESC_ADDRESS; p < (volatile u64 *)(INDIRECT_ADDRESS + 0x1000); p++)
+        *p = 0;
     R32(common + 32) = DESC_ADDRESS; R32(common + 36) = 0;
     R32(common + 40) = AVAIL_ADDRESS; R32(common + 44) = 0;
     R32(common + 48) = USED_ADDRESS; R32(common + 52) = 0;
