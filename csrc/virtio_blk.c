@@ -31,15 +31,7 @@ static int transfer(int fd, struct iovec *iov, int n, uint64_t offset, bool writ
 			return 0;
 		}
 		offset += done;
-		while (n > 0 && (size_t)done >= iov->iov_len) {
-			done -= iov->iov_len;
-			iov++;
-			n--;
-		}
-		if (n > 0) {
-			iov->iov_base = (uint8_t *)iov->iov_base + done;
-			iov->iov_len -= done;
-		}
+		pvt_iov_advance(&iov, &n, done);
 	}
 	return 0;
 }
@@ -116,14 +108,8 @@ static void serve(struct pvt_vworker *w, unsigned q)
 	struct pvt_vblk *blk = (struct pvt_vblk *)w;
 	struct pvt_vq *vq = &w->q[q];
 	struct pvt_vq_elem *e = &w->elem;
-	int rc;
 
-	while ((rc = pvt_vq_pop(vq, &w->mem, w->features, e)) != 0) {
-		if (rc < 0) {
-			if (rc == -EIO)
-				break;  /* the queue is broken */
-			continue;   /* a malformed chain, handed back */
-		}
+	while (pvt_vq_next(vq, w->features, e)) {
 		/* The status byte: the last byte of the last buffer, writable. */
 		struct pvt_vq_seg *last = &e->segs[e->nsegs - 1];
 		if (e->nin == 0 || last->len == 0 || !last->host) {
@@ -136,7 +122,9 @@ static void serve(struct pvt_vworker *w, unsigned q)
 		if (status != VIRTIO_BLK_S_OK)
 			vq->stats.errors++;
 		((volatile uint8_t *)last->host)[last->len - 1] = status;
-		pvt_vq_push(vq, e->head, written + 1);
+		pvt_vmem_mark(&w->mem, last->gpa + last->len - 1, 1);
+		/* The data, then the status (counted in the length, wherever it is). */
+		pvt_vq_complete(vq, e, written + 1);
 	}
 	pvt_vw_flush(w, q);
 }

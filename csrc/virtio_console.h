@@ -4,6 +4,8 @@
  * VIRTIO_CONSOLE_F_MULTIPORT): receiveq 0 takes what in_fd reads, transmitq
  * 1 is written to out_fd.  Either fd may be -1: no input; output dropped.
  * At the end of input (or a read error) the worker stops reading in_fd.
+ * Pipes and terminals are reopened non-blocking for the worker (its own
+ * open file description), so a full pipe never keeps stop() waiting.
  */
 #ifndef PVT_VIRTIO_CONSOLE_H
 #define PVT_VIRTIO_CONSOLE_H

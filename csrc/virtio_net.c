@@ -23,7 +23,7 @@ static int receive(struct pvt_vworker *w)
 		uint16_t one = 1;
 		pvt_vq_write(&w->elem, NUM_BUFFERS_OFFSET, &one, sizeof(one));
 	}
-	pvt_vq_push(&w->q[w->input_queue], w->elem.head, got);
+	pvt_vq_complete(&w->q[w->input_queue], &w->elem, got);
 	return 1;
 }
 

@@ -35,6 +35,53 @@ void *pvt_vmem_ptr(const struct pvt_vmem *mem, uint64_t gpa, uint64_t len)
 	return NULL;
 }
 
+void pvt_vmem_mark(const struct pvt_vmem *mem, uint64_t gpa, uint64_t len)
+{
+	if (len == 0)
+		return;
+	for (unsigned i = 0; i < mem->count; i++) {
+		const struct pvt_vmem_region *r = &mem->regions[i];
+		if (gpa < r->gpa || gpa - r->gpa >= r->size || !r->written)
+			continue;
+		uint64_t first = (gpa - r->gpa) / PVT_VMEM_PAGE_SIZE;
+		uint64_t end = gpa - r->gpa + len;
+		if (end > r->size)
+			end = r->size;
+		uint64_t last = (end - 1) / PVT_VMEM_PAGE_SIZE;
+		for (uint64_t page = first; page <= last; page++)
+			__atomic_fetch_or(&r->written[page / 64], 1ULL << (page % 64),
+					  __ATOMIC_RELAXED);
+		return;
+	}
+}
+
+/* The host addresses of the rings (with their event words): 0 or -EFAULT. */
+static int map_rings(struct pvt_vq *vq, const struct pvt_vmem *mem, uint32_t size,
+		     uint64_t desc_gpa, uint64_t avail_gpa, uint64_t used_gpa)
+{
+	void *desc = pvt_vmem_ptr(mem, desc_gpa, 16ULL * size);
+	void *avail = pvt_vmem_ptr(mem, avail_gpa, 6 + 2ULL * size);
+	void *used = pvt_vmem_ptr(mem, used_gpa, 6 + 8ULL * size);
+	if (!desc || !avail || !used)
+		return -EFAULT;
+	vq->desc = desc;
+	vq->avail = avail;
+	vq->used = used;
+	return 0;
+}
+
+int pvt_vq_remap(struct pvt_vq *vq)
+{
+	if (!vq->ready)
+		return 0;
+	int rc = map_rings(vq, vq->mem, vq->size, vq->desc_gpa, vq->avail_gpa, vq->used_gpa);
+	if (rc) {
+		vq->ready = false;
+		vq->broken = true;
+	}
+	return rc;
+}
+
 int pvt_vq_setup(struct pvt_vq *vq, const struct pvt_vmem *mem, uint32_t size,
 		 uint64_t desc_gpa, uint64_t avail_gpa, uint64_t used_gpa)
 {
@@ -42,19 +89,14 @@ int pvt_vq_setup(struct pvt_vq *vq, const struct pvt_vmem *mem, uint32_t size,
 		return -EINVAL;
 	if ((desc_gpa & 15) || (avail_gpa & 1) || (used_gpa & 3))
 		return -EINVAL;
-	/* The rings with their event words (used_event, avail_event). */
-	void *desc = pvt_vmem_ptr(mem, desc_gpa, 16ULL * size);
-	void *avail = pvt_vmem_ptr(mem, avail_gpa, 6 + 2ULL * size);
-	void *used = pvt_vmem_ptr(mem, used_gpa, 6 + 8ULL * size);
-	if (!desc || !avail || !used)
-		return -EFAULT;
+	int rc = map_rings(vq, mem, size, desc_gpa, avail_gpa, used_gpa);
+	if (rc)
+		return rc;
+	vq->mem = mem;
 	vq->size = size;
 	vq->desc_gpa = desc_gpa;
 	vq->avail_gpa = avail_gpa;
 	vq->used_gpa = used_gpa;
-	vq->desc = desc;
-	vq->avail = avail;
-	vq->used = used;
 	vq->last_avail = 0;
 	vq->used_idx = 0;
 	/* A fresh ring: nothing used, nothing signalled yet. */
@@ -191,6 +233,14 @@ int pvt_vq_pop(struct pvt_vq *vq, const struct pvt_vmem *mem, uint64_t features,
 	return 1;
 }
 
+bool pvt_vq_next(struct pvt_vq *vq, uint64_t features, struct pvt_vq_elem *e)
+{
+	int rc;
+	while ((rc = pvt_vq_pop(vq, vq->mem, features, e)) == -EBADMSG)
+		;
+	return rc == 1;
+}
+
 void pvt_vq_unpop(struct pvt_vq *vq)
 {
 	vq->last_avail--;
@@ -198,13 +248,27 @@ void pvt_vq_unpop(struct pvt_vq *vq)
 
 void pvt_vq_push(struct pvt_vq *vq, uint16_t head, uint32_t len)
 {
-	volatile struct vring_used_elem *u = &vq->used->ring[vq->used_idx & (vq->size - 1)];
+	uint16_t slot = vq->used_idx & (vq->size - 1);
+	volatile struct vring_used_elem *u = &vq->used->ring[slot];
 	u->id = head;
 	u->len = len;
+	pvt_vmem_mark(vq->mem, vq->used_gpa + 4 + 8ULL * slot, 8);
+	pvt_vmem_mark(vq->mem, vq->used_gpa + 2, 2);
 	vq->used_idx++;
 	/* Release: the entry is visible before the index that publishes it. */
 	__atomic_store_n(&vq->used->idx, vq->used_idx, __ATOMIC_RELEASE);
 	vq->stats.requests++;
+}
+
+void pvt_vq_complete(struct pvt_vq *vq, const struct pvt_vq_elem *e, uint32_t len)
+{
+	uint64_t left = len;
+	for (unsigned i = e->nout; i < e->nsegs && left; i++) {
+		uint64_t take = e->segs[i].len < left ? e->segs[i].len : left;
+		pvt_vmem_mark(vq->mem, e->segs[i].gpa, take);
+		left -= take;
+	}
+	pvt_vq_push(vq, e->head, len);
 }
 
 bool pvt_vq_should_notify(struct pvt_vq *vq, uint64_t features)
@@ -232,10 +296,13 @@ bool pvt_vq_enable_kicks(struct pvt_vq *vq, uint64_t features)
 {
 	if (!vq->ready || vq->broken)
 		return false;
-	if (HAS(features, VIRTIO_RING_F_EVENT_IDX))
+	if (HAS(features, VIRTIO_RING_F_EVENT_IDX)) {
 		*avail_event(vq) = vq->last_avail;
-	else
+		pvt_vmem_mark(vq->mem, vq->used_gpa + 4 + 8ULL * vq->size, 2);
+	} else {
 		((volatile struct vring_used *)vq->used)->flags = 0;
+		pvt_vmem_mark(vq->mem, vq->used_gpa, 2);
+	}
 	/* The request is visible before the available index is read again. */
 	__atomic_thread_fence(__ATOMIC_SEQ_CST);
 	return pvt_vq_pending(vq) != 0;
@@ -246,8 +313,10 @@ void pvt_vq_disable_kicks(struct pvt_vq *vq, uint64_t features)
 	if (!vq->ready)
 		return;
 	/* With EVENT_IDX an avail_event left behind asks for nothing more. */
-	if (!HAS(features, VIRTIO_RING_F_EVENT_IDX))
+	if (!HAS(features, VIRTIO_RING_F_EVENT_IDX)) {
 		((volatile struct vring_used *)vq->used)->flags = VRING_USED_F_NO_NOTIFY;
+		pvt_vmem_mark(vq->mem, vq->used_gpa, 2);
+	}
 }
 
 void pvt_vq_set_position(struct pvt_vq *vq, uint16_t last_avail)
@@ -330,4 +399,17 @@ size_t pvt_vq_read(const struct pvt_vq_elem *e, size_t offset, void *buf, size_t
 size_t pvt_vq_write(const struct pvt_vq_elem *e, size_t offset, const void *buf, size_t len)
 {
 	return copy(e, true, offset, (void *)buf, len);
+}
+
+void pvt_iov_advance(struct iovec **iov, int *n, size_t done)
+{
+	while (*n > 0 && done >= (*iov)->iov_len) {
+		done -= (*iov)->iov_len;
+		(*iov)++;
+		(*n)--;
+	}
+	if (*n > 0) {
+		(*iov)->iov_base = (uint8_t *)(*iov)->iov_base + done;
+		(*iov)->iov_len -= done;
+	}
 }

@@ -37,10 +37,19 @@
  */
 #define PVT_VQ_MAX_SEGS 1024
 
+/* Device writes are tracked by page, for snapshots and migration. */
+#define PVT_VMEM_PAGE_SIZE 4096
+
 struct pvt_vmem_region {
 	uint64_t gpa;
 	uint64_t size;
 	uint8_t *host;
+	/*
+	 * One bit per page the device wrote (bit n: page n), set atomically,
+	 * or NULL.  KVM's dirty log sees only the guest's own writes: these
+	 * are the device's, for pyvt's snapshot and migration code.
+	 */
+	uint64_t *written;
 };
 
 /* Guest RAM as the host maps it: where a device may read and write. */
@@ -54,6 +63,9 @@ struct pvt_vmem {
  * range is not wholly inside one region (or wraps).  len 0 is allowed.
  */
 void *pvt_vmem_ptr(const struct pvt_vmem *mem, uint64_t gpa, uint64_t len);
+
+/* Records that the device wrote guest-physical [gpa, gpa + len). */
+void pvt_vmem_mark(const struct pvt_vmem *mem, uint64_t gpa, uint64_t len);
 
 /* One buffer of a chain. */
 struct pvt_vq_seg {
@@ -84,6 +96,7 @@ struct pvt_vq_stats {
 };
 
 struct pvt_vq {
+	const struct pvt_vmem *mem;  /* what the rings and buffers are checked against */
 	bool ready;
 	bool broken;        /* the guest broke the ring: not served until reset */
 	uint16_t size;
@@ -102,10 +115,16 @@ struct pvt_vq {
 /*
  * Sets up a queue over guest memory: -EINVAL for a size that is not a power
  * of two up to PVT_VQ_MAX_SIZE or a misaligned ring, -EFAULT for a ring not
- * inside guest RAM.  The positions start at 0.
+ * inside guest RAM.  The positions start at 0.  `mem` must outlive the queue.
  */
 int pvt_vq_setup(struct pvt_vq *vq, const struct pvt_vmem *mem, uint32_t size,
 		 uint64_t desc_gpa, uint64_t avail_gpa, uint64_t used_gpa);
+
+/*
+ * Looks the rings up again after the memory table changed: -EFAULT (and
+ * the queue is broken) when they are no longer inside guest RAM.
+ */
+int pvt_vq_remap(struct pvt_vq *vq);
 
 /* Chains the guest made available and the device has not taken. */
 uint16_t pvt_vq_pending(const struct pvt_vq *vq);
@@ -119,11 +138,24 @@ uint16_t pvt_vq_pending(const struct pvt_vq *vq);
 int pvt_vq_pop(struct pvt_vq *vq, const struct pvt_vmem *mem, uint64_t features,
 	       struct pvt_vq_elem *e);
 
+/*
+ * Takes the next usable chain (malformed ones are handed back and counted
+ * on the way): true with *e filled, false when there is none or the queue
+ * is broken.
+ */
+bool pvt_vq_next(struct pvt_vq *vq, uint64_t features, struct pvt_vq_elem *e);
+
 /* Puts the last popped chain back: it is taken again next time. */
 void pvt_vq_unpop(struct pvt_vq *vq);
 
 /* Hands chain `head` back with `len` bytes written into it. */
 void pvt_vq_push(struct pvt_vq *vq, uint16_t head, uint32_t len);
+
+/*
+ * Hands back a popped chain whose first `len` writable bytes the device
+ * wrote: pvt_vq_push, with those pages recorded as written.
+ */
+void pvt_vq_complete(struct pvt_vq *vq, const struct pvt_vq_elem *e, uint32_t len);
 
 /*
  * Whether the guest wants an interrupt for what was pushed since the last
@@ -162,5 +194,11 @@ size_t pvt_vq_write(const struct pvt_vq_elem *e, size_t offset, const void *buf,
  */
 int pvt_vq_iov(const struct pvt_vq_elem *e, bool writable, size_t offset, size_t len,
 	       struct iovec *iov, int max);
+
+/*
+ * Moves an iovec array past `done` bytes (after a short readv/writev):
+ * *iov and *n then describe what is left.
+ */
+void pvt_iov_advance(struct iovec **iov, int *n, size_t done);
 
 #endif

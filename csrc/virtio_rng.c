@@ -25,14 +25,8 @@ static void serve(struct pvt_vworker *w, unsigned q)
 {
 	struct pvt_vq *vq = &w->q[q];
 	struct pvt_vq_elem *e = &w->elem;
-	int rc;
 
-	while ((rc = pvt_vq_pop(vq, &w->mem, w->features, e)) != 0) {
-		if (rc < 0) {
-			if (rc == -EIO)
-				break;  /* the queue is broken */
-			continue;   /* a malformed chain, handed back */
-		}
+	while (pvt_vq_next(vq, w->features, e)) {
 		uint32_t written = 0;
 		bool failed = e->unmapped;
 		for (unsigned i = e->nout; i < e->nsegs && !failed; i++) {
@@ -46,7 +40,7 @@ static void serve(struct pvt_vworker *w, unsigned q)
 			written = 0;
 		}
 		vq->stats.bytes += written;
-		pvt_vq_push(vq, e->head, written);
+		pvt_vq_complete(vq, e, written);
 	}
 	pvt_vw_flush(w, q);
 }

@@ -10,11 +10,8 @@ ssize_t pvt_stream_receive(struct pvt_vworker *w, size_t skip)
 	struct pvt_vq *vq = &w->q[w->input_queue];
 	struct pvt_vq_elem *e = &w->elem;
 
-	int rc = pvt_vq_pop(vq, &w->mem, w->features, e);
-	if (rc == 0 || rc == -EIO)
+	if (!pvt_vq_next(vq, w->features, e))
 		return -ENOBUFS;
-	if (rc < 0)
-		return -EBADMSG;
 	int n = e->nin && e->in_len > skip ?
 		pvt_vq_iov(e, true, 0, e->in_len, w->iov, PVT_VQ_MAX_SEGS) : -EINVAL;
 	if (n < 0) {
@@ -42,14 +39,8 @@ void pvt_stream_transmit(struct pvt_vworker *w, unsigned q, int fd, size_t skip)
 {
 	struct pvt_vq *vq = &w->q[q];
 	struct pvt_vq_elem *e = &w->elem;
-	int rc;
 
-	while ((rc = pvt_vq_pop(vq, &w->mem, w->features, e)) != 0) {
-		if (rc < 0) {
-			if (rc == -EIO)
-				break;  /* the queue is broken */
-			continue;   /* a malformed chain, handed back */
-		}
+	while (pvt_vq_next(vq, w->features, e)) {
 		/* Writable buffers in a transmit chain are ignored. */
 		int n = e->out_len >= skip ?
 			pvt_vq_iov(e, false, 0, e->out_len, w->iov, PVT_VQ_MAX_SEGS) : -EINVAL;

@@ -22,7 +22,7 @@
  * writable part.  Returns the bytes read, the chain in w->elem still to be
  * pushed; or, as pvt_vdev_ops.input: 0 (nothing to read, the chain put
  * back), -ENOBUFS, -EPIPE; or -EBADMSG for a chain that was unusable (too
- * small, outside RAM, malformed), already handed back.
+ * small, outside RAM), already handed back.
  */
 ssize_t pvt_stream_receive(struct pvt_vworker *w, size_t skip);
 

@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -62,6 +63,20 @@ int pvt_vw_init(struct pvt_vworker *w, const struct pvt_vdev_ops *ops, unsigned 
 	return 0;
 }
 
+static size_t bitmap_words(uint64_t size)
+{
+	uint64_t pages = (size + PVT_VMEM_PAGE_SIZE - 1) / PVT_VMEM_PAGE_SIZE;
+	return (pages + 63) / 64;
+}
+
+static void free_bitmaps(struct pvt_vmem *mem)
+{
+	for (unsigned i = 0; i < mem->count; i++) {
+		free(mem->regions[i].written);
+		mem->regions[i].written = NULL;
+	}
+}
+
 void pvt_vw_destroy(struct pvt_vworker *w)
 {
 	pvt_vw_stop(w);
@@ -71,6 +86,8 @@ void pvt_vw_destroy(struct pvt_vworker *w)
 		forget_queue(&w->q[i]);
 	close_fd(&w->input_fd);
 	close_fd(&w->stop_fd);
+	free_bitmaps(&w->mem);
+	w->mem.count = 0;
 }
 
 int pvt_vw_set_memory(struct pvt_vworker *w, const struct pvt_vmem_region *regions,
@@ -84,8 +101,36 @@ int pvt_vw_set_memory(struct pvt_vworker *w, const struct pvt_vmem_region *regio
 		if (regions[i].size == 0 || regions[i].gpa + regions[i].size < regions[i].gpa ||
 		    !regions[i].host)
 			return -EINVAL;
-	memcpy(w->mem.regions, regions, count * sizeof(*regions));
-	w->mem.count = count;
+	struct pvt_vmem fresh = {.count = count};
+	for (unsigned i = 0; i < count; i++) {
+		fresh.regions[i] = regions[i];
+		fresh.regions[i].written = calloc(bitmap_words(regions[i].size), sizeof(uint64_t));
+		if (!fresh.regions[i].written) {
+			free_bitmaps(&fresh);
+			return -ENOMEM;
+		}
+	}
+	/* Pages written and not taken yet are lost with the old table: take
+	 * them first (pvt_vw_take_written). */
+	free_bitmaps(&w->mem);
+	w->mem = fresh;
+	/* The queues' rings move with the table, or break. */
+	for (unsigned q = 0; q < w->nqueues; q++)
+		pvt_vq_remap(&w->q[q]);
+	return 0;
+}
+
+int pvt_vw_take_written(struct pvt_vworker *w, unsigned region, uint64_t *pages,
+			size_t words)
+{
+	if (region >= w->mem.count)
+		return -ENOENT;
+	uint64_t *bitmap = w->mem.regions[region].written;
+	size_t have = bitmap_words(w->mem.regions[region].size);
+	if (words < have)
+		return -EINVAL;
+	for (size_t i = 0; i < have; i++)
+		pages[i] = bitmap[i] ? __atomic_exchange_n(&bitmap[i], 0, __ATOMIC_RELAXED) : 0;
 	return 0;
 }
 
@@ -203,15 +248,7 @@ int pvt_vw_write_all(struct pvt_vworker *w, int fd, struct iovec *iov, int iovcn
 			continue;
 		}
 		/* A partial write (a pipe): go on after what was taken. */
-		while (iovcnt > 0 && (size_t)n >= iov->iov_len) {
-			n -= iov->iov_len;
-			iov++;
-			iovcnt--;
-		}
-		if (iovcnt > 0) {
-			iov->iov_base = (uint8_t *)iov->iov_base + n;
-			iov->iov_len -= n;
-		}
+		pvt_iov_advance(&iov, &iovcnt, n);
 	}
 	return 0;
 }

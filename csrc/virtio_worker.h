@@ -69,9 +69,22 @@ int pvt_vw_init(struct pvt_vworker *w, const struct pvt_vdev_ops *ops, unsigned 
 /* Stops the thread and closes every fd the worker holds. */
 void pvt_vw_destroy(struct pvt_vworker *w);
 
-/* Replaces the memory table: -EINVAL for too many regions, -EBUSY while running. */
+/*
+ * Replaces the memory table (the regions' `written` are ignored: the
+ * worker keeps its own bitmaps).  Queues already set up are looked up
+ * again; one whose rings left RAM breaks.  -EINVAL for too many or bad
+ * regions, -ENOMEM, -EBUSY while running.
+ */
 int pvt_vw_set_memory(struct pvt_vworker *w, const struct pvt_vmem_region *regions,
 		      unsigned count);
+/*
+ * Moves the pages the device wrote in region `region` of the table since
+ * the last call into `pages` (a bitmap of `words` 64-bit words, bit n:
+ * page n) and clears them.  May run while the worker runs: a page written
+ * meanwhile is in this call's bitmap or the next one's.
+ */
+int pvt_vw_take_written(struct pvt_vworker *w, unsigned region, uint64_t *pages,
+			size_t words);
 /*
  * Sets up queue `index`.  The worker keeps its own duplicates of kick_fd
  * and call_fd (either may be -1: no kicks, no interrupts).  -EINVAL,

@@ -9,8 +9,13 @@ eventfd (a KVM irqfd) when the guest wants an interrupt.  Python only sets
 queues up, starts and stops the thread, and reads the ISR and stats.
 
 Every guest address is checked against the memory table given to the
-worker (``GuestMemory.host_regions()``).  The worker holds raw host
-addresses: stop it before the VM closes or a region is removed.
+worker: the VM's ``GuestMemory`` (best: the worker then keeps the regions
+mapped while it lives, whatever happens to the VM), or a list of
+``(gpa, size, host_address)`` (``GuestMemory.host_regions()``: the caller
+keeps that memory mapped).  After a region is added or removed, stop the
+worker and ``set_memory()`` again.  The worker's writes to guest RAM are
+not in KVM's dirty log: ``report_written()`` hands them to the VM's
+snapshot tracking.
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
@@ -121,6 +126,17 @@ def memory_table(memory):
     return table
 
 
+def _pin(memory, table):
+    """Memoryviews of the GuestMemory regions in ``table``: while one is
+    held, closing the region defers its munmap (pyvt.memory._release)."""
+    regions = getattr(memory, "regions", None)
+    if regions is None:
+        return []
+    wanted = {(gpa, size, host) for gpa, size, host in table}
+    return [memoryview(r.buffer) for r in regions
+            if (r.gpa, r.size, r.host_address) in wanted and r.mapping is not None]
+
+
 cdef class _Worker:
     """What every native virtio worker shares: queues, features, the thread."""
 
@@ -128,6 +144,10 @@ cdef class _Worker:
     cdef void *dev        # the device struct that holds *w
     cdef readonly list memory
     cdef readonly str name
+    # Exports of the regions' host mappings, when the worker was given a
+    # GuestMemory: a VM closed (or a region removed) under a running worker
+    # then stays mapped until the worker goes.
+    cdef list pins
 
     #: Feature bits this worker implements (ring bits and device bits).
     supported_features = RING_FEATURES
@@ -158,7 +178,9 @@ cdef class _Worker:
 
     def set_memory(self, memory):
         """Replaces the memory table (after a region was added or removed);
-        only while stopped."""
+        only while stopped.  Given the VM's ``GuestMemory`` (rather than a
+        list), the worker keeps its regions mapped for as long as it uses
+        them, even if the VM is closed meanwhile."""
         cdef pvt_vworker *w = self._live()
         table = memory_table(memory)
         cdef pvt_vmem_region *regions = <pvt_vmem_region *>calloc(len(table),
@@ -170,10 +192,49 @@ cdef class _Worker:
                 regions[i].gpa = gpa
                 regions[i].size = size
                 regions[i].host = <uint8_t *><size_t>host
+                regions[i].written = NULL
+            pins = _pin(memory, table)
             check(pvt_vw_set_memory(w, regions, len(table)), f"{self.name}: set_memory")
         finally:
             free(regions)
         self.memory = table
+        self.pins = pins
+
+    def take_written(self):
+        """``[(region_gpa, pages)]``: the pages of guest RAM the device
+        wrote since the last call, per region of its memory table, as a
+        :mod:`pyvt.pageset` (bit n: the region's page n); regions with none
+        are left out.  KVM's dirty log sees only the guest's own writes: a
+        snapshot or migration must add these (:meth:`report_written`).
+        Safe while the worker runs (a page written meanwhile comes in this
+        call or the next)."""
+        cdef pvt_vworker *w = self._live()
+        result = []
+        cdef size_t words
+        cdef uint64_t *pages
+        for i, (gpa, size, _) in enumerate(self.memory):
+            words = ((size + PVT_VMEM_PAGE_SIZE - 1) // PVT_VMEM_PAGE_SIZE + 63) // 64
+            pages = <uint64_t *>calloc(words, 8)
+            if pages == NULL:
+                raise MemoryError()
+            try:
+                check(pvt_vw_take_written(w, i, pages, words), f"{self.name}: take_written")
+                written = int.from_bytes((<char *>pages)[:words * 8], "little")
+            finally:
+                free(pages)
+            if written:
+                result.append((gpa, written))
+        return result
+
+    def report_written(self, memory):
+        """Hands :meth:`take_written` to ``memory`` (the VM's
+        ``GuestMemory``): the pages reach its snapshot baselines and
+        ``dirty_pages()``, as host writes through ``memory.write`` do."""
+        regions = {r.gpa: r for r in memory.regions}
+        for gpa, pages in self.take_written():
+            region = regions.get(gpa)
+            if region is not None:
+                memory.note_written(region, pages)
 
     @property
     def queues(self):

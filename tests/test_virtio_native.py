@@ -6,7 +6,6 @@ used-ring entries are checked."""
 from __future__ import annotations
 
 import os
-import struct
 
 import pytest
 
@@ -59,6 +58,21 @@ def workers():
         w.stop()
 
 
+@pytest.fixture
+def serving(vm, queues, workers):
+    """``serving(features)`` -> (a running RngWorker, its queue 0)."""
+
+    def make(features=V1):
+        rng = workers(RngWorker(vm.memory))
+        q = queues()
+        q.attach(rng, 0)
+        rng.set_features(features)
+        rng.start()
+        return rng, q
+
+    return make
+
+
 def test_host_regions_lists_the_ram_a_device_may_touch(vm):
     vm.memory.add_region(0x4000000, "1M")
     vm.memory.add_region(0x5000000, "1M", readonly=True)
@@ -89,24 +103,16 @@ def test_rng_fills_writable_buffers(vm, queues, workers):
     assert rng.queue_state(0) == (2, 2)
 
 
-def test_rng_indirect_chain(vm, queues, workers):
-    rng = workers(RngWorker(vm.memory))
-    q = queues()
-    q.attach(rng, 0)
-    rng.set_features(V1 | 1 << VIRTIO_RING_F_INDIRECT_DESC)
-    rng.start()
+def test_rng_indirect_chain(vm, serving):
+    rng, q = serving(V1 | 1 << VIRTIO_RING_F_INDIRECT_DESC)
     vm.memory.write(DATA, bytes(64))
     head = q.add_indirect([(DATA, 16, True), (DATA + 32, 16, True)], table=DATA + 0x1000)
     assert q.wait_used() == [(head, 32)]
     assert vm.memory.read(DATA, 16) != bytes(16) and vm.memory.read(DATA + 16, 16) == bytes(16)
 
 
-def test_indirect_refused_unless_negotiated(vm, queues, workers):
-    rng = workers(RngWorker(vm.memory))
-    q = queues()
-    q.attach(rng, 0)
-    rng.set_features(V1)
-    rng.start()
+def test_indirect_refused_unless_negotiated(vm, serving):
+    rng, q = serving()
     vm.memory.write(DATA, bytes(16))
     head = q.add_indirect([(DATA, 16, True)], table=DATA + 0x1000)
     assert q.wait_used() == [(head, 0)]
@@ -124,12 +130,8 @@ def test_requests_made_while_stopped_are_served_at_start(vm, queues, workers):
     assert [n for _, n in q.wait_used(2)] == [8, 8]
 
 
-def test_stop_start_keeps_positions_and_reset_forgets(vm, queues, workers):
-    rng = workers(RngWorker(vm.memory))
-    q = queues()
-    q.attach(rng, 0)
-    rng.set_features(V1)
-    rng.start()
+def test_stop_start_keeps_positions_and_reset_forgets(vm, serving):
+    rng, q = serving()
     for _ in range(3):
         q.add([(DATA, 8, True)])
         q.wait_used()
@@ -140,8 +142,9 @@ def test_stop_start_keeps_positions_and_reset_forgets(vm, queues, workers):
     q.wait_used()
     assert rng.queue_state(0) == (4, 4)
     rng.stop()
+    rng.start()
     with pytest.raises(pyvt.DeviceError, match="stop"):
-        rng.start(); rng.reset()
+        rng.reset()
     rng.stop()
     rng.reset()
     assert rng.features == 0
@@ -203,12 +206,8 @@ def test_event_idx_honours_used_event_and_sets_avail_event(vm, queues, workers):
     assert rng.stats[0]["notifies"] == 1
 
 
-def test_used_flags_ask_for_kicks_without_event_idx(vm, queues, workers):
-    rng = workers(RngWorker(vm.memory))
-    q = queues()
-    q.attach(rng, 0)
-    rng.set_features(V1)
-    rng.start()
+def test_used_flags_ask_for_kicks_without_event_idx(vm, serving):
+    rng, q = serving()
     q.add([(DATA, 8, True)])
     q.wait_used()
     rng.stop()
@@ -242,11 +241,8 @@ def test_queue_errors(vm, workers):
 # -- a guest that breaks the rules: the request fails, nothing crashes ----------
 
 
-def test_buffer_outside_ram_fails_the_request(vm, queues, workers):
-    rng = workers(RngWorker(vm.memory))
-    q = queues()
-    q.attach(rng, 0)
-    rng.start()
+def test_buffer_outside_ram_fails_the_request(vm, serving):
+    rng, q = serving()
     head = q.add([(DATA, 8, True), ((16 << 20) - 4, 8, True)])  # runs off the end of RAM
     assert q.wait_used() == [(head, 0)]
     head = q.add([(1 << 40, 8, True)])
@@ -256,11 +252,8 @@ def test_buffer_outside_ram_fails_the_request(vm, queues, workers):
     assert [n for _, n in q.wait_used()] == [8]  # the queue still works
 
 
-def test_descriptor_loop_is_handed_back(vm, queues, workers):
-    rng = workers(RngWorker(vm.memory))
-    q = queues()
-    q.attach(rng, 0)
-    rng.start()
+def test_descriptor_loop_is_handed_back(vm, serving):
+    rng, q = serving()
     q.write_desc(0, DATA, 8, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1)
     q.write_desc(1, DATA, 8, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 0)
     q.free.remove(0)
@@ -270,11 +263,8 @@ def test_descriptor_loop_is_handed_back(vm, queues, workers):
     assert rng.stats[0]["errors"] == 1 and not rng.stats[0]["broken"]
 
 
-def test_next_past_the_table_and_readable_after_writable(vm, queues, workers):
-    rng = workers(RngWorker(vm.memory))
-    q = queues()
-    q.attach(rng, 0)
-    rng.start()
+def test_next_past_the_table_and_readable_after_writable(vm, serving):
+    rng, q = serving()
     q.write_desc(0, DATA, 8, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 999)
     q.write_desc(1, DATA, 8, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 2)
     q.write_desc(2, DATA, 8, 0)
@@ -286,11 +276,8 @@ def test_next_past_the_table_and_readable_after_writable(vm, queues, workers):
     assert rng.stats[0]["errors"] == 2
 
 
-def test_head_past_the_table_breaks_the_queue(vm, queues, workers):
-    rng = workers(RngWorker(vm.memory))
-    q = queues()
-    q.attach(rng, 0)
-    rng.start()
+def test_head_past_the_table_breaks_the_queue(vm, serving):
+    rng, q = serving()
     q.publish(500)
     q.add([(DATA, 8, True)])
     rng.stop()
@@ -306,7 +293,7 @@ def test_stress_nothing_lost(vm, queues, workers):
     rng.set_features(V1 | 1 << VIRTIO_RING_F_EVENT_IDX)
     rng.start()
     total = 0
-    for round_ in range(40):
+    for _ in range(40):
         heads = [q.add([(DATA + 64 * i, 32, True)], kick=(i % 7 == 0)) for i in range(200)]
         q.kick()
         q.set_used_event((q.avail_idx - 1) & 0xFFFF)
@@ -315,3 +302,116 @@ def test_stress_nothing_lost(vm, queues, workers):
         assert all(n == 32 for _, n in done)
         total += 200
     assert rng.stats[0]["requests"] == total and rng.stats[0]["errors"] == 0
+
+
+def test_guest_kick_through_an_ioeventfd(vm, queues, workers):
+    """The whole path with a guest: its port write signals the kick eventfd
+    inside KVM (no exit to Python), the worker serves, the guest sees its
+    used ring move."""
+    rng = workers(RngWorker(vm.memory))
+    q = queues()
+    q.attach(rng, 0)
+    rng.set_features(V1)
+    vm.fd.register_ioeventfd(q.kick_fd, 0xC000, 2, pio=True)
+    rng.start()
+    # The chain is ready; the guest makes it available, then kicks.
+    q.write_desc(0, DATA, 32, VRING_DESC_F_WRITE)
+    vm.memory.write_int(q.avail + 4, 0, 2)
+    vm.memory.write(0x1000, pyvt.assemble(f"""
+.code64
+.globl _start
+_start:
+    movw $1, {q.avail + 2}
+    mov $0xc000, %dx
+    xor %eax, %eax
+    out %ax, (%dx)
+1:  cmpw $1, {q.used + 2}
+    jne 1b
+    hlt
+""", at=0x1000))
+    cpu = vm.vcpu(0, mode="long")
+    cpu.regs.rip = 0x1000
+    exit = cpu.run(timeout=60)
+    assert isinstance(exit, pyvt.exits.Hlt), exit
+    assert q.wait_used() == [(0, 32)]
+    assert vm.memory.read(DATA, 32) != bytes(32)
+    rng.stop()
+    # One kick, through KVM: the worker took it, or it is still pending.
+    try:
+        left = os.eventfd_read(q.kick_fd)
+    except BlockingIOError:
+        left = 0
+    assert rng.stats[0]["kicks"] + left == 1
+
+
+# -- pages the device writes: KVM's dirty log does not see them ---------------
+
+
+def test_take_written_reports_the_device_writes(vm, serving):
+    rng, q = serving()
+    q.add([(DATA + 0x1ff8, 16, True)])      # straddles two pages
+    q.wait_used()
+    rng.stop()
+    written = dict(rng.take_written())
+    ring_page, data_page = q.used // 4096, DATA // 4096
+    assert written == {0: 1 << ring_page | 1 << (data_page + 1) | 1 << (data_page + 2)}
+    assert rng.take_written() == []
+
+
+def test_report_written_reaches_dirty_pages_and_restore(vm, queues, workers):
+    rng = workers(RngWorker(vm.memory))
+    q = queues()
+    q.attach(rng, 0)
+    vm.memory.write(DATA, b"before" + bytes(26))
+    snap = vm.snapshot()
+    vm.memory.dirty_pages()                  # tracking from here
+    rng.start()
+    q.add([(DATA, 32, True)])
+    q.wait_used()
+    rng.stop()
+    assert DATA not in list(vm.memory.dirty_pages()[0])   # unseen by KVM
+    rng.report_written(vm.memory)
+    assert DATA in list(vm.memory.dirty_pages()[0])
+    assert vm.memory.read(DATA, 6) != b"before"
+    vm.restore(snap)
+    assert vm.memory.read(DATA, 6) == b"before"
+
+
+def test_set_memory_moves_queues_or_breaks_them(vm, queues, workers):
+    vm.memory.add_region(0x4000000, "1M")
+    rng = workers(RngWorker(vm.memory))
+    high = Queue(vm.memory, 0x4000000, 16)
+    try:
+        high.attach(rng, 0)
+        rng.set_memory(vm.memory)          # the same RAM: the queue stays
+        rng.start()
+        high.add([(DATA, 8, True)])
+        high.wait_used()
+        rng.stop()
+        vm.memory.remove_region(0x4000000)
+        rng.set_memory(vm.memory)          # its rings are gone: broken, never touched
+        assert rng.stats[0]["broken"]
+        rng.start()
+        rng.stop()
+    finally:
+        high.close()
+
+
+def test_worker_keeps_the_ram_it_uses_mapped(kvm, tmp_path):
+    """A VM closed under a running worker: its RAM stays mapped until the
+    worker goes (else the worker's next access would fault)."""
+    import ctypes
+
+    vm = pyvt.Vm("16M", backend=kvm.path)
+    host = vm.memory.host_regions()[0][2]
+    q = Queue(vm.memory, RING, 16)
+    rng = RngWorker(vm.memory)
+    q.attach(rng, 0)
+    rng.start()
+    vm.close()
+    q.kick()                           # no chain: the worker reads the ring
+    ctypes.memset(host + DATA, 0, 8)   # still mapped
+    rng.stop()
+    q.close()
+    assert ctypes.string_at(host + DATA, 8) == bytes(8)
+    del rng

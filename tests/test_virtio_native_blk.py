@@ -39,17 +39,25 @@ def image(tmp_path):
     return path
 
 
+def open_disk(vm, image, readonly=False, size=256,
+              features=BlkWorker.supported_features & ~(1 << VIRTIO_RING_F_EVENT_IDX)):
+    """(worker, queue): a running BlkWorker over the image.  Not EVENT_IDX
+    by default: this driver does not move used_event (test_virtio_native.py
+    tests it)."""
+    fd = os.open(image, os.O_RDONLY if readonly else os.O_RDWR)
+    blk = BlkWorker(vm.memory, fd, readonly=readonly, serial="pyvt-disk-0")
+    os.close(fd)  # the worker holds its own
+    q = Queue(vm.memory, RING, size)
+    q.attach(blk, 0)
+    blk.set_features(features)
+    blk.start()
+    return blk, q
+
+
 @pytest.fixture
 def disk(vm, image):
     """(worker, queue): a running BlkWorker over the image, read-write."""
-    fd = os.open(image, os.O_RDWR)
-    blk = BlkWorker(vm.memory, fd, serial="pyvt-disk-0")
-    os.close(fd)  # the worker holds its own
-    q = Queue(vm.memory, RING, 256)
-    q.attach(blk, 0)
-    # Not EVENT_IDX: this driver does not move used_event (test_virtio_native.py does).
-    blk.set_features(BlkWorker.supported_features & ~(1 << VIRTIO_RING_F_EVENT_IDX))
-    blk.start()
+    blk, q = open_disk(vm, image)
     yield blk, q
     blk.stop()
     q.close()
@@ -91,13 +99,8 @@ def test_read_write_flush(vm, disk, image):
 
 
 def test_scattered_read_through_an_indirect_table(vm, image):
-    fd = os.open(image, os.O_RDONLY)
-    blk = BlkWorker(vm.memory, fd, readonly=True)
-    os.close(fd)
-    q = Queue(vm.memory, RING, 16)
-    q.attach(blk, 0)
-    blk.set_features(1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_INDIRECT_DESC)
-    blk.start()
+    blk, q = open_disk(vm, image, readonly=True, size=16,
+                       features=1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_INDIRECT_DESC)
     try:
         vm.memory.write(HDR, struct.pack("<IIQ", T_IN, 0, 1))
         # 512 bytes split 100 + 412, the status sharing the last buffer.
@@ -123,12 +126,7 @@ def test_get_id_and_unsupported(vm, disk):
 
 
 def test_readonly_refuses_writes(vm, image):
-    fd = os.open(image, os.O_RDONLY)
-    blk = BlkWorker(vm.memory, fd, readonly=True)
-    os.close(fd)
-    q = Queue(vm.memory, RING, 16)
-    q.attach(blk, 0)
-    blk.start()
+    blk, q = open_disk(vm, image, readonly=True, size=16)
     try:
         before = image.read_bytes()
         request(vm, q, 0, T_OUT, 0, write_data=b"x" * 512)

@@ -2,6 +2,7 @@
 # _virtio.pyx.  The C headers are the source of truth for limits and
 # feature bits; _virtio.pyx exports them.
 
+from libc.stddef cimport size_t
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 
@@ -30,11 +31,13 @@ cdef extern from "virtio_ring.h" nogil:
     int PVT_VMEM_MAX_REGIONS
     int PVT_VQ_MAX_SIZE
     int PVT_VQ_MAX_SEGS
+    int PVT_VMEM_PAGE_SIZE
 
     struct pvt_vmem_region:
         uint64_t gpa
         uint64_t size
         uint8_t *host
+        uint64_t *written
 
     struct pvt_vq_stats:
         uint64_t requests
@@ -75,6 +78,7 @@ cdef extern from "virtio_worker.h" nogil:
     void pvt_vw_stop(pvt_vworker *w)
     int pvt_vw_reset(pvt_vworker *w)
     uint32_t pvt_vw_take_isr(pvt_vworker *w)
+    int pvt_vw_take_written(pvt_vworker *w, unsigned region, uint64_t *pages, size_t words)
 
 
 cdef extern from "virtio_rng.h" nogil:
