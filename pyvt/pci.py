@@ -34,7 +34,7 @@ import struct
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from .errors import ArgumentError, ArgumentTypeError, DeviceError, Error, RegionOverlapError
 
@@ -52,10 +52,11 @@ MMIO32_WINDOW = (0xC0000000, 0xFEC00000)
 MMIO64_WINDOW = (1 << 36, 1 << 37)
 #: Where I/O BARs go: [start, end), above every port a PC device uses.
 IO_WINDOW = (0x1000, 0x10000)
-#: Configuration mechanism #1: the address register, then the data window.
-CONFIG_ADDRESS_PORT = 0xCF8
-CONFIG_DATA_PORT = 0xCFC
-CONFIG_PORTS = 8
+#: Configuration mechanism #1 (served in Python: there is no C side):
+#: CONFIG_ADDRESS at 0xcf8, then the CONFIG_DATA window at 0xcfc-0xcff.
+CONFIG_IO = range(0xCF8, 0xD00)
+CONFIG_ADDRESS = CONFIG_IO.start
+CONFIG_DATA = CONFIG_IO.start + 4
 #: The first of the four GSIs INTA-INTD are swizzled onto (IOAPIC pins 16-19).
 INTX_GSI_BASE = 16
 #: The first GSI the bus gives MSI-X routes (0-23 are the irqchip's pins).
@@ -150,12 +151,12 @@ class PciDevice:
         self._w1c = bytearray(CONFIG_SIZE)     # bits a guest 1 clears
         self.bars: Dict[int, Bar] = {}
         self.msix: Optional[Msix] = None
-        self.vm = None
+        self.vm: Any = None  # the Vm, once on its bus
         self.bus: Optional[PciBus] = None
         self.slot: Optional[int] = None
         self._intx_level = False
         self._intx_asserted = False
-        self._intx_fds: Optional[tuple] = None
+        self._intx_fds: Optional[Tuple[int, int]] = None
         self._last_cap = 0
         self._cap_end = CAPABILITIES_START
         self._capabilities: Dict[int, int] = {}  # offset -> cap ID
@@ -288,6 +289,8 @@ class PciDevice:
 
     def _update_bars(self) -> None:
         """Maps each BAR where its register says, if its decoder is on."""
+        if self.bus is None:
+            return  # not on a bus yet: add() maps them
         command = self.command
         for bar in self.bars.values():
             enabled = command & (COMMAND_IO if bar.is_io else COMMAND_MEMORY)
@@ -420,6 +423,7 @@ class PciDevice:
         """The eventfd KVM writes when the guest EOIs an INTx from
         :meth:`intx_eventfd`."""
         self.intx_eventfd()
+        assert self._intx_fds is not None
         return self._intx_fds[1]
 
     def __repr__(self) -> str:
@@ -449,10 +453,12 @@ def _close_fds(fds: List[int]) -> None:
 
 @dataclass
 class _Vector:
-    eventfd: Optional[int] = None
-    gsi: Optional[int] = None
+    """A vector's eventfd, the GSI its irqfd raises, whether KVM has it
+    bound, and the (address, data) the GSI's route sends."""
+    eventfd: int
+    gsi: int
     bound: bool = False
-    route: Optional[tuple] = None
+    route: Optional[Tuple[int, int]] = None
 
 
 class Msix:
@@ -493,7 +499,7 @@ class Msix:
         self.table = bytearray(table_size)
         for v in range(vectors):
             self.table[v * MSIX_ENTRY_SIZE + 12] = MSIX_VECTOR_MASKED
-        self.pending = set()
+        self.pending: Set[int] = set()
         self._vectors: Dict[int, _Vector] = {}
         self._fds: List[int] = []
         weakref.finalize(self, _close_fds, self._fds)
@@ -551,13 +557,15 @@ class Msix:
         self._check_vector(vector)
         if self.device.vm is None:
             raise DeviceError("add the device to vm.pci before asking for MSI-X eventfds")
+        bus = self.device.bus
+        assert bus is not None  # on a VM means on its bus
         with self.device._lock():
-            state = self._vectors.setdefault(vector, _Vector())
-            if state.eventfd is None:
+            state = self._vectors.get(vector)
+            if state is None:
                 self.device.vm._require_irqchip("MSI-X")
-                state.eventfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-                self._fds.append(state.eventfd)
-                state.gsi = self.device.bus._allocate_gsi()
+                fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                self._fds.append(fd)
+                state = self._vectors[vector] = _Vector(fd, bus._allocate_gsi())
                 self._sync(vector)
             return state.eventfd
 
@@ -566,8 +574,9 @@ class Msix:
         table, and sends what is pending if it can go now."""
         masked = self.masked(vector)
         state = self._vectors.get(vector)
-        if state is not None and state.eventfd is not None:
-            bus, fd = self.device.bus, self.device.vm.fd
+        bus = self.device.bus
+        if state is not None and bus is not None:
+            fd = self.device.vm.fd
             address, data, _ = self.entry(vector)
             if masked and state.bound:
                 fd.unregister_irqfd(state.eventfd, state.gsi)
@@ -595,7 +604,7 @@ class Msix:
         if vector in self.pending:
             return True
         state = self._vectors.get(vector)
-        if state is None or state.eventfd is None or state.bound:
+        if state is None or state.bound:
             return False
         return bool(select.select([state.eventfd], [], [], 0)[0])
 
@@ -659,11 +668,11 @@ class PciBus:
         if vm.memory.size > ECAM_BASE:
             raise Error(f"a VM with a PCI bus has at most {ECAM_BASE >> 20} MiB of RAM: the "
                         f"ECAM window is at {ECAM_BASE:#x} (asked for {vm.memory.size >> 20} MiB)")
-        vm.on_io((CONFIG_ADDRESS_PORT, CONFIG_PORTS), self._config_io)
+        vm.on_io(CONFIG_IO, self._config_io)
         try:
             vm.on_mmio((ECAM_BASE, ECAM_SIZE), self._ecam)
         except BaseException:
-            vm.off_io(CONFIG_ADDRESS_PORT)
+            vm.off_io(CONFIG_IO)
             raise
         self.host_bridge = HostBridge()
         self.add(self.host_bridge, 0)
@@ -701,7 +710,7 @@ class PciBus:
                     self._assign(bar)
                     command |= COMMAND_IO if bar.is_io else COMMAND_MEMORY
                 if device.intx_pin:
-                    device._put(INTERRUPT_LINE, 1, device.intx_gsi)
+                    device._put(INTERRUPT_LINE, 1, intx_gsi(slot, device.intx_pin))
                 device._put(COMMAND, 2, device.command | command)
                 device._update_bars()
             except BaseException:
@@ -772,16 +781,16 @@ class PciBus:
 
     def _config_io(self, exit) -> Optional[int]:
         port, size = exit.port, exit.size
-        if port == CONFIG_ADDRESS_PORT and size == 4:
+        if port == CONFIG_ADDRESS and size == 4:
             if exit.is_write:
                 self._address = exit.value & 0x80FFFFFC
                 return None
             return self._address
-        if port < CONFIG_DATA_PORT:
+        if port < CONFIG_DATA:
             return None if exit.is_write else (1 << (8 * size)) - 1  # not a dword at 0xcf8
         address = self._address
         bus, slot, function = (address >> 16) & 0xFF, (address >> 11) & 0x1F, (address >> 8) & 7
-        offset = (address & 0xFC) + port - CONFIG_DATA_PORT
+        offset = (address & 0xFC) + port - CONFIG_DATA
         if not address & 0x80000000 or bus != 0 or offset + size > 0x100:
             return None if exit.is_write else (1 << (8 * size)) - 1
         if exit.is_write:

@@ -124,6 +124,7 @@ class Vm:
     fw_cfg: Optional[pc.FwCfg]
     cmos: Optional[pc.Cmos]
     pm_timer: Optional[pc.PmTimer]
+    acpi_pm1: Optional[pc.AcpiPm1]
     i8042: Optional[pc.I8042]
     post: Optional[pc.PostCode]
 
@@ -721,7 +722,7 @@ class Vm:
     # -- PCI (pyvt.pci) --------------------------------------------------------
 
     @property
-    def pci(self) -> "pci.PciBus":
+    def pci(self):  # -> pyvt.pci.PciBus (imported on first use)
         """PCI bus 0 (:class:`pyvt.pci.PciBus`), made on first use: it claims
         ports 0xcf8-0xcff and the ECAM window at :data:`pyvt.pci.ECAM_BASE`
         and holds the host bridge at 00.0; ``vm.pci.add(device)`` adds a
