@@ -381,3 +381,19 @@ def test_native_console_both_ways(vm, elf):
     finally:
         for fd in (in_r, in_w, out_r, out_w):
             os.close(fd)
+
+
+def test_worker_writes_reach_snapshot_restores(vm, elf):
+    """KVM's dirty log does not see a native worker's writes to guest RAM:
+    report_written hands them to the VM's memory, so a restore undoes them."""
+    from pyvt.virtio import attach
+
+    vm.add_rng()
+    vm.vcpu(0, mode="long", ring=3)
+    snap = vm.snapshot()
+    r = g.run(vm, elf, 0x1040 + C.TYPE_ENTROPY, [[(DATA + 0x3000, 64, True)]])
+    assert r.stage_name == "done"
+    assert vm.memory.read(DATA + 0x3000, 64) != bytes(64)
+    attach.report_written(vm)
+    vm.restore(snap)
+    assert vm.memory.read(DATA + 0x3000, 64) == bytes(64)

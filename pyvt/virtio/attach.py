@@ -42,3 +42,13 @@ def close_all(vm) -> None:
     for transport in reversed(vm.__dict__.get("_virtio_devices", [])):
         transport.close()
     vm.__dict__.pop("_virtio_devices", None)
+
+
+def report_written(vm) -> None:
+    """Hands every native worker's writes to guest RAM to ``vm.memory`` (see
+    :meth:`pyvt.virtio.NativeVirtioDevice.report_written`); Python devices'
+    writes are recorded as they are pushed."""
+    for transport in vm.__dict__.get("_virtio_devices", []):
+        report = getattr(transport.device, "report_written", None)
+        if report is not None:
+            report()

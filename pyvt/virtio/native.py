@@ -49,7 +49,8 @@ class NativeVirtioDevice(VirtioDevice):
         self.owned_fds: List[int] = []
 
     def make_worker(self, memory):
-        """The worker for ``memory`` (``[(gpa, size, host_address)]``)."""
+        """The worker for ``memory`` (the VM's GuestMemory: the worker keeps
+        its regions mapped while it lives, even past the VM's close)."""
         raise NotImplementedError
 
     @property
@@ -66,7 +67,7 @@ class NativeVirtioDevice(VirtioDevice):
             for index, q in enumerate(transport.queue_configs):
                 if q.enabled:
                     Virtqueue(ram, q.size, q.desc, q.avail, q.used, index=index)
-            worker = self.make_worker(ram.layout())
+            worker = self.make_worker(transport._vm.memory)
             worker.set_features(transport.negotiated)
             for index, q in enumerate(transport.queue_configs):
                 if q.enabled:
@@ -81,8 +82,23 @@ class NativeVirtioDevice(VirtioDevice):
             worker, self.worker = self.worker, None
             if worker is not None:
                 worker.stop()
+                self._report_written(worker)
                 worker.reset()
             self.on_reset()
+
+    def report_written(self) -> None:
+        """Hands the guest pages the worker wrote since the last call to the
+        VM's memory (snapshot baselines, ``dirty_pages()``): KVM's dirty log
+        does not see a worker's writes.  Call before a snapshot or a
+        migration pass reads them."""
+        worker = self.worker
+        if worker is not None:
+            self._report_written(worker)
+
+    def _report_written(self, worker) -> None:
+        if self.transport is not None and self.transport.vm is not None \
+                and not self.transport.vm.closed:
+            worker.report_written(self.transport.vm.memory)
 
     def take_isr(self) -> int:
         worker = self.worker
