@@ -179,6 +179,8 @@ def test_native_rng(vm, elf):
     assert first != bytes(64) and second != bytes(32) and first[:32] != second
     assert vm.memory.read(DATA + 0x100 + 32, 32) == bytes(32)  # nothing past the buffer
     assert rng.worker is not None
+    assert r.isr & C.ISR_QUEUE  # the worker's ISR bit (INTx: no MSI-X), read through the transport
+    assert rng.stats[0]["requests"] == 2
 
 
 def blk_request(kind, sector, at, data_len, write_data=None):
@@ -397,3 +399,12 @@ def test_worker_writes_reach_snapshot_restores(vm, elf):
     attach.report_written(vm)
     vm.restore(snap)
     assert vm.memory.read(DATA + 0x3000, 64) == bytes(64)
+
+
+def test_native_worker_interrupts_through_its_msix_vector(vm, elf):
+    """With MSI-X on, the worker's call eventfd is the queue vector's irqfd:
+    the vector is masked, so its interrupt waits in the PBA."""
+    vm.add_rng()
+    r = g.run(vm, elf, 0x1040 + C.TYPE_ENTROPY, [[(DATA, 16, True)]], flags=g.FLAG_MSIX)
+    assert r.stage_name == "done", r
+    assert r.msix_vector == 0 and r.pba & 1
