@@ -37,8 +37,8 @@ from .vcpu import RUN_LOOP_COUNTERS, Vcpu
 
 from .snapshot import Snapshot
 
-if TYPE_CHECKING:  # the annotations of the PCI and virtio sections
-    from . import pci, virtio
+if TYPE_CHECKING:  # the annotations of the virtio section
+    from . import virtio
 
 #: Where KVM may put the three pages it needs for real mode on VMX without
 #: unrestricted guest (the address QEMU uses), when guest RAM leaves it free.
