@@ -71,3 +71,5 @@ __all__ = [
 # -- virtio native workers (pyvt._virtio) --
 from .errors import VirtqueueError  # noqa: E402
 __all__ += ["VirtqueueError"]
+from .errors import DiskImageError, TapError, VirtioError  # noqa: E402
+__all__ += ["DiskImageError", "TapError", "VirtioError"]

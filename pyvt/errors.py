@@ -181,10 +181,25 @@ class DeviceStateError(DeviceError, ArgumentError):
     or not what the device's ``save_state()`` returns."""
 
 
-# -- VIRTIO NATIVE WORKERS (issue 15, pyvt._virtio) ---------------------------
+# -- virtio (pyvt.virtio; the native workers, pyvt._virtio) --
+
+class VirtioError(DeviceError):
+    """A virtio device (:mod:`pyvt.virtio`) cannot be made or used as asked."""
 
 
-class VirtqueueError(DeviceError, ArgumentError):
-    """A virtqueue a native virtio worker cannot serve: its size is not a
-    power of two up to 32768, a ring is misaligned, or a ring lies outside
-    guest RAM.  The driver set it up wrong: the device needs a reset."""
+class VirtqueueError(VirtioError, ArgumentError):
+    """A virtqueue that cannot be served: the guest's driver set it up wrong
+    (a size that is not a power of two up to 32768, a misaligned ring, a
+    ring or buffer outside guest RAM, a bad descriptor chain).  The device
+    stops serving it and asks for a reset (DEVICE_NEEDS_RESET), as the
+    virtio specification says."""
+
+
+class DiskImageError(_OSErrorMessage, VirtioError):
+    """``vm.add_disk()``: the disk image is missing, not a regular file or
+    block device, or cannot be opened as asked (``errno`` says why)."""
+
+
+class TapError(_OSErrorMessage, VirtioError):
+    """``vm.add_net(tap=...)``: the tap device does not exist or cannot be
+    attached (``errno`` says why)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import threading
 import types
-from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from . import _native, debugging, exits, modes, msr_filter, pc, snapshot, snapshot_file
 from ._kvm import lib as _kvm_lib
@@ -36,6 +36,9 @@ from .memory import GuestMemory, parse_size
 from .vcpu import RUN_LOOP_COUNTERS, Vcpu
 
 from .snapshot import Snapshot
+
+if TYPE_CHECKING:  # the annotations of the virtio section
+    from . import virtio
 
 #: Where KVM may put the three pages it needs for real mode on VMX without
 #: unrestricted guest (the address QEMU uses), when guest RAM leaves it free.
@@ -278,6 +281,10 @@ class Vm:
                 continue
             with vcpu._run_lock:  # waits for a run in another thread to return
                 vcpu._close()
+        if "_virtio_devices" in self.__dict__:  # their workers stop before the memory goes
+            from .virtio import attach
+
+            attach.close_all(self)
         machine = getattr(self, "_machine", None)
         if machine is not None:
             machine.close()
@@ -733,3 +740,57 @@ class Vm:
 
             acpi.pci_bus_created(self)
         return bus
+
+    # -- virtio (pyvt.virtio) ----------------------------------------------------
+
+    def add_virtio(self, device: "virtio.VirtioDevice", slot: Optional[int] = None) -> "virtio.VirtioPciDevice":
+        """Puts ``device`` (a :class:`pyvt.virtio.VirtioDevice`, e.g. one
+        written in Python) on ``vm.pci`` as a virtio 1.x PCI function, in
+        ``slot`` (default: the first free one).  Returns its transport
+        (:class:`pyvt.virtio.VirtioPciDevice`)."""
+        from .virtio import attach
+
+        return attach.add_virtio(self, device, slot)
+
+    def add_disk(self, path, readonly: bool = False, *, serial: Optional[str] = None) -> "virtio.BlockDevice":
+        """A virtio-blk disk on the raw image ``path`` (the first is Linux's
+        /dev/vda); ``readonly`` refuses the guest's writes.  A missing or
+        unopenable image is a :class:`pyvt.DiskImageError`."""
+        from .virtio import BlockDevice
+
+        device = BlockDevice(path, readonly, serial=serial)
+        self.add_virtio(device)
+        return device
+
+    def add_net(self, tap: str, mac: Optional[str] = None) -> "virtio.NetDevice":
+        """A virtio-net NIC on the existing host tap device ``tap`` (a
+        missing tap is a :class:`pyvt.TapError`), MAC ``mac`` (default random)."""
+        from .virtio import NetDevice
+
+        device = NetDevice(tap, mac)
+        self.add_virtio(device)
+        return device
+
+    def add_rng(self) -> "virtio.RngDevice":
+        """A virtio entropy device (Linux: /dev/hwrng), fed by the host's getrandom()."""
+        from .virtio import RngDevice
+
+        device = RngDevice()
+        self.add_virtio(device)
+        return device
+
+    def add_console(self, input=None, output=None) -> "virtio.ConsoleDevice":
+        """A virtio console (Linux: hvc0) between the host's ``input`` and
+        ``output`` (file descriptors or files; None: stdin, stdout)."""
+        from .virtio import ConsoleDevice
+
+        device = ConsoleDevice(input, output)
+        self.add_virtio(device)
+        return device
+
+    @property
+    def virtio_devices(self) -> List["virtio.VirtioPciDevice"]:
+        """The virtio devices' transports, in the order they were added."""
+        from .virtio import attach
+
+        return list(attach.devices(self))
