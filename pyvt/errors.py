@@ -179,3 +179,12 @@ class DeviceError(Error):
 class DeviceStateError(DeviceError, ArgumentError):
     """A device state that does not fit the device: from another pyvt build,
     or not what the device's ``save_state()`` returns."""
+
+
+# -- RUN CONTROL (issue 17): pausing, resuming and ending vm.run() -------------
+
+
+class RunControlError(Error):
+    """``vm.pause()`` could not pause the VM (a vCPU did not stop in time,
+    or it was called from a vCPU's own thread), or ``vm.run()`` was started
+    twice at once: the message says which; the VM runs on."""
