@@ -39,6 +39,7 @@ STOP_TIMEOUT = 100
 STOP_ERROR = 101
 STOP_REQUESTED = 102
 STOP_BAD_EXIT = PVT_STOP_BAD_EXIT
+EXIT_REASON_SLOTS = PVT_EXIT_REASON_SLOTS
 
 #: Timeouts from here on (about 146 years) mean "no timeout": they would
 #: overflow the nanosecond clock arithmetic.
@@ -795,6 +796,18 @@ cdef class VcpuLoop:
                 "native_exits": self.v.native_exits,
                 "coalesced_writes": self.v.coalesced,
                 "dirty_ring_full_exits": self.dirty_ring_full_exits}
+
+    @property
+    def exits_by_reason(self):
+        """Returns from KVM_RUN by exit reason: a list of EXIT_REASON_SLOTS
+        counts indexed by ``kvm_run.exit_reason`` (an EINTR counts as
+        KVM_EXIT_INTR; the last slot holds every reason at or above it)."""
+        return [self.v.exits_by_reason[i] for i in range(PVT_EXIT_REASON_SLOTS)]
+
+    @property
+    def guest_ns(self):
+        """Nanoseconds (CLOCK_MONOTONIC) the loop spent inside KVM_RUN."""
+        return self.v.guest_ns
 
     def io_data_valid(self):
         """The run loop's check that an I/O exit's data lies in the mapping."""

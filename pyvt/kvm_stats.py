@@ -51,7 +51,9 @@ BASES = {lib.KVM_STATS_BASE_POW10: 10, lib.KVM_STATS_BASE_POW2: 2}
 
 HISTOGRAMS = ("linear_histogram", "log_histogram")
 
-StatValue = Union[int, List[int]]
+#: A statistic's value: a count, a histogram's buckets, or (pyvt's
+#: ``exits_by_reason``) counts by name.
+StatValue = Union[int, List[int], Dict[str, int]]
 
 
 @dataclass(frozen=True)

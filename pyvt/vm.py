@@ -31,9 +31,10 @@ from .errors import (
 )
 from .backend import select_backend
 from .kvm import Kvm, _as_list, struct_bytes
+from .dirty_rate import DIRTY_PAGE_STATS
 from .kvm_stats import CachedStats, StatsDescriptor, StatValue
 from .memory import GuestMemory, parse_size
-from .vcpu import RUN_LOOP_COUNTERS, Vcpu
+from .vcpu import RUN_LOOP_COUNTERS, RUN_LOOP_MEASURES, Vcpu
 
 from .snapshot import Snapshot
 
@@ -539,18 +540,31 @@ class Vm:
         (``remote_tlb_flush``, ``pages_4k``, ``max_mmu_rmap_size``... where
         the backend has KVM_CAP_BINARY_STATS_FD; not on pyvt.ko) merged with
         pyvt's run-loop counters summed over the vCPUs (``kvm_exits``,
-        ``native_exits``, ``coalesced_writes``: see :attr:`pyvt.Vcpu.stats`).
-        Values are ints, lists of ints for histograms; units and scales are
-        in :attr:`stats_descriptors`.  Per-vCPU statistics (``exits``...) are
+        ``native_exits``, ``coalesced_writes``, ``guest_time_ns``,
+        ``exits_by_reason``...: see :attr:`pyvt.Vcpu.stats`), and the pages
+        the guest dirtied as KVM's dirty log reported them: ``dirty_pages``
+        (in all) and ``dirty_pages_per_s`` (at the last harvest; both stay
+        0 while the VM does not log its writes, see :mod:`pyvt.dirty_rate`).
+        Values are ints, lists of ints for histograms, a dict for
+        ``exits_by_reason``; units and scales are in :attr:`stats_descriptors`.  Per-vCPU statistics (``exits``...) are
         in each ``vcpu.stats``.  The stats fd is opened by the first read
         and closed with the VM."""
         self._check_open()
         values = self._kvm_stats.read()
-        totals = dict.fromkeys(RUN_LOOP_COUNTERS, 0)
+        totals: Dict[str, StatValue] = dict.fromkeys(RUN_LOOP_COUNTERS, 0)
+        totals["guest_time_ns"] = 0
+        by_reason: Dict[str, int] = {}
         for vcpu in list(self.vcpus.values()):
             for name, value in vcpu._run_loop_stats().items():
-                totals[name] = totals.get(name, 0) + value
+                if isinstance(value, dict):
+                    for reason, count in value.items():
+                        by_reason[reason] = by_reason.get(reason, 0) + count
+                else:
+                    totals[name] = totals.get(name, 0) + value
+        totals["exits_by_reason"] = by_reason
         values.update(totals)
+        values["dirty_pages"] = self.memory.dirty_rate.total
+        values["dirty_pages_per_s"] = self.memory.dirty_rate.per_second()
         return values
 
     @property
@@ -560,7 +574,10 @@ class Vm:
         statistics are mostly cumulative counts; ``pages_4k`` and the like
         are instant values, ``max_mmu_rmap_size`` and the like peaks."""
         self._check_open()
-        return self._kvm_stats.descriptors()
+        descriptors = self._kvm_stats.descriptors()
+        descriptors.update(RUN_LOOP_MEASURES)
+        descriptors.update(DIRTY_PAGE_STATS)
+        return descriptors
 
     # -- MSR filters and user-space MSR exits ----------------------------------
 
@@ -773,6 +790,19 @@ class Vm:
         from . import run_control
 
         run_control.of(self).set_status(status)
+
+    def serve_control(self, path, name: Optional[str] = None) -> "control.ControlServer":
+        """Serves this VM's control socket at ``path`` (a Unix socket, mode
+        0600, one JSON object per line: ``query-status``, ``query-stats``,
+        ``stop``, ``cont``, ``snapshot``, ``migrate``..., see
+        :mod:`pyvt.control`) from a thread of its own, and registers the VM
+        (as ``name``) where ``pyvt top`` looks.  Returns the
+        :class:`pyvt.control.ControlServer`; ``close()`` it, or it closes
+        with the VM.  Raises :class:`pyvt.ControlError` if ``path`` exists
+        and is not a stale socket."""
+        from . import control
+
+        return control.serve(self, path, name)
 
     def _close_run_control(self) -> None:
         """From close(): parked vCPUs leave their run, control sockets close."""
