@@ -67,6 +67,6 @@ __all__ = [
 ]
 
 # Run control (issue 17).
-from .errors import RunControlError  # noqa: E402
+from .errors import ControlError, RunControlError  # noqa: E402
 
-__all__.append("RunControlError")
+__all__ += ["RunControlError", "ControlError"]

@@ -188,3 +188,9 @@ class RunControlError(Error):
     """``vm.pause()`` could not pause the VM (a vCPU did not stop in time,
     or it was called from a vCPU's own thread), or ``vm.run()`` was started
     twice at once: the message says which; the VM runs on."""
+
+
+class ControlError(RunControlError):
+    """A control socket cannot be served (``vm.serve_control``, ``--control``):
+    its path exists and is not a stale socket, is another process's live
+    socket, is too long, or cannot be bound; or ``pyvt ctl`` cannot reach it."""

@@ -36,7 +36,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from . import exits
 from .errors import ArgumentError, RunControlError
@@ -82,7 +82,7 @@ class RunControl:
         self._closed = False
         self._has_run = False
         # The run's vCPUs: index -> (Vcpu, thread ident running it).
-        self._members: Dict[int, Tuple[object, int]] = {}
+        self._members: Dict[int, Tuple[Any, int]] = {}
         self._parked: Set[int] = set()
         # vCPUs pause()/end_run() kicked: their next Stopped is ours, not a run's end.
         self._kicked: Set[int] = set()
@@ -246,8 +246,7 @@ class RunControl:
             self._status = "paused" if self._paused else "running"
         return None
 
-    def run_finished(self, exit: Optional[exits.Exit], error: Optional[BaseException] = None
-                     ) -> Optional[exits.Exit]:
+    def run_finished(self, exit: Any, error: Optional[BaseException] = None) -> Any:
         """The run returns ``exit`` (or raised ``error``): what it returns
         instead if end_run() asked for another exit."""
         with self._cond:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import threading
 import types
-from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from . import _native, debugging, exits, modes, msr_filter, pc, snapshot, snapshot_file
 from ._kvm import lib as _kvm_lib
@@ -37,6 +37,9 @@ from .memory import GuestMemory, parse_size
 from .vcpu import RUN_LOOP_COUNTERS, RUN_LOOP_MEASURES, Vcpu
 
 from .snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from .control import ControlServer
 
 #: Where KVM may put the three pages it needs for real mode on VMX without
 #: unrestricted guest (the address QEMU uses), when guest RAM leaves it free.
@@ -551,18 +554,17 @@ class Vm:
         and closed with the VM."""
         self._check_open()
         values = self._kvm_stats.read()
-        totals: Dict[str, StatValue] = dict.fromkeys(RUN_LOOP_COUNTERS, 0)
-        totals["guest_time_ns"] = 0
+        totals: Dict[str, int] = dict.fromkeys((*RUN_LOOP_COUNTERS, "guest_time_ns"), 0)
         by_reason: Dict[str, int] = {}
         for vcpu in list(self.vcpus.values()):
             for name, value in vcpu._run_loop_stats().items():
                 if isinstance(value, dict):
                     for reason, count in value.items():
                         by_reason[reason] = by_reason.get(reason, 0) + count
-                else:
+                elif isinstance(value, int):
                     totals[name] = totals.get(name, 0) + value
-        totals["exits_by_reason"] = by_reason
         values.update(totals)
+        values["exits_by_reason"] = by_reason
         values["dirty_pages"] = self.memory.dirty_rate.total
         values["dirty_pages_per_s"] = self.memory.dirty_rate.per_second()
         return values
@@ -791,7 +793,7 @@ class Vm:
 
         run_control.of(self).set_status(status)
 
-    def serve_control(self, path, name: Optional[str] = None) -> "control.ControlServer":
+    def serve_control(self, path, name: Optional[str] = None) -> "ControlServer":
         """Serves this VM's control socket at ``path`` (a Unix socket, mode
         0600, one JSON object per line: ``query-status``, ``query-stats``,
         ``stop``, ``cont``, ``snapshot``, ``migrate``..., see

@@ -135,7 +135,7 @@ def test_two_vcpus_both_park_and_a_snapshot_can_be_taken(vm, tmp_path):
     assert all(s.regs for s in states)
     snap.save(tmp_path / "paused.snap")
     vm.resume()
-    wait_for(lambda: all(a > b for a, b in zip(counters(vm, 2), frozen)))
+    wait_for(lambda: all(a > b for a, b in zip(counters(vm, 2), frozen, strict=True)))
     vm.end_run(exits.Stopped(None))
     assert isinstance(runner.join(), exits.Stopped)
     # The snapshot holds the paused counts: a restore brings them back.
@@ -160,7 +160,7 @@ def test_printing_guest_loses_nothing_and_repeats_nothing(vm):
         time.sleep(0.1)
         assert len(seen) == reported and read_u64(vm, COUNTERS) == count
         vm.resume()
-        wait_for(lambda: len(seen) > reported + 2)
+        wait_for(lambda reported=reported: len(seen) > reported + 2)
     vm.end_run(exits.Stopped(None))
     runner.join()
     # Each count reached the handler once, in order: no write lost or made twice.
