@@ -221,7 +221,10 @@ class ControlServer:
                 sock.close()
                 continue
             with self._lock:
-                if self._closed or len(self._clients) >= MAX_CLIENTS:
+                if self._closed:
+                    sock.close()
+                    return
+                if len(self._clients) >= MAX_CLIENTS:
                     client.send({"error": {"class": "GenericError",
                                            "desc": f"too many clients (at most {MAX_CLIENTS})"}})
                     sock.close()

@@ -171,7 +171,8 @@ class RunControl:
                 self._cond.wait(KICK_INTERVAL)
             if deadline is not None and time.monotonic() >= deadline:
                 names = ", ".join(str(cpu.index) for cpu in waiting)
-                self.resume(quiet=True)
+                if newly:  # undo this pause only, never an earlier one
+                    self.resume(quiet=True)
                 raise RunControlError(f"vm.pause(): vCPU(s) {names} did not stop within "
                                       f"{timeout:g} s (a Python I/O handler that does not "
                                       "return?); the VM runs on")

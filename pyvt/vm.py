@@ -759,7 +759,9 @@ class Vm:
         """Makes the active :meth:`run` stop its vCPUs and return ``exit``
         (a :mod:`pyvt.exits` value), paused or not; returns once they are
         stopped.  With no run active, the next run() returns ``exit`` at once
-        without running the guest."""
+        without running the guest.  A pause stays in force: a later run()
+        starts parked until :meth:`resume`.  May be called from a handler
+        on a vCPU's own thread."""
         from . import run_control
 
         self._check_open()

@@ -235,3 +235,40 @@ def test_ctl_migrate_waits_for_the_end(vm, tmp_path, env, monkeypatch, outcome, 
     else:
         vm.end_run(exits.Stopped(None))
         runner.join(30)
+
+
+def test_boot_smp_with_a_control_socket(env, tmp_path):
+    """pyvt boot --smp 2 --control: both vCPUs (the AP still waiting for
+    its INIT/SIPI, inside KVM_RUN) pause, go on, and quit ends the boot."""
+    from kernelbuild import build_kernel, toolchain_missing
+
+    if toolchain_missing():
+        pytest.skip("no toolchain for the test kernels")
+    kernel = build_kernel("spin", tmp_path)
+    path = tmp_path / "boot.sock"
+    process = subprocess.Popen([*PYVT, "boot", str(kernel), "--smp", "2", "--memory", "32M",
+                                "--no-stdin", "--control", str(path), "--name", "booted"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=PACKAGE_PARENT, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not path.exists():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        status = json.loads(pyvt_cli(env, "ctl", path, "query-status").stdout)["return"]
+        assert (status["name"], status["vcpus"]) == ("booted", 2)
+        assert pyvt_cli(env, "ctl", path, "stop").returncode == 0
+        stats = json.loads(pyvt_cli(env, "ctl", path, "query-stats").stdout)["return"]
+        assert stats["status"] == "paused" and len(stats["vcpus"]) == 2
+        again = json.loads(pyvt_cli(env, "ctl", path, "query-stats").stdout)["return"]
+        assert again["vm"]["kvm_exits"] == stats["vm"]["kvm_exits"]  # nothing ran meanwhile
+        assert pyvt_cli(env, "ctl", path, "cont").returncode == 0
+        assert pyvt_cli(env, "ctl", path, "quit").returncode == 0
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 0, err
+        assert out == "spinning\n" and "Quit(by control socket)" in err
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()

@@ -285,3 +285,38 @@ def test_bad_arguments(vm):
 
 def test_exit_summary():
     assert exit_summary(exits.Hlt(0x10)) == {"exit": "Hlt", "description": "Hlt(rip=0x10)"}
+
+
+def test_pause_times_out_on_a_handler_that_does_not_return(vm):
+    release = threading.Event()
+    calls = []
+
+    def handler(exit):
+        calls.append(exit.value)
+        release.wait(60)
+
+    vm.on_io(PYTHON_PORT, handler)
+    vm.memory.write(CODE, pyvt.assemble(f"""
+        .code64
+    _start:
+        incq {COUNTERS}
+        mov ${PYTHON_PORT}, %dx
+        out %al, %dx
+        jmp _start
+    """, at=CODE))
+    vm.vcpu(0, mode="long").regs.rip = CODE
+    events = []
+    vm.subscribe(lambda name, data: events.append(name))
+    runner = Runner(vm)
+    wait_for(lambda: calls)
+    with pytest.raises(pyvt.RunControlError, match="did not stop within 0.2 s"):
+        vm.pause(timeout=0.2)
+    assert vm.status == "running" and events == []  # undone: the VM runs on
+    release.set()
+    wait_for(lambda: len(calls) > 3)
+    vm.pause()
+    count = read_u64(vm, COUNTERS)
+    assert len(calls) in (count - 1, count)
+    vm.end_run(exits.Stopped(None))
+    runner.join()
+    assert events == ["STOP", "SHUTDOWN"]
