@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -272,3 +273,47 @@ def test_boot_smp_with_a_control_socket(env, tmp_path):
         if process.poll() is None:
             process.kill()
             process.communicate()
+
+
+def test_ctl_migrate_moves_a_running_pyvt_run(env, guests, tmp_path):
+    """The real thing (pyvt.migration): pyvt ctl migrate moves a running
+    `pyvt run --control` to a VM waiting in this process; the source exits 0
+    saying where the VM went, and the guest runs on at the destination."""
+    pytest.importorskip("pyvt.migration")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()
+    uri = f"tcp:127.0.0.1:{port}"
+    arrived = {}
+
+    def destination():
+        try:
+            arrived["vm"] = pyvt.Vm.incoming(uri, timeout=60)
+        except Exception as e:  # reported below
+            arrived["error"] = e
+
+    waiting = threading.Thread(target=destination, daemon=True)
+    waiting.start()
+    source = guests("mover")
+    deadline = time.monotonic() + 30
+    out = pyvt_cli(env, "ctl", source.socket, "migrate", uri, "downtime_ms=100")
+    while out.returncode != 0 and "refused" in out.stdout and time.monotonic() < deadline:
+        time.sleep(0.2)  # the destination was not listening yet
+        out = pyvt_cli(env, "ctl", source.socket, "migrate", uri, "downtime_ms=100")
+    assert out.returncode == 0, (out.stdout, out.stderr)
+    report = json.loads(out.stdout)
+    assert report["status"] == "completed" and report["rounds"] >= 1
+    assert report["transferred_bytes"] > 0 and report["total_ms"] >= report["downtime_ms"] > 0
+    assert source.process.wait(60) == 0
+    assert f"Migrated(to {uri}" in source.process.stderr.read()
+    waiting.join(60)
+    assert "error" not in arrived, arrived.get("error")
+    vm = arrived["vm"]
+    try:
+        before = int.from_bytes(vm.memory.read(0x5000, 8), "little")
+        assert before > 0  # the count the source reached came along
+        assert isinstance(vm.run(timeout=0.5), exits.Timeout)
+        assert int.from_bytes(vm.memory.read(0x5000, 8), "little") > before
+    finally:
+        vm.close()
