@@ -551,8 +551,11 @@ def _error(error_class: str, desc: str) -> dict:
 
 def serve(vm, path, name: Optional[str] = None) -> ControlServer:
     """What :meth:`pyvt.Vm.serve_control` does."""
+    from . import run_control
+
     vm._check_open()
     server = ControlServer(vm, path, name)
+    run_control.of(vm).open_stats = True  # query-stats reads them while the VM runs
     vm.__dict__.setdefault("_control_servers", []).append(server)
     return server
 

@@ -222,6 +222,11 @@ class CachedStats:
         self._file: Optional[StatsFd] = None
         self._closed = False
 
+    @property
+    def is_open(self) -> bool:
+        """Whether the stats fd is open (reading it then needs no ioctl)."""
+        return self._file is not None
+
     def _open(self) -> Optional[StatsFd]:
         with self._lock:
             if self._file is None and not self._closed and self._kvm.check_extension(CAPABILITY):

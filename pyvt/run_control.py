@@ -89,6 +89,9 @@ class RunControl:
         self._end_exit: Optional[exits.Exit] = None
         self._subscribers: List[EventCallback] = []
         self._reported: Set[int] = set()  # id() of callbacks whose failure was logged
+        #: Open each vCPU's KVM stats fd before running it (a control socket
+        #: reads them while the vCPUs run; see pyvt.boot._run_one).
+        self.open_stats = False
 
     # -- status and events ---------------------------------------------------
 

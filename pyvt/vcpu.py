@@ -731,11 +731,21 @@ class Vcpu:
         what each one counts, in which unit and scale, is in
         :attr:`stats_descriptors`.  ``{}`` once the VM is closed.
         The stats fd is opened by the first read and closed with the VM;
-        each read is a pread on it (other threads may run meanwhile)."""
+        each read is a pread on it (other threads may run meanwhile).
+        Opening it waits for the vCPU to leave KVM_RUN: a first read while
+        the vCPU runs in another thread gives pyvt's counters only
+        (``vm.run()`` opens it up front when the VM serves a control socket)."""
         loop = self._loop
         if loop is None:
             return {}
-        values = self._kvm_stats.read()
+        running = self._running_thread
+        if (not self._kvm_stats.is_open and running is not None
+                and running != threading.get_ident()):
+            # Opening the fd would wait for the guest to leave KVM_RUN
+            # (forever for one that never exits): pyvt's counters only.
+            values: Dict[str, StatValue] = {}
+        else:
+            values = self._kvm_stats.read()
         values.update(self._run_loop_stats())
         return values
 

@@ -354,3 +354,32 @@ def test_dirty_pages_rate_while_the_vm_logs_its_writes(vm):
     stats = vm.stats
     assert stats["dirty_pages"] - first >= 32
     assert stats["dirty_pages_per_s"] > 0
+
+
+@needs_stats
+def test_first_read_while_the_vcpu_runs_elsewhere_does_not_wait(vm):
+    """KVM_GET_STATS_FD waits for the vCPU to leave KVM_RUN: a first read
+    from another thread gives pyvt's counters at once instead of hanging on
+    a guest that never exits; once the fd is open, KVM's come too."""
+    import threading
+
+    vm.memory.write(LOAD_ADDRESS, b"\xeb\xfe")  # jmp . (no exit, ever)
+    cpu = vm.vcpu(0, mode="protected")
+    cpu.regs.rip = LOAD_ADDRESS
+    thread = threading.Thread(target=cpu.run, kwargs={"timeout": 60})
+    thread.start()
+    while cpu._running_thread is None:
+        time.sleep(0.01)
+    stats = cpu.stats
+    assert set(stats) == set(RUN_LOOP_STATS)
+    cpu.stop()
+    thread.join(30)
+    assert "exits" in cpu.stats
+    # Opened now: a read while it runs has KVM's statistics too.
+    thread = threading.Thread(target=cpu.run, kwargs={"timeout": 60})
+    thread.start()
+    while cpu._running_thread is None:
+        time.sleep(0.01)
+    assert "exits" in cpu.stats
+    cpu.stop()
+    thread.join(30)
