@@ -332,6 +332,9 @@ def _command(argv: List[str]) -> int:
     if args.command == "version":
         print(f"pyvt {__version__}")
         return 0
+    if args.name is not None and args.control is None:
+        _report("--name names the VM on its control socket: give --control PATH too")
+        return EXIT_USAGE
     if args.command == "boot":
         return _boot(args)
     return _run(args)

@@ -109,6 +109,7 @@ def test_ctl_commands_and_exit_statuses(env, guests, tmp_path):
     assert "given twice" in one_line_error(
         pyvt_cli(env, "ctl", guest.socket, "stop", "a=1", "a=2"))
     one_line_error(pyvt_cli(env, "ctl", guest.socket))
+    assert "--control" in one_line_error(pyvt_cli(env, "run", "x.S", "--name", "lonely"))
     # quit: pyvt run exits 0, saying so; the socket and registration go.
     out = pyvt_cli(env, "ctl", guest.socket, "quit")
     assert out.returncode == 0 and json.loads(out.stdout) == {"return": {}}
