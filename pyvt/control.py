@@ -50,6 +50,8 @@ from .errors import ArgumentError, ControlError, Error
 MAX_LINE = 1 << 20
 #: Clients served at once; more are told so and closed.
 MAX_CLIENTS = 64
+#: Seconds a send to a client may block before the client is dropped.
+SEND_TIMEOUT = 5
 #: Seconds close() waits for a migration under way to end (see close()).
 MIGRATION_GRACE = 5.0
 
@@ -101,6 +103,10 @@ class _Client:
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
+        # A client that stops reading must not block the thread that sends
+        # it an event (a vCPU's, the one pausing): give up on it instead.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", int(SEND_TIMEOUT), 0))
         self.lock = threading.Lock()
         self.subscribed = False
         self.thread: Optional[threading.Thread] = None
@@ -112,6 +118,10 @@ class _Client:
                 self.sock.sendall(data)
                 return True
             except OSError:
+                try:
+                    self.sock.shutdown(socket.SHUT_RDWR)  # its reader thread ends
+                except OSError:
+                    pass
                 return False
 
 
@@ -266,6 +276,10 @@ class ControlServer:
                     if discarding:
                         discarding = False  # the end of the oversized line
                         continue
+                    if len(line) > MAX_LINE:
+                        client.send(_error("ParseError", f"request line longer than "
+                                           f"{MAX_LINE} bytes: ignored"))
+                        continue
                     if line.strip():
                         reply, after = self._handle(client, line)
                         if not client.send(reply):
@@ -364,6 +378,10 @@ class ControlServer:
         path = _arguments(args, {"path": str})["path"]
         if not path:
             raise CommandError("InvalidArgument", "argument path must not be empty")
+        migration = getattr(self.vm, "migration", None)
+        if migration is not None and not getattr(migration, "done", True):
+            raise CommandError("GenericError", "a migration is under way: snapshot after it "
+                               "ends (or migrate-cancel it)")
         with self._command_lock:
             was_paused = self.vm.status == "paused"
             self.vm.pause()  # a running VM is paused for the copy, as QEMU's savevm

@@ -184,6 +184,10 @@ def test_bad_requests_get_error_replies_on_a_live_connection(served):
     client.send_raw(b'{"execute": "' + b"x" * (control.MAX_LINE * 2) + b'"}\n')
     reply = client.reply()
     assert reply["error"]["class"] == "ParseError" and "longer" in reply["error"]["desc"]
+    # Just over it, in one piece with its newline: refused as well.
+    client.send_raw(b'{"execute": "' + b"x" * control.MAX_LINE + b'"}\n')
+    reply = client.reply()
+    assert reply["error"]["class"] == "ParseError" and "longer" in reply["error"]["desc"]
     # Blank lines are ignored; an id comes back.
     client.send_raw(b'\n\n{"execute": "query-status", "id": [7, "x"]}\n')
     reply = client.reply()
@@ -349,6 +353,8 @@ def test_migrate_commands_drive_the_vms_migration(served, fake_migration):
     migration = fake_migration[0]
     assert (migration.uri, migration.downtime_ms) == ("tcp:127.0.0.1:4444", 50)
     assert client.call("query-migrate")["return"]["status"] == "active"
+    refused = client.call("snapshot", path="/nonexistent/x.snap")["error"]
+    assert "migration is under way" in refused["desc"]
     # The cancel's MIGRATION event comes from this very command: it may
     # arrive before the reply.
     client.send_raw(b'{"execute": "migrate-cancel"}\n')
@@ -359,3 +365,29 @@ def test_migrate_commands_drive_the_vms_migration(served, fake_migration):
     assert event["data"]["status"] == "cancelled"
     assert event["data"]["info"]["transferred_bytes"] == 4096  # the final figures ride along
     assert client.call("query-migrate")["return"]["status"] == "cancelled"
+
+
+def test_a_subscriber_that_stops_reading_is_dropped(vm, tmp_path, monkeypatch):
+    """Events are sent from the thread that makes them (a vCPU's, a
+    pausing one): a client that never reads is given up on, not waited for."""
+    monkeypatch.setattr(control, "SEND_TIMEOUT", 1)
+    path = tmp_path / "slow.sock"
+    server = vm.serve_control(path)
+    slow, other = Client(path), Client(path)
+    assert slow.call("subscribe")["return"]
+    for _ in range(40):  # far more than the socket buffers hold
+        vm._emit_event("MIGRATION", {"status": "active", "padding": "x" * 100_000})
+    assert other.call("query-status")["return"]["status"] == "created"
+    deadline = time.monotonic() + 30
+    while len(server._clients) != 1:  # only `other` is left, once the reader sees it
+        assert time.monotonic() < deadline, server._clients
+        time.sleep(0.01)
+    received = b""
+    while True:
+        chunk = slow.sock.recv(1 << 20)
+        if not chunk:
+            break
+        received += chunk
+    assert 0 < len(received) < 40 * 100_000
+    slow.close()
+    other.close()
