@@ -726,6 +726,8 @@ cdef class VcpuLoop:
     # ring is full: it harvests and resets the rings, and the run goes on.
     cdef public object on_dirty_ring_full
     cdef uint64_t dirty_ring_full_exits
+    # Exits served by a Python handler (vm.on_io / on_mmio / on_msr).
+    cdef uint64_t python_exits
     # Holds a buffer export of the vCPU's mmap: while the loop lives, the
     # kvm_run page cannot be unmapped under it (mmap.close() refuses).
     cdef uint8_t[::1] page
@@ -790,10 +792,12 @@ cdef class VcpuLoop:
 
     @property
     def stats(self):
-        """Counters: KVM_RUN returns, exits handled natively, coalesced writes,
-        full dirty rings harvested on the way."""
+        """Counters: KVM_RUN returns, exits handled natively, exits handled
+        by Python handlers, coalesced writes, full dirty rings harvested on
+        the way."""
         return {"kvm_exits": self.v.kvm_exits,
                 "native_exits": self.v.native_exits,
+                "python_exits": self.python_exits,
                 "coalesced_writes": self.v.coalesced,
                 "dirty_ring_full_exits": self.dirty_ring_full_exits}
 
@@ -883,6 +887,7 @@ cdef class VcpuLoop:
         The kick never reaches it (csrc/kick.h); if the handler raises, its
         read is abandoned (the instruction runs again next time) or its
         write retired (csrc/io_completion.h)."""
+        self.python_exits += 1
         self.hold_kick()
         try:
             if stop == PVT_STOP_USER_IO:

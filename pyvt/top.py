@@ -68,8 +68,10 @@ class _Probe:
         row = {"name": entry.get("name"), "pid": entry.get("pid"), "socket": entry.get("socket"),
                "vcpus": entry.get("vcpus"), "memory": entry.get("memory")}
         if len(self.samples) < 2:
-            row.update(state="unreachable", exits_per_s=None, exits_per_s_by_reason=None,
-                       guest_percent=None, dirty_pages_per_s=None, stats=None)
+            row.update(state="unreachable", interval_s=None, exits_per_s=None,
+                       exits_per_s_by_reason=None, native_exits_per_s=None,
+                       python_exits_per_s=None, guest_percent=None, dirty_pages_per_s=None,
+                       stats=None)
             return row
         first, last = self.samples[0], self.samples[-1]
         row.update(rates(first, last))
@@ -78,8 +80,8 @@ class _Probe:
             row["memory"] = self.status.get("memory", row["memory"])
         row["state"] = last.get("status") or (self.status or {}).get("status")
         row["stats"] = {key: last["vm"].get(key) for key in
-                        ("kvm_exits", "native_exits", "guest_time_ns", "exits_by_reason",
-                         "dirty_pages")}
+                        ("kvm_exits", "native_exits", "python_exits", "guest_time_ns",
+                         "exits_by_reason", "dirty_pages")}
         return row
 
 
@@ -93,12 +95,17 @@ def rates(first: dict, last: dict) -> Dict[str, object]:
         delta = count - before.get(reason, 0)
         if delta:
             by_reason[reason] = round(delta / seconds, 1)
+    def per_second(key: str) -> float:
+        return round((b.get(key, 0) - a.get(key, 0)) / seconds, 1)
+
     vcpus = max(len(last["vcpus"]), 1)
     guest = (b.get("guest_time_ns", 0) - a.get("guest_time_ns", 0)) / (seconds * 1e9 * vcpus)
     dirty = (b.get("dirty_pages", 0) - a.get("dirty_pages", 0)) / seconds
     return {"interval_s": round(seconds, 3),
-            "exits_per_s": round((b.get("kvm_exits", 0) - a.get("kvm_exits", 0)) / seconds, 1),
+            "exits_per_s": per_second("kvm_exits"),
             "exits_per_s_by_reason": dict(sorted(by_reason.items(), key=lambda kv: -kv[1])),
+            "native_exits_per_s": per_second("native_exits"),
+            "python_exits_per_s": per_second("python_exits"),
             "guest_percent": round(min(max(guest, 0.0), 1.0) * 100, 1),
             "dirty_pages_per_s": round(max(dirty, 0.0), 1)}
 

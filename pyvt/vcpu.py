@@ -47,7 +47,8 @@ _DIRECTIONS = {lib.KVM_EXIT_IO_IN: "in", lib.KVM_EXIT_IO_OUT: "out"}
 
 #: The run loop's own counters (pyvt._native.VcpuLoop.stats), all plain
 #: event counts: part of ``Vcpu.stats`` and, summed, of ``Vm.stats``.
-RUN_LOOP_COUNTERS = ("kvm_exits", "native_exits", "coalesced_writes", "dirty_ring_full_exits")
+RUN_LOOP_COUNTERS = ("kvm_exits", "native_exits", "python_exits", "coalesced_writes",
+                     "dirty_ring_full_exits")
 
 #: The run loop's measures that are not plain counts, with what they are:
 #: ``guest_time_ns``, the time spent inside KVM_RUN (the guest ran, or KVM
@@ -722,7 +723,8 @@ class Vcpu:
         KVM_CAP_BINARY_STATS_FD; not on pyvt.ko) merged with pyvt's run-loop
         counters, which keep their names if KVM ever uses them too:
         ``kvm_exits`` (KVM_RUN returns the run loop saw), ``native_exits``
-        (those native devices served without Python), ``coalesced_writes``
+        (those native devices served without Python), ``python_exits``
+        (those Python handlers served: ``vm.on_io``...), ``coalesced_writes``
         (writes replayed from KVM's coalesced ring) and
         ``dirty_ring_full_exits`` (full dirty rings emptied on the way),
         ``guest_time_ns`` (time inside KVM_RUN) and ``exits_by_reason``

@@ -133,7 +133,7 @@ def test_query_stats(served):
     assert second["time_ns"] > first["time_ns"]
     assert [cpu["index"] for cpu in second["vcpus"]] == [0]
     cpu = second["vcpus"][0]["stats"]
-    for key in ("kvm_exits", "native_exits", "guest_time_ns", "exits_by_reason"):
+    for key in ("kvm_exits", "native_exits", "python_exits", "guest_time_ns", "exits_by_reason"):
         assert key in cpu and key in second["vm"]
     assert second["vm"]["guest_time_ns"] >= first["vm"]["guest_time_ns"]
     assert second["vm"]["dirty_pages_per_s"] == 0

@@ -147,6 +147,7 @@ def test_top_json_shows_two_running_vms_with_growing_counters(env, guests):
         assert second["stats"]["guest_time_ns"] > first["stats"]["guest_time_ns"]
         assert second["stats"]["exits_by_reason"]["io"] > first["stats"]["exits_by_reason"]["io"]
         assert first["exits_per_s"] > 0 and first["exits_per_s_by_reason"]["io"] > 0
+        assert first["native_exits_per_s"] > 0 and first["python_exits_per_s"] == 0  # the UART
         assert 0 < first["guest_percent"] <= 100
         assert first["dirty_pages_per_s"] == 0  # nothing logs the writes
     # A VM that ended is gone from the list.
@@ -318,3 +319,20 @@ def test_ctl_migrate_moves_a_running_pyvt_run(env, guests, tmp_path):
         assert int.from_bytes(vm.memory.read(0x5000, 8), "little") > before
     finally:
         vm.close()
+
+
+def test_top_lists_a_vm_it_cannot_reach_as_unreachable(tmp_path):
+    from pyvt import top
+
+    directory = tmp_path / "run"
+    directory.mkdir()
+    (directory / f"{os.getpid()}-0.json").write_text(json.dumps(
+        {"name": "lost", "pid": os.getpid(), "socket": str(tmp_path / "gone.sock"),
+         "vcpus": 2, "memory": 1 << 20}))
+    (rows,) = [top.sample(0.01, str(directory))]
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["name"], row["state"], row["vcpus"], row["exits_per_s"]) == (
+        "lost", "unreachable", 2, None)
+    assert set(row) >= {"native_exits_per_s", "python_exits_per_s", "guest_percent",
+                        "dirty_pages_per_s", "exits_per_s_by_reason"}

@@ -300,6 +300,7 @@ def test_exits_by_reason_and_guest_time(vm):
     stats = cpu.stats
     by_reason = stats["exits_by_reason"]
     assert by_reason["io"] == 10 and by_reason["hlt"] == 1
+    assert stats["python_exits"] == 10 == len(writes) and stats["native_exits"] == 0
     assert sum(by_reason.values()) == stats["kvm_exits"]
     assert 0 < stats["guest_time_ns"] <= elapsed
     assert cpu.stats_descriptors["guest_time_ns"] == RUN_LOOP_MEASURES["guest_time_ns"]
