@@ -187,6 +187,8 @@ def exit_status(exit: exits.AnyExit) -> int:
         return EXIT_TIMEOUT
     if isinstance(exit, exits.Reset):
         return 0  # as qemu -no-reboot
+    if isinstance(exit, exits.PowerOff):
+        return 0
     if isinstance(exit, exits.Quit):
         return 0  # as QEMU's quit
     migrated = getattr(exits, "Migrated", None)  # pyvt.migration's
