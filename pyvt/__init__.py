@@ -68,6 +68,10 @@ __all__ = [
     "pci",
 ]
 
+# -- virtio native workers (pyvt._virtio) --
+from .errors import VirtqueueError  # noqa: E402
+__all__ += ["VirtqueueError"]
+
 # Run control (issue 17).
 from .errors import ControlError, RunControlError  # noqa: E402
 

@@ -181,6 +181,15 @@ class DeviceStateError(DeviceError, ArgumentError):
     or not what the device's ``save_state()`` returns."""
 
 
+# -- VIRTIO NATIVE WORKERS (issue 15, pyvt._virtio) ---------------------------
+
+
+class VirtqueueError(DeviceError, ArgumentError):
+    """A virtqueue a native virtio worker cannot serve: its size is not a
+    power of two up to 32768, a ring is misaligned, or a ring lies outside
+    guest RAM.  The driver set it up wrong: the device needs a reset."""
+
+
 # -- RUN CONTROL (issue 17): pausing, resuming and ending vm.run() -------------
 
 

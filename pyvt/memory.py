@@ -399,6 +399,17 @@ class GuestMemory:
             # A VM with a dirty ring tracks from the start: nothing written yet.
             self._start_tracking(region, unreported=0)
 
+    def host_regions(self) -> List[Tuple[int, int, int]]:
+        """``[(gpa, size, host_address)]`` of the RAM a device may read and
+        write: every region the guest can write and the host maps writable
+        (read-only slots are left out).  Native virtio workers
+        (:mod:`pyvt._virtio`) check every guest buffer against it.  The
+        addresses are valid until the region is removed or the VM closed:
+        stop the workers first."""
+        self._check_open()
+        return [(r.gpa, r.size, r.host_address) for r in self.regions
+                if not r.readonly and r.host_writable and r.mapping is not None]
+
     def _pieces(self, gpa: int, n: int) -> List[Tuple[Region, int, int]]:
         """(region, offset, length) covering [gpa, gpa+n), or OutOfRangeError."""
         self._check_open()
