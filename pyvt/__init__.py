@@ -68,8 +68,12 @@ __all__ = [
     "pci",
 ]
 
-# -- virtio native workers (pyvt._virtio) --
-from .errors import VirtqueueError  # noqa: E402
-__all__ += ["VirtqueueError"]
-from .errors import DiskImageError, TapError, VirtioError  # noqa: E402
-__all__ += ["DiskImageError", "TapError", "VirtioError"]
+# virtio (issue 15).
+from .errors import DiskImageError, TapError, VirtioError, VirtqueueError  # noqa: E402
+
+__all__ += ["DiskImageError", "TapError", "VirtioError", "VirtqueueError"]
+
+# Run control (issue 17).
+from .errors import ControlError, RunControlError  # noqa: E402
+
+__all__ += ["RunControlError", "ControlError"]

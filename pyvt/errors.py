@@ -203,3 +203,19 @@ class DiskImageError(_OSErrorMessage, VirtioError):
 class TapError(_OSErrorMessage, VirtioError):
     """``vm.add_net(tap=...)``: the tap device does not exist or cannot be
     attached (``errno`` says why)."""
+
+
+
+# -- RUN CONTROL (issue 17): pausing, resuming and ending vm.run() -------------
+
+
+class RunControlError(Error):
+    """``vm.pause()`` could not pause the VM (a vCPU did not stop in time,
+    or it was called from a vCPU's own thread), or ``vm.run()`` was started
+    twice at once: the message says which; the VM runs on."""
+
+
+class ControlError(RunControlError):
+    """A control socket cannot be served (``vm.serve_control``, ``--control``):
+    its path exists and is not a stale socket, is another process's live
+    socket, is too long, or cannot be bound; or ``pyvt ctl`` cannot reach it."""

@@ -26,6 +26,7 @@ from . import dirty_pages as _dirty_pages
 from . import _native, pageset, snapshot_memory
 from ._kvm import ffi, lib
 from .dirty_pages import DirtyPages
+from .dirty_rate import DirtyRate
 from .dirty_ring import DirtyRing
 from .errors import (
     ArgumentError,
@@ -181,6 +182,8 @@ class GuestMemory:
         # One harvest at a time: a full dirty ring is emptied from its vCPU's
         # thread while others run (pyvt.dirty_pages).
         self._dirty_lock = threading.Lock()
+        #: Pages the dirty log reported, for vm.stats (pyvt.dirty_rate).
+        self.dirty_rate = DirtyRate()
         # The VM's I/O claims, {(space, start): (length, owner)}, which its
         # Vm hands over: regions that are not read-only stay clear of MMIO
         # handlers (the guest would never exit there).
@@ -604,6 +607,7 @@ class GuestMemory:
         if self._vm_fd.dirty_ring_size:
             regions = self.regions  # a ring mixes every slot: take them all
         logged = _dirty_pages.harvester(self._vm_fd)(self._vm_fd, regions, rings)
+        self.dirty_rate.record(logged)
         for region in regions:
             written = logged.get(region.slot, 0)
             if region.host_dirty is not None:
