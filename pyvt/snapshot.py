@@ -179,7 +179,7 @@ def restore(vm, snap: Snapshot, user_mode_only: bool = False) -> None:
     """Implements :meth:`pyvt.Vm.restore`."""
     vm._check_open()
     _check_same_shape(vm, snap)
-    with paused(vm, "abandon"):
+    with paused(vm, "abandon", {state.index: state for state in snap.vcpus}):
         vm._sync_devices()
         _restore_memory(vm, snap)
         _restore_state(vm, snap, user_mode_only)

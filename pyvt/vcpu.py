@@ -9,7 +9,7 @@ import functools
 import math
 import signal
 import threading
-from typing import Dict, Iterable, List, Mapping, Optional
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 from . import _native, debugging, exits, guest_exceptions, modes, vcpu_state
 from ._kvm import ffi, lib
@@ -41,6 +41,9 @@ MAIN_THREAD_TICK = 0.05
 
 _SREGS_SIZE = ffi.sizeof("struct kvm_sregs")
 _EVENTS_SIZE = ffi.sizeof("struct kvm_vcpu_events")
+_REGS_SIZE = ffi.sizeof("struct kvm_regs")
+#: kvm_sregs and kvm_sregs2 share their first bytes, CS and EFER among them.
+_SREGS_COMMON_SIZE = ffi.offsetof("struct kvm_sregs", "interrupt_bitmap")
 assert _SREGS_SIZE % 8 == 0
 
 _DIRECTIONS = {lib.KVM_EXIT_IO_IN: "in", lib.KVM_EXIT_IO_OUT: "out"}
@@ -84,6 +87,9 @@ class Vcpu:
         # but a run; and whether the vCPU has run since.
         self._held: Optional[tuple] = None
         self._held_writes = 0  # self.fd.writes when _held was taken
+        # (KVM_RUN count, exit's linear RIP, 64-bit, CS base): a port write
+        # left pending by a restore (see _defer_port_write), or None.
+        self._deferred_out: Optional[tuple] = None
         self._ran_since_held = False
         # Checked before KVM_CREATE_VCPU: KVM cannot create an index twice.
         if setup:
@@ -273,7 +279,7 @@ class Vcpu:
         TSC is not: it keeps counting.  A write through ``cpu.fd`` since
         (any ioctl but a read: ``VcpuFd.writes``) makes the restore whole."""
         with self._stopped():
-            self._abandon_pending_io()
+            self._abandon_pending_io(state)
             held = (self._held is not None and self.fd.writes == self._held_writes
                     and vcpu_state.unchanged(self._held, state))
             if held and not self._ran_since_held and not self._vm.fd.has_irqchip:
@@ -442,12 +448,76 @@ class Vcpu:
         if self._loop is not None and self._loop.pending_io is not None:
             self._settle(self._loop.finish_io)
 
-    def _abandon_pending_io(self) -> None:
+    def _abandon_pending_io(self, then: Optional[VcpuState] = None) -> None:
         """Drops a pending read (the registers stay as at the exit, so the
         instruction runs again) or retires a pending write: before a restore
-        overwrites the state, nothing may complete on top of it."""
+        overwrites the state, nothing may complete on top of it.  ``then``:
+        the state the caller writes next; a port write that cannot act on it
+        stays pending (see _defer_port_write), saving a KVM_RUN."""
         if self._loop is not None and self._loop.pending_io is not None:
+            mode = None if then is None else _entry_mode(then)
+            if mode is not None and self._defer_port_write(mode):
+                return
             self._settle(self._loop.abandon_io)
+
+    # A port write left pending across a restore or a register write.  What
+    # KVM's completion of an OUT does on the next KVM_RUN: after an emulated
+    # OUT, nothing (RIP moved past it before the exit); after a fast one
+    # (complete_fast_pio_out), it skips the instruction only if the linear
+    # RIP is still the OUT's (cui_linear_rip; a register write to another
+    # RIP cancels it, which is what the raw-C loop of benchmarks/sandbox.py
+    # relies on).  So where the RIP written next is not within an
+    # instruction's length before the exit's RIP, the completion changes
+    # nothing, and the KVM_RUN that retires it now can be left to the next
+    # run.  The write stays pending for pyvt (a snapshot, reply() or
+    # register write settles it as before); _deferred_out records the
+    # exit's linear RIP and the CS mode the vCPU holds now, valid while the
+    # run loop counts no further KVM_RUN.
+
+    def _defer_port_write(self, mode: Tuple[bool, int, int]) -> bool:
+        """True if the pending access is a port write that cannot act on a
+        vCPU entered at ``mode`` (_entry_mode: 64-bit, CS base, RIP), which
+        the caller writes next; it stays pending (recorded with ``mode``)."""
+        exit_rip = self._pending_out_rip()
+        if exit_rip is None or _near_out(exit_rip, _linear_rip(*mode)):
+            return False
+        self._deferred_out = (self._loop.stats["kvm_exits"], exit_rip, mode[0], mode[1])
+        return True
+
+    def _pending_out_rip(self) -> Optional[int]:
+        """The exit's linear RIP if the pending access is a port write and
+        that RIP is known (recorded, or in the run page: KVM_SYNC_X86_REGS
+        and _SREGS from the exit, not overwritten since); else None."""
+        loop = self._loop
+        if loop.pending_io != "write":
+            return None
+        deferred = self._deferred_out
+        if deferred is not None and deferred[0] == loop.stats["kvm_exits"]:
+            return deferred[1]
+        self._deferred_out = None
+        run = self.fd.run_struct
+        if (run.exit_reason != lib.KVM_EXIT_IO or run.io.direction != lib.KVM_EXIT_IO_OUT
+                or run.kvm_valid_regs & _SYNCED_AT_EXIT != _SYNCED_AT_EXIT
+                or run.kvm_dirty_regs & _SYNCED_AT_EXIT):
+            return None
+        sregs = run.s.regs.sregs
+        return _linear_rip(_is_64_bit(sregs.efer, sregs.cs.l), sregs.cs.base,
+                           run.s.regs.regs.rip)
+
+    def _enter(self, rip: int, values: Mapping[str, int]) -> None:
+        """Sets RIP and general registers ``values`` (valid register names
+        and 64-bit values) for an entry at ``rip``, as ``cpu.regs`` writes
+        do, except that a deferred port write (see _defer_port_write) that
+        cannot act at ``rip`` stays deferred."""
+        deferred = self._deferred_out
+        if (deferred is None or deferred[0] != self._loop.stats["kvm_exits"]
+                or _near_out(deferred[1], _linear_rip(deferred[2], deferred[3], rip))):
+            self._settle_pending_io()
+        regs = self._load_regs()
+        regs.rip = rip
+        for name, value in values.items():
+            setattr(regs, name, value)
+        self._store_regs(regs)
 
     def _settle_for_snapshot(self) -> None:
         """A snapshot starts after a pending write (the guest has done it)
@@ -755,12 +825,15 @@ class paused:
     ``"abandon"`` (a restore: nothing may complete on top of the state it
     puts back).  Raises :class:`pyvt.SnapshotError` if a vCPU is running."""
 
-    def __init__(self, vm, pending_io: str):
+    def __init__(self, vm, pending_io: str, states: Optional[Mapping[int, VcpuState]] = None):
         if pending_io not in ("complete writes", "abandon"):
             raise ArgumentError(f"pending_io is 'complete writes' or 'abandon', not {pending_io!r}")
         self.pause_lock = vm._pause_lock
         self.vcpus = list(vm.vcpus.values())
         self.pending_io = pending_io
+        #: For "abandon": {vCPU index: the state the restore writes next}
+        #: (a port write that cannot act on it may stay pending).
+        self.states = states or {}
 
     def __enter__(self):
         self.pause_lock.acquire()
@@ -778,7 +851,7 @@ class paused:
         try:
             for vcpu in self.vcpus:
                 if self.pending_io == "abandon":
-                    vcpu._abandon_pending_io()
+                    vcpu._abandon_pending_io(self.states.get(vcpu.index))
                 else:
                     vcpu._settle_for_snapshot()
         except BaseException:
@@ -791,6 +864,49 @@ class paused:
             vcpu._paused_by = None
             vcpu._run_lock.release()
         self.pause_lock.release()
+
+
+#: Run-page parts that must hold the exit's values to read its linear RIP.
+_SYNCED_AT_EXIT = lib.KVM_SYNC_X86_REGS | lib.KVM_SYNC_X86_SREGS
+_EFER_LMA = 1 << 10
+#: The longest x86 instruction: a fast OUT's completion skips it only if the
+#: linear RIP is still the OUT's, which lies at most this far before the
+#: exit's RIP (an emulated OUT has moved RIP past itself by the exit).
+_MAX_INSTRUCTION = 15
+
+
+def _is_64_bit(efer: int, cs_l: int) -> bool:
+    return bool(efer & _EFER_LMA and cs_l)
+
+
+def _linear_rip(is_64_bit: bool, cs_base: int, rip: int) -> int:
+    """kvm_get_linear_rip(): RIP in 64-bit code, else (u32)(CS base + RIP)."""
+    return rip if is_64_bit else (cs_base + rip) & 0xFFFFFFFF
+
+
+def _near_out(exit_rip: int, rip: int) -> bool:
+    """True if linear ``rip`` may be the OUT's whose exit left linear RIP
+    ``exit_rip`` (in [exit_rip - 15, exit_rip], with 32-bit wrap-around)."""
+    distance = (exit_rip - rip) & 0xFFFFFFFFFFFFFFFF
+    return distance <= _MAX_INSTRUCTION or distance & 0xFFFFFFFF <= _MAX_INSTRUCTION
+
+
+def _entry_mode(state: VcpuState) -> Optional[Tuple[bool, int, int]]:
+    """(64-bit, CS base, RIP) of the vCPU once ``state`` is written; kept
+    with the state while its regs and sregs are the same bytes objects."""
+    sregs = state.sregs2 if state.sregs2 is not None else state.sregs
+    cached = state._structs.get("entry mode")
+    if cached is not None and cached[0] is state.regs and cached[1] is sregs:
+        return cached[2]
+    if (sregs is None or len(sregs) < _SREGS_COMMON_SIZE or not isinstance(state.regs, bytes)
+            or len(state.regs) != _REGS_SIZE):
+        return None  # the write itself reports it; nothing is deferred
+    view = ffi.cast("struct kvm_sregs *", ffi.from_buffer(sregs[:_SREGS_SIZE].ljust(
+        _SREGS_SIZE, b"\0")))
+    rip = ffi.cast("struct kvm_regs *", ffi.from_buffer(state.regs)).rip
+    mode = (_is_64_bit(view.efer, view.cs.l), view.cs.base, rip)
+    state._structs["entry mode"] = (state.regs, sregs, mode)
+    return mode
 
 
 def _timeout_seconds(timeout) -> float:
