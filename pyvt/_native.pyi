@@ -226,3 +226,10 @@ def dirty_ring_mark(ring: Any, entries: int, fetch: int,
 def dirty_ring_recover(ring: Any, entries: int,
                        fetch: int) -> Tuple[List[Tuple[int, int]], int, bool]: ...
 def dirty_ring_mark_harvested(ring: Any, entries: int, first: int, count: int) -> None: ...
+
+
+# -- fast restores (session 6, "fast"): user-mode state in one call ----------
+
+def restore_user_mode(loop: VcpuLoop, regs: bytes, sregs_request: int, sregs: int,
+                      sregs_common: int, xsave: int, fpu: int, events: bytes,
+                      synced: bool) -> Tuple[int, int, Optional[str]]: ...

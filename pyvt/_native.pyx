@@ -1342,3 +1342,47 @@ def dirty_ring_mark_harvested(ring, uint32_t entries, uint32_t first, uint32_t c
     """Marks ``count`` entries from ``first`` on harvested."""
     cdef uint32_t[:] words = _ring_window(ring, entries)
     pvt_dirty_ring_mark_harvested(<void *>&words[0], entries, first, count)
+
+
+# -- fast restores (session 6, "fast"): user-mode state in one call ----------
+# (csrc/user_mode_restore.c; used by pyvt.Vcpu.restore_state for
+# user_mode_only restores)
+
+def restore_user_mode(VcpuLoop loop, const uint8_t[::1] regs, unsigned long sregs_request,
+                      size_t sregs, size_t sregs_common, size_t xsave, size_t fpu,
+                      const uint8_t[::1] events, bint synced):
+    """Writes what CPL-3 code can change into ``loop``'s vCPU, in the order
+    and with the skips of pyvt.vcpu_state.write_user_mode: ``regs`` (bytes
+    of a struct kvm_regs, through the run page), the special registers
+    (``sregs``: the address of the struct ``sregs_request`` takes; skipped
+    if ``synced`` and the run page's first ``sregs_common`` bytes match),
+    the XSAVE area and FPU (addresses; 0: not written) and ``events``
+    (bytes of a struct kvm_vcpu_events, skipped if ``synced`` and equal;
+    empty: none).  The addresses must stay valid during the call.  Returns
+    ``(writes, errno, ioctl)``: the state-changing ioctls made, and the
+    errno and name of the one that failed (0, None if none)."""
+    cdef pvt_user_mode_state state
+    cdef const char *failed = NULL
+    cdef int writes = 0
+    cdef int rc
+    if loop.v.run == NULL:
+        raise ClosedError("the vCPU is closed")
+    if <size_t>regs.shape[0] != sizeof(kvm_regs):
+        raise ArgumentError(f"regs must be {sizeof(kvm_regs)} bytes, not {regs.shape[0]}")
+    if events.shape[0] != 0 and <size_t>events.shape[0] != sizeof(kvm_vcpu_events):
+        raise ArgumentError(f"events must be {sizeof(kvm_vcpu_events)} bytes or none, "
+                            f"not {events.shape[0]}")
+    if sregs == 0 or sregs_common > sizeof(kvm_sregs):
+        raise ArgumentError("restore_user_mode needs the special registers' struct")
+    state.regs = <const kvm_regs *>&regs[0]
+    state.sregs_request = sregs_request
+    state.sregs = <const void *>sregs
+    state.sregs_common = sregs_common
+    state.xsave = <const void *>xsave
+    state.fpu = <const void *>fpu
+    state.events = <const kvm_vcpu_events *>&events[0] if events.shape[0] else NULL
+    with nogil:
+        rc = pvt_restore_user_mode(loop.v.fd, loop.v.run, &state, synced, &writes, &failed)
+    if rc:
+        return writes, -rc, (<bytes>failed).decode()
+    return writes, 0, None

@@ -23,7 +23,7 @@ from .errors import (
     SnapshotError,
     UnmappedAddressError,
 )
-from .kvm import PAGE_SIZE, CpuidEntry
+from .kvm import PAGE_SIZE, CpuidEntry, caps
 from .kvm_stats import CachedStats, StatsDescriptor, StatValue
 from .registers import (
     FPU_FIELDS,
@@ -286,8 +286,7 @@ class Vcpu:
                 self._put_regs(state.regs)
                 vcpu_state.write_tsc(self.fd, state)
             elif held and user_mode_only and not self._vm.fd.has_irqchip:
-                vcpu_state.write_user_mode(self.fd, state, self._put_regs,
-                                           *self._synced_sregs_and_events())
+                self._restore_user_mode(state)
             else:
                 self._held = None
                 vcpu_state.write(self.fd, state, self._put_regs)
@@ -300,6 +299,21 @@ class Vcpu:
             self.mode = state.mode
             self.ring = state.ring
             self.last_exit = None
+
+    def _restore_user_mode(self, state: VcpuState) -> None:
+        """vcpu_state.write_user_mode(state), in one native call where the
+        registers travel in the run page (_native.restore_user_mode)."""
+        plan = _user_mode_plan(self.fd, state) if self._sync_regs else None
+        if plan is None:
+            vcpu_state.write_user_mode(self.fd, state, self._put_regs,
+                                       *self._synced_sregs_and_events())
+            return
+        synced = (self.fd.run_struct.kvm_valid_regs & _SYNCED_USER_MODE == _SYNCED_USER_MODE
+                  and self._ran_since_held)
+        writes, error, ioctl = _native.restore_user_mode(self._loop, *plan, synced)
+        self.fd.writes += writes
+        if error:
+            raise KvmError(ioctl, error, f"vCPU {self.index}: restoring its user-mode state")
 
     def _hold(self, state: VcpuState) -> None:
         self._held = vcpu_state.fingerprint(state)
@@ -907,6 +921,42 @@ def _entry_mode(state: VcpuState) -> Optional[Tuple[bool, int, int]]:
     mode = (_is_64_bit(view.efer, view.cs.l), view.cs.base, rip)
     state._structs["entry mode"] = (state.regs, sregs, mode)
     return mode
+
+
+_SYNCED_USER_MODE = lib.KVM_SYNC_X86_SREGS | lib.KVM_SYNC_X86_EVENTS
+
+
+def _user_mode_plan(fd, state: VcpuState) -> Optional[tuple]:
+    """_native.restore_user_mode's arguments (but ``synced``) for ``state``,
+    built from vcpu_state's cached structs and kept with the state while
+    its fields are the same objects; None where the Python path must run
+    (a malformed state, which it reports)."""
+    key = (state.regs, state.sregs, state.sregs2, state.xsave, state.fpu, state.events)
+    cached = state._structs.get("user mode plan")
+    if cached is not None and all(a is b for a, b in zip(cached[0], key)):
+        return cached[1]
+    xsave_ok = state.xsave is None or (
+        ffi.sizeof("struct kvm_xsave") <= len(state.xsave) <= fd.xsave_size())
+    if (not isinstance(state.regs, bytes) or len(state.regs) != _REGS_SIZE or not xsave_ok
+            or (state.events is not None and len(state.events) != _EVENTS_SIZE)
+            or (state.sregs is None and state.sregs2 is None)):
+        return None
+    # vcpu_state's own choices and cached structs: the same bytes go to KVM.
+    if "KVM_CAP_SREGS2" in caps and fd.vm.kvm.check_extension("KVM_CAP_SREGS2"):
+        request = lib.KVM_SET_SREGS2  # as vcpu_state._write_sregs chooses
+        sregs = vcpu_state._sregs_as(state.sregs2, state.sregs, "struct kvm_sregs2")
+    else:
+        request = lib.KVM_SET_SREGS
+        sregs = vcpu_state._sregs_as(state.sregs, state.sregs2, "struct kvm_sregs")
+    xsave = None if state.xsave is None else vcpu_state._xsave_struct(fd, state)
+    fpu = None if vcpu_state._fpu_in_xsave(state.xsave) else \
+        vcpu_state._cached_struct(state, "fpu", "struct kvm_fpu")
+    address = lambda struct: 0 if struct is None else int(ffi.cast("uintptr_t", struct))  # noqa: E731
+    plan = (state.regs, request, address(sregs), _SREGS_COMMON_SIZE, address(xsave),
+            address(fpu), state.events or b"")
+    # The structs stay alive with the plan (the addresses point into them).
+    state._structs["user mode plan"] = (key, plan, (sregs, xsave, fpu))
+    return plan
 
 
 def _timeout_seconds(timeout) -> float:

@@ -343,3 +343,25 @@ cdef extern from "dirty_ring.h" nogil:
                                     uint32_t *advance, int *all_dirty)
     void pvt_dirty_ring_mark_harvested(void *ring, uint32_t entries, uint32_t first,
                                        uint32_t count)
+
+
+# -- fast restores (session 6, "fast"): user-mode state in one call ----------
+
+cdef extern from "user_mode_restore.h" nogil:
+    cdef struct kvm_vcpu_events:
+        pass
+
+    cdef struct kvm_sregs:
+        pass
+
+    cdef struct pvt_user_mode_state:
+        const kvm_regs *regs
+        unsigned long sregs_request
+        const void *sregs
+        size_t sregs_common
+        const void *xsave
+        const void *fpu
+        const kvm_vcpu_events *events
+
+    int pvt_restore_user_mode(int fd, kvm_run *run, const pvt_user_mode_state *state,
+                              int synced, int *writes, const char **failed)
