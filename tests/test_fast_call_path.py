@@ -1,0 +1,183 @@
+"""The fast paths of a guest function call and its reset: a restore that
+leaves the port write the last exit made pending for the next KVM_RUN
+when that write cannot act on the state put back (Vcpu._defer_port_write),
+and user-mode restores in one native call (_native.restore_user_mode).
+Each test checks what the guest does and reads back, not only that the
+path was taken."""
+
+from __future__ import annotations
+
+import shutil
+import zlib
+from pathlib import Path
+
+import pytest
+
+import pyvt
+from pyvt import _native, exits
+from pyvt.sandbox import build_guest
+
+pytestmark = pytest.mark.requires_kvm
+
+CODE = 0x1000
+FAR = 0x2000  # far from the OUT at CODE: its completion cannot act there
+PORT = 0x3F0  # nobody claims it: run() returns the write, left pending
+
+def _kvm_runs(cpu) -> int:
+    return cpu._loop.stats["kvm_exits"]
+
+
+def _vm_at_out(ring: int):
+    """A VM whose vCPU stopped at an OUT to PORT (the write pending), with
+    a snapshot at the OUT itself and one at FAR (a `hlt`); and the OUT's RIP."""
+    vm = pyvt.Vm("16M")
+    set_port = pyvt.assemble(f"mov ${PORT:#x}, %dx", at=CODE, bits=64)
+    out_rip = CODE + len(set_port)
+    vm.memory.write(CODE, set_port + pyvt.assemble("out %al, %dx; hlt", at=out_rip, bits=64))
+    vm.memory.write(FAR, b"\xf4")  # hlt
+    cpu = vm.vcpu(0, mode="long", ring=ring)
+    cpu.track_user_mode_state()
+    cpu.regs.rdx = PORT
+    cpu.regs.rip = out_rip
+    at_out = vm.snapshot()
+    cpu.regs.rip = FAR
+    far = vm.snapshot()
+    cpu.regs.rip = out_rip
+    exit = cpu.run(timeout=30)
+    assert isinstance(exit, exits.Io) and exit.port == PORT and exit.direction == "out"
+    assert cpu._loop.pending_io == "write"
+    return vm, cpu, at_out, far, out_rip
+
+
+@pytest.fixture(params=[3, 0], ids=["ring3", "ring0"])
+def ring(request) -> int:
+    return request.param
+
+
+def test_a_restore_far_from_the_out_leaves_it_pending_and_runs_from_the_state(ring):
+    vm, cpu, at_out, far, out_rip = _vm_at_out(ring)
+    with vm:
+        before = _kvm_runs(cpu)
+        vm.restore(far)
+        assert _kvm_runs(cpu) == before, "no KVM_RUN retired the write"
+        assert cpu._loop.pending_io == "write"  # still owed, for pyvt too
+        assert cpu.regs.rip == FAR
+        exit = cpu.run(timeout=30)
+        assert isinstance(exit, exits.Hlt) and exit.rip == FAR + 1
+        at_out.close()
+        far.close()
+
+
+def test_a_restore_to_the_outs_own_rip_retires_it_first_so_the_out_runs_again(ring):
+    vm, cpu, at_out, far, out_rip = _vm_at_out(ring)
+    with vm:
+        for _ in range(2):
+            before = _kvm_runs(cpu)
+            vm.restore(at_out)
+            assert _kvm_runs(cpu) == before + 1, "the write was retired before the state"
+            exit = cpu.run(timeout=30)
+            assert isinstance(exit, exits.Io) and exit.port == PORT, exit
+        at_out.close()
+        far.close()
+
+
+def test_restores_in_a_row_check_each_state_against_the_deferred_out(ring):
+    vm, cpu, at_out, far, out_rip = _vm_at_out(ring)
+    with vm:
+        vm.restore(far)  # deferred
+        before = _kvm_runs(cpu)
+        vm.restore(at_out)  # the OUT's own RIP: the deferred write is retired now
+        assert _kvm_runs(cpu) == before + 1
+        exit = cpu.run(timeout=30)
+        assert isinstance(exit, exits.Io) and exit.port == PORT, exit
+        at_out.close()
+        far.close()
+
+
+def test_a_register_write_after_a_deferred_out_settles_it_first(ring):
+    vm, cpu, at_out, far, out_rip = _vm_at_out(ring)
+    with vm:
+        vm.restore(far)
+        cpu.regs.rip = out_rip  # the OUT's own RIP: its completion would skip it
+        assert cpu._loop.pending_io is None
+        exit = cpu.run(timeout=30)
+        assert isinstance(exit, exits.Io) and exit.port == PORT, exit
+        at_out.close()
+        far.close()
+
+
+def test_a_snapshot_after_a_deferred_out_holds_the_restored_state(ring):
+    vm, cpu, at_out, far, out_rip = _vm_at_out(ring)
+    with vm:
+        vm.restore(far)
+        again = vm.snapshot()  # settles the write: it must not move RIP
+        assert again.vcpus[0].regs == far.vcpus[0].regs
+        assert cpu._loop.pending_io is None
+        for snap in (again, at_out, far):
+            snap.close()
+
+
+# -- pyvt.Sandbox: a call is one KVM_RUN ----------------------------------------
+
+GUESTS = Path(__file__).parent / "guests"
+
+
+@pytest.fixture(scope="module")
+def guest_elf(tmp_path_factory) -> Path:
+    if shutil.which("cc") is None:
+        pytest.skip("no system C compiler (cc)")
+    out = tmp_path_factory.mktemp("fast_call") / "sandbox.elf"
+    build_guest(GUESTS / "sandbox.c", out, flags=["-Wall", "-Werror", "-mgeneral-regs-only"])
+    return out
+
+
+@pytest.mark.parametrize("fast_reset", [False, True])
+def test_a_sandbox_call_and_its_reset_take_one_kvm_run(guest_elf, fast_reset):
+    data = bytes(range(256)) * 4
+    with pyvt.Sandbox(guest_elf, memory="16M", ring=3, fast_reset=fast_reset,
+                      host_functions={"ready": lambda count: 0}) as sb:
+        sb.call("empty")
+        for function, args, expected in (("empty", (), None),
+                                         ("crc32", (data, len(data)), zlib.crc32(data)),
+                                         ("bump", (), None)):
+            before = _kvm_runs(sb.vcpu)
+            result = sb.call(function, *args)
+            assert _kvm_runs(sb.vcpu) == before + 1, function
+            if expected is not None:
+                assert result & 0xFFFFFFFF == expected
+        # Each call started from the snapshot: bump() counts from the same value.
+        assert sb.call("bump") == sb.call("bump")
+        assert sb.vcpu.save_state().regs == sb._snapshot.vcpus[0].regs
+
+
+def test_user_mode_restores_go_through_the_native_call(monkeypatch):
+    calls = []
+    real = _native.restore_user_mode
+
+    def counting(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(_native, "restore_user_mode", counting)
+    vm = pyvt.Vm("16M")
+    # Ends at the debug-exit port: no CPL-0 stub runs (a ring-3 hlt would).
+    vm.memory.write(CODE, pyvt.assemble(
+        f"mov $0x1234, %rax; movq %rax, %xmm3; stc; out %al, ${pyvt.vm.DEBUG_EXIT_PORT:#x}",
+        at=CODE, bits=64))
+    cpu = vm.vcpu(0, mode="long", ring=3)
+    cpu.track_user_mode_state()
+    cpu.regs.rip = CODE
+    with vm:
+        snap = vm.snapshot()
+        expected = snap.vcpus[0]
+        for _ in range(2):
+            assert isinstance(cpu.run(timeout=30), exits.DebugExit)
+            assert cpu.regs.rax == 0x1234 and cpu.regs.rflags & 1
+            vm.restore(snap, user_mode_only=True)
+            assert cpu.regs.rip == CODE and cpu.regs.rax != 0x1234
+        state = cpu.save_state()
+        assert (state.regs, state.fpu, state.xsave, state.events) == \
+            (expected.regs, expected.fpu, expected.xsave, expected.events)
+        assert (state.sregs, state.sregs2) == (expected.sregs, expected.sregs2)
+        assert len(calls) == 2
+        snap.close()
