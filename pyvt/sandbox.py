@@ -41,7 +41,7 @@ import subprocess
 import time
 from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from . import exits, modes
+from . import _native, exits, modes
 from .errors import (
     ArgumentError,
     ArgumentTypeError,
@@ -227,6 +227,7 @@ class Sandbox:
         try:
             self.ring = ring
             self.vcpu = self.vm.vcpu(0, mode="long", ring=ring)
+            self._exit_port = self.vm.debug_exit.port
             # Also what lets a reset leave the trampoline's port write for
             # the next call's KVM_RUN (Vcpu._defer_port_write).
             self.vcpu.track_user_mode_state()
@@ -454,7 +455,10 @@ class Sandbox:
             self._at_snapshot = False
             while True:
                 left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-                exit = cpu.run(timeout=left)
+                stop = cpu._run_until_stop(left)
+                if stop is not None and restore and self._returned_stop(stop):
+                    break  # the reset follows: no exit object needed
+                exit = exits.Stopped(None) if stop is None else cpu._exit_of(stop, left)
                 if isinstance(exit, exits.DebugExit) and self._returned(exit):
                     break
                 if (isinstance(exit, exits.Io) and exit.port == HOST_CALL_PORT
@@ -476,9 +480,18 @@ class Sandbox:
             self._reset(user_mode_only=self.fast_reset)
         return result
 
+    def _returned_stop(self, stop: Tuple[int, int, int]) -> bool:
+        """True for the trampoline's write, from the run loop's stop."""
+        kind, _, port = stop
+        return (kind == _native.STOP_DEVICE and port == self._exit_port
+                and self._returned_at(self.vcpu._rip()))
+
     def _returned(self, exit: exits.DebugExit) -> bool:
         """True for the trampoline's write (not one of the guest's own)."""
-        rip = exit.rip
+        return self._returned_at(exit.rip)
+
+    def _returned_at(self, rip: Optional[int]) -> bool:
+        """True if ``rip``, at a debug-exit write, is the trampoline's."""
         return rip is not None and self.trampoline_address <= rip <= \
             self.trampoline_address + _TRAMPOLINE_OUT
 

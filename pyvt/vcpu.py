@@ -390,6 +390,16 @@ class Vcpu:
         another thread takes a snapshot or restores one waits for it.
         ``check=True`` raises :class:`pyvt.GuestError` for failure exits.
         """
+        stop = self._run_until_stop(timeout)
+        if stop is None:
+            return exits.Stopped(None)
+        return self._exit_of(stop, timeout, check)
+
+    def _run_until_stop(self, timeout: Optional[float]) -> Optional[Tuple[int, int, int]]:
+        """run() without making the exit: the native loop's ``(stop, code,
+        port)``, or None if the VM was closed meanwhile.  A caller that
+        recognises the stop itself (pyvt.Sandbox: its trampoline's exit)
+        skips _exit_of, and last_exit stays as it was."""
         self._check_open()
         seconds = _timeout_seconds(timeout)
         self._acquire_run_lock()
@@ -415,8 +425,13 @@ class Vcpu:
             if self._close_pending:  # the VM was closed from a handler
                 self._close()
         if self.fd.closed:
-            return exits.Stopped(None)
-        exit = self._decode(stop, code, port, timeout)
+            return None
+        return stop, code, port
+
+    def _exit_of(self, stop: Tuple[int, int, int], timeout: Optional[float],
+                 check: bool = False) -> exits.AnyExit:
+        """The exit a stop of _run_until_stop means (and last_exit)."""
+        exit = self._decode(*stop, timeout)
         self.last_exit = exit
         if check:
             exit.raise_for_failure()
