@@ -1344,8 +1344,8 @@ def dirty_ring_mark_harvested(ring, uint32_t entries, uint32_t first, uint32_t c
     pvt_dirty_ring_mark_harvested(<void *>&words[0], entries, first, count)
 
 
-# -- fast restores (session 6, "fast"): user-mode state in one call ----------
-# (csrc/user_mode_restore.c; used by pyvt.Vcpu.restore_state for
+# -- fast restores (session 6, "fast"): a vCPU state's writes in one call ---
+# (csrc/state_writes.c; used by pyvt.Vcpu.restore_state for
 # user_mode_only restores)
 
 def restore_user_mode(VcpuLoop loop, const uint8_t[::1] regs, unsigned long sregs_request,
@@ -1386,3 +1386,41 @@ def restore_user_mode(VcpuLoop loop, const uint8_t[::1] regs, unsigned long sreg
     if rc:
         return writes, -rc, (<bytes>failed).decode()
     return writes, 0, None
+
+
+cdef class StateWrites:
+    """A batch of state-changing vCPU ioctls, made in order by one call
+    (pvt_state_write_batch): ``writes`` is a list of ``(request, address,
+    expect)``, address that of the ioctl's argument (kept valid by the
+    caller while the batch lives), expect what the ioctl must return."""
+
+    cdef pvt_state_write *writes
+    cdef int n
+
+    def __init__(self, list writes):
+        cdef int i
+        free(self.writes)
+        self.writes = <pvt_state_write *>calloc(max(len(writes), 1), sizeof(pvt_state_write))
+        if self.writes == NULL:
+            raise MemoryError()
+        self.n = len(writes)
+        for i, (request, address, expect) in enumerate(writes):
+            self.writes[i].request = request
+            self.writes[i].arg = <const void *><size_t>address
+            self.writes[i].expect = expect
+
+    def __dealloc__(self):
+        free(self.writes)
+
+    def __len__(self):
+        return self.n
+
+    def write(self, int fd):
+        """Makes the ioctls on ``fd``: returns ``(done, error)``, how many
+        succeeded and, if one did not, its -errno or the count it returned
+        instead of its ``expect``."""
+        cdef int error = 0
+        cdef int done
+        with nogil:
+            done = pvt_state_write_batch(fd, self.writes, self.n, &error)
+        return done, error

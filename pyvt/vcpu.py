@@ -23,7 +23,7 @@ from .errors import (
     SnapshotError,
     UnmappedAddressError,
 )
-from .kvm import PAGE_SIZE, CpuidEntry, caps
+from .kvm import PAGE_SIZE, CpuidEntry, caps, msrs_struct
 from .kvm_stats import CachedStats, StatsDescriptor, StatValue
 from .registers import (
     FPU_FIELDS,
@@ -289,7 +289,7 @@ class Vcpu:
                 self._restore_user_mode(state)
             else:
                 self._held = None
-                vcpu_state.write(self.fd, state, self._put_regs)
+                self._write_state(state)
             if held:
                 self._ran_since_held = False  # the fingerprint still holds
                 self._held_writes = self.fd.writes  # counting what it just wrote
@@ -299,6 +299,20 @@ class Vcpu:
             self.mode = state.mode
             self.ring = state.ring
             self.last_exit = None
+
+    def _write_state(self, state: VcpuState) -> None:
+        """vcpu_state.write(state): where the registers travel in the run
+        page, its ioctls in one native call (_state_batch).  If KVM refuses
+        one, vcpu_state.write runs it all again, and reports the refusal or
+        learns which MSRs KVM does not take back."""
+        batch = _state_batch(self.fd, state) if self._sync_regs else None
+        if batch is not None:
+            self._put_regs(state.regs)
+            done, error = batch.write(self.fd.fileno())
+            self.fd.writes += done + (1 if error else 0)
+            if not error:
+                return
+        vcpu_state.write(self.fd, state, self._put_regs)
 
     def _restore_user_mode(self, state: VcpuState) -> None:
         """vcpu_state.write_user_mode(state), in one native call where the
@@ -957,21 +971,81 @@ def _user_mode_plan(fd, state: VcpuState) -> Optional[tuple]:
             or (state.sregs is None and state.sregs2 is None)):
         return None
     # vcpu_state's own choices and cached structs: the same bytes go to KVM.
-    if "KVM_CAP_SREGS2" in caps and fd.vm.kvm.check_extension("KVM_CAP_SREGS2"):
-        request = lib.KVM_SET_SREGS2  # as vcpu_state._write_sregs chooses
-        sregs = vcpu_state._sregs_as(state.sregs2, state.sregs, "struct kvm_sregs2")
-    else:
-        request = lib.KVM_SET_SREGS
-        sregs = vcpu_state._sregs_as(state.sregs, state.sregs2, "struct kvm_sregs")
+    request, sregs = _sregs_write(fd, state)
     xsave = None if state.xsave is None else vcpu_state._xsave_struct(fd, state)
     fpu = None if vcpu_state._fpu_in_xsave(state.xsave) else \
         vcpu_state._cached_struct(state, "fpu", "struct kvm_fpu")
-    address = lambda struct: 0 if struct is None else int(ffi.cast("uintptr_t", struct))  # noqa: E731
-    plan = (state.regs, request, address(sregs), _SREGS_COMMON_SIZE, address(xsave),
-            address(fpu), state.events or b"")
+    plan = (state.regs, request, _address(sregs), _SREGS_COMMON_SIZE, _address(xsave),
+            _address(fpu), state.events or b"")
     # The structs stay alive with the plan (the addresses point into them).
     state._structs["user mode plan"] = (key, plan, (sregs, xsave, fpu))
     return plan
+
+
+def _sregs_write(fd, state: VcpuState):
+    """(request, struct) of the special-register write, chosen as
+    vcpu_state._write_sregs chooses (KVM_SET_SREGS2 where the backend has it)."""
+    if "KVM_CAP_SREGS2" in caps and fd.vm.kvm.check_extension("KVM_CAP_SREGS2"):
+        return lib.KVM_SET_SREGS2, vcpu_state._sregs_as(state.sregs2, state.sregs,
+                                                         "struct kvm_sregs2")
+    return lib.KVM_SET_SREGS, vcpu_state._sregs_as(state.sregs, state.sregs2, "struct kvm_sregs")
+
+
+def _address(struct) -> int:
+    return 0 if struct is None else int(ffi.cast("uintptr_t", struct))
+
+
+def _state_batch(fd, state: VcpuState) -> Optional[_native.StateWrites]:
+    """vcpu_state.write's ioctls for ``state`` but the general registers,
+    in its order (sregs, XCRs, XSAVE, FPU, LAPIC, MSRs, events, debug
+    registers, MP state), from the same structs, as one native batch; kept
+    with the state while its fields and MSRs are the same and KVM refuses
+    no more MSRs.  None where vcpu_state.write must run: nested state, or
+    a malformed state (which it reports)."""
+    refused = vcpu_state._REFUSED_MSRS.get(fd.vm.kvm.path, set())  # only grows
+    key = (len(refused), fd.xsave_size())
+    cached = state._structs.get("write batch")
+    if cached is not None and cached[0] == key and \
+            cached[1] == vcpu_state.fingerprint(state)[1:]:
+        return cached[2]
+    if (state.nested is not None or state.xsave is not None and not
+            ffi.sizeof("struct kvm_xsave") <= len(state.xsave) <= fd.xsave_size()):
+        return None
+    writes: List[tuple] = []
+    keep: List[object] = []  # the structs the batch points into
+
+    def add(request: int, struct, expect: int = 0) -> None:
+        keep.append(struct)
+        writes.append((request, _address(struct), expect))
+
+    try:
+        add(*_sregs_write(fd, state))
+        if state.xcrs is not None:
+            add(lib.KVM_SET_XCRS, vcpu_state._cached_struct(state, "xcrs", "struct kvm_xcrs"))
+        if state.xsave is not None:
+            add(lib.KVM_SET_XSAVE, vcpu_state._xsave_struct(fd, state))
+        add(lib.KVM_SET_FPU, vcpu_state._cached_struct(state, "fpu", "struct kvm_fpu"))
+        if state.lapic is not None:
+            add(lib.KVM_SET_LAPIC, vcpu_state._cached_struct(state, "lapic",
+                                                             "struct kvm_lapic_state"))
+        msrs = {index: value for index, value in state.msrs.items() if index not in refused}
+        if msrs:
+            add(lib.KVM_SET_MSRS, msrs_struct(msrs), len(msrs))
+        if state.events is not None:
+            add(lib.KVM_SET_VCPU_EVENTS, vcpu_state._cached_struct(
+                state, "events", "struct kvm_vcpu_events"))
+        if state.debugregs is not None:
+            add(lib.KVM_SET_DEBUGREGS, vcpu_state._cached_struct(
+                state, "debugregs", "struct kvm_debugregs"))
+        if state.mp_state is not None:
+            add(lib.KVM_SET_MP_STATE, ffi.new("struct kvm_mp_state *",
+                                              {"mp_state": state.mp_state}))
+    except (Error, ValueError, TypeError, OverflowError):
+        return None  # malformed: vcpu_state.write says how
+    batch = _native.StateWrites(writes)
+    # The fingerprint without the state itself: no reference cycle.
+    state._structs["write batch"] = (key, vcpu_state.fingerprint(state)[1:], batch, keep)
+    return batch
 
 
 def _timeout_seconds(timeout) -> float:

@@ -181,3 +181,37 @@ def test_user_mode_restores_go_through_the_native_call(monkeypatch):
         assert (state.sregs, state.sregs2) == (expected.sregs, expected.sregs2)
         assert len(calls) == 2
         snap.close()
+
+
+def test_full_restores_make_their_writes_in_one_native_batch(monkeypatch):
+    from pyvt import vcpu as vcpu_module
+
+    batches = []
+    real = vcpu_module._state_batch
+
+    def recording(fd, state):
+        batch = real(fd, state)
+        batches.append(batch)
+        return batch
+
+    monkeypatch.setattr(vcpu_module, "_state_batch", recording)
+    vm = pyvt.Vm("16M")
+    # Ring 0 (a full restore): no SSE, which PVM's ring-0 emulator lacks.
+    vm.memory.write(CODE, pyvt.assemble("mov $0x1234, %rax; stc; hlt", at=CODE, bits=64))
+    cpu = vm.vcpu(0, mode="long")
+    cpu.regs.rip = CODE
+    with vm:
+        snap = vm.snapshot()
+        expected = snap.vcpus[0]
+        for _ in range(2):
+            assert isinstance(cpu.run(timeout=30), exits.Hlt)
+            cpu.set_msrs({0xC0000102: 0x5555_0000})  # KERNEL_GS_BASE, which the restore puts back
+            vm.restore(snap)
+        state = cpu.save_state()
+        for field in ("regs", "sregs", "sregs2", "fpu", "xsave", "xcrs", "events",
+                      "debugregs", "mp_state", "lapic"):
+            assert getattr(state, field) == getattr(expected, field), field
+        assert state.msrs[0xC0000102] == expected.msrs[0xC0000102]
+        assert len(batches) == 2 and all(batch is batches[0] for batch in batches)
+        assert len(batches[0]) >= 4  # sregs, XSAVE or FPU, MSRs, ...
+        snap.close()

@@ -345,9 +345,9 @@ cdef extern from "dirty_ring.h" nogil:
                                        uint32_t count)
 
 
-# -- fast restores (session 6, "fast"): user-mode state in one call ----------
+# -- fast restores (session 6, "fast"): a vCPU state's writes in one call ---
 
-cdef extern from "user_mode_restore.h" nogil:
+cdef extern from "state_writes.h" nogil:
     cdef struct kvm_vcpu_events:
         pass
 
@@ -365,3 +365,10 @@ cdef extern from "user_mode_restore.h" nogil:
 
     int pvt_restore_user_mode(int fd, kvm_run *run, const pvt_user_mode_state *state,
                               int synced, int *writes, const char **failed)
+
+    cdef struct pvt_state_write:
+        unsigned long request
+        const void *arg
+        int expect
+
+    int pvt_state_write_batch(int fd, const pvt_state_write *writes, int n, int *error)

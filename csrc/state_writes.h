@@ -1,12 +1,13 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * Restoring what CPL-3 code can change, in one call: the writes of
- * pyvt.vcpu_state.write_user_mode (see its docstring) without a Python
- * round trip per ioctl.  For a vCPU with KVM_CAP_SYNC_REGS: the general
- * registers go through the run page, as pyvt writes them anyway.
+ * A vCPU state restore's ioctls in one call, without a Python round trip
+ * per ioctl: the writes of pyvt.vcpu_state.write (a batch pyvt builds once
+ * per state) and of vcpu_state.write_user_mode (what CPL-3 code can
+ * change; for a vCPU with KVM_CAP_SYNC_REGS, whose general registers go
+ * through the run page, as pyvt writes them anyway).
  */
-#ifndef PVT_USER_MODE_RESTORE_H
-#define PVT_USER_MODE_RESTORE_H
+#ifndef PVT_STATE_WRITES_H
+#define PVT_STATE_WRITES_H
 
 #include <linux/kvm.h>
 #include <stddef.h>
@@ -33,5 +34,20 @@ struct pvt_user_mode_state {
  */
 int pvt_restore_user_mode(int fd, struct kvm_run *run, const struct pvt_user_mode_state *state,
 			  int synced, int *writes, const char **failed);
+
+/* One state-changing vCPU ioctl of a batch. */
+struct pvt_state_write {
+	unsigned long request;
+	const void *arg;
+	int expect; /* what the ioctl must return (KVM_SET_MSRS: how many it took) */
+};
+
+/*
+ * Makes the ioctls of `writes` in order on `fd`, stopping at the first that
+ * fails or returns other than its `expect`.  Returns how many succeeded
+ * (n: all); *error is then that one's -errno, or its return value if it
+ * returned another count.
+ */
+int pvt_state_write_batch(int fd, const struct pvt_state_write *writes, int n, int *error);
 
 #endif

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-#include "user_mode_restore.h"
+#include "state_writes.h"
 
 #include <errno.h>
 #include <string.h>
@@ -49,4 +49,24 @@ int pvt_restore_user_mode(int fd, struct kvm_run *run, const struct pvt_user_mod
 			return rc;
 	}
 	return 0;
+}
+
+int pvt_state_write_batch(int fd, const struct pvt_state_write *writes, int n, int *error)
+{
+	int i;
+
+	*error = 0;
+	for (i = 0; i < n; i++) {
+		int ret = ioctl(fd, writes[i].request, writes[i].arg);
+
+		if (ret < 0) {
+			*error = -errno;
+			return i;
+		}
+		if (ret != writes[i].expect) {
+			*error = ret;
+			return i;
+		}
+	}
+	return n;
 }
