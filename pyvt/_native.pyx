@@ -1424,3 +1424,39 @@ cdef class StateWrites:
         with nogil:
             done = pvt_state_write_batch(fd, self.writes, self.n, &error)
         return done, error
+
+
+def restore_logged_pages(int vm_fd, uint32_t slot, uint64_t pages, uint8_t[::1] target,
+                         const uint8_t[::1] image, const uint8_t[::1] data,
+                         const uint8_t[::1] also):
+    """A memory slot's restore step (csrc/page_restore.c): KVM_GET_DIRTY_LOG
+    of ``slot`` (``pages`` pages, mapped by ``target``), then every page it
+    or ``also`` names is copied back from ``image`` (the snapshot image's
+    mapping) where ``data`` (the image's data pages) says it holds data,
+    zeroed elsewhere.  ``data`` and ``also`` are little-endian page bitmaps
+    of ``(pages + 63) // 64`` words.  Both mappings stay exported during
+    the call (neither can be unmapped under it).  Returns the dirty log as
+    bytes of that size; raises KvmError (and copies nothing) if KVM refuses it."""
+    cdef size_t size = (pages + 63) // 64 * 8
+    cdef size_t span = pages * PVT_PAGE_RESTORE_PAGE_SIZE
+    cdef int rc
+    if pages == 0:
+        raise ArgumentError("a memory slot has at least one page")
+    if <size_t>data.shape[0] != size or <size_t>also.shape[0] != size:
+        raise ArgumentError(f"the page bitmaps must be {size} bytes, not "
+                            f"{data.shape[0]} and {also.shape[0]}")
+    if <size_t>target.shape[0] < span or <size_t>image.shape[0] < span:
+        raise ArgumentError(f"the mappings must hold {pages} pages")
+    logged = PyBytes_FromStringAndSize(NULL, size)
+    cdef uint64_t *log = <uint64_t *>PyBytes_AS_STRING(logged)
+    with nogil:
+        rc = pvt_restore_logged_pages(vm_fd, slot, pages, &target[0], &image[0],
+                                      <const uint64_t *>&data[0],
+                                      <const uint64_t *>&also[0], log)
+    if rc:
+        raise KvmError("KVM_GET_DIRTY_LOG", -rc, f"memory slot {slot}")
+    return logged
+
+
+#: The page size restore_logged_pages copies in (the host's must match).
+PAGE_RESTORE_PAGE_SIZE = PVT_PAGE_RESTORE_PAGE_SIZE

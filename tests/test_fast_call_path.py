@@ -215,3 +215,49 @@ def test_full_restores_make_their_writes_in_one_native_batch(monkeypatch):
         assert len(batches) == 2 and all(batch is batches[0] for batch in batches)
         assert len(batches[0]) >= 4  # sregs, XSAVE or FPU, MSRs, ...
         snap.close()
+
+
+def test_restores_copy_back_memory_in_one_native_call_per_region(monkeypatch):
+    """Guest writes (KVM's dirty log), host writes, and restores of two
+    snapshots in turn: each restore leaves exactly its snapshot's memory,
+    and dirty_pages() still reports what the guest and the restores wrote."""
+    calls = []
+    real = _native.restore_logged_pages
+
+    def counting(*args):
+        calls.append(args[1])
+        return real(*args)
+
+    monkeypatch.setattr(_native, "restore_logged_pages", counting)
+    data = 0x10000
+    vm = pyvt.Vm("16M")
+    # Fills 8 pages from `data` with the byte in al, then halts.
+    vm.memory.write(CODE, pyvt.assemble(
+        f"mov ${data:#x}, %rdi; mov $0x8000, %rcx; rep stosb; hlt", at=CODE, bits=64))
+    cpu = vm.vcpu(0, mode="long")
+    with vm:
+        cpu.regs.rip, cpu.regs.rax = CODE, 0xAA
+        assert isinstance(cpu.run(timeout=60), exits.Hlt)
+        first = vm.snapshot()
+        vm.memory.write(data + 0x9000, b"host")
+        cpu.regs.rip, cpu.regs.rax = CODE, 0xBB
+        assert isinstance(cpu.run(timeout=60), exits.Hlt)
+        second = vm.snapshot()
+        expected_second = vm.memory.read(data, 0xA000)
+        expected_first = b"\xaa" * 0x8000 + bytes(0x2000)
+        vm.restore(first)
+        assert vm.memory.read(data, 0xA000) == expected_first
+        vm.memory.dirty_pages()  # reported so far: start afresh
+        cpu.regs.rip, cpu.regs.rax = CODE, 0xCC
+        assert isinstance(cpu.run(timeout=60), exits.Hlt)
+        vm.memory.write(data + 0x9000, b"again")
+        vm.restore(second)
+        assert vm.memory.read(data, 0xA000) == expected_second
+        reported = vm.memory.dirty_pages()[0]
+        for page in (*range(8), 9):  # the guest's stosb, the host's write
+            assert data + page * 0x1000 in reported, page
+        vm.restore(first)
+        assert vm.memory.read(data, 0xA000) == expected_first
+        assert len(calls) == 3
+        first.close()
+        second.close()

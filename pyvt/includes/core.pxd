@@ -372,3 +372,9 @@ cdef extern from "state_writes.h" nogil:
         int expect
 
     int pvt_state_write_batch(int fd, const pvt_state_write *writes, int n, int *error)
+
+cdef extern from "page_restore.h" nogil:
+    int PVT_PAGE_RESTORE_PAGE_SIZE
+    int pvt_restore_logged_pages(int vm_fd, uint32_t slot, uint64_t pages, uint8_t *target,
+                                 const uint8_t *image, const uint64_t *data,
+                                 const uint64_t *also, uint64_t *logged)
