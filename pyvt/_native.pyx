@@ -1460,3 +1460,10 @@ def restore_logged_pages(int vm_fd, uint32_t slot, uint64_t pages, uint8_t[::1] 
 
 #: The page size restore_logged_pages copies in (the host's must match).
 PAGE_RESTORE_PAGE_SIZE = PVT_PAGE_RESTORE_PAGE_SIZE
+
+
+def kvm_runs(VcpuLoop loop):
+    """How many times ``loop``'s vCPU has returned from KVM_RUN (its run
+    loop's and its settling of pending accesses'): what pyvt.Vcpu compares
+    to know that no KVM_RUN came in between, without building stats."""
+    return loop.v.kvm_exits

@@ -524,7 +524,7 @@ class Vcpu:
         exit_rip = self._pending_out_rip()
         if exit_rip is None or _near_out(exit_rip, _linear_rip(*mode)):
             return False
-        self._deferred_out = (self._loop.stats["kvm_exits"], exit_rip, mode[0], mode[1])
+        self._deferred_out = (_native.kvm_runs(self._loop), exit_rip, mode[0], mode[1])
         return True
 
     def _pending_out_rip(self) -> Optional[int]:
@@ -535,7 +535,7 @@ class Vcpu:
         if loop.pending_io != "write":
             return None
         deferred = self._deferred_out
-        if deferred is not None and deferred[0] == loop.stats["kvm_exits"]:
+        if deferred is not None and deferred[0] == _native.kvm_runs(loop):
             return deferred[1]
         self._deferred_out = None
         run = self.fd.run_struct
@@ -553,7 +553,7 @@ class Vcpu:
         do, except that a deferred port write (see _defer_port_write) that
         cannot act at ``rip`` stays deferred."""
         deferred = self._deferred_out
-        if (deferred is None or deferred[0] != self._loop.stats["kvm_exits"]
+        if (deferred is None or deferred[0] != _native.kvm_runs(self._loop)
                 or _near_out(deferred[1], _linear_rip(deferred[2], deferred[3], rip))):
             self._settle_pending_io()
         regs = self._load_regs()
