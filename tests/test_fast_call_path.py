@@ -49,6 +49,12 @@ def _vm_at_out(ring: int):
     return vm, cpu, at_out, far, out_rip
 
 
+def _runs_the_out(cpu) -> None:
+    """The next run stops at the OUT to PORT: it was not skipped."""
+    exit = cpu.run(timeout=30)
+    assert isinstance(exit, exits.Io) and exit.port == PORT, exit
+
+
 @pytest.fixture(params=[3, 0], ids=["ring3", "ring0"])
 def ring(request) -> int:
     return request.param
@@ -75,8 +81,7 @@ def test_a_restore_to_the_outs_own_rip_retires_it_first_so_the_out_runs_again(ri
             before = _kvm_runs(cpu)
             vm.restore(at_out)
             assert _kvm_runs(cpu) == before + 1, "the write was retired before the state"
-            exit = cpu.run(timeout=30)
-            assert isinstance(exit, exits.Io) and exit.port == PORT, exit
+            _runs_the_out(cpu)
         at_out.close()
         far.close()
 
@@ -88,8 +93,7 @@ def test_restores_in_a_row_check_each_state_against_the_deferred_out(ring):
         before = _kvm_runs(cpu)
         vm.restore(at_out)  # the OUT's own RIP: the deferred write is retired now
         assert _kvm_runs(cpu) == before + 1
-        exit = cpu.run(timeout=30)
-        assert isinstance(exit, exits.Io) and exit.port == PORT, exit
+        _runs_the_out(cpu)
         at_out.close()
         far.close()
 
@@ -100,8 +104,7 @@ def test_a_register_write_after_a_deferred_out_settles_it_first(ring):
         vm.restore(far)
         cpu.regs.rip = out_rip  # the OUT's own RIP: its completion would skip it
         assert cpu._loop.pending_io is None
-        exit = cpu.run(timeout=30)
-        assert isinstance(exit, exits.Io) and exit.port == PORT, exit
+        _runs_the_out(cpu)
         at_out.close()
         far.close()
 
