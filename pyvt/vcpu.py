@@ -284,7 +284,7 @@ class Vcpu:
                     and vcpu_state.unchanged(self._held, state))
             if held and not self._ran_since_held and not self._vm.fd.has_irqchip:
                 self._put_regs(state.regs)
-                vcpu_state.write_tsc(self.fd, state)
+                self._write_tsc(state)
             elif held and user_mode_only and not self._vm.fd.has_irqchip:
                 self._restore_user_mode(state)
             else:
@@ -313,6 +313,22 @@ class Vcpu:
             if not error:
                 return
         vcpu_state.write(self.fd, state, self._put_regs)
+
+    def _write_tsc(self, state: VcpuState) -> None:
+        """vcpu_state.write_tsc(state), as a native batch of one kept with
+        the state; if KVM refuses it, vcpu_state.write_tsc reports why."""
+        value = state.msrs.get(vcpu_state.MSR_IA32_TSC)
+        if value is None:
+            return
+        cached = state._structs.get("tsc batch")
+        if cached is None or cached[0] != value:
+            block = msrs_struct({vcpu_state.MSR_IA32_TSC: value})
+            cached = (value, _native.StateWrites([(lib.KVM_SET_MSRS, _address(block), 1)]), block)
+            state._structs["tsc batch"] = cached
+        done, error = cached[1].write(self.fd.fileno())
+        self.fd.writes += done + (1 if error else 0)
+        if error:
+            vcpu_state.write_tsc(self.fd, state)
 
     def _restore_user_mode(self, state: VcpuState) -> None:
         """vcpu_state.write_user_mode(state), in one native call where the

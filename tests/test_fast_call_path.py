@@ -264,3 +264,23 @@ def test_restores_copy_back_memory_in_one_native_call_per_region(monkeypatch):
         assert len(calls) == 3
         first.close()
         second.close()
+
+
+def test_a_restore_without_a_run_writes_the_tsc_through_a_native_batch():
+    vm = pyvt.Vm("16M", pc_devices=False)
+    vm.memory.write(CODE, b"\xf4")
+    cpu = vm.vcpu(0, mode="long")
+    cpu.regs.rip = CODE
+    with vm:
+        snap = vm.snapshot()
+        cpu.regs.rax = 0x77  # undone by the restore, which writes the TSC only besides
+        writes = cpu.fd.writes
+        vm.restore(snap)
+        assert cpu.regs.rax == int.from_bytes(snap.vcpus[0].regs[:8], "little") != 0x77
+        assert cpu.regs.rip == CODE
+        vm.restore(snap)  # the vCPU holds the state: registers and the TSC
+        assert "tsc batch" in snap.vcpus[0]._structs
+        assert cpu.fd.writes > writes
+        tsc = pyvt.vcpu_state.MSR_IA32_TSC
+        assert cpu.get_msrs([tsc])[tsc] >= snap.vcpus[0].msrs[tsc]
+        snap.close()
