@@ -227,7 +227,7 @@ class Sandbox:
         try:
             self.ring = ring
             self.vcpu = self.vm.vcpu(0, mode="long", ring=ring)
-            self._exit_port = self.vm.debug_exit.port
+            self._exit_port = DEBUG_EXIT_PORT  # the VM's debug-exit port (made above)
             # Also what lets a reset leave the trampoline's port write for
             # the next call's KVM_RUN (Vcpu._defer_port_write).
             self.vcpu.track_user_mode_state()

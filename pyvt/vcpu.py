@@ -333,17 +333,19 @@ class Vcpu:
     def _restore_user_mode(self, state: VcpuState) -> None:
         """vcpu_state.write_user_mode(state), in one native call where the
         registers travel in the run page (_native.restore_user_mode)."""
+        loop = self._loop
         plan = _user_mode_plan(self.fd, state) if self._sync_regs else None
-        if plan is None:
+        if plan is None or loop is None:
             vcpu_state.write_user_mode(self.fd, state, self._put_regs,
                                        *self._synced_sregs_and_events())
             return
         synced = (self.fd.run_struct.kvm_valid_regs & _SYNCED_USER_MODE == _SYNCED_USER_MODE
                   and self._ran_since_held)
-        writes, error, ioctl = _native.restore_user_mode(self._loop, *plan, synced)
+        writes, error, ioctl = _native.restore_user_mode(loop, *plan, synced)
         self.fd.writes += writes
         if error:
-            raise KvmError(ioctl, error, f"vCPU {self.index}: restoring its user-mode state")
+            raise KvmError(ioctl or "KVM_SET_*", error,
+                           f"vCPU {self.index}: restoring its user-mode state")
 
     def _hold(self, state: VcpuState) -> None:
         self._held = vcpu_state.fingerprint(state)
@@ -537,17 +539,17 @@ class Vcpu:
         """True if the pending access is a port write that cannot act on a
         vCPU entered at ``mode`` (_entry_mode: 64-bit, CS base, RIP), which
         the caller writes next; it stays pending (recorded with ``mode``)."""
-        exit_rip = self._pending_out_rip()
-        if exit_rip is None or _near_out(exit_rip, _linear_rip(*mode)):
+        loop = self._loop
+        exit_rip = None if loop is None else self._pending_out_rip(loop)
+        if loop is None or exit_rip is None or _near_out(exit_rip, _linear_rip(*mode)):
             return False
-        self._deferred_out = (_native.kvm_runs(self._loop), exit_rip, mode[0], mode[1])
+        self._deferred_out = (_native.kvm_runs(loop), exit_rip, mode[0], mode[1])
         return True
 
-    def _pending_out_rip(self) -> Optional[int]:
+    def _pending_out_rip(self, loop: _native.VcpuLoop) -> Optional[int]:
         """The exit's linear RIP if the pending access is a port write and
         that RIP is known (recorded, or in the run page: KVM_SYNC_X86_REGS
         and _SREGS from the exit, not overwritten since); else None."""
-        loop = self._loop
         if loop.pending_io != "write":
             return None
         deferred = self._deferred_out
@@ -568,8 +570,8 @@ class Vcpu:
         and 64-bit values) for an entry at ``rip``, as ``cpu.regs`` writes
         do, except that a deferred port write (see _defer_port_write) that
         cannot act at ``rip`` stays deferred."""
-        deferred = self._deferred_out
-        if (deferred is None or deferred[0] != _native.kvm_runs(self._loop)
+        deferred, loop = self._deferred_out, self._loop
+        if (deferred is None or loop is None or deferred[0] != _native.kvm_runs(loop)
                 or _near_out(deferred[1], _linear_rip(deferred[2], deferred[3], rip))):
             self._settle_pending_io()
         regs = self._load_regs()
@@ -971,14 +973,15 @@ def _entry_mode(state: VcpuState) -> Optional[Tuple[bool, int, int]]:
 _SYNCED_USER_MODE = lib.KVM_SYNC_X86_SREGS | lib.KVM_SYNC_X86_EVENTS
 
 
-def _user_mode_plan(fd, state: VcpuState) -> Optional[tuple]:
+def _user_mode_plan(fd, state: VcpuState) -> Optional[Tuple[bytes, int, int, int, int, int,
+                                                           bytes]]:
     """_native.restore_user_mode's arguments (but ``synced``) for ``state``,
     built from vcpu_state's cached structs and kept with the state while
     its fields are the same objects; None where the Python path must run
     (a malformed state, which it reports)."""
     key = (state.regs, state.sregs, state.sregs2, state.xsave, state.fpu, state.events)
     cached = state._structs.get("user mode plan")
-    if cached is not None and all(a is b for a, b in zip(cached[0], key)):
+    if cached is not None and all(a is b for a, b in zip(cached[0], key, strict=True)):
         return cached[1]
     xsave_ok = state.xsave is None or (
         ffi.sizeof("struct kvm_xsave") <= len(state.xsave) <= fd.xsave_size())
