@@ -67,3 +67,13 @@ __all__ = [
     "Sandbox", "get_include", "SandboxError", "GuestFault", "SandboxTimeout",
     "pci",
 ]
+
+# virtio (issue 15).
+from .errors import DiskImageError, TapError, VirtioError, VirtqueueError  # noqa: E402
+
+__all__ += ["DiskImageError", "TapError", "VirtioError", "VirtqueueError"]
+
+# Run control (issue 17).
+from .errors import ControlError, RunControlError  # noqa: E402
+
+__all__ += ["RunControlError", "ControlError"]

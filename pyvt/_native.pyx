@@ -39,6 +39,7 @@ STOP_TIMEOUT = 100
 STOP_ERROR = 101
 STOP_REQUESTED = 102
 STOP_BAD_EXIT = PVT_STOP_BAD_EXIT
+EXIT_REASON_SLOTS = PVT_EXIT_REASON_SLOTS
 
 #: Timeouts from here on (about 146 years) mean "no timeout": they would
 #: overflow the nanosecond clock arithmetic.
@@ -736,6 +737,8 @@ cdef class VcpuLoop:
     # ring is full: it harvests and resets the rings, and the run goes on.
     cdef public object on_dirty_ring_full
     cdef uint64_t dirty_ring_full_exits
+    # Exits served by a Python handler (vm.on_io / on_mmio / on_msr).
+    cdef uint64_t python_exits
     # Holds a buffer export of the vCPU's mmap: while the loop lives, the
     # kvm_run page cannot be unmapped under it (mmap.close() refuses).
     cdef uint8_t[::1] page
@@ -800,12 +803,26 @@ cdef class VcpuLoop:
 
     @property
     def stats(self):
-        """Counters: KVM_RUN returns, exits handled natively, coalesced writes,
-        full dirty rings harvested on the way."""
+        """Counters: KVM_RUN returns, exits handled natively, exits handled
+        by Python handlers, coalesced writes, full dirty rings harvested on
+        the way."""
         return {"kvm_exits": self.v.kvm_exits,
                 "native_exits": self.v.native_exits,
+                "python_exits": self.python_exits,
                 "coalesced_writes": self.v.coalesced,
                 "dirty_ring_full_exits": self.dirty_ring_full_exits}
+
+    @property
+    def exits_by_reason(self):
+        """Returns from KVM_RUN by exit reason: a list of EXIT_REASON_SLOTS
+        counts indexed by ``kvm_run.exit_reason`` (an EINTR counts as
+        KVM_EXIT_INTR; the last slot holds every reason at or above it)."""
+        return [self.v.exits_by_reason[i] for i in range(PVT_EXIT_REASON_SLOTS)]
+
+    @property
+    def guest_ns(self):
+        """Nanoseconds (CLOCK_MONOTONIC) the loop spent inside KVM_RUN."""
+        return self.v.guest_ns
 
     def io_data_valid(self):
         """The run loop's check that an I/O exit's data lies in the mapping."""
@@ -881,6 +898,7 @@ cdef class VcpuLoop:
         The kick never reaches it (csrc/kick.h); if the handler raises, its
         read is abandoned (the instruction runs again next time) or its
         write retired (csrc/io_completion.h)."""
+        self.python_exits += 1
         self.hold_kick()
         try:
             if stop == PVT_STOP_USER_IO:

@@ -179,3 +179,43 @@ class DeviceError(Error):
 class DeviceStateError(DeviceError, ArgumentError):
     """A device state that does not fit the device: from another pyvt build,
     or not what the device's ``save_state()`` returns."""
+
+
+# -- virtio (pyvt.virtio; the native workers, pyvt._virtio) --
+
+class VirtioError(DeviceError):
+    """A virtio device (:mod:`pyvt.virtio`) cannot be made or used as asked."""
+
+
+class VirtqueueError(VirtioError, ArgumentError):
+    """A virtqueue that cannot be served: the guest's driver set it up wrong
+    (a size that is not a power of two up to 32768, a misaligned ring, a
+    ring or buffer outside guest RAM, a bad descriptor chain).  The device
+    stops serving it and asks for a reset (DEVICE_NEEDS_RESET), as the
+    virtio specification says."""
+
+
+class DiskImageError(_OSErrorMessage, VirtioError):
+    """``vm.add_disk()``: the disk image is missing, not a regular file or
+    block device, or cannot be opened as asked (``errno`` says why)."""
+
+
+class TapError(_OSErrorMessage, VirtioError):
+    """``vm.add_net(tap=...)``: the tap device does not exist or cannot be
+    attached (``errno`` says why)."""
+
+
+
+# -- RUN CONTROL (issue 17): pausing, resuming and ending vm.run() -------------
+
+
+class RunControlError(Error):
+    """``vm.pause()`` could not pause the VM (a vCPU did not stop in time,
+    or it was called from a vCPU's own thread), or ``vm.run()`` was started
+    twice at once: the message says which; the VM runs on."""
+
+
+class ControlError(RunControlError):
+    """A control socket cannot be served (``vm.serve_control``, ``--control``):
+    its path exists and is not a stale socket, is another process's live
+    socket, is too long, or cannot be bound; or ``pyvt ctl`` cannot reach it."""

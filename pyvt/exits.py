@@ -440,3 +440,17 @@ class Suspend(_SleepEvent):
 
 
 __all__.append("Suspend")
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Quit(Exit):
+    """The run was ended on request (the control socket's ``quit``);
+    ``source`` says by whom.  ``pyvt run``/``boot`` exit 0, as QEMU does."""
+
+    source: str = "control socket"
+
+    def __repr__(self) -> str:
+        return f"Quit(by {self.source})"
+
+
+__all__.append("Quit")

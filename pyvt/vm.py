@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import threading
 import types
-from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from . import _native, debugging, exits, modes, msr_filter, pc, snapshot, snapshot_file
 from ._kvm import lib as _kvm_lib
@@ -31,11 +31,16 @@ from .errors import (
 )
 from .backend import select_backend
 from .kvm import Kvm, _as_list, struct_bytes
+from .dirty_rate import DIRTY_PAGE_STATS
 from .kvm_stats import CachedStats, StatsDescriptor, StatValue
 from .memory import GuestMemory, parse_size
-from .vcpu import RUN_LOOP_COUNTERS, Vcpu
+from .vcpu import RUN_LOOP_COUNTERS, RUN_LOOP_MEASURES, Vcpu
 
 from .snapshot import Snapshot
+
+if TYPE_CHECKING:  # annotations of the virtio and control sections
+    from . import virtio
+    from .control import ControlServer
 
 #: Where KVM may put the three pages it needs for real mode on VMX without
 #: unrestricted guest (the address QEMU uses), when guest RAM leaves it free.
@@ -268,6 +273,7 @@ class Vm:
             return
         self._released = True
         self._closed = True
+        self._close_run_control()
         me = threading.get_ident()
         vcpus = list(self.vcpus.values())
         for vcpu in vcpus:
@@ -278,6 +284,10 @@ class Vm:
                 continue
             with vcpu._run_lock:  # waits for a run in another thread to return
                 vcpu._close()
+        if "_virtio_devices" in self.__dict__:  # their workers stop before the memory goes
+            from .virtio import attach
+
+            attach.close_all(self)
         machine = getattr(self, "_machine", None)
         if machine is not None:
             machine.close()
@@ -539,18 +549,30 @@ class Vm:
         (``remote_tlb_flush``, ``pages_4k``, ``max_mmu_rmap_size``... where
         the backend has KVM_CAP_BINARY_STATS_FD; not on pyvt.ko) merged with
         pyvt's run-loop counters summed over the vCPUs (``kvm_exits``,
-        ``native_exits``, ``coalesced_writes``: see :attr:`pyvt.Vcpu.stats`).
-        Values are ints, lists of ints for histograms; units and scales are
-        in :attr:`stats_descriptors`.  Per-vCPU statistics (``exits``...) are
+        ``native_exits``, ``coalesced_writes``, ``guest_time_ns``,
+        ``exits_by_reason``...: see :attr:`pyvt.Vcpu.stats`), and the pages
+        the guest dirtied as KVM's dirty log reported them: ``dirty_pages``
+        (in all) and ``dirty_pages_per_s`` (at the last harvest; both stay
+        0 while the VM does not log its writes, see :mod:`pyvt.dirty_rate`).
+        Values are ints, lists of ints for histograms, a dict for
+        ``exits_by_reason``; units and scales are in :attr:`stats_descriptors`.  Per-vCPU statistics (``exits``...) are
         in each ``vcpu.stats``.  The stats fd is opened by the first read
         and closed with the VM."""
         self._check_open()
         values = self._kvm_stats.read()
-        totals = dict.fromkeys(RUN_LOOP_COUNTERS, 0)
+        totals: Dict[str, int] = dict.fromkeys((*RUN_LOOP_COUNTERS, "guest_time_ns"), 0)
+        by_reason: Dict[str, int] = {}
         for vcpu in list(self.vcpus.values()):
             for name, value in vcpu._run_loop_stats().items():
-                totals[name] = totals.get(name, 0) + value
+                if isinstance(value, dict):
+                    for reason, count in value.items():
+                        by_reason[reason] = by_reason.get(reason, 0) + count
+                elif isinstance(value, int):
+                    totals[name] = totals.get(name, 0) + value
         values.update(totals)
+        values["exits_by_reason"] = by_reason
+        values["dirty_pages"] = self.memory.dirty_rate.total
+        values["dirty_pages_per_s"] = self.memory.dirty_rate.per_second()
         return values
 
     @property
@@ -560,7 +582,10 @@ class Vm:
         statistics are mostly cumulative counts; ``pages_4k`` and the like
         are instant values, ``max_mmu_rmap_size`` and the like peaks."""
         self._check_open()
-        return self._kvm_stats.descriptors()
+        descriptors = self._kvm_stats.descriptors()
+        descriptors.update(RUN_LOOP_MEASURES)
+        descriptors.update(DIRTY_PAGE_STATS)
+        return descriptors
 
     # -- MSR filters and user-space MSR exits ----------------------------------
 
@@ -733,3 +758,142 @@ class Vm:
 
             acpi.pci_bus_created(self)
         return bus
+
+    # -- virtio (pyvt.virtio) ----------------------------------------------------
+
+    def add_virtio(self, device: "virtio.VirtioDevice", slot: Optional[int] = None) -> "virtio.VirtioPciDevice":
+        """Puts ``device`` (a :class:`pyvt.virtio.VirtioDevice`, e.g. one
+        written in Python) on ``vm.pci`` as a virtio 1.x PCI function, in
+        ``slot`` (default: the first free one).  Returns its transport
+        (:class:`pyvt.virtio.VirtioPciDevice`)."""
+        from .virtio import attach
+
+        return attach.add_virtio(self, device, slot)
+
+    def add_disk(self, path, readonly: bool = False, *, serial: Optional[str] = None) -> "virtio.BlockDevice":
+        """A virtio-blk disk on the raw image ``path`` (the first is Linux's
+        /dev/vda); ``readonly`` refuses the guest's writes.  A missing or
+        unopenable image is a :class:`pyvt.DiskImageError`."""
+        from .virtio import BlockDevice
+
+        device = BlockDevice(path, readonly, serial=serial)
+        self.add_virtio(device)
+        return device
+
+    def add_net(self, tap: str, mac: Optional[str] = None) -> "virtio.NetDevice":
+        """A virtio-net NIC on the existing host tap device ``tap`` (a
+        missing tap is a :class:`pyvt.TapError`), MAC ``mac`` (default random)."""
+        from .virtio import NetDevice
+
+        device = NetDevice(tap, mac)
+        self.add_virtio(device)
+        return device
+
+    def add_rng(self) -> "virtio.RngDevice":
+        """A virtio entropy device (Linux: /dev/hwrng), fed by the host's getrandom()."""
+        from .virtio import RngDevice
+
+        device = RngDevice()
+        self.add_virtio(device)
+        return device
+
+    def add_console(self, input=None, output=None) -> "virtio.ConsoleDevice":
+        """A virtio console (Linux: hvc0) between the host's ``input`` and
+        ``output`` (file descriptors or files; None: stdin, stdout)."""
+        from .virtio import ConsoleDevice
+
+        device = ConsoleDevice(input, output)
+        self.add_virtio(device)
+        return device
+
+    @property
+    def virtio_devices(self) -> List["virtio.VirtioPciDevice"]:
+        """The virtio devices' transports, in the order they were added."""
+        from .virtio import attach
+
+        return list(attach.devices(self))
+
+    # -- run control, control socket (issue 17: pyvt.run_control, pyvt.control) --
+
+    def pause(self, timeout: Optional[float] = 10.0) -> None:
+        """Stops every vCPU that :meth:`run` (in another thread) runs and
+        returns once all are parked outside the guest, their pending writes
+        completed: the caller may then take :meth:`snapshot`,
+        ``cpu.save_state()``, :meth:`save_clock`...  Idempotent.  With no
+        run active, marks the VM paused: a run() started later starts
+        parked.  :meth:`resume` lets the guest go on exactly where it was.
+        Raises :class:`pyvt.RunControlError` if a vCPU does not stop within
+        ``timeout`` seconds (None: no limit); the VM then runs on."""
+        from . import run_control
+
+        self._check_open()
+        run_control.of(self).pause(timeout)
+
+    def resume(self) -> None:
+        """Undoes :meth:`pause`: the parked vCPUs go on where they were.
+        Does nothing if the VM is not paused."""
+        from . import run_control
+
+        self._check_open()
+        run_control.of(self).resume()
+
+    def end_run(self, exit: exits.Exit) -> None:
+        """Makes the active :meth:`run` stop its vCPUs and return ``exit``
+        (a :mod:`pyvt.exits` value), paused or not; returns once they are
+        stopped.  With no run active, the next run() returns ``exit`` at once
+        without running the guest.  A pause stays in force: a later run()
+        starts parked until :meth:`resume`.  May be called from a handler
+        on a vCPU's own thread."""
+        from . import run_control
+
+        self._check_open()
+        run_control.of(self).end_run(exit)
+
+    @property
+    def status(self) -> str:
+        """``"created"`` (never run), ``"running"``, ``"paused"``,
+        ``"shutdown"`` (the last run() returned), or a migration's
+        ``"inmigrate"``/``"migrated"``."""
+        from . import run_control
+
+        return run_control.of(self).status
+
+    def subscribe(self, callback) -> Callable[[], None]:
+        """Calls ``callback(name, data)`` (from any thread) for each event:
+        ``STOP``, ``RESUME``, ``SHUTDOWN`` (``data`` says how the run
+        ended), ``MIGRATION``.  Returns the function that unsubscribes it.
+        A callback that raises is reported on stderr once; the VM goes on."""
+        from . import run_control
+
+        return run_control.of(self).subscribe(callback)
+
+    def _emit_event(self, name: str, data: Optional[dict] = None) -> None:
+        from . import run_control
+
+        run_control.of(self).emit(name, data)
+
+    def _set_status(self, status: str) -> None:
+        from . import run_control
+
+        run_control.of(self).set_status(status)
+
+    def serve_control(self, path, name: Optional[str] = None) -> "ControlServer":
+        """Serves this VM's control socket at ``path`` (a Unix socket, mode
+        0600, one JSON object per line: ``query-status``, ``query-stats``,
+        ``stop``, ``cont``, ``snapshot``, ``migrate``..., see
+        :mod:`pyvt.control`) from a thread of its own, and registers the VM
+        (as ``name``) where ``pyvt top`` looks.  Returns the
+        :class:`pyvt.control.ControlServer`; ``close()`` it, or it closes
+        with the VM.  Raises :class:`pyvt.ControlError` if ``path`` exists
+        and is not a stale socket."""
+        from . import control
+
+        return control.serve(self, path, name)
+
+    def _close_run_control(self) -> None:
+        """From close(): parked vCPUs leave their run, control sockets close."""
+        control = self.__dict__.get("_run_control_state")
+        if control is not None:
+            control.close()
+        for server in list(self.__dict__.get("_control_servers", ())):
+            server.close()

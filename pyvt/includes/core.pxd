@@ -164,6 +164,8 @@ cdef extern from "kick.h" nogil:
 
 
 cdef extern from "vcpu_loop.h" nogil:
+    enum: PVT_EXIT_REASON_SLOTS
+
     enum pvt_stop:
         PVT_STOP_EXIT
         PVT_STOP_USER_IO
@@ -190,6 +192,8 @@ cdef extern from "vcpu_loop.h" nogil:
         uint64_t kvm_exits
         uint64_t native_exits
         uint64_t coalesced
+        uint64_t exits_by_reason[PVT_EXIT_REASON_SLOTS]
+        uint64_t guest_ns
         pvt_pending_io pending_io
         bint kick_masked
 
