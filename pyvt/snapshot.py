@@ -216,6 +216,7 @@ def _restore_logged_memory(memory, pairs) -> bool:
                 and image.mapping is not None and region.baselines.get(image) is not None):
             return False
     fd = memory._vm_fd.fileno()
+    logged_by_slot = {}
     with memory._dirty_lock:
         for region, image in pairs:
             host = int.from_bytes(region.host_dirty, "little")
@@ -226,10 +227,13 @@ def _restore_logged_memory(memory, pairs) -> bool:
                 also.to_bytes(len(bitmap), "little"))
             if host:
                 region.host_dirty = bytearray(len(region.host_dirty))
+            written = int.from_bytes(logged, "little")
+            logged_by_slot[region.slot] = written
             # Written since the last collection (logged, host) or by the copy:
             # changed against every other baseline, and reported.
-            memory._add_written(region, also | int.from_bytes(logged, "little"))
+            memory._add_written(region, also | written)
             region.baselines[image] = 0
+        memory.dirty_rate.record(logged_by_slot)  # as GuestMemory._collect does
     return True
 
 
