@@ -1360,3 +1360,128 @@ def dirty_ring_mark_harvested(ring, uint32_t entries, uint32_t first, uint32_t c
     """Marks ``count`` entries from ``first`` on harvested."""
     cdef uint32_t[:] words = _ring_window(ring, entries)
     pvt_dirty_ring_mark_harvested(<void *>&words[0], entries, first, count)
+
+
+# -- fast restores (session 6, "fast"): a vCPU state's writes in one call ---
+# (csrc/state_writes.c; used by pyvt.Vcpu.restore_state for
+# user_mode_only restores)
+
+def restore_user_mode(VcpuLoop loop, const uint8_t[::1] regs, unsigned long sregs_request,
+                      size_t sregs, size_t sregs_common, size_t xsave, size_t fpu,
+                      const uint8_t[::1] events, bint synced):
+    """Writes what CPL-3 code can change into ``loop``'s vCPU, in the order
+    and with the skips of pyvt.vcpu_state.write_user_mode: ``regs`` (bytes
+    of a struct kvm_regs, through the run page), the special registers
+    (``sregs``: the address of the struct ``sregs_request`` takes; skipped
+    if ``synced`` and the run page's first ``sregs_common`` bytes match),
+    the XSAVE area and FPU (addresses; 0: not written) and ``events``
+    (bytes of a struct kvm_vcpu_events, skipped if ``synced`` and equal;
+    empty: none).  The addresses must stay valid during the call.  Returns
+    ``(writes, errno, ioctl)``: the state-changing ioctls made, and the
+    errno and name of the one that failed (0, None if none)."""
+    cdef pvt_user_mode_state state
+    cdef const char *failed = NULL
+    cdef int writes = 0
+    cdef int rc
+    if loop.v.run == NULL:
+        raise ClosedError("the vCPU is closed")
+    if <size_t>regs.shape[0] != sizeof(kvm_regs):
+        raise ArgumentError(f"regs must be {sizeof(kvm_regs)} bytes, not {regs.shape[0]}")
+    if events.shape[0] != 0 and <size_t>events.shape[0] != sizeof(kvm_vcpu_events):
+        raise ArgumentError(f"events must be {sizeof(kvm_vcpu_events)} bytes or none, "
+                            f"not {events.shape[0]}")
+    if sregs == 0 or sregs_common > sizeof(kvm_sregs):
+        raise ArgumentError("restore_user_mode needs the special registers' struct")
+    state.regs = <const kvm_regs *>&regs[0]
+    state.sregs_request = sregs_request
+    state.sregs = <const void *>sregs
+    state.sregs_common = sregs_common
+    state.xsave = <const void *>xsave
+    state.fpu = <const void *>fpu
+    state.events = <const kvm_vcpu_events *>&events[0] if events.shape[0] else NULL
+    with nogil:
+        rc = pvt_restore_user_mode(loop.v.fd, loop.v.run, &state, synced, &writes, &failed)
+    if rc:
+        return writes, -rc, (<bytes>failed).decode()
+    return writes, 0, None
+
+
+cdef class StateWrites:
+    """A batch of state-changing vCPU ioctls, made in order by one call
+    (pvt_state_write_batch): ``writes`` is a list of ``(request, address,
+    expect)``, address that of the ioctl's argument (kept valid by the
+    caller while the batch lives), expect what the ioctl must return."""
+
+    cdef pvt_state_write *writes
+    cdef int n
+
+    def __init__(self, list writes):
+        cdef int i
+        free(self.writes)
+        self.writes = <pvt_state_write *>calloc(max(len(writes), 1), sizeof(pvt_state_write))
+        if self.writes == NULL:
+            raise MemoryError()
+        self.n = len(writes)
+        for i, (request, address, expect) in enumerate(writes):
+            self.writes[i].request = request
+            self.writes[i].arg = <const void *><size_t>address
+            self.writes[i].expect = expect
+
+    def __dealloc__(self):
+        free(self.writes)
+
+    def __len__(self):
+        return self.n
+
+    def write(self, int fd):
+        """Makes the ioctls on ``fd``: returns ``(done, error)``, how many
+        succeeded and, if one did not, its -errno or the count it returned
+        instead of its ``expect``."""
+        cdef int error = 0
+        cdef int done
+        with nogil:
+            done = pvt_state_write_batch(fd, self.writes, self.n, &error)
+        return done, error
+
+
+def restore_logged_pages(int vm_fd, uint32_t slot, uint64_t pages, uint8_t[::1] target,
+                         const uint8_t[::1] image, const uint8_t[::1] data,
+                         const uint8_t[::1] also):
+    """A memory slot's restore step (csrc/page_restore.c): KVM_GET_DIRTY_LOG
+    of ``slot`` (``pages`` pages, mapped by ``target``), then every page it
+    or ``also`` names is copied back from ``image`` (the snapshot image's
+    mapping) where ``data`` (the image's data pages) says it holds data,
+    zeroed elsewhere.  ``data`` and ``also`` are little-endian page bitmaps
+    of ``(pages + 63) // 64`` words.  Both mappings stay exported during
+    the call (neither can be unmapped under it).  Returns the dirty log as
+    bytes of that size; raises KvmError (and copies nothing) if KVM refuses it."""
+    cdef size_t size = (pages + 63) // 64 * 8
+    cdef size_t span = pages * PVT_PAGE_RESTORE_PAGE_SIZE
+    cdef int rc
+    if pages == 0:
+        raise ArgumentError("a memory slot has at least one page")
+    if <size_t>data.shape[0] != size or <size_t>also.shape[0] != size:
+        raise ArgumentError(f"the page bitmaps must be {size} bytes, not "
+                            f"{data.shape[0]} and {also.shape[0]}")
+    if <size_t>target.shape[0] < span or <size_t>image.shape[0] < span:
+        raise ArgumentError(f"the mappings must hold {pages} pages")
+    logged = PyBytes_FromStringAndSize(NULL, size)
+    cdef uint64_t *log = <uint64_t *>PyBytes_AS_STRING(logged)
+    with nogil:
+        rc = pvt_restore_logged_pages(vm_fd, slot, pages, &target[0], &image[0],
+                                      <const uint64_t *>&data[0],
+                                      <const uint64_t *>&also[0], log)
+    if rc:
+        raise KvmError("KVM_GET_DIRTY_LOG", -rc, f"memory slot {slot}")
+    return logged
+
+
+#: The page size restore_logged_pages copies in (the host's must match).
+PAGE_RESTORE_PAGE_SIZE = PVT_PAGE_RESTORE_PAGE_SIZE
+
+
+def kvm_runs(VcpuLoop loop):
+    """How many times ``loop``'s vCPU has returned from KVM_RUN (its run
+    loop's and its settling of pending accesses'): what pyvt.Vcpu compares
+    to know that no KVM_RUN came in between, without building stats."""
+    return loop.v.kvm_exits

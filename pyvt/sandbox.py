@@ -41,7 +41,7 @@ import subprocess
 import time
 from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from . import exits, modes
+from . import _native, exits, modes
 from .errors import (
     ArgumentError,
     ArgumentTypeError,
@@ -89,8 +89,12 @@ ARGUMENT_REGISTERS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
 PAGE = 0x1000
 ARENA_ALIGNMENT = 16
 #: ``out %al, $port`` to the debug-exit port, then ``hlt; jmp .-1`` in case
-#: the run is resumed: the return address of every call.
+#: the run is resumed: the return address of every call.  At _PARKED, well
+#: past the OUT, another ``hlt; jmp .-1``: where the snapshot's RIP points.
 _TRAMPOLINE_OUT = 2
+_PARKED = 32
+_TRAMPOLINE = (bytes((0xE6, DEBUG_EXIT_PORT, 0xF4, 0xEB, 0xFD)).ljust(_PARKED, b"\xcc")
+               + bytes((0xF4, 0xEB, 0xFD)))
 
 #: The longest string a host function may be handed (``args=(str,)``).
 MAX_STRING = 1 << 20
@@ -223,15 +227,20 @@ class Sandbox:
         try:
             self.ring = ring
             self.vcpu = self.vm.vcpu(0, mode="long", ring=ring)
-            if self.fast_reset:
-                self.vcpu.track_user_mode_state()
+            self._exit_port = DEBUG_EXIT_PORT  # the VM's debug-exit port (made above)
+            # Also what lets a reset leave the trampoline's port write for
+            # the next call's KVM_RUN (Vcpu._defer_port_write).
+            self.vcpu.track_user_mode_state()
             write_segments(self.vm.memory, image.segments)
-            self.vm.memory.write(self.trampoline_address, bytes(
-                (0xE6, DEBUG_EXIT_PORT, 0xF4, 0xEB, 0xFD)))
+            self.vm.memory.write(self.trampoline_address, _TRAMPOLINE)
             # The return address every call finds at its entry RSP.
             self.vm.memory.write(self._entry_rsp, struct.pack("<Q", self.trampoline_address))
             if INIT_SYMBOL in self.functions:
                 self._call(self.functions[INIT_SYMBOL], (), self.timeout, restore=False)
+            # The snapshot's RIP (no call starts there) parks at a hlt loop
+            # away from the trampoline's OUT, so that a reset need not
+            # retire the OUT a call ended with (Vcpu._defer_port_write).
+            self.vcpu.regs.rip = self.trampoline_address + _PARKED
             self._snapshot = self.vm.snapshot()
             self._at_snapshot = True
         except BaseException:
@@ -437,17 +446,19 @@ class Sandbox:
         regs = cpu.regs
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            regs.rip = symbol.address
-            regs.rsp = self._entry_rsp
-            for name, value in zip(ARGUMENT_REGISTERS, registers, strict=False):
-                setattr(regs, name, value)
+            values = dict(zip(ARGUMENT_REGISTERS, registers, strict=False))
+            values["rsp"] = self._entry_rsp
+            cpu._enter(symbol.address, values)
             if not self._at_snapshot:  # a kept call may have overwritten the return address
                 self.vm.memory.write(self._entry_rsp,
                                      struct.pack("<Q", self.trampoline_address))
             self._at_snapshot = False
             while True:
                 left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-                exit = cpu.run(timeout=left)
+                stop = cpu._run_until_stop(left)
+                if stop is not None and restore and self._returned_stop(stop):
+                    break  # the reset follows: no exit object needed
+                exit = exits.Stopped(None) if stop is None else cpu._exit_of(stop, left)
                 if isinstance(exit, exits.DebugExit) and self._returned(exit):
                     break
                 if (isinstance(exit, exits.Io) and exit.port == HOST_CALL_PORT
@@ -469,9 +480,18 @@ class Sandbox:
             self._reset(user_mode_only=self.fast_reset)
         return result
 
+    def _returned_stop(self, stop: Tuple[int, int, int]) -> bool:
+        """True for the trampoline's write, from the run loop's stop."""
+        kind, _, port = stop
+        return (kind == _native.STOP_DEVICE and port == self._exit_port
+                and self._returned_at(self.vcpu._rip()))
+
     def _returned(self, exit: exits.DebugExit) -> bool:
         """True for the trampoline's write (not one of the guest's own)."""
-        rip = exit.rip
+        return self._returned_at(exit.rip)
+
+    def _returned_at(self, rip: Optional[int]) -> bool:
+        """True if ``rip``, at a debug-exit write, is the trampoline's."""
         return rip is not None and self.trampoline_address <= rip <= \
             self.trampoline_address + _TRAMPOLINE_OUT
 

@@ -64,6 +64,8 @@ class RegionImage:
     mapping: Optional[mmap.mmap] = field(default=None, repr=False)
     #: The pages holding data (a :mod:`pyvt.pageset`); all others are holes.
     data: int = field(default=0, repr=False)
+    #: (data, its page bitmap as bytes): see data_bitmap().
+    _data_bitmap: Optional[tuple] = field(default=None, init=False, repr=False)
 
     @property
     def pages(self) -> int:
@@ -289,6 +291,16 @@ def copy_back(region, image: RegionImage, pages: int) -> None:
             target[span] = source[span]
         for first, count in _chunks(pages & ~image.data):
             target[_span(first, count)] = zeros[:count * PAGE_SIZE]
+
+
+def data_bitmap(image: RegionImage) -> bytes:
+    """``image.data`` as a little-endian bitmap of whole 64-bit words (KVM's
+    dirty-log layout), kept while ``data`` is the same object."""
+    cached = image._data_bitmap
+    if cached is None or cached[0] is not image.data:
+        size = (image.pages + 63) // 64 * 8
+        cached = image._data_bitmap = (image.data, image.data.to_bytes(size, "little"))
+    return cached[1]
 
 
 def restore_region(memory, region, image: RegionImage) -> None:

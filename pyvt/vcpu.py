@@ -9,7 +9,7 @@ import functools
 import math
 import signal
 import threading
-from typing import Dict, Iterable, List, Mapping, Optional
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 from . import _native, debugging, exits, guest_exceptions, modes, vcpu_state
 from ._kvm import ffi, lib
@@ -23,7 +23,7 @@ from .errors import (
     SnapshotError,
     UnmappedAddressError,
 )
-from .kvm import PAGE_SIZE, CpuidEntry
+from .kvm import PAGE_SIZE, CpuidEntry, caps, msrs_struct
 from .kvm_stats import CachedStats, StatsDescriptor, StatValue
 from .registers import (
     FPU_FIELDS,
@@ -41,6 +41,9 @@ MAIN_THREAD_TICK = 0.05
 
 _SREGS_SIZE = ffi.sizeof("struct kvm_sregs")
 _EVENTS_SIZE = ffi.sizeof("struct kvm_vcpu_events")
+_REGS_SIZE = ffi.sizeof("struct kvm_regs")
+#: kvm_sregs and kvm_sregs2 share their first bytes, CS and EFER among them.
+_SREGS_COMMON_SIZE = ffi.offsetof("struct kvm_sregs", "interrupt_bitmap")
 assert _SREGS_SIZE % 8 == 0
 
 _DIRECTIONS = {lib.KVM_EXIT_IO_IN: "in", lib.KVM_EXIT_IO_OUT: "out"}
@@ -116,6 +119,9 @@ class Vcpu:
         # but a run; and whether the vCPU has run since.
         self._held: Optional[tuple] = None
         self._held_writes = 0  # self.fd.writes when _held was taken
+        # (KVM_RUN count, exit's linear RIP, 64-bit, CS base): a port write
+        # left pending by a restore (see _defer_port_write), or None.
+        self._deferred_out: Optional[tuple] = None
         self._ran_since_held = False
         # Checked before KVM_CREATE_VCPU: KVM cannot create an index twice.
         if setup:
@@ -305,18 +311,17 @@ class Vcpu:
         TSC is not: it keeps counting.  A write through ``cpu.fd`` since
         (any ioctl but a read: ``VcpuFd.writes``) makes the restore whole."""
         with self._stopped():
-            self._abandon_pending_io()
+            self._abandon_pending_io(state)
             held = (self._held is not None and self.fd.writes == self._held_writes
                     and vcpu_state.unchanged(self._held, state))
             if held and not self._ran_since_held and not self._vm.fd.has_irqchip:
                 self._put_regs(state.regs)
-                vcpu_state.write_tsc(self.fd, state)
+                self._write_tsc(state)
             elif held and user_mode_only and not self._vm.fd.has_irqchip:
-                vcpu_state.write_user_mode(self.fd, state, self._put_regs,
-                                           *self._synced_sregs_and_events())
+                self._restore_user_mode(state)
             else:
                 self._held = None
-                vcpu_state.write(self.fd, state, self._put_regs)
+                self._write_state(state)
             if held:
                 self._ran_since_held = False  # the fingerprint still holds
                 self._held_writes = self.fd.writes  # counting what it just wrote
@@ -326,6 +331,53 @@ class Vcpu:
             self.mode = state.mode
             self.ring = state.ring
             self.last_exit = None
+
+    def _write_state(self, state: VcpuState) -> None:
+        """vcpu_state.write(state): where the registers travel in the run
+        page, its ioctls in one native call (_state_batch).  If KVM refuses
+        one, vcpu_state.write runs it all again, and reports the refusal or
+        learns which MSRs KVM does not take back."""
+        batch = _state_batch(self.fd, state) if self._sync_regs else None
+        if batch is not None:
+            self._put_regs(state.regs)
+            done, error = batch.write(self.fd.fileno())
+            self.fd.writes += done + (1 if error else 0)
+            if not error:
+                return
+        vcpu_state.write(self.fd, state, self._put_regs)
+
+    def _write_tsc(self, state: VcpuState) -> None:
+        """vcpu_state.write_tsc(state), as a native batch of one kept with
+        the state; if KVM refuses it, vcpu_state.write_tsc reports why."""
+        value = state.msrs.get(vcpu_state.MSR_IA32_TSC)
+        if value is None:
+            return
+        cached = state._structs.get("tsc batch")
+        if cached is None or cached[0] != value:
+            block = msrs_struct({vcpu_state.MSR_IA32_TSC: value})
+            cached = (value, _native.StateWrites([(lib.KVM_SET_MSRS, _address(block), 1)]), block)
+            state._structs["tsc batch"] = cached
+        done, error = cached[1].write(self.fd.fileno())
+        self.fd.writes += done + (1 if error else 0)
+        if error:
+            vcpu_state.write_tsc(self.fd, state)
+
+    def _restore_user_mode(self, state: VcpuState) -> None:
+        """vcpu_state.write_user_mode(state), in one native call where the
+        registers travel in the run page (_native.restore_user_mode)."""
+        loop = self._loop
+        plan = _user_mode_plan(self.fd, state) if self._sync_regs else None
+        if plan is None or loop is None:
+            vcpu_state.write_user_mode(self.fd, state, self._put_regs,
+                                       *self._synced_sregs_and_events())
+            return
+        synced = (self.fd.run_struct.kvm_valid_regs & _SYNCED_USER_MODE == _SYNCED_USER_MODE
+                  and self._ran_since_held)
+        writes, error, ioctl = _native.restore_user_mode(loop, *plan, synced)
+        self.fd.writes += writes
+        if error:
+            raise KvmError(ioctl or "KVM_SET_*", error,
+                           f"vCPU {self.index}: restoring its user-mode state")
 
     def _hold(self, state: VcpuState) -> None:
         self._held = vcpu_state.fingerprint(state)
@@ -402,6 +454,16 @@ class Vcpu:
         another thread takes a snapshot or restores one waits for it.
         ``check=True`` raises :class:`pyvt.GuestError` for failure exits.
         """
+        stop = self._run_until_stop(timeout)
+        if stop is None:
+            return exits.Stopped(None)
+        return self._exit_of(stop, timeout, check)
+
+    def _run_until_stop(self, timeout: Optional[float]) -> Optional[Tuple[int, int, int]]:
+        """run() without making the exit: the native loop's ``(stop, code,
+        port)``, or None if the VM was closed meanwhile.  A caller that
+        recognises the stop itself (pyvt.Sandbox: its trampoline's exit)
+        skips _exit_of, and last_exit stays as it was."""
         self._check_open()
         seconds = _timeout_seconds(timeout)
         self._acquire_run_lock()
@@ -427,8 +489,13 @@ class Vcpu:
             if self._close_pending:  # the VM was closed from a handler
                 self._close()
         if self.fd.closed:
-            return exits.Stopped(None)
-        exit = self._decode(stop, code, port, timeout)
+            return None
+        return stop, code, port
+
+    def _exit_of(self, stop: Tuple[int, int, int], timeout: Optional[float],
+                 check: bool = False) -> exits.AnyExit:
+        """The exit a stop of _run_until_stop means (and last_exit)."""
+        exit = self._decode(*stop, timeout)
         self.last_exit = exit
         if check:
             exit.raise_for_failure()
@@ -474,12 +541,76 @@ class Vcpu:
         if self._loop is not None and self._loop.pending_io is not None:
             self._settle(self._loop.finish_io)
 
-    def _abandon_pending_io(self) -> None:
+    def _abandon_pending_io(self, then: Optional[VcpuState] = None) -> None:
         """Drops a pending read (the registers stay as at the exit, so the
         instruction runs again) or retires a pending write: before a restore
-        overwrites the state, nothing may complete on top of it."""
+        overwrites the state, nothing may complete on top of it.  ``then``:
+        the state the caller writes next; a port write that cannot act on it
+        stays pending (see _defer_port_write), saving a KVM_RUN."""
         if self._loop is not None and self._loop.pending_io is not None:
+            mode = None if then is None else _entry_mode(then)
+            if mode is not None and self._defer_port_write(mode):
+                return
             self._settle(self._loop.abandon_io)
+
+    # A port write left pending across a restore or a register write.  What
+    # KVM's completion of an OUT does on the next KVM_RUN: after an emulated
+    # OUT, nothing (RIP moved past it before the exit); after a fast one
+    # (complete_fast_pio_out), it skips the instruction only if the linear
+    # RIP is still the OUT's (cui_linear_rip; a register write to another
+    # RIP cancels it, which is what the raw-C loop of benchmarks/sandbox.py
+    # relies on).  So where the RIP written next is not within an
+    # instruction's length before the exit's RIP, the completion changes
+    # nothing, and the KVM_RUN that retires it now can be left to the next
+    # run.  The write stays pending for pyvt (a snapshot, reply() or
+    # register write settles it as before); _deferred_out records the
+    # exit's linear RIP and the CS mode the vCPU holds now, valid while the
+    # run loop counts no further KVM_RUN.
+
+    def _defer_port_write(self, mode: Tuple[bool, int, int]) -> bool:
+        """True if the pending access is a port write that cannot act on a
+        vCPU entered at ``mode`` (_entry_mode: 64-bit, CS base, RIP), which
+        the caller writes next; it stays pending (recorded with ``mode``)."""
+        loop = self._loop
+        exit_rip = None if loop is None else self._pending_out_rip(loop)
+        if loop is None or exit_rip is None or _near_out(exit_rip, _linear_rip(*mode)):
+            return False
+        self._deferred_out = (_native.kvm_runs(loop), exit_rip, mode[0], mode[1])
+        return True
+
+    def _pending_out_rip(self, loop: _native.VcpuLoop) -> Optional[int]:
+        """The exit's linear RIP if the pending access is a port write and
+        that RIP is known (recorded, or in the run page: KVM_SYNC_X86_REGS
+        and _SREGS from the exit, not overwritten since); else None."""
+        if loop.pending_io != "write":
+            return None
+        deferred = self._deferred_out
+        if deferred is not None and deferred[0] == _native.kvm_runs(loop):
+            return deferred[1]
+        self._deferred_out = None
+        run = self.fd.run_struct
+        if (run.exit_reason != lib.KVM_EXIT_IO or run.io.direction != lib.KVM_EXIT_IO_OUT
+                or run.kvm_valid_regs & _SYNCED_AT_EXIT != _SYNCED_AT_EXIT
+                or run.kvm_dirty_regs & _SYNCED_AT_EXIT):
+            return None
+        sregs = run.s.regs.sregs
+        return _linear_rip(_is_64_bit(sregs.efer, sregs.cs.l), sregs.cs.base,
+                           run.s.regs.regs.rip)
+
+    def _enter(self, rip: int, values: Mapping[str, int]) -> None:
+        """Sets RIP and general registers ``values`` (valid register names
+        and 64-bit values) for an entry at ``rip``, as ``cpu.regs`` writes
+        do, except that a deferred port write (see _defer_port_write) that
+        cannot act at ``rip`` stays deferred."""
+        deferred, loop = self._deferred_out, self._loop
+        if (deferred is None or loop is None or deferred[0] != _native.kvm_runs(loop)
+                or _near_out(deferred[1], _linear_rip(deferred[2], deferred[3], rip))):
+            self._settle_pending_io()
+        regs = self._load_regs()
+        regs.rip = rip
+        for name, value in values.items():
+            setattr(regs, name, value)
+        self._store_regs(regs)
 
     def _settle_for_snapshot(self) -> None:
         """A snapshot starts after a pending write (the guest has done it)
@@ -817,12 +948,15 @@ class paused:
     ``"abandon"`` (a restore: nothing may complete on top of the state it
     puts back).  Raises :class:`pyvt.SnapshotError` if a vCPU is running."""
 
-    def __init__(self, vm, pending_io: str):
+    def __init__(self, vm, pending_io: str, states: Optional[Mapping[int, VcpuState]] = None):
         if pending_io not in ("complete writes", "abandon"):
             raise ArgumentError(f"pending_io is 'complete writes' or 'abandon', not {pending_io!r}")
         self.pause_lock = vm._pause_lock
         self.vcpus = list(vm.vcpus.values())
         self.pending_io = pending_io
+        #: For "abandon": {vCPU index: the state the restore writes next}
+        #: (a port write that cannot act on it may stay pending).
+        self.states = states or {}
 
     def __enter__(self):
         self.pause_lock.acquire()
@@ -840,7 +974,7 @@ class paused:
         try:
             for vcpu in self.vcpus:
                 if self.pending_io == "abandon":
-                    vcpu._abandon_pending_io()
+                    vcpu._abandon_pending_io(self.states.get(vcpu.index))
                 else:
                     vcpu._settle_for_snapshot()
         except BaseException:
@@ -853,6 +987,146 @@ class paused:
             vcpu._paused_by = None
             vcpu._run_lock.release()
         self.pause_lock.release()
+
+
+#: Run-page parts that must hold the exit's values to read its linear RIP.
+_SYNCED_AT_EXIT = lib.KVM_SYNC_X86_REGS | lib.KVM_SYNC_X86_SREGS
+_EFER_LMA = 1 << 10
+#: The longest x86 instruction: a fast OUT's completion skips it only if the
+#: linear RIP is still the OUT's, which lies at most this far before the
+#: exit's RIP (an emulated OUT has moved RIP past itself by the exit).
+_MAX_INSTRUCTION = 15
+
+
+def _is_64_bit(efer: int, cs_l: int) -> bool:
+    return bool(efer & _EFER_LMA and cs_l)
+
+
+def _linear_rip(is_64_bit: bool, cs_base: int, rip: int) -> int:
+    """kvm_get_linear_rip(): RIP in 64-bit code, else (u32)(CS base + RIP)."""
+    return rip if is_64_bit else (cs_base + rip) & 0xFFFFFFFF
+
+
+def _near_out(exit_rip: int, rip: int) -> bool:
+    """True if linear ``rip`` may be the OUT's whose exit left linear RIP
+    ``exit_rip`` (in [exit_rip - 15, exit_rip], with 32-bit wrap-around)."""
+    distance = (exit_rip - rip) & 0xFFFFFFFFFFFFFFFF
+    return distance <= _MAX_INSTRUCTION or distance & 0xFFFFFFFF <= _MAX_INSTRUCTION
+
+
+def _entry_mode(state: VcpuState) -> Optional[Tuple[bool, int, int]]:
+    """(64-bit, CS base, RIP) of the vCPU once ``state`` is written; kept
+    with the state while its regs and sregs are the same bytes objects."""
+    sregs = state.sregs2 if state.sregs2 is not None else state.sregs
+    cached = state._structs.get("entry mode")
+    if cached is not None and cached[0] is state.regs and cached[1] is sregs:
+        return cached[2]
+    if (sregs is None or len(sregs) < _SREGS_COMMON_SIZE or not isinstance(state.regs, bytes)
+            or len(state.regs) != _REGS_SIZE):
+        return None  # the write itself reports it; nothing is deferred
+    view = ffi.cast("struct kvm_sregs *", ffi.from_buffer(sregs[:_SREGS_SIZE].ljust(
+        _SREGS_SIZE, b"\0")))
+    rip = ffi.cast("struct kvm_regs *", ffi.from_buffer(state.regs)).rip
+    mode = (_is_64_bit(view.efer, view.cs.l), view.cs.base, rip)
+    state._structs["entry mode"] = (state.regs, sregs, mode)
+    return mode
+
+
+_SYNCED_USER_MODE = lib.KVM_SYNC_X86_SREGS | lib.KVM_SYNC_X86_EVENTS
+
+
+def _user_mode_plan(fd, state: VcpuState) -> Optional[Tuple[bytes, int, int, int, int, int,
+                                                           bytes]]:
+    """_native.restore_user_mode's arguments (but ``synced``) for ``state``,
+    built from vcpu_state's cached structs and kept with the state while
+    its fields are the same objects; None where the Python path must run
+    (a malformed state, which it reports)."""
+    key = (state.regs, state.sregs, state.sregs2, state.xsave, state.fpu, state.events)
+    cached = state._structs.get("user mode plan")
+    if cached is not None and all(a is b for a, b in zip(cached[0], key, strict=True)):
+        return cached[1]
+    xsave_ok = state.xsave is None or (
+        ffi.sizeof("struct kvm_xsave") <= len(state.xsave) <= fd.xsave_size())
+    if (not isinstance(state.regs, bytes) or len(state.regs) != _REGS_SIZE or not xsave_ok
+            or (state.events is not None and len(state.events) != _EVENTS_SIZE)
+            or (state.sregs is None and state.sregs2 is None)):
+        return None
+    # vcpu_state's own choices and cached structs: the same bytes go to KVM.
+    request, sregs = _sregs_write(fd, state)
+    xsave = None if state.xsave is None else vcpu_state._xsave_struct(fd, state)
+    fpu = None if vcpu_state._fpu_in_xsave(state.xsave) else \
+        vcpu_state._cached_struct(state, "fpu", "struct kvm_fpu")
+    plan = (state.regs, request, _address(sregs), _SREGS_COMMON_SIZE, _address(xsave),
+            _address(fpu), state.events or b"")
+    # The structs stay alive with the plan (the addresses point into them).
+    state._structs["user mode plan"] = (key, plan, (sregs, xsave, fpu))
+    return plan
+
+
+def _sregs_write(fd, state: VcpuState):
+    """(request, struct) of the special-register write, chosen as
+    vcpu_state._write_sregs chooses (KVM_SET_SREGS2 where the backend has it)."""
+    if "KVM_CAP_SREGS2" in caps and fd.vm.kvm.check_extension("KVM_CAP_SREGS2"):
+        return lib.KVM_SET_SREGS2, vcpu_state._sregs_as(state.sregs2, state.sregs,
+                                                         "struct kvm_sregs2")
+    return lib.KVM_SET_SREGS, vcpu_state._sregs_as(state.sregs, state.sregs2, "struct kvm_sregs")
+
+
+def _address(struct) -> int:
+    return 0 if struct is None else int(ffi.cast("uintptr_t", struct))
+
+
+def _state_batch(fd, state: VcpuState) -> Optional[_native.StateWrites]:
+    """vcpu_state.write's ioctls for ``state`` but the general registers,
+    in its order (sregs, XCRs, XSAVE, FPU, LAPIC, MSRs, events, debug
+    registers, MP state), from the same structs, as one native batch; kept
+    with the state while its fields and MSRs are the same and KVM refuses
+    no more MSRs.  None where vcpu_state.write must run: nested state, or
+    a malformed state (which it reports)."""
+    refused = vcpu_state._REFUSED_MSRS.get(fd.vm.kvm.path, set())  # only grows
+    key = (len(refused), fd.xsave_size())
+    cached = state._structs.get("write batch")
+    if cached is not None and cached[0] == key and \
+            cached[1] == vcpu_state.fingerprint(state)[1:]:
+        return cached[2]
+    if (state.nested is not None or state.xsave is not None and not
+            ffi.sizeof("struct kvm_xsave") <= len(state.xsave) <= fd.xsave_size()):
+        return None
+    writes: List[tuple] = []
+    keep: List[object] = []  # the structs the batch points into
+
+    def add(request: int, struct, expect: int = 0) -> None:
+        keep.append(struct)
+        writes.append((request, _address(struct), expect))
+
+    try:
+        add(*_sregs_write(fd, state))
+        if state.xcrs is not None:
+            add(lib.KVM_SET_XCRS, vcpu_state._cached_struct(state, "xcrs", "struct kvm_xcrs"))
+        if state.xsave is not None:
+            add(lib.KVM_SET_XSAVE, vcpu_state._xsave_struct(fd, state))
+        add(lib.KVM_SET_FPU, vcpu_state._cached_struct(state, "fpu", "struct kvm_fpu"))
+        if state.lapic is not None:
+            add(lib.KVM_SET_LAPIC, vcpu_state._cached_struct(state, "lapic",
+                                                             "struct kvm_lapic_state"))
+        msrs = {index: value for index, value in state.msrs.items() if index not in refused}
+        if msrs:
+            add(lib.KVM_SET_MSRS, msrs_struct(msrs), len(msrs))
+        if state.events is not None:
+            add(lib.KVM_SET_VCPU_EVENTS, vcpu_state._cached_struct(
+                state, "events", "struct kvm_vcpu_events"))
+        if state.debugregs is not None:
+            add(lib.KVM_SET_DEBUGREGS, vcpu_state._cached_struct(
+                state, "debugregs", "struct kvm_debugregs"))
+        if state.mp_state is not None:
+            add(lib.KVM_SET_MP_STATE, ffi.new("struct kvm_mp_state *",
+                                              {"mp_state": state.mp_state}))
+    except (Error, ValueError, TypeError, OverflowError):
+        return None  # malformed: vcpu_state.write says how
+    batch = _native.StateWrites(writes)
+    # The fingerprint without the state itself: no reference cycle.
+    state._structs["write batch"] = (key, vcpu_state.fingerprint(state)[1:], batch, keep)
+    return batch
 
 
 def _timeout_seconds(timeout) -> float:

@@ -347,3 +347,38 @@ cdef extern from "dirty_ring.h" nogil:
                                     uint32_t *advance, int *all_dirty)
     void pvt_dirty_ring_mark_harvested(void *ring, uint32_t entries, uint32_t first,
                                        uint32_t count)
+
+
+# -- fast restores (session 6, "fast"): a vCPU state's writes in one call ---
+
+cdef extern from "state_writes.h" nogil:
+    cdef struct kvm_vcpu_events:
+        pass
+
+    cdef struct kvm_sregs:
+        pass
+
+    cdef struct pvt_user_mode_state:
+        const kvm_regs *regs
+        unsigned long sregs_request
+        const void *sregs
+        size_t sregs_common
+        const void *xsave
+        const void *fpu
+        const kvm_vcpu_events *events
+
+    int pvt_restore_user_mode(int fd, kvm_run *run, const pvt_user_mode_state *state,
+                              int synced, int *writes, const char **failed)
+
+    cdef struct pvt_state_write:
+        unsigned long request
+        const void *arg
+        int expect
+
+    int pvt_state_write_batch(int fd, const pvt_state_write *writes, int n, int *error)
+
+cdef extern from "page_restore.h" nogil:
+    int PVT_PAGE_RESTORE_PAGE_SIZE
+    int pvt_restore_logged_pages(int vm_fd, uint32_t slot, uint64_t pages, uint8_t *target,
+                                 const uint8_t *image, const uint64_t *data,
+                                 const uint64_t *also, uint64_t *logged)
