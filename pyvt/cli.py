@@ -181,13 +181,7 @@ def exit_status(exit: exits.AnyExit) -> int:
         return EXIT_TIMEOUT
     if isinstance(exit, exits.Reset):
         return 0  # as qemu -no-reboot
-    if isinstance(exit, _POWER_OFF):
-        return 0
     return EXIT_GUEST_FAILED
-
-
-# An ACPI S5 power-off (pyvt.pci's exits.PowerOff, where this pyvt has it).
-_POWER_OFF = getattr(exits, "PowerOff", ())
 
 
 def _assemble_source(path: str, at: int, limit: int) -> bytes:
