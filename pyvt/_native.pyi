@@ -29,6 +29,12 @@ I8042_COMMAND_PORT: int
 I8042_PORT_COUNT: int
 POST_PORT: int
 POST_PORT_COUNT: int
+PM1_PORT: int
+PM1_PORT_COUNT: int
+PM1_EVENT_LENGTH: int
+PM1_CONTROL_LENGTH: int
+PM1_SLP_TYP_S5: int
+PM1_STOP_POWEROFF: int
 FW_CFG_SIGNATURE: int
 FW_CFG_ID: int
 FW_CFG_RAM_SIZE: int
@@ -175,6 +181,17 @@ class PostCode(_Device):
     def last(self) -> int: ...
     @property
     def writes(self) -> int: ...
+    def save_state(self) -> bytes: ...
+    def load_state(self, state: bytes) -> None: ...
+
+class AcpiPm1(_Device):
+    STATE_SIZE: int
+    @property
+    def status(self) -> int: ...
+    @property
+    def enable(self) -> int: ...
+    @property
+    def control(self) -> int: ...
     def save_state(self) -> bytes: ...
     def load_state(self, state: bytes) -> None: ...
 

@@ -71,6 +71,12 @@ I8042_COMMAND_PORT = PVT_I8042_COMMAND_PORT
 I8042_PORT_COUNT = PVT_I8042_PORT_COUNT
 POST_PORT = PVT_PORT80_PORT
 POST_PORT_COUNT = PVT_PORT80_PORT_COUNT
+PM1_PORT = PVT_PM1_PORT
+PM1_PORT_COUNT = PVT_PM1_PORT_COUNT
+PM1_EVENT_LENGTH = PVT_PM1_EVENT_LENGTH
+PM1_CONTROL_LENGTH = PVT_PM1_CONTROL_LENGTH
+PM1_SLP_TYP_S5 = PVT_PM1_SLP_TYP_S5
+PM1_STOP_POWEROFF = PVT_PM1_STOP_POWEROFF
 
 
 # -- errors: the one place a native -errno becomes an exception ---------------
@@ -1194,6 +1200,40 @@ cdef class PostCode(_Device):
         check_state_size(state, PostCode.STATE_SIZE, "POST-code")
         self.post.last = state[0]
         self.post.writes = int.from_bytes(state[1:], "little")
+
+
+cdef class AcpiPm1(_Device):
+    """The ACPI PM1a event and control blocks (csrc/acpi_pm1.c): sleeping
+    in S5 stops the run with PVT_PM1_STOP_POWEROFF."""
+
+    cdef pvt_acpi_pm1 pm
+    STATE_SIZE = 6  # PM1_STS, PM1_EN, PM1_CNT (u16 each, little-endian)
+
+    def __init__(self, Machine machine, uint64_t base):
+        self.machine = machine
+        self.add_range(base, PVT_PM1_PORT_COUNT, pvt_acpi_pm1_io, &self.pm)
+
+    @property
+    def status(self):
+        return self.pm.status
+
+    @property
+    def enable(self):
+        return self.pm.enable
+
+    @property
+    def control(self):
+        return self.pm.control
+
+    def save_state(self):
+        return b"".join(int(v).to_bytes(2, "little")
+                        for v in (self.pm.status, self.pm.enable, self.pm.control))
+
+    def load_state(self, bytes state):
+        check_state_size(state, AcpiPm1.STATE_SIZE, "ACPI PM1")
+        self.pm.status = int.from_bytes(state[0:2], "little")
+        self.pm.enable = int.from_bytes(state[2:4], "little")
+        self.pm.control = int.from_bytes(state[4:6], "little")
 
 
 # -- the dirty ring (csrc/dirty_ring.c) ------------------------------------------

@@ -181,6 +181,8 @@ def exit_status(exit: exits.AnyExit) -> int:
         return EXIT_TIMEOUT
     if isinstance(exit, exits.Reset):
         return 0  # as qemu -no-reboot
+    if isinstance(exit, exits.PowerOff):
+        return 0
     return EXIT_GUEST_FAILED
 
 

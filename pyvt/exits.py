@@ -405,3 +405,21 @@ class Reset(Exit):
 
 
 __all__.append("Reset")
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class PowerOff(Exit):
+    """The guest powered the machine off through a native device:
+    ``source`` names it (``"acpi_pm1"``: the S5 sleep type with SLP_EN
+    written to the ACPI PM1a control block at ``port``, as the DSDT's
+    ``\\_S5`` says)."""
+
+    source: str
+    port: int = _native.PM1_PORT + _native.PM1_EVENT_LENGTH
+    rip: Optional[int] = None
+
+    def __repr__(self) -> str:
+        return f"PowerOff(source={self.source!r}, port={self.port:#x}, rip={_hex(self.rip)})"
+
+
+__all__.append("PowerOff")

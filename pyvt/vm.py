@@ -121,6 +121,7 @@ class Vm:
     fw_cfg: Optional[pc.FwCfg]
     cmos: Optional[pc.Cmos]
     pm_timer: Optional[pc.PmTimer]
+    acpi_pm1: Optional[pc.AcpiPm1]
     i8042: Optional[pc.I8042]
     post: Optional[pc.PostCode]
 
@@ -710,3 +711,25 @@ class Vm:
         else:
             server.start()
         return server
+
+    # -- PCI (pyvt.pci) --------------------------------------------------------
+
+    @property
+    def pci(self) -> "pci.PciBus":
+        """PCI bus 0 (:class:`pyvt.pci.PciBus`), made on first use: it claims
+        ports 0xcf8-0xcff and the ECAM window at :data:`pyvt.pci.ECAM_BASE`
+        and holds the host bridge at 00.0; ``vm.pci.add(device)`` adds a
+        :class:`pyvt.pci.PciDevice`.  The ACPI tables describe it."""
+        self._check_open()
+        bus = getattr(self, "_pci", None)
+        if bus is None:
+            from . import pci
+
+            with self._lock:
+                bus = getattr(self, "_pci", None)
+                if bus is None:
+                    bus = self._pci = pci.PciBus(self)
+            from . import acpi
+
+            acpi.pci_bus_created(self)
+        return bus

@@ -299,6 +299,23 @@ cdef extern from "i8042.h" nogil:
                              bint is_write, uint64_t *stop_code)
 
 
+cdef extern from "acpi_pm1.h" nogil:
+    int PVT_PM1_PORT
+    int PVT_PM1_PORT_COUNT
+    int PVT_PM1_EVENT_LENGTH
+    int PVT_PM1_CONTROL_LENGTH
+    int PVT_PM1_SLP_TYP_S5
+    int PVT_PM1_STOP_POWEROFF
+
+    cdef struct pvt_acpi_pm1:
+        uint16_t status
+        uint16_t enable
+        uint16_t control
+
+    int pvt_acpi_pm1_io(void *opaque, uint64_t offset, uint8_t *data, uint32_t len,
+                        bint is_write, uint64_t *stop_code)
+
+
 cdef extern from "port80.h" nogil:
     int PVT_PORT80_PORT
     int PVT_PORT80_PORT_COUNT
