@@ -10,7 +10,7 @@ pyvt's guest RAM is one block from guest-physical 0.  Linux must not use:
 - the PCI configuration window (ECAM), the IOAPIC and the LAPIC.
 
 Everything else up to the end of RAM is usable.  RAM may not reach the PCI
-windows (:data:`PCI_ECAM_BASE` and above): pyvt has no RAM above 4 GiB to
+windows (:data:`pyvt.pci.ECAM_BASE` and above): pyvt has no RAM above 4 GiB to
 move it to, so :func:`linux_memory_map` refuses it.
 """
 
@@ -19,22 +19,14 @@ from __future__ import annotations
 import struct
 from typing import List, Tuple
 
-from . import acpi, modes
+from . import acpi, modes, pci
 from .loaders.common import LoaderError
 
 E820_RAM = 1
 E820_RESERVED = 2
 
-#: The PCI host bridge's ECAM window (MCFG): 1 MiB of configuration space
-#: per bus, 256 buses.  pyvt.pci takes these (one source for both).
-PCI_ECAM_BASE = 0xB0000000
-PCI_ECAM_SIZE = 256 << 20
-#: The 32-bit window where PCI BARs are placed (up to the IOAPIC).
-PCI_MMIO_BASE = 0xC0000000
-PCI_MMIO_END = acpi.IOAPIC_ADDRESS
-
 #: RAM may end no higher than this (the PCI windows start there).
-RAM_LIMIT = PCI_ECAM_BASE
+RAM_LIMIT = pci.ECAM_BASE
 LOW_RAM_END = modes.SETUP_AREA_START
 HIGH_RAM_START = 0x100000
 #: One entry is 20 bytes: base (u64), length (u64), type (u32).
@@ -61,7 +53,7 @@ def linux_memory_map(ram_size: int) -> List[Entry]:
         # pyvt's GDT and page tables, then the EBDA, VGA and BIOS areas.
         (LOW_RAM_END, HIGH_RAM_START - LOW_RAM_END, E820_RESERVED),
         (HIGH_RAM_START, ram_size - HIGH_RAM_START, E820_RAM),
-        (PCI_ECAM_BASE, PCI_ECAM_SIZE, E820_RESERVED),
+        (pci.ECAM_BASE, pci.ECAM_SIZE, E820_RESERVED),  # as the MCFG table says
         (acpi.IOAPIC_ADDRESS, 0x1000, E820_RESERVED),
         (acpi.LAPIC_ADDRESS, 0x1000, E820_RESERVED),
     ]
@@ -79,6 +71,5 @@ def decode(data: bytes, count: int) -> List[Entry]:
     return [ENTRY.unpack_from(data, i * ENTRY.size) for i in range(count)]
 
 
-__all__ = ["E820_RAM", "E820_RESERVED", "PCI_ECAM_BASE", "PCI_ECAM_SIZE", "PCI_MMIO_BASE",
-           "PCI_MMIO_END", "RAM_LIMIT", "linux_memory_map", "encode",
+__all__ = ["E820_RAM", "E820_RESERVED", "RAM_LIMIT", "linux_memory_map", "encode",
            "decode"]

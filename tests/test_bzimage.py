@@ -10,7 +10,7 @@ import struct
 import pytest
 
 import pyvt
-from pyvt import acpi, e820
+from pyvt import acpi, e820, pci
 from pyvt.loaders import LoaderError, bzimage, detect, parse_setup_header
 
 KERNEL_AT = 0x1000000
@@ -106,12 +106,12 @@ def test_e820_map_holes():
         (0, 0x90000, e820.E820_RAM),
         (0x90000, 0x70000, e820.E820_RESERVED),  # pyvt's tables, EBDA, VGA, BIOS, ACPI
         (0x100000, size - 0x100000, e820.E820_RAM),
-        (0xB0000000, 0x10000000, e820.E820_RESERVED),  # PCI ECAM
+        (0xB0000000, pci.ECAM_SIZE, e820.E820_RESERVED),  # PCI ECAM
         (acpi.IOAPIC_ADDRESS, 0x1000, e820.E820_RESERVED),
         (acpi.LAPIC_ADDRESS, 0x1000, e820.E820_RESERVED),
     ]
     entries = e820.linux_memory_map(e820.RAM_LIMIT)
-    assert entries[2][0] + entries[2][1] == e820.PCI_ECAM_BASE
+    assert entries[2][0] + entries[2][1] == pci.ECAM_BASE
     with pytest.raises(LoaderError, match="--memory 2816M"):
         e820.linux_memory_map(e820.RAM_LIMIT + 0x1000)
     with pytest.raises(LoaderError, match="more memory"):
