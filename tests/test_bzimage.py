@@ -8,6 +8,7 @@ import glob
 import struct
 
 import pytest
+from test_boot import module_hash
 
 import pyvt
 from pyvt import acpi, e820, pci
@@ -185,7 +186,7 @@ _start:
     mov %edi, %eax
     call out8
     mov %edi, %ecx
-    xor %r8, %r8
+    xor %r8, %r8  # the hash test_boot.module_hash computes
     test %ecx, %ecx
     jz 3f
 2:  imul $31, %r8, %r8
@@ -237,13 +238,6 @@ out4: mov $4, %ecx
 """
 
 
-def java_hash(data):
-    value = 0
-    for byte in data:
-        value = (value * 31 + byte) & 0xFFFFFFFF
-    return value
-
-
 class Reader:
     def __init__(self, data):
         self.data, self.at = data, 0
@@ -291,7 +285,7 @@ def test_64bit_entry_gets_boot_params(tmp_path):
     assert out.int(1) == 0xFF  # type_of_loader
     assert out.int(8) == acpi.RSDP_ADDRESS
     assert out.int(8) == len(blob)
-    assert out.int(8) == java_hash(blob)
+    assert out.int(8) == module_hash(blob)
     assert image.modules == [((64 << 20) - 0x2000, (64 << 20) - 0x2000 + len(blob))]
 
 
