@@ -1,8 +1,9 @@
 """Booting kernels: ``vm.boot(kernel, ...)`` then ``vm.run()``.
 
-``boot`` loads a kernel (Linux bzImage, multiboot, ELF or flat:
+``boot`` loads a kernel (Linux bzImage, PVH ELF, multiboot, ELF or flat:
 :mod:`pyvt.loaders`; a bzImage gets the command line, ``initrd`` and the
-e820 map in its zero page, as the Linux boot protocol says; a multiboot
+e820 map in its zero page, as the Linux boot protocol says, a PVH kernel
+the same in hvm_start_info; a multiboot
 kernel gets ``initrd`` as module 0, other kernels find it, and
 the command line, in fw_cfg under QEMU's keys 0x0b/0x12 and 0x14/0x15),
 creates the vCPUs (``smp``; with the in-kernel irqchip the application
@@ -30,7 +31,7 @@ from ._kvm import lib
 from .errors import ArgumentError, Error, KvmError
 from .kvm import CpuidEntry
 from .loaders import (Image, LoaderError, bzimage, detect, load_bzimage, load_elf, load_flat,
-                      load_multiboot)
+                      load_multiboot, load_pvh, pvh)
 from .loaders.common import guest_string, read_image_file
 
 KernelSource = Union[bytes, bytearray, str, os.PathLike]
@@ -82,8 +83,9 @@ def boot(vm, kernel: KernelSource, *, cmdline: Union[str, bytes] = "", initrd: O
         raise BootError("--smp above 1 needs the in-kernel irqchip (its LAPICs deliver "
                         "INIT/SIPI): drop --no-irqchip")
     raw_cmdline = guest_string(cmdline, "cmdline")
-    if format not in (None, "bzimage", "multiboot", "elf", "flat"):
-        raise ArgumentError(f"format must be bzimage, multiboot, elf or flat, not {format!r}")
+    if format not in (None, "bzimage", "pvh", "multiboot", "elf", "flat"):
+        raise ArgumentError(f"format must be bzimage, pvh, multiboot, elf or flat, not "
+                            f"{format!r}")
 
     if vm.memory.size < modes.SETUP_AREA_END:
         raise BootError(f"boot needs at least {modes.SETUP_AREA_END // 1024} KiB of RAM "
@@ -112,11 +114,12 @@ def boot(vm, kernel: KernelSource, *, cmdline: Union[str, bytes] = "", initrd: O
     elif len(mods) > len(([initrd] if initrd is not None else [])):
         raise BootError(f"the kernel is {kind}, not multiboot: only a multiboot kernel gets "
                         "modules (pass files with vm.fw_cfg.add_file instead)")
-    elif kind == "bzimage":
+    elif kind in ("bzimage", "pvh"):
         from .acpi import RSDP_ADDRESS
 
-        image = load_bzimage(vm.memory, data, raw_cmdline, mods[0][0] if mods else None,
-                             RSDP_ADDRESS if acpi else 0, path)
+        load = load_bzimage if kind == "bzimage" else load_pvh
+        image = load(vm.memory, data, raw_cmdline, mods[0][0] if mods else None,
+                     RSDP_ADDRESS if acpi else 0, path)
     elif kind == "elf":
         image = load_elf(vm.memory, data)
     else:
@@ -136,11 +139,11 @@ def boot(vm, kernel: KernelSource, *, cmdline: Union[str, bytes] = "", initrd: O
         vm.fw_cfg.set(FW_CFG_CMDLINE_SIZE, (len(raw_cmdline) + 1).to_bytes(4, "little"))
         vm.fw_cfg.set(FW_CFG_CMDLINE_DATA, raw_cmdline + b"\0")
         vm.fw_cfg.set(FW_CFG_KERNEL_ENTRY, image.entry.to_bytes(4, "little"))
-        if kind not in ("multiboot", "bzimage") and mods:
+        if kind not in ("multiboot", "bzimage", "pvh") and mods:
             # As QEMU's -initrd for kernels that fetch it themselves.
             vm.fw_cfg.set(FW_CFG_INITRD_SIZE, len(mods[0][0]).to_bytes(4, "little"))
             vm.fw_cfg.set(FW_CFG_INITRD_DATA, mods[0][0])
-    elif kind not in ("multiboot", "bzimage") and mods:
+    elif kind not in ("multiboot", "bzimage", "pvh") and mods:
         raise BootError("only a multiboot kernel gets its initrd in memory; others read "
                         "it from fw_cfg, which this VM has not (pc_devices=False)")
     if acpi:
@@ -161,8 +164,8 @@ def boot(vm, kernel: KernelSource, *, cmdline: Union[str, bytes] = "", initrd: O
             cpu.regs.rip = image.entry
             for name, value in image.registers.items():
                 setattr(cpu.regs, name, value)
-            if kind == "bzimage":
-                bzimage.enter(cpu, image)
+            if kind in ("bzimage", "pvh"):
+                (bzimage if kind == "bzimage" else pvh).enter(cpu, image)
         else:
             # Application processors sleep until the guest's INIT/SIPI/SIPI.
             cpu.fd.set_mp_state(lib.KVM_MP_STATE_UNINITIALIZED)

@@ -314,3 +314,124 @@ def test_boot_refuses_what_does_not_fit(tmp_path):
     with pyvt.Vm("32M") as vm:
         with pytest.raises(LoaderError, match="initrd"):
             vm.boot(data, initrd=bytes(20 << 20), irqchip=False)
+
+
+# -- PVH (an ELF kernel with XEN_ELFNOTE_PHYS32_ENTRY) ----------------------
+
+# Its ELF entry is ud2; the PVH entry reports ebx, hvm_start_info's magic,
+# version and module count, CR4, CR0, the command line, the memory map,
+# the RSDP address, and the module's size and hash.
+PVH_KERNEL = r"""
+.section .note.Xen, "a", @note
+.align 4
+.long 4, 4, 18
+.asciz "Xen"
+.long pvh_start
+.text
+.globl _start
+_start:
+    ud2
+pvh_start:
+    mov %ebx, %ebp
+    mov $0xe9, %dx
+    mov %ebx, %eax
+    call out4
+    mov (%ebp), %eax
+    call out4
+    mov 4(%ebp), %eax
+    call out4
+    mov 12(%ebp), %eax
+    call out4
+    mov %cr4, %eax
+    call out4
+    mov %cr0, %eax
+    call out4
+    mov 24(%ebp), %esi
+1:  lodsb
+    out %al, %dx
+    test %al, %al
+    jnz 1b
+    mov 48(%ebp), %ecx
+    mov %cl, %al
+    out %al, %dx
+    imul $24, %ecx, %ecx
+    mov 40(%ebp), %esi
+    rep outsb
+    mov 32(%ebp), %eax
+    call out4
+    mov 16(%ebp), %edi
+    mov (%edi), %esi
+    mov 8(%edi), %edi
+    mov %edi, %eax
+    call out4
+    mov %edi, %ecx
+    xor %ebx, %ebx
+2:  imul $31, %ebx, %ebx
+    movzbl (%esi), %eax
+    add %eax, %ebx
+    inc %esi
+    dec %ecx
+    jnz 2b
+    mov %ebx, %eax
+    call out4
+    mov $0xf4, %dx
+    xor %al, %al
+    out %al, %dx
+    hlt
+out4: mov $4, %ecx
+3:  out %al, %dx
+    shr $8, %eax
+    dec %ecx
+    jnz 3b
+    ret
+"""
+
+
+@pytest.fixture
+def pvh_kernel(tmp_path):
+    import subprocess
+
+    src, obj, elf = tmp_path / "pvh.S", tmp_path / "pvh.o", tmp_path / "pvh.elf"
+    src.write_text(PVH_KERNEL)
+    subprocess.run(["as", "--32", "-o", obj, src], check=True)
+    # The note where vmlinux has it: in the image, after the code.
+    subprocess.run(["ld", "-m", "elf_i386", "-Ttext=0x100000", "--section-start=.note.Xen=0x101000",
+                    "-e", "_start", "-o", elf, obj],
+                   check=True)
+    return elf
+
+
+def test_pvh_note_is_found(pvh_kernel):
+    from pyvt.loaders import find_pvh_entry, parse_elf
+
+    data = pvh_kernel.read_bytes()
+    assert detect(data) == "pvh"
+    assert find_pvh_entry(data) == parse_elf(data).entry + 2  # past the ud2
+    assert find_pvh_entry(b"\x7fELF" + bytes(60)) is None
+    assert detect(data.replace(b"Xen\0", b"Xex\0")) == "elf"
+
+
+@pytest.mark.requires_kvm
+def test_pvh_entry_gets_start_info(pvh_kernel):
+    from pyvt.loaders import pvh
+
+    blob = b"PVH-INITRD" + bytes(range(256)) * 8
+    with pyvt.Vm("32M") as vm:
+        image = vm.boot(pvh_kernel, cmdline="root=/dev/vda pvh=1", initrd=blob, irqchip=False)
+        assert (image.kind, image.mode) == ("pvh", "protected")
+        exit = vm.run(timeout=60)
+        out = Reader(vm.debugcon.output)
+    assert isinstance(exit, pyvt.exits.DebugExit) and exit.code == 0, exit
+    assert out.int(4) == pvh.START_INFO_ADDRESS
+    assert (out.int(4), out.int(4), out.int(4)) == (pvh.HVM_START_MAGIC, 1, 1)
+    assert out.int(4) == 0  # CR4 clear
+    cr0 = out.int(4)
+    assert cr0 & 1 and not cr0 & (1 << 31)
+    assert out.cstring() == b"root=/dev/vda pvh=1"
+    count = out.int(1)
+    table = out.take(count * 24)
+    assert [struct.unpack_from("<QQI", table, i * 24) for i in range(count)] == \
+        e820.linux_memory_map(32 << 20)
+    assert out.int(4) == acpi.RSDP_ADDRESS
+    assert out.int(4) == len(blob)
+    assert out.int(4) == module_hash(blob)

@@ -27,6 +27,7 @@ ET_EXEC = 2
 PT_LOAD = 1
 PT_DYNAMIC = 2
 PT_INTERP = 3
+PT_NOTE = 4
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class ElfFile:
     #: The ``PT_LOAD`` segments (also in ``segments``) that hold nothing but
     #: the file's ELF and program headers (and zero padding).
     header_segments: Tuple[Segment, ...] = ()
+    #: The ``PT_NOTE`` segments' contents (ELF notes, e.g. the PVH entry).
+    notes: Tuple[bytes, ...] = ()
 
     def loadable(self, reserved: Optional[List[Tuple[int, int, str]]] = None) -> List[Segment]:
         """The segments to load: all but the header-only ones that overlap
@@ -89,7 +92,7 @@ def parse_elf(data: bytes, what: str = "kernel") -> ElfFile:
     if e_phoff + e_phnum * e_phentsize > len(data):
         raise LoaderError(f"{what}: its program headers run past the end of the file")
     headers_end = max(64 if bits == 64 else 52, e_phoff + e_phnum * e_phentsize)
-    segments, header_segments = [], []
+    segments, header_segments, notes = [], [], []
     for i in range(e_phnum):
         offset = e_phoff + i * e_phentsize
         if bits == 32:
@@ -100,6 +103,8 @@ def parse_elf(data: bytes, what: str = "kernel") -> ElfFile:
                 ph_format, data, offset)
         if p_type in (PT_DYNAMIC, PT_INTERP):
             raise LoaderError(f"{what} is dynamically linked; link it -static")
+        if p_type == PT_NOTE:
+            notes.append(data[p_offset:p_offset + p_filesz])  # clipped at the file's end
         if p_type != PT_LOAD:
             continue
         if p_filesz > p_memsz:
@@ -115,7 +120,7 @@ def parse_elf(data: bytes, what: str = "kernel") -> ElfFile:
             header_segments.append(segment)
     if not any(s.size for s in segments):
         raise LoaderError(f"{what} has no PT_LOAD segment with contents")
-    return ElfFile(bits, e_machine, e_entry, segments, tuple(header_segments))
+    return ElfFile(bits, e_machine, e_entry, segments, tuple(header_segments), tuple(notes))
 
 
 def load_elf(memory, data: bytes, what: str = "kernel") -> Image:
