@@ -94,6 +94,9 @@ run_l2() {
 	wait $feeder 2>/dev/null
 	l2_lines "$out" | tail -n +$((shown + 1)) | sed "s/^/PYVT-INFO $who: /"
 	echo "PYVT-INFO $who: exit status $L2_RC after $L2_WALL s wall"
+	# The whole L2 console, kept in the serial log for a closer look
+	# (run-in-vm shows only the PYVT lines).
+	tr -d '\r' <"$out" | sed "s/^/L2LOG $who: /"
 }
 
 # uptime_of FILE start|devices|end: the guest's uptime in seconds at init,
