@@ -25,7 +25,7 @@ static uint8_t pm1_read_byte(struct pvt_acpi_pm1 *pm, uint64_t offset)
 	return (uint8_t)(value >> (8 * (offset % 2)));
 }
 
-/* One byte written; returns 1 if it powers the machine off. */
+/* One byte written; returns the stop code of a sleep it starts, or 0. */
 static int pm1_write_byte(struct pvt_acpi_pm1 *pm, uint64_t offset, uint8_t byte)
 {
 	uint16_t bits = (uint16_t)(byte << (8 * (offset % 2)));
@@ -48,11 +48,16 @@ static int pm1_write_byte(struct pvt_acpi_pm1 *pm, uint64_t offset, uint8_t byte
 				 __ATOMIC_RELAXED);
 		if (!(bits & PVT_PM1_CNT_SLP_EN))
 			return 0;
-		if (((value & PVT_PM1_CNT_SLP_TYP_MASK) >> PVT_PM1_CNT_SLP_TYP_SHIFT) ==
-		    PVT_PM1_SLP_TYP_S5)
-			return 1;
-		__atomic_fetch_or(&pm->status, (uint16_t)PVT_PM1_STS_WAK, __ATOMIC_RELAXED);
-		return 0;
+		switch ((value & PVT_PM1_CNT_SLP_TYP_MASK) >> PVT_PM1_CNT_SLP_TYP_SHIFT) {
+		case PVT_PM1_SLP_TYP_S5:
+			return PVT_PM1_STOP_POWEROFF;
+		case PVT_PM1_SLP_TYP_S3:
+			return PVT_PM1_STOP_SUSPEND;
+		default:
+			__atomic_fetch_or(&pm->status, (uint16_t)PVT_PM1_STS_WAK,
+					  __ATOMIC_RELAXED);
+			return 0;
+		}
 	}
 }
 
@@ -60,7 +65,7 @@ int pvt_acpi_pm1_io(void *opaque, uint64_t offset, uint8_t *data, uint32_t len,
 		    bool is_write, uint64_t *stop_code)
 {
 	struct pvt_acpi_pm1 *pm = opaque;
-	int power_off = 0;
+	int sleep = 0;
 	uint32_t i;
 
 	for (i = 0; i < len; i++) {
@@ -71,13 +76,17 @@ int pvt_acpi_pm1_io(void *opaque, uint64_t offset, uint8_t *data, uint32_t len,
 				data[i] = 0xff;
 			continue;
 		}
-		if (is_write)
-			power_off |= pm1_write_byte(pm, at, data[i]);
-		else
+		if (is_write) {
+			int code = pm1_write_byte(pm, at, data[i]);
+
+			if (code)
+				sleep = code;
+		} else {
 			data[i] = pm1_read_byte(pm, at);
+		}
 	}
-	if (power_off) {
-		*stop_code = PVT_PM1_STOP_POWEROFF;
+	if (sleep) {
+		*stop_code = (uint64_t)sleep;
 		return PVT_DEV_STOP;
 	}
 	return 0;

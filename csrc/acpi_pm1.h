@@ -8,8 +8,11 @@
  *          from the start: the FADT has no SMI_CMD), SLP_TYP in bits 10-12,
  *          SLP_EN (bit 13, write-only) starts the sleep.
  * Sleeping in S5 (SLP_TYP PVT_PM1_SLP_TYP_S5 with SLP_EN) stops the run with
- * PVT_PM1_STOP_POWEROFF.  Other sleep types are not offered (the DSDT has
- * only \_S5): the write sets WAK_STS at once, as a sleep that woke up.
+ * PVT_PM1_STOP_POWEROFF, in S3 (PVT_PM1_SLP_TYP_S3) with
+ * PVT_PM1_STOP_SUSPEND: the VMM waits for the wake-up event and restarts
+ * the CPUs at the FACS waking vector (pyvt/acpi_sleep.py).  Other sleep
+ * types are not offered (the DSDT has \_S3 and \_S5 only): the write sets
+ * WAK_STS at once, as a sleep that woke up.
  */
 #ifndef PVT_ACPI_PM1_H
 #define PVT_ACPI_PM1_H
@@ -22,9 +25,13 @@
 #define PVT_PM1_EVENT_LENGTH 4   /* PM1_STS + PM1_EN */
 #define PVT_PM1_CONTROL_LENGTH 2 /* PM1_CNT */
 #define PVT_PM1_SLP_TYP_S5 0
+#define PVT_PM1_SLP_TYP_S3 1
 #define PVT_PM1_STOP_POWEROFF 5 /* stop_code of a power-off */
+#define PVT_PM1_STOP_SUSPEND 3  /* stop_code of a suspend to RAM */
 
 #define PVT_PM1_STS_WAK (1u << 15)
+#define PVT_PM1_STS_RTC (1u << 10)
+#define PVT_PM1_EN_RTC (1u << 10)
 #define PVT_PM1_CNT_SCI_EN (1u << 0)
 #define PVT_PM1_CNT_SLP_TYP_SHIFT 10
 #define PVT_PM1_CNT_SLP_TYP_MASK (7u << 10)

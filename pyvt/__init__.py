@@ -48,6 +48,7 @@ from .snapshot import Snapshot, SnapshotError, SnapshotFileError, SnapshotFileNo
 from .vcpu import Vcpu
 from .vm import Vm, select_backend
 from .sandbox import Sandbox, get_include
+from . import pci
 
 try:
     from ._version import version as __version__
@@ -64,4 +65,5 @@ __all__ = [
     "InternalError", "UnmappedAddressError", "DeviceError", "DeviceStateError",
     "Snapshot", "SnapshotError", "SnapshotFileError", "SnapshotFileNotFound",
     "Sandbox", "get_include", "SandboxError", "GuestFault", "SandboxTimeout",
+    "pci",
 ]

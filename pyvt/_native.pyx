@@ -77,6 +77,11 @@ PM1_EVENT_LENGTH = PVT_PM1_EVENT_LENGTH
 PM1_CONTROL_LENGTH = PVT_PM1_CONTROL_LENGTH
 PM1_SLP_TYP_S5 = PVT_PM1_SLP_TYP_S5
 PM1_STOP_POWEROFF = PVT_PM1_STOP_POWEROFF
+PM1_SLP_TYP_S3 = PVT_PM1_SLP_TYP_S3
+PM1_STOP_SUSPEND = PVT_PM1_STOP_SUSPEND
+PM1_STS_WAK = PVT_PM1_STS_WAK
+PM1_STS_RTC = PVT_PM1_STS_RTC
+PM1_EN_RTC = PVT_PM1_EN_RTC
 
 
 # -- errors: the one place a native -errno becomes an exception ---------------
@@ -1204,7 +1209,8 @@ cdef class PostCode(_Device):
 
 cdef class AcpiPm1(_Device):
     """The ACPI PM1a event and control blocks (csrc/acpi_pm1.c): sleeping
-    in S5 stops the run with PVT_PM1_STOP_POWEROFF."""
+    in S5 stops the run with PVT_PM1_STOP_POWEROFF, in S3 with
+    PVT_PM1_STOP_SUSPEND."""
 
     cdef pvt_acpi_pm1 pm
     STATE_SIZE = 6  # PM1_STS, PM1_EN, PM1_CNT (u16 each, little-endian)

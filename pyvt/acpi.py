@@ -17,7 +17,8 @@ as reserved):
            (ACPI ID = APIC ID = vCPU index), the IOAPIC at 0xfec00000
            (GSI base 0); only with the in-kernel irqchip
 0xe0c00    MCFG: the ECAM window of PCI segment 0, bus 0 (with PCI only)
-0xe1000    DSDT: ``\_S5`` (soft off: SLP_TYP 0), and with PCI the root
+0xe1000    DSDT: ``\_S3`` (suspend to RAM: SLP_TYP 1), ``\_S5`` (soft off:
+           SLP_TYP 0), and with PCI the root
            bridge ``\_SB.PCI0`` (PNP0A08/PNP0A03, _SEG/_BBN/_UID 0, _CRS
            with bus 0, the I/O ports but 0xcf8-0xcff, the 32- and 64-bit
            MMIO windows; _PRT: INTA-D of every slot to GSIs 16-19, swizzled)
@@ -27,7 +28,9 @@ as reserved):
 Every table's bytes sum to zero (mod 256), RSDP's first 20 bytes too, and
 its 36 bytes for the extended checksum.  Sleep: writing SLP_TYP 0 with
 SLP_EN to PM1a_CNT powers off (``run()`` returns
-:class:`pyvt.exits.PowerOff`); S3 is not offered (no ``\_S3``).
+:class:`pyvt.exits.PowerOff`); SLP_TYP 1 suspends to RAM (``run()``
+returns :class:`pyvt.exits.Suspend`; :func:`pyvt.acpi_sleep.resume` wakes
+the guest at its RTC alarm, through the FACS waking vector).
 """
 
 from __future__ import annotations
@@ -157,7 +160,6 @@ def pci_root() -> bytes:
         "PCI0",
         aml.name("_HID", aml.eisa_id("PNP0A08")),
         aml.name("_CID", aml.eisa_id("PNP0A03")),
-        aml.name("_ADR", 0),
         aml.name("_SEG", 0),
         aml.name("_BBN", 0),
         aml.name("_UID", 0),
@@ -170,12 +172,14 @@ def pci_root() -> bytes:
         aml.name("_UID", 1),
         aml.name("_CRS", aml.resource_template(aml.memory32_fixed(pci.ECAM_BASE, pci.ECAM_SIZE))),
     )
-    return aml.scope("\\_SB", root, reserved)
+    # "_SB" at the table's top level is \_SB (iasl drops the root prefix too).
+    return aml.scope("_SB", root, reserved)
 
 
 def dsdt(with_pci: bool = True) -> bytes:
-    # \_S5: SLP_TYP values for PM1a_CNT and PM1b_CNT, then two reserved.
-    body = aml.name("\\_S5", aml.package(pc.SLP_TYP_S5, pc.SLP_TYP_S5, 0, 0))
+    # \_S3, \_S5: SLP_TYP values for PM1a_CNT and PM1b_CNT, then two reserved.
+    body = (aml.name("_S3", aml.package(pc.SLP_TYP_S3, pc.SLP_TYP_S3, 0, 0))
+            + aml.name("_S5", aml.package(pc.SLP_TYP_S5, pc.SLP_TYP_S5, 0, 0)))
     if with_pci:
         body += pci_root()
     return _table(b"DSDT", 2, body)

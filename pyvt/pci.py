@@ -34,7 +34,7 @@ import struct
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from .errors import ArgumentError, ArgumentTypeError, DeviceError, Error, RegionOverlapError
 
@@ -151,12 +151,12 @@ class PciDevice:
         self._w1c = bytearray(CONFIG_SIZE)     # bits a guest 1 clears
         self.bars: Dict[int, Bar] = {}
         self.msix: Optional[Msix] = None
-        self.vm = None
+        self.vm: Any = None  # the Vm, once on its bus
         self.bus: Optional[PciBus] = None
         self.slot: Optional[int] = None
         self._intx_level = False
         self._intx_asserted = False
-        self._intx_fds: Optional[tuple] = None
+        self._intx_fds: Optional[Tuple[int, int]] = None
         self._last_cap = 0
         self._cap_end = CAPABILITIES_START
         self._capabilities: Dict[int, int] = {}  # offset -> cap ID
@@ -289,6 +289,8 @@ class PciDevice:
 
     def _update_bars(self) -> None:
         """Maps each BAR where its register says, if its decoder is on."""
+        if self.bus is None:
+            return  # not on a bus yet: add() maps them
         command = self.command
         for bar in self.bars.values():
             enabled = command & (COMMAND_IO if bar.is_io else COMMAND_MEMORY)
@@ -421,6 +423,7 @@ class PciDevice:
         """The eventfd KVM writes when the guest EOIs an INTx from
         :meth:`intx_eventfd`."""
         self.intx_eventfd()
+        assert self._intx_fds is not None
         return self._intx_fds[1]
 
     def __repr__(self) -> str:
@@ -450,10 +453,12 @@ def _close_fds(fds: List[int]) -> None:
 
 @dataclass
 class _Vector:
-    eventfd: Optional[int] = None
-    gsi: Optional[int] = None
+    """A vector's eventfd, the GSI its irqfd raises, whether KVM has it
+    bound, and the (address, data) the GSI's route sends."""
+    eventfd: int
+    gsi: int
     bound: bool = False
-    route: Optional[tuple] = None
+    route: Optional[Tuple[int, int]] = None
 
 
 class Msix:
@@ -494,7 +499,7 @@ class Msix:
         self.table = bytearray(table_size)
         for v in range(vectors):
             self.table[v * MSIX_ENTRY_SIZE + 12] = MSIX_VECTOR_MASKED
-        self.pending = set()
+        self.pending: Set[int] = set()
         self._vectors: Dict[int, _Vector] = {}
         self._fds: List[int] = []
         weakref.finalize(self, _close_fds, self._fds)
@@ -552,13 +557,15 @@ class Msix:
         self._check_vector(vector)
         if self.device.vm is None:
             raise DeviceError("add the device to vm.pci before asking for MSI-X eventfds")
+        bus = self.device.bus
+        assert bus is not None  # on a VM means on its bus
         with self.device._lock():
-            state = self._vectors.setdefault(vector, _Vector())
-            if state.eventfd is None:
+            state = self._vectors.get(vector)
+            if state is None:
                 self.device.vm._require_irqchip("MSI-X")
-                state.eventfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-                self._fds.append(state.eventfd)
-                state.gsi = self.device.bus._allocate_gsi()
+                fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                self._fds.append(fd)
+                state = self._vectors[vector] = _Vector(fd, bus._allocate_gsi())
                 self._sync(vector)
             return state.eventfd
 
@@ -567,8 +574,9 @@ class Msix:
         table, and sends what is pending if it can go now."""
         masked = self.masked(vector)
         state = self._vectors.get(vector)
-        if state is not None and state.eventfd is not None:
-            bus, fd = self.device.bus, self.device.vm.fd
+        bus = self.device.bus
+        if state is not None and bus is not None:
+            fd = self.device.vm.fd
             address, data, _ = self.entry(vector)
             if masked and state.bound:
                 fd.unregister_irqfd(state.eventfd, state.gsi)
@@ -596,7 +604,7 @@ class Msix:
         if vector in self.pending:
             return True
         state = self._vectors.get(vector)
-        if state is None or state.eventfd is None or state.bound:
+        if state is None or state.bound:
             return False
         return bool(select.select([state.eventfd], [], [], 0)[0])
 
@@ -702,7 +710,7 @@ class PciBus:
                     self._assign(bar)
                     command |= COMMAND_IO if bar.is_io else COMMAND_MEMORY
                 if device.intx_pin:
-                    device._put(INTERRUPT_LINE, 1, device.intx_gsi)
+                    device._put(INTERRUPT_LINE, 1, intx_gsi(slot, device.intx_pin))
                 device._put(COMMAND, 2, device.command | command)
                 device._update_bars()
             except BaseException:

@@ -715,7 +715,7 @@ class Vm:
     # -- PCI (pyvt.pci) --------------------------------------------------------
 
     @property
-    def pci(self) -> "pci.PciBus":
+    def pci(self):  # -> pyvt.pci.PciBus (imported on first use)
         """PCI bus 0 (:class:`pyvt.pci.PciBus`), made on first use: it claims
         ports 0xcf8-0xcff and the ECAM window at :data:`pyvt.pci.ECAM_BASE`
         and holds the host bridge at 00.0; ``vm.pci.add(device)`` adds a

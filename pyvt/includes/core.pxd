@@ -305,7 +305,12 @@ cdef extern from "acpi_pm1.h" nogil:
     int PVT_PM1_EVENT_LENGTH
     int PVT_PM1_CONTROL_LENGTH
     int PVT_PM1_SLP_TYP_S5
+    int PVT_PM1_SLP_TYP_S3
     int PVT_PM1_STOP_POWEROFF
+    int PVT_PM1_STOP_SUSPEND
+    int PVT_PM1_STS_WAK
+    int PVT_PM1_STS_RTC
+    int PVT_PM1_EN_RTC
 
     cdef struct pvt_acpi_pm1:
         uint16_t status
