@@ -9,7 +9,7 @@ the command line, in fw_cfg under QEMU's keys 0x0b/0x12 and 0x14/0x15),
 creates the vCPUs (``smp``; with the in-kernel irqchip the application
 processors wait for the guest's INIT/SIPI/SIPI; each one's CPUID is
 ``KVM_GET_SUPPORTED_CPUID`` with its APIC ID and the ``smp`` topology, see
-:func:`cpuid_topology`: change it with ``vm.vcpus[i].cpuid = ...`` between
+:func:`cpuid_topology`, and the hypervisor bit (:func:`hypervisor_present`): change it with ``vm.vcpus[i].cpuid = ...`` between
 ``boot`` and ``run``), writes the ACPI tables
 (:mod:`pyvt.acpi`) and the fw_cfg boot items, and makes the VM answer
 unclaimed I/O like a PC.  ``run`` runs every vCPU, one thread each, until one
@@ -159,7 +159,7 @@ def boot(vm, kernel: KernelSource, *, cmdline: Union[str, bytes] = "", initrd: O
         except KvmError:
             entries = None  # a backend without a CPUID table answers CPUID itself
         if entries:
-            cpu.cpuid = cpuid_topology(entries, index, smp)
+            cpu.cpuid = hypervisor_present(cpuid_topology(entries, index, smp))
         if index == 0:
             cpu.regs.rip = image.entry
             for name, value in image.registers.items():
@@ -171,6 +171,20 @@ def boot(vm, kernel: KernelSource, *, cmdline: Union[str, bytes] = "", initrd: O
             cpu.fd.set_mp_state(lib.KVM_MP_STATE_UNINITIALIZED)
     vm.boot_image = image
     return image
+
+
+#: CPUID.1:ECX bit 31, "a hypervisor is present".
+CPUID_HYPERVISOR = 1 << 31
+
+
+def hypervisor_present(entries: Sequence[CpuidEntry]) -> List[CpuidEntry]:
+    """``entries`` with CPUID.1:ECX's hypervisor bit set, as QEMU sets it:
+    KVM_GET_SUPPORTED_CPUID leaves it clear, and without it Linux never
+    reads KVM's leaves (0x40000000), so it has no kvm-clock and, where the
+    TSC cannot be calibrated against the PIT (nested), keeps time by
+    jiffies."""
+    return [replace(e, ecx=e.ecx | CPUID_HYPERVISOR) if e.function == 1 else e
+            for e in entries]
 
 
 def cpuid_topology(entries: Sequence[CpuidEntry], index: int, cpus: int) -> List[CpuidEntry]:
@@ -309,4 +323,4 @@ def _run_all(vm, timeout, trace_io) -> exits.Exit:
     return first
 
 
-__all__ = ["boot", "run", "cpuid_topology", "BootError"]
+__all__ = ["boot", "run", "cpuid_topology", "hypervisor_present", "BootError"]
