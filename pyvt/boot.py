@@ -9,7 +9,7 @@ the command line, in fw_cfg under QEMU's keys 0x0b/0x12 and 0x14/0x15),
 creates the vCPUs (``smp``; with the in-kernel irqchip the application
 processors wait for the guest's INIT/SIPI/SIPI; each one's CPUID is
 ``KVM_GET_SUPPORTED_CPUID`` with its APIC ID and the ``smp`` topology, see
-:func:`cpuid_topology`, and the hypervisor bit (:func:`hypervisor_present`): change it with ``vm.vcpus[i].cpuid = ...`` between
+:func:`cpuid_topology`, with the hypervisor and TSC-deadline bits (:func:`cpuid_guest_flags`): change it with ``vm.vcpus[i].cpuid = ...`` between
 ``boot`` and ``run``), writes the ACPI tables
 (:mod:`pyvt.acpi`) and the fw_cfg boot items, and makes the VM answer
 unclaimed I/O like a PC.  ``run`` runs every vCPU, one thread each, until one
@@ -152,6 +152,7 @@ def boot(vm, kernel: KernelSource, *, cmdline: Union[str, bytes] = "", initrd: O
         acpi_tables.install(vm, smp, irqchip)
     vm._machine.unclaimed_as_pc = not strict_io
 
+    tsc_deadline = irqchip and bool(vm.kvm.check_extension("KVM_CAP_TSC_DEADLINE_TIMER"))
     for index in range(smp):
         cpu = vm.vcpu(index, mode=image.mode)
         try:
@@ -159,7 +160,7 @@ def boot(vm, kernel: KernelSource, *, cmdline: Union[str, bytes] = "", initrd: O
         except KvmError:
             entries = None  # a backend without a CPUID table answers CPUID itself
         if entries:
-            cpu.cpuid = hypervisor_present(cpuid_topology(entries, index, smp))
+            cpu.cpuid = cpuid_guest_flags(cpuid_topology(entries, index, smp), tsc_deadline)
         if index == 0:
             cpu.regs.rip = image.entry
             for name, value in image.registers.items():
@@ -173,18 +174,22 @@ def boot(vm, kernel: KernelSource, *, cmdline: Union[str, bytes] = "", initrd: O
     return image
 
 
-#: CPUID.1:ECX bit 31, "a hypervisor is present".
+#: CPUID.1:ECX bits: "a hypervisor is present"; the LAPIC timer has
+#: TSC-deadline mode.
 CPUID_HYPERVISOR = 1 << 31
+CPUID_TSC_DEADLINE = 1 << 24
 
 
-def hypervisor_present(entries: Sequence[CpuidEntry]) -> List[CpuidEntry]:
-    """``entries`` with CPUID.1:ECX's hypervisor bit set, as QEMU sets it:
-    KVM_GET_SUPPORTED_CPUID leaves it clear, and without it Linux never
-    reads KVM's leaves (0x40000000), so it has no kvm-clock and, where the
-    TSC cannot be calibrated against the PIT (nested), keeps time by
-    jiffies."""
-    return [replace(e, ecx=e.ecx | CPUID_HYPERVISOR) if e.function == 1 else e
-            for e in entries]
+def cpuid_guest_flags(entries: Sequence[CpuidEntry], tsc_deadline: bool) -> List[CpuidEntry]:
+    """``entries`` with CPUID.1:ECX's hypervisor bit set and, if
+    ``tsc_deadline`` (KVM_CAP_TSC_DEADLINE_TIMER with the in-kernel LAPIC),
+    the TSC-deadline timer bit, as QEMU sets them.  KVM_GET_SUPPORTED_CPUID
+    leaves both clear: without the first Linux never reads KVM's leaves
+    (0x40000000), so it has no kvm-clock and, where the TSC cannot be
+    calibrated against the PIT (nested), keeps time by jiffies; without
+    the second it calibrates the LAPIC timer against the PIT at boot."""
+    bits = CPUID_HYPERVISOR | (CPUID_TSC_DEADLINE if tsc_deadline else 0)
+    return [replace(e, ecx=e.ecx | bits) if e.function == 1 else e for e in entries]
 
 
 def cpuid_topology(entries: Sequence[CpuidEntry], index: int, cpus: int) -> List[CpuidEntry]:
@@ -323,4 +328,4 @@ def _run_all(vm, timeout, trace_io) -> exits.Exit:
     return first
 
 
-__all__ = ["boot", "run", "cpuid_topology", "hypervisor_present", "BootError"]
+__all__ = ["boot", "run", "cpuid_topology", "cpuid_guest_flags", "BootError"]

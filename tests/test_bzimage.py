@@ -437,12 +437,14 @@ def test_pvh_entry_gets_start_info(pvh_kernel):
     assert out.int(4) == module_hash(blob)
 
 
-def test_hypervisor_bit_is_set_for_the_guest():
-    # Without it Linux never looks for KVM's leaves (no kvm-clock).
-    from pyvt.boot import hypervisor_present
+def test_hypervisor_and_tsc_deadline_bits_are_set_for_the_guest():
+    # Without them Linux never looks for KVM's leaves (no kvm-clock) and
+    # calibrates the LAPIC timer against the PIT.
+    from pyvt.boot import cpuid_guest_flags
     from pyvt.kvm import CpuidEntry
 
     leaves = [CpuidEntry(0, 0, 0, 0xD, 0, 0, 0), CpuidEntry(1, 0, 0, 0xA10F11, 0, 0x1202000, 0),
               CpuidEntry(0x40000000, 0, 0, 0x40000001, 0x4B4D564B, 0x564B4D56, 0x4D)]
-    out = hypervisor_present(leaves)
+    out = cpuid_guest_flags(leaves, tsc_deadline=False)
     assert out[1].ecx == 0x81202000 and (out[0], out[2]) == (leaves[0], leaves[2])
+    assert cpuid_guest_flags(leaves, tsc_deadline=True)[1].ecx == 0x81202000 | (1 << 24)
