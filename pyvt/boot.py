@@ -1,12 +1,15 @@
 """Booting kernels: ``vm.boot(kernel, ...)`` then ``vm.run()``.
 
-``boot`` loads a kernel (multiboot, ELF or flat: :mod:`pyvt.loaders`;
-a multiboot kernel gets ``initrd`` as module 0, other kernels find it, and
+``boot`` loads a kernel (Linux bzImage, PVH ELF, multiboot, ELF or flat:
+:mod:`pyvt.loaders`; a bzImage gets the command line, ``initrd`` and the
+e820 map in its zero page, as the Linux boot protocol says, a PVH kernel
+the same in hvm_start_info; a multiboot
+kernel gets ``initrd`` as module 0, other kernels find it, and
 the command line, in fw_cfg under QEMU's keys 0x0b/0x12 and 0x14/0x15),
 creates the vCPUs (``smp``; with the in-kernel irqchip the application
 processors wait for the guest's INIT/SIPI/SIPI; each one's CPUID is
 ``KVM_GET_SUPPORTED_CPUID`` with its APIC ID and the ``smp`` topology, see
-:func:`cpuid_topology`: change it with ``vm.vcpus[i].cpuid = ...`` between
+:func:`cpuid_topology`, with the hypervisor and TSC-deadline bits (:func:`cpuid_guest_flags`): change it with ``vm.vcpus[i].cpuid = ...`` between
 ``boot`` and ``run``), writes the ACPI tables
 (:mod:`pyvt.acpi`) and the fw_cfg boot items, and makes the VM answer
 unclaimed I/O like a PC.  ``run`` runs every vCPU, one thread each, until one
@@ -27,7 +30,8 @@ from . import exits, modes
 from ._kvm import lib
 from .errors import ArgumentError, Error, KvmError
 from .kvm import CpuidEntry
-from .loaders import Image, LoaderError, detect, load_elf, load_flat, load_multiboot
+from .loaders import (Image, LoaderError, bzimage, detect, load_bzimage, load_elf, load_flat,
+                      load_multiboot, load_pvh, pvh)
 from .loaders.common import guest_string, read_image_file
 
 KernelSource = Union[bytes, bytearray, str, os.PathLike]
@@ -79,8 +83,9 @@ def boot(vm, kernel: KernelSource, *, cmdline: Union[str, bytes] = "", initrd: O
         raise BootError("--smp above 1 needs the in-kernel irqchip (its LAPICs deliver "
                         "INIT/SIPI): drop --no-irqchip")
     raw_cmdline = guest_string(cmdline, "cmdline")
-    if format not in (None, "multiboot", "elf", "flat"):
-        raise ArgumentError(f"format must be multiboot, elf or flat, not {format!r}")
+    if format not in (None, "bzimage", "pvh", "multiboot", "elf", "flat"):
+        raise ArgumentError(f"format must be bzimage, pvh, multiboot, elf or flat, not "
+                            f"{format!r}")
 
     if vm.memory.size < modes.SETUP_AREA_END:
         raise BootError(f"boot needs at least {modes.SETUP_AREA_END // 1024} KiB of RAM "
@@ -109,6 +114,12 @@ def boot(vm, kernel: KernelSource, *, cmdline: Union[str, bytes] = "", initrd: O
     elif len(mods) > len(([initrd] if initrd is not None else [])):
         raise BootError(f"the kernel is {kind}, not multiboot: only a multiboot kernel gets "
                         "modules (pass files with vm.fw_cfg.add_file instead)")
+    elif kind in ("bzimage", "pvh"):
+        from .acpi import RSDP_ADDRESS
+
+        load = load_bzimage if kind == "bzimage" else load_pvh
+        image = load(vm.memory, data, raw_cmdline, mods[0][0] if mods else None,
+                     RSDP_ADDRESS if acpi else 0, path)
     elif kind == "elf":
         image = load_elf(vm.memory, data)
     else:
@@ -128,11 +139,11 @@ def boot(vm, kernel: KernelSource, *, cmdline: Union[str, bytes] = "", initrd: O
         vm.fw_cfg.set(FW_CFG_CMDLINE_SIZE, (len(raw_cmdline) + 1).to_bytes(4, "little"))
         vm.fw_cfg.set(FW_CFG_CMDLINE_DATA, raw_cmdline + b"\0")
         vm.fw_cfg.set(FW_CFG_KERNEL_ENTRY, image.entry.to_bytes(4, "little"))
-        if kind != "multiboot" and mods:
+        if kind not in ("multiboot", "bzimage", "pvh") and mods:
             # As QEMU's -initrd for kernels that fetch it themselves.
             vm.fw_cfg.set(FW_CFG_INITRD_SIZE, len(mods[0][0]).to_bytes(4, "little"))
             vm.fw_cfg.set(FW_CFG_INITRD_DATA, mods[0][0])
-    elif kind != "multiboot" and mods:
+    elif kind not in ("multiboot", "bzimage", "pvh") and mods:
         raise BootError("only a multiboot kernel gets its initrd in memory; others read "
                         "it from fw_cfg, which this VM has not (pc_devices=False)")
     if acpi:
@@ -141,6 +152,7 @@ def boot(vm, kernel: KernelSource, *, cmdline: Union[str, bytes] = "", initrd: O
         acpi_tables.install(vm, smp, irqchip)
     vm._machine.unclaimed_as_pc = not strict_io
 
+    tsc_deadline = irqchip and bool(vm.kvm.check_extension("KVM_CAP_TSC_DEADLINE_TIMER"))
     for index in range(smp):
         cpu = vm.vcpu(index, mode=image.mode)
         try:
@@ -148,16 +160,36 @@ def boot(vm, kernel: KernelSource, *, cmdline: Union[str, bytes] = "", initrd: O
         except KvmError:
             entries = None  # a backend without a CPUID table answers CPUID itself
         if entries:
-            cpu.cpuid = cpuid_topology(entries, index, smp)
+            cpu.cpuid = cpuid_guest_flags(cpuid_topology(entries, index, smp), tsc_deadline)
         if index == 0:
             cpu.regs.rip = image.entry
             for name, value in image.registers.items():
                 setattr(cpu.regs, name, value)
+            if kind in ("bzimage", "pvh"):
+                (bzimage if kind == "bzimage" else pvh).enter(cpu, image)
         else:
             # Application processors sleep until the guest's INIT/SIPI/SIPI.
             cpu.fd.set_mp_state(lib.KVM_MP_STATE_UNINITIALIZED)
     vm.boot_image = image
     return image
+
+
+#: CPUID.1:ECX bits: "a hypervisor is present"; the LAPIC timer has
+#: TSC-deadline mode.
+CPUID_HYPERVISOR = 1 << 31
+CPUID_TSC_DEADLINE = 1 << 24
+
+
+def cpuid_guest_flags(entries: Sequence[CpuidEntry], tsc_deadline: bool) -> List[CpuidEntry]:
+    """``entries`` with CPUID.1:ECX's hypervisor bit set and, if
+    ``tsc_deadline`` (KVM_CAP_TSC_DEADLINE_TIMER with the in-kernel LAPIC),
+    the TSC-deadline timer bit, as QEMU sets them.  KVM_GET_SUPPORTED_CPUID
+    leaves both clear: without the first Linux never reads KVM's leaves
+    (0x40000000), so it has no kvm-clock and, where the TSC cannot be
+    calibrated against the PIT (nested), keeps time by jiffies; without
+    the second it calibrates the LAPIC timer against the PIT at boot."""
+    bits = CPUID_HYPERVISOR | (CPUID_TSC_DEADLINE if tsc_deadline else 0)
+    return [replace(e, ecx=e.ecx | bits) if e.function == 1 else e for e in entries]
 
 
 def cpuid_topology(entries: Sequence[CpuidEntry], index: int, cpus: int) -> List[CpuidEntry]:
@@ -325,4 +357,4 @@ def _run_all(vm, timeout, trace_io, control) -> exits.Exit:
     return first
 
 
-__all__ = ["boot", "run", "cpuid_topology", "BootError"]
+__all__ = ["boot", "run", "cpuid_topology", "cpuid_guest_flags", "BootError"]

@@ -4,10 +4,12 @@
                   [--gdb [HOST:]PORT] [--control PATH] [--name NAME]
                   (FILE: a flat binary, or assembly source ending in .S/.s)
     pyvt boot KERNEL [--smp N] [--memory 128M] [--append ARGS] [--initrd FILE]
+                     [--disk FILE[,readonly] ...] [--net tap:NAME ...] [--rng]
                      [--timeout S] [--no-irqchip] [--strict-io] [--trace-io] [--no-stdin]
                      [--gdb [HOST:]PORT] [--control PATH] [--name NAME]
-                  (KERNEL: multiboot or ELF; the console is stdin/stdout, like
-                  qemu -kernel -nographic; a reset ends it with status 0)
+                  (KERNEL: a Linux bzImage, multiboot or ELF; the console is
+                  stdin/stdout (Linux: console=ttyS0), like qemu -kernel
+                  -nographic; a reset or a power-off ends it with status 0)
     pyvt caps [--json] [--probe] [--require FEATURE ...]
     pyvt ctl PATH COMMAND [KEY=VALUE...]   (see pyvt.ctl)
     pyvt top [--json] [--interval S]       (see pyvt.top)
@@ -43,7 +45,7 @@ import os
 import sys
 from typing import List, Optional
 
-from . import __version__, exits
+from . import __version__, boot_devices, exits
 from .errors import ArgumentError, Error
 
 EXIT_TIMEOUT = 124
@@ -94,7 +96,7 @@ def _seconds(text: str) -> Optional[float]:
 
 _TIMEOUT_HELP = "seconds before giving up (any number; inf: no limit, the default)"
 _STATUSES = ("Exit status: the guest's isa-debug-exit status (code << 1) | 1, as QEMU gives "
-             "it; 0 after hlt or a reset; 124 on timeout; 1 when the guest failed or stopped "
+             "it; 0 after hlt, a reset or a power-off; 124 on timeout; 1 when the guest failed or stopped "
              "on an I/O nobody handles; 2 for bad arguments or input.")
 
 _GDB_HELP = ("wait for gdb (target remote [HOST:]PORT; HOST defaults to localhost) before "
@@ -142,16 +144,25 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--gdb", metavar="[HOST:]PORT", default=None, help=_GDB_HELP)
     _control_arguments(run)
 
-    boot = sub.add_parser("boot", help="boot a kernel (multiboot, ELF or flat) like qemu -kernel",
+    boot = sub.add_parser("boot", help="boot a kernel (Linux bzImage, multiboot, ELF or flat) "
+                          "like qemu -kernel",
                           description=f"Boots KERNEL with the serial console on stdout.  "
                           f"{_STATUSES}")
-    boot.add_argument("kernel", help="multiboot or ELF kernel, or a flat binary (no larger "
-                      "than guest RAM)")
+    boot.add_argument("kernel", help="Linux bzImage, multiboot or ELF kernel, or a flat binary "
+                      "(no larger than guest RAM)")
     boot.add_argument("--smp", type=int, default=1, help="number of vCPUs (default 1)")
     boot.add_argument("--memory", default="128M", help="guest RAM (default 128M)")
     boot.add_argument("--append", default="", help="kernel command line, passed to the guest "
                       "byte for byte as given (any bytes, UTF-8 or not)")
-    boot.add_argument("--initrd", default=None, help="file passed as multiboot module 0")
+    boot.add_argument("--initrd", default=None, help="initial ramdisk (Linux), or multiboot "
+                      "module 0")
+    boot.add_argument("--disk", action="append", default=[], type=boot_devices.disk_option,
+                      metavar="FILE[,readonly]", help="virtio-blk disk on a raw image "
+                      "(repeatable; the first is /dev/vda)")
+    boot.add_argument("--net", action="append", default=[], type=boot_devices.net_option,
+                      metavar="tap:NAME", help="virtio-net NIC on an existing tap device "
+                      "(repeatable)")
+    boot.add_argument("--rng", action="store_true", help="virtio-rng entropy device")
     boot.add_argument("--timeout", type=_seconds, default=None, help=_TIMEOUT_HELP)
     boot.add_argument("--no-irqchip", action="store_true",
                       help="no in-kernel LAPIC/IOAPIC/PIC/PIT (one vCPU only)")
@@ -260,6 +271,8 @@ def _boot(args) -> int:
     if args.smp < 1:
         _report(f"--smp must be at least 1, not {args.smp}")
         return EXIT_USAGE
+    boot_devices.check_disks(args.disk)
+    boot_devices.check_taps(args.net)
     with Vm(args.memory, args.backend) as vm:
         vm.console.stream(sys.stdout)
         vm.debugcon.stream(sys.stdout)
@@ -268,6 +281,7 @@ def _boot(args) -> int:
         # guest_string() gives the guest argv's original bytes (PEP 383).
         vm.boot(args.kernel, cmdline=args.append, initrd=args.initrd, smp=args.smp,
                 irqchip=not args.no_irqchip, strict_io=args.strict_io)
+        boot_devices.attach(vm, args.disk, args.net, args.rng)
         trace_io = sys.stderr if args.trace_io else None
         if args.control is not None:
             vm.serve_control(args.control, args.name)

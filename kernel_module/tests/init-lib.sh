@@ -171,6 +171,19 @@ hold_vm() {
 	done
 }
 
+# mount_host_root: the host's root, shared read-only over 9p, at
+# /mnt/host with proc, sys, dev and a scratch tmpfs on /run inside (not
+# /tmp: the checkout may live under /tmp), ready for chroot.
+mount_host_root() {
+	for m in virtio_pci 9pnet_virtio 9p; do modprobe $m; done
+	mkdir -p /mnt/host
+	mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 hostroot /mnt/host || return 1
+	mount -t proc proc /mnt/host/proc
+	mount -t sysfs sys /mnt/host/sys
+	mount -t devtmpfs dev /mnt/host/dev
+	mount -t tmpfs scratch /mnt/host/run
+}
+
 # hotplug: CPU hotplug while a VM holds SVM/VMX on, then run on the
 # re-onlined CPU; rmmod must refuse while a VM is open.  Needs 2 CPUs.
 hotplug_check() {

@@ -3,15 +3,23 @@
 Only what loading needs is read: the ELF header and the program headers.
 ``PT_LOAD`` segments go to their *physical* address (``p_paddr``), as
 QEMU's and GRUB's loaders do, with ``p_memsz - p_filesz`` zeroed (bss).
+
+A kernel linked the usual way (``ld -Ttext=0x100000``) has a first
+``PT_LOAD`` segment at 0xff000 that holds only the ELF and program headers:
+it lies in the PC's 0xa0000-0xfffff hole, where pyvt keeps the ACPI tables.
+Like QEMU, pyvt does not load such *header-only* segments there
+(:meth:`ElfFile.loadable`); a segment with code or data in the hole is
+still refused.
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional, Tuple
 
-from .common import Image, LoaderError, Segment, as_bytes, check_placement, write_segments
+from .common import (RESERVED, Image, LoaderError, Segment, as_bytes, check_placement,
+                     overlaps, write_segments)
 
 EM_386 = 3
 EM_X86_64 = 62
@@ -19,6 +27,7 @@ ET_EXEC = 2
 PT_LOAD = 1
 PT_DYNAMIC = 2
 PT_INTERP = 3
+PT_NOTE = 4
 
 
 @dataclass(frozen=True)
@@ -27,6 +36,21 @@ class ElfFile:
     machine: int
     entry: int
     segments: List[Segment]
+    #: The ``PT_LOAD`` segments (also in ``segments``) that hold nothing but
+    #: the file's ELF and program headers (and zero padding).
+    header_segments: Tuple[Segment, ...] = ()
+    #: The ``PT_NOTE`` segments' contents (ELF notes, e.g. the PVH entry).
+    notes: Tuple[bytes, ...] = ()
+
+    def loadable(self, reserved: Optional[List[Tuple[int, int, str]]] = None) -> List[Segment]:
+        """The segments to load: all but the header-only ones that overlap
+        a ``reserved`` range (default :data:`pyvt.loaders.RESERVED`), which
+        the kernel does not need there."""
+        reserved = RESERVED if reserved is None else reserved
+        return [s for s in self.segments
+                if not (s in self.header_segments
+                        and any(overlaps(s.address, s.end, start, end)
+                                for start, end, _ in reserved))]
 
 
 def parse_elf(data: bytes, what: str = "kernel") -> ElfFile:
@@ -67,7 +91,8 @@ def parse_elf(data: bytes, what: str = "kernel") -> ElfFile:
         raise LoaderError(f"{what}: program header size {e_phentsize} is too small")
     if e_phoff + e_phnum * e_phentsize > len(data):
         raise LoaderError(f"{what}: its program headers run past the end of the file")
-    segments = []
+    headers_end = max(64 if bits == 64 else 52, e_phoff + e_phnum * e_phentsize)
+    segments, header_segments, notes = [], [], []
     for i in range(e_phnum):
         offset = e_phoff + i * e_phentsize
         if bits == 32:
@@ -78,6 +103,8 @@ def parse_elf(data: bytes, what: str = "kernel") -> ElfFile:
                 ph_format, data, offset)
         if p_type in (PT_DYNAMIC, PT_INTERP):
             raise LoaderError(f"{what} is dynamically linked; link it -static")
+        if p_type == PT_NOTE:
+            notes.append(data[p_offset:p_offset + p_filesz])  # clipped at the file's end
         if p_type != PT_LOAD:
             continue
         if p_filesz > p_memsz:
@@ -86,10 +113,14 @@ def parse_elf(data: bytes, what: str = "kernel") -> ElfFile:
         if p_offset + p_filesz > len(data):
             raise LoaderError(f"{what}: segment {i} runs past the end of the file "
                               "(truncated?)")
-        segments.append(Segment(p_paddr, data[p_offset:p_offset + p_filesz], p_memsz))
+        segment = Segment(p_paddr, data[p_offset:p_offset + p_filesz], p_memsz)
+        segments.append(segment)
+        if (p_offset == 0 and p_filesz == p_memsz
+                and not any(data[headers_end:p_filesz])):
+            header_segments.append(segment)
     if not any(s.size for s in segments):
         raise LoaderError(f"{what} has no PT_LOAD segment with contents")
-    return ElfFile(bits, e_machine, e_entry, segments)
+    return ElfFile(bits, e_machine, e_entry, segments, tuple(header_segments), tuple(notes))
 
 
 def load_elf(memory, data: bytes, what: str = "kernel") -> Image:
@@ -101,7 +132,8 @@ def load_elf(memory, data: bytes, what: str = "kernel") -> Image:
     if elf.entry >= 1 << 32:
         raise LoaderError(f"{what}: entry point {elf.entry:#x} is above 4 GiB, beyond "
                           "pyvt's identity map: link the kernel at its physical address")
-    check_placement(elf.segments, memory.size, what)
-    write_segments(memory, elf.segments)
+    segments = elf.loadable()
+    check_placement(segments, memory.size, what)
+    write_segments(memory, segments)
     return Image(f"elf{elf.bits}", elf.entry, "protected" if elf.bits == 32 else "long",
-                 list(elf.segments))
+                 segments)

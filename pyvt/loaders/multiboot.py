@@ -193,7 +193,7 @@ def load_multiboot(memory, data: bytes, cmdline: GuestString = "",
         entry = header.entry_addr
     else:
         elf = parse_elf(data, what)
-        segments, entry = list(elf.segments), elf.entry
+        segments, entry = elf.loadable(), elf.entry
     if not any(s.address <= entry < s.end for s in segments):
         raise LoaderError(f"{what}: multiboot entry {entry:#x} is in no loaded segment")
     if entry >= 1 << 32 or any(s.end > 1 << 32 for s in segments):
