@@ -179,3 +179,13 @@ class DeviceError(Error):
 class DeviceStateError(DeviceError, ArgumentError):
     """A device state that does not fit the device: from another pyvt build,
     or not what the device's ``save_state()`` returns."""
+
+
+# -- MIGRATION (issue 17): live migration and its stream ------------------------
+
+
+class MigrationError(Error):
+    """A live migration could not start, failed or was cancelled (the source
+    VM runs on unchanged), or ``pyvt.Vm.incoming`` refused or lost the
+    incoming VM (it never runs a VM it did not wholly receive): the message
+    says which and why."""
