@@ -65,3 +65,8 @@ __all__ = [
     "Snapshot", "SnapshotError", "SnapshotFileError", "SnapshotFileNotFound",
     "Sandbox", "get_include", "SandboxError", "GuestFault", "SandboxTimeout",
 ]
+
+# Run control (issue 17).
+from .errors import RunControlError  # noqa: E402
+
+__all__.append("RunControlError")

@@ -216,39 +216,63 @@ def _answer_unclaimed(cpu, exit, trace) -> bool:
     return True
 
 
-def _run_one(cpu, timeout, trace) -> exits.Exit:
+def _run_one(cpu, timeout, trace, control) -> exits.Exit:
+    """Runs ``cpu`` until it stops for good.  Before each KVM_RUN it passes
+    ``control`` (:class:`pyvt.run_control.RunControl`), which parks it while
+    the VM is paused; a pause does not count against ``timeout``."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-        exit = cpu.run(timeout=left)
-        if trace is not None and _answer_unclaimed(cpu, exit, trace):
-            continue
-        if isinstance(exit, exits.Timeout) and timeout is not None:
-            return exits.Timeout(float(timeout), exit.rip)  # the whole run's budget
-        return exit
+    control.join(cpu)
+    try:
+        while True:
+            parked = control.hold(cpu)
+            if deadline is not None:
+                deadline += parked
+            if control.ending:
+                return exits.Stopped(cpu._rip())
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            exit = cpu.run(timeout=left)
+            if isinstance(exit, exits.Stopped) and control.claims_stop(cpu):
+                continue  # pause() or end_run() kicked it: park, or leave above
+            if trace is not None and _answer_unclaimed(cpu, exit, trace):
+                continue
+            if isinstance(exit, exits.Timeout) and timeout is not None:
+                return exits.Timeout(float(timeout), exit.rip)  # the whole run's budget
+            return exit
+    finally:
+        control.leave(cpu)
 
 
 def run(vm, timeout: Optional[float] = None, trace_io=None) -> exits.Exit:
     """Runs every vCPU until one stops; see :meth:`pyvt.Vm.run`."""
+    from . import run_control
+
     vm._check_open()
     if not vm.vcpus:
         raise Error("no vCPU to run: call vm.boot() (or vm.vcpu()) first")
     if trace_io is True:
         trace_io = sys.stderr
+    control = run_control.of(vm)
+    ended = control.run_started()
+    if ended is not None:  # vm.end_run() came before this run
+        return control.run_finished(ended)
     as_pc = vm._machine.unclaimed_as_pc
     if trace_io is not None:
         vm._machine.unclaimed_as_pc = False  # unclaimed accesses come to _answer_unclaimed
     try:
-        return _run_all(vm, timeout, trace_io)
+        exit = _run_all(vm, timeout, trace_io, control)
+    except BaseException as e:
+        control.run_finished(None, e)
+        raise
     finally:
         if not vm.closed:
             vm._machine.unclaimed_as_pc = as_pc
+    return control.run_finished(exit)
 
 
-def _run_all(vm, timeout, trace_io) -> exits.Exit:
+def _run_all(vm, timeout, trace_io, control) -> exits.Exit:
     cpus = [vm.vcpus[i] for i in sorted(vm.vcpus)]
     if len(cpus) == 1:
-        return _run_one(cpus[0], timeout, trace_io)
+        return _run_one(cpus[0], timeout, trace_io, control)
 
     Outcome = Union[exits.Exit, BaseException]
     results: List[Tuple[int, Outcome]] = []  # (cpu, exit or exception), first wins
@@ -259,6 +283,7 @@ def _run_all(vm, timeout, trace_io) -> exits.Exit:
             first = not results
             results.append((index, outcome))
         if first:
+            control.finishing()  # parked vCPUs leave too
             for other in cpus:
                 if other.index != index:
                     other.stop()
@@ -266,7 +291,7 @@ def _run_all(vm, timeout, trace_io) -> exits.Exit:
     def worker(cpu):
         outcome: Outcome
         try:
-            outcome = _run_one(cpu, None, trace_io)
+            outcome = _run_one(cpu, None, trace_io, control)
         except BaseException as e:  # handed to the caller below
             outcome = e
         if not isinstance(outcome, exits.Stopped) or not results:
@@ -278,7 +303,7 @@ def _run_all(vm, timeout, trace_io) -> exits.Exit:
         t.start()
     outcome: Outcome
     try:
-        outcome = _run_one(cpus[0], timeout, trace_io)
+        outcome = _run_one(cpus[0], timeout, trace_io, control)
     except BaseException as e:
         outcome = e
     if not isinstance(outcome, exits.Stopped) or not results:

@@ -181,6 +181,15 @@ class DeviceStateError(DeviceError, ArgumentError):
     or not what the device's ``save_state()`` returns."""
 
 
+# -- RUN CONTROL (issue 17): pausing, resuming and ending vm.run() -------------
+
+
+class RunControlError(Error):
+    """``vm.pause()`` could not pause the VM (a vCPU did not stop in time,
+    or it was called from a vCPU's own thread), or ``vm.run()`` was started
+    twice at once: the message says which; the VM runs on."""
+
+
 # -- MIGRATION (issue 17): live migration and its stream ------------------------
 
 

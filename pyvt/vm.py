@@ -267,6 +267,7 @@ class Vm:
             return
         self._released = True
         self._closed = True
+        self._close_run_control()
         me = threading.get_ident()
         vcpus = list(self.vcpus.values())
         for vcpu in vcpus:
@@ -710,6 +711,76 @@ class Vm:
         else:
             server.start()
         return server
+
+    # -- run control, control socket (issue 17: pyvt.run_control, pyvt.control) --
+
+    def pause(self, timeout: Optional[float] = 10.0) -> None:
+        """Stops every vCPU that :meth:`run` (in another thread) runs and
+        returns once all are parked outside the guest, their pending writes
+        completed: the caller may then take :meth:`snapshot`,
+        ``cpu.save_state()``, :meth:`save_clock`...  Idempotent.  With no
+        run active, marks the VM paused: a run() started later starts
+        parked.  :meth:`resume` lets the guest go on exactly where it was.
+        Raises :class:`pyvt.RunControlError` if a vCPU does not stop within
+        ``timeout`` seconds (None: no limit); the VM then runs on."""
+        from . import run_control
+
+        self._check_open()
+        run_control.of(self).pause(timeout)
+
+    def resume(self) -> None:
+        """Undoes :meth:`pause`: the parked vCPUs go on where they were.
+        Does nothing if the VM is not paused."""
+        from . import run_control
+
+        self._check_open()
+        run_control.of(self).resume()
+
+    def end_run(self, exit: exits.Exit) -> None:
+        """Makes the active :meth:`run` stop its vCPUs and return ``exit``
+        (a :mod:`pyvt.exits` value), paused or not; returns once they are
+        stopped.  With no run active, the next run() returns ``exit`` at once
+        without running the guest."""
+        from . import run_control
+
+        self._check_open()
+        run_control.of(self).end_run(exit)
+
+    @property
+    def status(self) -> str:
+        """``"created"`` (never run), ``"running"``, ``"paused"``,
+        ``"shutdown"`` (the last run() returned), or a migration's
+        ``"inmigrate"``/``"migrated"``."""
+        from . import run_control
+
+        return run_control.of(self).status
+
+    def subscribe(self, callback) -> Callable[[], None]:
+        """Calls ``callback(name, data)`` (from any thread) for each event:
+        ``STOP``, ``RESUME``, ``SHUTDOWN`` (``data`` says how the run
+        ended), ``MIGRATION``.  Returns the function that unsubscribes it.
+        A callback that raises is reported on stderr once; the VM goes on."""
+        from . import run_control
+
+        return run_control.of(self).subscribe(callback)
+
+    def _emit_event(self, name: str, data: Optional[dict] = None) -> None:
+        from . import run_control
+
+        run_control.of(self).emit(name, data)
+
+    def _set_status(self, status: str) -> None:
+        from . import run_control
+
+        run_control.of(self).set_status(status)
+
+    def _close_run_control(self) -> None:
+        """From close(): parked vCPUs leave their run, control sockets close."""
+        control = self.__dict__.get("_run_control_state")
+        if control is not None:
+            control.close()
+        for server in list(self.__dict__.get("_control_servers", ())):
+            server.close()
 
     # -- migration (pyvt.migration, pyvt.state_hooks) --
 
