@@ -8,6 +8,8 @@
                      [--gdb [HOST:]PORT]
                   (KERNEL: multiboot or ELF; the console is stdin/stdout, like
                   qemu -kernel -nographic; a reset ends it with status 0)
+    pyvt incoming tcp:HOST:PORT [--control PATH] [--timeout S] [--wait S] [--no-stdin]
+                  (receives a live-migrating VM and runs it like `boot`)
     pyvt caps [--json] [--probe] [--require FEATURE ...]
     pyvt version
 
@@ -152,6 +154,10 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument("--backend", default=None, help="device path (default: /dev/kvm)")
     boot.add_argument("--gdb", metavar="[HOST:]PORT", default=None, help=_GDB_HELP)
 
+    from .migration import cli as migration_cli
+
+    migration_cli.add_parser(sub, _seconds, _TIMEOUT_HELP, _STATUSES)
+
     # `caps` has its own parser (pyvt.caps.cli); main() hands it the rest.
     sub.add_parser("caps", help="report what virtualization this host can do",
                    add_help=False)
@@ -170,6 +176,8 @@ def exit_status(exit: exits.AnyExit) -> int:
         return EXIT_TIMEOUT
     if isinstance(exit, exits.Reset):
         return 0  # as qemu -no-reboot
+    if isinstance(exit, exits.Migrated):
+        return 0  # the VM runs on elsewhere; the report says where
     return EXIT_GUEST_FAILED
 
 
@@ -301,6 +309,10 @@ def _command(argv: List[str]) -> int:
         return 0
     if args.command == "boot":
         return _boot(args)
+    if args.command == "incoming":
+        from .migration import cli as migration_cli
+
+        return migration_cli.run(args, _report, _feed_stdin, exit_status)
     return _run(args)
 
 

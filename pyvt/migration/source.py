@@ -34,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional
 
-from .. import exits, pageset
+from .. import exits, pageset, run_control
 from ..errors import ArgumentError, Error, MigrationError
 from . import machine, state, stream
 from .stream import PAGES
@@ -324,7 +324,7 @@ class Migration:
 
     def _check_running(self) -> None:
         status = getattr(self.vm, "status", "running")
-        if self.vm.closed or status not in ("running", "paused"):
+        if self.vm.closed or status not in ("running", "paused", "created"):
             raise MigrationError(f"the VM is {'closed' if self.vm.closed else status}: "
                                  "it stopped running during the migration")
 
@@ -400,5 +400,14 @@ class Migration:
             pass  # the destination has the VM; its confirmation got lost
         self.downtime = time.monotonic() - self._pause_started
         self.remaining_bytes = 0
-        vm._migrated_to = self.uri
-        vm.end_run(exits.Migrated(self.uri, self.downtime * 1000))
+        moved = exits.Migrated(self.uri, self.downtime * 1000)
+        vm.end_run(moved)
+        vm._set_status("migrated")
+        # The VM stays paused; once the run has returned, the next run()
+        # returns Migrated at once too instead of parking.
+        control = run_control.of(vm)
+        deadline = time.monotonic() + 5.0
+        while control.active and time.monotonic() < deadline:
+            time.sleep(0.001)
+        if not control.active:
+            vm.end_run(moved)

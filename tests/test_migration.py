@@ -1,0 +1,339 @@
+"""Live migration of running guests (issue 17): a guest that keeps writing
+memory and printing numbered lines moves mid-run; its memory checks out,
+and the source's and destination's consoles together hold every line once.
+Failures on the way leave the source running to its normal end."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+import pyvt
+from pyvt import exits
+from pyvt.migration import Listener
+
+sys.path.insert(0, str(Path(__file__).parent))
+from migration_guest import Counter, Proxy, lines_of, make_vm, wait_for_lines  # noqa: E402
+
+pytestmark = pytest.mark.requires_kvm
+
+LINES = 3000
+
+
+def expected(prefix="A", n=LINES):
+    return [f"{prefix}{i:05x}" for i in range(n)]
+
+
+class Destination:
+    """Vm.incoming in a thread, running what arrives to its end."""
+
+    def __init__(self, setup=None, uri="tcp:127.0.0.1:0"):
+        self.listener = Listener(uri)
+        self.uri = self.listener.uri
+        self.vm = self.exit = self.error = None
+        self.setup = setup
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            self.vm = pyvt.Vm.incoming(self.listener, setup=self.setup, timeout=60)
+            self.exit = self.vm.run(timeout=120)
+        except BaseException as e:
+            self.error = e
+
+    def join(self):
+        self.thread.join(180)
+        assert not self.thread.is_alive()
+
+
+class Source:
+    """The source VM's vm.run() in a thread."""
+
+    def __init__(self, vm):
+        self.vm, self.exit, self.error = vm, None, None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            self.exit = self.vm.run(timeout=120)
+        except BaseException as e:
+            self.error = e
+
+    def join(self):
+        self.thread.join(180)
+        assert not self.thread.is_alive()
+        assert self.error is None, self.error
+
+
+def migrate_mid_run(vm, uri, **kw):
+    source = Source(vm)
+    wait_for_lines(vm, 20)
+    result = vm.migrate(uri, **kw)
+    source.join()
+    return source, result
+
+
+def check_moved(source, result, dest, source_out: bytes, dest_out: bytes, prefix="A"):
+    assert result.status == "completed", result
+    assert result.rounds >= 2 and result.transferred_bytes > 0
+    assert result.downtime_ms is not None and result.downtime_ms <= result.total_ms
+    assert isinstance(source.exit, exits.Migrated) and source.exit.destination == result.uri
+    dest.join()
+    assert dest.error is None, dest.error
+    # Code 0: the guest's memory sum and (if any) its device count match.
+    assert isinstance(dest.exit, exits.DebugExit) and dest.exit.code == 0, dest.exit
+    before, after = lines_of(source_out), lines_of(dest_out)
+    assert before and after, "the migration was not mid-run"
+    assert before + after == expected(prefix)
+
+
+def streams(vm, tmp_path, name):
+    path = tmp_path / name
+    f = open(path, "wb")
+    vm.console.stream(f)
+    vm.debugcon.stream(f)
+    return path, f
+
+
+@pytest.mark.parametrize("ring", [False, True], ids=["dirty-bitmap", "dirty-ring"])
+def test_a_running_guest_moves_with_its_memory_and_every_line_once(tmp_path, ring):
+    vm = make_vm(LINES, out_dir=tmp_path, dirty_ring=ring)
+    dest = Destination()
+    try:
+        source, result = migrate_mid_run(vm, dest.uri)
+        dest.join()
+        # The destination's console holds the whole history (the source's
+        # output moved with the UART's state); each side printed its part.
+        check_moved(source, result, dest, vm.console.output,
+                    dest.vm.console.output[len(vm.console.output):])
+        assert dest.vm.console.output.startswith(vm.console.output)
+        assert vm.status == "migrated" and vm.migration.info()["status"] == "completed"
+        assert vm.run() == source.exit  # a migrated VM does not run again here
+    finally:
+        vm.close()
+        if dest.vm is not None:
+            dest.vm.close()
+
+
+def test_an_smp_guest_moves_with_both_vcpus(tmp_path):
+    vm = make_vm(LINES, smp=True, out_dir=tmp_path)
+    dest = Destination()
+    try:
+        source, result = migrate_mid_run(vm, dest.uri)
+        dest.join()
+        assert dest.error is None, dest.error
+        assert sorted(dest.vm.vcpus) == [0, 1]
+        assert isinstance(dest.exit, exits.DebugExit) and dest.exit.code == 0, dest.exit
+        for console, prefix in ((lambda v: v.console, "A"), (lambda v: v.debugcon, "B")):
+            before = console(vm).output
+            after = console(dest.vm).output
+            assert after.startswith(before) and len(after) > len(before) > 0
+            assert lines_of(after) == expected(prefix)
+        assert isinstance(source.exit, exits.Migrated) and result.status == "completed"
+    finally:
+        vm.close()
+        if dest.vm is not None:
+            dest.vm.close()
+
+
+def test_a_python_handled_device_state_follows_through_its_hook(tmp_path):
+    vm = make_vm(LINES, device=True, out_dir=tmp_path)
+    counter = Counter()
+    counter.attach(vm)
+    moved = Counter()
+    dest = Destination(setup=moved.attach)
+    try:
+        source, result = migrate_mid_run(vm, dest.uri)
+        check_moved(source, result, dest, vm.console.output,
+                    dest.vm.console.output[len(vm.console.output):])
+        # Each side counted its own lines; the guest saw one count.
+        assert 0 < counter.count < LINES and moved.count == LINES
+    finally:
+        vm.close()
+        if dest.vm is not None:
+            dest.vm.close()
+
+
+def test_a_destination_without_the_handlers_refuses_and_the_source_runs_on(tmp_path):
+    vm = make_vm(LINES, device=True, out_dir=tmp_path)
+    counter = Counter()
+    counter.attach(vm)
+    dest = Destination(setup=None)
+    try:
+        source = Source(vm)
+        wait_for_lines(vm, 20)
+        result = vm.migrate(dest.uri)
+        assert result.status == "failed"
+        assert "0x510" in result.error and "setup" in result.error
+        source.join()
+        dest.join()
+        assert isinstance(dest.error, pyvt.MigrationError)
+        assert isinstance(source.exit, exits.DebugExit) and source.exit.code == 0
+        assert lines_of(vm.console.output) == expected() and counter.count == LINES
+    finally:
+        vm.close()
+
+
+def _runs_on_after(tmp_path, action, after, dest_kind="thread"):
+    """Migrates through a Proxy that does ``action`` after ``after`` bytes;
+    the source must end normally with every line."""
+    vm = make_vm(LINES, out_dir=tmp_path)
+    proc = None
+    if dest_kind == "thread":
+        dest = Destination()
+        target = dest.listener.sock.getsockname()[:2]
+        on_trigger = None
+    else:  # a `pyvt incoming` process, killed mid-stream
+        dest = None
+        port_file = tmp_path / "port"
+        import socket
+
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        proc = subprocess.Popen([sys.executable, "-m", "pyvt", "incoming",
+                                 f"tcp:127.0.0.1:{port}", "--no-stdin"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, "PYTHONPATH": os.getcwd()})
+        assert b"waiting for a VM" in proc.stderr.readline()
+        target = ("127.0.0.1", port)
+        on_trigger = lambda: proc.send_signal(signal.SIGKILL)  # noqa: E731
+        del port_file
+    proxy = Proxy(target, after, action, on_trigger)
+    try:
+        source = Source(vm)
+        wait_for_lines(vm, 20)
+        migration = vm.start_migration(proxy.uri)
+        if action == "stall":
+            assert proxy.triggered.wait(30)
+            assert migration.info()["status"] == "active"
+            migration.cancel()
+        result = migration.wait(120)
+        assert proxy.triggered.is_set()
+        source.join()
+        assert isinstance(source.exit, exits.DebugExit) and source.exit.code == 0, source.exit
+        assert lines_of(vm.console.output) == expected()
+        assert vm.status == "shutdown"
+        if dest is not None:
+            dest.join()
+            assert isinstance(dest.error, pyvt.MigrationError) and dest.vm is None
+        if proc is not None:
+            proc.wait(30)
+            assert proc.returncode == -signal.SIGKILL
+        return result
+    finally:
+        vm.close()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+
+
+def test_a_dropped_connection_leaves_the_source_running(tmp_path):
+    result = _runs_on_after(tmp_path, "drop", 2 << 20)
+    assert result.status == "failed" and "connection" in result.error
+
+
+def test_a_corrupted_chunk_is_refused_and_the_source_runs_on(tmp_path):
+    result = _runs_on_after(tmp_path, "corrupt", 3 << 20)
+    assert result.status == "failed" and "checksum" in result.error, result.error
+
+
+def test_a_killed_destination_leaves_the_source_running(tmp_path):
+    result = _runs_on_after(tmp_path, "call", 2 << 20, dest_kind="process")
+    assert result.status == "failed"
+
+
+def test_a_cancelled_migration_leaves_the_source_running(tmp_path):
+    result = _runs_on_after(tmp_path, "stall", 2 << 20)
+    assert result.status == "cancelled" and result.error
+
+
+def test_pyvt_incoming_runs_the_vm_to_its_end_with_the_rest_of_its_console(tmp_path):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    proc = subprocess.Popen([sys.executable, "-m", "pyvt", "incoming", f"tcp:127.0.0.1:{port}",
+                             "--no-stdin"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    vm = make_vm(LINES, out_dir=tmp_path)
+    try:
+        assert b"waiting for a VM on tcp:127.0.0.1:" in proc.stderr.readline()
+        source, result = migrate_mid_run(vm, f"tcp:127.0.0.1:{port}")
+        out, err = proc.communicate(timeout=120)
+        assert result.status == "completed", result
+        assert proc.returncode == 1, err  # the guest's debug-exit: (0 << 1) | 1
+        assert b"DebugExit(code=0x0" in err
+        assert lines_of(vm.console.output, out) == expected()
+        assert lines_of(vm.console.output) and lines_of(out)
+    finally:
+        vm.close()
+        if proc.poll() is None:
+            proc.kill()
+
+
+# -- between two network namespaces ----------------------------------------------
+
+
+def _ip(*args):
+    return subprocess.run(["ip", *args], capture_output=True, text=True)
+
+
+@pytest.fixture
+def namespaces():
+    tag = f"pyvt{os.getpid() % 100000}"
+    a, b = f"{tag}a", f"{tag}b"
+    made = _ip("netns", "add", a)
+    if made.returncode:
+        pytest.skip(f"cannot create a network namespace here: {made.stderr.strip()}")
+    try:
+        for step in (("netns", "add", b),
+                     ("link", "add", f"{tag}x", "netns", a, "type", "veth", "peer", "name",
+                      f"{tag}y", "netns", b),
+                     ("-n", a, "addr", "add", "10.217.0.1/24", "dev", f"{tag}x"),
+                     ("-n", b, "addr", "add", "10.217.0.2/24", "dev", f"{tag}y"),
+                     ("-n", a, "link", "set", f"{tag}x", "up"),
+                     ("-n", b, "link", "set", f"{tag}y", "up"),
+                     ("-n", a, "link", "set", "lo", "up"),
+                     ("-n", b, "link", "set", "lo", "up")):
+            done = _ip(*step)
+            if done.returncode:
+                pytest.skip(f"cannot set up a veth pair between namespaces: ip {' '.join(step)}: "
+                            f"{done.stderr.strip()}")
+        yield a, b
+    finally:
+        _ip("netns", "del", a)
+        _ip("netns", "del", b)
+
+
+def test_a_guest_moves_between_two_network_namespaces_over_a_veth_pair(namespaces, tmp_path):
+    a, b = namespaces
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "TMPDIR": str(tmp_path)}
+    dest = subprocess.Popen(["ip", "netns", "exec", b, sys.executable, "-m", "pyvt", "incoming",
+                             "tcp:10.217.0.2:4444", "--no-stdin"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert b"waiting for a VM on tcp:10.217.0.2:4444" in dest.stderr.readline()
+        source = subprocess.run(["ip", "netns", "exec", a, sys.executable,
+                                 str(Path(__file__).parent / "migration_guest.py"),
+                                 "tcp:10.217.0.2:4444"],
+                                capture_output=True, env=env, timeout=180)
+        out, err = dest.communicate(timeout=120)
+        report = json.loads(source.stderr.decode().strip().splitlines()[-1])
+        assert report["migration"]["status"] == "completed", report
+        assert report["exit"].startswith("Migrated(to tcp:10.217.0.2:4444")
+        assert dest.returncode == 1, err
+        assert lines_of(source.stdout) and lines_of(out)
+        assert lines_of(source.stdout, out) == expected()
+    finally:
+        if dest.poll() is None:
+            dest.kill()
