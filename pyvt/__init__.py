@@ -70,3 +70,9 @@ __all__ = [
 from .errors import RunControlError  # noqa: E402
 
 __all__.append("RunControlError")
+
+# Live migration (issue 17).
+from .errors import MigrationError  # noqa: E402
+from .migration import Migration, MigrationResult  # noqa: E402
+
+__all__ += ["MigrationError", "Migration", "MigrationResult"]

@@ -24,7 +24,7 @@ from guestbuild import build  # noqa: E402
 BUFFER = 0x200000
 FLAG = 0x100000
 CODE = pyvt.LOAD_ADDRESS
-DEVICE_PORT = 0x510
+DEVICE_PORT = 0x560
 
 
 def make_vm(lines=3000, spin=3_000_000, pages=1024, per_line=64, smp=False, device=False,
@@ -67,7 +67,9 @@ class Counter:
 
 
 def lines_of(*outputs: bytes):
-    return [line for out in outputs for line in out.decode().split()]
+    """The lines of the outputs put end to end (a line may be cut where the
+    source stopped and the destination went on)."""
+    return b"".join(outputs).decode().split()
 
 
 def wait_for_lines(path_or_vm, n: int, limit: float = 60.0) -> None:

@@ -156,6 +156,7 @@ def receive(channel: stream.Channel, setup, backend, vm_class):
     except BaseException as e:
         message = str(e) if isinstance(e, Error) else f"{type(e).__name__}: {e}"
         channel.send_error(f"the destination refused the VM: {message}")
+        channel.linger_close()
         if vm is not None:
             vm.close()
         if isinstance(e, MigrationError):

@@ -272,6 +272,7 @@ class Migration:
                 data = view[at:min(at + CHUNK, end)].tobytes()
                 if skip_zero and data == _ZERO[:len(data)]:
                     continue
+                channel.raise_peer_error()
                 channel.send(PAGES, region.gpa + at, data)
                 chunks += 1
         finally:

@@ -64,8 +64,10 @@ Chunk types, in stream order (S: source to destination, D: the reverse)
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
+import time
 import zlib
 from typing import Optional, Tuple
 
@@ -154,9 +156,37 @@ class Channel:
         try:
             self.sock.sendall(data)
         except OSError as e:
+            self.raise_peer_error(1.0)  # the peer's reason, if it said one
             raise MigrationError(f"the connection to {self.peer} failed: "
                                  f"{e.strerror or e}") from None
         self.sent_bytes += len(data)
+
+    def raise_peer_error(self, wait: float = 0.0) -> None:
+        """Raises the peer's ERROR (or its closing) if one has arrived
+        (within ``wait`` seconds): the source checks between chunks, so a
+        destination's refusal stops it at once."""
+        try:
+            ready, _, _ = select.select([self.sock], [], [], wait)
+        except (OSError, ValueError):
+            return
+        if ready:
+            self.settimeout(max(wait, 1.0))
+            self.recv()  # an ERROR chunk raises its message; anything else is out of order
+
+    def linger_close(self, limit: float = 2.0) -> None:
+        """Closes after the peer has seen our last chunk: reads (and drops)
+        what it still sends until it closes, so that our close does not
+        reset the connection and destroy the ERROR chunk unread."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + limit
+            while time.monotonic() < deadline:
+                ready, _, _ = select.select([self.sock], [], [], deadline - time.monotonic())
+                if not ready or not self.sock.recv(1 << 16):
+                    break
+        except OSError:
+            pass
+        self.close()
 
     def send_error(self, message: str) -> None:
         """Best effort: the peer may be gone already."""
