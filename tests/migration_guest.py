@@ -28,13 +28,13 @@ DEVICE_PORT = 0x560
 
 
 def make_vm(lines=3000, spin=3_000_000, pages=1024, per_line=64, smp=False, device=False,
-            out_dir=None, **vm_options):
+            out_dir=None, memory="16M", **vm_options):
     """A VM running the dirtying guest: vCPU 0 prints 'A<hex>' lines on the
     UART; with ``smp`` vCPU 1 prints 'B<hex>' lines on the debug console,
     writing its own buffer; with ``device`` each line also writes
     DEVICE_PORT, whose count the guest reads back at the end."""
     code = build("migrate_dirty", Path(out_dir or os.environ.get("TMPDIR", "/tmp")))
-    vm = pyvt.Vm("16M", **vm_options)
+    vm = pyvt.Vm(memory, **vm_options)
     vm.memory.write(CODE, code)
     for index in range(2 if smp else 1):
         cpu = vm.vcpu(index, mode="long", ring=3)
