@@ -16,8 +16,8 @@ A :class:`Migration` runs in its own thread while the guest runs on:
    :class:`pyvt.exits.Migrated`.
 
 Auto-converge: while the guest dirties pages faster than half the link
-carries them, each round raises ``throttle_percent`` (20, then +10 a round,
-up to 99): a throttle thread keeps the vCPUs paused that share of every
+carries them, or what is left to send stops shrinking, each round raises
+``throttle_percent`` (20, then +10 a round, up to 99): a throttle thread keeps the vCPUs paused that share of every
 20 ms.  At 99 % for three rounds the stop-and-copy starts anyway (the
 downtime then exceeds the target, and says so).
 
@@ -297,6 +297,7 @@ class Migration:
         last_collect = start
         bandwidth = (channel.sent_bytes - before) / max(time.monotonic() - start, 1e-6)
         at_max = 0
+        last_remaining = 1 << 62
         while True:
             self._check_cancel()
             self._check_running()
@@ -310,9 +311,13 @@ class Migration:
             if self.remaining_bytes <= bandwidth * budget or at_max >= FORCE_AFTER:
                 tracker.pending = dirty  # the last round sends them, with what comes after
                 return chunks
-            if self.rounds >= 2 and self.dirty_pages_rate * PAGE_SIZE > bandwidth / 2:
+            # Auto-converge: the guest dirties faster than half the link
+            # carries, or what is left stopped shrinking.
+            if self.rounds >= 2 and (self.dirty_pages_rate * PAGE_SIZE > bandwidth / 2
+                                     or self.remaining_bytes >= last_remaining):
                 self.throttle_percent = min(MAX_THROTTLE, 20 if not self.throttle_percent
                                             else self.throttle_percent + 10)
+            last_remaining = self.remaining_bytes
             if self.throttle_percent >= MAX_THROTTLE:
                 at_max += 1
             start, before = time.monotonic(), channel.sent_bytes
