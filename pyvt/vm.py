@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import threading
 import types
-from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from . import _native, debugging, exits, modes, msr_filter, pc, snapshot, snapshot_file
 from ._kvm import lib as _kvm_lib
@@ -36,6 +36,9 @@ from .memory import GuestMemory, parse_size
 from .vcpu import RUN_LOOP_COUNTERS, Vcpu
 
 from .snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from . import migration
 
 #: Where KVM may put the three pages it needs for real mode on VMX without
 #: unrestricted guest (the address QEMU uses), when guest RAM leaves it free.

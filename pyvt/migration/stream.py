@@ -69,7 +69,7 @@ import socket
 import struct
 import time
 import zlib
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 from ..errors import MigrationError
 
@@ -93,7 +93,7 @@ def head_checksum(kind: int, arg: int, length: int, payload_crc: int = 0) -> int
     return zlib.crc32(HEAD.pack(kind, 0, arg, length), payload_crc)
 
 
-def parse_uri(uri: str) -> Tuple[int, object]:
+def parse_uri(uri: str) -> Tuple[int, Any]:
     """``(family, address)`` for ``tcp:HOST:PORT`` (IPv6 hosts in
     brackets) or ``unix:PATH``."""
     if not isinstance(uri, str):
