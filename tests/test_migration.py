@@ -29,46 +29,50 @@ def expected(prefix="A", n=LINES):
     return [f"{prefix}{i:05x}" for i in range(n)]
 
 
-class Destination:
+class Background:
+    """``work()`` in a thread: its return value is ``exit``, what it raised
+    ``error``."""
+
+    def __init__(self, work):
+        self.exit = self.error = None
+        self.thread = threading.Thread(target=self._run, args=(work,), daemon=True)
+        self.thread.start()
+
+    def _run(self, work):
+        try:
+            self.exit = work()
+        except BaseException as e:
+            self.error = e
+
+    def join(self):
+        self.thread.join(180)
+        assert not self.thread.is_alive()
+
+
+class Destination(Background):
     """Vm.incoming in a thread, running what arrives to its end."""
 
     def __init__(self, setup=None, uri="tcp:127.0.0.1:0"):
         self.listener = Listener(uri)
         self.uri = self.listener.uri
-        self.vm = self.exit = self.error = None
+        self.vm = None
         self.setup = setup
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        super().__init__(self._receive_and_run)
 
-    def _run(self):
-        try:
-            self.vm = pyvt.Vm.incoming(self.listener, setup=self.setup, timeout=60)
-            self.exit = self.vm.run(timeout=120)
-        except BaseException as e:
-            self.error = e
-
-    def join(self):
-        self.thread.join(180)
-        assert not self.thread.is_alive()
+    def _receive_and_run(self):
+        self.vm = pyvt.Vm.incoming(self.listener, setup=self.setup, timeout=60)
+        return self.vm.run(timeout=120)
 
 
-class Source:
-    """The source VM's vm.run() in a thread."""
+class Source(Background):
+    """The source VM's vm.run() in a thread (which must not raise)."""
 
     def __init__(self, vm):
-        self.vm, self.exit, self.error = vm, None, None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        try:
-            self.exit = self.vm.run(timeout=120)
-        except BaseException as e:
-            self.error = e
+        self.vm = vm
+        super().__init__(lambda: vm.run(timeout=120))
 
     def join(self):
-        self.thread.join(180)
-        assert not self.thread.is_alive()
+        super().join()
         assert self.error is None, self.error
 
 
@@ -100,85 +104,70 @@ def check_moved(source, result, dest, source_vm, prefix="A", lines=LINES):
     assert lines_of(before, after) == expected(prefix, lines)
 
 
-def streams(vm, tmp_path, name):
-    path = tmp_path / name
-    f = open(path, "wb")
-    vm.console.stream(f)
-    vm.debugcon.stream(f)
-    return path, f
+@pytest.fixture
+def moving(tmp_path):
+    """``moving(vm_options..., setup=...)`` -> (source VM, Destination), both
+    closed after the test."""
+    made = []
+
+    def make(setup=None, **options):
+        vm = make_vm(out_dir=tmp_path, **options)
+        dest = Destination(setup=setup)
+        made.append((vm, dest))
+        return vm, dest
+
+    yield make
+    for vm, dest in made:
+        vm.close()
+        dest.thread.join(180)
+        if dest.vm is not None:
+            dest.vm.close()
 
 
 @pytest.mark.parametrize("ring", [False, True], ids=["dirty-bitmap", "dirty-ring"])
-def test_a_running_guest_moves_with_its_memory_and_every_line_once(tmp_path, ring):
-    vm = make_vm(LINES, out_dir=tmp_path, dirty_ring=ring)
-    dest = Destination()
-    try:
-        source, result = migrate_mid_run(vm, dest.uri)
-        check_moved(source, result, dest, vm)
-        assert vm.status == "migrated" and vm.migration.info()["status"] == "completed"
-        assert vm.run() == source.exit  # a migrated VM does not run again here
-    finally:
-        vm.close()
-        if dest.vm is not None:
-            dest.vm.close()
+def test_a_running_guest_moves_with_its_memory_and_every_line_once(moving, ring):
+    vm, dest = moving(lines=LINES, dirty_ring=ring)
+    source, result = migrate_mid_run(vm, dest.uri)
+    check_moved(source, result, dest, vm)
+    assert vm.status == "migrated" and vm.migration.info()["status"] == "completed"
+    assert vm.run() == source.exit  # a migrated VM does not run again here
 
 
-def test_an_smp_guest_moves_with_both_vcpus(tmp_path):
-    vm = make_vm(LINES, smp=True, out_dir=tmp_path)
-    dest = Destination()
-    try:
-        source, result = migrate_mid_run(vm, dest.uri)
-        dest.join()
-        assert dest.error is None, dest.error
-        assert sorted(dest.vm.vcpus) == [0, 1]
-        assert isinstance(dest.exit, exits.DebugExit) and dest.exit.code == 0, dest.exit
-        for console, prefix in ((lambda v: v.console, "A"), (lambda v: v.debugcon, "B")):
-            before = console(vm).output
-            after = console(dest.vm).output
-            assert after.startswith(before) and len(after) > len(before) > 0
-            assert lines_of(after) == expected(prefix)
-        assert isinstance(source.exit, exits.Migrated) and result.status == "completed"
-    finally:
-        vm.close()
-        if dest.vm is not None:
-            dest.vm.close()
+def test_an_smp_guest_moves_with_both_vcpus(moving):
+    vm, dest = moving(lines=LINES, smp=True)
+    source, result = migrate_mid_run(vm, dest.uri)
+    check_moved(source, result, dest, vm)  # vCPU 0's lines, on the UART
+    assert sorted(dest.vm.vcpus) == [0, 1]
+    before, after = vm.debugcon.output, dest.vm.debugcon.output  # vCPU 1's
+    assert after.startswith(before) and len(after) > len(before) > 0
+    assert lines_of(after) == expected("B")
 
 
-def test_a_python_handled_device_state_follows_through_its_hook(tmp_path):
-    vm = make_vm(LINES, device=True, out_dir=tmp_path)
-    counter = Counter()
-    counter.attach(vm)
+def test_a_python_handled_device_state_follows_through_its_hook(moving):
     moved = Counter()
-    dest = Destination(setup=moved.attach)
-    try:
-        source, result = migrate_mid_run(vm, dest.uri)
-        check_moved(source, result, dest, vm)
-        # Each side counted its own lines; the guest saw one count.
-        assert 0 < counter.count < LINES and moved.count == LINES
-    finally:
-        vm.close()
-        if dest.vm is not None:
-            dest.vm.close()
-
-
-def test_a_destination_without_the_handlers_refuses_and_the_source_runs_on(tmp_path):
-    vm = make_vm(LINES, device=True, out_dir=tmp_path)
+    vm, dest = moving(lines=LINES, device=True, setup=moved.attach)
     counter = Counter()
     counter.attach(vm)
-    dest = Destination(setup=None)
-    try:
-        source = Source(vm)
-        wait_for_lines(vm, 20)
-        result = vm.migrate(dest.uri)
-        assert result.status == "failed"
-        assert "0x560" in result.error and "setup" in result.error
-        source.join()
-        dest.join()
-        assert isinstance(dest.error, pyvt.MigrationError)
-        assert isinstance(source.exit, exits.DebugExit) and source.exit.code == 0
-        assert lines_of(vm.console.output) == expected() and counter.count == LINES
-    finally:
-        vm.close()
+    source, result = migrate_mid_run(vm, dest.uri)
+    check_moved(source, result, dest, vm)
+    # The count moved with the VM: the guest read back one count of all its lines.
+    assert 0 < counter.count < LINES and moved.count == LINES
+
+
+def test_a_destination_without_the_handlers_refuses_and_the_source_runs_on(moving):
+    vm, dest = moving(lines=LINES, device=True)
+    counter = Counter()
+    counter.attach(vm)
+    source = Source(vm)
+    wait_for_lines(vm, 20)
+    result = vm.migrate(dest.uri)
+    assert result.status == "failed"
+    assert "0x560" in result.error and "setup" in result.error
+    source.join()
+    dest.join()
+    assert isinstance(dest.error, pyvt.MigrationError)
+    assert isinstance(source.exit, exits.DebugExit) and source.exit.code == 0
+    assert lines_of(vm.console.output) == expected() and counter.count == LINES
 
 
 def _runs_on_after(tmp_path, action, after, dest_kind="thread"):
@@ -339,16 +328,12 @@ def test_a_guest_moves_between_two_network_namespaces_over_a_veth_pair(namespace
             dest.kill()
 
 
-def test_a_guest_dirtying_faster_than_the_target_allows_is_throttled_and_moves(tmp_path):
+def test_a_guest_dirtying_faster_than_the_target_allows_is_throttled_and_moves(moving):
     # A downtime target no dirtying guest can meet: pre-copy alone never
     # converges, so auto-converge throttles the vCPUs until it moves anyway.
-    vm = make_vm(20 * LINES, spin=1000, per_line=256, out_dir=tmp_path)
-    dest = Destination()
-    try:
-        source, result = migrate_mid_run(vm, dest.uri, downtime_ms=0.001)
-        check_moved(source, result, dest, vm, lines=20 * LINES)
-        assert result.throttle_percent > 0 and result.rounds > 2
-    finally:
-        vm.close()
-        if dest.vm is not None:
-            dest.vm.close()
+    # The guest writes memory nearly all the time (a line every 100,000
+    # writes), so that no round finds nothing written.
+    vm, dest = moving(lines=LINES, spin=1, per_line=100_000)
+    source, result = migrate_mid_run(vm, dest.uri, downtime_ms=0.001)
+    check_moved(source, result, dest, vm)
+    assert result.throttle_percent > 0 and result.rounds > 2
