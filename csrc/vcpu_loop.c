@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <time.h>
 
 enum claim {
 	CLAIM_NONE,   /* no range holds the access */
@@ -237,6 +238,19 @@ static int interrupted(struct pvt_vcpu *vcpu)
 	return PVT_STOP_INTERRUPTED;
 }
 
+/* One more return from KVM_RUN in exits_by_reason. */
+static void count_exit(struct pvt_vcpu *vcpu, int ret, int err)
+{
+	uint32_t reason;
+
+	if (ret < 0 && err != EINTR)
+		return; /* KVM_RUN failed: no exit reason */
+	reason = ret < 0 ? KVM_EXIT_INTR : vcpu->run->exit_reason;
+	if (reason >= PVT_EXIT_REASON_SLOTS)
+		reason = PVT_EXIT_REASON_SLOTS - 1;
+	vcpu->exits_by_reason[reason]++;
+}
+
 /* pvt_vcpu_run() without its bookkeeping of the pending access. */
 static int run_until_stop(struct pvt_vcpu *vcpu, struct pvt_stop_info *info)
 {
@@ -244,10 +258,19 @@ static int run_until_stop(struct pvt_vcpu *vcpu, struct pvt_stop_info *info)
 
 	for (;;) {
 		enum claim claim;
-		int ret = ioctl(vcpu->fd, KVM_RUN, 0);
-		int err = errno;
+		struct timespec entered, left;
+		int ret, err;
 
+		/* vDSO clock reads: tens of ns against a KVM_RUN of microseconds. */
+		clock_gettime(CLOCK_MONOTONIC, &entered);
+		ret = ioctl(vcpu->fd, KVM_RUN, 0);
+		err = errno;
+		clock_gettime(CLOCK_MONOTONIC, &left);
+		vcpu->guest_ns += (uint64_t)(left.tv_sec - entered.tv_sec) *
+					  1000000000u +
+				  (uint64_t)(left.tv_nsec - entered.tv_nsec);
 		vcpu->kvm_exits++;
+		count_exit(vcpu, ret, err);
 		/* Coalesced writes happened before this exit: replay them first. */
 		pvt_vcpu_drain_coalesced(vcpu);
 		if (ret < 0) {

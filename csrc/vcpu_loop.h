@@ -38,6 +38,12 @@ enum pvt_pending_io {
 	PVT_PENDING_WRITE = 2, /* an out / MMIO write / wrmsr waits to be retired */
 };
 
+/*
+ * Slots of pvt_vcpu.exits_by_reason: one per KVM exit reason below this
+ * (x86 uses 0-37 in Linux 6.x), the last one for every reason at or above it.
+ */
+#define PVT_EXIT_REASON_SLOTS 64
+
 struct pvt_stop_info {
 	int user_id;
 	uint64_t stop_code;  /* from the device (debug-exit: the value) */
@@ -54,6 +60,9 @@ struct pvt_vcpu {
 	uint64_t kvm_exits;    /* every return from KVM_RUN */
 	uint64_t native_exits; /* exits handled without leaving C */
 	uint64_t coalesced;    /* writes drained from the coalesced ring */
+	/* Returns from KVM_RUN by kvm_run.exit_reason (an EINTR counts as INTR). */
+	uint64_t exits_by_reason[PVT_EXIT_REASON_SLOTS];
+	uint64_t guest_ns; /* CLOCK_MONOTONIC time spent inside KVM_RUN */
 	enum pvt_pending_io pending_io; /* what the next KVM_RUN completes */
 	bool kick_masked; /* KVM_SET_SIGNAL_MASK lets the kick in (kick.h) */
 };

@@ -48,6 +48,7 @@ from .snapshot import Snapshot, SnapshotError, SnapshotFileError, SnapshotFileNo
 from .vcpu import Vcpu
 from .vm import Vm, select_backend
 from .sandbox import Sandbox, get_include
+from . import pci
 
 try:
     from ._version import version as __version__
@@ -64,12 +65,17 @@ __all__ = [
     "InternalError", "UnmappedAddressError", "DeviceError", "DeviceStateError",
     "Snapshot", "SnapshotError", "SnapshotFileError", "SnapshotFileNotFound",
     "Sandbox", "get_include", "SandboxError", "GuestFault", "SandboxTimeout",
+    "pci",
 ]
 
-# Run control (issue 17).
-from .errors import RunControlError  # noqa: E402
+# -- virtio native workers (pyvt._virtio) --
+from .errors import VirtqueueError  # noqa: E402
+__all__ += ["VirtqueueError"]
 
-__all__.append("RunControlError")
+# Run control (issue 17).
+from .errors import ControlError, RunControlError  # noqa: E402
+
+__all__ += ["RunControlError", "ControlError"]
 
 # Live migration (issue 17).
 from .errors import MigrationError  # noqa: E402

@@ -6,6 +6,7 @@ STOP_DEVICE: int
 STOP_TIMEOUT: int
 STOP_ERROR: int
 STOP_REQUESTED: int
+EXIT_REASON_SLOTS: int
 STOP_BAD_EXIT: int
 KICK_SIGNAL: int
 SPACE_PIO: int
@@ -29,6 +30,17 @@ I8042_COMMAND_PORT: int
 I8042_PORT_COUNT: int
 POST_PORT: int
 POST_PORT_COUNT: int
+PM1_PORT: int
+PM1_PORT_COUNT: int
+PM1_EVENT_LENGTH: int
+PM1_CONTROL_LENGTH: int
+PM1_SLP_TYP_S5: int
+PM1_STOP_POWEROFF: int
+PM1_SLP_TYP_S3: int
+PM1_STOP_SUSPEND: int
+PM1_STS_WAK: int
+PM1_STS_RTC: int
+PM1_EN_RTC: int
 FW_CFG_SIGNATURE: int
 FW_CFG_ID: int
 FW_CFG_RAM_SIZE: int
@@ -178,6 +190,17 @@ class PostCode(_Device):
     def save_state(self) -> bytes: ...
     def load_state(self, state: bytes) -> None: ...
 
+class AcpiPm1(_Device):
+    STATE_SIZE: int
+    @property
+    def status(self) -> int: ...
+    @property
+    def enable(self) -> int: ...
+    @property
+    def control(self) -> int: ...
+    def save_state(self) -> bytes: ...
+    def load_state(self, state: bytes) -> None: ...
+
 def read_answer(value: Any, size: int, space: str, where: int) -> bytes: ...
 
 class VcpuLoop:
@@ -186,6 +209,10 @@ class VcpuLoop:
                  page_size: int) -> None: ...
     @property
     def stats(self) -> dict: ...
+    @property
+    def exits_by_reason(self) -> List[int]: ...
+    @property
+    def guest_ns(self) -> int: ...
     def close(self) -> None: ...
     def request_stop(self) -> None: ...
     def clear_stop(self) -> None: ...

@@ -39,6 +39,7 @@ STOP_TIMEOUT = 100
 STOP_ERROR = 101
 STOP_REQUESTED = 102
 STOP_BAD_EXIT = PVT_STOP_BAD_EXIT
+EXIT_REASON_SLOTS = PVT_EXIT_REASON_SLOTS
 
 #: Timeouts from here on (about 146 years) mean "no timeout": they would
 #: overflow the nanosecond clock arithmetic.
@@ -71,6 +72,17 @@ I8042_COMMAND_PORT = PVT_I8042_COMMAND_PORT
 I8042_PORT_COUNT = PVT_I8042_PORT_COUNT
 POST_PORT = PVT_PORT80_PORT
 POST_PORT_COUNT = PVT_PORT80_PORT_COUNT
+PM1_PORT = PVT_PM1_PORT
+PM1_PORT_COUNT = PVT_PM1_PORT_COUNT
+PM1_EVENT_LENGTH = PVT_PM1_EVENT_LENGTH
+PM1_CONTROL_LENGTH = PVT_PM1_CONTROL_LENGTH
+PM1_SLP_TYP_S5 = PVT_PM1_SLP_TYP_S5
+PM1_STOP_POWEROFF = PVT_PM1_STOP_POWEROFF
+PM1_SLP_TYP_S3 = PVT_PM1_SLP_TYP_S3
+PM1_STOP_SUSPEND = PVT_PM1_STOP_SUSPEND
+PM1_STS_WAK = PVT_PM1_STS_WAK
+PM1_STS_RTC = PVT_PM1_STS_RTC
+PM1_EN_RTC = PVT_PM1_EN_RTC
 
 
 # -- errors: the one place a native -errno becomes an exception ---------------
@@ -725,6 +737,8 @@ cdef class VcpuLoop:
     # ring is full: it harvests and resets the rings, and the run goes on.
     cdef public object on_dirty_ring_full
     cdef uint64_t dirty_ring_full_exits
+    # Exits served by a Python handler (vm.on_io / on_mmio / on_msr).
+    cdef uint64_t python_exits
     # Holds a buffer export of the vCPU's mmap: while the loop lives, the
     # kvm_run page cannot be unmapped under it (mmap.close() refuses).
     cdef uint8_t[::1] page
@@ -789,12 +803,26 @@ cdef class VcpuLoop:
 
     @property
     def stats(self):
-        """Counters: KVM_RUN returns, exits handled natively, coalesced writes,
-        full dirty rings harvested on the way."""
+        """Counters: KVM_RUN returns, exits handled natively, exits handled
+        by Python handlers, coalesced writes, full dirty rings harvested on
+        the way."""
         return {"kvm_exits": self.v.kvm_exits,
                 "native_exits": self.v.native_exits,
+                "python_exits": self.python_exits,
                 "coalesced_writes": self.v.coalesced,
                 "dirty_ring_full_exits": self.dirty_ring_full_exits}
+
+    @property
+    def exits_by_reason(self):
+        """Returns from KVM_RUN by exit reason: a list of EXIT_REASON_SLOTS
+        counts indexed by ``kvm_run.exit_reason`` (an EINTR counts as
+        KVM_EXIT_INTR; the last slot holds every reason at or above it)."""
+        return [self.v.exits_by_reason[i] for i in range(PVT_EXIT_REASON_SLOTS)]
+
+    @property
+    def guest_ns(self):
+        """Nanoseconds (CLOCK_MONOTONIC) the loop spent inside KVM_RUN."""
+        return self.v.guest_ns
 
     def io_data_valid(self):
         """The run loop's check that an I/O exit's data lies in the mapping."""
@@ -870,6 +898,7 @@ cdef class VcpuLoop:
         The kick never reaches it (csrc/kick.h); if the handler raises, its
         read is abandoned (the instruction runs again next time) or its
         write retired (csrc/io_completion.h)."""
+        self.python_exits += 1
         self.hold_kick()
         try:
             if stop == PVT_STOP_USER_IO:
@@ -1194,6 +1223,41 @@ cdef class PostCode(_Device):
         check_state_size(state, PostCode.STATE_SIZE, "POST-code")
         self.post.last = state[0]
         self.post.writes = int.from_bytes(state[1:], "little")
+
+
+cdef class AcpiPm1(_Device):
+    """The ACPI PM1a event and control blocks (csrc/acpi_pm1.c): sleeping
+    in S5 stops the run with PVT_PM1_STOP_POWEROFF, in S3 with
+    PVT_PM1_STOP_SUSPEND."""
+
+    cdef pvt_acpi_pm1 pm
+    STATE_SIZE = 6  # PM1_STS, PM1_EN, PM1_CNT (u16 each, little-endian)
+
+    def __init__(self, Machine machine, uint64_t base):
+        self.machine = machine
+        self.add_range(base, PVT_PM1_PORT_COUNT, pvt_acpi_pm1_io, &self.pm)
+
+    @property
+    def status(self):
+        return self.pm.status
+
+    @property
+    def enable(self):
+        return self.pm.enable
+
+    @property
+    def control(self):
+        return self.pm.control
+
+    def save_state(self):
+        return b"".join(int(v).to_bytes(2, "little")
+                        for v in (self.pm.status, self.pm.enable, self.pm.control))
+
+    def load_state(self, bytes state):
+        check_state_size(state, AcpiPm1.STATE_SIZE, "ACPI PM1")
+        self.pm.status = int.from_bytes(state[0:2], "little")
+        self.pm.enable = int.from_bytes(state[2:4], "little")
+        self.pm.control = int.from_bytes(state[4:6], "little")
 
 
 # -- the dirty ring (csrc/dirty_ring.c) ------------------------------------------

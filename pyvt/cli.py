@@ -1,16 +1,18 @@
 """The ``pyvt`` command line (also ``python -m pyvt``).
 
     pyvt run FILE [--mode long] [--ring 0|3] [--at ADDR] [--timeout S] [--memory 16M]
-                  [--gdb [HOST:]PORT]
+                  [--gdb [HOST:]PORT] [--control PATH] [--name NAME]
                   (FILE: a flat binary, or assembly source ending in .S/.s)
     pyvt boot KERNEL [--smp N] [--memory 128M] [--append ARGS] [--initrd FILE]
                      [--timeout S] [--no-irqchip] [--strict-io] [--trace-io] [--no-stdin]
-                     [--gdb [HOST:]PORT]
+                     [--gdb [HOST:]PORT] [--control PATH] [--name NAME]
                   (KERNEL: multiboot or ELF; the console is stdin/stdout, like
                   qemu -kernel -nographic; a reset ends it with status 0)
     pyvt incoming tcp:HOST:PORT [--control PATH] [--timeout S] [--wait S] [--no-stdin]
                   (receives a live-migrating VM and runs it like `boot`)
     pyvt caps [--json] [--probe] [--require FEATURE ...]
+    pyvt ctl PATH COMMAND [KEY=VALUE...]   (see pyvt.ctl)
+    pyvt top [--json] [--interval S]       (see pyvt.top)
     pyvt version
 
 ``run`` streams the guest's serial console to stdout and prints the final
@@ -29,7 +31,9 @@ further than that).  ``--gdb [HOST:]PORT`` starts the VM stopped before its
 first instruction and waits for gdb there (localhost unless HOST is given);
 the guest runs when gdb continues, and pyvt exits with the status the guest
 would have had without it (1 if gdb kills it).  File names and ``--append`` may hold any bytes: the
-guest gets them unchanged.
+guest gets them unchanged.  ``--control PATH`` serves the VM's control socket
+(:mod:`pyvt.control`) while it runs; a ``quit`` on it exits 0, and so does a
+completed live migration, naming where the VM went.
 """
 
 from __future__ import annotations
@@ -115,6 +119,13 @@ def _gdb_logging(address) -> None:
         logger.propagate = False
 
 
+def _control_arguments(parser) -> None:
+    parser.add_argument("--control", metavar="PATH", default=None,
+                        help="serve the VM's control socket (JSON lines; see pyvt ctl) at PATH")
+    parser.add_argument("--name", default=None,
+                        help="the VM's name in pyvt top and query-status (default pyvt-PID)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pyvt", description="Hardware virtualization from Python.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--memory", default="16M", help="guest RAM (default 16M)")
     run.add_argument("--backend", default=None, help="device path (default: /dev/kvm)")
     run.add_argument("--gdb", metavar="[HOST:]PORT", default=None, help=_GDB_HELP)
+    _control_arguments(run)
 
     boot = sub.add_parser("boot", help="boot a kernel (multiboot, ELF or flat) like qemu -kernel",
                           description=f"Boots KERNEL with the serial console on stdout.  "
@@ -153,6 +165,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="do not pass standard input to the serial port")
     boot.add_argument("--backend", default=None, help="device path (default: /dev/kvm)")
     boot.add_argument("--gdb", metavar="[HOST:]PORT", default=None, help=_GDB_HELP)
+    _control_arguments(boot)
 
     from .migration import cli as migration_cli
 
@@ -163,6 +176,10 @@ def _parser() -> argparse.ArgumentParser:
                    add_help=False)
 
     sub.add_parser("version", help="print pyvt's version")
+    # `ctl` and `top` have their own parsers (pyvt.ctl, pyvt.top) too.
+    sub.add_parser("ctl", help="send a command to a VM's control socket", add_help=False)
+    sub.add_parser("top", help="live view of the pyvt VMs with control sockets",
+                   add_help=False)
     return parser
 
 
@@ -176,8 +193,13 @@ def exit_status(exit: exits.AnyExit) -> int:
         return EXIT_TIMEOUT
     if isinstance(exit, exits.Reset):
         return 0  # as qemu -no-reboot
-    if isinstance(exit, exits.Migrated):
-        return 0  # the VM runs on elsewhere; the report says where
+    if isinstance(exit, exits.PowerOff):
+        return 0
+    if isinstance(exit, exits.Quit):
+        return 0  # as QEMU's quit
+    migrated = getattr(exits, "Migrated", None)  # pyvt.migration's
+    if migrated is not None and isinstance(exit, migrated):
+        return 0  # the VM runs on elsewhere
     return EXIT_GUEST_FAILED
 
 
@@ -207,7 +229,8 @@ def _run(args) -> int:
         return EXIT_USAGE
     _gdb_logging(args.gdb)
     result = run(code, mode=args.mode, memory=args.memory, timeout=args.timeout,
-                 at=at, backend=args.backend, stream=sys.stdout, ring=args.ring, gdb=args.gdb)
+                 at=at, backend=args.backend, stream=sys.stdout, ring=args.ring, gdb=args.gdb,
+                 control=args.control, name=args.name)
     sys.stdout.flush()
     exit = result.exit
     _report(exit.describe() if exit.failed else repr(exit))
@@ -252,6 +275,8 @@ def _boot(args) -> int:
         vm.boot(args.kernel, cmdline=args.append, initrd=args.initrd, smp=args.smp,
                 irqchip=not args.no_irqchip, strict_io=args.strict_io)
         trace_io = sys.stderr if args.trace_io else None
+        if args.control is not None:
+            vm.serve_control(args.control, args.name)
         if args.gdb is not None:
             from .gdbstub import run_under_gdb
 
@@ -303,10 +328,21 @@ def _drop_stdout() -> None:
 def _command(argv: List[str]) -> int:
     if argv[:1] == ["caps"]:
         return _caps(argv[1:])
+    if argv[:1] == ["ctl"]:
+        from .ctl import main as ctl_main
+
+        return ctl_main(argv[1:])
+    if argv[:1] == ["top"]:
+        from .top import main as top_main
+
+        return top_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "version":
         print(f"pyvt {__version__}")
         return 0
+    if args.name is not None and args.control is None:
+        _report("--name names the VM on its control socket: give --control PATH too")
+        return EXIT_USAGE
     if args.command == "boot":
         return _boot(args)
     if args.command == "incoming":

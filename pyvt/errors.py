@@ -181,6 +181,15 @@ class DeviceStateError(DeviceError, ArgumentError):
     or not what the device's ``save_state()`` returns."""
 
 
+# -- VIRTIO NATIVE WORKERS (issue 15, pyvt._virtio) ---------------------------
+
+
+class VirtqueueError(DeviceError, ArgumentError):
+    """A virtqueue a native virtio worker cannot serve: its size is not a
+    power of two up to 32768, a ring is misaligned, or a ring lies outside
+    guest RAM.  The driver set it up wrong: the device needs a reset."""
+
+
 # -- RUN CONTROL (issue 17): pausing, resuming and ending vm.run() -------------
 
 
@@ -188,6 +197,12 @@ class RunControlError(Error):
     """``vm.pause()`` could not pause the VM (a vCPU did not stop in time,
     or it was called from a vCPU's own thread), or ``vm.run()`` was started
     twice at once: the message says which; the VM runs on."""
+
+
+class ControlError(RunControlError):
+    """A control socket cannot be served (``vm.serve_control``, ``--control``):
+    its path exists and is not a stale socket, is another process's live
+    socket, is too long, or cannot be bound; or ``pyvt ctl`` cannot reach it."""
 
 
 # -- MIGRATION (issue 17): live migration and its stream ------------------------

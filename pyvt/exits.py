@@ -408,6 +408,55 @@ __all__.append("Reset")
 
 
 @dataclass(frozen=True, slots=True, repr=False)
+class _SleepEvent(Exit):
+    """A sleep the guest started through a native device: ``source`` names
+    it (``"acpi_pm1"``: a sleep type with SLP_EN written to the ACPI PM1a
+    control block at ``port``)."""
+
+    source: str
+    port: int = _native.PM1_PORT + _native.PM1_EVENT_LENGTH
+    rip: Optional[int] = None
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(source={self.source!r}, port={self.port:#x}, "
+                f"rip={_hex(self.rip)})")
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class PowerOff(_SleepEvent):
+    """The guest powered the machine off: the S5 sleep type (the DSDT's
+    ``\\_S5``) with SLP_EN, written to the ACPI PM1a control block."""
+
+
+__all__.append("PowerOff")
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Suspend(_SleepEvent):
+    """The guest suspended the machine to RAM (ACPI S3: ``\\_S3``'s sleep
+    type with SLP_EN written to the PM1a control block).  The vCPUs stay
+    stopped; :func:`pyvt.acpi_sleep.resume` waits for the RTC alarm the
+    guest armed and restarts them at its FACS waking vector."""
+
+
+__all__.append("Suspend")
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Quit(Exit):
+    """The run was ended on request (the control socket's ``quit``);
+    ``source`` says by whom.  ``pyvt run``/``boot`` exit 0, as QEMU does."""
+
+    source: str = "control socket"
+
+    def __repr__(self) -> str:
+        return f"Quit(by {self.source})"
+
+
+__all__.append("Quit")
+
+
+@dataclass(frozen=True, slots=True, repr=False)
 class Migrated(Exit):
     """A live migration completed (``vm.migrate``): the VM runs on at
     ``destination`` (the URI it went to) and this one's run is over.

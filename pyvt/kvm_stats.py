@@ -51,7 +51,9 @@ BASES = {lib.KVM_STATS_BASE_POW10: 10, lib.KVM_STATS_BASE_POW2: 2}
 
 HISTOGRAMS = ("linear_histogram", "log_histogram")
 
-StatValue = Union[int, List[int]]
+#: A statistic's value: a count, a histogram's buckets, or (pyvt's
+#: ``exits_by_reason``) counts by name.
+StatValue = Union[int, List[int], Dict[str, int]]
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,11 @@ class CachedStats:
         self._lock = threading.Lock()
         self._file: Optional[StatsFd] = None
         self._closed = False
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the stats fd is open (reading it then needs no ioctl)."""
+        return self._file is not None
 
     def _open(self) -> Optional[StatsFd]:
         with self._lock:

@@ -26,6 +26,7 @@ from . import dirty_pages as _dirty_pages
 from . import _native, pageset, snapshot_memory
 from ._kvm import ffi, lib
 from .dirty_pages import DirtyPages
+from .dirty_rate import DirtyRate
 from .dirty_ring import DirtyRing
 from .errors import (
     ArgumentError,
@@ -181,6 +182,8 @@ class GuestMemory:
         # One harvest at a time: a full dirty ring is emptied from its vCPU's
         # thread while others run (pyvt.dirty_pages).
         self._dirty_lock = threading.Lock()
+        #: Pages the dirty log reported, for vm.stats (pyvt.dirty_rate).
+        self.dirty_rate = DirtyRate()
         # The VM's I/O claims, {(space, start): (length, owner)}, which its
         # Vm hands over: regions that are not read-only stay clear of MMIO
         # handlers (the guest would never exit there).
@@ -396,6 +399,17 @@ class GuestMemory:
             # A VM with a dirty ring tracks from the start: nothing written yet.
             self._start_tracking(region, unreported=0)
 
+    def host_regions(self) -> List[Tuple[int, int, int]]:
+        """``[(gpa, size, host_address)]`` of the RAM a device may read and
+        write: every region the guest can write and the host maps writable
+        (read-only slots are left out).  Native virtio workers
+        (:mod:`pyvt._virtio`) check every guest buffer against it.  The
+        addresses are valid until the region is removed or the VM closed:
+        stop the workers first."""
+        self._check_open()
+        return [(r.gpa, r.size, r.host_address) for r in self.regions
+                if not r.readonly and r.host_writable and r.mapping is not None]
+
     def _pieces(self, gpa: int, n: int) -> List[Tuple[Region, int, int]]:
         """(region, offset, length) covering [gpa, gpa+n), or OutOfRangeError."""
         self._check_open()
@@ -593,6 +607,7 @@ class GuestMemory:
         if self._vm_fd.dirty_ring_size:
             regions = self.regions  # a ring mixes every slot: take them all
         logged = _dirty_pages.harvester(self._vm_fd)(self._vm_fd, regions, rings)
+        self.dirty_rate.record(logged)
         for region in regions:
             written = logged.get(region.slot, 0)
             if region.host_dirty is not None:

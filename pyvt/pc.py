@@ -10,6 +10,11 @@ attribute      ports           device
                                your own keys and named files
 ``cmos``       0x70-0x71       CMOS RAM and RTC (host UTC time, memory sizes)
 ``pm_timer``   0x608-0x60b     ACPI PM timer, 3.579545 MHz, 32 bits
+``acpi_pm1``   0x600-0x605     ACPI PM1a event (status, enable) and control
+                               blocks; sleeping in S5 powers off: ``run()``
+                               returns :class:`pyvt.exits.PowerOff`; in S3
+                               :class:`pyvt.exits.Suspend` (wake it with
+                               :func:`pyvt.acpi_sleep.resume`)
 ``i8042``      0x60, 0x64      keyboard controller; 0xfe to 0x64 resets:
                                ``run()`` returns :class:`pyvt.exits.Reset`
 ``post``       0x80            POST-code sink (the last code reads back)
@@ -44,6 +49,18 @@ I8042_DATA_PORT = _native.I8042_DATA_PORT
 I8042_COMMAND_PORT = _native.I8042_COMMAND_PORT
 I8042_RESET_VALUE = _native.I8042_CMD_PULSE_RESET
 POST_PORT = _native.POST_PORT
+PM1_PORT = _native.PM1_PORT
+PM1_EVENT_PORT = PM1_PORT
+PM1_EVENT_LENGTH = _native.PM1_EVENT_LENGTH
+PM1_CONTROL_PORT = PM1_PORT + PM1_EVENT_LENGTH
+PM1_CONTROL_LENGTH = _native.PM1_CONTROL_LENGTH
+#: The SLP_TYP values of the DSDT's \_S5 (power off) and \_S3 (suspend to RAM).
+SLP_TYP_S5 = _native.PM1_SLP_TYP_S5
+SLP_TYP_S3 = _native.PM1_SLP_TYP_S3
+#: PM1_STS: woken, and woken by the RTC alarm; PM1_EN: the RTC alarm may wake.
+PM1_STS_WAK = _native.PM1_STS_WAK
+PM1_STS_RTC = _native.PM1_STS_RTC
+PM1_EN_RTC = _native.PM1_EN_RTC
 
 #: The fw_cfg keys pyvt fills in (QEMU's numbers, hw/nvram/fw_cfg.h).
 FW_CFG_SIGNATURE = _native.FW_CFG_SIGNATURE
@@ -259,11 +276,45 @@ class PostCode(RegisterDevice):
         return self._native.writes
 
 
+class AcpiPm1(RegisterDevice):
+    """The ACPI PM1a blocks at 0x600: PM1_STS (write 1 to clear), PM1_EN,
+    PM1_CNT (SCI_EN reads 1).  Writing SLP_TYP 0 (``\\_S5``) with SLP_EN to
+    PM1_CNT stops ``run()`` with :class:`pyvt.exits.PowerOff`; SLP_TYP 1
+    (``\\_S3``) with :class:`pyvt.exits.Suspend`."""
+
+    @property
+    def status(self) -> int:
+        return self._native.status
+
+    def set_status(self, bits: int) -> None:
+        """Sets PM1_STS ``bits`` as the hardware does on an event (WAK_STS,
+        RTC_STS...): the guest clears them by writing ones."""
+        state = bytearray(self._native.save_state())
+        state[0:2] = (int.from_bytes(state[0:2], "little") | bits).to_bytes(2, "little")
+        self._native.load_state(bytes(state))
+
+    @property
+    def enable(self) -> int:
+        return self._native.enable
+
+    @property
+    def control(self) -> int:
+        return self._native.control
+
+    def stop_exit(self, code: int, port: int, vcpu) -> exits.AnyExit:
+        if code == _native.PM1_STOP_POWEROFF:
+            return exits.PowerOff(self.name, port, vcpu._rip())
+        if code == _native.PM1_STOP_SUSPEND:
+            return exits.Suspend(self.name, port, vcpu._rip())
+        return super().stop_exit(code, port, vcpu)
+
+
 #: The PC devices, which ``Vm(pc_devices=False)`` leaves out.
 PC_DEVICES = (
     DeviceDescriptor("fw_cfg", _native.FwCfg, FwCfg, FW_CFG_PORT, pc=True),
     DeviceDescriptor("cmos", _native.Cmos, Cmos, CMOS_PORT, pc=True),
     DeviceDescriptor("pm_timer", _native.PmTimer, PmTimer, PM_TIMER_PORT, pc=True),
+    DeviceDescriptor("acpi_pm1", _native.AcpiPm1, AcpiPm1, PM1_PORT, pc=True),
     DeviceDescriptor("i8042", _native.I8042, I8042, I8042_DATA_PORT, pc=True),
     DeviceDescriptor("post", _native.PostCode, PostCode, POST_PORT, pc=True),
 )

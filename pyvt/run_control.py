@@ -36,7 +36,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from . import exits
 from .errors import ArgumentError, RunControlError
@@ -82,13 +82,16 @@ class RunControl:
         self._closed = False
         self._has_run = False
         # The run's vCPUs: index -> (Vcpu, thread ident running it).
-        self._members: Dict[int, Tuple[object, int]] = {}
+        self._members: Dict[int, Tuple[Any, int]] = {}
         self._parked: Set[int] = set()
         # vCPUs pause()/end_run() kicked: their next Stopped is ours, not a run's end.
         self._kicked: Set[int] = set()
         self._end_exit: Optional[exits.Exit] = None
         self._subscribers: List[EventCallback] = []
         self._reported: Set[int] = set()  # id() of callbacks whose failure was logged
+        #: Open each vCPU's KVM stats fd before running it (a control socket
+        #: reads them while the vCPUs run; see pyvt.boot._run_one).
+        self.open_stats = False
 
     # -- status and events ---------------------------------------------------
 
@@ -171,7 +174,8 @@ class RunControl:
                 self._cond.wait(KICK_INTERVAL)
             if deadline is not None and time.monotonic() >= deadline:
                 names = ", ".join(str(cpu.index) for cpu in waiting)
-                self.resume(quiet=True)
+                if newly:  # undo this pause only, never an earlier one
+                    self.resume(quiet=True)
                 raise RunControlError(f"vm.pause(): vCPU(s) {names} did not stop within "
                                       f"{timeout:g} s (a Python I/O handler that does not "
                                       "return?); the VM runs on")
@@ -246,8 +250,7 @@ class RunControl:
             self._status = "paused" if self._paused else "running"
         return None
 
-    def run_finished(self, exit: Optional[exits.Exit], error: Optional[BaseException] = None
-                     ) -> Optional[exits.Exit]:
+    def run_finished(self, exit: Any, error: Optional[BaseException] = None) -> Any:
         """The run returns ``exit`` (or raised ``error``): what it returns
         instead if end_run() asked for another exit."""
         with self._cond:

@@ -39,7 +39,8 @@ class Result:
 
 def run(code: bytes, mode: str = "long", memory: Union[int, str] = "16M",
         timeout: Optional[float] = 5, *, at: int = LOAD_ADDRESS, backend=None,
-        stream=None, ring: int = 0, gdb=None) -> Result:
+        stream=None, ring: int = 0, gdb=None, control=None,
+        name: Optional[str] = None) -> Result:
     """Runs flat machine ``code`` loaded at ``at`` in ``mode`` until it stops
     (``hlt``, debug-exit, an I/O nobody handles, a failure or ``timeout``).
     ``ring=3`` runs long-mode code at CPL 3 (see :meth:`pyvt.Vm.vcpu`).
@@ -48,6 +49,8 @@ def run(code: bytes, mode: str = "long", memory: Union[int, str] = "16M",
     to a file object (e.g. ``sys.stdout``).
     ``gdb`` (``"[HOST:]PORT"``) waits for gdb there before the first
     instruction and runs under it (:func:`pyvt.gdbstub.run_under_gdb`).
+    ``control`` (a path) serves the VM's control socket there while it runs
+    (:meth:`pyvt.Vm.serve_control`, registered as ``name``).
     """
     if not isinstance(code, (bytes, bytearray, memoryview)):
         raise ArgumentError(f"code must be bytes, not {type(code).__name__}")
@@ -71,10 +74,13 @@ def run(code: bytes, mode: str = "long", memory: Union[int, str] = "16M",
         if stream is not None:
             vm.console.stream(stream)
             vm.debugcon.stream(stream)
+        if control is not None:
+            vm.serve_control(control, name)
+        # vm.run(), not cpu.run(): the control socket can pause and end it.
         if gdb is not None:
             from .gdbstub import run_under_gdb
 
-            exit = run_under_gdb(vm, gdb, lambda: cpu.run(timeout=timeout))
+            exit = run_under_gdb(vm, gdb, lambda: vm.run(timeout=timeout))
         else:
-            exit = cpu.run(timeout=timeout)
+            exit = vm.run(timeout=timeout)
         return Result(exit, cpu.regs.snapshot(), vm.console.output, vm.debugcon.output)

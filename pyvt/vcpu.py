@@ -47,7 +47,39 @@ _DIRECTIONS = {lib.KVM_EXIT_IO_IN: "in", lib.KVM_EXIT_IO_OUT: "out"}
 
 #: The run loop's own counters (pyvt._native.VcpuLoop.stats), all plain
 #: event counts: part of ``Vcpu.stats`` and, summed, of ``Vm.stats``.
-RUN_LOOP_COUNTERS = ("kvm_exits", "native_exits", "coalesced_writes", "dirty_ring_full_exits")
+RUN_LOOP_COUNTERS = ("kvm_exits", "native_exits", "python_exits", "coalesced_writes",
+                     "dirty_ring_full_exits")
+
+#: The run loop's measures that are not plain counts, with what they are:
+#: ``guest_time_ns``, the time spent inside KVM_RUN (the guest ran, or KVM
+#: worked for it), and ``exits_by_reason``, ``{reason name: count}`` of the
+#: KVM_RUN returns (names from ``KVM_EXIT_*``, lower case: ``io``, ``mmio``,
+#: ``hlt``, ``intr``...; only reasons seen).  Summed, they are in ``Vm.stats``.
+RUN_LOOP_MEASURES: Dict[str, StatsDescriptor] = {
+    "guest_time_ns": StatsDescriptor("guest_time_ns", "cumulative", "seconds", 10, -9),
+    "exits_by_reason": StatsDescriptor("exits_by_reason"),
+}
+
+#: Every key pyvt's run loop puts in ``Vcpu.stats``.
+RUN_LOOP_STATS = RUN_LOOP_COUNTERS + tuple(RUN_LOOP_MEASURES)
+
+#: ``kvm_run.exit_reason`` -> its name in ``exits_by_reason``, from
+#: <linux/kvm.h> (``KVM_EXIT_IO_IN``/``_OUT`` are I/O directions, not reasons).
+EXIT_REASON_NAMES: Dict[int, str] = {
+    getattr(lib, name): name[len("KVM_EXIT_"):].lower() for name in dir(lib)
+    if name.startswith("KVM_EXIT_") and name not in ("KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT")}
+
+
+def exit_reason_name(reason: int) -> str:
+    """``exits_by_reason``'s name for exit reason ``reason``: ``reason_<n>``
+    for one <linux/kvm.h> did not name when pyvt was built; the run loop's
+    last slot counts every reason from ``_native.EXIT_REASON_SLOTS - 1`` on."""
+    name = EXIT_REASON_NAMES.get(reason)
+    if name is not None:
+        return name
+    if reason >= _native.EXIT_REASON_SLOTS - 1:
+        return f"reason_{_native.EXIT_REASON_SLOTS - 1}_or_more"
+    return f"reason_{reason}"
 
 
 class Vcpu:
@@ -691,18 +723,32 @@ class Vcpu:
         KVM_CAP_BINARY_STATS_FD; not on pyvt.ko) merged with pyvt's run-loop
         counters, which keep their names if KVM ever uses them too:
         ``kvm_exits`` (KVM_RUN returns the run loop saw), ``native_exits``
-        (those native devices served without Python), ``coalesced_writes``
+        (those native devices served without Python), ``python_exits``
+        (those Python handlers served: ``vm.on_io``...), ``coalesced_writes``
         (writes replayed from KVM's coalesced ring) and
-        ``dirty_ring_full_exits`` (full dirty rings emptied on the way).  Values are ints, lists
-        of ints for histograms; what each one counts, in which unit and
-        scale, is in :attr:`stats_descriptors`.  ``{}`` once the VM is closed.
+        ``dirty_ring_full_exits`` (full dirty rings emptied on the way),
+        ``guest_time_ns`` (time inside KVM_RUN) and ``exits_by_reason``
+        (``{"io": n, "hlt": n, ...}``, the KVM_RUN returns by exit reason).
+        Values are ints, lists of ints for histograms, and that one dict;
+        what each one counts, in which unit and scale, is in
+        :attr:`stats_descriptors`.  ``{}`` once the VM is closed.
         The stats fd is opened by the first read and closed with the VM;
-        each read is a pread on it (other threads may run meanwhile)."""
+        each read is a pread on it (other threads may run meanwhile).
+        Opening it waits for the vCPU to leave KVM_RUN: a first read while
+        the vCPU runs in another thread gives pyvt's counters only
+        (``vm.run()`` opens it up front when the VM serves a control socket)."""
         loop = self._loop
         if loop is None:
             return {}
-        values = self._kvm_stats.read()
-        values.update(loop.stats)
+        running = self._running_thread
+        if (not self._kvm_stats.is_open and running is not None
+                and running != threading.get_ident()):
+            # Opening the fd would wait for the guest to leave KVM_RUN
+            # (forever for one that never exits): pyvt's counters only.
+            values: Dict[str, StatValue] = {}
+        else:
+            values = self._kvm_stats.read()
+        values.update(self._run_loop_stats())
         return values
 
     @property
@@ -712,11 +758,27 @@ class Vcpu:
         (``halt_wait_ns`` counts 1e-9 seconds; ``halt_wait_hist`` is a log
         histogram of them).  pyvt's run-loop counters are plain counts."""
         self._check_open()
-        return self._kvm_stats.descriptors()
+        descriptors = self._kvm_stats.descriptors()
+        descriptors.update(RUN_LOOP_MEASURES)
+        return descriptors
 
-    def _run_loop_stats(self) -> Dict[str, int]:
+    def _open_stats(self) -> None:
+        """Opens KVM's stats fd (if the backend has one) before a run: the
+        ioctl that makes it waits while the vCPU is inside KVM_RUN, reads of
+        the fd do not."""
+        self._kvm_stats.read()
+
+    def _run_loop_stats(self) -> Dict[str, StatValue]:
+        """The run loop's counters and measures (RUN_LOOP_STATS), read from
+        its memory without a system call; {} once closed."""
         loop = self._loop
-        return loop.stats if loop is not None else {}
+        if loop is None:
+            return {}
+        values: Dict[str, StatValue] = loop.stats
+        values["guest_time_ns"] = loop.guest_ns
+        values["exits_by_reason"] = {exit_reason_name(reason): count for reason, count
+                                     in enumerate(loop.exits_by_reason) if count}
+        return values
 
     # -- MSR filters and user-space MSR exits ----------------------------------
 

@@ -31,14 +31,16 @@ from .errors import (
 )
 from .backend import select_backend
 from .kvm import Kvm, _as_list, struct_bytes
+from .dirty_rate import DIRTY_PAGE_STATS
 from .kvm_stats import CachedStats, StatsDescriptor, StatValue
 from .memory import GuestMemory, parse_size
-from .vcpu import RUN_LOOP_COUNTERS, Vcpu
+from .vcpu import RUN_LOOP_COUNTERS, RUN_LOOP_MEASURES, Vcpu
 
 from .snapshot import Snapshot
 
 if TYPE_CHECKING:
     from . import migration
+    from .control import ControlServer
 
 #: Where KVM may put the three pages it needs for real mode on VMX without
 #: unrestricted guest (the address QEMU uses), when guest RAM leaves it free.
@@ -124,6 +126,7 @@ class Vm:
     fw_cfg: Optional[pc.FwCfg]
     cmos: Optional[pc.Cmos]
     pm_timer: Optional[pc.PmTimer]
+    acpi_pm1: Optional[pc.AcpiPm1]
     i8042: Optional[pc.I8042]
     post: Optional[pc.PostCode]
 
@@ -542,18 +545,30 @@ class Vm:
         (``remote_tlb_flush``, ``pages_4k``, ``max_mmu_rmap_size``... where
         the backend has KVM_CAP_BINARY_STATS_FD; not on pyvt.ko) merged with
         pyvt's run-loop counters summed over the vCPUs (``kvm_exits``,
-        ``native_exits``, ``coalesced_writes``: see :attr:`pyvt.Vcpu.stats`).
-        Values are ints, lists of ints for histograms; units and scales are
-        in :attr:`stats_descriptors`.  Per-vCPU statistics (``exits``...) are
+        ``native_exits``, ``coalesced_writes``, ``guest_time_ns``,
+        ``exits_by_reason``...: see :attr:`pyvt.Vcpu.stats`), and the pages
+        the guest dirtied as KVM's dirty log reported them: ``dirty_pages``
+        (in all) and ``dirty_pages_per_s`` (at the last harvest; both stay
+        0 while the VM does not log its writes, see :mod:`pyvt.dirty_rate`).
+        Values are ints, lists of ints for histograms, a dict for
+        ``exits_by_reason``; units and scales are in :attr:`stats_descriptors`.  Per-vCPU statistics (``exits``...) are
         in each ``vcpu.stats``.  The stats fd is opened by the first read
         and closed with the VM."""
         self._check_open()
         values = self._kvm_stats.read()
-        totals = dict.fromkeys(RUN_LOOP_COUNTERS, 0)
+        totals: Dict[str, int] = dict.fromkeys((*RUN_LOOP_COUNTERS, "guest_time_ns"), 0)
+        by_reason: Dict[str, int] = {}
         for vcpu in list(self.vcpus.values()):
             for name, value in vcpu._run_loop_stats().items():
-                totals[name] = totals.get(name, 0) + value
+                if isinstance(value, dict):
+                    for reason, count in value.items():
+                        by_reason[reason] = by_reason.get(reason, 0) + count
+                elif isinstance(value, int):
+                    totals[name] = totals.get(name, 0) + value
         values.update(totals)
+        values["exits_by_reason"] = by_reason
+        values["dirty_pages"] = self.memory.dirty_rate.total
+        values["dirty_pages_per_s"] = self.memory.dirty_rate.per_second()
         return values
 
     @property
@@ -563,7 +578,10 @@ class Vm:
         statistics are mostly cumulative counts; ``pages_4k`` and the like
         are instant values, ``max_mmu_rmap_size`` and the like peaks."""
         self._check_open()
-        return self._kvm_stats.descriptors()
+        descriptors = self._kvm_stats.descriptors()
+        descriptors.update(RUN_LOOP_MEASURES)
+        descriptors.update(DIRTY_PAGE_STATS)
+        return descriptors
 
     # -- MSR filters and user-space MSR exits ----------------------------------
 
@@ -715,6 +733,28 @@ class Vm:
             server.start()
         return server
 
+    # -- PCI (pyvt.pci) --------------------------------------------------------
+
+    @property
+    def pci(self):  # -> pyvt.pci.PciBus (imported on first use)
+        """PCI bus 0 (:class:`pyvt.pci.PciBus`), made on first use: it claims
+        ports 0xcf8-0xcff and the ECAM window at :data:`pyvt.pci.ECAM_BASE`
+        and holds the host bridge at 00.0; ``vm.pci.add(device)`` adds a
+        :class:`pyvt.pci.PciDevice`.  The ACPI tables describe it."""
+        self._check_open()
+        bus = getattr(self, "_pci", None)
+        if bus is None:
+            from . import pci
+
+            with self._lock:
+                bus = getattr(self, "_pci", None)
+                if bus is None:
+                    bus = self._pci = pci.PciBus(self)
+            from . import acpi
+
+            acpi.pci_bus_created(self)
+        return bus
+
     # -- run control, control socket (issue 17: pyvt.run_control, pyvt.control) --
 
     def pause(self, timeout: Optional[float] = 10.0) -> None:
@@ -743,7 +783,9 @@ class Vm:
         """Makes the active :meth:`run` stop its vCPUs and return ``exit``
         (a :mod:`pyvt.exits` value), paused or not; returns once they are
         stopped.  With no run active, the next run() returns ``exit`` at once
-        without running the guest."""
+        without running the guest.  A pause stays in force: a later run()
+        starts parked until :meth:`resume`.  May be called from a handler
+        on a vCPU's own thread."""
         from . import run_control
 
         self._check_open()
@@ -776,6 +818,19 @@ class Vm:
         from . import run_control
 
         run_control.of(self).set_status(status)
+
+    def serve_control(self, path, name: Optional[str] = None) -> "ControlServer":
+        """Serves this VM's control socket at ``path`` (a Unix socket, mode
+        0600, one JSON object per line: ``query-status``, ``query-stats``,
+        ``stop``, ``cont``, ``snapshot``, ``migrate``..., see
+        :mod:`pyvt.control`) from a thread of its own, and registers the VM
+        (as ``name``) where ``pyvt top`` looks.  Returns the
+        :class:`pyvt.control.ControlServer`; ``close()`` it, or it closes
+        with the VM.  Raises :class:`pyvt.ControlError` if ``path`` exists
+        and is not a stale socket."""
+        from . import control
+
+        return control.serve(self, path, name)
 
     def _close_run_control(self) -> None:
         """From close(): parked vCPUs leave their run, control sockets close."""

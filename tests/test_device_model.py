@@ -38,13 +38,13 @@ def test_every_device_is_listed_once_with_a_name_handle_and_native_class():
     names = [d.name for d in device_model.DEVICES]
     assert len(names) == len(set(names))
     assert names == ["console", "debugcon", "debug_exit", "guest_exceptions", "fw_cfg", "cmos",
-                     "pm_timer", "i8042", "post"]
+                     "pm_timer", "acpi_pm1", "i8042", "post"]
     for d in device_model.DEVICES:
         assert isinstance(d, DeviceDescriptor)
         assert device_model.by_name(d.name) is d
         assert issubclass(d.handle, Device) and issubclass(d.native, _native._Device)
     assert [d.name for d in device_model.stateful()] == [
-        "console", "debugcon", "fw_cfg", "cmos", "i8042", "post"]
+        "console", "debugcon", "fw_cfg", "cmos", "acpi_pm1", "i8042", "post"]
     # Vm declares each device attribute for type checkers, and only those.
     declared = {name for name in pyvt.Vm.__annotations__
                 if name in {d.name for d in device_model.DEVICES}}
@@ -58,7 +58,7 @@ def test_a_vm_attaches_every_range_of_every_device(vm):
         "console": ((0x3F8, 8),), "debugcon": ((0xE9, 1),), "debug_exit": ((0xF4, 4),),
         "guest_exceptions": ((0xF8, 4),),
         "fw_cfg": ((0x510, 2),), "cmos": ((0x70, 2),), "pm_timer": ((0x608, 4),),
-        "i8042": ((0x60, 1), (0x64, 1)), "post": ((0x80, 1),),
+        "acpi_pm1": ((0x600, 6),), "i8042": ((0x60, 1), (0x64, 1)), "post": ((0x80, 1),),
     }
     for name, device in vm.devices.items():
         assert getattr(vm, name) is device and device.name == name
@@ -155,6 +155,9 @@ GUEST_CHANGES_EVERY_DEVICE = """
     out %ax, %dx
     mov $0x511, %dx
     in %dx, %al
+    mov $0x602, %dx     # ACPI PM1_EN
+    mov $0x0120, %ax
+    out %ax, %dx
 """
 
 GUEST_READS_EVERY_DEVICE = """
@@ -176,6 +179,9 @@ GUEST_READS_EVERY_DEVICE = """
     mov $0x511, %dx     # the signature's next byte
     in %dx, %al
     mov %al, %sil
+    mov $0x602, %dx
+    in %dx, %ax
+    mov %ax, %di        # PM1_EN
 """
 
 
@@ -199,6 +205,7 @@ def test_every_device_state_round_trips_through_a_real_guest():
             assert (regs.rbx & 0xFFFF, regs.rcx & 0xFFFF) == (0x9977, 0x3347)
             assert regs.rsi & 0xFF == ord("E")  # "QEMU"[1]
             assert other.post.writes == 1
+            assert regs.rdi & 0xFFFF == 0x0120 and other.acpi_pm1.enable == 0x0120
 
 
 @kvm_only
@@ -292,6 +299,9 @@ def test_ports_and_counts_are_the_c_headers():
         "I8042_DATA_PORT": "PVT_I8042_DATA_PORT", "I8042_COMMAND_PORT": "PVT_I8042_COMMAND_PORT",
         "I8042_PORT_COUNT": "PVT_I8042_PORT_COUNT",
         "POST_PORT": "PVT_PORT80_PORT", "POST_PORT_COUNT": "PVT_PORT80_PORT_COUNT",
+        "PM1_PORT": "PVT_PM1_PORT", "PM1_PORT_COUNT": "PVT_PM1_PORT_COUNT",
+        "PM1_EVENT_LENGTH": "PVT_PM1_EVENT_LENGTH",
+        "PM1_CONTROL_LENGTH": "PVT_PM1_CONTROL_LENGTH",
         "FW_CFG_FILE_DIR": "PVT_FW_CFG_FILE_DIR", "FW_CFG_KEY_COUNT": "PVT_FW_CFG_KEY_COUNT",
         "I8042_CMD_PULSE_RESET": "PVT_I8042_CMD_PULSE_RESET",
         "GUEST_EXCEPTION_PORT": "PVT_GUEST_EXCEPTION_PORT",
@@ -305,7 +315,8 @@ def test_ports_and_counts_are_the_c_headers():
     assert [d.port for d in device_model.DEVICES] == [
         c["PVT_UART_DEFAULT_PORT"], c["PVT_DEBUGCON_DEFAULT_PORT"],
         c["PVT_DEBUG_EXIT_DEFAULT_PORT"], c["PVT_GUEST_EXCEPTION_PORT"], c["PVT_FW_CFG_PORT"], c["PVT_CMOS_PORT"],
-        c["PVT_PM_TIMER_PORT"], c["PVT_I8042_DATA_PORT"], c["PVT_PORT80_PORT"]]
+        c["PVT_PM_TIMER_PORT"], c["PVT_PM1_PORT"], c["PVT_I8042_DATA_PORT"],
+        c["PVT_PORT80_PORT"]]
 
 
 def test_no_python_module_writes_a_device_port_again():
@@ -368,7 +379,7 @@ def test_mypy_sees_every_device_class_and_no_other(tmp_path):
         "m = _native.Machine()\n"
         "devices = [_native.Uart(m, 1), _native.DebugCon(m, 2), _native.DebugExit(m, 3),\n"
         "           _native.FwCfg(m, 4), _native.Cmos(m, 5), _native.PmTimer(m, 6),\n"
-        "           _native.I8042(m, 7), _native.PostCode(m, 8)]\n"
+        "           _native.I8042(m, 7), _native.PostCode(m, 8), _native.AcpiPm1(m, 10)]\n"
         "size: int = _native.I8042.STATE_SIZE + _native.Cmos.STATE_SIZE\n"
         "key: int = _native.FwCfg(m, 9).add_file(b'n', b'd')\n"
         "old = _native.Port80\n")

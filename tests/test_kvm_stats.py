@@ -2,6 +2,7 @@
 vm.stats / cpu.stats, which merge them with pyvt's run-loop counters."""
 
 import os
+import time
 
 import pytest
 
@@ -10,7 +11,8 @@ from pyvt import exits
 from pyvt._kvm import ffi, lib
 from pyvt.kvm_stats import StatsDescriptor, StatsFd
 from pyvt.modes import LOAD_ADDRESS
-from pyvt.vcpu import RUN_LOOP_COUNTERS
+from pyvt.dirty_rate import DIRTY_PAGE_STATS
+from pyvt.vcpu import RUN_LOOP_COUNTERS, RUN_LOOP_MEASURES, RUN_LOOP_STATS
 
 pytestmark = pytest.mark.requires_kvm
 needs_stats = pytest.mark.requires_cap("KVM_CAP_BINARY_STATS_FD")
@@ -128,7 +130,11 @@ def test_histograms_read_as_lists_and_counters_as_ints(vm):
     assert histograms
     for name, desc in descriptors.items():
         value = values[name]
-        if desc.is_histogram or desc.size > 1:
+        if name == "exits_by_reason":  # pyvt's one dict: counts by reason name
+            assert isinstance(value, dict), name
+            assert all(isinstance(k, str) and isinstance(n, int) and n > 0
+                       for k, n in value.items()), value
+        elif desc.is_histogram or desc.size > 1:
             assert isinstance(value, list) and len(value) == desc.size, name
             assert all(isinstance(item, int) and item >= 0 for item in value), name
         else:
@@ -211,10 +217,12 @@ def test_backend_without_binary_stats_gives_pyvts_counters(vm, monkeypatch):
     vm.on_io(PORT, writes.append)
     cpu = load_port_io_guest(vm, 5)
     assert isinstance(cpu.run(timeout=30), exits.Hlt)
-    assert set(cpu.stats) == set(RUN_LOOP_COUNTERS)
+    assert set(cpu.stats) == set(RUN_LOOP_STATS)
     assert cpu.stats["kvm_exits"] >= 6
-    assert vm.stats == {name: cpu.stats[name] for name in RUN_LOOP_COUNTERS}
-    assert set(cpu.stats_descriptors) == set(vm.stats_descriptors) == set(RUN_LOOP_COUNTERS)
+    assert vm.stats == {**{name: cpu.stats[name] for name in RUN_LOOP_STATS},
+                        "dirty_pages": 0, "dirty_pages_per_s": 0}
+    assert set(cpu.stats_descriptors) == set(RUN_LOOP_STATS)
+    assert set(vm.stats_descriptors) == set(RUN_LOOP_STATS) | set(DIRTY_PAGE_STATS)
     with pytest.raises(pyvt.KvmError, match="KVM_CAP_BINARY_STATS_FD"):
         vm.fd.get_stats_fd()
     with pytest.raises(pyvt.KvmError, match="KVM_CAP_BINARY_STATS_FD"):
@@ -277,3 +285,102 @@ def test_a_stats_fd_shorter_than_its_header_says_is_refused():
         StatsFd(fd)
     with pytest.raises(OSError):
         os.fstat(fd)  # StatsFd closed it
+
+
+def test_exits_by_reason_and_guest_time(vm):
+    """pyvt's run loop counts every KVM_RUN return by its exit reason and
+    the time spent inside KVM_RUN; vm.stats sums them over the vCPUs."""
+    writes = []
+    vm.on_io(PORT, writes.append)
+    cpu = load_port_io_guest(vm, 10)
+    assert cpu.stats["exits_by_reason"] == {} and cpu.stats["guest_time_ns"] == 0
+    started = time.monotonic_ns()
+    assert isinstance(cpu.run(timeout=30), exits.Hlt)
+    elapsed = time.monotonic_ns() - started
+    stats = cpu.stats
+    by_reason = stats["exits_by_reason"]
+    assert by_reason["io"] == 10 and by_reason["hlt"] == 1
+    assert stats["python_exits"] == 10 == len(writes) and stats["native_exits"] == 0
+    assert sum(by_reason.values()) == stats["kvm_exits"]
+    assert 0 < stats["guest_time_ns"] <= elapsed
+    assert cpu.stats_descriptors["guest_time_ns"] == RUN_LOOP_MEASURES["guest_time_ns"]
+    assert cpu.stats_descriptors["guest_time_ns"].scale == pytest.approx(1e-9)
+    # A second vCPU adds its own; the VM's figures are the sums.
+    vm.memory.write(0x3000, b"\xf4")
+    other = vm.vcpu(1, mode="protected")
+    other.regs.rip = 0x3000
+    assert isinstance(other.run(timeout=30), exits.Hlt)
+    totals = vm.stats
+    assert totals["exits_by_reason"]["hlt"] == 2
+    assert totals["exits_by_reason"]["io"] == 10
+    assert totals["guest_time_ns"] == stats["guest_time_ns"] + other.stats["guest_time_ns"]
+    assert totals["kvm_exits"] == sum(totals["exits_by_reason"].values())
+
+
+def test_exit_reason_names():
+    from pyvt.vcpu import exit_reason_name
+
+    assert exit_reason_name(lib.KVM_EXIT_IO) == "io"
+    assert exit_reason_name(lib.KVM_EXIT_X86_WRMSR) == "x86_wrmsr"
+    assert exit_reason_name(lib.KVM_EXIT_DIRTY_RING_FULL) == "dirty_ring_full"
+    assert exit_reason_name(40) == "reason_40"
+    last = pyvt._native.EXIT_REASON_SLOTS - 1
+    assert exit_reason_name(last) == f"reason_{last}_or_more"
+
+
+def test_dirty_pages_rate_while_the_vm_logs_its_writes(vm):
+    """vm.stats counts the pages KVM's dirty log reported at each harvest;
+    0 while nothing harvests."""
+    assert vm.stats["dirty_pages"] == 0 and vm.stats["dirty_pages_per_s"] == 0
+    vm.memory.write(LOAD_ADDRESS, pyvt.assemble("""
+        .code32
+        .globl _start
+        _start:
+            mov $0x200000, %edi
+            mov $32, %ecx
+        1:  movl $1, (%edi)
+            add $4096, %edi
+            loop 1b
+            hlt
+        """, at=LOAD_ADDRESS, name="stats_dirty_32"))
+    cpu = vm.vcpu(0, mode="protected")
+    cpu.regs.rip = LOAD_ADDRESS
+    vm.memory.dirty_pages()  # starts logging: every page counts as written once
+    first = vm.stats["dirty_pages"]
+    time.sleep(0.05)
+    assert isinstance(cpu.run(timeout=30), exits.Hlt)
+    written = vm.memory.dirty_pages()
+    guest_pages = {page for region in written for page in region}
+    assert {0x200000 + 4096 * i for i in range(32)} <= guest_pages
+    stats = vm.stats
+    assert stats["dirty_pages"] - first >= 32
+    assert stats["dirty_pages_per_s"] > 0
+
+
+@needs_stats
+def test_first_read_while_the_vcpu_runs_elsewhere_does_not_wait(vm):
+    """KVM_GET_STATS_FD waits for the vCPU to leave KVM_RUN: a first read
+    from another thread gives pyvt's counters at once instead of hanging on
+    a guest that never exits; once the fd is open, KVM's come too."""
+    import threading
+
+    vm.memory.write(LOAD_ADDRESS, b"\xeb\xfe")  # jmp . (no exit, ever)
+    cpu = vm.vcpu(0, mode="protected")
+    cpu.regs.rip = LOAD_ADDRESS
+    thread = threading.Thread(target=cpu.run, kwargs={"timeout": 60})
+    thread.start()
+    while cpu._running_thread is None:
+        time.sleep(0.01)
+    stats = cpu.stats
+    assert set(stats) == set(RUN_LOOP_STATS)
+    cpu.stop()
+    thread.join(30)
+    assert "exits" in cpu.stats
+    # Opened now: a read while it runs has KVM's statistics too.
+    thread = threading.Thread(target=cpu.run, kwargs={"timeout": 60})
+    thread.start()
+    while cpu._running_thread is None:
+        time.sleep(0.01)
+    assert "exits" in cpu.stats
+    cpu.stop()
+    thread.join(30)

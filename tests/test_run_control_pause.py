@@ -16,7 +16,7 @@ pytestmark = pytest.mark.requires_kvm
 
 CODE = 0x1000
 COUNTERS = 0x5000  # one qword per vCPU
-PYTHON_PORT = 0x600
+PYTHON_PORT = 0x710  # claimed by no pyvt device (0x510: fw_cfg, 0x600: ACPI PM1)
 
 
 def counting_guest(vm, cpus: int = 1):
@@ -135,7 +135,7 @@ def test_two_vcpus_both_park_and_a_snapshot_can_be_taken(vm, tmp_path):
     assert all(s.regs for s in states)
     snap.save(tmp_path / "paused.snap")
     vm.resume()
-    wait_for(lambda: all(a > b for a, b in zip(counters(vm, 2), frozen)))
+    wait_for(lambda: all(a > b for a, b in zip(counters(vm, 2), frozen, strict=True)))
     vm.end_run(exits.Stopped(None))
     assert isinstance(runner.join(), exits.Stopped)
     # The snapshot holds the paused counts: a restore brings them back.
@@ -160,7 +160,7 @@ def test_printing_guest_loses_nothing_and_repeats_nothing(vm):
         time.sleep(0.1)
         assert len(seen) == reported and read_u64(vm, COUNTERS) == count
         vm.resume()
-        wait_for(lambda: len(seen) > reported + 2)
+        wait_for(lambda reported=reported: len(seen) > reported + 2)
     vm.end_run(exits.Stopped(None))
     runner.join()
     # Each count reached the handler once, in order: no write lost or made twice.
@@ -285,3 +285,38 @@ def test_bad_arguments(vm):
 
 def test_exit_summary():
     assert exit_summary(exits.Hlt(0x10)) == {"exit": "Hlt", "description": "Hlt(rip=0x10)"}
+
+
+def test_pause_times_out_on_a_handler_that_does_not_return(vm):
+    release = threading.Event()
+    calls = []
+
+    def handler(exit):
+        calls.append(exit.value)
+        release.wait(60)
+
+    vm.on_io(PYTHON_PORT, handler)
+    vm.memory.write(CODE, pyvt.assemble(f"""
+        .code64
+    _start:
+        incq {COUNTERS}
+        mov ${PYTHON_PORT}, %dx
+        out %al, %dx
+        jmp _start
+    """, at=CODE))
+    vm.vcpu(0, mode="long").regs.rip = CODE
+    events = []
+    vm.subscribe(lambda name, data: events.append(name))
+    runner = Runner(vm)
+    wait_for(lambda: calls)
+    with pytest.raises(pyvt.RunControlError, match="did not stop within 0.2 s"):
+        vm.pause(timeout=0.2)
+    assert vm.status == "running" and events == []  # undone: the VM runs on
+    release.set()
+    wait_for(lambda: len(calls) > 3)
+    vm.pause()
+    count = read_u64(vm, COUNTERS)
+    assert len(calls) in (count - 1, count)
+    vm.end_run(exits.Stopped(None))
+    runner.join()
+    assert events == ["STOP", "SHUTDOWN"]

@@ -164,6 +164,8 @@ cdef extern from "kick.h" nogil:
 
 
 cdef extern from "vcpu_loop.h" nogil:
+    enum: PVT_EXIT_REASON_SLOTS
+
     enum pvt_stop:
         PVT_STOP_EXIT
         PVT_STOP_USER_IO
@@ -190,6 +192,8 @@ cdef extern from "vcpu_loop.h" nogil:
         uint64_t kvm_exits
         uint64_t native_exits
         uint64_t coalesced
+        uint64_t exits_by_reason[PVT_EXIT_REASON_SLOTS]
+        uint64_t guest_ns
         pvt_pending_io pending_io
         bint kick_masked
 
@@ -297,6 +301,28 @@ cdef extern from "i8042.h" nogil:
                           bint is_write, uint64_t *stop_code)
     int pvt_i8042_command_io(void *opaque, uint64_t offset, uint8_t *data, uint32_t len,
                              bint is_write, uint64_t *stop_code)
+
+
+cdef extern from "acpi_pm1.h" nogil:
+    int PVT_PM1_PORT
+    int PVT_PM1_PORT_COUNT
+    int PVT_PM1_EVENT_LENGTH
+    int PVT_PM1_CONTROL_LENGTH
+    int PVT_PM1_SLP_TYP_S5
+    int PVT_PM1_SLP_TYP_S3
+    int PVT_PM1_STOP_POWEROFF
+    int PVT_PM1_STOP_SUSPEND
+    int PVT_PM1_STS_WAK
+    int PVT_PM1_STS_RTC
+    int PVT_PM1_EN_RTC
+
+    cdef struct pvt_acpi_pm1:
+        uint16_t status
+        uint16_t enable
+        uint16_t control
+
+    int pvt_acpi_pm1_io(void *opaque, uint64_t offset, uint8_t *data, uint32_t len,
+                        bint is_write, uint64_t *stop_code)
 
 
 cdef extern from "port80.h" nogil:
