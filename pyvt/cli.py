@@ -169,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
 
     from .migration import cli as migration_cli
 
-    migration_cli.add_parser(sub, _seconds, _TIMEOUT_HELP, _STATUSES)
+    migration_cli.add_parser(sub, _seconds, _TIMEOUT_HELP, _STATUSES, _control_arguments)
 
     # `caps` has its own parser (pyvt.caps.cli); main() hands it the rest.
     sub.add_parser("caps", help="report what virtualization this host can do",
