@@ -337,3 +337,48 @@ def test_a_guest_dirtying_faster_than_the_target_allows_is_throttled_and_moves(m
     source, result = migrate_mid_run(vm, dest.uri, downtime_ms=0.001)
     check_moved(source, result, dest, vm)
     assert result.throttle_percent > 0 and result.rounds > 2
+
+
+def test_pyvt_run_with_a_control_socket_migrates_to_pyvt_incoming(tmp_path):
+    """The CLI end to end: `pyvt run --control`, `pyvt ctl PATH migrate`,
+    `pyvt incoming`; the source exits 0 saying where the VM went."""
+    import socket
+
+    # The guest's registers, set by a prelude (pyvt run cannot set them).
+    guest = (Path(__file__).parent / "guests" / "migrate_dirty.S").read_text()
+    prelude = (f"    .code64\n    mov ${LINES}, %rbp\n    mov $64, %r8\n    mov $3000000, %r9\n"
+               "    mov $0x200000, %rdi\n    mov $1023, %rsi\n    mov $0x41, %r10\n"
+               "    mov $0x3f8, %r11\n    xor %r13, %r13\n    xor %r14, %r14\n")
+    source_file = tmp_path / "guest.S"
+    source_file.write_text(prelude + guest)
+    control = tmp_path / "vm.sock"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    dest = subprocess.Popen([sys.executable, "-m", "pyvt", "incoming", f"tcp:127.0.0.1:{port}",
+                             "--no-stdin"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env)
+    source = subprocess.Popen([sys.executable, "-m", "pyvt", "run", str(source_file), "--ring",
+                               "3", "--control", str(control)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=env)
+    try:
+        assert b"waiting for a VM" in dest.stderr.readline()
+        first = source.stdout.readline()  # the guest runs: the socket is there
+        assert first == b"A00000\n"
+        ctl = subprocess.run([sys.executable, "-m", "pyvt", "ctl", str(control), "migrate",
+                              f"tcp:127.0.0.1:{port}"], capture_output=True, env=env,
+                             timeout=120)
+        report = json.loads(ctl.stdout)
+        assert ctl.returncode == 0 and report["status"] == "completed", (ctl.stdout, ctl.stderr)
+        assert report["downtime_ms"] is not None and report["rounds"] >= 2
+        out, err = source.communicate(timeout=60)
+        assert source.returncode == 0, err
+        assert f"Migrated(to tcp:127.0.0.1:{port}".encode() in err
+        dest_out, dest_err = dest.communicate(timeout=120)
+        assert dest.returncode == 1, dest_err  # the guest's debug-exit code 0: status 1
+        assert lines_of(first + out, dest_out) == expected()
+    finally:
+        for p in (source, dest):
+            if p.poll() is None:
+                p.kill()

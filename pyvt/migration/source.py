@@ -228,7 +228,6 @@ class Migration:
             throttle.join()
             paused = self._pause()
             self._stop_and_copy(channel, tracker, sent, paused)
-            self.status = "completed"
         except _Cancelled:
             self.status, self.error = "cancelled", "the migration was cancelled"
         except BaseException as e:
@@ -251,9 +250,11 @@ class Migration:
                 tracker.close()
             if self._channel is not None:
                 self._channel.close()
-            self._ended = time.monotonic()
+            if self.status != "completed":
+                self._ended = time.monotonic()
             self._done.set()
-            self._emit(self.status)
+            if self.status != "completed":  # a completed one was announced already
+                self._emit(self.status)
 
     def _check_cancel(self) -> None:
         if self._cancelled:
@@ -406,6 +407,11 @@ class Migration:
             pass  # the destination has the VM; its confirmation got lost
         self.downtime = time.monotonic() - self._pause_started
         self.remaining_bytes = 0
+        # Announced before the run ends: a `pyvt run` source exits with it,
+        # closing its control socket, and `pyvt ctl migrate` wants the figures.
+        self.status = "completed"
+        self._ended = time.monotonic()
+        self._emit("completed")
         moved = exits.Migrated(self.uri, self.downtime * 1000)
         vm.end_run(moved)
         vm._set_status("migrated")
