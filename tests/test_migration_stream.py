@@ -178,3 +178,11 @@ def test_snapshots_carry_state_hooks(vm):
     with pytest.raises(pyvt.SnapshotError, match="cannot hold object"):
         vm.snapshot()
     snap.close()
+
+
+@pytest.mark.requires_kvm
+def test_a_vm_with_a_pci_bus_is_refused_before_anything_is_sent(vm):
+    vm.vcpu(0, mode="long")
+    vm.pci  # noqa: B018 (made on first use)
+    with pytest.raises(pyvt.MigrationError, match="PCI bus"):
+        vm.start_migration("tcp:127.0.0.1:9")

@@ -36,6 +36,9 @@ def check_movable(vm) -> None:
     if blind:
         raise MigrationError(f"{vm.backend} keeps no dirty log for {blind[0]!r}: live "
                              "migration needs one (use /dev/kvm)")
+    if getattr(vm, "_pci", None) is not None:
+        raise MigrationError("this VM has a PCI bus (vm.pci): its devices' configuration "
+                             "and state (BARs, MSI-X, virtio queues) do not move yet")
     if getattr(vm, "_gsi_routes", ()):
         raise MigrationError("this VM has a GSI routing table (vm.gsi_routing): migration "
                              "does not carry it yet")
