@@ -20,7 +20,7 @@ import socket
 import stat
 from typing import Callable, Optional
 
-from .. import snapshot, state_hooks
+from .. import cpu_features, snapshot, state_hooks
 from ..errors import Error, MigrationError
 from . import machine, state, stream
 from .stream import END, HOOKS, PAGES, ROUND, STATE
@@ -110,6 +110,9 @@ def receive(channel: stream.Channel, setup, backend, vm_class):
         _, _, payload = channel.recv(stream.SETUP)
         description = machine.parse(payload)
         vm = machine.build(description, vm_class, backend)
+        # The CPUID check probes this host's KVM once (a throwaway VM):
+        # here, not in the downtime when the state arrives.
+        cpu_features._host_features(vm.kvm)
         if setup is not None:
             setup(vm)
         machine.check_matches(vm, description)
