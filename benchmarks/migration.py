@@ -2,6 +2,8 @@
 """Live migration: pyvt against QEMU's own, on this host, over loopback.
 
     python benchmarks/migration.py [--rounds N] [--sizes 64,256] [--downtime-ms 30]
+                                   [--pyvt-pages-per-line 16] [--pyvt-working-set 1024]
+                                   [--no-qemu]
 
 For each guest size (MiB): pyvt migrates a running guest (the tests' ring-3
 dirtying guest, tests/guests/migrate_dirty.S, every page of RAM touched
@@ -48,7 +50,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pyvt_once(size_mib: int, downtime_ms: float, tmp: Path) -> dict:
+def pyvt_once(size_mib: int, downtime_ms: float, tmp: Path, per_line: int = PER_LINE,
+              working_set: int = 1024) -> dict:
     port = free_port()
     dest = subprocess.Popen([sys.executable, "-m", "pyvt", "incoming", f"tcp:127.0.0.1:{port}",
                              "--no-stdin"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -56,10 +59,10 @@ def pyvt_once(size_mib: int, downtime_ms: float, tmp: Path) -> dict:
     vm = None
     try:
         assert b"waiting" in dest.stderr.readline()
-        vm = make_vm(lines=1 << 40, spin=SPIN, pages=1024, per_line=PER_LINE, out_dir=tmp,
+        vm = make_vm(lines=1 << 40, spin=SPIN, pages=working_set, per_line=per_line, out_dir=tmp,
                      memory=f"{size_mib}M")
         # Every page holds data (as the QEMU guest's): the whole guest travels.
-        start = BUFFER + 1024 * 4096
+        start = BUFFER + working_set * 4096
         vm.memory.view[start:size_mib << 20] = b"\x5a" * ((size_mib << 20) - start)
         thread = threading.Thread(target=vm.run, daemon=True)
         thread.start()
@@ -160,6 +163,12 @@ def main() -> int:
     parser.add_argument("--sizes", default="64,256")
     parser.add_argument("--downtime-ms", type=float, default=30.0)
     parser.add_argument("--no-qemu", action="store_true")
+    parser.add_argument("--pyvt-pages-per-line", type=int, default=PER_LINE,
+                        help="the pyvt guest's dirty rate: pages written between two lines "
+                        f"(default {PER_LINE}; each line also waits {SPIN} loop rounds)")
+    parser.add_argument("--pyvt-working-set", type=int, default=1024,
+                        help="pages the pyvt guest writes among (a power of two; default "
+                        "1024: 4 MiB)")
     args = parser.parse_args()
     qemu = None if args.no_qemu else ensure_qemu()
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -169,7 +178,8 @@ def main() -> int:
         for size in (int(s) for s in args.sizes.split(",")):
             rows = {"pyvt": [], "qemu": []}
             for _ in range(args.rounds):
-                rows["pyvt"].append(pyvt_once(size, args.downtime_ms, tmp))
+                rows["pyvt"].append(pyvt_once(size, args.downtime_ms, tmp,
+                                              args.pyvt_pages_per_line, args.pyvt_working_set))
                 if qemu is not None:
                     rows["qemu"].append(qemu_once(qemu, kernel, size, args.downtime_ms, tmp))
             print(f"\n{size} MiB guest, downtime target {args.downtime_ms:g} ms, "
