@@ -80,6 +80,18 @@ class MigrationResult:
         return asdict(self)
 
 
+def next_throttle(throttle: int, rounds: int, dirty_rate: float, bandwidth: float,
+                  remaining: int, last_remaining: int) -> int:
+    """Auto-converge's throttle for the next round (percent): up when, from
+    the third round on, the guest dirties (``dirty_rate``, bytes/s) faster
+    than half the link carries (``bandwidth``), or what is left to send
+    (``remaining``) stopped shrinking; 20 first, then 10 more a round, at
+    most MAX_THROTTLE."""
+    if rounds >= 2 and (dirty_rate > bandwidth / 2 or remaining >= last_remaining):
+        return min(MAX_THROTTLE, 20 if not throttle else throttle + 10)
+    return throttle
+
+
 class _Cancelled(Exception):
     pass
 
@@ -312,12 +324,9 @@ class Migration:
             if self.remaining_bytes <= bandwidth * budget or at_max >= FORCE_AFTER:
                 tracker.pending = dirty  # the last round sends them, with what comes after
                 return chunks
-            # Auto-converge: the guest dirties faster than half the link
-            # carries, or what is left stopped shrinking.
-            if self.rounds >= 2 and (self.dirty_pages_rate * PAGE_SIZE > bandwidth / 2
-                                     or self.remaining_bytes >= last_remaining):
-                self.throttle_percent = min(MAX_THROTTLE, 20 if not self.throttle_percent
-                                            else self.throttle_percent + 10)
+            self.throttle_percent = next_throttle(
+                self.throttle_percent, self.rounds, self.dirty_pages_rate * PAGE_SIZE,
+                bandwidth, self.remaining_bytes, last_remaining)
             last_remaining = self.remaining_bytes
             if self.throttle_percent >= MAX_THROTTLE:
                 at_max += 1
