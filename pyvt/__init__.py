@@ -77,3 +77,9 @@ __all__ += ["DiskImageError", "TapError", "VirtioError", "VirtqueueError"]
 from .errors import ControlError, RunControlError  # noqa: E402
 
 __all__ += ["RunControlError", "ControlError"]
+
+# Live migration (issue 17).
+from .errors import MigrationError  # noqa: E402
+from .migration import Migration, MigrationResult  # noqa: E402
+
+__all__ += ["MigrationError", "Migration", "MigrationResult"]

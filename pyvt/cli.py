@@ -10,6 +10,8 @@
                   (KERNEL: a Linux bzImage, multiboot or ELF; the console is
                   stdin/stdout (Linux: console=ttyS0), like qemu -kernel
                   -nographic; a reset or a power-off ends it with status 0)
+    pyvt incoming tcp:HOST:PORT [--control PATH] [--timeout S] [--wait S] [--no-stdin]
+                  (receives a live-migrating VM and runs it like `boot`)
     pyvt caps [--json] [--probe] [--require FEATURE ...]
     pyvt ctl PATH COMMAND [KEY=VALUE...]   (see pyvt.ctl)
     pyvt top [--json] [--interval S]       (see pyvt.top)
@@ -175,6 +177,10 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument("--backend", default=None, help="device path (default: /dev/kvm)")
     boot.add_argument("--gdb", metavar="[HOST:]PORT", default=None, help=_GDB_HELP)
     _control_arguments(boot)
+
+    from .migration import cli as migration_cli
+
+    migration_cli.add_parser(sub, _seconds, _TIMEOUT_HELP, _STATUSES, _control_arguments)
 
     # `caps` has its own parser (pyvt.caps.cli); main() hands it the rest.
     sub.add_parser("caps", help="report what virtualization this host can do",
@@ -353,6 +359,10 @@ def _command(argv: List[str]) -> int:
         return EXIT_USAGE
     if args.command == "boot":
         return _boot(args)
+    if args.command == "incoming":
+        from .migration import cli as migration_cli
+
+        return migration_cli.run(args, _report, _feed_stdin, exit_status)
     return _run(args)
 
 

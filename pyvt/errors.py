@@ -219,3 +219,13 @@ class ControlError(RunControlError):
     """A control socket cannot be served (``vm.serve_control``, ``--control``):
     its path exists and is not a stale socket, is another process's live
     socket, is too long, or cannot be bound; or ``pyvt ctl`` cannot reach it."""
+
+
+# -- MIGRATION (issue 17): live migration and its stream ------------------------
+
+
+class MigrationError(Error):
+    """A live migration could not start, failed or was cancelled (the source
+    VM runs on unchanged), or ``pyvt.Vm.incoming`` refused or lost the
+    incoming VM (it never runs a VM it did not wholly receive): the message
+    says which and why."""

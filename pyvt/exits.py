@@ -454,3 +454,20 @@ class Quit(Exit):
 
 
 __all__.append("Quit")
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Migrated(Exit):
+    """A live migration completed (``vm.migrate``): the VM runs on at
+    ``destination`` (the URI it went to) and this one's run is over.
+    ``downtime_ms``: how long the guest was paused for the move."""
+
+    destination: str
+    downtime_ms: Optional[float] = None
+
+    def __repr__(self) -> str:
+        downtime = "" if self.downtime_ms is None else f", downtime {self.downtime_ms:.1f} ms"
+        return f"Migrated(to {self.destination}{downtime})"
+
+
+__all__.append("Migrated")

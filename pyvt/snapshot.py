@@ -40,10 +40,10 @@ Clones keep what they map alive on their own.
 from __future__ import annotations
 
 import mmap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from . import _native, device_model, snapshot_file, snapshot_memory
+from . import _native, device_model, snapshot_file, snapshot_memory, state_hooks
 from .backend import select_backend
 from .cpu_features import check_cpuid
 from .errors import Error, SnapshotError, SnapshotFileError, SnapshotFileNotFound
@@ -77,6 +77,9 @@ class Snapshot:
     debug_exit_port: Optional[int] = _native.DEBUG_EXIT_PORT
     #: The KVM clock in ns (Vm.save_clock); None where the backend lacks it.
     clock: Optional[int] = None
+    #: The state of each ``vm.add_state`` hook, ``{name: save()}``
+    #: (:mod:`pyvt.state_hooks`); snapshot files do not carry it.
+    hooks: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def pc_devices(self) -> bool:
@@ -143,18 +146,26 @@ def take(vm) -> Snapshot:
         vm._sync_devices()
         regions = _take_memory(vm)
         try:
-            vcpus = [v.save_state() for v in sorted(vm.vcpus.values(), key=lambda v: v.index)]
-            irqchip, pit, clock = vm.save_irqchip(), vm.save_pit(), vm.save_clock()
-            devices = {name: device.save_state() for name, device in vm.devices.items()
-                       if device.has_state}
+            return take_state(vm, regions)
         except BaseException:
             for image in regions:
                 image.close()
             raise
+
+
+def take_state(vm, regions: List[RegionImage]) -> Snapshot:
+    """Everything of a paused ``vm`` but its memory (``regions``: the
+    images to put in the snapshot): every vCPU, the clock, irqchip, PIT,
+    native devices and state hooks.  Shared by :func:`take` and live
+    migration (:mod:`pyvt.migration`), which sends memory on its own."""
+    vcpus = [v.save_state() for v in sorted(vm.vcpus.values(), key=lambda v: v.index)]
+    irqchip, pit, clock = vm.save_irqchip(), vm.save_pit(), vm.save_clock()
+    devices = {name: device.save_state() for name, device in vm.devices.items()
+               if device.has_state}
     return Snapshot(backend=vm.backend, regions=regions, vcpus=vcpus, devices=devices,
                     irqchip=irqchip, pit=pit,
                     debug_exit_port=vm.debug_exit.port if vm.debug_exit else None,
-                    clock=clock)
+                    clock=clock, hooks=state_hooks.save_all(vm))
 
 
 def _take_memory(vm) -> List[RegionImage]:
@@ -237,7 +248,8 @@ def _restore_logged_memory(memory, pairs) -> bool:
     return True
 
 
-def _restore_state(vm, snap: Snapshot, user_mode_only: bool = False) -> None:
+def _restore_state(vm, snap: Snapshot, user_mode_only: bool = False,
+                   hooks: bool = True) -> None:
     """Registers, interrupt controllers, the clock and devices (memory
     aside).  The interrupt controllers go first: the LAPICs a vCPU's state
     carries deliver through them.  The KVM clock goes after the vCPUs'
@@ -263,6 +275,8 @@ def _restore_state(vm, snap: Snapshot, user_mode_only: bool = False) -> None:
             device._put_state(state)
         except Error as e:
             raise SnapshotError(f"cannot restore the {name} device's state: {e}") from None
+    if hooks:  # a clone is made without hooks: its state stays in the snapshot
+        state_hooks.load_all(vm, snap.hooks)
 
 
 #: The kvmclock MSRs (MSR_KVM_SYSTEM_TIME_NEW and the old number): bit 0
@@ -320,7 +334,7 @@ def clone(snap: Snapshot, vm_class, backend=None):
         for state in snap.vcpus:
             vcpu = vm._new_vcpu(state.index, state.mode, setup=False, ring=state.ring)
             vcpu.fd.set_cpuid2_table(state.cpuid)
-        _restore_state(vm, snap)
+        _restore_state(vm, snap, hooks=False)
     except BaseException:
         vm.close()
         raise

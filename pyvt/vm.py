@@ -38,8 +38,8 @@ from .vcpu import RUN_LOOP_COUNTERS, RUN_LOOP_MEASURES, Vcpu
 
 from .snapshot import Snapshot
 
-if TYPE_CHECKING:  # annotations of the virtio and control sections
-    from . import virtio
+if TYPE_CHECKING:  # annotations of the virtio, migration and control sections
+    from . import migration, virtio
     from .control import ControlServer
 
 #: Where KVM may put the three pages it needs for real mode on VMX without
@@ -897,3 +897,67 @@ class Vm:
             control.close()
         for server in list(self.__dict__.get("_control_servers", ())):
             server.close()
+
+    # -- migration (pyvt.migration, pyvt.state_hooks) --
+
+    _migration = None
+
+    def add_state(self, name: str, save, load) -> None:
+        """Registers state kept in Python (a handler's registers, say) that
+        snapshots and live migration carry: ``save()`` returns it (dicts
+        with str keys, lists, ints, strs, bytes, None), ``load(state)``
+        puts it back.  See :mod:`pyvt.state_hooks`."""
+        from . import state_hooks
+
+        state_hooks.add(self, name, save, load)
+
+    def remove_state(self, name: str) -> None:
+        """Removes the state hook ``name``."""
+        from . import state_hooks
+
+        state_hooks.remove(self, name)
+
+    def start_migration(self, uri: str, downtime_ms: float = 30) -> "migration.Migration":
+        """Starts moving this running VM to ``uri`` (``tcp:HOST:PORT`` or
+        ``unix:PATH``, where a ``Vm.incoming``/``pyvt incoming`` listens) in
+        a thread of its own and returns the :class:`pyvt.migration.Migration`
+        at once.  A VM with parts that cannot move is refused here
+        (:class:`pyvt.MigrationError`), before anything is sent.  On success
+        the active ``run()`` returns :class:`pyvt.exits.Migrated`; on any
+        failure the VM runs on unchanged.  See :mod:`pyvt.migration.source`."""
+        from . import migration
+
+        current = self._migration
+        if current is not None and not current.done:
+            raise migration.MigrationError(f"a migration to {current.uri} is under way: "
+                                           "cancel it or wait for it first")
+        self._migration = migration.Migration(self, uri, downtime_ms)
+        return self._migration
+
+    def migrate(self, uri: str, downtime_ms: float = 30) -> "migration.MigrationResult":
+        """:meth:`start_migration` and wait for its end: the
+        :class:`pyvt.migration.MigrationResult` (status "completed",
+        "failed" or "cancelled", ``downtime_ms``, ``total_ms``,
+        ``transferred_bytes``, ``rounds``...)."""
+        return self.start_migration(uri, downtime_ms).wait()
+
+    @property
+    def migration(self) -> Optional["migration.Migration"]:
+        """The current or last migration of this VM, or None."""
+        return self._migration
+
+    @classmethod
+    def incoming(cls, uri, setup: Optional[Callable[["Vm"], None]] = None, backend=None,
+                 timeout: Optional[float] = None) -> "Vm":
+        """Waits on ``uri`` (``tcp:HOST:PORT``, ``unix:PATH``, or a
+        :class:`pyvt.migration.Listener` already listening) for one VM that
+        ``vm.migrate`` sends, builds it and returns it ready for
+        ``vm.run()``.  ``setup(vm)`` runs before the state is loaded: it
+        registers the Python handlers (``on_io``...) and state hooks
+        (``add_state``) the source VM had, which must match.  Raises
+        :class:`pyvt.MigrationError` (and keeps nothing) if the VM does not
+        arrive whole.  See :mod:`pyvt.migration.destination`."""
+        from . import migration
+
+        return migration.incoming(uri, setup=setup, backend=backend, vm_class=cls,
+                                  timeout=timeout)
