@@ -191,7 +191,7 @@ def _runs_on_after(tmp_path, action, after, dest_kind="thread"):
         proc = subprocess.Popen([sys.executable, "-m", "pyvt", "incoming",
                                  f"tcp:127.0.0.1:{port}", "--no-stdin"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env={**os.environ, "PYTHONPATH": os.getcwd()})
+                                env={**os.environ, "PYTHONPATH": os.getcwd()}, bufsize=0)
         assert b"waiting for a VM" in proc.stderr.readline()
         target = ("127.0.0.1", port)
         on_trigger = lambda: proc.send_signal(signal.SIGKILL)  # noqa: E731
@@ -253,7 +253,7 @@ def test_pyvt_incoming_runs_the_vm_to_its_end_with_the_rest_of_its_console(tmp_p
     s.close()
     proc = subprocess.Popen([sys.executable, "-m", "pyvt", "incoming", f"tcp:127.0.0.1:{port}",
                              "--no-stdin"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+                            env={**os.environ, "PYTHONPATH": os.getcwd()}, bufsize=0)
     vm = make_vm(LINES, out_dir=tmp_path)
     try:
         assert b"waiting for a VM on tcp:127.0.0.1:" in proc.stderr.readline()
@@ -309,7 +309,7 @@ def test_a_guest_moves_between_two_network_namespaces_over_a_veth_pair(namespace
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "TMPDIR": str(tmp_path)}
     dest = subprocess.Popen(["ip", "netns", "exec", b, sys.executable, "-m", "pyvt", "incoming",
                              "tcp:10.217.0.2:4444", "--no-stdin"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, bufsize=0)
     try:
         assert b"waiting for a VM on tcp:10.217.0.2:4444" in dest.stderr.readline()
         source = subprocess.run(["ip", "netns", "exec", a, sys.executable,
@@ -379,6 +379,8 @@ def test_auto_converge_raises_the_throttle_when_pre_copy_does_not_converge():
 def test_pyvt_run_with_a_control_socket_migrates_to_pyvt_incoming(tmp_path):
     """The CLI end to end: `pyvt run --control`, `pyvt ctl PATH migrate`,
     `pyvt incoming`; the source exits 0 saying where the VM went."""
+    # bufsize=0 on the Popens of this file: a buffered readline() may take
+    # more than its line from the pipe, and communicate() never sees it.
     import socket
 
     # The guest's registers, set by a prelude (pyvt run cannot set them).
@@ -395,10 +397,10 @@ def test_pyvt_run_with_a_control_socket_migrates_to_pyvt_incoming(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     dest = subprocess.Popen([sys.executable, "-m", "pyvt", "incoming", f"tcp:127.0.0.1:{port}",
                              "--no-stdin"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env)
+                            env=env, bufsize=0)
     source = subprocess.Popen([sys.executable, "-m", "pyvt", "run", str(source_file), "--ring",
                                "3", "--control", str(control)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=env)
+                              stderr=subprocess.PIPE, env=env, bufsize=0)
     try:
         assert b"waiting for a VM" in dest.stderr.readline()
         first = source.stdout.readline()  # the guest runs: the socket is there
