@@ -47,9 +47,11 @@ struct pvt_uart {
 /* Everything a snapshot needs to put the UART back as it was. */
 struct pvt_uart_state {
 	uint8_t ier, lcr, mcr, scr, fcr, dll, dlm;
-	uint8_t thr_ipending, msr_delta, irq_level;
+	uint8_t thr_ipending;
 	uint32_t rx_count;
 	uint8_t rx[PVT_UART_RX_CAPACITY]; /* oldest byte first */
+	/* After the FIFO: the layout before them stays as it was. */
+	uint8_t msr_delta, irq_level;
 };
 
 int pvt_uart_init(struct pvt_uart *uart);

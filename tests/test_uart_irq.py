@@ -252,7 +252,9 @@ def test_state_carries_the_pending_interrupt_and_line_level(kvm):
             assert other.console.irq_level == 1
             assert other.console.save_state()["registers"] == state["registers"]
             registers = bytearray(state["registers"])
-            registers[9] = 0  # the line level byte, after ier..dlm, thr_ipending, msr_delta
+            # The line level: after 7 registers, thr_ipending, the u32 rx_count,
+            # the 4096-byte FIFO and msr_delta (struct pvt_uart_state).
+            registers[8 + 4 + 4096 + 1] = 0
             with pytest.raises(pyvt.DeviceStateError, match="IRQ line level"):
                 other.console.load_state({**state, "registers": bytes(registers)})
 
