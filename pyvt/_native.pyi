@@ -14,6 +14,8 @@ SPACE_MMIO: int
 SPACE_MSR: int
 UART_PORT: int
 UART_PORT_COUNT: int
+UART_IRQ: int
+UART_COM2_IRQ: int
 DEBUGCON_PORT: int
 DEBUGCON_PORT_COUNT: int
 DEBUG_EXIT_PORT: int
@@ -147,6 +149,11 @@ class _CharDevice(_Device):
 
 class Uart(_CharDevice):
     STATE_SIZE: int
+    @property
+    def irq(self) -> Optional[int]: ...
+    @property
+    def irq_level(self) -> int: ...
+    def connect_irq(self, vm_fd: int, gsi: int) -> None: ...
     def save_state(self) -> bytes: ...
     def load_state(self, state: bytes) -> None: ...
 

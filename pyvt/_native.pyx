@@ -56,6 +56,8 @@ SPACE_MSR = 2
 # numbers (pyvt/includes/core.pxd), the only place pyvt gets them from.
 UART_PORT = PVT_UART_DEFAULT_PORT
 UART_PORT_COUNT = PVT_UART_PORT_COUNT
+UART_IRQ = PVT_UART_DEFAULT_IRQ
+UART_COM2_IRQ = PVT_UART_COM2_IRQ
 DEBUGCON_PORT = PVT_DEBUGCON_DEFAULT_PORT
 DEBUGCON_PORT_COUNT = PVT_DEBUGCON_PORT_COUNT
 DEBUG_EXIT_PORT = PVT_DEBUG_EXIT_DEFAULT_PORT
@@ -627,6 +629,7 @@ cdef class Uart(_CharDevice):
     """A native 16550A UART (the serial console)."""
 
     cdef pvt_uart *uart
+    cdef object irq_gsi
     STATE_SIZE = sizeof(pvt_uart_state)
 
     def __cinit__(self):
@@ -651,18 +654,50 @@ cdef class Uart(_CharDevice):
     def feed(self, const uint8_t[:] data):
         if data.shape[0] == 0:
             return 0
-        return pvt_uart_feed(self.uart, &data[0], <uint32_t>data.shape[0])
+        cdef uint32_t fed, n = <uint32_t>data.shape[0]
+        with nogil:  # may drive the IRQ line (KVM_IRQ_LINE)
+            fed = pvt_uart_feed(self.uart, &data[0], n)
+        return fed
+
+    def connect_irq(self, int vm_fd, gsi):
+        """Drives ISA line ``gsi`` of the VM ``vm_fd`` with KVM_IRQ_LINE
+        (``vm_fd`` -1: no line; none is driven after this returns)."""
+        cdef uint32_t line = 0 if vm_fd < 0 else gsi
+        with nogil:
+            pvt_uart_connect_irq(self.uart, vm_fd, line)
+        self.irq_gsi = None if vm_fd < 0 else gsi
+
+    @property
+    def irq(self):
+        """The ISA line the UART drives, or None."""
+        return self.irq_gsi
+
+    @property
+    def irq_level(self):
+        """The level the UART drives its line to: 1 while an enabled
+        interrupt is pending and MCR.OUT2 is set."""
+        return pvt_uart_irq_level(self.uart)
 
     def save_state(self):
-        """Registers and receive FIFO as bytes (struct pvt_uart_state)."""
+        """Registers, pending interrupts, line level and receive FIFO as
+        bytes (struct pvt_uart_state)."""
         cdef bytes out = PyBytes_FromStringAndSize(NULL, sizeof(pvt_uart_state))
         pvt_uart_save(self.uart, <pvt_uart_state *>PyBytes_AS_STRING(out))
         return out
 
     def load_state(self, bytes state):
+        cdef int rc
+        cdef const pvt_uart_state *loaded
         check_state_size(state, sizeof(pvt_uart_state), "UART")
-        if pvt_uart_load(self.uart, <const pvt_uart_state *>PyBytes_AS_STRING(state)):
+        loaded = <const pvt_uart_state *>PyBytes_AS_STRING(state)
+        with nogil:  # drives the IRQ line to the state's level
+            rc = pvt_uart_load(self.uart, loaded)
+        if rc == -errno.EOVERFLOW:
             raise DeviceStateError("the UART state holds more input than its receive FIFO")
+        if rc:
+            raise DeviceStateError("the UART state is inconsistent: a register holds bits a "
+                                   "16550 does not have, or the IRQ line level is not the one "
+                                   "its registers give (take the snapshot again)")
 
 
 cdef class DebugCon(_CharDevice):

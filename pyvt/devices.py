@@ -337,9 +337,40 @@ class Console(Device):
         return {"output": state_bytes(state["output"], "output")}
 
 
+#: The ports whose UART is on ISA line 3 (COM2, COM4); every other UART,
+#: COM1 at 0x3f8 first, is on line 4.
+COM2_LINE_PORTS = (0x2F8, 0x2E8)
+
+
 class SerialConsole(Console):
     """The 16550 UART's console (``vm.console``): its state holds the UART's
-    registers and receive FIFO besides the output."""
+    registers, pending interrupts, IRQ line level and receive FIFO besides the
+    output.
+
+    Its interrupt output drives ISA line :attr:`irq` (4 for COM1) of the
+    VM's in-kernel irqchip, when the VM has one (``vm.fd.create_irqchip()``,
+    ``vm.boot``): KVM_IRQ_LINE from C, following the line's level, from the
+    vCPU thread or from the thread that calls :meth:`feed`."""
+
+    def _start(self) -> None:
+        super()._start()
+        line = _native.UART_COM2_IRQ if self.port in COM2_LINE_PORTS else _native.UART_IRQ
+        self._native.connect_irq(self._vm.fd.fileno(), line)
+
+    def _close(self) -> None:
+        self._native.connect_irq(-1, 0)  # the VM fd closes next: no late KVM_IRQ_LINE
+        super()._close()
+
+    @property
+    def irq(self) -> int:
+        """The ISA line (GSI) the UART raises: 4 for COM1, 3 for COM2."""
+        return self._native.irq
+
+    @property
+    def irq_level(self) -> int:
+        """The line's level now: 1 while an interrupt the guest enabled in
+        IER is pending and MCR.OUT2 is set."""
+        return self._native.irq_level
 
     def save_state(self) -> Dict[str, bytes]:
         return {"registers": self._native.save_state(), "output": self._native.output()}

@@ -40,8 +40,10 @@ from .snapshot_memory import PAGE_SIZE, RegionImage, new_image, write_pages
 from .vcpu_state import VcpuState
 
 #: 3: vCPU state from its owner (pyvt.vcpu_state: sregs2, nested state), the
-#: KVM clock.  Older files lack state a restore needs: they are refused.
-FORMAT_VERSION = 3
+#: KVM clock.  4: the UART's interrupt state (THR-empty pending, modem
+#: status deltas, the IRQ line level) in its registers blob.  Older files
+#: lack state a restore needs: they are refused.
+FORMAT_VERSION = 4
 MAGIC = b"PYVTSNAP"
 _PREFIX = struct.Struct("<II")  # format version, header length
 _RUN = struct.Struct("<QQ")  # first page, page count

@@ -289,6 +289,7 @@ def test_ports_and_counts_are_the_c_headers():
     c = _header_defines()
     python_to_c = {
         "UART_PORT": "PVT_UART_DEFAULT_PORT", "UART_PORT_COUNT": "PVT_UART_PORT_COUNT",
+        "UART_IRQ": "PVT_UART_DEFAULT_IRQ", "UART_COM2_IRQ": "PVT_UART_COM2_IRQ",
         "DEBUGCON_PORT": "PVT_DEBUGCON_DEFAULT_PORT",
         "DEBUGCON_PORT_COUNT": "PVT_DEBUGCON_PORT_COUNT",
         "DEBUG_EXIT_PORT": "PVT_DEBUG_EXIT_DEFAULT_PORT",

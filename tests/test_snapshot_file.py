@@ -221,15 +221,15 @@ def test_inconsistent_contents_are_refused_by_from_snapshot(good_file, tmp_path,
 @needs_good_file
 def test_other_format_versions_are_refused(good_file, tmp_path):
     header, blobs = _parts(good_file)
-    assert FORMAT_VERSION == 3
-    for version in (1, 2):
+    assert FORMAT_VERSION == 4
+    for version in (1, 2, 3):
         path = _write(tmp_path / "v.snap", json.dumps(header).encode(), blobs, version)
         with pytest.raises(SnapshotError,
                            match=f"snapshot file format {version} is from an older pyvt; this "
-                                 r"pyvt \(.*\) reads format 3: take the snapshot again"):
+                                 r"pyvt \(.*\) reads format 4: take the snapshot again"):
             Snapshot.load(path)
     path = _write(tmp_path / "v.snap", json.dumps(header).encode(), blobs, FORMAT_VERSION + 1)
-    with pytest.raises(SnapshotError, match="format 4 is from a newer pyvt; .* reads format 3"):
+    with pytest.raises(SnapshotError, match="format 5 is from a newer pyvt; .* reads format 4"):
         Snapshot.load(path)
 
 

@@ -120,6 +120,8 @@ cdef extern from "machine.h" nogil:
 cdef extern from "uart16550.h" nogil:
     int PVT_UART_DEFAULT_PORT
     int PVT_UART_PORT_COUNT
+    int PVT_UART_DEFAULT_IRQ
+    int PVT_UART_COM2_IRQ
 
     cdef struct pvt_uart:
         pvt_sink output
@@ -134,6 +136,8 @@ cdef extern from "uart16550.h" nogil:
     int pvt_uart_io(void *opaque, uint64_t offset, uint8_t *data, uint32_t len,
                     bint is_write, uint64_t *stop_code)
     uint32_t pvt_uart_feed(pvt_uart *uart, const uint8_t *data, uint32_t n)
+    void pvt_uart_connect_irq(pvt_uart *uart, int vm_fd, uint32_t gsi)
+    int pvt_uart_irq_level(pvt_uart *uart)
 
 
 cdef extern from "debug_exit.h" nogil:
