@@ -10,7 +10,8 @@
                      [--gdb [HOST:]PORT] [--control PATH] [--name NAME]
                   (KERNEL: a Linux bzImage, multiboot or ELF; the console is
                   stdin/stdout (Linux: console=ttyS0), like qemu -kernel
-                  -nographic; a reset or a power-off ends it with status 0)
+                  -nographic, or with --console virtio a virtio console
+                  (console=hvc0); a reset or a power-off ends it with status 0)
     pyvt incoming tcp:HOST:PORT [--control PATH] [--timeout S] [--wait S] [--no-stdin]
                   (receives a live-migrating VM and runs it like `boot`)
     pyvt caps [--json] [--probe] [--require FEATURE ...]
@@ -169,7 +170,7 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument("--console", choices=boot_devices.CONSOLES, default="serial",
                       help="where the terminal's input goes: the UART (default; Linux: "
                       "console=ttyS0) or a virtio console (Linux: console=hvc0, the "
-                      "virtio_console driver); the output of both goes to stdout")
+                      "virtio_console driver); the output of both goes to stdout.")
     boot.add_argument("--timeout", type=_seconds, default=None, help=_TIMEOUT_HELP)
     boot.add_argument("--no-irqchip", action="store_true",
                       help="no in-kernel LAPIC/IOAPIC/PIC/PIT (one vCPU only)")
@@ -178,7 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument("--trace-io", action="store_true",
                       help="log accesses to unclaimed ports and addresses to stderr")
     boot.add_argument("--no-stdin", action="store_true",
-                      help="do not pass standard input to the serial port")
+                      help="do not pass standard input to the guest's console")
     boot.add_argument("--backend", default=None, help="device path (default: /dev/kvm)")
     boot.add_argument("--gdb", metavar="[HOST:]PORT", default=None, help=_GDB_HELP)
     _control_arguments(boot)
