@@ -176,7 +176,7 @@ pyvt_boot_cmd() {
 hvc_check() {
 	local out=$HOST/run/l2-hvc.txt token=h$$ v
 
-	run_l2 hvc $token "$(pyvt_boot_cmd $token hvc hvc0 --smp 2 --console virtio)"
+	run_l2 hvc $token "$(pyvt_boot_cmd $token hvc hvc0 --console virtio)"
 	v=$(console_verdict "$out" $token)
 	if [ "$L2_RC" = 0 ] && [ -n "$(uptime_of "$out" end)" ]; then
 		result linux-hvc ${v%% *} "${v#* } through hvc0, then powered off ($L2_WALL s wall)"
