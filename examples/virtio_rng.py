@@ -50,7 +50,7 @@ def main() -> int:
         vm.console.stream(sys.stdout)            # the guest's serial console, live
         exit = vm.run()
         print(f"\npyvt: {exit}; the guest took {rng.bytes_served} random bytes")
-    return 0
+    return 1 if exit.failed else 0               # a power-off or reset: 0
 
 
 if __name__ == "__main__":

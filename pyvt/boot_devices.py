@@ -1,11 +1,17 @@
 """The device options of ``pyvt boot``: ``--disk FILE[,readonly]``,
-``--net tap:NAME`` (both repeatable) and ``--rng``.
+``--net tap:NAME`` (both repeatable), ``--rng`` and ``--console
+serial|virtio``.
 
 The option text is checked when it is parsed (a usage error, status 2);
 that the files and taps exist is checked before the VM is made, so a
 typo costs no boot.  The devices themselves are the virtio ones of
 :mod:`pyvt.virtio`, attached through ``vm.add_disk``/``add_net``/``add_rng``
 in the order given: the first disk is the guest's /dev/vda.
+
+``--console virtio`` moves the host's terminal input from the UART to a
+virtio console (Linux's hvc0: the user passes ``console=hvc0``), whose
+output goes to stdout too; the UART keeps writing to stdout, so the early
+boot messages of a ``console=ttyS0 console=hvc0`` kernel still show.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ from dataclasses import dataclass
 from typing import List
 
 from .errors import ArgumentError
+
+# The consoles --console chooses from; the first is the default.
+CONSOLES = ("serial", "virtio")
 
 
 @dataclass(frozen=True)
@@ -78,19 +87,32 @@ def check_taps(names: List[str]) -> None:
                                 f"(ip tuntap add NAME mode tap makes one)")
 
 
-def attach(vm, disks: List[DiskOption], taps: List[str], rng: bool) -> None:
-    """Adds the virtio devices the options ask for to ``vm``."""
-    if not (disks or taps or rng):
+def attach(vm, disks: List[DiskOption], taps: List[str], rng: bool,
+           console: str = "serial", stdin: bool = True) -> None:
+    """Adds the virtio devices the options ask for to ``vm``.  With
+    ``console="virtio"``, a virtio console between the host's stdin (or
+    nothing, when ``stdin`` is false) and stdout, added last so that the
+    disks and NICs keep their guest names."""
+    if console not in CONSOLES:
+        raise ArgumentError(f"unknown console {console!r}: use one of {', '.join(CONSOLES)}")
+    virtio_console = console == "virtio"
+    if not (disks or taps or rng or virtio_console):
         return
     if not hasattr(vm, "add_disk"):
-        raise ArgumentError("this pyvt has no virtio devices (pyvt.virtio): --disk, --net "
-                            "and --rng are not available")
+        raise ArgumentError("this pyvt has no virtio devices (pyvt.virtio): --disk, --net, "
+                            "--rng and --console virtio are not available")
     for disk in disks:
         vm.add_disk(disk.path, readonly=disk.readonly)
     for name in taps:
         vm.add_net(tap=name)
     if rng:
         vm.add_rng()
+    if virtio_console:
+        if stdin:
+            vm.add_console()
+        else:
+            with open(os.devnull, "rb") as nothing:  # the device keeps its own copy
+                vm.add_console(input=nothing)
 
 
-__all__ = ["DiskOption", "disk_option", "net_option", "check_disks", "check_taps", "attach"]
+__all__ = ["CONSOLES", "DiskOption", "disk_option", "net_option", "check_disks", "check_taps", "attach"]

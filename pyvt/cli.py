@@ -5,11 +5,13 @@
                   (FILE: a flat binary, or assembly source ending in .S/.s)
     pyvt boot KERNEL [--smp N] [--memory 128M] [--append ARGS] [--initrd FILE]
                      [--disk FILE[,readonly] ...] [--net tap:NAME ...] [--rng]
+                     [--console serial|virtio]
                      [--timeout S] [--no-irqchip] [--strict-io] [--trace-io] [--no-stdin]
                      [--gdb [HOST:]PORT] [--control PATH] [--name NAME]
                   (KERNEL: a Linux bzImage, multiboot or ELF; the console is
                   stdin/stdout (Linux: console=ttyS0), like qemu -kernel
-                  -nographic; a reset or a power-off ends it with status 0)
+                  -nographic, or with --console virtio a virtio console
+                  (console=hvc0); a reset or a power-off ends it with status 0)
     pyvt incoming tcp:HOST:PORT [--control PATH] [--timeout S] [--wait S] [--no-stdin]
                   (receives a live-migrating VM and runs it like `boot`)
     pyvt caps [--json] [--probe] [--require FEATURE ...]
@@ -165,6 +167,10 @@ def _parser() -> argparse.ArgumentParser:
                       metavar="tap:NAME", help="virtio-net NIC on an existing tap device "
                       "(repeatable)")
     boot.add_argument("--rng", action="store_true", help="virtio-rng entropy device")
+    boot.add_argument("--console", choices=boot_devices.CONSOLES, default="serial",
+                      help="where the terminal's input goes: the UART (default; Linux: "
+                      "console=ttyS0) or a virtio console (Linux: console=hvc0, the "
+                      "virtio_console driver); the output of both goes to stdout.")
     boot.add_argument("--timeout", type=_seconds, default=None, help=_TIMEOUT_HELP)
     boot.add_argument("--no-irqchip", action="store_true",
                       help="no in-kernel LAPIC/IOAPIC/PIC/PIT (one vCPU only)")
@@ -173,7 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument("--trace-io", action="store_true",
                       help="log accesses to unclaimed ports and addresses to stderr")
     boot.add_argument("--no-stdin", action="store_true",
-                      help="do not pass standard input to the serial port")
+                      help="do not pass standard input to the guest's console")
     boot.add_argument("--backend", default=None, help="device path (default: /dev/kvm)")
     boot.add_argument("--gdb", metavar="[HOST:]PORT", default=None, help=_GDB_HELP)
     _control_arguments(boot)
@@ -282,12 +288,12 @@ def _boot(args) -> int:
     with Vm(args.memory, args.backend) as vm:
         vm.console.stream(sys.stdout)
         vm.debugcon.stream(sys.stdout)
-        if not args.no_stdin:
+        if not args.no_stdin and args.console == "serial":
             _feed_stdin(vm.console)
         # guest_string() gives the guest argv's original bytes (PEP 383).
         vm.boot(args.kernel, cmdline=args.append, initrd=args.initrd, smp=args.smp,
                 irqchip=not args.no_irqchip, strict_io=args.strict_io)
-        boot_devices.attach(vm, args.disk, args.net, args.rng)
+        boot_devices.attach(vm, args.disk, args.net, args.rng, args.console, not args.no_stdin)
         trace_io = sys.stderr if args.trace_io else None
         if args.control is not None:
             vm.serve_control(args.control, args.name)

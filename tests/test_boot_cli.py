@@ -1,7 +1,9 @@
 """``pyvt boot`` with a Linux bzImage and the device options
-(``--disk FILE[,readonly]``, ``--net tap:NAME``, ``--rng``): a hand-made
+(``--disk FILE[,readonly]``, ``--net tap:NAME``, ``--rng``, ``--console``): a hand-made
 bzImage talks over the serial console both ways, and bad options, missing
 files and missing taps are one-line errors with status 2."""
+
+import os
 
 import pytest
 from test_bzimage import make_bzimage
@@ -117,3 +119,54 @@ def test_bad_bzimage_is_a_one_line_error(tmp_path):
 @pytest.mark.skipif(not hasattr(exits, "PowerOff"), reason="no exits.PowerOff in this pyvt")
 def test_power_off_is_status_0():
     assert cli.exit_status(exits.PowerOff.__new__(exits.PowerOff)) == 0
+
+
+def test_console_option_parse():
+    parser = cli._parser()
+    assert parser.parse_args(["boot", "k"]).console == "serial"
+    assert parser.parse_args(["boot", "k", "--console", "virtio"]).console == "virtio"
+    assert parser.parse_args(["boot", "k", "--console", "serial"]).console == "serial"
+    help_text = " ".join(pyvt_cli("boot", "--help").stdout.split())
+    assert "--console {serial,virtio}" in help_text and "console=hvc0" in help_text
+
+
+def test_bad_console_is_status_2():
+    out = pyvt_cli("boot", "k", "--console", "hvc0")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "invalid choice: 'hvc0'" in out.stderr and "virtio" in out.stderr
+    with pytest.raises(pyvt.ArgumentError, match="unknown console 'tty'"):
+        boot_devices.attach(None, [], [], False, "tty")
+
+
+@pytest.mark.requires_kvm
+def test_virtio_console_is_the_hosts_input(monkeypatch, tmp_path):
+    """--console virtio: a virtio console, added after the other devices,
+    reads the host's stdin (or /dev/null with --no-stdin)."""
+    from pyvt.virtio import ConsoleDevice, RngDevice
+
+    stdin = open(tmp_path / "input", "w+b")
+    monkeypatch.setattr("sys.stdin", stdin)
+    with pyvt.Vm("64M") as vm:
+        boot_devices.attach(vm, [], [], True, "virtio")
+        rng, console = (t.device for t in vm.virtio_devices)
+        assert isinstance(rng, RngDevice) and isinstance(console, ConsoleDevice)
+        assert os.path.samestat(os.fstat(console.in_fd), os.fstat(stdin.fileno()))
+    with pyvt.Vm("64M") as vm:
+        boot_devices.attach(vm, [], [], False, "virtio", stdin=False)
+        (console,) = (t.device for t in vm.virtio_devices)
+        assert os.fstat(console.in_fd).st_rdev == os.stat(os.devnull).st_rdev
+    with pyvt.Vm("64M") as vm:
+        boot_devices.attach(vm, [], [], False, "serial")
+        assert vm.virtio_devices == []
+
+
+@pytest.mark.requires_kvm
+def test_boot_console_virtio_keeps_the_uart_output(console_kernel):
+    """With --console virtio the UART still prints to stdout but no longer
+    gets the terminal's input: the guest, waiting for a line on COM1, runs
+    into the timeout (124)."""
+    out = pyvt_cli("boot", console_kernel, "--memory", "64M", "--append", "console=hvc0",
+                   "--console", "virtio", "--timeout", "3", input="hello pyvt\n")
+    assert out.returncode == 124, (out.stdout, out.stderr)
+    assert out.stdout.splitlines()[:1] == ["console=hvc0"]
+    assert "echo:" in out.stdout and "HELLO" not in out.stdout

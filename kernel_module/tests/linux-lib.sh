@@ -16,15 +16,22 @@
 #
 # Results: linux-boot linux-disk linux-net linux-rng linux-console
 # linux-smp linux-poweroff (pyvt's run) and linux-vs-qemu (guest uptimes
-# at init and at the end under both, and their ratio).
+# at init and at the end under both, and their ratio); then two short
+# boots: linux-hvc (`pyvt boot --console virtio`, console=hvc0: the
+# terminal both ways through Linux's hvc0) and linux-example
+# (examples/virtio_rng.py: /dev/hwrng served by a device written in Python).
 
 HOST=/mnt/host
 TAP=pyvt0
 L1_ADDR=10.0.2.1
 
-# The L2 command line; l2_token makes each run's disk and console data unique.
+# l2_append TOKEN [MODE [CONSOLE]]: the L2 command line; l2_token makes
+# each run's disk and console data unique, l2_mode chooses l2-init's checks,
+# CONSOLE is a second console= (the last one is where the kernel's messages
+# go once its driver is up; ttyS0 shows them before that).
 l2_append() {
-	echo "console=ttyS0 panic=-1 quiet loglevel=4 l2_token=$1 l2_end=${pyvt_l2_end:-poweroff}"
+	echo "console=ttyS0${3:+ console=$3} panic=-1 quiet loglevel=4 l2_token=$1" \
+		"l2_end=${pyvt_l2_end:-poweroff}${2:+ l2_mode=$2}"
 }
 
 # in_host CMD: CMD (a string for sh -c) in the host root, with a clean
@@ -126,13 +133,7 @@ judge_l2() {
 	v=$(l2_value "$out" hwrng)
 	case $v in 64\ bytes*) echo "linux-rng PASS $v" ;;
 	*) echo "linux-rng FAIL ${v:-no hwrng result}" ;; esac
-	v=$(l2_value "$out" console-read)
-	if [ "$v" = "hello from l1 $token" ] &&
-	   grep -q "PYVT-L2-ECHO $(echo "hello from l1 $token" | tr a-z A-Z)" "$out"; then
-		echo "linux-console PASS the guest read L1's line and echoed it in capitals"
-	else
-		echo "linux-console FAIL read '${v:-nothing}'$(grep -q "PYVT-L2-ECHO" "$out" || echo ', no echo')"
-	fi
+	echo "linux-console $(console_verdict "$out" "$token")"
 	v=$(l2_value "$out" cpus)
 	if [ "$v" = 2 ]; then echo "linux-smp PASS 2 CPUs"
 	else echo "linux-smp FAIL ${v:-no} CPUs"; fi
@@ -144,13 +145,75 @@ judge_l2() {
 	fi
 }
 
+# console_verdict FILE TOKEN: "PASS|FAIL detail" for the console check of
+# one run (L1's line read by the guest, echoed back in capitals).
+console_verdict() {
+	local v
+
+	v=$(l2_value "$1" console-read)
+	if [ "$v" = "hello from l1 $2" ] &&
+	   grep -q "PYVT-L2-ECHO $(echo "hello from l1 $2" | tr a-z A-Z)" "$1"; then
+		echo "PASS the guest read L1's line and echoed it in capitals"
+	else
+		echo "FAIL read '${v:-nothing}'$(grep -q "PYVT-L2-ECHO" "$1" || echo ', no echo')"
+	fi
+}
+
+# pyvt_boot_cmd TOKEN MODE CONSOLE OPTIONS...: the command for a `pyvt boot`
+# of the L2 kernel and initramfs.
+pyvt_boot_cmd() {
+	local token=$1 mode=$2 console=$3
+
+	shift 3
+	echo "cd /run && exec timeout 700 '$pyvt_python' -P -m pyvt boot /boot/vmlinuz-$(uname -r)" \
+		"--initrd $pyvt_l2_initrd --append '$(l2_append "$token" "$mode" "$console")'" \
+		"--memory 256M $* --timeout 600"
+}
+
+# hvc_check: `pyvt boot --console virtio` with console=hvc0 (no disk or
+# NIC: only what the console needs); the terminal's line must go to the
+# guest through hvc0 and the echo come back through it.
+hvc_check() {
+	local out=$HOST/run/l2-hvc.txt token=h$$ v
+
+	run_l2 hvc $token "$(pyvt_boot_cmd $token hvc hvc0 --console virtio)"
+	v=$(console_verdict "$out" $token)
+	if [ "$L2_RC" = 0 ] && [ -n "$(uptime_of "$out" end)" ]; then
+		result linux-hvc ${v%% *} "${v#* } through hvc0, then powered off ($L2_WALL s wall)"
+	else
+		result linux-hvc FAIL "status $L2_RC, end $(uptime_of "$out" end); console: $v"
+	fi
+}
+
+# example_check: examples/virtio_rng.py from the checkout boots the L2
+# kernel; the guest's /dev/hwrng must be the example's Python device
+# (virtio_rng) and give bytes, and the example must count them and exit 0.
+example_check() {
+	local out=$HOST/run/l2-example.txt token=e$$ v avail served cmd
+
+	cmd="cd /run && exec timeout 700 '$pyvt_python' -P '$pyvt_repo/examples/virtio_rng.py'"
+	cmd="$cmd /boot/vmlinuz-$(uname -r) $pyvt_l2_initrd --append '$(l2_append $token example)'"
+	run_l2 example $token "$cmd"
+	v=$(l2_value "$out" hwrng)
+	avail=$(l2_value "$out" hwrng-available)
+	served=$(sed -n 's/.*the guest took \([0-9]*\) random bytes.*/\1/p' "$out" | tail -1)
+	if [ "${v#64 bytes from virtio_rng}" != "$v" ] && [ "$L2_RC" = 0 ] && [ "${served:-0}" -gt 0 ] &&
+	   [ -n "$(l2_value "$out" hwrng-hex)" ]; then
+		result linux-example PASS "/dev/hwrng: $v (available: $avail); the example served $served bytes, status 0 ($L2_WALL s wall)"
+	else
+		result linux-example FAIL "hwrng '$(l2_value "$out" hwrng)' (available: '${avail}'), example served '${served:-?}' bytes, status $L2_RC"
+	fi
+}
+
 linux_checks() {
 	local kernel=/boot/vmlinuz-$(uname -r) append qemu_cmd pyvt_cmd devices="" q_out p_out
 	local q0 q1 qd p0 p1 pd token
 
 	if ! modprobe kvm_amd nested=1 || [ ! -c /dev/kvm ]; then
 		for r in linux-boot linux-disk linux-net linux-rng linux-console linux-smp \
-			linux-poweroff linux-vs-qemu; do result $r FAIL "kvm_amd did not load"; done
+			linux-poweroff linux-vs-qemu linux-hvc linux-example; do
+			result $r FAIL "kvm_amd did not load"
+		done
 		return
 	fi
 	echo "PYVT-INFO reference steps start"
@@ -180,10 +243,7 @@ linux_checks() {
 
 	token=p$$
 	[ "$pyvt_l2_devices" = 1 ] && devices="--disk /run/disk.img --net tap:$TAP --rng"
-	pyvt_cmd="cd /run && exec timeout 700 '$pyvt_python' -P -m pyvt boot $kernel"
-	pyvt_cmd="$pyvt_cmd --initrd $pyvt_l2_initrd --append '$(l2_append $token)'"
-	pyvt_cmd="$pyvt_cmd --memory 256M --smp 2 $devices --timeout 600"
-	run_l2 pyvt $token "$pyvt_cmd"
+	run_l2 pyvt $token "$(pyvt_boot_cmd $token "" "" --smp 2 $devices)"
 	judge_l2 $HOST/run/l2-pyvt.txt $token $L2_RC | while read -r name verdict detail; do
 		result "$name" "$verdict" "$detail"
 	done
@@ -199,6 +259,14 @@ linux_checks() {
 			printf "guest uptime at init / after the device checks / at power-off: pyvt %.2f / %.2f / %.2f s, qemu %.2f / %.2f / %.2f s; pyvt/qemu %.2f / %.2f / %.2f", p0, pd, p1, q0, qd, q1, p0 / q0, pd / qd, p1 / q1 }')"
 	else
 		result linux-vs-qemu FAIL "pyvt init ${p0:-?} end ${p1:-?} s, qemu init ${q0:-?} end ${q1:-?} s ($q_out of 7 QEMU checks passed)"
+	fi
+
+	if [ "$pyvt_l2_devices" = 1 ]; then
+		hvc_check
+		example_check
+	else
+		result linux-hvc FAIL "no virtio devices in this pyvt (vm.add_console)"
+		result linux-example FAIL "no pyvt.virtio in this pyvt"
 	fi
 	kill $holder 2>/dev/null
 }
