@@ -367,6 +367,9 @@ class ControlServer:
 
     def _cont(self, client, args) -> dict:
         _arguments(args)
+        # The migration pauses the VM for its throttle and its stop-and-copy:
+        # a cont then would let the guest write pages already sent.
+        self._refuse_during_migration("cont after it ends")
         with self._command_lock:
             if self.vm.status not in ("paused", "running"):
                 raise CommandError("GenericError", f"the VM is {self.vm.status}: only a "
@@ -374,14 +377,17 @@ class ControlServer:
             self.vm.resume()
         return {}
 
+    def _refuse_during_migration(self, advice: str) -> None:
+        migration = getattr(self.vm, "migration", None)
+        if migration is not None and not getattr(migration, "done", True):
+            raise CommandError("GenericError", f"a migration is under way: {advice} "
+                               "(or migrate-cancel it)")
+
     def _snapshot(self, client, args) -> dict:
         path = _arguments(args, {"path": str})["path"]
         if not path:
             raise CommandError("InvalidArgument", "argument path must not be empty")
-        migration = getattr(self.vm, "migration", None)
-        if migration is not None and not getattr(migration, "done", True):
-            raise CommandError("GenericError", "a migration is under way: snapshot after it "
-                               "ends (or migrate-cancel it)")
+        self._refuse_during_migration("snapshot after it ends")
         with self._command_lock:
             was_paused = self.vm.status == "paused"
             self.vm.pause()  # a running VM is paused for the copy, as QEMU's savevm

@@ -355,6 +355,9 @@ def test_migrate_commands_drive_the_vms_migration(served, fake_migration):
     assert client.call("query-migrate")["return"]["status"] == "active"
     refused = client.call("snapshot", path="/nonexistent/x.snap")["error"]
     assert "migration is under way" in refused["desc"]
+    # A cont would undo the migration's own pauses (throttle, stop-and-copy).
+    refused = client.call("cont")["error"]
+    assert refused["class"] == "GenericError" and "migration is under way" in refused["desc"]
     # The cancel's MIGRATION event comes from this very command: it may
     # arrive before the reply.
     client.send_raw(b'{"execute": "migrate-cancel"}\n')
