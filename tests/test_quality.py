@@ -30,3 +30,18 @@ def test_mypy():
     out = _run("mypy", "--cache-dir=/dev/null", "--ignore-missing-imports", "--no-error-summary",
                "pyvt")
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_every_python_package_is_installed():
+    """pyproject.toml lists the packages a `pip install .` copies: a new
+    subpackage left out works from the checkout and breaks every install
+    (it happened to pyvt.migration and pyvt.virtio)."""
+    import tomllib
+
+    if not (ROOT / "pyproject.toml").exists():
+        pytest.skip("needs the source checkout")
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "pyvt").rglob("*.py")
+             if "__pycache__" not in p.parts}
+    assert found <= listed, f"add to pyproject.toml's packages: {sorted(found - listed)}"
