@@ -37,9 +37,9 @@ def env(tmp_path):
     return environment
 
 
-def pyvt_cli(env, *args, timeout=120):
+def pyvt_cli(env, *args, timeout=120, cwd=PACKAGE_PARENT):
     return subprocess.run([*PYVT, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=PACKAGE_PARENT, env=env)
+                          timeout=timeout, cwd=cwd, env=env)
 
 
 class Guest:
@@ -173,9 +173,12 @@ def test_top_without_rich_says_how_to_install_it(env, tmp_path):
     blocker.mkdir()
     (blocker / "rich.py").write_text("raise ImportError('no rich here')\n")
     env = dict(env, PYTHONPATH=str(blocker) + os.pathsep + env["PYTHONPATH"])
-    line = one_line_error(pyvt_cli(env, "top"))
+    # `python -m` puts the cwd first on sys.path: run in the blocker's
+    # directory, or the installed package's directory (where a real rich
+    # may sit beside pyvt) would win.
+    line = one_line_error(pyvt_cli(env, "top", cwd=blocker))
     assert "pip install 'pyvt[top]'" in line and "--json" in line
-    out = pyvt_cli(env, "top", "--json", "--interval", "0.05")
+    out = pyvt_cli(env, "top", "--json", "--interval", "0.05", cwd=blocker)
     assert out.returncode == 0 and json.loads(out.stdout) == []
 
 

@@ -15,6 +15,10 @@ import pytest
 
 import pyvt
 from pyvt import exits
+
+#: Where the installed pyvt lives: the subprocesses run there, so that
+#: `python -m pyvt` imports it and not an unbuilt checkout in the cwd.
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(pyvt.__file__))
 from pyvt.migration import Listener
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -191,7 +195,7 @@ def _runs_on_after(tmp_path, action, after, dest_kind="thread"):
         proc = subprocess.Popen([sys.executable, "-m", "pyvt", "incoming",
                                  f"tcp:127.0.0.1:{port}", "--no-stdin"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env={**os.environ, "PYTHONPATH": os.getcwd()}, bufsize=0)
+                                env={**os.environ, "PYTHONPATH": PACKAGE_PARENT}, bufsize=0, cwd=PACKAGE_PARENT)
         assert b"waiting for a VM" in proc.stderr.readline()
         target = ("127.0.0.1", port)
         on_trigger = lambda: proc.send_signal(signal.SIGKILL)  # noqa: E731
@@ -253,7 +257,7 @@ def test_pyvt_incoming_runs_the_vm_to_its_end_with_the_rest_of_its_console(tmp_p
     s.close()
     proc = subprocess.Popen([sys.executable, "-m", "pyvt", "incoming", f"tcp:127.0.0.1:{port}",
                              "--no-stdin"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": os.getcwd()}, bufsize=0)
+                            env={**os.environ, "PYTHONPATH": PACKAGE_PARENT}, bufsize=0, cwd=PACKAGE_PARENT)
     vm = make_vm(LINES, out_dir=tmp_path)
     try:
         assert b"waiting for a VM on tcp:127.0.0.1:" in proc.stderr.readline()
@@ -306,16 +310,16 @@ def namespaces():
 
 def test_a_guest_moves_between_two_network_namespaces_over_a_veth_pair(namespaces, tmp_path):
     a, b = namespaces
-    env = {**os.environ, "PYTHONPATH": os.getcwd(), "TMPDIR": str(tmp_path)}
+    env = {**os.environ, "PYTHONPATH": PACKAGE_PARENT, "TMPDIR": str(tmp_path)}
     dest = subprocess.Popen(["ip", "netns", "exec", b, sys.executable, "-m", "pyvt", "incoming",
                              "tcp:10.217.0.2:4444", "--no-stdin"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, bufsize=0)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, bufsize=0, cwd=PACKAGE_PARENT)
     try:
         assert b"waiting for a VM on tcp:10.217.0.2:4444" in dest.stderr.readline()
         source = subprocess.run(["ip", "netns", "exec", a, sys.executable,
                                  str(Path(__file__).parent / "migration_guest.py"),
                                  "tcp:10.217.0.2:4444"],
-                                capture_output=True, env=env, timeout=180)
+                                capture_output=True, env=env, timeout=180, cwd=PACKAGE_PARENT)
         out, err = dest.communicate(timeout=120)
         report = json.loads(source.stderr.decode().strip().splitlines()[-1])
         assert report["migration"]["status"] == "completed", report
@@ -394,20 +398,20 @@ def test_pyvt_run_with_a_control_socket_migrates_to_pyvt_incoming(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env = {**os.environ, "PYTHONPATH": PACKAGE_PARENT}
     dest = subprocess.Popen([sys.executable, "-m", "pyvt", "incoming", f"tcp:127.0.0.1:{port}",
                              "--no-stdin"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env, bufsize=0)
+                            env=env, bufsize=0, cwd=PACKAGE_PARENT)
     source = subprocess.Popen([sys.executable, "-m", "pyvt", "run", str(source_file), "--ring",
                                "3", "--control", str(control)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=env, bufsize=0)
+                              stderr=subprocess.PIPE, env=env, bufsize=0, cwd=PACKAGE_PARENT)
     try:
         assert b"waiting for a VM" in dest.stderr.readline()
         first = source.stdout.readline()  # the guest runs: the socket is there
         assert first == b"A00000\n"
         ctl = subprocess.run([sys.executable, "-m", "pyvt", "ctl", str(control), "migrate",
                               f"tcp:127.0.0.1:{port}"], capture_output=True, env=env,
-                             timeout=120)
+                             timeout=120, cwd=PACKAGE_PARENT)
         report = json.loads(ctl.stdout)
         assert ctl.returncode == 0 and report["status"] == "completed", (ctl.stdout, ctl.stderr)
         assert report["downtime_ms"] is not None and report["rounds"] >= 2

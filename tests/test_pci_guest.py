@@ -306,6 +306,7 @@ def test_power_off_ends_pyvt_run_with_status_0(tmp_path):
 
     out = subprocess.run([sys.executable, "-m", "pyvt", "run", str(source)],
                          capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(pyvt.__file__)),
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(
                              [os.path.dirname(os.path.dirname(pyvt.__file__))]
                              + os.environ.get("PYTHONPATH", "").split(os.pathsep))})
