@@ -15,16 +15,16 @@ import pytest
 
 import pyvt
 from pyvt import exits
-
-#: Where the installed pyvt lives: the subprocesses run there, so that
-#: `python -m pyvt` imports it and not an unbuilt checkout in the cwd.
-PACKAGE_PARENT = os.path.dirname(os.path.dirname(pyvt.__file__))
 from pyvt.migration import Listener
 
 sys.path.insert(0, str(Path(__file__).parent))
 from migration_guest import Counter, Proxy, lines_of, make_vm, wait_for_lines  # noqa: E402
 
 pytestmark = pytest.mark.requires_kvm
+
+#: Where the installed pyvt lives: the subprocesses run there, so that
+#: `python -m pyvt` imports it and not an unbuilt checkout in the cwd.
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(pyvt.__file__))
 
 LINES = 3000
 
