@@ -345,7 +345,10 @@ def test_dirty_pages_rate_while_the_vm_logs_its_writes(vm):
         """, at=LOAD_ADDRESS, name="stats_dirty_32"))
     cpu = vm.vcpu(0, mode="protected")
     cpu.regs.rip = LOAD_ADDRESS
-    vm.memory.dirty_pages()  # starts logging: every page counts as written once
+    try:
+        vm.memory.dirty_pages()  # starts logging: every page counts as written once
+    except pyvt.BackendError as e:  # pyvt.ko keeps no dirty log
+        pytest.skip(str(e))
     first = vm.stats["dirty_pages"]
     time.sleep(0.05)
     assert isinstance(cpu.run(timeout=30), exits.Hlt)
