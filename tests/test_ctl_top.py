@@ -284,7 +284,6 @@ def test_ctl_migrate_moves_a_running_pyvt_run(env, guests, tmp_path):
     """The real thing (pyvt.migration): pyvt ctl migrate moves a running
     `pyvt run --control` to a VM waiting in this process; the source exits 0
     saying where the VM went, and the guest runs on at the destination."""
-    pytest.importorskip("pyvt.migration")
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     port = listener.getsockname()[1]

@@ -11,8 +11,7 @@
 #
 # Kernel command line (set by run-in-vm): pyvt_repo, pyvt_python,
 # pyvt_pythonpath (the checkout, when its native modules are built in
-# place), pyvt_l2_initrd, pyvt_l2_devices (1: pyvt has vm.add_disk),
-# pyvt_l2_end (poweroff, or reboot for a pyvt without exits.PowerOff).
+# place), pyvt_l2_initrd, pyvt_l2_end (poweroff, the default, or reboot).
 #
 # Results: linux-boot linux-disk linux-net linux-rng linux-console
 # linux-smp linux-poweroff (pyvt's run) and linux-vs-qemu (guest uptimes
@@ -246,13 +245,10 @@ linux_checks() {
 	cp $HOST/run/l2-qemu.txt /tmp/
 
 	token=p$$
-	[ "$pyvt_l2_devices" = 1 ] && devices="--disk /run/disk.img --net tap:$TAP --rng"
-	run_l2 pyvt $token "$(pyvt_boot_cmd $token "" "" --smp 2 $devices)"
+	run_l2 pyvt $token "$(pyvt_boot_cmd $token "" "" --smp 2 --disk /run/disk.img --net tap:$TAP --rng)"
 	judge_l2 $HOST/run/l2-pyvt.txt $token $L2_RC | while read -r name verdict detail; do
 		result "$name" "$verdict" "$detail"
 	done
-	[ "$pyvt_l2_devices" = 1 ] ||
-		echo "PYVT-INFO pyvt: no virtio devices in this pyvt (vm.add_disk): booted without --disk/--net/--rng"
 	grep -a 'pyvt:' $HOST/run/l2-pyvt.txt | tail -3 | sed 's/^/PYVT-INFO pyvt said: /'
 	p0=$(uptime_of $HOST/run/l2-pyvt.txt start)
 	p1=$(uptime_of $HOST/run/l2-pyvt.txt end)
@@ -265,12 +261,7 @@ linux_checks() {
 		result linux-vs-qemu FAIL "pyvt init ${p0:-?} end ${p1:-?} s, qemu init ${q0:-?} end ${q1:-?} s ($q_out of 7 QEMU checks passed)"
 	fi
 
-	if [ "$pyvt_l2_devices" = 1 ]; then
-		hvc_check
-		example_check
-	else
-		result linux-hvc FAIL "no virtio devices in this pyvt (vm.add_console)"
-		result linux-example FAIL "no pyvt.virtio in this pyvt"
-	fi
+	hvc_check
+	example_check
 	kill $holder 2>/dev/null
 }
