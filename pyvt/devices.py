@@ -376,7 +376,8 @@ class SerialConsole(Console):
         return {"registers": self._native.save_state(), "output": self._native.output()}
 
     def _put_state(self, state: Dict[str, bytes]) -> None:
-        self._native.load_state(state["registers"])
+        # The line is driven only where the VM has the irqchip it goes to.
+        self._native.load_state(state["registers"], self._vm.fd.has_irqchip)
         self._native.replace_output(state["output"])
 
     @classmethod

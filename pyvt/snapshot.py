@@ -92,7 +92,10 @@ class Snapshot:
 
     @property
     def closed(self) -> bool:
-        return any(region.closed for region in self.regions)
+        for region in self.regions:  # a loop, not any(): every restore asks
+            if region.closed:
+                return True
+        return False
 
     def __repr__(self) -> str:
         state = " closed" if self.closed else ""
@@ -230,19 +233,25 @@ def _restore_logged_memory(memory, pairs) -> bool:
     logged_by_slot = {}
     with memory._dirty_lock:
         for region, image in pairs:
-            host = int.from_bytes(region.host_dirty, "little")
-            also = region.baselines[image] | host
             bitmap = snapshot_memory.data_bitmap(image)
+            zeros = snapshot_memory.zero_bitmap(len(bitmap))
+            # An idle VM's bitmaps are all zeros: compared as bytes (a memcmp),
+            # they skip the int conversions.
+            host_dirty = region.host_dirty
+            host = (0 if host_dirty == snapshot_memory.zero_bitmap(len(host_dirty))
+                    else int.from_bytes(host_dirty, "little"))
+            also = region.baselines[image] | host
             logged = _native.restore_logged_pages(
                 fd, region.slot, region.pages, region.mapping, image.mapping, bitmap,
-                also.to_bytes(len(bitmap), "little"))
+                also.to_bytes(len(bitmap), "little") if also else zeros)
             if host:
-                region.host_dirty = bytearray(len(region.host_dirty))
-            written = int.from_bytes(logged, "little")
+                region.host_dirty = bytearray(len(host_dirty))
+            written = 0 if logged == zeros else int.from_bytes(logged, "little")
             logged_by_slot[region.slot] = written
-            # Written since the last collection (logged, host) or by the copy:
-            # changed against every other baseline, and reported.
-            memory._add_written(region, also | written)
+            if also or written:
+                # Written since the last collection (logged, host) or by the
+                # copy: changed against every other baseline, and reported.
+                memory._add_written(region, also | written)
             region.baselines[image] = 0
         memory.dirty_rate.record(logged_by_slot)  # as GuestMemory._collect does
     return True
@@ -265,8 +274,9 @@ def _restore_state(vm, snap: Snapshot, user_mode_only: bool = False,
     if (snap.clock is not None and not user_mode_only and _uses_kvmclock(snap)
             and vm.kvm.check_extension("KVM_CAP_ADJUST_CLOCK")):
         vm.restore_clock(snap.clock)
+    devices = vm.devices
     for name, state in snap.devices.items():
-        device = vm.devices.get(name)
+        device = devices.get(name)
         if device is None:
             raise SnapshotError(f"the snapshot has a {name} device but this VM has none "
                                 "(made with pc_devices=False?)")
@@ -290,7 +300,11 @@ def _uses_kvmclock(snap: Snapshot) -> bool:
     as IA32_TSC, its timers run on host time): where no vCPU uses it,
     KVM_SET_CLOCK would change nothing the guest can see, so a restore
     saves the ioctl."""
-    return any(state.msrs.get(msr, 0) & 1 for state in snap.vcpus for msr in KVMCLOCK_MSRS)
+    for state in snap.vcpus:  # a loop, not any(): a restore loop calls this each time
+        msrs = state.msrs
+        if msrs.get(KVMCLOCK_MSRS[0], 0) & 1 or msrs.get(KVMCLOCK_MSRS[1], 0) & 1:
+            return True
+    return False
 
 
 def _check_open(snap: Snapshot) -> None:
@@ -298,14 +312,27 @@ def _check_open(snap: Snapshot) -> None:
         raise SnapshotError("this snapshot was closed: its memory is gone")
 
 
+def _same_layout(regions, images) -> bool:
+    """Whether the VM's memory ``regions`` and a snapshot's ``images`` have
+    the same places, sizes and read-only flags (a loop: a restore loop
+    checks it each time)."""
+    if len(regions) != len(images):
+        return False
+    for region, image in zip(regions, images):
+        if (region.gpa != image.gpa or region.size != image.size
+                or region.readonly != image.readonly):
+            return False
+    return True
+
+
 def _check_same_shape(vm, snap: Snapshot) -> None:
     _check_open(snap)
-    layout = [(r.gpa, r.size, r.readonly) for r in vm.memory.regions]
-    wanted = [(r.gpa, r.size, r.readonly) for r in snap.regions]
-    if layout != wanted:
+    if not _same_layout(vm.memory.regions, snap.regions):
+        layout = [(r.gpa, r.size, r.readonly) for r in vm.memory.regions]
+        wanted = [(r.gpa, r.size, r.readonly) for r in snap.regions]
         raise SnapshotError(f"this VM's memory ({layout}) is not the snapshot's ({wanted}); "
                             "use pyvt.Vm.from_snapshot(snap) for a new VM")
-    if sorted(vm.vcpus) != sorted(v.index for v in snap.vcpus):
+    if len(vm.vcpus) != len(snap.vcpus) or vm.vcpus.keys() != {v.index for v in snap.vcpus}:
         raise SnapshotError(f"this VM has vCPUs {sorted(vm.vcpus)}, the snapshot "
                             f"{sorted(v.index for v in snap.vcpus)}")
     if (snap.irqchip is not None) != vm.fd.has_irqchip:
