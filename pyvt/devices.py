@@ -103,6 +103,25 @@ def state_bytes(value, where: str, size: Optional[int] = None) -> bytes:
     return value
 
 
+def state_copy(value: Any) -> Any:
+    """A copy of a device state that later edits of ``value`` in place do
+    not reach (its dicts, lists and tuples copied; bytes, ints and strs
+    shared, bytearrays as bytes).  Anything else becomes an object equal to
+    nothing: such a state is never taken as unchanged."""
+    kind = type(value)
+    if kind is bytes or kind is int or kind is str or kind is bool or value is None:
+        return value
+    if kind is dict:
+        return {key: state_copy(item) for key, item in value.items()}
+    if kind is list:
+        return [state_copy(item) for item in value]
+    if kind is tuple:
+        return tuple(state_copy(item) for item in value)
+    if kind is bytearray:
+        return bytes(value)
+    return object()
+
+
 # -- the handles ---------------------------------------------------------------
 
 class Device:
@@ -112,9 +131,21 @@ class Device:
 
     def __init__(self, vm, native, name: str):
         self._vm = vm
-        self._native = native
+        self._device = native
         #: The device's one name (see DeviceDescriptor.name).
         self.name = name
+        # (state, a copy of it, the vCPUs' KVM_RUN counts): what the last
+        # restore put (see _restore_state), until anything reaches _native.
+        self._restored: Optional[Tuple[Any, Any, tuple]] = None
+
+    @property
+    def _native(self):
+        """The native device.  The host reaches it only through here (pyvt
+        keeps no other reference to it but the bus's, which serves the
+        guest), so whatever comes here may change it: a restore puts its
+        state back in full next time."""
+        self._restored = None
+        return self._device
 
     @property
     def coalesced(self) -> bool:
@@ -183,6 +214,22 @@ class Device:
         snapshot's, checked when it was taken or read from its file, so that
         a restore loop does not check it again each time."""
         raise NotImplementedError(f"the {self.name} device has no state")
+
+    def _restore_state(self, state: Any, runs: Optional[tuple]) -> None:
+        """:meth:`_put_state` for a snapshot restore, unless the device
+        provably holds ``state`` already: the last restore put this very
+        state object, which is still equal to what it was then, no guest
+        code ran since (``runs``, the vCPUs' KVM_RUN counts, are the same:
+        the guest reaches a native device only inside KVM_RUN) and nothing
+        reached the native device through this handle (:attr:`_native`).
+        ``runs`` None: put it, and remember nothing."""
+        held = self._restored
+        if (held is not None and runs is not None and held[0] is state and held[2] == runs
+                and held[1] == state):
+            return
+        self._put_state(state)  # (which clears _restored)
+        if runs is not None:
+            self._restored = (state, state_copy(state), runs)
 
     @classmethod
     def check_state(cls, state: Any, native: Any) -> Any:

@@ -193,8 +193,8 @@ def _take_memory(vm) -> List[RegionImage]:
 def restore(vm, snap: Snapshot, user_mode_only: bool = False) -> None:
     """Implements :meth:`pyvt.Vm.restore`."""
     vm._check_open()
-    _check_same_shape(vm, snap)
-    with paused(vm, "abandon", {state.index: state for state in snap.vcpus}):
+    states = _check_same_shape(vm, snap)
+    with paused(vm, "abandon", states):
         vm._sync_devices()
         _restore_memory(vm, snap)
         _restore_state(vm, snap, user_mode_only)
@@ -224,23 +224,27 @@ def _restore_logged_memory(memory, pairs) -> bool:
     False (nothing done) where it does not apply."""
     if memory._vm_fd.dirty_ring_size or PAGE_SIZE != _native.PAGE_RESTORE_PAGE_SIZE:
         return False
+    bases = []
     for region, image in pairs:
+        base = region.baselines.get(image)
         if not (region.dirty_logging and region.host_dirty is not None and region.host_writable
                 and region.source is None and isinstance(region.mapping, mmap.mmap)
-                and image.mapping is not None and region.baselines.get(image) is not None):
+                and image.mapping is not None and base is not None):
             return False
+        bases.append(base)
     fd = memory._vm_fd.fileno()
     logged_by_slot = {}
     with memory._dirty_lock:
-        for region, image in pairs:
+        for (region, image), base in zip(pairs, bases):
             bitmap = snapshot_memory.data_bitmap(image)
             zeros = snapshot_memory.zero_bitmap(len(bitmap))
             # An idle VM's bitmaps are all zeros: compared as bytes (a memcmp),
             # they skip the int conversions.
             host_dirty = region.host_dirty
-            host = (0 if host_dirty == snapshot_memory.zero_bitmap(len(host_dirty))
+            host = (0 if host_dirty == (zeros if len(host_dirty) == len(zeros)
+                                        else snapshot_memory.zero_bitmap(len(host_dirty)))
                     else int.from_bytes(host_dirty, "little"))
-            also = region.baselines[image] | host
+            also = base | host
             logged = _native.restore_logged_pages(
                 fd, region.slot, region.pages, region.mapping, image.mapping, bitmap,
                 also.to_bytes(len(bitmap), "little") if also else zeros)
@@ -252,7 +256,7 @@ def _restore_logged_memory(memory, pairs) -> bool:
                 # Written since the last collection (logged, host) or by the
                 # copy: changed against every other baseline, and reported.
                 memory._add_written(region, also | written)
-            region.baselines[image] = 0
+                region.baselines[image] = 0  # (it is 0 already where also is)
         memory.dirty_rate.record(logged_by_slot)  # as GuestMemory._collect does
     return True
 
@@ -274,6 +278,18 @@ def _restore_state(vm, snap: Snapshot, user_mode_only: bool = False,
     if (snap.clock is not None and not user_mode_only and _uses_kvmclock(snap)
             and vm.kvm.check_extension("KVM_CAP_ADJUST_CLOCK")):
         vm.restore_clock(snap.clock)
+    _restore_devices(vm, snap)
+    if hooks:  # a clone is made without hooks: its state stays in the snapshot
+        state_hooks.load_all(vm, snap.hooks)
+
+
+def _restore_devices(vm, snap: Snapshot) -> None:
+    """Each native device's state, where it may differ (Device._restore_state:
+    a device that holds what the last restore put, with no guest run and no
+    host access since, is left as it is).  With an in-kernel irqchip every
+    state is put: restore_irqchip has just put back the lines the UART's
+    load drives."""
+    runs = None if vm.fd.has_irqchip else _kvm_runs(vm)
     devices = vm.devices
     for name, state in snap.devices.items():
         device = devices.get(name)
@@ -282,11 +298,16 @@ def _restore_state(vm, snap: Snapshot, user_mode_only: bool = False,
                                 "(made with pc_devices=False?)")
         try:
             # Checked already: by save_state (take) or by the file's reader.
-            device._put_state(state)
+            device._restore_state(state, runs)
         except Error as e:
             raise SnapshotError(f"cannot restore the {name} device's state: {e}") from None
-    if hooks:  # a clone is made without hooks: its state stays in the snapshot
-        state_hooks.load_all(vm, snap.hooks)
+
+
+def _kvm_runs(vm) -> tuple:
+    """How many times each vCPU of ``vm`` has entered KVM_RUN (-1 once
+    closed): while they stay the same, no guest code ran."""
+    return tuple([-1 if vcpu._loop is None else _native.kvm_runs(vcpu._loop)
+                  for vcpu in vm.vcpus.values()])
 
 
 #: The kvmclock MSRs (MSR_KVM_SYSTEM_TIME_NEW and the old number): bit 0
@@ -325,18 +346,22 @@ def _same_layout(regions, images) -> bool:
     return True
 
 
-def _check_same_shape(vm, snap: Snapshot) -> None:
+def _check_same_shape(vm, snap: Snapshot) -> Dict[int, VcpuState]:
+    """Refuses a snapshot ``vm`` cannot take back (closed, or of another
+    memory layout, vCPUs or irqchip); returns its vCPU states by index."""
     _check_open(snap)
     if not _same_layout(vm.memory.regions, snap.regions):
         layout = [(r.gpa, r.size, r.readonly) for r in vm.memory.regions]
         wanted = [(r.gpa, r.size, r.readonly) for r in snap.regions]
         raise SnapshotError(f"this VM's memory ({layout}) is not the snapshot's ({wanted}); "
                             "use pyvt.Vm.from_snapshot(snap) for a new VM")
-    if len(vm.vcpus) != len(snap.vcpus) or vm.vcpus.keys() != {v.index for v in snap.vcpus}:
+    states = {state.index: state for state in snap.vcpus}
+    if len(states) != len(snap.vcpus) or vm.vcpus.keys() != states.keys():
         raise SnapshotError(f"this VM has vCPUs {sorted(vm.vcpus)}, the snapshot "
                             f"{sorted(v.index for v in snap.vcpus)}")
     if (snap.irqchip is not None) != vm.fd.has_irqchip:
         raise SnapshotError("the snapshot and this VM differ in having an in-kernel irqchip")
+    return states
 
 
 def clone(snap: Snapshot, vm_class, backend=None):

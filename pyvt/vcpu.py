@@ -975,22 +975,22 @@ class paused:
 
     def __enter__(self):
         self.pause_lock.acquire()
-        taken = []
-        for vcpu in self.vcpus:
-            if not vcpu._run_lock.acquire(blocking=False):
-                for t in taken:
-                    t._paused_by = None
-                    t._run_lock.release()
+        me = threading.get_ident()
+        for held, vcpu in enumerate(self.vcpus):
+            if not vcpu._run_lock.acquire(False):
+                for taken in self.vcpus[:held]:
+                    taken._paused_by = None
+                    taken._run_lock.release()
                 self.pause_lock.release()
                 raise SnapshotError("a vCPU is running: stop it (cpu.stop()) before a "
                                     "snapshot or restore")
-            vcpu._paused_by = threading.get_ident()
-            taken.append(vcpu)
+            vcpu._paused_by = me
         try:
-            for vcpu in self.vcpus:
-                if self.pending_io == "abandon":
+            if self.pending_io == "abandon":
+                for vcpu in self.vcpus:
                     vcpu._abandon_pending_io(self.states.get(vcpu.index))
-                else:
+            else:
+                for vcpu in self.vcpus:
                     vcpu._settle_for_snapshot()
         except BaseException:
             self.__exit__()
