@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import io
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, NoReturn, Optional, Tuple, Type
 
 from . import _native, exits, guest_exceptions
-from .errors import ArgumentError, DeviceStateError
+from .errors import ArgumentError, DeviceStateError, Error, SnapshotError
 
 #: How much output a console keeps by default: its last MiB.
 DEFAULT_OUTPUT_LIMIT: int = _native.DEFAULT_OUTPUT_LIMIT
@@ -122,6 +123,66 @@ def state_copy(value: Any) -> Any:
     return object()
 
 
+class HostAccess:
+    """Counts the host's accesses to one VM's native devices (every
+    :attr:`Device._native`), but for a restore's own; and keeps what the
+    last restore put (see :func:`restore_states`)."""
+
+    __slots__ = ("count", "restoring", "restored")
+
+    def __init__(self):
+        self.count = 0
+        #: The thread whose restore_states is putting states, or None.
+        self.restoring: Optional[int] = None
+        #: (states, a copy of them, the vCPUs' KVM_RUN counts, count before
+        #: the puts) from the last restore_states, or None.
+        self.restored: Optional[tuple] = None
+
+
+def host_access(vm) -> HostAccess:
+    """``vm``'s :class:`HostAccess`, made on first use."""
+    found = vm.__dict__.get("_device_access")
+    if found is None:
+        found = vm.__dict__["_device_access"] = HostAccess()
+    return found
+
+
+def restore_states(vm, states: Dict[str, Any], runs: Optional[tuple]) -> None:
+    """Puts each of ``states`` ({name: state}, checked already) into
+    ``vm``'s device of that name (a snapshot restore), unless every device
+    provably holds its state already: the last call put this very dict,
+    which is still equal to the copy kept then, no guest code ran since
+    (``runs``, the vCPUs' KVM_RUN counts, are the same: the guest reaches a
+    native device only inside KVM_RUN) and the host reached none of the
+    native devices (:class:`HostAccess`: only through the handles).
+    ``runs`` None: every state is put, and nothing remembered.  Raises
+    :class:`pyvt.SnapshotError` naming the device that is missing or refuses."""
+    access = host_access(vm)
+    held = access.restored
+    if (held is not None and runs is not None and held[0] is states and held[2] == runs
+            and held[3] == access.count and held[1] == states):
+        return
+    access.restored = None
+    count = access.count  # another thread's access from here on is counted
+    devices = vm._devices
+    access.restoring = threading.get_ident()
+    try:
+        for name, state in states.items():
+            device = devices.get(name)
+            if device is None:
+                raise SnapshotError(f"the snapshot has a {name} device but this VM has none "
+                                    "(made with pc_devices=False?)")
+            try:
+                device._put_state(state)
+            except Error as e:
+                raise SnapshotError(f"cannot restore the {name} device's state: "
+                                    f"{e}") from None
+    finally:
+        access.restoring = None
+    if runs is not None:
+        access.restored = (states, state_copy(states), runs, count)
+
+
 # -- the handles ---------------------------------------------------------------
 
 class Device:
@@ -134,17 +195,17 @@ class Device:
         self._device = native
         #: The device's one name (see DeviceDescriptor.name).
         self.name = name
-        # (state, a copy of it, the vCPUs' KVM_RUN counts): what the last
-        # restore put (see _restore_state), until anything reaches _native.
-        self._restored: Optional[Tuple[Any, Any, tuple]] = None
+        self._access = host_access(vm)
 
     @property
     def _native(self):
         """The native device.  The host reaches it only through here (pyvt
         keeps no other reference to it but the bus's, which serves the
-        guest), so whatever comes here may change it: a restore puts its
-        state back in full next time."""
-        self._restored = None
+        guest), so whatever comes here may change it: counted, a restore
+        puts every state back next time (see restore_states)."""
+        access = self._access
+        if access.restoring != threading.get_ident():
+            access.count += 1
         return self._device
 
     @property
@@ -214,22 +275,6 @@ class Device:
         snapshot's, checked when it was taken or read from its file, so that
         a restore loop does not check it again each time."""
         raise NotImplementedError(f"the {self.name} device has no state")
-
-    def _restore_state(self, state: Any, runs: Optional[tuple]) -> None:
-        """:meth:`_put_state` for a snapshot restore, unless the device
-        provably holds ``state`` already: the last restore put this very
-        state object, which is still equal to what it was then, no guest
-        code ran since (``runs``, the vCPUs' KVM_RUN counts, are the same:
-        the guest reaches a native device only inside KVM_RUN) and nothing
-        reached the native device through this handle (:attr:`_native`).
-        ``runs`` None: put it, and remember nothing."""
-        held = self._restored
-        if (held is not None and runs is not None and held[0] is state and held[2] == runs
-                and held[1] == state):
-            return
-        self._put_state(state)  # (which clears _restored)
-        if runs is not None:
-            self._restored = (state, state_copy(state), runs)
 
     @classmethod
     def check_state(cls, state: Any, native: Any) -> Any:

@@ -46,6 +46,7 @@ from typing import Any, Dict, List, Optional
 from . import _native, device_model, snapshot_file, snapshot_memory, state_hooks
 from .backend import select_backend
 from .cpu_features import check_cpuid
+from .devices import restore_states
 from .errors import Error, SnapshotError, SnapshotFileError, SnapshotFileNotFound
 from .kvm import Kvm
 from .snapshot_file import FORMAT_VERSION, MAGIC, STRUCTS
@@ -284,23 +285,13 @@ def _restore_state(vm, snap: Snapshot, user_mode_only: bool = False,
 
 
 def _restore_devices(vm, snap: Snapshot) -> None:
-    """Each native device's state, where it may differ (Device._restore_state:
-    a device that holds what the last restore put, with no guest run and no
-    host access since, is left as it is).  With an in-kernel irqchip every
+    """Each native device's state (none where every device holds what the
+    last restore put, with no guest run and no host access since: see
+    pyvt.devices.restore_states).  With an in-kernel irqchip every
     state is put: restore_irqchip has just put back the lines the UART's
     load drives."""
     runs = None if vm.fd.has_irqchip else _kvm_runs(vm)
-    devices = vm.devices
-    for name, state in snap.devices.items():
-        device = devices.get(name)
-        if device is None:
-            raise SnapshotError(f"the snapshot has a {name} device but this VM has none "
-                                "(made with pc_devices=False?)")
-        try:
-            # Checked already: by save_state (take) or by the file's reader.
-            device._restore_state(state, runs)
-        except Error as e:
-            raise SnapshotError(f"cannot restore the {name} device's state: {e}") from None
+    restore_states(vm, snap.devices, runs)
 
 
 def _kvm_runs(vm) -> tuple:
