@@ -134,8 +134,8 @@ class HostAccess:
         self.count = 0
         #: The thread whose restore_states is putting states, or None.
         self.restoring: Optional[int] = None
-        #: (states, a copy of them, the vCPUs' KVM_RUN counts, count before
-        #: the puts) from the last restore_states, or None.
+        #: (states, a copy of them or None, the vCPUs' KVM_RUN counts, count
+        #: before the puts) from the last restore_states, or None.
         self.restored: Optional[tuple] = None
 
 
@@ -154,13 +154,16 @@ def restore_states(vm, states: Dict[str, Any], runs: Optional[tuple]) -> None:
     which is still equal to the copy kept then, no guest code ran since
     (``runs``, the vCPUs' KVM_RUN counts, are the same: the guest reaches a
     native device only inside KVM_RUN) and the host reached none of the
-    native devices (:class:`HostAccess`: only through the handles).
+    native devices (:class:`HostAccess`: only through the handles).  The
+    copy is made by a call that finds all but it unchanged, so the third
+    of a row of restores with nothing between is the first to skip.
     ``runs`` None: every state is put, and nothing remembered.  Raises
     :class:`pyvt.SnapshotError` naming the device that is missing or refuses."""
     access = host_access(vm)
     held = access.restored
-    if (held is not None and runs is not None and held[0] is states and held[2] == runs
-            and held[3] == access.count and held[1] == states):
+    again = (held is not None and runs is not None and held[0] is states and held[2] == runs
+             and held[3] == access.count)
+    if again and held[1] is not None and held[1] == states:
         return
     access.restored = None
     count = access.count  # another thread's access from here on is counted
@@ -180,7 +183,9 @@ def restore_states(vm, states: Dict[str, Any], runs: Optional[tuple]) -> None:
     finally:
         access.restoring = None
     if runs is not None:
-        access.restored = (states, state_copy(states), runs, count)
+        # The copy only once a restore finds nothing changed since the last
+        # one (restores that follow runs would make it for nothing).
+        access.restored = (states, state_copy(states) if again else None, runs, count)
 
 
 # -- the handles ---------------------------------------------------------------

@@ -324,14 +324,14 @@ def _check_open(snap: Snapshot) -> None:
         raise SnapshotError("this snapshot was closed: its memory is gone")
 
 
-def _same_layout(regions, images) -> bool:
-    """Whether the VM's memory ``regions`` and a snapshot's ``images`` have
-    the same places, sizes and read-only flags (a loop: a restore loop
-    checks it each time)."""
+def _open_and_same_layout(regions, images) -> bool:
+    """Whether a snapshot's ``images`` are all open and have the places,
+    sizes and read-only flags of the VM's memory ``regions`` (one loop: a
+    restore loop checks it each time)."""
     if len(regions) != len(images):
         return False
     for region, image in zip(regions, images):
-        if (region.gpa != image.gpa or region.size != image.size
+        if (image.memfd < 0 or region.gpa != image.gpa or region.size != image.size
                 or region.readonly != image.readonly):
             return False
     return True
@@ -340,8 +340,8 @@ def _same_layout(regions, images) -> bool:
 def _check_same_shape(vm, snap: Snapshot) -> Dict[int, VcpuState]:
     """Refuses a snapshot ``vm`` cannot take back (closed, or of another
     memory layout, vCPUs or irqchip); returns its vCPU states by index."""
-    _check_open(snap)
-    if not _same_layout(vm.memory.regions, snap.regions):
+    if not _open_and_same_layout(vm.memory.regions, snap.regions):
+        _check_open(snap)
         layout = [(r.gpa, r.size, r.readonly) for r in vm.memory.regions]
         wanted = [(r.gpa, r.size, r.readonly) for r in snap.regions]
         raise SnapshotError(f"this VM's memory ({layout}) is not the snapshot's ({wanted}); "
