@@ -276,6 +276,8 @@ class Sandbox:
             self._native = sandbox_calls.native_calls(
                 self, self._snapshot, self.trampoline_address + _TRAMPOLINE_OUT)
             self._native_writes = self.vcpu.fd.writes
+            # What the region's host_dirty bitmap holds when the host wrote nothing.
+            self._no_host_writes = bytes(len(self.vm.memory.regions[0].host_dirty or b""))
         except BaseException:
             self.close()
             raise
@@ -550,9 +552,8 @@ class Sandbox:
                 or self.vcpu.fd.writes != self._native_writes:
             return False
         (region,) = self.vm.memory.regions
-        host_dirty = region.host_dirty
         return (region.baselines.get(self._snapshot.regions[0]) == 0
-                and host_dirty is not None and host_dirty.count(0) == len(host_dirty))
+                and region.host_dirty == self._no_host_writes)
 
     def _after_native_reset(self, kind: int, rax: int, writes: int) -> int:
         """Bookkeeping after a call the native path reset: the pages it
