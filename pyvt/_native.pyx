@@ -1669,6 +1669,14 @@ cdef class SandboxCalls:
         return (SANDBOX_RESET_DONE if rc == PVT_SANDBOX_RESET_DONE else SANDBOX_RESET_MEMORY,
                 rax, writes)
 
+    def take_host_writes(self):
+        """The pages copy() wrote since the last reset, as a little-endian
+        bitmap, forgotten here: for a call that left the native path, whose
+        reset pyvt.memory's bookkeeping makes (as for any host write)."""
+        taken = PyBytes_FromStringAndSize(<const char *>self.also, self.words * 8)
+        memset(self.also, 0, self.words * 8)
+        return taken
+
     @property
     def written(self):
         """The pages the last reset copied back, as a little-endian bitmap."""

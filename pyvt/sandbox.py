@@ -486,12 +486,13 @@ class Sandbox:
         native = self._native if (restore and not writebacks and self._native_ready()) \
             else None
         try:
+            if native is not None and not native.enter(symbol.address, *registers):
+                cpu._settle_pending_io()  # an access of the user's, not the trampoline's
+                if not native.enter(symbol.address, *registers):
+                    native = None
             if native is not None:
                 for address, data in copies:
                     native.copy(address, data)
-                if not native.enter(symbol.address, *registers):
-                    cpu._settle_pending_io()  # an access of the user's, not the trampoline's
-                    native.enter(symbol.address, *registers)
             else:
                 for address, data in copies:
                     self.vm.memory.write(address, data)
@@ -506,6 +507,9 @@ class Sandbox:
                 stop = cpu._run_until_stop(left, None if native is None else native.run)
                 if stop is not None and stop[0] in _NATIVE_RESETS:
                     return self._after_native_reset(*stop)
+                if native is not None:  # the Python path takes over, and its reset
+                    self._hand_over_host_writes(native)
+                    native = None
                 if stop is not None and restore and self._returned_stop(stop):
                     break  # the reset follows: no exit object needed
                 exit = exits.Stopped(None) if stop is None else cpu._exit_of(stop, left)
@@ -520,6 +524,8 @@ class Sandbox:
             for address, view in writebacks:
                 view[:] = self.vm.memory.read(address, len(view))
         except BaseException:
+            if native is not None:
+                self._hand_over_host_writes(native)
             if self._snapshot is not None:  # else loading failed: nothing to go back to
                 self.reset()
             raise
@@ -554,6 +560,18 @@ class Sandbox:
         (region,) = self.vm.memory.regions
         return (region.baselines.get(self._snapshot.regions[0]) == 0
                 and region.host_dirty == self._no_host_writes)
+
+    def _hand_over_host_writes(self, native: _native.SandboxCalls) -> None:
+        """Tells pyvt.memory which pages the native path's argument copies
+        wrote, for a call whose reset is the Python one: a host write is
+        copied back only where memory knows of it (KVM's log does not see it)."""
+        (region,) = self.vm.memory.regions
+        written = int.from_bytes(native.take_host_writes(), "little")
+        if written and region.host_dirty is not None:
+            with self.vm.memory._dirty_lock:
+                size = len(region.host_dirty)
+                merged = int.from_bytes(region.host_dirty, "little") | written
+                region.host_dirty[:] = merged.to_bytes(size, "little")
 
     def _after_native_reset(self, kind: int, rax: int, writes: int) -> int:
         """Bookkeeping after a call the native path reset: the pages it

@@ -36,7 +36,8 @@ def guest_elf(tmp_path_factory) -> Path:
 
 @pytest.fixture(params=[False, True], ids=["full_reset", "fast_reset"])
 def sandbox(guest_elf, request):
-    with pyvt.Sandbox(guest_elf, memory="16M", ring=3, fast_reset=request.param) as sb:
+    with pyvt.Sandbox(guest_elf, memory="16M", ring=3, fast_reset=request.param,
+                      host_functions={"seen": lambda first, n: first + n}) as sb:
         yield sb
 
 
@@ -110,6 +111,21 @@ def test_host_writes_between_calls_are_taken_back_by_the_next_reset(sandbox, mon
     assert restores.calls == 1  # the Python reset, which knows of host writes
     assert sandbox.vm.memory.read(address + 8, 8) == bytes(8)
     assert sandbox.call("bump") == 1 and restores.calls == 1
+
+
+@pytest.mark.parametrize("how", ["fault", "host call"])
+def test_the_arguments_of_a_call_that_left_the_native_path_are_taken_back(sandbox, how):
+    """A call that faults, or goes through Python, is reset by the Python
+    path, which must know of the argument bytes the native path copied in."""
+    arena = sandbox.vm.memory.read(sandbox.arena_address, 64)
+    data = b"\xaa" * 64
+    if how == "fault":
+        with pytest.raises(pyvt.GuestFault):
+            sandbox.call("fault_untouched", data)
+    else:
+        assert sandbox.call("tell_host_untouched", data, len(data)) == 0xAA + 64
+    assert sandbox.vm.memory.read(sandbox.arena_address, 64) == arena
+    assert sandbox.call("peek", sandbox.arena_address) == int.from_bytes(arena[:8], "little")
 
 
 def test_another_snapshot_learns_what_native_resets_copied_back(sandbox):

@@ -5,6 +5,8 @@
  * compiler itself leaves the vector registers alone; only the inline
  * assembly below touches them.
  */
+#include "pyvt_guest.h"
+
 long counter;
 
 /* Leaves XMM0 = value, MXCSR rounding toward zero, one value on the x87 stack. */
@@ -61,4 +63,21 @@ long bump(void)
 unsigned long counter_address(void)
 {
 	return (unsigned long)&counter;
+}
+
+/*
+ * Take an argument they never touch (its page stays out of KVM's dirty
+ * log: only pyvt knows it wrote it), then fault (#PF: nothing is mapped at
+ * 8 GiB) or call the host's "seen" (the call goes through Python).
+ */
+unsigned long fault_untouched(const unsigned char *p)
+{
+	(void)p;
+	return *(volatile unsigned long *)0x200000000ul;
+}
+
+long tell_host_untouched(const unsigned char *p, unsigned long n)
+{
+	(void)p;
+	return pyvt_host_call("seen", 0xAA, n);
 }
