@@ -1527,3 +1527,164 @@ def kvm_runs(VcpuLoop loop):
     loop's and its settling of pending accesses'): what pyvt.Vcpu compares
     to know that no KVM_RUN came in between, without building stats."""
     return loop.v.kvm_exits
+
+
+# -- pyvt.Sandbox's native call path (csrc/sandbox_call.c) ----------------------
+
+#: SandboxCalls.run()'s returns besides a run loop stop: the call returned
+#: and its reset is done (memory and user-mode state), or only its memory
+#: (the caller writes the whole state).
+SANDBOX_RESET_DONE = 200
+SANDBOX_RESET_MEMORY = 201
+
+
+cdef class SandboxCalls:
+    """pyvt.Sandbox's calls on one vCPU and one dirty-logged memory slot:
+    argument copies into the slot, the entry registers, and the run; a call
+    that returned through the trampoline with no other exit (no device, no
+    host function, no coalesced write: nothing but memory and CPL-3 state
+    can differ) is reset here too (csrc/sandbox_call.h says when the
+    user-mode reset is enough).  Built by pyvt.Sandbox from the snapshot it
+    takes; the mappings stay exported while this object lives."""
+
+    cdef VcpuLoop loop
+    cdef pvt_sandbox_entry entry
+    cdef pvt_sandbox_reset_plan plan
+    cdef uint8_t[::1] target
+    cdef const uint8_t[::1] image
+    cdef bytes regs, data, reserved, events
+    cdef object keep  # the structs the state plan's addresses point into
+    cdef uint64_t *also
+    cdef uint64_t *written
+    cdef uint64_t words
+    cdef uint16_t exit_port
+    cdef uint64_t return_low, return_high
+    cdef uint64_t exits_at_entry, coalesced_at_entry
+    # kvm_exits when the last call returned here: while unchanged, the
+    # pending port write is the trampoline's, which a new entry cancels.
+    cdef uint64_t returned_at
+
+    def __init__(self, VcpuLoop loop, int vm_fd, uint32_t slot, uint64_t pages,
+                 uint8_t[::1] target, const uint8_t[::1] image, bytes data, bytes reserved,
+                 bytes regs, unsigned long sregs_request, size_t sregs, size_t sregs_common,
+                 size_t xsave, size_t fpu, bytes events, uint64_t stub, uint64_t rsp,
+                 int exit_port, uint64_t return_low, uint64_t return_high, keep):
+        self.words = (pages + 63) // 64
+        if pages == 0 or <size_t>target.shape[0] < pages * PVT_PAGE_RESTORE_PAGE_SIZE or \
+                <size_t>image.shape[0] < pages * PVT_PAGE_RESTORE_PAGE_SIZE:
+            raise ArgumentError(f"the mappings must hold the slot's {pages} pages")
+        if <size_t>len(data) != self.words * 8 or <size_t>len(reserved) != self.words * 8:
+            raise ArgumentError(f"the page bitmaps must be {self.words * 8} bytes")
+        if <size_t>len(regs) != sizeof(kvm_regs):
+            raise ArgumentError(f"regs must be {sizeof(kvm_regs)} bytes, not {len(regs)}")
+        if len(events) != 0 and <size_t>len(events) != sizeof(kvm_vcpu_events):
+            raise ArgumentError(f"events must be {sizeof(kvm_vcpu_events)} bytes or none")
+        if sregs == 0 or sregs_common > sizeof(kvm_sregs):
+            raise ArgumentError("the sandbox's reset needs the special registers' struct")
+        self.also = <uint64_t *>calloc(self.words, 8)
+        self.written = <uint64_t *>calloc(self.words, 8)
+        if self.also == NULL or self.written == NULL:
+            raise MemoryError()
+        self.loop, self.target, self.image = loop, target, image
+        self.regs, self.data, self.reserved, self.events, self.keep = \
+            regs, data, reserved, events, keep
+        self.entry.regs = <const kvm_regs *>PyBytes_AS_STRING(regs)
+        self.entry.stub = stub
+        self.entry.rsp = rsp
+        self.plan.vm_fd = vm_fd
+        self.plan.slot = slot
+        self.plan.pages = pages
+        self.plan.target = &target[0]
+        self.plan.image = &image[0]
+        self.plan.data = <const uint64_t *>PyBytes_AS_STRING(data)
+        self.plan.reserved = <const uint64_t *>PyBytes_AS_STRING(reserved)
+        self.plan.also = self.also
+        self.plan.written = self.written
+        self.plan.state.regs = self.entry.regs
+        self.plan.state.sregs_request = sregs_request
+        self.plan.state.sregs = <const void *>sregs
+        self.plan.state.sregs_common = sregs_common
+        self.plan.state.xsave = <const void *>xsave
+        self.plan.state.fpu = <const void *>fpu
+        self.plan.state.events = <const kvm_vcpu_events *>PyBytes_AS_STRING(events) \
+            if len(events) else NULL
+        self.exit_port = exit_port
+        self.return_low, self.return_high = return_low, return_high
+        self.returned_at = <uint64_t>-1
+
+    def __dealloc__(self):
+        free(self.also)
+        free(self.written)
+
+    def copy(self, uint64_t address, const uint8_t[::1] data):
+        """Writes ``data`` to guest-physical ``address`` of the slot; its
+        pages are copied back at the next reset."""
+        cdef uint64_t n = data.shape[0], page
+        if n == 0:
+            return
+        if address > self.plan.pages * PVT_PAGE_RESTORE_PAGE_SIZE or \
+                n > self.plan.pages * PVT_PAGE_RESTORE_PAGE_SIZE - address:
+            raise ArgumentError(f"{n} bytes at {address:#x} lie outside the sandbox's memory")
+        memcpy(&self.target[address], &data[0], n)
+        page = address // PVT_PAGE_RESTORE_PAGE_SIZE
+        while page <= (address + n - 1) // PVT_PAGE_RESTORE_PAGE_SIZE:
+            self.also[page // 64] |= 1ull << (page % 64)
+            page += 1
+
+    def enter(self, uint64_t function, uint64_t a0=0, uint64_t a1=0, uint64_t a2=0,
+              uint64_t a3=0, uint64_t a4=0, uint64_t a5=0):
+        """Puts the entry registers of a call of ``function`` in the run
+        page.  False (nothing done) if the vCPU owes an access that is not
+        the last call's trampoline write: the caller settles it first."""
+        cdef uint64_t args[6]
+        cdef pvt_vcpu *v = &self.loop.v
+        if v.run == NULL:
+            raise ClosedError("the vCPU is closed")
+        # The trampoline's OUT stays pending: KVM's completion of it does
+        # nothing once RIP moved (see Vcpu._defer_port_write).
+        if v.pending_io != PVT_PENDING_NONE and not (
+                v.pending_io == PVT_PENDING_WRITE and v.kvm_exits == self.returned_at):
+            return False
+        args[0], args[1], args[2], args[3], args[4], args[5] = a0, a1, a2, a3, a4, a5
+        pvt_sandbox_enter(v.run, &self.entry, function, args)
+        self.exits_at_entry = v.kvm_exits
+        self.coalesced_at_entry = v.coalesced
+        return True
+
+    def run(self, double timeout, double tick):
+        """Runs the vCPU (VcpuLoop.run).  A call that returned with no other
+        exit since enter() is reset: returns ``(SANDBOX_RESET_DONE or
+        SANDBOX_RESET_MEMORY, rax, 0)``; any other stop as VcpuLoop.run."""
+        cdef pvt_vcpu *v = &self.loop.v
+        cdef int rc, writes = 0
+        cdef const char *failed = NULL
+        cdef uint64_t rip, rax
+        stop = self.loop.run(timeout, tick)
+        if stop[0] != STOP_DEVICE or stop[2] != self.exit_port or v.run == NULL:
+            return stop
+        rip = pvt_sandbox_exit_rip(v.run)
+        if (rip < self.return_low or rip > self.return_high
+                or v.kvm_exits != self.exits_at_entry + 1 or v.coalesced != self.coalesced_at_entry):
+            return stop
+        rax = pvt_sandbox_exit_rax(v.run)
+        with nogil:
+            rc = pvt_sandbox_reset(v.fd, v.run, &self.plan, &writes, &failed)
+        self.returned_at = v.kvm_exits
+        if rc < 0:
+            raise KvmError((<bytes>failed).decode() if failed != NULL else "KVM_GET_DIRTY_LOG",
+                           -rc, "resetting the sandbox after a call")
+        return (SANDBOX_RESET_DONE if rc == PVT_SANDBOX_RESET_DONE else SANDBOX_RESET_MEMORY,
+                rax, writes)
+
+    def take_host_writes(self):
+        """The pages copy() wrote since the last reset, as a little-endian
+        bitmap, forgotten here: for a call that left the native path, whose
+        reset pyvt.memory's bookkeeping makes (as for any host write)."""
+        taken = PyBytes_FromStringAndSize(<const char *>self.also, self.words * 8)
+        memset(self.also, 0, self.words * 8)
+        return taken
+
+    @property
+    def written(self):
+        """The pages the last reset copied back, as a little-endian bitmap."""
+        return PyBytes_FromStringAndSize(<const char *>self.written, self.words * 8)

@@ -38,7 +38,10 @@ class DirtyRate:
 
     def record(self, logged: dict) -> None:
         """One harvest: ``logged`` is {slot: pageset of pages written}."""
-        pages = sum(bits.bit_count() for bits in logged.values())
+        self.record_pages(sum(bits.bit_count() for bits in logged.values()))
+
+    def record_pages(self, pages: int) -> None:
+        """One harvest of ``pages`` pages written."""
         now = time.monotonic()
         with self._lock:
             self.total += pages

@@ -89,6 +89,8 @@ EFER_LMA = 1 << 10
 PTE_PRESENT = 1 << 0
 PTE_WRITABLE = 1 << 1
 PTE_USER = 1 << 2
+PTE_ACCESSED = 1 << 5
+PTE_DIRTY = 1 << 6
 PTE_LARGE = 1 << 7
 
 RFLAGS_RESERVED = 0x2
@@ -134,8 +136,12 @@ GDT = struct.pack(
 def _page_tables() -> Dict[int, bytes]:
     """PML4, PDPT and page directories identity-mapping the first 4 GiB,
     user-accessible at every level (ring-0 code does not mind: pyvt sets
-    neither SMEP nor SMAP)."""
-    flags = PTE_PRESENT | PTE_WRITABLE | PTE_USER
+    neither SMEP nor SMAP).  Every entry is marked accessed, and every 2 MiB
+    page dirty, so that the CPU never writes the tables itself: a guest's
+    first touch of a page would otherwise dirty them in KVM's log, and
+    pyvt.Sandbox takes a write to pyvt's reserved area as a sign that the
+    guest may have left CPL 3."""
+    flags = PTE_PRESENT | PTE_WRITABLE | PTE_USER | PTE_ACCESSED
     tables = {
         PML4_ADDRESS: struct.pack("<Q", PDPT_ADDRESS | flags),
         PDPT_ADDRESS: b"".join(
@@ -144,7 +150,7 @@ def _page_tables() -> Dict[int, bytes]:
     two_mib = 2 << 20
     pages = IDENTITY_MAPPED // two_mib
     tables[PD_ADDRESS] = b"".join(
-        struct.pack("<Q", (i * two_mib) | flags | PTE_LARGE) for i in range(pages))
+        struct.pack("<Q", (i * two_mib) | flags | PTE_DIRTY | PTE_LARGE) for i in range(pages))
     return tables
 
 

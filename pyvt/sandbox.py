@@ -41,7 +41,7 @@ import subprocess
 import time
 from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from . import _native, exits, modes
+from . import _native, exits, modes, sandbox_calls
 from .errors import (
     ArgumentError,
     ArgumentTypeError,
@@ -95,6 +95,9 @@ _TRAMPOLINE_OUT = 2
 _PARKED = 32
 _TRAMPOLINE = (bytes((0xE6, DEBUG_EXIT_PORT, 0xF4, 0xEB, 0xFD)).ljust(_PARKED, b"\xcc")
                + bytes((0xF4, 0xEB, 0xFD)))
+
+#: SandboxCalls.run()'s stops for a call it reset itself.
+_NATIVE_RESETS = (_native.SANDBOX_RESET_DONE, _native.SANDBOX_RESET_MEMORY)
 
 #: The longest string a host function may be handed (``args=(str,)``).
 MAX_STRING = 1 << 20
@@ -171,15 +174,26 @@ class Sandbox:
     default per-call limit in seconds (None: none).  ``host_functions``
     maps names to functions (or ``(function, args)`` pairs) that the guest,
     including its ``pyvt_init()``, may call: see :meth:`host_function`.
+    At ring 3, a call that returns through the trampoline with no other
+    exit (no host function, no port I/O) is run and reset in one native
+    call (:mod:`pyvt.sandbox_calls`): the pages it wrote are copied back,
+    and, unless it wrote pyvt's reserved area (its page tables, GDT, IDT,
+    TSS: the only way ring-3 code could reach CPL 0 and come back, which
+    KVM's dirty log shows; then the reset is whole), only what CPL-3 code
+    can change is written back: the general registers, and the segment
+    registers and events where they differ.  The x87/SSE registers are
+    reloaded from the snapshot's by pyvt's entry stub as each call starts
+    from the snapshot (so between calls the vCPU holds the last call's;
+    the function is entered with RAX = 0 and R10, R11 used by the stub).
+    The TSC keeps counting across such calls.
     ``fast_reset=True`` (ring 3 only) is a promise about the guest: its
     functions run at CPL 3 only and never rewrite pyvt's page tables, GDT,
-    IDT or TSS (which lie in guest memory, writable from ring 3), so that
-    nothing but an exception, which ends the call, reaches CPL 0.  Then the
-    reset after a call that returned writes only what CPL-3 code can change
-    (``vm.restore(..., user_mode_only=True)``: registers, XSAVE state,
-    events; memory as always), and the TSC and KVM clock keep running
-    across calls.  A call that fails is still followed by a full reset.
-    Do not give it for guest code you do not trust.
+    IDT or TSS, so that nothing but an exception, which ends the call,
+    reaches CPL 0.  Then the reset after a call that returned through
+    Python (host functions, devices) also writes only what CPL-3 code can
+    change (``vm.restore(..., user_mode_only=True)``), and the TSC and KVM
+    clock keep running across calls.  A call that fails is still followed
+    by a full reset.  Do not give it for guest code you do not trust.
 
     Attributes: ``vm`` and ``vcpu`` (the :class:`pyvt.Vm` and its
     :class:`pyvt.Vcpu`), ``functions`` (``{name: FunctionSymbol}``),
@@ -195,6 +209,10 @@ class Sandbox:
                  fast_reset: bool = False):
         self._host: Dict[str, Tuple[Callable, Optional[Tuple[HostArgType, ...]]]] = {}
         self._snapshot: Optional["Snapshot"] = None
+        self._native: Optional[_native.SandboxCalls] = None
+        # VcpuFd.writes when the sandbox last put the snapshot back itself:
+        # a write through sb.vcpu.fd since rules out the native reset.
+        self._native_writes = -1
         self._calling = False
         self._at_snapshot = True  # the return address is in place
         self.reset_after_call = bool(reset)
@@ -233,6 +251,11 @@ class Sandbox:
             self.vcpu.track_user_mode_state()
             write_segments(self.vm.memory, image.segments)
             self.vm.memory.write(self.trampoline_address, _TRAMPOLINE)
+            #: Whether calls enter through sandbox_calls' stub (ring 3).
+            self.uses_entry_stub = sandbox_calls.uses_entry_stub(self)
+            if self.uses_entry_stub:
+                self.vm.memory.write(self.trampoline_address + sandbox_calls.ENTRY_STUB,
+                                     sandbox_calls.entry_stub())
             # The return address every call finds at its entry RSP.
             self.vm.memory.write(self._entry_rsp, struct.pack("<Q", self.trampoline_address))
             if INIT_SYMBOL in self.functions:
@@ -241,8 +264,20 @@ class Sandbox:
             # away from the trampoline's OUT, so that a reset need not
             # retire the OUT a call ended with (Vcpu._defer_port_write).
             self.vcpu.regs.rip = self.trampoline_address + _PARKED
+            if self.uses_entry_stub:  # what the stub reloads: the x87/SSE state from now on
+                xsave = self.vcpu.save_state().xsave
+                if xsave is None:
+                    raise SandboxError(f"the {self.vm.backend} backend does not give the vCPU's "
+                                       "XSAVE state, which a ring-3 sandbox's calls reload")
+                self.vm.memory.write(self.trampoline_address + sandbox_calls.FXSAVE_IMAGE,
+                                     sandbox_calls.fxsave_image(xsave))
             self._snapshot = self.vm.snapshot()
             self._at_snapshot = True
+            self._native = sandbox_calls.native_calls(
+                self, self._snapshot, self.trampoline_address + _TRAMPOLINE_OUT)
+            self._native_writes = self.vcpu.fd.writes
+            # What the region's host_dirty bitmap holds when the host wrote nothing.
+            self._no_host_writes = bytes(len(self.vm.memory.regions[0].host_dirty or b""))
         except BaseException:
             self.close()
             raise
@@ -271,6 +306,7 @@ class Sandbox:
 
     def close(self) -> None:
         """Frees the VM and the snapshot.  Idempotent."""
+        self._native = None  # it holds the memory's and the snapshot's mappings
         if self._snapshot is not None:
             self._snapshot.close()
             self._snapshot = None
@@ -303,6 +339,7 @@ class Sandbox:
     def _reset(self, user_mode_only: bool) -> None:
         self.vm.restore(self._clean_state(), user_mode_only=user_mode_only)
         self._at_snapshot = True
+        self._native_writes = self.vcpu.fd.writes
 
     def _clean_state(self) -> "Snapshot":
         """The snapshot every call starts from; raises ClosedError once closed."""
@@ -367,12 +404,12 @@ class Sandbox:
                                "into the guest while the guest waits for it")
         symbol = self._lookup(function)
         seconds = _check_timeout(self.timeout if timeout is None else timeout)
-        registers, writebacks = self._marshal(function, args)
+        registers, copies, writebacks = self._marshal(function, args)
         self._calling = True
         try:
             return self._call(symbol, registers, seconds,
                               restore=self.reset_after_call and not keep_state,
-                              writebacks=writebacks)
+                              copies=copies, writebacks=writebacks)
         finally:
             self._calling = False
 
@@ -388,7 +425,8 @@ class Sandbox:
         return symbol
 
     def _marshal(self, function: str, args: Sequence[Argument]):
-        """(register values, [(arena address, view)] to copy back after the call)."""
+        """(register values, [(arena address, bytes)] to copy in, [(arena
+        address, view)] to copy back after the call)."""
         if len(args) > len(ARGUMENT_REGISTERS):
             raise ArgumentError(
                 f"{function}() got {len(args)} arguments; SysV x86-64 passes the first "
@@ -432,30 +470,46 @@ class Sandbox:
                 raise ArgumentTypeError(f"{function}() argument {position} is a "
                                         f"{type(arg).__name__}; pass an int, None or "
                                         f"bytes-like object{hint}")
-        for address, data in copies:
-            self.vm.memory.write(address, data)
-        return values, writebacks
+        return values, copies, writebacks
 
     def _call(self, symbol: FunctionSymbol, registers: Sequence[int],
               timeout: Optional[float], restore: bool,
+              copies: Sequence[Tuple[int, bytes]] = (),
               writebacks: Sequence[Tuple[int, memoryview]] = ()) -> int:
-        """Runs ``symbol`` with ``registers`` to its return (serving host
-        calls); restores the snapshot afterwards if ``restore``, and on any
-        failure once there is one."""
+        """Copies the arguments in, runs ``symbol`` with ``registers`` to its
+        return (serving host calls); restores the snapshot afterwards if
+        ``restore``, and on any failure once there is one.  Where it can
+        (sandbox_calls), the run and the reset after it are one native call."""
         cpu = self.vcpu
         regs = cpu.regs
         deadline = None if timeout is None else time.monotonic() + timeout
+        native = self._native if (restore and not writebacks and self._native_ready()) \
+            else None
         try:
-            values = dict(zip(ARGUMENT_REGISTERS, registers, strict=False))
-            values["rsp"] = self._entry_rsp
-            cpu._enter(symbol.address, values)
-            if not self._at_snapshot:  # a kept call may have overwritten the return address
-                self.vm.memory.write(self._entry_rsp,
-                                     struct.pack("<Q", self.trampoline_address))
+            if native is not None and not native.enter(symbol.address, *registers):
+                cpu._settle_pending_io()  # an access of the user's, not the trampoline's
+                if not native.enter(symbol.address, *registers):
+                    native = None
+            if native is not None:
+                for address, data in copies:
+                    native.copy(address, data)
+            else:
+                for address, data in copies:
+                    self.vm.memory.write(address, data)
+                rip, values = self._entry(symbol, registers)
+                cpu._enter(rip, values)
+                if not self._at_snapshot:  # a kept call may have overwritten the return address
+                    self.vm.memory.write(self._entry_rsp,
+                                         struct.pack("<Q", self.trampoline_address))
             self._at_snapshot = False
             while True:
                 left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-                stop = cpu._run_until_stop(left)
+                stop = cpu._run_until_stop(left, None if native is None else native.run)
+                if stop is not None and stop[0] in _NATIVE_RESETS:
+                    return self._after_native_reset(*stop)
+                if native is not None:  # the Python path takes over, and its reset
+                    self._hand_over_host_writes(native)
+                    native = None
                 if stop is not None and restore and self._returned_stop(stop):
                     break  # the reset follows: no exit object needed
                 exit = exits.Stopped(None) if stop is None else cpu._exit_of(stop, left)
@@ -470,6 +524,8 @@ class Sandbox:
             for address, view in writebacks:
                 view[:] = self.vm.memory.read(address, len(view))
         except BaseException:
+            if native is not None:
+                self._hand_over_host_writes(native)
             if self._snapshot is not None:  # else loading failed: nothing to go back to
                 self.reset()
             raise
@@ -479,6 +535,68 @@ class Sandbox:
             # last reset (a failed call resets in full).
             self._reset(user_mode_only=self.fast_reset)
         return result
+
+    def _entry(self, symbol: FunctionSymbol,
+               registers: Sequence[int]) -> Tuple[int, Dict[str, int]]:
+        """(RIP, register values) entering ``symbol`` with ``registers``,
+        through the entry stub where there is one (as SandboxCalls.enter)."""
+        values = dict(zip(ARGUMENT_REGISTERS, registers, strict=False))
+        values["rsp"] = self._entry_rsp
+        # From the snapshot only: before it there is no image to load, and a
+        # call after a kept one starts from the x87/SSE state that one left.
+        if not self.uses_entry_stub or self._snapshot is None or not self._at_snapshot:
+            return symbol.address, values
+        values["r10"] = symbol.address
+        values["r11"] = values.pop("rdx", 0)
+        return self.trampoline_address + sandbox_calls.ENTRY_STUB, values
+
+    def _native_ready(self) -> bool:
+        """Whether the VM is exactly as the sandbox's last reset left it, so
+        that the native path may run and reset the call: no write through
+        ``vcpu.fd``, no memory written from the host, since."""
+        if self._native is None or self._snapshot is None or not self._at_snapshot \
+                or self.vcpu.fd.writes != self._native_writes:
+            return False
+        (region,) = self.vm.memory.regions
+        return (region.baselines.get(self._snapshot.regions[0]) == 0
+                and region.host_dirty == self._no_host_writes)
+
+    def _hand_over_host_writes(self, native: _native.SandboxCalls) -> None:
+        """Tells pyvt.memory which pages the native path's argument copies
+        wrote, for a call whose reset is the Python one: a host write is
+        copied back only where memory knows of it (KVM's log does not see it)."""
+        (region,) = self.vm.memory.regions
+        written = int.from_bytes(native.take_host_writes(), "little")
+        if written and region.host_dirty is not None:
+            with self.vm.memory._dirty_lock:
+                size = len(region.host_dirty)
+                merged = int.from_bytes(region.host_dirty, "little") | written
+                region.host_dirty[:] = merged.to_bytes(size, "little")
+
+    def _after_native_reset(self, kind: int, rax: int, writes: int) -> int:
+        """Bookkeeping after a call the native path reset: the pages it
+        copied back count as written (for other snapshots and the dirty
+        statistics), and the memory equals the snapshot's again; where the
+        guest wrote pyvt's reserved area, the whole vCPU state is written
+        back here."""
+        vcpu, memory, native, snap = self.vcpu, self.vm.memory, self._native, self._snapshot
+        assert native is not None and snap is not None  # _native_ready() said so
+        vcpu.fd.writes += writes
+        (region,) = memory.regions
+        image = snap.regions[0]
+        written = int.from_bytes(native.written, "little")
+        with memory._dirty_lock:
+            if len(region.baselines) == 1:  # the snapshot's alone: it holds again
+                region.unreported |= written
+            else:
+                memory._add_written(region, written)
+                region.baselines[image] = 0
+        memory.dirty_rate.record_pages(written.bit_count())
+        if kind == _native.SANDBOX_RESET_MEMORY:
+            self.vm.restore(snap)
+        self._at_snapshot = True
+        self._native_writes = vcpu.fd.writes
+        return rax
 
     def _returned_stop(self, stop: Tuple[int, int, int]) -> bool:
         """True for the trampoline's write, from the run loop's stop."""

@@ -43,7 +43,7 @@ import mmap
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from . import _native, device_model, snapshot_file, snapshot_memory, state_hooks
+from . import _native, clone_pool, device_model, snapshot_file, snapshot_memory, state_hooks
 from .backend import select_backend
 from .cpu_features import check_cpuid
 from .devices import restore_states
@@ -104,9 +104,28 @@ class Snapshot:
                 f"{len(self.vcpus)} vCPU(s)>")
 
     def close(self) -> None:
-        """Frees the snapshot's memory (clones keep their own mappings)."""
+        """Frees the snapshot's memory (clones keep their own mappings) and
+        closes the prepared clones nobody took (:meth:`prepare_clones`)."""
+        clone_pool.close_all(self)
         for region in self.regions:
             region.close()
+
+    def prepare_clones(self, count: int, backend=None) -> None:
+        """Makes ``count`` clones now, for :meth:`pyvt.Vm.from_snapshot` to
+        hand out later at a fraction of its cost (see :mod:`pyvt.clone_pool`:
+        each is brought to this snapshot's state of the moment it is taken).
+        ``backend`` as for from_snapshot.  The clones are pyvt.Vm objects:
+        ``from_snapshot`` of a subclass makes its own."""
+        from .vm import Vm
+
+        _check_open(self)
+        path = select_backend(backend if backend is not None else self.backend)
+        clone_pool.prepare(self, count, Vm, path, lambda: _new_clone(self, Vm, path))
+
+    @property
+    def prepared_clones(self) -> int:
+        """How many prepared clones wait to be taken."""
+        return len(clone_pool.prepared(self))
 
     def __del__(self):
         try:
@@ -356,11 +375,20 @@ def _check_same_shape(vm, snap: Snapshot) -> Dict[int, VcpuState]:
 
 
 def clone(snap: Snapshot, vm_class, backend=None):
-    """Implements :meth:`pyvt.Vm.from_snapshot` (``vm_class``: pyvt.Vm or a subclass)."""
+    """Implements :meth:`pyvt.Vm.from_snapshot` (``vm_class``: pyvt.Vm or a
+    subclass): a prepared clone where there is one (Snapshot.prepare_clones),
+    else a new one."""
     _check_open(snap)
     # Snapshots from another host arrive through Snapshot.load, which checks
     # CPUID; one taken here runs here.
     path = select_backend(backend if backend is not None else snap.backend)
+    prepared = clone_pool.take(snap, vm_class, path,
+                               lambda vm: _restore_state(vm, snap, hooks=False))
+    return prepared if prepared is not None else _new_clone(snap, vm_class, path)
+
+
+def _new_clone(snap: Snapshot, vm_class, path: str):
+    """A new VM in ``snap``'s state on the backend at ``path``."""
     main = snap.regions[0]
     vm = vm_class(memory=main.size, backend=path, debug_exit_port=snap.debug_exit_port,
                   pc_devices=snap.pc_devices, _memory_source=main.memfd)

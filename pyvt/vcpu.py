@@ -474,11 +474,14 @@ class Vcpu:
             return exits.Stopped(None)
         return self._exit_of(stop, timeout, check)
 
-    def _run_until_stop(self, timeout: Optional[float]) -> Optional[Tuple[int, int, int]]:
+    def _run_until_stop(self, timeout: Optional[float],
+                        runner=None) -> Optional[Tuple[int, int, int]]:
         """run() without making the exit: the native loop's ``(stop, code,
         port)``, or None if the VM was closed meanwhile.  A caller that
         recognises the stop itself (pyvt.Sandbox: its trampoline's exit)
-        skips _exit_of, and last_exit stays as it was."""
+        skips _exit_of, and last_exit stays as it was.  ``runner``: what
+        runs the loop instead of its own run(seconds, tick) (pyvt.Sandbox's
+        _native.SandboxCalls.run, which may return its own stops)."""
         self._check_open()
         seconds = _timeout_seconds(timeout)
         self._acquire_run_lock()
@@ -492,7 +495,7 @@ class Vcpu:
                 raise ClosedError(f"vCPU {self.index} is closed (its VM was closed)")
             with self._stop_lock:
                 self._running_thread = threading.get_ident()
-            stop, code, port = loop.run(seconds, tick)
+            stop, code, port = (runner or loop.run)(seconds, tick)
             while self._offer_queued_vector(stop):  # the interrupt window opened
                 stop, code, port = loop.run(seconds, tick)
         finally:

@@ -386,3 +386,34 @@ cdef extern from "page_restore.h" nogil:
     int pvt_restore_logged_pages(int vm_fd, uint32_t slot, uint64_t pages, uint8_t *target,
                                  const uint8_t *image, const uint64_t *data,
                                  const uint64_t *also, uint64_t *logged)
+
+
+# -- pyvt.Sandbox's native call path (session 7) ------------------------------
+
+cdef extern from "sandbox_call.h" nogil:
+    cdef struct pvt_sandbox_entry:
+        const kvm_regs *regs
+        uint64_t stub
+        uint64_t rsp
+
+    void pvt_sandbox_enter(kvm_run *run, const pvt_sandbox_entry *entry, uint64_t function,
+                           const uint64_t *args)
+    uint64_t pvt_sandbox_exit_rip(const kvm_run *run)
+    uint64_t pvt_sandbox_exit_rax(const kvm_run *run)
+
+    cdef struct pvt_sandbox_reset_plan:
+        int vm_fd
+        uint32_t slot
+        uint64_t pages
+        uint8_t *target
+        const uint8_t *image
+        const uint64_t *data
+        const uint64_t *reserved
+        uint64_t *also
+        uint64_t *written
+        pvt_user_mode_state state
+
+    int PVT_SANDBOX_RESET_DONE
+    int PVT_SANDBOX_RESET_MEMORY
+    int pvt_sandbox_reset(int vcpu_fd, kvm_run *run, pvt_sandbox_reset_plan *reset, int *writes,
+                          const char **failed)
