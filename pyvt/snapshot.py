@@ -253,7 +253,7 @@ def _restore_logged_memory(memory, pairs) -> bool:
             return False
         bases.append(base)
     fd = memory._vm_fd.fileno()
-    logged_by_slot = {}
+    logged_pages = 0
     with memory._dirty_lock:
         for (region, image), base in zip(pairs, bases):
             bitmap = snapshot_memory.data_bitmap(image)
@@ -271,13 +271,13 @@ def _restore_logged_memory(memory, pairs) -> bool:
             if host:
                 region.host_dirty = bytearray(len(host_dirty))
             written = 0 if logged == zeros else int.from_bytes(logged, "little")
-            logged_by_slot[region.slot] = written
+            logged_pages += written.bit_count()
             if also or written:
                 # Written since the last collection (logged, host) or by the
                 # copy: changed against every other baseline, and reported.
                 memory._add_written(region, also | written)
                 region.baselines[image] = 0  # (it is 0 already where also is)
-        memory.dirty_rate.record(logged_by_slot)  # as GuestMemory._collect does
+        memory.dirty_rate.record_pages(logged_pages)  # as GuestMemory._collect does
     return True
 
 
