@@ -193,7 +193,10 @@ def restore_states(vm, states: Dict[str, Any], runs: Optional[tuple]) -> None:
 class Device:
     """The Python handle on a native device of ``vm``: ``name``, where it
     sits (``port``, ``ranges``), whether it is on the bus, and
-    :meth:`detach`.  Subclasses add what the device does."""
+    :meth:`detach`.  Subclasses add what the device does, reaching the
+    native device through :attr:`_native` each time (never a reference
+    kept elsewhere: a restore skips the device states only while nothing
+    reached them, see :func:`restore_states`)."""
 
     def __init__(self, vm, native, name: str):
         self._vm = vm
