@@ -130,7 +130,7 @@ class HostAccess:
 
     __slots__ = ("count", "restoring", "restored")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.count = 0
         #: The thread whose restore_states is putting states, or None.
         self.restoring: Optional[int] = None
@@ -161,10 +161,11 @@ def restore_states(vm, states: Dict[str, Any], runs: Optional[tuple]) -> None:
     :class:`pyvt.SnapshotError` naming the device that is missing or refuses."""
     access = host_access(vm)
     held = access.restored
-    again = (held is not None and runs is not None and held[0] is states and held[2] == runs
-             and held[3] == access.count)
-    if again and held[1] is not None and held[1] == states:
-        return
+    again = False
+    if held is not None and runs is not None:
+        again = held[0] is states and held[2] == runs and held[3] == access.count
+        if again and held[1] is not None and held[1] == states:
+            return
     access.restored = None
     count = access.count  # another thread's access from here on is counted
     devices = vm._devices

@@ -47,7 +47,7 @@ from . import _native, clone_pool, device_model, snapshot_file, snapshot_memory,
 from .backend import select_backend
 from .cpu_features import check_cpuid
 from .devices import restore_states
-from .errors import Error, SnapshotError, SnapshotFileError, SnapshotFileNotFound
+from .errors import SnapshotError, SnapshotFileError, SnapshotFileNotFound
 from .kvm import Kvm
 from .snapshot_file import FORMAT_VERSION, MAGIC, STRUCTS
 from .snapshot_memory import PAGE_SIZE, RegionImage
@@ -255,7 +255,7 @@ def _restore_logged_memory(memory, pairs) -> bool:
     fd = memory._vm_fd.fileno()
     logged_pages = 0
     with memory._dirty_lock:
-        for (region, image), base in zip(pairs, bases):
+        for (region, image), base in zip(pairs, bases, strict=True):
             bitmap = snapshot_memory.data_bitmap(image)
             zeros = snapshot_memory.zero_bitmap(len(bitmap))
             # An idle VM's bitmaps are all zeros: compared as bytes (a memcmp),
@@ -349,7 +349,7 @@ def _open_and_same_layout(regions, images) -> bool:
     restore loop checks it each time)."""
     if len(regions) != len(images):
         return False
-    for region, image in zip(regions, images):
+    for region, image in zip(regions, images, strict=True):  # (lengths checked)
         if (image.memfd < 0 or region.gpa != image.gpa or region.size != image.size
                 or region.readonly != image.readonly):
             return False
