@@ -11,6 +11,8 @@ import pytest
 
 import pyvt
 from pyvt import devices, exits
+from pyvt._kvm import lib
+from pyvt.kvm import struct_bytes
 
 pytestmark = pytest.mark.requires_kvm
 
@@ -199,3 +201,37 @@ def test_state_copy_is_not_reached_by_edits_of_the_original():
     state["raw"][0] = ord("y")
     assert copy == {"items": [[3, b"a"]], "position": (0, [1]), "raw": b"x", "n": None}
     assert devices.state_copy({"odd": {1, 2}}) != {"odd": {1, 2}}  # not a state type
+
+
+#: struct kvm_irqchip: chip_id, pad, then struct kvm_pic_state, whose
+#: first byte is last_irr (the lines' levels as the PIC saw them last).
+_PIC_LAST_IRR = 8
+
+
+def _pic_line_seen(vm) -> bool:
+    """Whether the master PIC saw ISA line 4 (COM1's) high last."""
+    master = struct_bytes(vm.fd.get_irqchip(lib.KVM_IRQCHIP_PIC_MASTER))
+    return bool(master[_PIC_LAST_IRR] & 1 << 4)
+
+
+def test_with_an_irqchip_a_loaded_uart_state_drives_its_line(kvm):
+    """The load that leaves KVM_IRQ_LINE out without an irqchip still
+    drives the line where there is one."""
+    with pyvt.Vm("16M", backend=kvm.path) as source:
+        cpu = _guest(source, f"""
+            mov $0x08, %al
+            mov ${COM1_MCR}, %dx
+            out %al, %dx
+            mov $0x02, %al
+            mov ${COM1_IER}, %dx
+            out %al, %dx
+            hlt
+        """)
+        assert isinstance(cpu.run(timeout=30), exits.Hlt)
+        raised = source.console.save_state()
+    with pyvt.Vm("16M", backend=kvm.path) as vm:
+        vm.fd.create_irqchip()
+        assert not _pic_line_seen(vm)
+        vm.console.load_state(raised)
+        assert vm.console.irq_level == 1
+        assert _pic_line_seen(vm)
