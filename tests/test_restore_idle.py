@@ -20,6 +20,17 @@ CODE = 0x1000
 DATA = 0x5000
 COM1_SCRATCH = 0x3FF
 COM1_IER, COM1_MCR = 0x3F9, 0x3FC
+#: MCR.OUT2, then IER.ETBEI: the THR-empty interrupt is pending at once and
+#: the UART drives its line high (level 1).
+RAISE_COM1_LINE = f"""
+    mov $0x08, %al
+    mov ${COM1_MCR}, %dx
+    out %al, %dx
+    mov $0x02, %al
+    mov ${COM1_IER}, %dx
+    out %al, %dx
+    hlt
+"""
 
 
 def _guest(vm, source):
@@ -172,15 +183,7 @@ def test_with_an_irqchip_every_restore_puts_the_device_states(kvm):
 
 
 def test_the_uart_line_level_comes_back_without_an_irqchip(vm):
-    cpu = _guest(vm, f"""
-        mov $0x08, %al
-        mov ${COM1_MCR}, %dx
-        out %al, %dx
-        mov $0x02, %al
-        mov ${COM1_IER}, %dx
-        out %al, %dx
-        hlt
-    """)
+    cpu = _guest(vm, RAISE_COM1_LINE)
     quiet = vm.snapshot()
     assert isinstance(cpu.run(timeout=30), exits.Hlt)
     assert vm.console.irq_level == 1  # THR empty, enabled, OUT2 set
@@ -218,15 +221,7 @@ def test_with_an_irqchip_a_loaded_uart_state_drives_its_line(kvm):
     """The load that leaves KVM_IRQ_LINE out without an irqchip still
     drives the line where there is one."""
     with pyvt.Vm("16M", backend=kvm.path) as source:
-        cpu = _guest(source, f"""
-            mov $0x08, %al
-            mov ${COM1_MCR}, %dx
-            out %al, %dx
-            mov $0x02, %al
-            mov ${COM1_IER}, %dx
-            out %al, %dx
-            hlt
-        """)
+        cpu = _guest(source, RAISE_COM1_LINE)
         assert isinstance(cpu.run(timeout=30), exits.Hlt)
         raised = source.console.save_state()
     with pyvt.Vm("16M", backend=kvm.path) as vm:
