@@ -335,6 +335,14 @@ static bool uart_state_consistent(const struct pvt_uart_state *state)
 
 int pvt_uart_load(struct pvt_uart *uart, const struct pvt_uart_state *state)
 {
+	return pvt_uart_load_state(uart, state, true);
+}
+
+int pvt_uart_load_state(struct pvt_uart *uart, const struct pvt_uart_state *state,
+			bool irqchip)
+{
+	bool level;
+
 	if (state->rx_count > PVT_UART_RX_CAPACITY)
 		return -EOVERFLOW;
 	if (state->ier > 0x0f || state->mcr > 0x1f || state->thr_ipending > 1 ||
@@ -357,9 +365,15 @@ int pvt_uart_load(struct pvt_uart *uart, const struct pvt_uart_state *state)
 	/*
 	 * The level follows from the registers; drive it even when it looks
 	 * unchanged: the line of this VM may stand elsewhere (a restore after
-	 * the guest ran on), and a missed fall would hide the next edge.
+	 * the guest ran on), and a missed fall would hide the next edge.  A VM
+	 * without an in-kernel irqchip has no line: KVM_IRQ_LINE would fail
+	 * (ENXIO) and change nothing, so it is left out.
 	 */
-	uart_drive_line(uart, uart_line_wanted(uart));
+	level = uart_line_wanted(uart);
+	if (irqchip)
+		uart_drive_line(uart, level);
+	else
+		uart->irq_level = level;
 	pthread_mutex_unlock(&uart->lock);
 	return 0;
 }

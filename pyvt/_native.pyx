@@ -625,6 +625,10 @@ cdef class _CharDevice(_Device):
                                       len(data)), "replacing the output")
 
 
+cdef extern from "uart16550.h" nogil:
+    int pvt_uart_load_state(pvt_uart *uart, const pvt_uart_state *state, bint irqchip)
+
+
 cdef class Uart(_CharDevice):
     """A native 16550A UART (the serial console)."""
 
@@ -685,13 +689,16 @@ cdef class Uart(_CharDevice):
         pvt_uart_save(self.uart, <pvt_uart_state *>PyBytes_AS_STRING(out))
         return out
 
-    def load_state(self, bytes state):
+    def load_state(self, bytes state, bint irqchip=True):
+        """Puts back what save_state returned, driving the IRQ line to its
+        level; ``irqchip=False`` (the VM has no in-kernel irqchip) skips
+        that KVM_IRQ_LINE, which could only fail."""
         cdef int rc
         cdef const pvt_uart_state *loaded
         check_state_size(state, sizeof(pvt_uart_state), "UART")
         loaded = <const pvt_uart_state *>PyBytes_AS_STRING(state)
         with nogil:  # drives the IRQ line to the state's level
-            rc = pvt_uart_load(self.uart, loaded)
+            rc = pvt_uart_load_state(self.uart, loaded, irqchip)
         if rc == -errno.EOVERFLOW:
             raise DeviceStateError("the UART state holds more input than its receive FIFO")
         if rc:

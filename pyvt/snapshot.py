@@ -46,7 +46,8 @@ from typing import Any, Dict, List, Optional
 from . import _native, clone_pool, device_model, snapshot_file, snapshot_memory, state_hooks
 from .backend import select_backend
 from .cpu_features import check_cpuid
-from .errors import Error, SnapshotError, SnapshotFileError, SnapshotFileNotFound
+from .devices import restore_states
+from .errors import SnapshotError, SnapshotFileError, SnapshotFileNotFound
 from .kvm import Kvm
 from .snapshot_file import FORMAT_VERSION, MAGIC, STRUCTS
 from .snapshot_memory import PAGE_SIZE, RegionImage
@@ -92,7 +93,10 @@ class Snapshot:
 
     @property
     def closed(self) -> bool:
-        return any(region.closed for region in self.regions)
+        for region in self.regions:  # a loop, not any(): every restore asks
+            if region.closed:
+                return True
+        return False
 
     def __repr__(self) -> str:
         state = " closed" if self.closed else ""
@@ -209,8 +213,8 @@ def _take_memory(vm) -> List[RegionImage]:
 def restore(vm, snap: Snapshot, user_mode_only: bool = False) -> None:
     """Implements :meth:`pyvt.Vm.restore`."""
     vm._check_open()
-    _check_same_shape(vm, snap)
-    with paused(vm, "abandon", {state.index: state for state in snap.vcpus}):
+    states = _check_same_shape(vm, snap)
+    with paused(vm, "abandon", states):
         vm._sync_devices()
         _restore_memory(vm, snap)
         _restore_state(vm, snap, user_mode_only)
@@ -240,30 +244,40 @@ def _restore_logged_memory(memory, pairs) -> bool:
     False (nothing done) where it does not apply."""
     if memory._vm_fd.dirty_ring_size or PAGE_SIZE != _native.PAGE_RESTORE_PAGE_SIZE:
         return False
+    bases = []
     for region, image in pairs:
+        base = region.baselines.get(image)
         if not (region.dirty_logging and region.host_dirty is not None and region.host_writable
                 and region.source is None and isinstance(region.mapping, mmap.mmap)
-                and image.mapping is not None and region.baselines.get(image) is not None):
+                and image.mapping is not None and base is not None):
             return False
+        bases.append(base)
     fd = memory._vm_fd.fileno()
-    logged_by_slot = {}
+    logged_pages = 0
     with memory._dirty_lock:
-        for region, image in pairs:
-            host = int.from_bytes(region.host_dirty, "little")
-            also = region.baselines[image] | host
+        for (region, image), base in zip(pairs, bases, strict=True):
             bitmap = snapshot_memory.data_bitmap(image)
+            zeros = snapshot_memory.zero_bitmap(len(bitmap))
+            # An idle VM's bitmaps are all zeros: compared as bytes (a memcmp),
+            # they skip the int conversions.
+            host_dirty = region.host_dirty
+            host = (0 if host_dirty == (zeros if len(host_dirty) == len(zeros)
+                                        else snapshot_memory.zero_bitmap(len(host_dirty)))
+                    else int.from_bytes(host_dirty, "little"))
+            also = base | host
             logged = _native.restore_logged_pages(
                 fd, region.slot, region.pages, region.mapping, image.mapping, bitmap,
-                also.to_bytes(len(bitmap), "little"))
+                also.to_bytes(len(bitmap), "little") if also else zeros)
             if host:
-                region.host_dirty = bytearray(len(region.host_dirty))
-            written = int.from_bytes(logged, "little")
-            logged_by_slot[region.slot] = written
-            # Written since the last collection (logged, host) or by the copy:
-            # changed against every other baseline, and reported.
-            memory._add_written(region, also | written)
-            region.baselines[image] = 0
-        memory.dirty_rate.record(logged_by_slot)  # as GuestMemory._collect does
+                region.host_dirty = bytearray(len(host_dirty))
+            written = 0 if logged == zeros else int.from_bytes(logged, "little")
+            logged_pages += written.bit_count()
+            if also or written:
+                # Written since the last collection (logged, host) or by the
+                # copy: changed against every other baseline, and reported.
+                memory._add_written(region, also | written)
+                region.baselines[image] = 0  # (it is 0 already where also is)
+        memory.dirty_rate.record_pages(logged_pages)  # as GuestMemory._collect does
     return True
 
 
@@ -284,18 +298,26 @@ def _restore_state(vm, snap: Snapshot, user_mode_only: bool = False,
     if (snap.clock is not None and not user_mode_only and _uses_kvmclock(snap)
             and vm.kvm.check_extension("KVM_CAP_ADJUST_CLOCK")):
         vm.restore_clock(snap.clock)
-    for name, state in snap.devices.items():
-        device = vm.devices.get(name)
-        if device is None:
-            raise SnapshotError(f"the snapshot has a {name} device but this VM has none "
-                                "(made with pc_devices=False?)")
-        try:
-            # Checked already: by save_state (take) or by the file's reader.
-            device._put_state(state)
-        except Error as e:
-            raise SnapshotError(f"cannot restore the {name} device's state: {e}") from None
+    _restore_devices(vm, snap)
     if hooks:  # a clone is made without hooks: its state stays in the snapshot
         state_hooks.load_all(vm, snap.hooks)
+
+
+def _restore_devices(vm, snap: Snapshot) -> None:
+    """Each native device's state (none where every device holds what the
+    last restore put, with no guest run and no host access since: see
+    pyvt.devices.restore_states).  With an in-kernel irqchip every
+    state is put: restore_irqchip has just put back the lines the UART's
+    load drives."""
+    runs = None if vm.fd.has_irqchip else _kvm_runs(vm)
+    restore_states(vm, snap.devices, runs)
+
+
+def _kvm_runs(vm) -> tuple:
+    """How many times each vCPU of ``vm`` has entered KVM_RUN (-1 once
+    closed): while they stay the same, no guest code ran."""
+    return tuple([-1 if vcpu._loop is None else _native.kvm_runs(vcpu._loop)
+                  for vcpu in vm.vcpus.values()])
 
 
 #: The kvmclock MSRs (MSR_KVM_SYSTEM_TIME_NEW and the old number): bit 0
@@ -309,7 +331,11 @@ def _uses_kvmclock(snap: Snapshot) -> bool:
     as IA32_TSC, its timers run on host time): where no vCPU uses it,
     KVM_SET_CLOCK would change nothing the guest can see, so a restore
     saves the ioctl."""
-    return any(state.msrs.get(msr, 0) & 1 for state in snap.vcpus for msr in KVMCLOCK_MSRS)
+    for state in snap.vcpus:  # a loop, not any(): a restore loop calls this each time
+        msrs = state.msrs
+        if msrs.get(KVMCLOCK_MSRS[0], 0) & 1 or msrs.get(KVMCLOCK_MSRS[1], 0) & 1:
+            return True
+    return False
 
 
 def _check_open(snap: Snapshot) -> None:
@@ -317,18 +343,35 @@ def _check_open(snap: Snapshot) -> None:
         raise SnapshotError("this snapshot was closed: its memory is gone")
 
 
-def _check_same_shape(vm, snap: Snapshot) -> None:
-    _check_open(snap)
-    layout = [(r.gpa, r.size, r.readonly) for r in vm.memory.regions]
-    wanted = [(r.gpa, r.size, r.readonly) for r in snap.regions]
-    if layout != wanted:
+def _open_and_same_layout(regions, images) -> bool:
+    """Whether a snapshot's ``images`` are all open and have the places,
+    sizes and read-only flags of the VM's memory ``regions`` (one loop: a
+    restore loop checks it each time)."""
+    if len(regions) != len(images):
+        return False
+    for region, image in zip(regions, images, strict=True):  # (lengths checked)
+        if (image.memfd < 0 or region.gpa != image.gpa or region.size != image.size
+                or region.readonly != image.readonly):
+            return False
+    return True
+
+
+def _check_same_shape(vm, snap: Snapshot) -> Dict[int, VcpuState]:
+    """Refuses a snapshot ``vm`` cannot take back (closed, or of another
+    memory layout, vCPUs or irqchip); returns its vCPU states by index."""
+    if not _open_and_same_layout(vm.memory.regions, snap.regions):
+        _check_open(snap)
+        layout = [(r.gpa, r.size, r.readonly) for r in vm.memory.regions]
+        wanted = [(r.gpa, r.size, r.readonly) for r in snap.regions]
         raise SnapshotError(f"this VM's memory ({layout}) is not the snapshot's ({wanted}); "
                             "use pyvt.Vm.from_snapshot(snap) for a new VM")
-    if sorted(vm.vcpus) != sorted(v.index for v in snap.vcpus):
+    states = {state.index: state for state in snap.vcpus}
+    if len(states) != len(snap.vcpus) or vm.vcpus.keys() != states.keys():
         raise SnapshotError(f"this VM has vCPUs {sorted(vm.vcpus)}, the snapshot "
                             f"{sorted(v.index for v in snap.vcpus)}")
     if (snap.irqchip is not None) != vm.fd.has_irqchip:
         raise SnapshotError("the snapshot and this VM differ in having an in-kernel irqchip")
+    return states
 
 
 def clone(snap: Snapshot, vm_class, backend=None):

@@ -303,6 +303,17 @@ def data_bitmap(image: RegionImage) -> bytes:
     return cached[1]
 
 
+_ZERO_BITMAPS: dict = {}
+
+
+def zero_bitmap(size: int) -> bytes:
+    """``size`` zero bytes, kept: what an idle VM's page bitmaps compare to."""
+    zeros = _ZERO_BITMAPS.get(size)
+    if zeros is None:
+        zeros = _ZERO_BITMAPS[size] = bytes(size)
+    return zeros
+
+
 def restore_region(memory, region, image: RegionImage) -> None:
     """Makes ``region`` hold exactly ``image``'s contents, copying only the
     pages that may differ (see the module docstring for how they are found).

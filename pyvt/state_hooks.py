@@ -72,6 +72,8 @@ def save_all(vm) -> Dict[str, Any]:
 
 def load_all(vm, states: Dict[str, Any]) -> None:
     """Gives each hook its state; a state without a hook is refused first."""
+    if not states:
+        return  # nothing to give (a VM without hooks, in a restore loop)
     table = hooks(vm)
     missing = sorted(set(states) - set(table))
     if missing:

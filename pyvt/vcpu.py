@@ -310,27 +310,37 @@ class Vcpu:
         registers, the XSAVE/FPU state and the events are written, and the
         TSC is not: it keeps counting.  A write through ``cpu.fd`` since
         (any ioctl but a read: ``VcpuFd.writes``) makes the restore whole."""
+        if self._paused_by == threading.get_ident():
+            # Within paused() (vm.restore): _stopped()'s own shortcut, without
+            # the cost of a generator in a restore loop.
+            self._check_open()
+            self._restore_state(state, user_mode_only)
+            return
         with self._stopped():
-            self._abandon_pending_io(state)
-            held = (self._held is not None and self.fd.writes == self._held_writes
-                    and vcpu_state.unchanged(self._held, state))
-            if held and not self._ran_since_held and not self._vm.fd.has_irqchip:
-                self._put_regs(state.regs)
-                self._write_tsc(state)
-            elif held and user_mode_only and not self._vm.fd.has_irqchip:
-                self._restore_user_mode(state)
-            else:
-                self._held = None
-                self._write_state(state)
-            if held:
-                self._ran_since_held = False  # the fingerprint still holds
-                self._held_writes = self.fd.writes  # counting what it just wrote
-            else:
-                self._hold(state)
-            self._sregs = None
-            self.mode = state.mode
-            self.ring = state.ring
-            self.last_exit = None
+            self._restore_state(state, user_mode_only)
+
+    def _restore_state(self, state: VcpuState, user_mode_only: bool) -> None:
+        """restore_state() once the vCPU is held stopped."""
+        self._abandon_pending_io(state)
+        held = (self._held is not None and self.fd.writes == self._held_writes
+                and vcpu_state.unchanged(self._held, state))
+        if held and not self._ran_since_held and not self._vm.fd.has_irqchip:
+            self._put_regs(state.regs)
+            self._write_tsc(state)
+        elif held and user_mode_only and not self._vm.fd.has_irqchip:
+            self._restore_user_mode(state)
+        else:
+            self._held = None
+            self._write_state(state)
+        if held:
+            self._ran_since_held = False  # the fingerprint still holds
+            self._held_writes = self.fd.writes  # counting what it just wrote
+        else:
+            self._hold(state)
+        self._sregs = None
+        self.mode = state.mode
+        self.ring = state.ring
+        self.last_exit = None
 
     def _write_state(self, state: VcpuState) -> None:
         """vcpu_state.write(state): where the registers travel in the run
@@ -412,9 +422,14 @@ class Vcpu:
 
     def _put_regs(self, data: bytes) -> None:
         if self._sync_regs:
-            regs = self.fd.run_struct.s.regs.regs
-            ffi.buffer(ffi.addressof(regs))[:] = data
-            self._store_regs(regs)
+            # The run page's registers as a buffer, kept with the run page it
+            # is of (a closed vCPU's is None: never a stale buffer).
+            run = self.fd.run_struct
+            cached = self.__dict__.get("_run_regs")
+            if cached is None or cached[0] is not run:
+                cached = self._run_regs = (run, ffi.buffer(ffi.addressof(run.s.regs.regs)))
+            cached[1][:] = data
+            run.kvm_dirty_regs |= lib.KVM_SYNC_X86_REGS  # as _store_regs
             return
         regs = ffi.new("struct kvm_regs *")
         ffi.buffer(regs)[:] = data
@@ -963,22 +978,22 @@ class paused:
 
     def __enter__(self):
         self.pause_lock.acquire()
-        taken = []
-        for vcpu in self.vcpus:
-            if not vcpu._run_lock.acquire(blocking=False):
-                for t in taken:
-                    t._paused_by = None
-                    t._run_lock.release()
+        me = threading.get_ident()
+        for held, vcpu in enumerate(self.vcpus):
+            if not vcpu._run_lock.acquire(False):
+                for taken in self.vcpus[:held]:
+                    taken._paused_by = None
+                    taken._run_lock.release()
                 self.pause_lock.release()
                 raise SnapshotError("a vCPU is running: stop it (cpu.stop()) before a "
                                     "snapshot or restore")
-            vcpu._paused_by = threading.get_ident()
-            taken.append(vcpu)
+            vcpu._paused_by = me
         try:
-            for vcpu in self.vcpus:
-                if self.pending_io == "abandon":
+            if self.pending_io == "abandon":
+                for vcpu in self.vcpus:
                     vcpu._abandon_pending_io(self.states.get(vcpu.index))
-                else:
+            else:
+                for vcpu in self.vcpus:
                     vcpu._settle_for_snapshot()
         except BaseException:
             self.__exit__()

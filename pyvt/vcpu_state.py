@@ -218,17 +218,20 @@ _CONTENT_FIELDS = operator.attrgetter(
 
 def fingerprint(state: VcpuState) -> tuple:
     """What :func:`unchanged` compares: the objects ``state``'s fields hold
-    now (kept alive, so compared by identity first) and its MSR values."""
-    return state, _CONTENT_FIELDS(state), tuple(state.msrs.items())
+    now (kept alive, so compared by identity first), its MSR values (a
+    copy: a dict compares faster than the items it would be built from)
+    and their order (which a write follows: compared by the callers that
+    keep ioctl batches built from it)."""
+    return state, _CONTENT_FIELDS(state), dict(state.msrs), tuple(state.msrs)
 
 
 def unchanged(print_: tuple, state: VcpuState) -> bool:
     """True if ``state`` is the object ``print_`` was taken of, with the
     same field values and MSR values (a caller may reassign a field or edit
-    ``msrs`` in place)."""
-    held, fields, msrs = print_
-    return (held is state and fields == _CONTENT_FIELDS(state)
-            and msrs == tuple(state.msrs.items()))
+    ``msrs`` in place).  The MSRs' order is not compared: a vCPU that holds
+    these values holds them whatever order they were written in."""
+    held, fields, msrs, _ = print_
+    return held is state and fields == _CONTENT_FIELDS(state) and msrs == state.msrs
 
 
 def write_tsc(fd, state: VcpuState) -> None:
