@@ -251,9 +251,11 @@ class Sandbox:
             self.vcpu.track_user_mode_state()
             write_segments(self.vm.memory, image.segments)
             self.vm.memory.write(self.trampoline_address, _TRAMPOLINE)
-            #: Whether calls enter through sandbox_calls' stub (ring 3).
-            self.uses_entry_stub = sandbox_calls.uses_entry_stub(self)
-            if self.uses_entry_stub:
+            #: Whether calls enter through sandbox_calls' stub (ring 3; from
+            #: the snapshot on, which holds the x87/SSE image it loads).
+            self.uses_entry_stub = False
+            stub = sandbox_calls.can_use_entry_stub(self)
+            if stub:
                 self.vm.memory.write(self.trampoline_address + sandbox_calls.ENTRY_STUB,
                                      sandbox_calls.entry_stub())
             # The return address every call finds at its entry RSP.
@@ -264,13 +266,10 @@ class Sandbox:
             # away from the trampoline's OUT, so that a reset need not
             # retire the OUT a call ended with (Vcpu._defer_port_write).
             self.vcpu.regs.rip = self.trampoline_address + _PARKED
-            if self.uses_entry_stub:  # what the stub reloads: the x87/SSE state from now on
-                xsave = self.vcpu.save_state().xsave
-                if xsave is None:
-                    raise SandboxError(f"the {self.vm.backend} backend does not give the vCPU's "
-                                       "XSAVE state, which a ring-3 sandbox's calls reload")
-                self.vm.memory.write(self.trampoline_address + sandbox_calls.FXSAVE_IMAGE,
-                                     sandbox_calls.fxsave_image(xsave))
+            fxsave = sandbox_calls.fxsave_image(self.vcpu.save_state()) if stub else None
+            if fxsave is not None:  # what the stub reloads: the x87/SSE state from now on
+                self.vm.memory.write(self.trampoline_address + sandbox_calls.FXSAVE_IMAGE, fxsave)
+                self.uses_entry_stub = True
             self._snapshot = self.vm.snapshot()
             self._at_snapshot = True
             self._native = sandbox_calls.native_calls(

@@ -34,6 +34,7 @@ from . import _native, modes
 if TYPE_CHECKING:
     from .sandbox import Sandbox
     from .snapshot import Snapshot
+    from .vcpu_state import VcpuState
 
 #: Offsets in the trampoline page (pyvt/sandbox.py puts the return
 #: trampoline at 0 and the parked RIP at 32): the entry stub, and the
@@ -62,7 +63,33 @@ def entry_stub() -> bytes:
     return _FXRSTOR64_RIP_RELATIVE + struct.pack("<i", FXSAVE_IMAGE - after) + _STUB_TAIL
 
 
-def fxsave_image(xsave: bytes) -> bytes:
+def fxsave_image(state: "VcpuState") -> Optional[bytes]:
+    """The FXSAVE-format x87/SSE state of a vCPU state: from its XSAVE
+    area, or from its FPU registers on a backend without XSAVE (pyvt.ko);
+    None if it has neither."""
+    if state.xsave is not None:
+        return _fxsave_from_xsave(state.xsave)
+    if state.fpu is not None:
+        return _fxsave_from_fpu(state.fpu)
+    return None
+
+
+#: struct kvm_fpu: fpr[8][16], fcw, fsw, ftwx, pad, last_opcode, last_ip,
+#: last_dp, xmm[16][16], mxcsr, pad.
+_KVM_FPU = struct.Struct("<128sHHBxHQQ256sI4x")
+
+
+def _fxsave_from_fpu(fpu: bytes) -> bytes:
+    """KVM_GET_FPU's registers laid out as FXSAVE stores them (64-bit form)."""
+    fpr, fcw, fsw, ftwx, fop, fip, fdp, xmm, mxcsr = _KVM_FPU.unpack_from(fpu)
+    image = bytearray(FXSAVE_SIZE)
+    struct.pack_into("<HHBxHQQI", image, 0, fcw, fsw, ftwx, fop, fip, fdp, mxcsr)
+    image[32:160] = fpr
+    image[160:416] = xmm
+    return bytes(image)
+
+
+def _fxsave_from_xsave(xsave: bytes) -> bytes:
     """The FXSAVE-format x87/SSE state an XSAVE area (KVM_GET_XSAVE)
     describes: its legacy region, with the components its XSTATE_BV marks
     as in their initial configuration written out as such (what XRSTOR
@@ -80,10 +107,10 @@ def fxsave_image(xsave: bytes) -> bytes:
     return bytes(image)
 
 
-def uses_entry_stub(sandbox: "Sandbox") -> bool:
-    """Whether the sandbox's calls enter through the stub: ring 3 (ring-0
-    code runs emulated on PVM, and could change anything anyway) without
-    CR4.OSXSAVE."""
+def can_use_entry_stub(sandbox: "Sandbox") -> bool:
+    """Whether the sandbox's calls may enter through the stub: ring 3
+    (ring-0 code runs emulated on PVM, and could change anything anyway)
+    without CR4.OSXSAVE."""
     return sandbox.ring == 3 and not sandbox.vcpu.sregs.cr4 & _CR4_OSXSAVE
 
 
