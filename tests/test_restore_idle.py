@@ -66,7 +66,9 @@ def test_an_idle_restore_puts_no_device_state_and_writes_only_the_tsc(vm):
     vm.restore(snap)
     vm.restore(snap)
     assert puts == {}
-    assert cpu.fd.writes == writes + 2  # IA32_TSC, once per restore
+    # Per restore IA32_TSC, and the registers where they do not travel in
+    # the run page (pyvt.ko: KVM_SET_REGS).
+    assert cpu.fd.writes == writes + 2 * (1 if cpu._sync_regs else 2)
 
 
 def test_host_accesses_to_devices_are_undone_by_an_idle_restore(vm):
@@ -171,6 +173,7 @@ def test_another_threads_access_during_the_puts_is_undone_by_the_next_restore(vm
     assert vm.console._device.save_state() == registers
 
 
+@pytest.mark.requires_cap("IRQCHIP")
 def test_with_an_irqchip_every_restore_puts_the_device_states(kvm):
     with pyvt.Vm("16M", backend=kvm.path) as vm:
         vm.fd.create_irqchip()
@@ -217,6 +220,7 @@ def _pic_line_seen(vm) -> bool:
     return bool(master[_PIC_LAST_IRR] & 1 << 4)
 
 
+@pytest.mark.requires_cap("IRQCHIP")
 def test_with_an_irqchip_a_loaded_uart_state_drives_its_line(kvm):
     """The load that leaves KVM_IRQ_LINE out without an irqchip still
     drives the line where there is one."""
