@@ -8,7 +8,7 @@ and, unless the guest wrote pyvt's reserved area (the only way it could have
 reached CPL 0 and come back: see csrc/sandbox_call.h), only what CPL-3 code
 can change is written back.  That is the registers (through the run page),
 and the segment registers and events where they differ (KVM copies them to
-the run page at each exit): the same two syscalls per call as raw C
+the run page at each exit): the same two KVM ioctls per call as raw C
 (KVM_RUN, KVM_GET_DIRTY_LOG).
 
 The x87/SSE state is not written back with an ioctl (one would cost as much
