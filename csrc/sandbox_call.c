@@ -28,16 +28,6 @@ void pvt_sandbox_enter(struct kvm_run *run, const struct pvt_sandbox_entry *entr
 	run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
 }
 
-uint64_t pvt_sandbox_exit_rip(const struct kvm_run *run)
-{
-	return run->s.regs.regs.rip;
-}
-
-uint64_t pvt_sandbox_exit_rax(const struct kvm_run *run)
-{
-	return run->s.regs.regs.rax;
-}
-
 int pvt_sandbox_reset(int vcpu_fd, struct kvm_run *run, struct pvt_sandbox_reset_plan *reset,
 		      int *writes, const char **failed)
 {

@@ -40,12 +40,6 @@ struct pvt_sandbox_entry {
 void pvt_sandbox_enter(struct kvm_run *run, const struct pvt_sandbox_entry *entry,
 		       uint64_t function, const uint64_t args[6]);
 
-/* The RIP the last exit left in the run page (KVM_SYNC_X86_REGS). */
-uint64_t pvt_sandbox_exit_rip(const struct kvm_run *run);
-
-/* RAX as the last exit left it. */
-uint64_t pvt_sandbox_exit_rax(const struct kvm_run *run);
-
 struct pvt_sandbox_reset_plan {
 	int vm_fd;
 	uint32_t slot;

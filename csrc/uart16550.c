@@ -333,11 +333,6 @@ static bool uart_state_consistent(const struct pvt_uart_state *state)
 	return uart_line_wanted(&probe) == (bool)state->irq_level;
 }
 
-int pvt_uart_load(struct pvt_uart *uart, const struct pvt_uart_state *state)
-{
-	return pvt_uart_load_state(uart, state, true);
-}
-
 int pvt_uart_load_state(struct pvt_uart *uart, const struct pvt_uart_state *state,
 			bool irqchip)
 {

@@ -57,10 +57,9 @@ struct pvt_uart_state {
 int pvt_uart_init(struct pvt_uart *uart);
 void pvt_uart_save(struct pvt_uart *uart, struct pvt_uart_state *state);
 /* -EOVERFLOW: more input than the FIFO holds; -EINVAL: bad registers, or a
- * line level that its registers do not give. */
-int pvt_uart_load(struct pvt_uart *uart, const struct pvt_uart_state *state);
-/* pvt_uart_load, for a VM that has an in-kernel ``irqchip`` or not: without
- * one the line is not driven (the ioctl could only fail), only its level set. */
+ * line level that its registers do not give.  ``irqchip``: whether the VM
+ * has an in-kernel irqchip; without one the line is not driven (the ioctl
+ * could only fail), only its level set. */
 int pvt_uart_load_state(struct pvt_uart *uart, const struct pvt_uart_state *state,
 			bool irqchip);
 void pvt_uart_destroy(struct pvt_uart *uart);

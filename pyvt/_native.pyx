@@ -625,10 +625,6 @@ cdef class _CharDevice(_Device):
                                       len(data)), "replacing the output")
 
 
-cdef extern from "uart16550.h" nogil:
-    int pvt_uart_load_state(pvt_uart *uart, const pvt_uart_state *state, bint irqchip)
-
-
 cdef class Uart(_CharDevice):
     """A native 16550A UART (the serial console)."""
 
@@ -1662,11 +1658,11 @@ cdef class SandboxCalls:
         stop = self.loop.run(timeout, tick)
         if stop[0] != STOP_DEVICE or stop[2] != self.exit_port or v.run == NULL:
             return stop
-        rip = pvt_sandbox_exit_rip(v.run)
+        rip = v.run.s.regs.regs.rip  # KVM_SYNC_X86_REGS: as the exit left it
         if (rip < self.return_low or rip > self.return_high
                 or v.kvm_exits != self.exits_at_entry + 1 or v.coalesced != self.coalesced_at_entry):
             return stop
-        rax = pvt_sandbox_exit_rax(v.run)
+        rax = v.run.s.regs.regs.rax
         with nogil:
             rc = pvt_sandbox_reset(v.fd, v.run, &self.plan, &writes, &failed)
         self.returned_at = v.kvm_exits

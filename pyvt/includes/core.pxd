@@ -28,6 +28,7 @@ cdef extern from "<linux/kvm.h>" nogil:
         uint64_t data
 
     cdef struct kvm_regs:
+        uint64_t rax
         uint64_t rip
 
     cdef struct kvm_sync_regs:
@@ -131,7 +132,7 @@ cdef extern from "uart16550.h" nogil:
 
     int pvt_uart_init(pvt_uart *uart)
     void pvt_uart_save(pvt_uart *uart, pvt_uart_state *state)
-    int pvt_uart_load(pvt_uart *uart, const pvt_uart_state *state)
+    int pvt_uart_load_state(pvt_uart *uart, const pvt_uart_state *state, bint irqchip)
     void pvt_uart_destroy(pvt_uart *uart)
     int pvt_uart_io(void *opaque, uint64_t offset, uint8_t *data, uint32_t len,
                     bint is_write, uint64_t *stop_code)
@@ -398,8 +399,6 @@ cdef extern from "sandbox_call.h" nogil:
 
     void pvt_sandbox_enter(kvm_run *run, const pvt_sandbox_entry *entry, uint64_t function,
                            const uint64_t *args)
-    uint64_t pvt_sandbox_exit_rip(const kvm_run *run)
-    uint64_t pvt_sandbox_exit_rax(const kvm_run *run)
 
     cdef struct pvt_sandbox_reset_plan:
         int vm_fd
