@@ -54,6 +54,8 @@ from .loaders.common import RESERVED, LoaderError, check_placement, read_image_f
 from .loaders.elf import EM_X86_64, parse_elf
 from .loaders.elf_symbols import FunctionSymbol, check_identity_linked, function_symbols
 from .memory import parse_size
+from .snapshot import note_copied_back
+from .snapshot_memory import zero_bitmap
 from .vcpu import disassemble
 from .vm import DEBUG_EXIT_PORT, Vm
 
@@ -275,8 +277,6 @@ class Sandbox:
             self._native = sandbox_calls.native_calls(
                 self, self._snapshot, self.trampoline_address + _TRAMPOLINE_OUT)
             self._native_writes = self.vcpu.fd.writes
-            # What the region's host_dirty bitmap holds when the host wrote nothing.
-            self._no_host_writes = bytes(len(self.vm.memory.regions[0].host_dirty or b""))
         except BaseException:
             self.close()
             raise
@@ -558,7 +558,8 @@ class Sandbox:
             return False
         (region,) = self.vm.memory.regions
         return (region.baselines.get(self._snapshot.regions[0]) == 0
-                and region.host_dirty == self._no_host_writes)
+                and region.host_dirty is not None
+                and region.host_dirty == zero_bitmap(len(region.host_dirty)))
 
     def _hand_over_host_writes(self, native: _native.SandboxCalls) -> None:
         """Tells pyvt.memory which pages the native path's argument copies
@@ -585,11 +586,7 @@ class Sandbox:
         image = snap.regions[0]
         written = int.from_bytes(native.written, "little")
         with memory._dirty_lock:
-            if len(region.baselines) == 1:  # the snapshot's alone: it holds again
-                region.unreported |= written
-            else:
-                memory._add_written(region, written)
-                region.baselines[image] = 0
+            note_copied_back(memory, region, image, written)
         memory.dirty_rate.record_pages(written.bit_count())
         if kind == _native.SANDBOX_RESET_MEMORY:
             self.vm.restore(snap)

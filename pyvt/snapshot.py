@@ -261,8 +261,7 @@ def _restore_logged_memory(memory, pairs) -> bool:
             # An idle VM's bitmaps are all zeros: compared as bytes (a memcmp),
             # they skip the int conversions.
             host_dirty = region.host_dirty
-            host = (0 if host_dirty == (zeros if len(host_dirty) == len(zeros)
-                                        else snapshot_memory.zero_bitmap(len(host_dirty)))
+            host = (0 if host_dirty == snapshot_memory.zero_bitmap(len(host_dirty))
                     else int.from_bytes(host_dirty, "little"))
             also = base | host
             logged = _native.restore_logged_pages(
@@ -272,13 +271,24 @@ def _restore_logged_memory(memory, pairs) -> bool:
                 region.host_dirty = bytearray(len(host_dirty))
             written = 0 if logged == zeros else int.from_bytes(logged, "little")
             logged_pages += written.bit_count()
-            if also or written:
-                # Written since the last collection (logged, host) or by the
-                # copy: changed against every other baseline, and reported.
-                memory._add_written(region, also | written)
-                region.baselines[image] = 0  # (it is 0 already where also is)
+            note_copied_back(memory, region, image, also | written)
         memory.dirty_rate.record_pages(logged_pages)  # as GuestMemory._collect does
     return True
+
+
+def note_copied_back(memory, region, image: RegionImage, written: int) -> None:
+    """Memory bookkeeping after a restore of ``region`` to ``image`` that
+    copied back ``written`` (a pageset: the pages written since the last
+    collection, by the guest or the host): they changed against every other
+    baseline and are reported; the region equals ``image`` again.  The
+    caller holds ``memory._dirty_lock``; ``image`` has a baseline."""
+    if not written:
+        return  # the baseline was 0 already: nothing was written since
+    if len(region.baselines) == 1:  # image's alone: no other baseline to tell
+        region.unreported |= written
+    else:
+        memory._add_written(region, written)
+    region.baselines[image] = 0
 
 
 def _restore_state(vm, snap: Snapshot, user_mode_only: bool = False,
