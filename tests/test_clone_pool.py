@@ -33,7 +33,7 @@ def snap():
 def test_a_prepared_clone_is_handed_out_in_the_snapshots_state(snap):
     snap.prepare_clones(2)
     assert snap.prepared_clones == 2
-    time.sleep(0.05)  # the clones wait: what changes meanwhile is written at hand-out
+    time.sleep(0.05)  # the clones wait (their TSCs run on), as they would in use
     with pyvt.Vm.from_snapshot(snap) as clone:
         assert snap.prepared_clones == 1
         state = clone.vcpus[0].save_state()
